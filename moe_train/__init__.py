@@ -1,0 +1,1 @@
+"""moe-train: DeepSeek V2 MoE full fine-tuning with sharded experts."""

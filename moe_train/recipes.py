@@ -1,0 +1,100 @@
+"""Training recipes: typed, named, complete descriptions of a fine-tuning job.
+
+A recipe fixes the model, data, sequence handling, optimiser and schedule.  The CLI may override
+single fields (``--lr``, ``--max-length`` ...) or any field with ``--cfg-options key=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+ASSETS = resources.files("moe_train") / "assets"
+
+
+@dataclass
+class Recipe:
+    name: str
+    description: str
+    # Model: a HF checkpoint directory or fsspec URL, or a named size initialised from `seed`.
+    model: str | None = None
+    model_size: str | None = None
+    tokenizer: str | None = None  # defaults to the model directory
+    moe_implementation: str = "shard"
+    expert_in_one_shard: int | None = None
+    # Data
+    data: list[str] = field(default_factory=list)
+    template: str = "deepseek_v2"
+    max_length: int = 8192
+    varlen: bool = True
+    too_long: str = "truncate"  # or "drop": what to do with a sample longer than max_length
+    shuffle: bool = True
+    # Optimisation (AdamW)
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    epochs: int = 3
+    max_steps: int | None = None
+    micro_batch_size: int = 1  # packed sequences per rank per micro step
+    grad_accum: int = 16
+    dtype: str = "bf16"  # bf16 on GPU; the trainer always uses fp32 on CPU
+    activation_checkpointing: bool = True
+    sp: int = 1
+    # Checkpoints
+    save_steps: int = 50
+    save_total_limit: int = 2
+    seed: int = 0
+    deepspeed: str = "deepspeed_zero3"
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+_V2_CHAT_ALPACA = dict(
+    data=["alpaca"], template="deepseek_v2", lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0,
+    max_grad_norm=1.0, warmup_ratio=0.03, epochs=3, dtype="bf16", save_steps=50, save_total_limit=2,
+    grad_accum=16, max_length=2048, varlen=True, activation_checkpointing=True,
+)
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe(
+            name="deepseek_v2_chat_full_alpaca_e3",
+            description="DeepSeek-V2-Chat (236B) full fine-tune on alpaca, shards of 10 experts, 3 epochs",
+            model="deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
+            **_V2_CHAT_ALPACA,
+        ),
+        Recipe(
+            name="deepseek_v2_lite_chat_full_alpaca_e3",
+            description="DeepSeek-V2-Lite-Chat (16B) full fine-tune on alpaca, shards of 8 experts, 3 epochs",
+            model="deepseek-ai/DeepSeek-V2-Lite-Chat", moe_implementation="shard", expert_in_one_shard=8,
+            **_V2_CHAT_ALPACA,
+        ),
+        Recipe(
+            name="deepseek_v2_chat_full_alpaca_e3_32k_varlen",
+            description="DeepSeek-V2-Chat (236B) on alpaca packed to 32k tokens with varlen attention",
+            model="deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
+            **{**_V2_CHAT_ALPACA, "max_length": 32768, "grad_accum": 1},
+        ),
+        Recipe(
+            name="tiny",
+            description="debug model initialised from seed, on the alpaca sample shipped in the repo (CPU smoke run)",
+            model_size="tiny", tokenizer=str(ASSETS / "tiny_tokenizer"), moe_implementation="shard",
+            expert_in_one_shard=4, data=[str(ASSETS / "alpaca_sample.jsonl")], max_length=256, varlen=True,
+            lr=1e-3, warmup_ratio=0.1, epochs=1, max_steps=20, grad_accum=1, dtype="fp32",
+            activation_checkpointing=False, save_steps=10, save_total_limit=2,
+        ),
+    ]
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (see `moe-train recipes`)")
+    return RECIPES[name]
