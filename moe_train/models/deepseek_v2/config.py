@@ -232,7 +232,7 @@ NAMED_SIZES: dict[str, dict[str, Any]] = {
         qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, topk_method="group_limited_greedy",
         n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=False,
         aux_loss_alpha=0.001, seq_aux=True, max_position_embeddings=2048, initializer_range=0.02,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        bos_token_id=0, eos_token_id=1, pad_token_id=None,
         rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 512,
                       "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
         expert_in_one_shard=4,

@@ -1,0 +1,228 @@
+"""The official DeepSeek V2 HF checkpoint layout on any fsspec URL.
+
+Layout: ``config.json``, ``model-0000i-of-0000n.safetensors`` shards with per-expert keys
+(``model.layers.{L}.mlp.experts.{E}.{gate,up,down}_proj.weight``),
+``model.safetensors.index.json`` (or a single ``model.safetensors`` when reading) and the
+tokenizer files.  Writing ends with the index and then ``COMPLETE``: a directory without them is
+a partial export and is never read as a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import fsspec
+import torch
+
+from moe_train.checkpoint.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsStreamWriter
+from moe_train.models.deepseek_v2.config import DeepseekV2Config
+from moe_train.models.deepseek_v2.state_dict_adapter import Slot, hf_to_ours, ours_to_hf, slot_shape
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+COMPLETE = "COMPLETE"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json")
+
+
+def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, root.rstrip("/")
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r} is not a size; use bytes or e.g. '5GB', '500MB'")
+    units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    return int(float(m.group(1)) * units[m.group(2)])
+
+
+def read_config(url: str, storage_options: dict[str, Any] | None = None, **layout: Any) -> DeepseekV2Config:
+    fs, root = open_url(url, storage_options)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"{url} does not exist; pass a DeepSeek V2 checkpoint directory or URL")
+    path = posixpath.join(root, "config.json")
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url} has no config.json; is it a HF checkpoint directory?")
+    with fs.open(path, "r") as f:
+        return DeepseekV2Config.from_hf_dict(json.load(f), **layout)
+
+
+class HFCheckpoint:
+    """Tensor source over the safetensors files of a checkpoint, read lazily by key and range."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.fs, self.root = open_url(url, storage_options)
+        self._readers: dict[str, SafetensorsReader] = {}
+        index = posixpath.join(self.root, INDEX)
+        if self.fs.exists(index):
+            with self.fs.open(index, "r") as f:
+                self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+        elif self.fs.exists(posixpath.join(self.root, SINGLE)):
+            self._readers[SINGLE] = SafetensorsReader(self.fs, posixpath.join(self.root, SINGLE))
+            self.weight_map = dict.fromkeys(self._readers[SINGLE].tensors, SINGLE)
+        else:
+            raise FileNotFoundError(f"{url} has neither {INDEX} nor {SINGLE}; is it a complete HF checkpoint?")
+
+    def keys_by_file(self) -> Iterator[tuple[str, list[str]]]:
+        """Keys grouped by file, so that one file at a time is open."""
+        files: dict[str, list[str]] = {}
+        for key, file in self.weight_map.items():
+            files.setdefault(file, []).append(key)
+        for file, keys in sorted(files.items()):
+            yield file, keys
+            if file in self._readers:
+                self._readers.pop(file).close()
+
+    def _reader(self, key: str) -> SafetensorsReader:
+        file = self.weight_map[key]
+        if file not in self._readers:
+            self._readers[file] = SafetensorsReader(self.fs, posixpath.join(self.root, file))
+        return self._readers[file]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._reader(key).tensors[key].shape
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        return self._reader(key).read(key, start, end)
+
+
+def check_keys(cfg: DeepseekV2Config, expected: Iterable[str], found: Iterable[str], url: str) -> None:
+    expected, found = set(expected), set(found)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+        parts = ([f"missing {show(missing)}"] if missing else []) + ([f"unexpected {show(unexpected)}"] if unexpected else [])
+        raise ValueError(f"{url}: weights do not match config.json: {'; '.join(parts)}; "
+                         "check that the checkpoint and its config.json belong together")
+
+
+def expected_hf_keys(model: torch.nn.Module) -> dict[str, tuple[Slot, tuple[int, ...]]]:
+    """HF key -> (slot, HF shape) for every tensor the model stores, in checkpoint order."""
+    out = {}
+    for name, p in model.named_parameters():
+        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
+        for key, slot in ours_to_hf(name, model.config):
+            out[key] = (slot, slot_shape(slot, shape))
+    return out
+
+
+def load_pretrained(cls, url: str, *, moe_implementation: str, expert_in_one_shard: int | None,
+                    dtype: torch.dtype, device: str | torch.device, attn_backend: str,
+                    storage_options: dict[str, Any]) -> torch.nn.Module:
+    cfg = read_config(url, storage_options, moe_implementation=moe_implementation,
+                      expert_in_one_shard=expert_in_one_shard)
+    ckpt = HFCheckpoint(url, storage_options)
+    with torch.device("meta"):
+        model = cls(cfg, attn_backend=attn_backend)
+    model = model.to_empty(device=device).to(dtype)
+    expected = expected_hf_keys(model)
+    check_keys(cfg, expected, ckpt.weight_map, url)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for _, keys in ckpt.keys_by_file():
+            for key in keys:
+                slot, shape = expected[key]
+                if ckpt.shape(key) != shape:
+                    raise ValueError(f"{url}: {key} has shape {list(ckpt.shape(key))}, config.json implies "
+                                     f"{list(shape)}; the checkpoint does not match its config")
+                slot.view(params[slot.param]).copy_(ckpt.read(key))
+    return model
+
+
+class HFExportWriter:
+    """Streams tensors into size-bounded safetensors shards, then writes index, config, COMPLETE.
+
+    Tensors must be written in the order given at construction (the order in which the model's
+    modules are gathered).  Nothing but the current tensor is buffered here.
+    """
+
+    def __init__(self, url: str, tensors: list[PlannedTensor], max_shard_size: int | str = "5GB",
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.url = url
+        self.fs, self.root = open_url(url, storage_options)
+        limit = parse_size(max_shard_size)
+        shards: list[list[PlannedTensor]] = [[]]
+        size = 0
+        for t in tensors:
+            if shards[-1] and size + t.nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += t.nbytes
+        n = len(shards)
+        self.files = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
+        self.weight_map = {t.key: name for name, s in self.files for t in s}
+        self.total_size = sum(t.nbytes for t in tensors)
+        self._next_file = 0
+        self._writer: SafetensorsStreamWriter | None = None
+        self.fs.makedirs(self.root, exist_ok=True)
+        # An earlier export here stops being complete before any of its files is replaced.
+        for name in (COMPLETE, INDEX):
+            if self.fs.exists(posixpath.join(self.root, name)):
+                self.fs.rm(posixpath.join(self.root, name))
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        if self._writer is None or self._writer.done:
+            name, planned = self.files[self._next_file]
+            self._next_file += 1
+            self._writer = SafetensorsStreamWriter(self.fs, posixpath.join(self.root, name), planned)
+        self._writer.append(key, tensor)
+
+    def finish(self, config: DeepseekV2Config, tokenizer_dir: str | None = None,
+               extra: dict[str, Any] | None = None) -> None:
+        if self._writer is None or not self._writer.done or self._next_file != len(self.files):
+            raise RuntimeError(f"{self.url}: export finished before all tensors were written")
+        if tokenizer_dir:
+            copy_tokenizer(tokenizer_dir, self.fs, self.root)
+        self._put("config.json", config.to_hf_dict())
+        self._put(INDEX, {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map})
+        self._put(COMPLETE, {"files": [name for name, _ in self.files], **(extra or {})})
+
+    def abort(self) -> None:
+        if self._writer is not None and not self._writer.done:
+            self._writer.abort()
+
+    def _put(self, name: str, obj: Any) -> None:
+        with self.fs.open(posixpath.join(self.root, name), "w") as f:
+            json.dump(obj, f, indent=2)
+
+
+def copy_tokenizer(src: str, fs: Any, root: str) -> None:
+    src_fs, src_root = open_url(src)
+    for name in TOKENIZER_FILES:
+        path = posixpath.join(src_root, name)
+        if src_fs.exists(path):
+            with src_fs.open(path, "rb") as fin, fs.open(posixpath.join(root, name), "wb") as fout:
+                fout.write(fin.read())
+
+
+def is_complete(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, root = open_url(url, storage_options)
+    return fs.exists(posixpath.join(root, COMPLETE))
+
+
+def save_pretrained(model: torch.nn.Module, url: str, *, max_shard_size: int | str,
+                    storage_options: dict[str, Any], tokenizer_dir: str | None = None) -> None:
+    """Single-process save: every parameter is local and full-size."""
+    expected = expected_hf_keys(model)
+    params = dict(model.named_parameters())
+    planned = [PlannedTensor(k, params[slot.param].dtype, shape) for k, (slot, shape) in expected.items()]
+    writer = HFExportWriter(url, planned, max_shard_size, storage_options)
+    try:
+        for key, (slot, _) in expected.items():
+            writer.write(key, slot.view(params[slot.param]))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finish(model.config, tokenizer_dir)
