@@ -1,0 +1,131 @@
+"""Deterministic, resumable, distributed iteration over packed sequences.
+
+Each step gives this rank one micro-batch of ``micro_batch_size`` packs laid end to end as a single
+row (varlen attention keeps them apart through ``cu_seqlens``)::
+
+    input_ids        (1, L) long
+    labels           (1, L) long, unshifted, -100 where not trained
+    position_ids     (1, L) long
+    cu_seqlens       (n + 1,) int32, sample boundaries [0, ..., L]
+    max_seqlen       int, the longest segment in cu_seqlens (flash-attn wants it on the host)
+    num_loss_tokens  int, labels[1:] != -100: the tokens that count after the HF shift
+
+Epoch ``e`` visits the packs in a permutation seeded by ``(seed, e)``.  Step ``s`` of rank ``r``
+takes positions ``(s * dp_size + r) * micro_batch_size ...`` of it, so ranks never share a pack, and
+every rank gets ``len(packs) // (dp_size * micro_batch_size)`` steps per epoch (the remainder is left
+out) so ZeRO-3 ranks never wait on a rank that ran out.  Ranks that must see the same sample, such
+as a sequence-parallel group, pass the same ``dp_rank`` (their group's index) and ``dp_size`` (the
+number of groups).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from moe_train.data.datasets import DataError, read_conversations
+from moe_train.data.packing import Pack, PackStats, pack
+from moe_train.data.templates import IGNORE_INDEX, encode_conversations
+
+
+def build_packed_dataset(
+    paths: list[str] | str, tokenizer, template: str = "deepseek_v2", max_length: int = 8192,
+    varlen: bool = True, too_long: str = "truncate", seed: int = 0,
+) -> tuple[list[Pack], PackStats]:
+    """Read, tokenize and pack the training data: what the trainer calls."""
+    conversations = read_conversations(paths)
+    packs, stats = pack(encode_conversations(tokenizer, conversations, template), max_length, varlen, too_long, seed)
+    if not packs:
+        raise DataError(
+            f"{paths} produced no trainable samples at max_length {max_length} ({len(conversations)} read, "
+            f"{stats.dropped} dropped); raise --max-length or keep too_long='truncate'"
+        )
+    return packs, stats
+
+
+class PackedLoader:
+    """Micro-batches of packs for one data-parallel rank; see the module docstring."""
+
+    def __init__(
+        self, packs: list[Pack], dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
+        micro_batch_size: int = 1, pad_to_multiple_of: int = 1, pad_id: int = 0,
+    ):
+        """``pad_to_multiple_of`` pads each micro-batch (e.g. to the sequence-parallel size) with
+        ``pad_id`` tokens, labels -100, in a segment of their own at the end of ``cu_seqlens``."""
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+        if micro_batch_size < 1 or pad_to_multiple_of < 1:
+            raise ValueError("micro_batch_size and pad_to_multiple_of must be at least 1")
+        self.packs = packs
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed, self.shuffle = seed, shuffle
+        self.micro_batch_size = micro_batch_size
+        self.pad_to_multiple_of, self.pad_id = pad_to_multiple_of, pad_id
+        self.steps_per_epoch = len(packs) // (dp_size * micro_batch_size)
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(packs)} packs are too few for {dp_size} data-parallel ranks x micro batch "
+                f"{micro_batch_size}; add data, lower --max-length or use fewer ranks"
+            )
+        self.epoch, self.step = 0, 0  # the next micro-batch this rank will yield
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.packs))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.packs))
+
+    def _batch(self, packs: list[Pack]) -> dict[str, Any]:
+        input_ids = torch.cat([p.input_ids for p in packs]).long()
+        labels = torch.cat([p.labels for p in packs]).long()
+        position_ids = torch.cat([p.position_ids for p in packs]).long()
+        offsets, bounds = 0, [torch.zeros(1, dtype=torch.int32)]
+        for p in packs:
+            bounds.append(p.cu_seqlens[1:] + offsets)
+            offsets += len(p)
+        pad = -offsets % self.pad_to_multiple_of
+        if pad:
+            input_ids = torch.cat([input_ids, torch.full((pad,), self.pad_id, dtype=torch.long)])
+            labels = torch.cat([labels, torch.full((pad,), IGNORE_INDEX, dtype=torch.long)])
+            position_ids = torch.cat([position_ids, torch.arange(pad, dtype=torch.long)])
+            bounds.append(torch.tensor([offsets + pad], dtype=torch.int32))
+        cu_seqlens = torch.cat(bounds)
+        return {
+            "input_ids": input_ids[None],
+            "labels": labels[None],
+            "position_ids": position_ids[None],
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+            "num_loss_tokens": int((labels[1:] != IGNORE_INDEX).sum()),
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The remaining micro-batches of the current epoch; afterwards ``epoch`` has moved on by one.
+
+        The position advances as each batch is handed out, so ``state_dict()`` taken after a batch
+        resumes with the next one.
+        """
+        epoch, order, k = self.epoch, self._order(self.epoch), self.micro_batch_size
+        for s in range(self.step, self.steps_per_epoch):
+            first = (s * self.dp_size + self.dp_rank) * k
+            batch = self._batch([self.packs[i] for i in order[first:first + k]])
+            self.epoch, self.step = (epoch + 1, 0) if s + 1 == self.steps_per_epoch else (epoch, s + 1)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step, "num_packs": len(self.packs), "dp_size": self.dp_size,
+                "micro_batch_size": self.micro_batch_size, "seed": self.seed, "shuffle": int(self.shuffle)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        mine = self.state_dict()
+        for key in ("num_packs", "dp_size", "micro_batch_size", "seed", "shuffle"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"the data loader was saved with {key}={state[key]} but now has {mine[key]}; resume with "
+                    f"the same data, max_length, seed, data-parallel size and micro batch size"
+                )
+        self.epoch, self.step = state["epoch"], state["step"]
