@@ -1,0 +1,187 @@
+"""``moe-train plan``: will a recipe fit on N GPUs, how fast, and with which expert shards and SP degree.
+
+``memory.predict_memory`` and ``speed.predict_speed`` are pure models; this module resolves a
+recipe and a DeepSpeed config into their inputs and adds the two suggestions.  Everything here
+is an estimate from first principles, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from moe_train.models.deepseek_v2.config import NAMED_SIZES, DeepseekV2Config
+from moe_train.plan.memory import GiB, MemoryEstimate, Workload, ZeroSettings, predict_memory
+from moe_train.plan.speed import DEVICES, Device, SpeedEstimate, predict_speed
+from moe_train.recipes import Recipe
+
+__all__ = [
+    "Plan", "Workload", "ZeroSettings", "build_plan", "load_deepspeed_config", "model_config",
+    "predict_memory", "predict_speed", "suggest_expert_in_one_shard", "suggest_sp",
+]
+
+# HF checkpoints a recipe may name, and the named size each one has.
+HF_MODEL_SIZES = {
+    "deepseek-ai/DeepSeek-V2": "deepseek-v2",
+    "deepseek-ai/DeepSeek-V2-Chat": "deepseek-v2",
+    "deepseek-ai/DeepSeek-V2-Lite": "deepseek-v2-lite",
+    "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-v2-lite",
+}
+
+# A shard size whose step time is within this share of the fastest fitting one is fast enough.
+SHARD_TIME_TOLERANCE = 0.02
+
+
+def model_config(recipe: Recipe, **layout: Any) -> DeepseekV2Config:
+    """The model a recipe trains: a named size, a known HF id, or a local directory with config.json."""
+    layout = {"moe_implementation": recipe.moe_implementation, "expert_in_one_shard": recipe.expert_in_one_shard,
+              **layout}
+    size = recipe.model_size or HF_MODEL_SIZES.get(recipe.model or "")
+    if size:
+        return DeepseekV2Config.from_name(size, **layout)
+    if recipe.model and (Path(recipe.model) / "config.json").is_file():
+        return DeepseekV2Config.from_json_file(str(Path(recipe.model) / "config.json"), **layout)
+    raise ValueError(
+        f"cannot size model {recipe.model!r} of recipe {recipe.name!r}: use a named size "
+        f"({', '.join(sorted(NAMED_SIZES))}), one of {', '.join(HF_MODEL_SIZES)}, or a local checkpoint directory"
+    )
+
+
+def load_deepspeed_config(name: str) -> dict[str, Any]:
+    """A shipped config by name (``moe_train/configs/NAME.json``) or a path to a JSON file."""
+    if name.endswith(".json") or "/" in name:
+        path = Path(name)
+    else:
+        path = Path(str(resources.files("moe_train") / "configs" / f"{name}.json"))
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {name!r} not found at {path}")
+    return json.loads(path.read_text())
+
+
+def _fits(mem: MemoryEstimate, gpu_mem_gb: float) -> bool:
+    return mem.per_gpu_gb <= gpu_mem_gb
+
+
+def suggest_expert_in_one_shard(
+    cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int, nodes: int, device: Device,
+    gpu_mem_gb: float, grad_accum: int = 1, peak_tflops: float | None = None,
+) -> int | None:
+    """The smallest divisor of the expert count whose predicted step time is within 2% of the
+    fastest shard size that fits.  Bigger shards mean fewer, larger all-gathers (less latency)
+    but a bigger gathered working set; past that point they buy no speed, only memory.  None when
+    no shard size fits; the shard size is moot without ZeRO-3 (the configured one is returned)."""
+    if zero.stage < 3:
+        return cfg.shard_size
+    timed = {}
+    for d in (d for d in range(1, cfg.n_routed_experts + 1) if cfg.n_routed_experts % d == 0):
+        c = cfg.replace(moe_implementation="shard", expert_in_one_shard=d)
+        if _fits(predict_memory(c, work, zero, gpus), gpu_mem_gb):
+            timed[d] = predict_speed(c, work, zero, gpus, nodes, device, grad_accum, peak_tflops).step_s
+    if not timed:
+        return None
+    best = min(timed.values())
+    return min(d for d, t in timed.items() if t <= best * (1 + SHARD_TIME_TOLERANCE))
+
+
+def suggest_sp(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int, gpu_mem_gb: float) -> int | None:
+    """The smallest Ulysses degree that fits: it must divide the GPUs, the heads and the tokens
+    of a micro step.  Each rank then holds 1/sp of the activations and logits (the eager mask
+    and the model states do not shrink).  None when no degree fits."""
+    tokens = work.max_length * work.micro_batch_size
+    for sp in range(1, gpus + 1):
+        if gpus % sp or cfg.num_attention_heads % sp or tokens % sp:
+            continue
+        w = dataclasses.replace(work, sp=sp)
+        if _fits(predict_memory(cfg, w, zero, gpus), gpu_mem_gb):
+            return sp
+    return None
+
+
+@dataclass
+class Plan:
+    recipe: str
+    gpus: int
+    nodes: int
+    gpu_mem_gb: float
+    device: Device
+    model: DeepseekV2Config
+    work: Workload
+    zero: ZeroSettings
+    deepspeed: str
+    memory: MemoryEstimate
+    speed: SpeedEstimate
+    peak_tflops: float
+    suggested_expert_in_one_shard: int | None
+    suggested_sp: int | None
+
+    @property
+    def fits(self) -> bool:
+        return _fits(self.memory, self.gpu_mem_gb)
+
+    @property
+    def headroom_gb(self) -> float:
+        return self.gpu_mem_gb - self.memory.per_gpu_gb
+
+    def to_dict(self) -> dict[str, Any]:
+        mem = self.memory
+        return {
+            "recipe": self.recipe,
+            "gpus": self.gpus,
+            "nodes": self.nodes,
+            "gpu": self.device.name,
+            "gpu_mem_gb": self.gpu_mem_gb,
+            "deepspeed": self.deepspeed,
+            "zero": self.zero.__dict__,
+            "workload": self.work.__dict__,
+            "moe_implementation": self.model.moe_implementation,
+            "expert_in_one_shard": self.model.shard_size if self.model.moe_implementation == "shard" else None,
+            "params": mem.params,
+            "fits": self.fits,
+            "per_gpu_gb": round(mem.per_gpu_gb, 3),
+            "headroom_gb": round(self.headroom_gb, 3),
+            "peak_phase": mem.peak_phase,
+            "breakdown": {k: round(v, 3) for k, v in mem.breakdown_gb().items()},
+            "phases_gb": {p: {k: round(v / GiB, 3) for k, v in terms.items()} for p, terms in mem.phases.items()},
+            "cpu_gb_per_gpu": round(mem.cpu_bytes / GiB, 3),
+            "peak_tflops": self.peak_tflops,
+            "step_time_s": round(self.speed.step_s, 3),
+            "compute_s_per_micro_step": round(self.speed.compute_s, 4),
+            "comm_s_per_micro_step": round(self.speed.comm_s, 4),
+            "bound": self.speed.bound,
+            "model_flops_per_token": self.speed.model_flops_per_token,
+            "tgs_estimate": round(self.speed.tgs, 2),
+            "mfu_estimate": round(self.speed.mfu, 4),
+            "suggested_expert_in_one_shard": self.suggested_expert_in_one_shard,
+            "suggested_sp": self.suggested_sp,
+        }
+
+
+def build_plan(
+    recipe: Recipe, gpus: int, gpu_mem_gb: float, nodes: int = 1, device: str = "a100",
+    ds_config: dict[str, Any] | None = None, deepspeed: str | None = None, attention: str = "flash",
+    peak_tflops: float | None = None,
+) -> Plan:
+    """Plan ``recipe`` (already carrying any overrides: max_length, varlen, layout) on ``gpus``."""
+    cfg = model_config(recipe)
+    deepspeed = deepspeed or recipe.deepspeed
+    ds = ds_config if ds_config is not None else load_deepspeed_config(deepspeed)
+    zero = ZeroSettings.from_ds_config(ds, cfg.hidden_size)
+    work = Workload(
+        max_length=recipe.max_length, micro_batch_size=recipe.micro_batch_size, varlen=recipe.varlen,
+        attention=attention, activation_checkpointing=recipe.activation_checkpointing,
+        dtype="bf16", sp=recipe.sp, device="cuda",
+    )
+    dev = DEVICES[device]
+    mem = predict_memory(cfg, work, zero, gpus)
+    speed = predict_speed(cfg, work, zero, gpus, nodes, dev, recipe.grad_accum, peak_tflops)
+    return Plan(
+        recipe=recipe.name, gpus=gpus, nodes=nodes, gpu_mem_gb=gpu_mem_gb, device=dev, model=cfg, work=work,
+        zero=zero, deepspeed=deepspeed, memory=mem, speed=speed, peak_tflops=peak_tflops or dev.peak_tflops,
+        suggested_expert_in_one_shard=suggest_expert_in_one_shard(
+            cfg, work, zero, gpus, nodes, dev, gpu_mem_gb, recipe.grad_accum, peak_tflops),
+        suggested_sp=suggest_sp(cfg, work, zero, gpus, gpu_mem_gb),
+    )
