@@ -24,7 +24,7 @@ class Recipe:
     tokenizer: str | None = None  # defaults to the model directory
     moe_implementation: str = "shard"
     expert_in_one_shard: int | None = None
-    # Data
+    # Data: alpaca JSON/JSONL or messages JSONL paths/URLs; the full-size recipes leave it to --data.
     data: list[str] = field(default_factory=list)
     template: str = "deepseek_v2"
     max_length: int = 8192
@@ -39,7 +39,7 @@ class Recipe:
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
     epochs: int = 3
-    max_steps: int | None = None
+    max_steps: int | None = None  # stop early; the LR schedule still spans `epochs`
     micro_batch_size: int = 1  # packed sequences per rank per micro step
     grad_accum: int = 16
     dtype: str = "bf16"  # bf16 on GPU; the trainer always uses fp32 on CPU
@@ -56,7 +56,7 @@ class Recipe:
 
 
 _V2_CHAT_ALPACA = dict(
-    data=["alpaca"], template="deepseek_v2", lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0,
+    data=[], template="deepseek_v2", lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0,
     max_grad_norm=1.0, warmup_ratio=0.03, epochs=3, dtype="bf16", save_steps=50, save_total_limit=2,
     grad_accum=16, max_length=2048, varlen=True, activation_checkpointing=True,
 )
@@ -87,7 +87,7 @@ RECIPES: dict[str, Recipe] = {
             description="debug model initialised from seed, on the alpaca sample shipped in the repo (CPU smoke run)",
             model_size="tiny", tokenizer=str(ASSETS / "tiny_tokenizer"), moe_implementation="shard",
             expert_in_one_shard=4, data=[str(ASSETS / "alpaca_sample.jsonl")], max_length=256, varlen=True,
-            lr=1e-3, warmup_ratio=0.1, epochs=1, max_steps=20, grad_accum=1, dtype="fp32",
+            lr=3e-3, warmup_ratio=0.1, epochs=1, max_steps=20, grad_accum=1, dtype="fp32",
             activation_checkpointing=False, save_steps=10, save_total_limit=2,
         ),
     ]

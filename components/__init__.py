@@ -1,0 +1,1 @@
+"""The TorchX catalogue (components.py), installed so that `torchx builtins` lists it."""

@@ -1,0 +1,274 @@
+"""TorchX catalogue: launch ``moe-train train`` on Slurm, Kubernetes (Volcano) or this machine.
+
+Each component is one role of N replicas, one per node; each replica runs one ``torchrun`` that
+starts P trainer processes and meets the other nodes at a c10d rendezvous hosted by replica 0::
+
+    cd components   # .torchxconfig here holds the per-scheduler defaults
+    torchx run -s slurm components.py:deepseek_v2_full --work_dir /shared/runs/v2-alpaca
+    torchx run -s kubernetes components.py:deepseek_v2_full --image REGISTRY/moe-train:TAG \\
+        --work_dir s3://BUCKET/runs/v2-alpaca
+    torchx run -s local_cwd components.py:smoke --work_dir /tmp/smoke
+
+Installed with moe-train, the same functions are listed by ``torchx builtins`` as
+``moe_train.deepseek_v2_full`` and so on.  This file imports nothing but TorchX (and TorchX runs it
+with ``exec``), so the launch host needs neither moe-train nor torch.
+"""
+
+import re
+import shlex
+from typing import Dict, List, Optional, Tuple
+
+import torchx.specs as specs
+from torchx.specs import macros
+
+GiB = 1024  # memMB per GiB
+
+# What one pod/job may ask of an 8-GPU host, below the machine's total so that the kubelet's and
+# the daemonsets' reservations still fit (TorchX's Kubernetes scheduler takes off 0.1 CPU and 1 GiB
+# more).  A100: fits p4de.24xlarge (96 vCPU, 1152 GiB), a2-ultragpu-8g and DGX A100.
+# H100: fits p5.48xlarge (192 vCPU, 2048 GiB), a3-highgpu-8g (208 vCPU, 1872 GB) and DGX H100.
+_HOSTS = {
+    "a100_80g_x8": dict(cpu=92, gpu=8, memMB=1000 * GiB, product="NVIDIA-A100-SXM4-80GB"),
+    "h100_80g_x8": dict(cpu=184, gpu=8, memMB=1600 * GiB, product="NVIDIA-H100-80GB-HBM3"),
+}
+_DEFAULT_HOST = _HOSTS["a100_80g_x8"]
+_DEFAULT_IMAGE = "moe-train:latest"
+_RDZV_PORT = 29500
+
+# Credentials reach the job from the scheduler (Slurm: the submitting shell's environment, which
+# sbatch exports; Kubernetes: the Secret in schedulers/kubernetes), never through the AppDef, whose
+# env and args end up in sbatch scripts, pod specs and logs.
+_CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE_KEY", re.I)
+_CREDENTIAL_URL = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", re.I)  # scheme://user:password@
+
+
+def _host(name: str) -> specs.Resource:
+    h = _HOSTS[name]
+    return specs.Resource(
+        cpu=h["cpu"], gpu=h["gpu"], memMB=h["memMB"],
+        capabilities={"nvidia.com/gpu.product": h["product"]},  # the GPU feature discovery label
+    )
+
+
+def a100_80g_x8() -> specs.Resource:
+    """A host with 8 x A100-SXM4-80GB (named resource ``a100_80g_x8``)."""
+    return _host("a100_80g_x8")
+
+
+def h100_80g_x8() -> specs.Resource:
+    """A host with 8 x H100-80GB-HBM3 (named resource ``h100_80g_x8``)."""
+    return _host("h100_80g_x8")
+
+
+def _parse_j(j: str) -> Tuple[int, int, int]:
+    """``NxP`` or ``MIN:MAXxP`` -> (min_nodes, max_nodes, procs_per_node)."""
+    m = re.fullmatch(r"(?:(\d+):)?(\d+)x(\d+)", j)
+    if m is None:
+        raise ValueError(f"-j {j!r}: expected NODESxPROCS (e.g. 8x8) or MIN:MAXxPROCS (e.g. 4:8x8)")
+    max_nodes, nproc = int(m.group(2)), int(m.group(3))
+    min_nodes = int(m.group(1)) if m.group(1) else max_nodes
+    if not 1 <= min_nodes <= max_nodes or nproc < 1:
+        raise ValueError(f"-j {j!r}: need 1 <= MIN <= MAX nodes and at least one process per node")
+    return min_nodes, max_nodes, nproc
+
+
+def _check_no_credentials(env: Dict[str, str], urls: List[str]) -> None:
+    leaked = [k for k in env if _CREDENTIAL_NAME.search(k)]
+    leaked += [f"a URL with user:password@ ({u.split('://')[0]}://...)" for u in urls if _CREDENTIAL_URL.match(u)]
+    if leaked:
+        raise ValueError(
+            f"{', '.join(leaked)}: credentials must not go into --env or URLs, which are written into the "
+            "job spec; on Slurm export them in the submitting shell (sbatch passes its environment on), "
+            "on Kubernetes put them in the moe-train-storage Secret (schedulers/kubernetes/README.md)"
+        )
+
+
+# component parameters passed on as `moe-train train --kebab-case VALUE` when set
+_TRAINER_OPTIONS = ["work_dir", "model", "max_length", "sp", "moe_implementation", "expert_in_one_shard", "resume"]
+
+
+def _trainer_cmd(p: Dict[str, object], trainer_args: List[str]) -> List[str]:
+    """``moe-train train ...`` for one rank from the component's parameters; None keeps the recipe's value."""
+    cmd = ["moe-train", "train", p["recipe"], "--launcher", "pytorch", "--deepspeed", p["deepspeed"]]
+    for name in _TRAINER_OPTIONS:
+        if p[name] is not None and p[name] != "":
+            cmd += ["--" + name.replace("_", "-"), str(p[name])]
+    for path in p["data"] or []:
+        cmd += ["--data", path]
+    if p["varlen"] is not None:
+        cmd.append("--varlen" if p["varlen"] else "--no-varlen")
+    return cmd + trainer_args
+
+
+def _torchrun_app(
+    name: str, j: str, image: str, trainer: List[str], resource: specs.Resource, env: Dict[str, str],
+    mounts: List[str], max_retries: int, rdzv_port: int,
+) -> specs.AppDef:
+    """One role, one replica per node, each ``torchrun ... --no-python <trainer>``."""
+    min_nodes, max_nodes, nproc = _parse_j(j)
+    if resource.gpu > 0 and nproc > resource.gpu:
+        raise ValueError(f"-j {j}: {nproc} processes per node but the host has {resource.gpu} GPUs")
+    if max_nodes == 1:
+        # one agent: any free port on this host
+        endpoint, is_host = "localhost:0", "1"
+    else:
+        # rank0_env is the scheduler's variable holding replica 0's host.  Replica 0 hosts the
+        # rendezvous store, said explicitly rather than guessed from hostnames (which fails when
+        # several "nodes" share a host, as on the Slurm dev cluster or local_cwd).
+        endpoint = f"${{{macros.rank0_env}:=localhost}}:{rdzv_port}"
+        is_host = f"$(({macros.replica_id} == 0))"
+    nnodes = f"{min_nodes}:{max_nodes}" if min_nodes != max_nodes else str(max_nodes)
+    # Unquoted on purpose: macros are filled in by the scheduler, the $ expressions by bash on the node.
+    rdzv = f"--rdzv-backend c10d --rdzv-id {macros.app_id} --rdzv-endpoint {endpoint} --rdzv-conf is_host={is_host}"
+    command = f"torchrun --nnodes {nnodes} --nproc-per-node {nproc} {rdzv} --tee 3 --no-python {shlex.join(trainer)}"
+    return specs.AppDef(
+        name=name,
+        roles=[
+            specs.Role(
+                name="trainer",
+                image=image,
+                entrypoint="bash",
+                args=["-c", command],
+                num_replicas=max_nodes,
+                min_replicas=min_nodes,
+                resource=resource,
+                env=env,
+                port_map={"c10d": rdzv_port},
+                max_retries=max_retries,
+                mounts=specs.parse_mounts(mounts),
+            )
+        ],
+    )
+
+
+def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, ...], **p) -> specs.AppDef:
+    """The AppDef of a catalogue entry from its parameters (see _ARGS_DOC).
+
+    TorchX lists every function of this module whose signature its linter accepts; it rejects
+    Tuple (here) and specs.Resource (in _torchrun_app), which keeps these helpers out of `torchx builtins`.
+    """
+    env = {**base_env, **(p["env"] or {})}
+    _check_no_credentials(env, [u for u in [p["work_dir"], p["model"], *(p["data"] or [])] if u])
+    trainer = _trainer_cmd(p, list(trainer_args))
+    resource = specs.resource(cpu=p["cpu"], gpu=p["gpu"], memMB=p["memMB"], h=p["h"])
+    return _torchrun_app(name, p["j"], p["image"], trainer, resource, env, p["mounts"] or [], p["max_retries"],
+                         p["rdzv_port"])
+
+
+def _documented(component):
+    """Append the Args section the three components share (TorchX reads it for --help)."""
+    component.__doc__ = component.__doc__.rstrip() + "\n\n" + _ARGS_DOC
+    return component
+
+
+_ARGS_DOC = """Args:
+    trainer_args: extra ``moe-train train`` options, after ``--`` (e.g. -- --lr 2e-5 --max-steps 100)
+    j: NODESxPROCS, or MIN:MAXxPROCS for an elastic job; PROCS must not exceed the host's GPUs
+    image: container image (Kubernetes); Slurm and local_cwd run the current environment
+    recipe: moe-train recipe name (``moe-train recipes`` lists them)
+    deepspeed: DeepSpeed config: deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload, or a path
+    work_dir: checkpoints and logs, a path or fsspec URL that every node reaches (shared FS, s3://, gs://)
+    model: HF checkpoint directory or fsspec URL, instead of the recipe's
+    data: datasets (paths or URLs, comma separated), instead of the recipe's
+    max_length: tokens per packed sequence, instead of the recipe's
+    varlen: varlen (packed) attention on or off, instead of the recipe's
+    sp: sequence-parallel degree, instead of the recipe's
+    moe_implementation: shard or origin, instead of the recipe's
+    expert_in_one_shard: experts per fused shard, instead of the recipe's
+    resume: auto (continue from the latest checkpoint in work_dir, so a retried job resumes), a URL, or empty
+    env: environment variables (A=1,B=2), on top of the component's own (smoke: DS_ACCELERATOR=cpu); never credentials
+    mounts: mounts, e.g. type=volume,src=moe-train-checkpoints,dst=/checkpoints (Kubernetes PVC)
+    max_retries: times the scheduler restarts the whole job after a failure (Slurm: requeue)
+    h: named resource for each node (a100_80g_x8, h100_80g_x8, ...); overrides cpu, gpu, memMB
+    cpu: CPUs per node
+    gpu: GPUs per node (0: a CPU run)
+    memMB: host memory per node in MB
+    rdzv_port: port on replica 0's host for the c10d rendezvous
+"""
+
+
+@_documented
+def deepseek_v2_full(
+    *trainer_args: str,
+    j: str = "8x8",
+    image: str = _DEFAULT_IMAGE,
+    recipe: str = "deepseek_v2_chat_full_alpaca_e3",
+    deepspeed: str = "deepspeed_zero3",
+    work_dir: Optional[str] = None,
+    model: Optional[str] = None,
+    data: Optional[List[str]] = None,
+    max_length: Optional[int] = None,
+    varlen: Optional[bool] = None,
+    sp: Optional[int] = None,
+    moe_implementation: Optional[str] = None,
+    expert_in_one_shard: Optional[int] = None,
+    resume: Optional[str] = "auto",
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    h: Optional[str] = None,
+    cpu: int = _DEFAULT_HOST["cpu"],
+    gpu: int = _DEFAULT_HOST["gpu"],
+    memMB: int = _DEFAULT_HOST["memMB"],
+    rdzv_port: int = _RDZV_PORT,
+) -> specs.AppDef:
+    """Full fine-tune of DeepSeek-V2 (236B) with sharded experts under DeepSpeed ZeRO-3: 8 nodes x 8 GPUs."""
+    return _component("deepseek-v2-full", {}, **locals())
+
+
+@_documented
+def deepseek_v2_lite_full(
+    *trainer_args: str,
+    j: str = "1x8",
+    image: str = _DEFAULT_IMAGE,
+    recipe: str = "deepseek_v2_lite_chat_full_alpaca_e3",
+    deepspeed: str = "deepspeed_zero3",
+    work_dir: Optional[str] = None,
+    model: Optional[str] = None,
+    data: Optional[List[str]] = None,
+    max_length: Optional[int] = None,
+    varlen: Optional[bool] = None,
+    sp: Optional[int] = None,
+    moe_implementation: Optional[str] = None,
+    expert_in_one_shard: Optional[int] = None,
+    resume: Optional[str] = "auto",
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    h: Optional[str] = None,
+    cpu: int = _DEFAULT_HOST["cpu"],
+    gpu: int = _DEFAULT_HOST["gpu"],
+    memMB: int = _DEFAULT_HOST["memMB"],
+    rdzv_port: int = _RDZV_PORT,
+) -> specs.AppDef:
+    """Full fine-tune of DeepSeek-V2-Lite (16B) under DeepSpeed ZeRO-3: 1 node x 8 GPUs."""
+    return _component("deepseek-v2-lite-full", {}, **locals())
+
+
+@_documented
+def smoke(
+    *trainer_args: str,
+    j: str = "2x1",
+    image: str = _DEFAULT_IMAGE,
+    recipe: str = "tiny",
+    deepspeed: str = "deepspeed_zero3",
+    work_dir: Optional[str] = None,
+    model: Optional[str] = None,
+    data: Optional[List[str]] = None,
+    max_length: Optional[int] = None,
+    varlen: Optional[bool] = None,
+    sp: Optional[int] = None,
+    moe_implementation: Optional[str] = None,
+    expert_in_one_shard: Optional[int] = None,
+    resume: Optional[str] = "auto",
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    h: Optional[str] = None,
+    cpu: int = 1,
+    gpu: int = 0,
+    memMB: int = 4 * GiB,
+    rdzv_port: int = _RDZV_PORT,
+) -> specs.AppDef:
+    """CPU smoke run of the tiny recipe on 2 nodes x 1 process; writes an HF checkpoint to {work_dir}/hf_model."""
+    return _component("moe-train-smoke", {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, **locals())

@@ -1,0 +1,340 @@
+"""The training loop: DeepSpeed ZeRO under torchrun/srun, packed data, exact token-weighted loss.
+
+Loss.  Each optimiser step covers `grad_accum` micro-batches on every data-parallel rank.  The
+loss of a step is the mean cross entropy over all its trained tokens, wherever they are:
+
+    loss = sum over micro-batches and ranks of CE_sum / global_tokens
+
+DeepSpeed divides each backward by `grad_accum` and averages gradients over ranks, so each
+micro-batch back-propagates CE_sum * dp_size * grad_accum / global_tokens; `global_tokens` is
+one all-reduce per step.  The MoE balance loss is added per micro-batch and averaged the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import posixpath
+import signal
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moe_train.checkpoint.hf_layout import copy_tokenizer, open_url, read_config
+from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
+from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
+from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
+from moe_train.models.deepseek_v2.model import causal_lm_loss
+from moe_train.recipes import Recipe
+
+
+@dataclass
+class TrainConfig:
+    recipe: Recipe
+    work_dir: str
+    deepspeed: str = "deepspeed_zero3"
+    launcher: str = "none"
+    resume: str | None = None
+    peak_tflops: float | None = None
+    export: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[moe-train] {msg}", flush=True)
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
+    warmup = max(1, round(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def check_work_dir(url: str, rank: int) -> Any:
+    """Fail early, on every rank, if the work dir cannot be written."""
+    fs, root = open_url(url)
+    probe = posixpath.join(root, f".write-probe-{rank}")
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "w") as f:
+            f.write("ok")
+        fs.rm(probe)
+    except (OSError, PermissionError) as e:
+        raise ValueError(f"work dir {url} is not writable ({type(e).__name__}: {e}); "
+                         "pass a writable --work-dir") from None
+    return fs, root
+
+
+def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
+    """A local directory with the tokenizer files (AutoTokenizer cannot read object stores)."""
+    src = recipe.tokenizer or model_url
+    if src is None:
+        raise ValueError(f"recipe {recipe.name} names no tokenizer or model; pass --model PATH|URL")
+    fs, root = open_url(src)
+    if not fs.exists(posixpath.join(root, "tokenizer.json")) and not fs.exists(posixpath.join(root, "tokenizer.model")):
+        raise FileNotFoundError(f"no tokenizer (tokenizer.json) in {src}; put the tokenizer files next to the "
+                                "model or set the recipe's tokenizer")
+    from moe_train.checkpoint.training_state import is_local
+
+    if is_local(fs):
+        return root
+    tmp = tempfile.mkdtemp(prefix="moe-train-tokenizer-")
+    copy_tokenizer(src, *open_url(tmp))
+    return tmp
+
+
+def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
+                model_url: str | None, seed: int, activation_checkpointing: bool) -> DeepseekV2ForCausalLM:
+    """Build the model partitioned from the start under ZeRO-3, then fill its partitions."""
+    import deepspeed
+
+    from moe_train.engine.weights import load_weights, open_source
+
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    # dtype comes from the config's bf16 block: an explicit dtype= is ignored on CPU by
+    # DeepSpeed 0.19 (operator precedence in Init._set_dtype), which silently gave bf16 weights.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3, mem_efficient_linear=False):
+        model = DeepseekV2ForCausalLM(cfg)
+    if not zero3:
+        model = model.to(device=device, dtype=dtype)
+    if zero3:
+        wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
+        if wrong:
+            raise RuntimeError(f"ZeRO-3 partitions are {wrong}, expected {dtype}; check the bf16 block of the config")
+    load_weights(model, open_source(cfg, model, model_url, seed))
+    model.activation_checkpointing = activation_checkpointing
+    return model
+
+
+class StopRequested(Exception):
+    pass
+
+
+def train(tc: TrainConfig) -> dict[str, Any]:
+    """Run a training job; returns a summary (losses, tokens/s, paths)."""
+    # DeepSpeed calls c10d functions that torch deprecates, once per collective.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    import deepspeed
+
+    from moe_train.data import PackedLoader, build_packed_dataset
+    from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config, offloads_optimizer
+    from moe_train.engine.distributed import init_distributed
+    from moe_train.engine.weights import export_hf
+
+    r = tc.recipe
+    ds_config = load_deepspeed_config(tc.deepspeed)  # bad configs fail before any process group exists
+    info = init_distributed(tc.launcher)
+    rank, world = info.rank, info.world_size
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" and r.dtype == "bf16" else torch.float32
+    if r.sp != 1:
+        raise ValueError("--sp > 1 needs sequence parallelism, which this build does not have yet; use --sp 1")
+    torch.manual_seed(r.seed)
+
+    fs, work_root = check_work_dir(tc.work_dir, rank)
+    ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
+    resume_path = ckpt.resolve(tc.resume)
+    if tc.resume and tc.resume != "auto" and resume_path is None:
+        raise ValueError(f"--resume {tc.resume} has no complete checkpoint")
+
+    # -------------------------------------------------------------- model config + data
+    model_url = r.model
+    if model_url is not None:
+        cfg = read_config(model_url, moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
+    else:
+        cfg = DeepseekV2Config.from_name(r.model_size, moe_implementation=r.moe_implementation,
+                                         expert_in_one_shard=r.expert_in_one_shard)
+    tok_dir = local_tokenizer_dir(r, model_url)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if not r.data:
+        raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
+    packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
+    _log(rank, f"data: {stats}")
+    loader = PackedLoader(packs, dp_rank=rank, dp_size=world, seed=r.seed, shuffle=r.shuffle,
+                          micro_batch_size=r.micro_batch_size, pad_id=tokenizer.pad_token_id or 0)
+    steps_per_epoch = len(loader) // r.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(loader)} micro-batches per rank are fewer than grad_accum={r.grad_accum}; "
+                         "lower grad_accum or add data")
+    # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
+    # resumed follows exactly the schedule of an uninterrupted one.
+    schedule_steps = steps_per_epoch * r.epochs
+    total_steps = min(r.max_steps or schedule_steps, schedule_steps)
+
+    # -------------------------------------------------------------- engine
+    ds_config = fill_auto(ds_config, micro_batch_size=1, grad_accum=r.grad_accum, world_size=world,
+                          grad_clip=r.max_grad_norm, bf16=dtype == torch.bfloat16, hidden_size=cfg.hidden_size)
+    model = build_model(cfg, ds_config, dtype, device, model_url, r.seed, r.activation_checkpointing)
+    if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
+                                     adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, r.warmup_ratio, r.min_lr_ratio))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+
+    step = 0
+    if rank == 0:
+        for path in ckpt.remove_incomplete():
+            _log(rank, f"removed incomplete checkpoint {path}")
+    if dist.is_initialized():
+        dist.barrier()
+    if resume_path:
+        state = ckpt.load(engine, resume_path)
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        _log(rank, f"resumed from {resume_path} at step {step}")
+
+    # -------------------------------------------------------------- loop
+    metrics = MetricsWriter(fs, posixpath.join(work_root, "metrics.jsonl"), posixpath.join(work_root, "tb")
+                            if rank == 0 and fs.protocol in ("file", ("file", "local")) else None) if rank == 0 else None
+    peak = peak_tflops(tc.peak_tflops)
+    bar = None
+    if rank == 0 and tc.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def micro_batches():
+        while True:
+            yield from loader
+
+    batches = micro_batches()
+    losses: list[float] = []
+    tgs_values: list[float] = []
+    engine.train()
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(r.grad_accum)]
+            counts = torch.tensor([float(sum(b["num_loss_tokens"] for b in micro)),
+                                   float(sum(b["input_ids"].numel() for b in micro))])
+            if dist.is_initialized():
+                dist.all_reduce(counts)
+            global_tokens = max(counts[0].item(), 1.0)
+            ce_total = torch.zeros(())
+            aux_total = torch.zeros(())
+            load = None
+            lengths: list[int] = []
+            for b in micro:
+                out = engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                             cu_seqlens=b["cu_seqlens"].to(device))
+                ce_sum = causal_lm_loss(out.logits, b["labels"].to(device), reduction="sum")
+                loss = ce_sum * (world * r.grad_accum / global_tokens)
+                if out.aux_loss is not None:
+                    loss = loss + out.aux_loss
+                    aux_total += out.aux_loss.detach().float().cpu() / r.grad_accum
+                engine.backward(loss)
+                engine.step()
+                ce_total += ce_sum.detach().float().cpu()
+                load = out.expert_load.cpu() if load is None else load + out.expert_load.cpu()
+                cu = b["cu_seqlens"].tolist()
+                lengths += [e - s for s, e in zip(cu[:-1], cu[1:])]
+            reduced = torch.stack([ce_total, aux_total])
+            if dist.is_initialized():
+                dist.all_reduce(reduced)
+                if load is not None:
+                    dist.all_reduce(load)
+            step += 1
+            dt = time.perf_counter() - t0
+            step_loss = reduced[0].item() / global_tokens
+            tgs = counts[1].item() / dt / world
+            losses.append(step_loss)
+            tgs_values.append(tgs)
+            if rank == 0:
+                flops = step_flops(cfg, lengths) * world  # every rank ran a similar micro-batch mix
+                record = {
+                    "step": step, "loss": round(step_loss, 6), "aux_loss": round(reduced[1].item() / world, 8),
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine), "tgs": round(tgs, 2),
+                    "tflops_per_gpu": round(flops / dt / world / 1e12, 6),
+                    "mfu": round(flops / dt / world / (peak * 1e12), 4) if peak else None,
+                    "tokens": int(counts[1].item()), "loss_tokens": int(global_tokens), "step_time": round(dt, 4),
+                    "peak_mem_gb": round(peak_memory_gb(), 3), "epoch": loader.epoch,
+                    "expert_load": expert_load_stats(load) if load is not None else [],
+                }
+                metrics.write(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", tgs=f"{tgs:.0f}")
+            stop_now = _agree(stop["signal"] is not None)
+            if (r.save_steps and step % r.save_steps == 0) or stop_now:
+                path = ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
+                                                "recipe": dataclasses.asdict(r)})
+                _log(rank, f"saved checkpoint {path}")
+            if stop_now:
+                raise StopRequested(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved")
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+
+    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs_values, "work_dir": tc.work_dir}
+    if tc.export:
+        hf_url = posixpath.join(tc.work_dir.rstrip("/"), "hf_model")
+        t0 = time.perf_counter()
+        from moe_train.engine.memory import PeakRSS
+
+        with PeakRSS() as rss:
+            export_hf(engine.module, hf_url, is_writer=rank == 0, tokenizer_dir=tok_dir,
+                      extra={"step": step, "recipe": r.name})
+        model_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
+        summary.update(hf_model=hf_url, export_seconds=time.perf_counter() - t0,
+                       export_peak_rss_delta_mb=rss.peak_delta / 2**20, model_mb=model_bytes / 2**20)
+        _log(rank, f"exported HF checkpoint to {hf_url} in {summary['export_seconds']:.1f}s; writer peak RSS "
+                   f"+{summary['export_peak_rss_delta_mb']:.1f} MiB for a {summary['model_mb']:.1f} MiB model")
+        if rank == 0:
+            metrics.write({"step": step, "event": "export", "hf_model": hf_url,
+                           "export_peak_rss_delta_mb": round(summary["export_peak_rss_delta_mb"], 2),
+                           "model_mb": round(summary["model_mb"], 2)})
+    if metrics is not None:
+        metrics.close()
+    ckpt.close()
+    if rank == 0:
+        with fs.open(posixpath.join(work_root, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return round(float(norm), 6)
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank if any rank saw a stop signal (ranks must checkpoint together)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t)
+    return t.item() > 0

