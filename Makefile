@@ -14,8 +14,14 @@ venv: .venv/.installed
 	$(PIP) install -e '.[dev]'
 	touch $@
 
+# The main job, small: the tiny recipe on 2 CPU processes under torchrun with ZeRO-3, then the
+# exported HF checkpoint is loaded by transformers.
 smoke: venv
-	$(PY) -m moe_train.smoke
+	rm -rf work_dirs/smoke
+	.venv/bin/torchrun --standalone --nproc_per_node 2 -m moe_train.cli train tiny \
+		--deepspeed deepspeed_zero3 --launcher pytorch --work-dir work_dirs/smoke
+	$(PY) -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('work_dirs/smoke/hf_model'); \
+		print('transformers loaded', type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
 
 test: venv
 	$(PY) -m pytest -q -ra

@@ -11,10 +11,6 @@ import click
 from moe_train.plan.command import plan
 from moe_train.recipes import RECIPES, Recipe, get_recipe
 
-# Exit code for "stopped on request with a checkpoint saved" (SIGTERM/SIGUSR1 preemption): not 0,
-# so Slurm requeues / TorchX retries, and the next run resumes with --resume auto.
-EXIT_PREEMPTED = 143
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
@@ -90,7 +86,8 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)
     recipe = recipe.replace(**overrides)
 
-    from moe_train.engine.train import StopRequested, TrainConfig, train as run
+    from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
+    from moe_train.engine.train import TrainConfig, train as run
 
     tc = TrainConfig(recipe=recipe, work_dir=work_dir or f"work_dirs/{recipe.name}",
                      deepspeed=deepspeed or recipe.deepspeed, launcher=launcher, resume=resume,

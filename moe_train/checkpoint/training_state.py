@@ -83,6 +83,10 @@ class CheckpointManager:
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
         tag = f"step-{step:08d}"
         target = posixpath.join(self.root, tag)
+        if self.rank == 0 and self.fs.exists(target):  # a leftover of an earlier run: never half-overwritten
+            self.fs.rm(target, recursive=True)
+        if dist.is_initialized():
+            dist.barrier()
         save_dir = os.path.dirname(target) if self.local else os.path.join(self._staging, "out")
         engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
         if not self.local:

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import posixpath
-import signal
 import tempfile
 import time
 import warnings
@@ -29,6 +28,7 @@ import torch.distributed as dist
 
 from moe_train.checkpoint.hf_layout import copy_tokenizer, open_url, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
+from moe_train.engine.preemption import StopFlag, StopRequested
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moe_train.models.deepseek_v2.model import causal_lm_loss
@@ -119,10 +119,6 @@ def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.d
     load_weights(model, open_source(cfg, model, model_url, seed))
     model.activation_checkpointing = activation_checkpointing
     return model
-
-
-class StopRequested(Exception):
-    pass
 
 
 def train(tc: TrainConfig) -> dict[str, Any]:
@@ -216,13 +212,6 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 
         bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
 
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-
     def micro_batches():
         while True:
             yield from loader
@@ -231,6 +220,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     losses: list[float] = []
     tgs_values: list[float] = []
     engine.train()
+    stop = StopFlag().__enter__()
     try:
         while step < total_steps:
             t0 = time.perf_counter()
@@ -284,16 +274,16 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", tgs=f"{tgs:.0f}")
-            stop_now = _agree(stop["signal"] is not None)
+            stop_now = stop.agreed()
             if (r.save_steps and step % r.save_steps == 0) or stop_now:
                 path = ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
                                                 "recipe": dataclasses.asdict(r)})
                 _log(rank, f"saved checkpoint {path}")
             if stop_now:
-                raise StopRequested(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved")
+                raise StopRequested(f"stop signal at step {step}: checkpoint saved "
+                                    f"{stop.seconds_since():.1f}s after the signal; resume with --resume auto")
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        stop.__exit__()
         if bar is not None:
             bar.close()
 
@@ -329,12 +319,3 @@ def _grad_norm(engine) -> float | None:
     if norm is None:
         return None
     return round(float(norm), 6)
-
-
-def _agree(flag: bool) -> bool:
-    """True on every rank if any rank saw a stop signal (ranks must checkpoint together)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t)
-    return t.item() > 0
