@@ -30,13 +30,16 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
     if not sep or key not in fields or key == "name":
         raise click.BadParameter(f"{item!r}: expected key=value with key one of {sorted(set(fields) - {'name'})}",
                                  param_hint="--cfg-options")
-    current = getattr(recipe, key)
-    if isinstance(current, str) or (current is None and key in ("model", "model_size", "tokenizer")):
-        return key, None if raw in ("None", "null") else raw
+    textual = isinstance(getattr(recipe, key), str) or key in ("model", "model_size", "tokenizer")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        raise click.BadParameter(f"{item!r}: {raw!r} is not a Python literal for {key}", param_hint="--cfg-options")
+        if not textual:
+            raise click.BadParameter(f"{item!r}: {raw!r} is not a Python literal for {key}",
+                                     param_hint="--cfg-options") from None
+        value = raw
+    if textual and value is not None and not isinstance(value, str):
+        value = raw  # e.g. template=deepseek_v2 or a path that happens to parse as a number
     return key, value
 
 
@@ -50,28 +53,34 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "export. Default: work_dirs/RECIPE.")
 @click.option("--model", default=None, help="HF checkpoint directory or fsspec URL (overrides the recipe).")
 @click.option("--data", multiple=True, help="Training data: alpaca JSON/JSONL or messages JSONL, path or URL. Repeatable.")
-@click.option("--max-length", type=int, default=None, help="Tokens per packed sequence.")
+@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per packed sequence.")
 @click.option("--varlen/--no-varlen", default=None, help="Attend only within each packed sample (default) or across "
               "the whole pack (XTuner's classic packing).")
-@click.option("--sp", type=int, default=None, help="Sequence-parallel degree (must divide the world size).")
+@click.option("--sp", type=click.IntRange(min=1), default=None, help="Sequence-parallel degree (must divide the world size).")
 @click.option("--moe-implementation", type=click.Choice(["shard", "origin"]), default=None,
               help="Experts stacked in shards (default) or one module per expert (baseline).")
-@click.option("--expert-in-one-shard", type=int, default=None, help="Experts per shard; must divide the expert count.")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many optimiser steps.")
-@click.option("--epochs", type=int, default=None, help="Passes over the data.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--expert-in-one-shard", type=click.IntRange(min=1), default=None, help="Experts per shard; must divide the expert count.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimiser steps.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate.")
 @click.option("--seed", type=int, default=None, help="Seed for data order and seeded initialisation.")
-@click.option("--save-steps", type=int, default=None, help="Save a training checkpoint every N steps (0: never).")
+@click.option("--save-steps", type=click.IntRange(min=0), default=None, help="Save a training checkpoint every N steps (0: never).")
 @click.option("--resume", default=None, help="'auto' (newest complete checkpoint in the work dir, if any) or a "
               "checkpoint URL.")
-@click.option("--peak-tflops", type=float, default=None, help="Peak TFLOP/s of one device for MFU (default: from "
+@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak TFLOP/s of one device for MFU (default: from "
               "the device table; unknown on CPU).")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. "
               "grad_accum=4 or betas='(0.9,0.95)'. Repeatable.")
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
+@click.option("--preempt-grace", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="Time the scheduler allows between SIGTERM/SIGUSR1 and SIGKILL (Slurm KillWait or GraceTime, "
+              "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout): on a stop signal the "
+              "current step and a checkpoint must fit in it, and the log says when they do not. A second "
+              "identical signal exits at once.")
 def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_length, varlen, sp, moe_implementation,
           expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, peak_tflops, cfg_options,
-          no_export) -> None:
+          no_export, preempt_grace) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
     try:
         recipe = get_recipe(recipe_name)
@@ -91,7 +100,7 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
 
     tc = TrainConfig(recipe=recipe, work_dir=work_dir or f"work_dirs/{recipe.name}",
                      deepspeed=deepspeed or recipe.deepspeed, launcher=launcher, resume=resume,
-                     peak_tflops=peak_tflops, export=not no_export)
+                     peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace)
     from moe_train.engine.distributed import destroy_distributed, hard_exit
 
     code = 0

@@ -30,7 +30,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    """(filesystem, path) for a local path or fsspec URL; credentials come from the environment."""
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ValueError as e:  # fsspec: "Protocol not known: x"
+        raise ValueError(f"{url}: {e}; use a local path or a file://, s3://, gs:// or memory:// URL") from None
+    except ImportError as e:  # the protocol's package is not installed
+        raise ValueError(f"{url}: {str(e).splitlines()[0]}; install moe-train[s3] for s3:// or moe-train[gcs] "
+                         "for gs://") from None
     return fs, root.rstrip("/")
 
 
