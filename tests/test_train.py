@@ -101,15 +101,23 @@ def test_no_varlen_trains(tmp_path):
     assert len(losses) == 3 and all(l == l and l > 0 for l in losses)
 
 
-def test_export_to_s3(tmp_path, s3_server):
-    from moe_train import DeepseekV2ForCausalLM
+def test_s3_work_dir_export_and_no_secret_leaks(tmp_path, s3_server):
+    """Work dir on a real S3-protocol server; credentials only in the environment, never echoed."""
+    import s3fs
 
-    url = f"s3://{s3_server['bucket']}/train-run"
-    env_extra = {"FSSPEC_S3_ENDPOINT_URL": s3_server["endpoint"], "AWS_ACCESS_KEY_ID": "testing",
-                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    from moe_train import DeepseekV2ForCausalLM
     from tests.launch import cpu_env
 
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", url, "--max-steps", "2",
-                    "--save-steps", "2"], tmp_path, env=cpu_env(tmp_path, **env_extra)))
+    secret = "moe-train-secret-7f3a9c1e"
+    url = f"s3://{s3_server['bucket']}/train-run"
+    env = cpu_env(tmp_path, FSSPEC_S3_ENDPOINT_URL=s3_server["endpoint"], AWS_ACCESS_KEY_ID="AKIAMOETRAINTEST",
+                  AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1")
+    proc = check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", url, "--max-steps", "2",
+                           "--save-steps", "2"], tmp_path, env=env))
     model = DeepseekV2ForCausalLM.from_pretrained(f"{url}/hf_model", **s3_server["storage_options"])
     assert model.config.num_hidden_layers == 3
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]})
+    assert fs.exists(f"{url}/checkpoints/step-00000002/COMPLETE")
+    written = fs.cat(f"{url}/metrics.jsonl").decode() + fs.cat(f"{url}/summary.json").decode()
+    for text in (proc.stdout, proc.stderr, written):
+        assert secret not in text and "AKIAMOETRAINTEST" not in text
