@@ -124,6 +124,42 @@ def expected_hf_keys(model: torch.nn.Module) -> dict[str, tuple[Slot, tuple[int,
     return out
 
 
+def _zero3_partition(param: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(local flat partition, its start offset) of a ZeRO-3 partitioned parameter, else None."""
+    ds_tensor = getattr(param, "ds_tensor", None)
+    if ds_tensor is None:
+        return None
+    import torch.distributed as dist
+
+    return ds_tensor, ds_tensor.ds_numel * dist.get_rank(group=param.ds_process_group)
+
+
+@torch.no_grad()
+def load_into(model: torch.nn.Module, source: Any) -> None:
+    """Fill `model` from a tensor source (HFCheckpoint, or anything with weight_map, keys_by_file,
+    shape and read(key, start, end)).  For a ZeRO-3 partitioned model each rank reads only the
+    element range of each tensor that falls in its own partition."""
+    expected = expected_hf_keys(model)
+    check_keys(model.config, expected, source.weight_map, source.url)
+    params = dict(model.named_parameters())
+    for _, keys in source.keys_by_file():
+        for key in keys:
+            slot, shape = expected[key]
+            if tuple(source.shape(key)) != shape:
+                raise ValueError(f"{source.url}: {key} has shape {list(source.shape(key))}, config.json implies "
+                                 f"{list(shape)}; the checkpoint does not match its config")
+            param = params[slot.param]
+            part = _zero3_partition(param)
+            if part is None:
+                slot.view(param.data).copy_(source.read(key))
+                continue
+            local, p_start = part
+            s_start, s_end = slot.flat_range(tuple(param.ds_shape))
+            lo, hi = max(s_start, p_start), min(s_end, p_start + local.numel())
+            if lo < hi:
+                local.data[lo - p_start:hi - p_start].copy_(source.read(key, lo - s_start, hi - s_start))
+
+
 def load_pretrained(cls, url: str, *, moe_implementation: str, expert_in_one_shard: int | None,
                     dtype: torch.dtype, device: str | torch.device, attn_backend: str,
                     storage_options: dict[str, Any]) -> torch.nn.Module:
@@ -133,17 +169,7 @@ def load_pretrained(cls, url: str, *, moe_implementation: str, expert_in_one_sha
     with torch.device("meta"):
         model = cls(cfg, attn_backend=attn_backend)
     model = model.to_empty(device=device).to(dtype)
-    expected = expected_hf_keys(model)
-    check_keys(cfg, expected, ckpt.weight_map, url)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for _, keys in ckpt.keys_by_file():
-            for key in keys:
-                slot, shape = expected[key]
-                if ckpt.shape(key) != shape:
-                    raise ValueError(f"{url}: {key} has shape {list(ckpt.shape(key))}, config.json implies "
-                                     f"{list(shape)}; the checkpoint does not match its config")
-                slot.view(params[slot.param]).copy_(ckpt.read(key))
+    load_into(model, ckpt)
     return model
 
 

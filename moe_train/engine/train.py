@@ -8,6 +8,11 @@ loss of a step is the mean cross entropy over all its trained tokens, wherever t
 DeepSpeed divides each backward by `grad_accum` and averages gradients over ranks, so each
 micro-batch back-propagates CE_sum * dp_size * grad_accum / global_tokens; `global_tokens` is
 one all-reduce per step.  The MoE balance loss is added per micro-batch and averaged the same way.
+
+With ``--sp N`` each rank holds a slice of its group's row and CE_sum is the slice's (labels shifted
+before the split); token counts are divided by N, the group's ranks all reading the same rows.  The
+same formula and DeepSpeed's average over the whole world then stay exact:
+``moe_train/parallel/sequence.py`` says why, and keeps the balance loss exact too.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch.distributed as dist
 
 from moe_train.checkpoint.hf_layout import copy_tokenizer, open_url, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
-from moe_train.engine.preemption import StopFlag, StopRequested
+from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moe_train.models.deepseek_v2.model import causal_lm_loss
@@ -44,6 +49,7 @@ class TrainConfig:
     resume: str | None = None
     peak_tflops: float | None = None
     export: bool = True
+    preempt_grace: float = DEFAULT_GRACE_S  # seconds between a stop signal and SIGKILL
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -103,7 +109,8 @@ def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.d
     """Build the model partitioned from the start under ZeRO-3, then fill its partitions."""
     import deepspeed
 
-    from moe_train.engine.weights import load_weights, open_source
+    from moe_train.checkpoint.hf_layout import load_into
+    from moe_train.engine.weights import open_source
 
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     # dtype comes from the config's bf16 block: an explicit dtype= is ignored on CPU by
@@ -116,7 +123,7 @@ def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.d
         wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
         if wrong:
             raise RuntimeError(f"ZeRO-3 partitions are {wrong}, expected {dtype}; check the bf16 block of the config")
-    load_weights(model, open_source(cfg, model, model_url, seed))
+    load_into(model, open_source(cfg, model, model_url, seed))
     model.activation_checkpointing = activation_checkpointing
     return model
 
@@ -131,6 +138,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config, offloads_optimizer
     from moe_train.engine.distributed import init_distributed
     from moe_train.engine.weights import export_hf
+    from moe_train.parallel import SequenceParallel
 
     r = tc.recipe
     ds_config = load_deepspeed_config(tc.deepspeed)  # bad configs fail before any process group exists
@@ -138,8 +146,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     rank, world = info.rank, info.world_size
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" and r.dtype == "bf16" else torch.float32
-    if r.sp != 1:
-        raise ValueError("--sp > 1 needs sequence parallelism, which this build does not have yet; use --sp 1")
+    # Sequence parallelism: groups of r.sp consecutive ranks share each packed row (raises if r.sp
+    # does not divide the world); see moe_train/parallel/sequence.py.
+    seq = SequenceParallel(r.sp) if r.sp != 1 else None
     torch.manual_seed(r.seed)
 
     fs, work_root = check_work_dir(tc.work_dir, rank)
@@ -163,7 +172,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
     packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
     _log(rank, f"data: {stats}")
-    loader = PackedLoader(packs, dp_rank=rank, dp_size=world, seed=r.seed, shuffle=r.shuffle,
+    loader = PackedLoader(packs, dp_rank=rank // r.sp, dp_size=world // r.sp, seed=r.seed, shuffle=r.shuffle,
                           micro_batch_size=r.micro_batch_size, pad_id=tokenizer.pad_token_id or 0)
     steps_per_epoch = len(loader) // r.grad_accum
     if steps_per_epoch == 0:
@@ -188,6 +197,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, r.warmup_ratio, r.min_lr_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+    if seq is not None:
+        seq.apply(engine.module)
 
     step = 0
     if rank == 0:
@@ -220,7 +231,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     losses: list[float] = []
     tgs_values: list[float] = []
     engine.train()
-    stop = StopFlag().__enter__()
+    stop = StopFlag(tc.preempt_grace).__enter__()
     try:
         while step < total_steps:
             t0 = time.perf_counter()
@@ -229,15 +240,21 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                                    float(sum(b["input_ids"].numel() for b in micro))])
             if dist.is_initialized():
                 dist.all_reduce(counts)
+                counts /= r.sp  # the ranks of a sequence-parallel group hold the same rows
             global_tokens = max(counts[0].item(), 1.0)
             ce_total = torch.zeros(())
             aux_total = torch.zeros(())
             load = None
             lengths: list[int] = []
             for b in micro:
+                if seq is not None:  # this rank's slice of the row, right before its forward
+                    b = seq.shard(b, loader.pad_id)
                 out = engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
                              cu_seqlens=b["cu_seqlens"].to(device))
-                ce_sum = causal_lm_loss(out.logits, b["labels"].to(device), reduction="sum")
+                if seq is None:
+                    ce_sum = causal_lm_loss(out.logits, b["labels"].to(device), reduction="sum")
+                else:  # labels were shifted before the split
+                    ce_sum = seq.loss(out.logits, b["labels"].to(device))
                 loss = ce_sum * (world * r.grad_accum / global_tokens)
                 if out.aux_loss is not None:
                     loss = loss + out.aux_loss
@@ -260,7 +277,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
             losses.append(step_loss)
             tgs_values.append(tgs)
             if rank == 0:
-                flops = step_flops(cfg, lengths) * world  # every rank ran a similar micro-batch mix
+                flops = step_flops(cfg, lengths) * (world // r.sp)  # every SP group ran a similar micro-batch mix
                 record = {
                     "step": step, "loss": round(step_loss, 6), "aux_loss": round(reduced[1].item() / world, 8),
                     "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine), "tgs": round(tgs, 2),
@@ -280,8 +297,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                                                 "recipe": dataclasses.asdict(r)})
                 _log(rank, f"saved checkpoint {path}")
             if stop_now:
-                raise StopRequested(f"stop signal at step {step}: checkpoint saved "
-                                    f"{stop.seconds_since():.1f}s after the signal; resume with --resume auto")
+                raise stop.requested(step)
     finally:
         stop.__exit__()
         if bar is not None:

@@ -1,8 +1,8 @@
 """Moving weights between HF-layout tensor sources and a (possibly ZeRO-3 partitioned) model.
 
-Loading fills each rank's own partition straight from byte ranges of the safetensors files, so
-no rank ever materialises a full parameter, let alone the model.  Exporting gathers one
-parameter at a time and streams it into the HF layout on the writer rank.
+Loading (`load_into`) fills each rank's own partition straight from byte ranges of the
+safetensors files, so no rank ever materialises a full parameter, let alone the model.
+Exporting gathers one parameter at a time and streams it into the HF layout on the writer rank.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_train.checkpoint.hf_layout import HFCheckpoint, HFExportWriter, check_keys, expected_hf_keys
+from moe_train.checkpoint.hf_layout import HFCheckpoint, HFExportWriter, expected_hf_keys, load_into
 from moe_train.checkpoint.safetensors_io import PlannedTensor
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from moe_train.models.deepseek_v2.state_dict_adapter import ours_to_hf
@@ -46,40 +46,6 @@ class SeededInit:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
             full = torch.randn(shape, generator=g) * self.cfg.initializer_range
         return full if start == 0 and end is None else full.reshape(-1)[start:end]
-
-
-def _partition(param: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
-    """(local flat partition, its start, its length) of a ZeRO-3 parameter; None if not partitioned."""
-    ds_tensor = getattr(param, "ds_tensor", None)
-    if ds_tensor is None:
-        return None
-    size = ds_tensor.ds_numel
-    rank = dist.get_rank(group=param.ds_process_group)
-    return ds_tensor, rank * size, size
-
-
-@torch.no_grad()
-def load_weights(model: torch.nn.Module, source: Any) -> None:
-    """Fill `model` (plain or built under deepspeed.zero.Init) from an HFCheckpoint or SeededInit."""
-    expected = expected_hf_keys(model)
-    check_keys(model.config, expected, source.weight_map, source.url)
-    params = dict(model.named_parameters())
-    for _, keys in source.keys_by_file():
-        for key in keys:
-            slot, shape = expected[key]
-            if tuple(source.shape(key)) != shape:
-                raise ValueError(f"{source.url}: {key} has shape {list(source.shape(key))}, config.json implies "
-                                 f"{list(shape)}; the checkpoint does not match its config")
-            param = params[slot.param]
-            part = _partition(param)
-            if part is None:
-                slot.view(param.data).copy_(source.read(key))
-                continue
-            local, p_start, p_len = part
-            s_start, s_end = slot.flat_range(tuple(param.ds_shape))
-            lo, hi = max(s_start, p_start), min(s_end, p_start + p_len)
-            if lo < hi:  # only the bytes of this slot that fall in this rank's partition are read
-                local.data[lo - p_start:hi - p_start].copy_(source.read(key, lo - s_start, hi - s_start))
 
 
 def open_source(cfg: DeepseekV2Config, model: torch.nn.Module, model_url: str | None, seed: int,
