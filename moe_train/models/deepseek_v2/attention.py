@@ -64,23 +64,24 @@ def varlen_attention(
         max_seqlen = T
     elif B != 1:
         raise ValueError(f"cu_seqlens describes one packed row, but the batch has {B} rows; pack into shape (1, T)")
+    # Both kernels want equal q/k/v head dims (MLA has V < D): pad v, drop the padding after.
+    v_pad = F.pad(v_BTHV, (0, D - V)) if V < D else v_BTHV
     if resolve_backend(backend, q_BTHD.device) == "flash":
-        # flash-attn needs equal q/k/v head dims: pad v, then drop the padding from the output.
-        v_pad = F.pad(v_BTHV, (0, D - V)) if V < D else v_BTHV
         out = flash_attn_varlen_func(
-            q_BTHD.reshape(B * T, H, D), k_BTHD.reshape(B * T, H, D), v_pad.reshape(B * T, H, -1),
+            q_BTHD.reshape(B * T, H, D), k_BTHD.reshape(B * T, H, D), v_pad.reshape(B * T, H, D),
             cu_seqlens, cu_seqlens, max_seqlen or T, max_seqlen or T, softmax_scale=scale, causal=True,
         )
         return out[..., :V].reshape(B, T, H, V)
-    # Exact fallback: causal SDPA on each sample (no T x T mask across samples is ever built).
-    q, k, v = (t.reshape(B * T, H, -1).transpose(0, 1) for t in (q_BTHD, k_BTHD, v_BTHV))  # (H, B*T, .)
+    # Exact fallback: causal SDPA on each sample (no T x T mask across samples is ever built);
+    # 4-D inputs with equal head dims let SDPA pick its flash kernel on CPU instead of the math path.
+    q, k, v = (t.reshape(B * T, H, D).transpose(0, 1)[None] for t in (q_BTHD, k_BTHD, v_pad))  # (1, H, B*T, D)
     bounds = cu_seqlens.tolist()
     outs = [
-        F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=scale)
+        F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, scale=scale)
         for s, e in zip(bounds[:-1], bounds[1:])
         if e > s
     ]
-    return torch.cat(outs, dim=1).transpose(0, 1).reshape(B, T, H, V)
+    return torch.cat(outs, dim=2)[0, ..., :V].transpose(0, 1).reshape(B, T, H, V)
 
 
 class MLAttention(nn.Module):
