@@ -173,7 +173,7 @@ def build_plan(
     work = Workload(
         max_length=recipe.max_length, micro_batch_size=recipe.micro_batch_size, varlen=recipe.varlen,
         attention=attention, activation_checkpointing=recipe.activation_checkpointing,
-        dtype="bf16", sp=recipe.sp, device="cuda",
+        dtype=recipe.dtype, sp=recipe.sp, device="cuda",  # the trainer runs fp32 recipes (tiny) in fp32 on GPU too
     )
     dev = DEVICES[device]
     mem = predict_memory(cfg, work, zero, gpus)

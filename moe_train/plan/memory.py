@@ -5,12 +5,21 @@ sequence/precision settings, the ZeRO settings and the world size, so a measured
 held against it.  It returns the bytes live in three phases of a step and takes the largest:
 
 * ``loss``: end of the forward / start of the backward.  Checkpointed layer inputs (or, without
-  activation checkpointing, every layer's saved tensors), the logits and their fp32 loss
-  tensors, the gathered ``lm_head``.
-* ``layer``: the backward of one MoE layer.  With activation checkpointing the layer is
-  recomputed, so its saved tensors, the MoE dispatch buffers and the gradients in flight sit on
-  top of the checkpoints; ZeRO-3 holds that layer's gathered weights and their full-size grads.
-* ``step``: the optimizer step (fp32 gradient copy of one ZeRO sub-group).
+  activation checkpointing, every tensor the layers save for backward), the logits and their
+  fp32 loss tensors, and the ZeRO-3 parameters still gathered.
+* ``layer``: the backward of the top MoE layer.  With activation checkpointing the layer is
+  recomputed, so its saved tensors sit on top of the checkpoints; ZeRO-3 holds the gathered
+  weights and the full-size grads in flight.
+* ``step``: the optimizer step: the flattened gradient of one ZeRO sub-group and the AdamW
+  temporaries, on top of the model states.
+
+Every term counts tensors the code allocates, from first principles: the model states as
+DeepSpeed 0.19 lays them out, the tensors autograd saves for each op of our model code, and
+DeepSpeed's gather/release schedule replayed over the module trace of a step.  On CPU the fp32
+run is held against a real 2-rank ZeRO-3 run (``tests/test_plan.py``): the prediction is of the
+memory above the process's baseline once torch and DeepSpeed are imported, which RSS follows
+when glibc hands freed blocks back (MALLOC_MMAP_THRESHOLD_ pinned; its default dynamic threshold
+keeps freed tensors of up to 32 MiB in the heap, +50% RSS there).
 
 Symbols: T tokens per rank (micro_batch * max_length / sp), S max_length, D hidden, H heads,
 V vocabulary, L layers, E routed experts, K experts per token, F moe_intermediate_size,
@@ -42,17 +51,24 @@ class Workload:
     max_length: int
     micro_batch_size: int = 1
     varlen: bool = True
-    attention: str = "flash"  # flash | sdpa: no S x S tensor; eager: HF's S x S scores + 4D mask
+    # flash: flash-attn's varlen kernel; sdpa: torch's scaled_dot_product_attention on each packed
+    # sample (4-D inputs, v padded: its flash kernel on CPU); neither keeps an S x S tensor.
+    # eager: HF's S x S scores + 4D mask.
+    attention: str = "flash"
     activation_checkpointing: bool = True
     dtype: str = "bf16"  # compute dtype; fp32 means no bf16 copies (the CPU run)
     sp: int = 1  # sequence-parallel degree (Ulysses: each rank holds S/sp tokens, H/sp heads in attention)
-    device: str = "cuda"  # cuda | cpu (cpu: no CUDA context, NCCL buffers or allocator margin)
+    # cuda | cpu.  cpu: no CUDA context, NCCL buffers or allocator margin, and torch's AdamW takes its
+    # single-tensor path (foreach kernels are CUDA-only), which holds two temporaries per step.
+    device: str = "cuda"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention={self.attention!r} is unknown; use one of {list(ATTENTIONS)}")
         if self.dtype not in DTYPE_BYTES:
             raise ValueError(f"dtype={self.dtype!r} is unknown; use one of {list(DTYPE_BYTES)}")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device={self.device!r} is unknown; use 'cuda' or 'cpu'")
         if self.attention == "eager" and self.varlen:
             raise ValueError("eager attention takes a 4D mask, not cu_seqlens: use --no-varlen, or flash/sdpa")
         tokens = self.max_length * self.micro_batch_size
@@ -180,123 +196,152 @@ def active_matmul_params(cfg: DeepseekV2Config) -> int:
 
 # ---------------------------------------------------------------------------- ZeRO-3 working set
 def simulate_gathers(trace: list[Unit], zero: ZeroSettings) -> list[int]:
-    """Gathered numel live at each step of a module trace, following DeepSpeed's coordinator.
+    """Gathered numel live at each step of a module trace, following DeepSpeed's coordinator
+    once it has recorded the trace of a step.
 
-    At each step the module's parameters are gathered; then the next modules in the trace are
-    prefetched while the numel in flight is below min(prefetch bucket, max live - available)
-    (so at least one module when there is room); after use, parameters are released unless the
-    same module comes back within ``max_reuse_distance`` numel of trace.  Units below the
-    persistence threshold never leave the rank and are not part of the trace.
+    At each step the module's parameters are gathered; then entries are taken off the front of
+    the queue of upcoming trace entries, and gathered if not live, while the numel prefetched is
+    below min(prefetch bucket, max live - numel live), so at least one module when there is room.
+    After use a module is released unless it comes back within ``max_reuse_distance`` numel of
+    trace, or the prefetch queue has already passed its next use.  Units below the persistence
+    threshold never leave the rank and are not part of the trace.
     """
+    n = len(trace)
+    prefix = [0]
+    for u in trace:
+        prefix.append(prefix[-1] + u.numel)
+    next_use, seen = [n] * n, {}
+    for i in range(n - 1, -1, -1):
+        next_use[i] = seen.get(trace[i].name, n)
+        seen[trace[i].name] = i
     live: dict[str, int] = {}
+    total, queue = 0, 0
+    passed: dict[str, int] = {}  # unit -> latest trace position the prefetch queue took it off for
     out = []
     for step, unit in enumerate(trace):
-        live[unit.name] = unit.numel
-        budget = min(zero.prefetch_bucket_size, zero.max_live_parameters - sum(live.values()))
-        fetched, j = 0, step + 1
-        while j < len(trace) and fetched < budget:
-            if trace[j].name not in live:
-                live[trace[j].name] = trace[j].numel
-                fetched += trace[j].numel
-            j += 1
-        out.append(sum(live.values()))
-        traversed, reused = 0, False
-        for later in trace[step + 1:]:
-            if traversed >= zero.max_reuse_distance:
-                break
-            if later.name == unit.name:
-                reused = True
-                break
-            traversed += later.numel
-        if not reused:
-            del live[unit.name]
+        if unit.name not in live:
+            live[unit.name] = unit.numel
+            total += unit.numel
+        queue = max(queue, step + 1)
+        budget = min(zero.prefetch_bucket_size, zero.max_live_parameters - total)
+        fetched = 0
+        while queue < n and fetched < budget:
+            ahead = trace[queue]
+            passed[ahead.name] = queue
+            if ahead.name not in live:
+                live[ahead.name] = ahead.numel
+                total += ahead.numel
+                fetched += ahead.numel
+            queue += 1
+        out.append(total)
+        reuse = next_use[step]
+        if reuse < n and prefix[reuse] - prefix[step + 1] < zero.max_reuse_distance:
+            continue
+        if passed.get(unit.name, -1) <= step:
+            total -= live.pop(unit.name)
     return out
 
 
 def _gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> dict[str, dict[str, int]]:
-    """Peak gathered parameter numel and full-size gradient numel around the loss and in a MoE layer."""
-    _, layers, head = model_units(cfg)
+    """Peak gathered parameter numel around the loss and in the backward of the top layer, and the
+    largest full-size gradient in flight there, replaying the module trace of a whole step: the
+    forward, lm_head's backward, then each layer's backward from the top (a recompute of the layer
+    first with activation checkpointing), the embedding last.  With a reuse distance larger than
+    the model, every weight gathered in the forward stays gathered until its backward."""
+    embed, layers, head = model_units(cfg)
 
-    def trace_of(units: list[Unit], tag: str) -> list[Unit]:
+    def traced(units: list[Unit], tag: str) -> list[Unit]:
         return [Unit(f"{tag}.{u.name}", u.numel) for u in units if u.numel >= zero.param_persistence_threshold]
 
-    # The last two layers (MoE layers in every named size) and the head.
-    top, below = trace_of(layers[-1], "top"), trace_of(layers[max(len(layers) - 2, 0)], "below")
-    lm = trace_of(head, "head")
-    if work.activation_checkpointing:  # backward of a layer = recompute forward, then reverse
-        bwd_top, bwd_below = top + top[::-1], below + below[::-1]
-    else:
-        bwd_top, bwd_below = top[::-1], below[::-1]
-    trace = top + lm + lm[::-1] + bwd_top + bwd_below
+    emb, lm = traced([embed], "embed"), traced(head, "head")
+    per_layer = [traced(layer, str(i)) for i, layer in enumerate(layers)]
+    backward = [layer + layer[::-1] if work.activation_checkpointing else layer[::-1] for layer in per_layer]
+    trace = emb + [u for layer in per_layer for u in layer] + lm
+    loss = slice(len(trace) - len(lm), len(trace) + len(lm))
+    trace += lm[::-1]
+    top = slice(len(trace), len(trace) + len(backward[-1]))
+    trace += [u for layer in backward[::-1] for u in layer] + emb
     live = simulate_gathers(trace, zero)
-    n0 = len(top)
-    n1 = n0 + 2 * len(lm)
-    loss_params = max(live[n0:n1], default=0)
-    layer_params = max(live[n1:n1 + len(bwd_top)], default=0)
     return {
-        "loss": {"params": loss_params, "grads": max((u.numel for u in lm), default=0)},
-        "layer": {"params": layer_params, "grads": max((u.numel for u in top), default=0)},
+        "loss": {"params": max(live[loss], default=0), "grads": max((u.numel for u in lm), default=0)},
+        "layer": {"params": max(live[top], default=0), "grads": max((u.numel for u in per_layer[-1]), default=0)},
     }
 
 
 # ---------------------------------------------------------------------------- activations
 def _norm_bytes(n: int, b: int) -> int:
-    """RMSNorm saves its fp32 upcast (free when already fp32) and the normalised output."""
-    return n * (b + (4 if b < 4 else 0))
+    """RMSNorm over n saves its fp32 input (the input itself in an fp32 run, else an upcast copy),
+    the normalised input in the compute dtype and the fp32 rsqrt: bytes per token."""
+    return n * (4 + b) + 4
 
 
 def layer_activations(cfg: DeepseekV2Config, work: Workload, moe: bool) -> dict[str, float]:
-    """Bytes one decoder layer saves for backward on one rank, by part, plus its largest tensor.
+    """Bytes one decoder layer saves for backward on one rank, by part, and its backward transients.
 
-    attention (MLA): norm(D) + q path + kv path + the q/k concatenations (H*(N+R) each), v
-    (padded to N+R for flash) and the attention output (twice: kernel output and the contiguous
-    o_proj input).  eager additionally saves the softmax in fp32 and its cast: T*H*S scores.
-    sdpa keeps 3 outputs of H*v_head_dim (per-sample kernel outputs, their concatenation, the
-    o_proj input).  dense MLP: norm(D) + 4*I (gate, up, silu, product).  MoE ``mlp``: norm(D),
-    the fp32 router (upcast D, scores/masked scores/top-k ~ 3E), per assignment 4F (gate_up,
-    silu, product), the shared experts 4*F*n_shared; ``moe_dispatch``: per assignment 2D (the
-    gathered input and the expert output) and the sort/index tensors.  ``largest`` is the biggest
-    single tensor (the fp32 weighted expert output for DeepSeek V2), used for backward transients.
+    Counted op by op from our model code: autograd keeps only what a backward needs, and a tensor
+    kept by several ops counts once.  Per token:
+
+    ``attention``: the input norm and its output (the q_a/kv_a or q_proj input); with q_lora the
+    q_a output's norm and the q_b input; the kv_a output's norm (in fp32 its saved input is the
+    whole kv_a output, rope part included) and the kv_b input; the o_proj input H*Vd.  The rope
+    rotation keeps only cos/sin (shared by the layers), the q/k concatenations nothing.  Then the
+    kernel (flash-attn, or SDPA's flash kernel) keeps q, k, v padded to qk and its padded output
+    (4*H*qk) and the fp32 logsumexp; eager keeps q, k, the kv_b output and HF's fp32 softmax and its
+    cast to the compute dtype (``attention_scores``).
+    ``mlp`` (MoE): the post-attention norm and its output, the router's fp32 upcast of it (none
+    in fp32), its softmax and top-k bookkeeping; per assignment 4F (gate_up output, silu,
+    product); the shared experts 4*F*n_shared.  ``moe_dispatch``: per assignment the gathered
+    input, the expert output and its weighted cast (3D), two int64 indices, the fp32 weight.
+    ``mlp`` (dense): the norm and its output, 4*I (gate, silu, up, product).
+    ``mlp_grad_transients``: the MLP backward's two largest gradients at once (the fp32 weighted
+    expert output, gate_up); ``attention_grad_transients``: the attention kernel's dq, dk, dv and,
+    for eager, the fp32 S x S gradients of the softmax.
     """
     b, T, S = work.bytes, work.tokens_per_rank, work.max_length
     D, H = cfg.hidden_size, cfg.num_attention_heads
-    qk, R, N, Vd = cfg.qk_head_dim, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
-    f32 = 4 if b < 4 else 0  # bytes of an extra fp32 copy; zero when the run is fp32 already
+    qk, R, N, Vd, C = cfg.qk_head_dim, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
 
-    attn = _norm_bytes(D, b) + _norm_bytes(cfg.kv_lora_rank, b) + (cfg.kv_lora_rank + R) * b
-    if cfg.q_lora_rank is None:
-        attn += H * qk * b
-    else:
-        attn += _norm_bytes(cfg.q_lora_rank, b) + H * qk * b
-    attn += H * (N + Vd) * b  # kv_b output (v is a view of it)
-    attn += 2 * H * qk * b + 2 * H * R * b  # q and k concatenations, rotated rope parts
-    v_out = qk if work.attention == "flash" else Vd
-    attn += H * (v_out * b + v_out * b + Vd * b) + H * 4  # (padded v,) kernel output, o_proj input, lse
-    scores = 0.0
-    scores_grad = 0.0
-    if work.attention == "eager":
-        per_token_scores = H * S  # a rank's T tokens x H heads x S keys (Ulysses sp trades T*sp for H/sp)
-        scores = per_token_scores * (4 + (b if b < 4 else 0))  # fp32 softmax + its cast to the compute dtype
-        scores_grad = per_token_scores * 8  # fp32 gradient in and out of the softmax backward
+    attn = _norm_bytes(D, b) + D * b
+    if cfg.q_lora_rank is not None:
+        attn += _norm_bytes(cfg.q_lora_rank, b) + cfg.q_lora_rank * b
+    attn += _norm_bytes(C, b) + (R * 4 if b == 4 else 0) + C * b
+    attn += H * Vd * b
+    scores = scores_grad = 0.0
+    if work.attention in ("flash", "sdpa"):
+        attn += 4 * H * qk * b + H * 4
+    else:  # HF eager: fp32 softmax and its cast; fp32 gradients.  Ulysses sp: a rank's T tokens x
+        # H heads x S keys (sp trades T*sp for H/sp).
+        attn += 2 * H * qk * b + H * (N + Vd) * b
+        scores, scores_grad = H * S * (4 + (b if b < 4 else 0)), H * S * 8
+    attention_transients = scores_grad + 3 * H * qk * b
 
     if moe:
         K, F_, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
-        Fs = F_ * (cfg.n_shared_experts or 0)
-        mlp = _norm_bytes(D, b) + D * f32 + 3 * E * 4 + K * 12 + K * 4 * F_ * b + 4 * Fs * b
-        dispatch = K * (2 * D * b + 3 * 8)  # gathered input, expert output, sort/index tensors
-        largest = max(K * D * 4, K * 2 * F_ * b, H * qk * b)  # fp32 weighted expert output, gate_up, q
+        router = (D * 4 if b < 4 else 0) + E * 4 + E + K * 8
+        if cfg.topk_method == "group_limited_greedy":
+            router += cfg.n_group * 4 + cfg.topk_group * 8
+        mlp = _norm_bytes(D, b) + D * b + router + K * 4 * F_ * b + 4 * F_ * (cfg.n_shared_experts or 0) * b
+        dispatch = K * (3 * D * b + 2 * 8 + 4)
+        mlp_transients = 2 * max(K * D * 4, K * 2 * F_ * b)
     else:
-        mlp = _norm_bytes(D, b) + 4 * cfg.intermediate_size * b
+        mlp = _norm_bytes(D, b) + D * b + 4 * cfg.intermediate_size * b
         dispatch = 0
-        largest = max(cfg.intermediate_size * b, H * qk * b)
+        mlp_transients = 2 * cfg.intermediate_size * b
     return {
         "attention": attn * T,
         "attention_scores": scores * T,
-        "attention_scores_grad": scores_grad * T,
         "mlp": mlp * T,
         "moe_dispatch": dispatch * T,
-        "largest": largest * T,
+        "mlp_grad_transients": mlp_transients * T,
+        "attention_grad_transients": attention_transients * T,
     }
+
+
+def head_activations(cfg: DeepseekV2Config, work: Workload) -> float:
+    """Outside the layers: the final norm and the lm_head input, the embedding's int64 indices and
+    the fp32 rope cos/sin shared by the layers."""
+    D, b = cfg.hidden_size, work.bytes
+    return work.tokens_per_rank * (_norm_bytes(D, b) + D * b + 8 + cfg.qk_rope_head_dim * 4)
 
 
 def attention_mask_bytes(work: Workload) -> float:
@@ -356,22 +401,28 @@ def predict_memory(model: DeepseekV2Config, work: Workload, zero: ZeroSettings, 
     persistent = sum(u.numel for u in all_units if u.numel < zero.param_persistence_threshold) if zero.stage >= 3 else 0
     N = world_size
 
-    # Model states: the low-precision (or fp32) weights and grads, and the fp32 Adam states
-    # (master copy + m + v in mixed precision; m + v when training in fp32).
-    optim_per_param = 12 if b < 4 else 8
-    params = (P - persistent) * b / N + persistent * b if zero.stage >= 3 else P * b
+    # Model states.  The weights (ZeRO-3: a partition, plus the whole of each persistent
+    # parameter) and a flat gradient partition in the compute dtype; the optimizer's fp32 master
+    # partition and Adam's m and v.  DeepSpeed keeps the master copy even when the weights are
+    # fp32 (stage 1/2 clone it; stage 3 compares a torch.device with a device name, never equal).
+    optim_per_param = 12 if zero.stage >= 1 or b < 4 else 8
+    params = P * b / N + persistent * b if zero.stage >= 3 else P * b
     grads = P * b / N if zero.stage >= 2 else P * b
     optim = P * optim_per_param / N if zero.stage >= 1 else P * optim_per_param
     cpu = 0.0
     if zero.offload_param and zero.stage >= 3:
-        cpu += (P - persistent) * b / N
+        cpu += P * b / N
         params = persistent * b
     if zero.offload_optimizer:
         cpu += optim + P * 4 / N  # fp32 grads live with the optimizer on the host
         optim, grads = 0.0, 0.0
     static = {"params": params, "grads": grads, "optimizer_states": optim}
+    if zero.stage >= 3:  # the contiguous-gradients bucket, allocated once
+        static["reduce_bucket"] = zero.reduce_bucket_size * b
 
-    # Activations.
+    # Activations: all layers' saved tensors (or their checkpointed inputs) until the loss; in
+    # the backward of the top layer the head's are freed, and the MLP backward runs before the
+    # attention backward, whose S x S gradients replace the MLP tensors it has freed.
     L = model.num_hidden_layers
     T = work.tokens_per_rank
     acts = [layer_activations(model, work, model.is_moe_layer(i)) for i in range(L)]
@@ -381,38 +432,40 @@ def predict_memory(model: DeepseekV2Config, work: Workload, zero: ZeroSettings, 
         return a["attention"] + a["attention_scores"] + a["mlp"] + a["moe_dispatch"]
 
     if work.activation_checkpointing:
-        kept = (L + 1) * T * model.hidden_size * b  # layer inputs (+ the final norm input)
+        kept = L * T * model.hidden_size * b  # each layer's input
         recompute = {"layer_recompute": top["attention"] + top["mlp"], "attention_scores": top["attention_scores"],
                      "moe_dispatch": top["moe_dispatch"]}
     else:
         kept = sum(saved(a) for a in acts)
         recompute = {}
-    in_flight = {"backward_transients": 2 * top["largest"] + top["attention_scores_grad"]}
+    in_flight = {"backward_transients": max(top["mlp_grad_transients"],
+                                            top["attention_grad_transients"] - top["mlp"] - top["moe_dispatch"])}
 
-    # ZeRO-3 gathered weights and their full-size gradients (plus the reduce bucket).
+    # ZeRO-3: the gathered weights and the full-size gradient in flight.
     if zero.stage >= 3:
         g = _gathered(model, work, zero)
-        bucket = zero.reduce_bucket_size * b
-        gathered_loss = {"gathered_params": g["loss"]["params"] * b, "gathered_grads": g["loss"]["grads"] * b + bucket}
-        gathered_layer = {"gathered_params": g["layer"]["params"] * b,
-                          "gathered_grads": g["layer"]["grads"] * b + bucket}
+        gathered_loss = {"gathered_params": g["loss"]["params"] * b, "gathered_grads": g["loss"]["grads"] * b}
+        gathered_layer = {"gathered_params": g["layer"]["params"] * b, "gathered_grads": g["layer"]["grads"] * b}
     else:
         gathered_loss = gathered_layer = {}
 
     mask = attention_mask_bytes(work)
     act_key = "checkpointed_inputs" if work.activation_checkpointing else "saved_activations"
     phases = {
-        "loss": {**static, **gathered_loss, act_key: kept, "attention_mask": mask,
+        "loss": {**static, **gathered_loss, act_key: kept + head_activations(model, work), "attention_mask": mask,
                  "logits": logits_bytes(model, work)},
         "layer": {**static, **gathered_layer, act_key: kept, "attention_mask": mask, **recompute, **in_flight},
         "step": {**static},
     }
-    # Optimizer step: the fp32 gradient of one sub-group (ZeRO-3) or partition (ZeRO-1/2) made
-    # from the low-precision gradients; an fp32 run updates in place.
-    if b < 4 and not zero.offload_optimizer:
+    # Optimizer step, one ZeRO sub-group (ZeRO-3) or partition (ZeRO-1/2) at a time: its
+    # gradients flattened into one fp32 tensor, and torch AdamW's temporaries for the update
+    # denominator: one with the CUDA foreach kernels, two on CPU's single-tensor path
+    # (exp_avg_sq.sqrt() and its quotient are live together).
+    if not zero.offload_optimizer:
         partition = P / N if zero.stage >= 1 else P
         group = min(zero.sub_group_size, partition) if zero.stage >= 3 else partition
         phases["step"]["fp32_grad_copy"] = group * 4
+        phases["step"]["adam_temporaries"] = group * 4 * (2 if work.device == "cpu" else 1)
     if work.device == "cuda":
         for terms in phases.values():
             terms["fragmentation"] = FRAGMENTATION * sum(terms.values())
