@@ -98,7 +98,9 @@ SlurmctldPort={PORTS["slurmctld"]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+# cred_expire also sets how long a requeued job waits before it may start again (120 s by default):
+# 10 s, so that a job requeued after preemption or by TorchX's max_retries restarts at once
+AuthInfo=socket={munge_socket},cred_expire=10
 CredType=cred/munge
 StateSaveLocation={STATE}/slurmctld
 SlurmctldPidFile={STATE}/slurmctld/slurmctld.pid
@@ -113,8 +115,9 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 MailProg=/bin/true
 SchedulerType=sched/backfill
-# start a heterogeneous job as soon as every component fits, checked every second
-SchedulerParameters=bf_interval=1,bf_hetjob_immediate
+# start a heterogeneous job as soon as every component fits, checked every second; the main loop
+# also every 2 s (60 by default), which is what starts a requeued job once it is eligible again
+SchedulerParameters=bf_interval=1,bf_hetjob_immediate,sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 # both nodes share this machine's CPUs and memory
