@@ -120,7 +120,10 @@ def _torchrun_app(
     nnodes = f"{min_nodes}:{max_nodes}" if min_nodes != max_nodes else str(max_nodes)
     # Unquoted on purpose: macros are filled in by the scheduler, the $ expressions by bash on the node.
     rdzv = f"--rdzv-backend c10d --rdzv-id {macros.app_id} --rdzv-endpoint {endpoint} --rdzv-conf is_host={is_host}"
-    command = f"torchrun --nnodes {nnodes} --nproc-per-node {nproc} {rdzv} --tee 3 --no-python {shlex.join(trainer)}"
+    # SIGUSR1 too (`sbatch --signal=USR1@120`): torchrun forwards it to the ranks, which save and exit.
+    signals = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    command = (f"torchrun --nnodes {nnodes} --nproc-per-node {nproc} {rdzv} {signals} --tee 3 "
+               f"--no-python {shlex.join(trainer)}")
     return specs.AppDef(
         name=name,
         roles=[

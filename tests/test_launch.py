@@ -112,7 +112,7 @@ def test_slurm_dryrun_deepseek_v2_full():
         assert replica.args == ["-c", (
             "torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d --rdzv-id ${app_id}"
             " --rdzv-endpoint ${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500"
-            f" --rdzv-conf is_host=$(({i} == 0)) --tee 3 --no-python"
+            f" --rdzv-conf is_host=$(({i} == 0)) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --tee 3 --no-python"
             " moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch --deepspeed deepspeed_zero3"
             " --resume auto"
         )]

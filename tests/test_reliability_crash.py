@@ -83,11 +83,6 @@ def start(work: Path, tmp: Path, name: str, torchrun_args=(), freeze=(), args=AR
         (hook_dir / "sitecustomize.py").write_text(FREEZE_HOOK)
         env["PYTHONPATH"] = os.pathsep.join(p for p in [str(hook_dir), env.get("PYTHONPATH", "")] if p)
         env["MOE_TEST_FREEZE"] = json.dumps(list(freeze))
-    # torchrun keeps one TCPStore for the workers across restart rounds (with either rendezvous), and
-    # the process group's keys carry no round: a restarted rank can read the dead rank's gloo address
-    # and fail with "Connection refused" (2 restarts in 3 here).  This makes rank 0 host a fresh
-    # store on a fresh port each round.
-    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *torchrun_args,
            "-m", "moe_train.cli", "train", *args, "--work-dir", str(work), "--launcher", "pytorch"]

@@ -107,6 +107,7 @@ class CheckpointManager:
     def _prune(self) -> None:
         complete = [path for _, path, done in self._steps() if done]
         for path in complete[:-self.keep] if self.keep > 0 else []:
+            self.fs.rm(posixpath.join(path, COMPLETE))  # first, so a crash mid-delete leaves it incomplete
             self.fs.rm(path, recursive=True)
 
     def load(self, engine: Any, path: str) -> dict[str, Any]:

@@ -228,6 +228,14 @@ def init_distributed(launcher: str, timeout: timedelta = DEFAULT_TIMEOUT) -> Dis
         kwargs["device_id"] = device
     if launcher == "none":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun hosts one store for all restart rounds, and the process group's keys carry no
+        # round: after `--max-restarts` a new rank can read a dead rank's gloo/nccl address and
+        # fail with "Connection refused".  Keying our group by the round closes that.
+        store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+        store = dist.PrefixStore(f"moe-train/round-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                **kwargs)
     else:
         dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                                 timeout=timeout, **kwargs)
