@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import posixpath
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,7 +50,6 @@ class TrainConfig:
     export: bool = True
     preempt_grace: float = DEFAULT_GRACE_S  # seconds between a stop signal and SIGKILL
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _log(rank: int, msg: str) -> None:
@@ -119,7 +117,7 @@ def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.d
         model = DeepseekV2ForCausalLM(cfg)
     if not zero3:
         model = model.to(device=device, dtype=dtype)
-    if zero3:
+    else:
         wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
         if wrong:
             raise RuntimeError(f"ZeRO-3 partitions are {wrong}, expected {dtype}; check the bf16 block of the config")
@@ -128,16 +126,39 @@ def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.d
     return model
 
 
-def train(tc: TrainConfig) -> dict[str, Any]:
-    """Run a training job; returns a summary (losses, tokens/s, paths)."""
-    # DeepSpeed calls c10d functions that torch deprecates, once per collective.
-    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+@dataclass
+class Job:
+    """What the loop needs, built once by `setup`."""
+
+    tc: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    cfg: DeepseekV2Config
+    engine: Any
+    scheduler: Any
+    loader: Any
+    seq: Any  # SequenceParallel, or None for --sp 1
+    ckpt: CheckpointManager
+    fs: Any
+    work_root: str
+    tokenizer_dir: str
+    step: int
+    total_steps: int
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.tc.recipe
+
+
+def setup(tc: TrainConfig) -> Job:
+    """Process group, data, model (partitioned from the start), DeepSpeed engine, resume."""
     import deepspeed
+    from transformers import AutoTokenizer
 
     from moe_train.data import PackedLoader, build_packed_dataset
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config, offloads_optimizer
     from moe_train.engine.distributed import init_distributed
-    from moe_train.engine.weights import export_hf
     from moe_train.parallel import SequenceParallel
 
     r = tc.recipe
@@ -146,28 +167,18 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     rank, world = info.rank, info.world_size
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" and r.dtype == "bf16" else torch.float32
-    # Sequence parallelism: groups of r.sp consecutive ranks share each packed row (raises if r.sp
-    # does not divide the world); see moe_train/parallel/sequence.py.
+    # Groups of r.sp consecutive ranks share each packed row (raises if r.sp does not divide the world).
     seq = SequenceParallel(r.sp) if r.sp != 1 else None
     torch.manual_seed(r.seed)
 
     fs, work_root = check_work_dir(tc.work_dir, rank)
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
     resume_path = ckpt.resolve(tc.resume)
-    if tc.resume and tc.resume != "auto" and resume_path is None:
-        raise ValueError(f"--resume {tc.resume} has no complete checkpoint")
 
-    # -------------------------------------------------------------- model config + data
-    model_url = r.model
-    if model_url is not None:
-        cfg = read_config(model_url, moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
-    else:
-        cfg = DeepseekV2Config.from_name(r.model_size, moe_implementation=r.moe_implementation,
-                                         expert_in_one_shard=r.expert_in_one_shard)
-    tok_dir = local_tokenizer_dir(r, model_url)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
+    cfg = read_config(r.model, **layout) if r.model else DeepseekV2Config.from_name(r.model_size, **layout)
+    tokenizer_dir = local_tokenizer_dir(r, r.model)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if not r.data:
         raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
     packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
@@ -183,10 +194,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     schedule_steps = steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
 
-    # -------------------------------------------------------------- engine
     ds_config = fill_auto(ds_config, micro_batch_size=1, grad_accum=r.grad_accum, world_size=world,
                           grad_clip=r.max_grad_norm, bf16=dtype == torch.bfloat16, hidden_size=cfg.hidden_size)
-    model = build_model(cfg, ds_config, dtype, device, model_url, r.seed, r.activation_checkpointing)
+    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing)
     if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -195,143 +205,157 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, r.warmup_ratio, r.min_lr_ratio))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
     if seq is not None:
         seq.apply(engine.module)
 
-    step = 0
     if rank == 0:
         for path in ckpt.remove_incomplete():
             _log(rank, f"removed incomplete checkpoint {path}")
-    if dist.is_initialized():
-        dist.barrier()
+    dist.barrier()
+    step = 0
     if resume_path:
         state = ckpt.load(engine, resume_path)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step = state["step"]
         _log(rank, f"resumed from {resume_path} at step {step}")
+    return Job(tc, rank, world, device, cfg, engine, scheduler, loader, seq, ckpt, fs, work_root, tokenizer_dir,
+               step, total_steps)
 
-    # -------------------------------------------------------------- loop
-    metrics = MetricsWriter(fs, posixpath.join(work_root, "metrics.jsonl"), posixpath.join(work_root, "tb")
-                            if rank == 0 and fs.protocol in ("file", ("file", "local")) else None) if rank == 0 else None
+
+def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
+    """One optimiser step over `grad_accum` micro-batches; returns the step's global figures."""
+    r, engine, device, seq = job.recipe, job.engine, job.device, job.seq
+    t0 = time.perf_counter()
+    counts = torch.tensor([float(sum(b["num_loss_tokens"] for b in micro)),
+                           float(sum(b["input_ids"].numel() for b in micro))])
+    dist.all_reduce(counts)
+    counts /= r.sp  # the ranks of a sequence-parallel group hold the same rows
+    global_tokens = max(counts[0].item(), 1.0)
+    ce_total, aux_total = torch.zeros(()), torch.zeros(())
+    load = None
+    lengths: list[int] = []
+    for b in micro:
+        if seq is not None:  # this rank's slice of the row, right before its forward (the MoE hooks read it)
+            b = seq.shard(b, job.loader.pad_id)
+        out = engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                     cu_seqlens=b["cu_seqlens"].to(device))
+        labels = b["labels"].to(device)
+        ce_sum = causal_lm_loss(out.logits, labels, reduction="sum") if seq is None else seq.loss(out.logits, labels)
+        loss = ce_sum * (job.world * r.grad_accum / global_tokens)
+        if out.aux_loss is not None:
+            loss = loss + out.aux_loss
+            aux_total += out.aux_loss.detach().float().cpu() / r.grad_accum
+        engine.backward(loss)
+        engine.step()
+        ce_total += ce_sum.detach().float().cpu()
+        load = out.expert_load.cpu() if load is None else load + out.expert_load.cpu()
+        cu = b["cu_seqlens"].tolist()
+        lengths += [e - s for s, e in zip(cu[:-1], cu[1:])]
+    reduced = torch.stack([ce_total, aux_total])
+    dist.all_reduce(reduced)
+    if load is not None:
+        dist.all_reduce(load)
+    return {"loss": reduced[0].item() / global_tokens, "aux_loss": reduced[1].item() / job.world,
+            "tokens": counts[1].item(), "loss_tokens": global_tokens, "expert_load": load, "lengths": lengths,
+            "seconds": time.perf_counter() - t0}
+
+
+def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> dict[str, Any]:
+    """The metrics.jsonl line of one step (see moe_train/engine/metrics.py for the FLOP count)."""
+    dt, world = s["seconds"], job.world
+    flops = step_flops(job.cfg, s["lengths"]) * (world // job.recipe.sp)  # every group ran a similar mix
+    norm = job.engine.get_global_grad_norm()
+    return {
+        "step": step, "loss": round(s["loss"], 6), "aux_loss": round(s["aux_loss"], 8),
+        "lr": job.scheduler.get_last_lr()[0], "grad_norm": None if norm is None else round(float(norm), 6),
+        "tgs": round(s["tokens"] / dt / world, 2), "tflops_per_gpu": round(flops / dt / world / 1e12, 6),
+        "mfu": round(flops / dt / world / (peak * 1e12), 4) if peak else None,
+        "tokens": int(s["tokens"]), "loss_tokens": int(s["loss_tokens"]), "step_time": round(dt, 4),
+        "peak_mem_gb": round(peak_memory_gb(), 3), "epoch": job.loader.epoch,
+        "expert_load": expert_load_stats(s["expert_load"]) if s["expert_load"] is not None else [],
+    }
+
+
+def export(job: Job, step: int) -> dict[str, Any]:
+    """Stream the trained model into `{work_dir}/hf_model`; reports the writer's peak memory."""
+    from moe_train.engine.memory import PeakRSS
+    from moe_train.engine.weights import export_hf
+
+    url = posixpath.join(job.tc.work_dir.rstrip("/"), "hf_model")
+    module = job.engine.module
+    t0 = time.perf_counter()
+    with PeakRSS() as rss:
+        export_hf(module, url, is_writer=job.rank == 0, tokenizer_dir=job.tokenizer_dir,
+                  extra={"step": step, "recipe": job.recipe.name})
+    model_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+    out = {"hf_model": url, "export_seconds": time.perf_counter() - t0,
+           "export_peak_rss_delta_mb": rss.peak_delta / 2**20, "model_mb": model_bytes / 2**20}
+    _log(job.rank, f"exported HF checkpoint to {url} in {out['export_seconds']:.1f}s; writer peak RSS "
+                   f"+{out['export_peak_rss_delta_mb']:.1f} MiB for a {out['model_mb']:.1f} MiB model")
+    return out
+
+
+def train(tc: TrainConfig) -> dict[str, Any]:
+    """Run a training job; returns a summary (losses, tokens/s, paths)."""
+    # DeepSpeed calls c10d functions that torch deprecates, once per collective.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    job = setup(tc)
+    r, rank = job.recipe, job.rank
+    metrics = None
+    if rank == 0:
+        local = job.fs.protocol in ("file", ("file", "local"))
+        metrics = MetricsWriter(job.fs, posixpath.join(job.work_root, "metrics.jsonl"),
+                                posixpath.join(job.work_root, "tb") if local else None)
     peak = peak_tflops(tc.peak_tflops)
+
+    def micro_batches():
+        while True:
+            yield from job.loader
+
+    batches = micro_batches()
+    step, losses, tgs = job.step, [], []
     bar = None
     if rank == 0 and tc.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True)
-
-    def micro_batches():
-        while True:
-            yield from loader
-
-    batches = micro_batches()
-    losses: list[float] = []
-    tgs_values: list[float] = []
-    engine.train()
-    stop = StopFlag(tc.preempt_grace).__enter__()
+        bar = tqdm(total=job.total_steps, initial=step, desc="train", dynamic_ncols=True)
+    job.engine.train()
     try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(r.grad_accum)]
-            counts = torch.tensor([float(sum(b["num_loss_tokens"] for b in micro)),
-                                   float(sum(b["input_ids"].numel() for b in micro))])
-            if dist.is_initialized():
-                dist.all_reduce(counts)
-                counts /= r.sp  # the ranks of a sequence-parallel group hold the same rows
-            global_tokens = max(counts[0].item(), 1.0)
-            ce_total = torch.zeros(())
-            aux_total = torch.zeros(())
-            load = None
-            lengths: list[int] = []
-            for b in micro:
-                if seq is not None:  # this rank's slice of the row, right before its forward
-                    b = seq.shard(b, loader.pad_id)
-                out = engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
-                             cu_seqlens=b["cu_seqlens"].to(device))
-                if seq is None:
-                    ce_sum = causal_lm_loss(out.logits, b["labels"].to(device), reduction="sum")
-                else:  # labels were shifted before the split
-                    ce_sum = seq.loss(out.logits, b["labels"].to(device))
-                loss = ce_sum * (world * r.grad_accum / global_tokens)
-                if out.aux_loss is not None:
-                    loss = loss + out.aux_loss
-                    aux_total += out.aux_loss.detach().float().cpu() / r.grad_accum
-                engine.backward(loss)
-                engine.step()
-                ce_total += ce_sum.detach().float().cpu()
-                load = out.expert_load.cpu() if load is None else load + out.expert_load.cpu()
-                cu = b["cu_seqlens"].tolist()
-                lengths += [e - s for s, e in zip(cu[:-1], cu[1:])]
-            reduced = torch.stack([ce_total, aux_total])
-            if dist.is_initialized():
-                dist.all_reduce(reduced)
-                if load is not None:
-                    dist.all_reduce(load)
-            step += 1
-            dt = time.perf_counter() - t0
-            step_loss = reduced[0].item() / global_tokens
-            tgs = counts[1].item() / dt / world
-            losses.append(step_loss)
-            tgs_values.append(tgs)
-            if rank == 0:
-                flops = step_flops(cfg, lengths) * (world // r.sp)  # every SP group ran a similar micro-batch mix
-                record = {
-                    "step": step, "loss": round(step_loss, 6), "aux_loss": round(reduced[1].item() / world, 8),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": _grad_norm(engine), "tgs": round(tgs, 2),
-                    "tflops_per_gpu": round(flops / dt / world / 1e12, 6),
-                    "mfu": round(flops / dt / world / (peak * 1e12), 4) if peak else None,
-                    "tokens": int(counts[1].item()), "loss_tokens": int(global_tokens), "step_time": round(dt, 4),
-                    "peak_mem_gb": round(peak_memory_gb(), 3), "epoch": loader.epoch,
-                    "expert_load": expert_load_stats(load) if load is not None else [],
-                }
-                metrics.write(record)
+        with StopFlag(tc.preempt_grace) as stop:
+            while step < job.total_steps:
+                result = run_step(job, [next(batches) for _ in range(r.grad_accum)])
+                step += 1
+                losses.append(result["loss"])
+                tgs.append(result["tokens"] / result["seconds"] / job.world)
+                if metrics is not None:
+                    metrics.write(step_record(job, step, result, peak))
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", tgs=f"{tgs:.0f}")
-            stop_now = stop.agreed()
-            if (r.save_steps and step % r.save_steps == 0) or stop_now:
-                path = ckpt.save(engine, step, {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
-                                                "recipe": dataclasses.asdict(r)})
-                _log(rank, f"saved checkpoint {path}")
-            if stop_now:
-                raise stop.requested(step)
+                    bar.set_postfix(loss=f"{result['loss']:.4f}", tgs=f"{tgs[-1]:.0f}")
+                stop_now = stop.agreed()
+                if (r.save_steps and step % r.save_steps == 0) or stop_now:
+                    path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
+                                                            "rng": rng_state(), "recipe": dataclasses.asdict(r)})
+                    _log(rank, f"saved checkpoint {path}")
+                if stop_now:
+                    raise stop.requested(step)
     finally:
-        stop.__exit__()
         if bar is not None:
             bar.close()
 
-    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs_values, "work_dir": tc.work_dir}
+    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": tc.work_dir}
     if tc.export:
-        hf_url = posixpath.join(tc.work_dir.rstrip("/"), "hf_model")
-        t0 = time.perf_counter()
-        from moe_train.engine.memory import PeakRSS
-
-        with PeakRSS() as rss:
-            export_hf(engine.module, hf_url, is_writer=rank == 0, tokenizer_dir=tok_dir,
-                      extra={"step": step, "recipe": r.name})
-        model_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in engine.module.parameters())
-        summary.update(hf_model=hf_url, export_seconds=time.perf_counter() - t0,
-                       export_peak_rss_delta_mb=rss.peak_delta / 2**20, model_mb=model_bytes / 2**20)
-        _log(rank, f"exported HF checkpoint to {hf_url} in {summary['export_seconds']:.1f}s; writer peak RSS "
-                   f"+{summary['export_peak_rss_delta_mb']:.1f} MiB for a {summary['model_mb']:.1f} MiB model")
-        if rank == 0:
-            metrics.write({"step": step, "event": "export", "hf_model": hf_url,
+        summary.update(export(job, step))
+        if metrics is not None:
+            metrics.write({"step": step, "event": "export", "hf_model": summary["hf_model"],
                            "export_peak_rss_delta_mb": round(summary["export_peak_rss_delta_mb"], 2),
                            "model_mb": round(summary["model_mb"], 2)})
     if metrics is not None:
         metrics.close()
-    ckpt.close()
-    if rank == 0:
-        with fs.open(posixpath.join(work_root, "summary.json"), "w") as f:
+        with job.fs.open(posixpath.join(job.work_root, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    job.ckpt.close()
     return summary
-
-
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return round(float(norm), 6)
