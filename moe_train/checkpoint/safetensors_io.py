@@ -9,6 +9,7 @@ so no more than one tensor (one gathered module under ZeRO-3) is ever held for w
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+WRITE_BLOCK = 5 * 2**20
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = torch.tensor([], dtype=self.dtype).element_size()
-        for s in self.shape:
-            n *= s
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 def header_bytes(tensors: list[PlannedTensor]) -> bytes:
@@ -100,7 +99,9 @@ class SafetensorsStreamWriter:
     def __init__(self, fs: Any, path: str, tensors: list[PlannedTensor]) -> None:
         self.path = path
         self._pending = list(tensors)
-        self._f = fs.open(path, "wb")
+        # Object stores upload in parts of block_size: 5 MiB (S3's minimum part) bounds the
+        # writer's buffer whatever the shard size.
+        self._f = fs.open(path, "wb", block_size=WRITE_BLOCK)
         self._f.write(header_bytes(tensors))
 
     @property

@@ -147,6 +147,30 @@ def _grouped_weight_grad(grad_AO: torch.Tensor, x_AI: torch.Tensor, counts_S: to
     return out
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of a fused (A, 2F) gate_up, in the order autograd would compute it.
+
+    Keeps only gate_up for backward (autograd would also keep silu(gate), another (A, F)) and
+    writes both halves of the gradient into one (A, 2F) buffer instead of concatenating them.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up_AF2: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up_AF2)
+        gate, up = gate_up_AF2.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_AF: torch.Tensor) -> torch.Tensor:
+        (gate_up_AF2,) = ctx.saved_tensors
+        gate, up = gate_up_AF2.chunk(2, dim=-1)
+        grad_AF2 = torch.empty_like(gate_up_AF2)
+        grad_gate, grad_up = grad_AF2.chunk(2, dim=-1)
+        torch.mul(grad_AF, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_AF * up, gate, grad_input=grad_gate)
+        return grad_AF2
+
+
 class ExpertShard(nn.Module):
     """S routed experts stacked: gate and up fused in one (S, 2F, D) parameter, down in (S, D, F)."""
 
@@ -160,8 +184,8 @@ class ExpertShard(nn.Module):
 
     def forward(self, x_AD: torch.Tensor, counts_S: torch.Tensor) -> torch.Tensor:
         """x_AD: the assignments of this shard sorted by expert; counts_S: rows per expert."""
-        gate, up = _GroupedLinear.apply(x_AD, self.gate_up_proj, counts_S).chunk(2, dim=-1)
-        return _GroupedLinear.apply(F.silu(gate) * up, self.down_proj, counts_S)
+        h_AF = _SwiGLU.apply(_GroupedLinear.apply(x_AD, self.gate_up_proj, counts_S))
+        return _GroupedLinear.apply(h_AF, self.down_proj, counts_S)
 
 
 class ShardedExperts(nn.ModuleList):
@@ -172,8 +196,10 @@ class ShardedExperts(nn.ModuleList):
         self.shard_size = cfg.shard_size
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if len(self) == 1:  # all experts in one shard: no split, and no copy into a concatenation
+            return self[0](x_AD, counts_E)
         counts_per_shard = counts_E.view(len(self), self.shard_size)
-        rows = counts_per_shard.sum(dim=1).tolist()
+        rows = counts_per_shard.sum(dim=1).tolist()  # the one host sync of the layer
         return torch.cat([shard(x, c) for shard, x, c in zip(self, x_AD.split(rows), counts_per_shard)])
 
 

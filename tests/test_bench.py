@@ -1,0 +1,110 @@
+"""The benchmark suite's smallest sizes, for correctness only (no timing is checked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from bench import moe_layer
+from bench.zero3 import CollectiveCounter
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = {"p1_vs_origin", "p1_vs_hf", "p1_gemm_fraction", "p1_max_abs_diff", "p2_collective_ratio",
+           "p2_step_speedup", "p2_peak_gather_ratio", "p3_tokens_speedup", "p3_packing_efficiency",
+           "p4_write_fraction", "p4_peak_rss_ratio"}
+
+
+def test_p1_layouts_agree_on_outputs_and_gradients():
+    size = moe_layer.SIZES["test"]
+    layers = moe_layer.build_layers(size)
+    torch.manual_seed(1)
+    x = torch.randn(1, size.tokens, size.hidden)
+    g = torch.randn_like(x)
+    grads = {}
+    for name in ("shard", "origin", "hf-eager", "hf-grouped_mm"):
+        layer = layers[name].train()
+        xi = x.clone().requires_grad_()
+        out, _ = moe_layer.layer_output(name, layer, xi)
+        out.backward(g)  # the balance loss is left out: transformers' layer has none
+        grads[name] = (out.detach(), xi.grad)
+    for name in ("origin", "hf-eager", "hf-grouped_mm"):
+        for ours, theirs in zip(grads["shard"], grads[name]):
+            assert (ours - theirs).abs().max() < 1e-5, name
+    # Expert weights got the same gradients in the stacked and in transformers' fused layout.
+    stacked = torch.cat([m.gate_up_proj.grad for m in layers["shard"].experts])
+    assert (stacked - layers["hf-grouped_mm"].experts.gate_up_proj.grad).abs().max() < 1e-5
+    assert stacked.abs().sum() > 0
+
+
+def test_p1_dense_reference_does_the_layers_flops():
+    size = moe_layer.SIZES["test"]
+    D, F, A, T, E = size.hidden, size.expert_ffn, size.assignments, size.tokens, size.experts
+    routed = 3 * 2 * A * 3 * D * F
+    shared = 3 * 2 * T * 3 * D * size.shared * F
+    assert size.flops == routed + shared + 3 * 2 * T * D * E
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch 2.13 deprecates all_gather_into_tensor
+def test_collective_counter_counts_calls_and_bytes():
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    from torch.distributed import distributed_c10d
+
+    before = (dist.all_reduce, distributed_c10d.all_gather_single)
+    counter = CollectiveCounter()
+    counter.install()
+    try:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        x, out = torch.ones(5), torch.empty(5)
+        dist.all_gather_into_tensor(out, x)
+        dist.all_reduce(x)
+        dist.all_reduce(x)
+        # all_gather_into_tensor runs all_gather_single inside torch: counted once, as the outer call
+        assert counter.calls == {"all_gather_into_tensor": 1, "all_reduce": 2}
+        assert counter.bytes == {"all_gather_into_tensor": 20, "all_reduce": 40}
+        counter.reset()
+        assert not counter.calls
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        counter.uninstall()
+    assert (dist.all_reduce, distributed_c10d.all_gather_single) == before
+
+
+def test_suite_json_has_every_figure(tmp_path):
+    """`python -m bench --json` at the smallest sizes: one JSON object, every figure, sane values."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--mode", "test", "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    figures = json.loads(proc.stdout)
+    assert set(figures) == FIGURES
+    assert all(isinstance(v, float) and v == v for v in figures.values())
+    assert figures["p1_max_abs_diff"] < 1e-5
+    assert figures["p2_collective_ratio"] > 1  # shards take fewer collectives than per-expert modules
+    assert figures["p2_peak_gather_ratio"] >= 1
+    assert figures["p3_packing_efficiency"] > 0.9
+    # The human-readable report went to stderr, with every section.
+    for title in ("P1 MoE layer", "P2 ZeRO-3", "P3 packing", "P4 streamed HF export"):
+        assert title in proc.stderr
+
+
+def test_gpu_script_dry_run_on_cpu(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--cpu-dry-run", "--results", str(results)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = results.read_text()
+    assert "| shard |" in text and "| origin |" in text and "CPU dry run" in text
+    # Both layouts start from the same seeded weights and see the same rows: same losses.
+    losses = [line.rsplit("|", 2)[1].strip() for line in text.splitlines() if line.startswith(("| shard", "| origin"))]
+    assert abs(float(losses[0]) - float(losses[1])) < 1e-3
