@@ -269,7 +269,7 @@ def test_peak_tflops_override_scales_mfu(zero3):
     ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--expert-in-one-shard", "7"], "does not divide"),
     ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--nodes", "3"], "do not divide"),
     ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--attention", "eager"], "--no-varlen"),
-    ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--deepspeed", "no_such_config"], "not found"),
+    ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--deepspeed", "no_such_config"], "unknown DeepSpeed config"),
 ])
 def test_cli_bad_input(args, words):
     res = run(*args)

@@ -8,12 +8,11 @@ is an estimate from first principles, not a measurement.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from moe_train.engine.deepspeed_config import load_deepspeed_config
 from moe_train.models.deepseek_v2.config import NAMED_SIZES, DeepseekV2Config
 from moe_train.plan.memory import GiB, MemoryEstimate, Workload, ZeroSettings, predict_memory
 from moe_train.plan.speed import DEVICES, Device, SpeedEstimate, predict_speed
@@ -49,17 +48,6 @@ def model_config(recipe: Recipe, **layout: Any) -> DeepseekV2Config:
         f"cannot size model {recipe.model!r} of recipe {recipe.name!r}: use a named size "
         f"({', '.join(sorted(NAMED_SIZES))}), one of {', '.join(HF_MODEL_SIZES)}, or a local checkpoint directory"
     )
-
-
-def load_deepspeed_config(name: str) -> dict[str, Any]:
-    """A shipped config by name (``moe_train/configs/NAME.json``) or a path to a JSON file."""
-    if name.endswith(".json") or "/" in name:
-        path = Path(name)
-    else:
-        path = Path(str(resources.files("moe_train") / "configs" / f"{name}.json"))
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {name!r} not found at {path}")
-    return json.loads(path.read_text())
 
 
 def _fits(mem: MemoryEstimate, gpu_mem_gb: float) -> bool:
