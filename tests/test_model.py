@@ -139,3 +139,15 @@ def test_named_sizes_have_the_published_parameter_counts():
     assert 235 < total < 237 and 20.5 < active < 22.5
     total, active = counts("deepseek-v2-lite")
     assert 15.5 < total < 16 and 2.2 < active < 2.8
+
+
+def test_grouped_gemm_fallback_matches_in_float64():
+    """fp64 takes the exact expert loop (torch's grouped_mm has no fp64 kernel); same result as fp32."""
+    torch.manual_seed(0)
+    model = DeepseekV2ForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, 512, (1, 24))
+    out32 = model(ids, labels=ids)
+    out64 = model.double()(ids, labels=ids)
+    out64.loss.backward()
+    assert out64.logits.dtype == torch.float64
+    assert (out64.logits.float() - out32.logits).abs().max() < 1e-4

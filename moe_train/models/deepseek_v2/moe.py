@@ -109,14 +109,15 @@ class _GroupedLinear(torch.autograd.Function):
 
 
 def _use_grouped_mm(*tensors: torch.Tensor) -> bool:
-    """torch's grouped_mm wants 16-byte aligned pointers and strides (bf16 only on CUDA);
-    other cases (small debug sizes, fp32 on GPU) take an exact loop over the experts."""
+    """torch's grouped_mm wants 16-byte aligned pointers and strides, fp32/bf16 on CPU and bf16 on
+    CUDA; other cases (small debug sizes, fp32 on GPU, fp64) take an exact loop over the experts."""
     def aligned(t: torch.Tensor) -> bool:
         return t.data_ptr() % 16 == 0 and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
 
     if not hasattr(F, "grouped_mm"):
         return False
-    if tensors[0].is_cuda and tensors[0].dtype != torch.bfloat16:
+    allowed = (torch.bfloat16,) if tensors[0].is_cuda else (torch.float32, torch.bfloat16)
+    if tensors[0].dtype not in allowed:
         return False
     return all(aligned(t) for t in tensors)
 
