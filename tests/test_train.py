@@ -98,9 +98,10 @@ def test_checkpoints_are_kept_and_complete(zero3_run):
     assert all((zero3_run / "checkpoints" / s / "COMPLETE").exists() for s in steps)
 
 
-def test_no_varlen_trains(tmp_path):
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(tmp_path / "nv"), "--no-varlen",
-                    "--max-steps", "3", "--save-steps", "0", "--no-export"], tmp_path))
+def test_no_varlen_trains_with_a_file_url_work_dir(tmp_path):
+    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", f"file://{tmp_path / 'nv'}", "--no-varlen",
+                    "--max-steps", "3", "--save-steps", "3", "--no-export"], tmp_path))
+    assert (tmp_path / "nv" / "checkpoints" / "step-00000003" / "COMPLETE").exists()
     losses = summary(tmp_path / "nv")["losses"]
     assert len(losses) == 3 and all(l == l and l > 0 for l in losses)
 
