@@ -176,3 +176,26 @@ def test_partial_export_is_not_complete(tmp_path):
     assert not (tmp_path / INDEX).exists() and not (tmp_path / COMPLETE).exists()
     with pytest.raises(FileNotFoundError):
         DeepseekV2ForCausalLM.from_pretrained(str(tmp_path))
+
+
+def test_aborted_export_to_s3_uploads_no_truncated_shard(s3_server):
+    import s3fs
+
+    from moe_train.checkpoint.hf_layout import HFExportWriter, expected_hf_keys
+    from moe_train.checkpoint.safetensors_io import PlannedTensor
+
+    model = DeepseekV2ForCausalLM(tiny_config())
+    expected = expected_hf_keys(model)
+    params = dict(model.named_parameters())
+    url = f"s3://{s3_server['bucket']}/aborted"
+    writer = HFExportWriter(url, [PlannedTensor(k, torch.float32, s) for k, (_, s) in expected.items()],
+                            max_shard_size="10GB", storage_options=s3_server["storage_options"])
+    for i, (key, (slot, _)) in enumerate(expected.items()):
+        if i == 10:
+            break
+        writer.write(key, slot.view(params[slot.param]))
+    writer.abort()
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]})
+    fs.invalidate_cache()
+    assert not fs.exists(f"{url}/model-00001-of-00001.safetensors")
+    assert not is_complete(url, s3_server["storage_options"])

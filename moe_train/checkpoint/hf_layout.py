@@ -20,7 +20,7 @@ import torch
 
 from moe_train.checkpoint.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsStreamWriter
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.models.deepseek_v2.state_dict_adapter import Slot, hf_to_ours, ours_to_hf, slot_shape
+from moe_train.models.deepseek_v2.state_dict_adapter import Slot, ours_to_hf, slot_shape
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -218,7 +218,9 @@ class HFExportWriter:
             raise RuntimeError(f"{self.url}: export finished before all tensors were written")
         if tokenizer_dir:
             copy_tokenizer(tokenizer_dir, self.fs, self.root)
-        self._put("config.json", config.to_hf_dict())
+        dtypes = [t.dtype for _, planned in self.files for t in planned]
+        dtype = max(set(dtypes), key=dtypes.count)  # what the weights were written in
+        self._put("config.json", config.to_hf_dict(torch_dtype=str(dtype).removeprefix("torch.")))
         self._put(INDEX, {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map})
         self._put(COMPLETE, {"files": [name for name, _ in self.files], **(extra or {})})
 

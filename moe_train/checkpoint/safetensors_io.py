@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from fsspec.spec import AbstractBufferedFile
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -51,6 +52,10 @@ class SafetensorsReader:
         except (struct.error, ValueError) as e:
             raise ValueError(f"{path} is not a valid safetensors file ({e}); re-download or re-export it") from None
         header.pop("__metadata__", None)
+        unknown = sorted({v["dtype"] for v in header.values()} - set(DTYPES))
+        if unknown:
+            raise ValueError(f"{path} holds tensors of dtype {unknown}, which moe-train cannot read; convert the "
+                             "checkpoint to bf16 or fp32")
         self.tensors = {
             k: TensorInfo(DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0])
             for k, v in header.items()
@@ -121,4 +126,8 @@ class SafetensorsStreamWriter:
             self._f.close()
 
     def abort(self) -> None:
-        self._f.close()
+        # On object stores close() would complete the upload of a truncated file; discard it.
+        if isinstance(self._f, AbstractBufferedFile):
+            self._f.discard()
+        else:
+            self._f.close()

@@ -28,6 +28,7 @@ from moe_train.checkpoint.hf_layout import open_url
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_ZERO_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank optimizer partition files
 
 
 def is_local(fs: Any) -> bool:
@@ -84,7 +85,7 @@ class CheckpointManager:
         tag = f"step-{step:08d}"
         target = posixpath.join(self.root, tag)
         if self.rank == 0 and self.fs.exists(target):  # a leftover of an earlier run: never half-overwritten
-            self.fs.rm(target, recursive=True)
+            self._remove(target)
         if dist.is_initialized():
             dist.barrier()
         save_dir = os.path.dirname(target) if self.local else os.path.join(self._staging, "out")
@@ -107,39 +108,53 @@ class CheckpointManager:
     def _prune(self) -> None:
         complete = [path for _, path, done in self._steps() if done]
         for path in complete[:-self.keep] if self.keep > 0 else []:
-            self.fs.rm(posixpath.join(path, COMPLETE))  # first, so a crash mid-delete leaves it incomplete
-            self.fs.rm(path, recursive=True)
+            self._remove(path)
 
-    def load(self, engine: Any, path: str) -> dict[str, Any]:
-        if not self.fs.exists(posixpath.join(path, COMPLETE)):
-            raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE}); use --resume auto or "
-                             "another checkpoint")
+    def _remove(self, path: str) -> None:
+        marker = posixpath.join(path, COMPLETE)
+        if self.fs.exists(marker):
+            self.fs.rm(marker)  # first, so that a crash mid-delete leaves an incomplete checkpoint
+        self.fs.rm(path, recursive=True)
+
+    def load(self, engine: Any, resume: tuple[Any, str]) -> dict[str, Any]:
+        """Load a checkpoint found by `resolve` (it may live on another filesystem than the work dir)."""
+        fs, path = resume
         tag = posixpath.basename(path.rstrip("/"))
-        load_dir = posixpath.dirname(path.rstrip("/"))
-        if not self.local:
-            local_dir = os.path.join(self._staging, "in")
-            os.makedirs(os.path.join(local_dir, tag), exist_ok=True)
-            for remote in self.fs.ls(path, detail=False):
-                self.fs.get_file(remote, os.path.join(local_dir, tag, posixpath.basename(remote)))
-            load_dir = local_dir
-        _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True,
-                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
+        staging = None
+        if is_local(fs):
+            load_dir = posixpath.dirname(path.rstrip("/"))
+        else:  # DeepSpeed reads local files: fetch the shared files and this rank's own partition only
+            staging = tempfile.mkdtemp(prefix=f"moe-train-resume-rank{self.rank}-")
+            os.makedirs(os.path.join(staging, tag))
+            for remote in fs.ls(path, detail=False):
+                name = posixpath.basename(remote)
+                owner = _ZERO_RANK_FILE.search(name)
+                if owner is None or int(owner.group(1)) == self.rank:
+                    fs.get_file(remote, os.path.join(staging, tag, name))
+            load_dir = staging
+        try:
+            _, client_state = engine.load_checkpoint(load_dir, tag=tag, load_module_strict=True,
+                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+        finally:
+            if staging:
+                shutil.rmtree(staging, ignore_errors=True)
         if client_state is None:
             raise ValueError(f"{path}: DeepSpeed could not load this checkpoint; it may belong to another model "
                              "or world size")
         return client_state
 
-    def resolve(self, resume: str | None) -> str | None:
+    def resolve(self, resume: str | None) -> tuple[Any, str] | None:
         """--resume auto: the newest complete checkpoint (or None); --resume URL: that one, checked."""
         if not resume:
             return None
         if resume == "auto":
-            return self.latest()
+            latest = self.latest()
+            return (self.fs, latest) if latest else None
         fs, path = open_url(resume)
         if not fs.exists(posixpath.join(path, COMPLETE)):
             raise ValueError(f"--resume {resume} is not a complete checkpoint (no {COMPLETE} inside); "
                              "pass a step-N directory under <work_dir>/checkpoints or use --resume auto")
-        return path
+        return fs, path
 
     def close(self) -> None:
         if self._staging:

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from moe_train.checkpoint.hf_layout import open_url
+
 ROLES = ("system", "user", "assistant")
 DATA_SUFFIXES = (".json", ".jsonl")
 _HINT = "pass --data with alpaca JSON/JSONL or chat messages JSONL"
@@ -39,7 +41,10 @@ def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str
     """Expand each path (file, directory or glob) into (filesystem, file path) pairs, in order."""
     files = []
     for url in paths:
-        fs, path = fsspec.core.url_to_fs(url)
+        try:
+            fs, path = open_url(url)
+        except ValueError as e:  # unknown protocol or its package missing
+            raise DataError(str(e)) from None
         if any(c in path for c in "*?["):
             found = sorted(p for p in fs.glob(path) if fs.isfile(p))
             if not found:

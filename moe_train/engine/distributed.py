@@ -52,12 +52,8 @@ class DistInfo:
     rank: int
     world_size: int
     local_rank: int
-    backend: str  # "nccl" or "gloo"
+    backend: str  # "cpu:gloo,cuda:nccl" or "gloo"
     device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def _missing(environ: Mapping[str, str], names: tuple[str, ...]) -> list[str]:
@@ -220,7 +216,8 @@ def init_distributed(launcher: str, timeout: timedelta = DEFAULT_TIMEOUT) -> Dis
     _private_extensions_dir(launcher)
 
     cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
+    # gloo for host tensors (step counters, stop flag), nccl for the model's collectives.
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     kwargs = {}
     if cuda:

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from moe_train.checkpoint.hf_layout import copy_tokenizer, open_url, read_config
-from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
+from moe_train.checkpoint.training_state import CheckpointManager, is_local, rng_state, set_rng_state
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
@@ -93,8 +93,6 @@ def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
     if not fs.exists(posixpath.join(root, "tokenizer.json")) and not fs.exists(posixpath.join(root, "tokenizer.model")):
         raise FileNotFoundError(f"no tokenizer (tokenizer.json) in {src}; put the tokenizer files next to the "
                                 "model or set the recipe's tokenizer")
-    from moe_train.checkpoint.training_state import is_local
-
     if is_local(fs):
         return root
     tmp = tempfile.mkdtemp(prefix="moe-train-tokenizer-")
@@ -120,7 +118,8 @@ def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.d
     else:
         wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
         if wrong:
-            raise RuntimeError(f"ZeRO-3 partitions are {wrong}, expected {dtype}; check the bf16 block of the config")
+            raise ValueError(f"ZeRO-3 partitions are {sorted(map(str, wrong))}, expected {dtype}; set the DeepSpeed "
+                             'config\'s "bf16": {"enabled": "auto"} (or match the recipe\'s dtype)')
     load_into(model, open_source(cfg, model, model_url, seed))
     model.activation_checkpointing = activation_checkpointing
     return model
@@ -164,8 +163,7 @@ def setup(tc: TrainConfig) -> Job:
     r = tc.recipe
     ds_config = load_deepspeed_config(tc.deepspeed)  # bad configs fail before any process group exists
     info = init_distributed(tc.launcher)
-    rank, world = info.rank, info.world_size
-    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    rank, world, device = info.rank, info.world_size, info.device
     dtype = torch.bfloat16 if device.type == "cuda" and r.dtype == "bf16" else torch.float32
     # Groups of r.sp consecutive ranks share each packed row (raises if r.sp does not divide the world).
     seq = SequenceParallel(r.sp) if r.sp != 1 else None
@@ -173,7 +171,7 @@ def setup(tc: TrainConfig) -> Job:
 
     fs, work_root = check_work_dir(tc.work_dir, rank)
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
-    resume_path = ckpt.resolve(tc.resume)
+    resume = ckpt.resolve(tc.resume)
 
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else DeepseekV2Config.from_name(r.model_size, **layout)
@@ -215,12 +213,12 @@ def setup(tc: TrainConfig) -> Job:
             _log(rank, f"removed incomplete checkpoint {path}")
     dist.barrier()
     step = 0
-    if resume_path:
-        state = ckpt.load(engine, resume_path)
+    if resume:
+        state = ckpt.load(engine, resume)
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         step = state["step"]
-        _log(rank, f"resumed from {resume_path} at step {step}")
+        _log(rank, f"resumed from {resume[1]} at step {step}")
     return Job(tc, rank, world, device, cfg, engine, scheduler, loader, seq, ckpt, fs, work_root, tokenizer_dir,
                step, total_steps)
 
@@ -234,7 +232,7 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
     dist.all_reduce(counts)
     counts /= r.sp  # the ranks of a sequence-parallel group hold the same rows
     global_tokens = max(counts[0].item(), 1.0)
-    ce_total, aux_total = torch.zeros(()), torch.zeros(())
+    ce_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)
     load = None
     lengths: list[int] = []
     for b in micro:
@@ -247,17 +245,19 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
         loss = ce_sum * (job.world * r.grad_accum / global_tokens)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss
-            aux_total += out.aux_loss.detach().float().cpu() / r.grad_accum
+            aux_total += out.aux_loss.detach().float() / r.grad_accum
         engine.backward(loss)
         engine.step()
-        ce_total += ce_sum.detach().float().cpu()
-        load = out.expert_load.cpu() if load is None else load + out.expert_load.cpu()
+        ce_total += ce_sum.detach().float()  # on the device: no host sync per micro-batch
+        load = out.expert_load if load is None else load + out.expert_load
         cu = b["cu_seqlens"].tolist()
         lengths += [e - s for s, e in zip(cu[:-1], cu[1:])]
     reduced = torch.stack([ce_total, aux_total])
     dist.all_reduce(reduced)
     if load is not None:
         dist.all_reduce(load)
+        load = load.cpu()
+    reduced = reduced.cpu()
     return {"loss": reduced[0].item() / global_tokens, "aux_loss": reduced[1].item() / job.world,
             "tokens": counts[1].item(), "loss_tokens": global_tokens, "expert_load": load, "lengths": lengths,
             "seconds": time.perf_counter() - t0}
@@ -306,7 +306,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     r, rank = job.recipe, job.rank
     metrics = None
     if rank == 0:
-        local = job.fs.protocol in ("file", ("file", "local"))
+        local = is_local(job.fs)
         metrics = MetricsWriter(job.fs, posixpath.join(job.work_root, "metrics.jsonl"),
                                 posixpath.join(job.work_root, "tb") if local else None)
     peak = peak_tflops(tc.peak_tflops)

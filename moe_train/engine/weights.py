@@ -1,8 +1,8 @@
-"""Moving weights between HF-layout tensor sources and a (possibly ZeRO-3 partitioned) model.
+"""Tensor sources for a (possibly ZeRO-3 partitioned) model, and its streamed HF export.
 
-Loading (`load_into`) fills each rank's own partition straight from byte ranges of the
-safetensors files, so no rank ever materialises a full parameter, let alone the model.
-Exporting gathers one parameter at a time and streams it into the HF layout on the writer rank.
+Loading is `moe_train.checkpoint.hf_layout.load_into`: it fills each rank's own partition from
+byte ranges of the safetensors files (or from `SeededInit`).  Exporting gathers one parameter at
+a time and streams it into the HF layout on the writer rank.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_train.checkpoint.hf_layout import HFCheckpoint, HFExportWriter, expected_hf_keys, load_into
+from moe_train.checkpoint.hf_layout import HFCheckpoint, HFExportWriter, expected_hf_keys
 from moe_train.checkpoint.safetensors_io import PlannedTensor
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from moe_train.models.deepseek_v2.state_dict_adapter import ours_to_hf

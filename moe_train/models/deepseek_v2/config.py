@@ -168,7 +168,7 @@ class DeepseekV2Config:
         kwargs.update(layout)
         return cls(**kwargs)
 
-    def to_hf_dict(self) -> dict[str, Any]:
+    def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
         """The official DeepSeek V2 ``config.json`` content (loadable by transformers 5)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("layout")}
         if d["rope_scaling"]:
@@ -176,7 +176,7 @@ class DeepseekV2Config:
             rs.setdefault("type", rs.pop("rope_type", "yarn"))
             d["rope_scaling"] = rs
         return {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", **d,
-                "torch_dtype": "bfloat16"}
+                "torch_dtype": torch_dtype}
 
     @classmethod
     def from_json_file(cls, path: str, **layout: Any) -> "DeepseekV2Config":

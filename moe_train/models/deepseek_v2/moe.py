@@ -235,8 +235,10 @@ class MoE(nn.Module):
         token_A = order_A // cfg.num_experts_per_tok
         counts_E = torch.bincount(flat_A, minlength=cfg.n_routed_experts)
         y_AD = self.experts(x_TD[token_A], counts_E)
-        y_AD = (y_AD * weight_TK.reshape(-1)[order_A, None]).to(x_TD.dtype)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+        # Weighted sum of each token's K expert outputs in fp32 (weights are fp32), one cast at the
+        # end, as DeepSeek's code does; casting each term to bf16 first would round K times.
+        y_AD = y_AD * weight_TK.reshape(-1)[order_A, None]
+        out_TD = torch.zeros_like(x_TD, dtype=y_AD.dtype).index_add_(0, token_A, y_AD).to(x_TD.dtype)
         if cfg.n_shared_experts:
             out_TD = out_TD + self.shared_experts(x_TD)
         aux = None

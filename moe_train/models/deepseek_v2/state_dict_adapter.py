@@ -25,7 +25,6 @@ def _pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
 
 
-_FROM_HF = [(_pattern(hf), ours, part) for hf, (ours, part) in SHARD_EXPERT_KEYS.items()]
 _TO_HF = {}
 for _hf, (_ours, _part) in SHARD_EXPERT_KEYS.items():
     _TO_HF.setdefault(_ours, []).append((_hf, _part))
@@ -64,17 +63,6 @@ class Slot:
 def _rows(cfg: DeepseekV2Config, part: str) -> tuple[int, int] | None:
     f = cfg.moe_intermediate_size
     return {"gate": (0, f), "up": (f, 2 * f), "all": None}[part]
-
-
-def hf_to_ours(hf_key: str, cfg: DeepseekV2Config) -> Slot:
-    if cfg.moe_implementation == "shard":
-        for pattern, ours, part in _FROM_HF:
-            m = pattern.match(hf_key)
-            if m:
-                layer, expert = int(m.group(1)), int(m.group(2))
-                shard, index = divmod(expert, cfg.shard_size)
-                return Slot(ours.format(layer, shard), index, _rows(cfg, part))
-    return Slot(hf_key)
 
 
 def ours_to_hf(name: str, cfg: DeepseekV2Config) -> list[tuple[str, Slot]]:
