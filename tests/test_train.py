@@ -168,3 +168,31 @@ def test_zero3_partitioned_load_and_gathered_export_round_trip(tmp_path):
         exported.update(load_file(f))
     assert original.keys() == exported.keys()
     assert all(torch.equal(original[k], exported[k]) for k in original)
+
+
+def test_resume_is_exact_with_grad_accum_across_an_epoch_boundary(tmp_path):
+    """grad_accum 2, 2 epochs (21 steps each on 2 ranks): stop at step 20, resume to 24 across
+    the epoch boundary; same losses as 24 straight steps, and the same weights."""
+    from safetensors.torch import load_file
+
+    common = ["tiny", "--deepspeed", "deepspeed_zero3", "--epochs", "2", "--cfg-options", "grad_accum=2"]
+    check(torchrun([*common, "--work-dir", str(tmp_path / "straight"), "--max-steps", "24", "--save-steps", "0"],
+                   tmp_path))
+    work = tmp_path / "cut"
+    check(torchrun([*common, "--work-dir", str(work), "--max-steps", "20", "--save-steps", "20", "--no-export"],
+                   tmp_path))
+    first = summary(work)["losses"]
+    check(torchrun([*common, "--work-dir", str(work), "--max-steps", "24", "--save-steps", "0", "--resume", "auto"],
+                   tmp_path))
+    straight = summary(tmp_path / "straight")["losses"]
+    assert first + summary(work)["losses"] == straight
+    assert [m["epoch"] for m in metrics(tmp_path / "straight") if "loss" in m][-1] == 1  # crossed into epoch 2
+
+    def weights(d):
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    a, b = weights(tmp_path / "straight" / "hf_model"), weights(work / "hf_model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moe_train.engine.metrics import active_matmul_params  # the FLOP count the trainer reports
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 
 GiB = 2**30
@@ -177,21 +178,6 @@ def model_units(cfg: DeepseekV2Config) -> tuple[Unit, list[list[Unit]], list[Uni
 def count_params(cfg: DeepseekV2Config) -> int:
     embed, layers, head = model_units(cfg)
     return embed.numel + sum(u.numel for layer in layers for u in layer) + sum(u.numel for u in head)
-
-
-def active_matmul_params(cfg: DeepseekV2Config) -> int:
-    """Weights one token multiplies through: attention, dense MLPs, gate, top-k + shared experts, lm_head."""
-    total = cfg.vocab_size * cfg.hidden_size  # lm_head; the embedding is a lookup
-    for i in range(cfg.num_hidden_layers):
-        for u in layer_units(cfg, i):
-            if "layernorm" in u.name:
-                continue
-            if u.name.startswith("experts."):
-                continue
-            total += u.numel
-        if cfg.is_moe_layer(i):
-            total += cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    return total
 
 
 # ---------------------------------------------------------------------------- ZeRO-3 working set
