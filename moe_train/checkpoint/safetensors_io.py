@@ -129,5 +129,6 @@ class SafetensorsStreamWriter:
         # On object stores close() would complete the upload of a truncated file; discard it.
         if isinstance(self._f, AbstractBufferedFile):
             self._f.discard()
+            self._f.closed = True  # else its finaliser would still try to upload the dropped buffer
         else:
             self._f.close()
