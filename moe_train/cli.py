@@ -95,14 +95,13 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)
     recipe = recipe.replace(**overrides)
 
+    from moe_train.engine.distributed import destroy_distributed, hard_exit
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
     from moe_train.engine.train import TrainConfig, train as run
 
     tc = TrainConfig(recipe=recipe, work_dir=work_dir or f"work_dirs/{recipe.name}",
                      deepspeed=deepspeed or recipe.deepspeed, launcher=launcher, resume=resume,
                      peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace)
-    from moe_train.engine.distributed import destroy_distributed, hard_exit
-
     code = 0
     try:
         run(tc)
