@@ -190,6 +190,8 @@ _ARGS_DOC = """Args:
 """
 
 
+# The three components repeat one parameter list on purpose: TorchX builds each component's
+# command line and its `torchx builtins` entry from that function's own signature and defaults.
 @_documented
 def deepseek_v2_full(
     *trainer_args: str,
