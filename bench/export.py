@@ -1,6 +1,6 @@
 """P4: streamed HF export to ``file://`` and ``s3://`` against writing the same bytes raw with fsspec.
 
-The export is the trainer's (``moe_train.engine.weights.export_hf``: header first, then one tensor
+The export is the trainer's (``moe_train.checkpoint.hf_layout.save_pretrained``: header first, then one tensor
 at a time into size-bounded safetensors shards).  The raw baseline writes the files that export
 produced, each in one ``write`` through the same fsspec filesystem: the speed the storage allows.
 The S3 side talks to a moto server on loopback.  The server runs as a child process so the
@@ -27,9 +27,9 @@ from contextlib import contextmanager
 import torch
 
 from bench.common import Result, table
-from moe_train.checkpoint.hf_layout import open_url
+from moe_train.storage import resolve
 from moe_train.engine.memory import PeakRSS
-from moe_train.engine.weights import export_hf
+from moe_train.checkpoint.hf_layout import save_pretrained
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 
 MODES = {
@@ -90,20 +90,20 @@ def measure_store(model, url: str, storage_options: dict | None, shard: str, rep
     rounds then alternate which side goes first and start with dirty pages flushed, so neither
     side pays for the other's writeback.  Every round writes into new directories.
     """
-    fs, root = open_url(url, storage_options)
+    fs, root = resolve(url, storage_options)
     small = export_model("test")  # warms up imports and connections without growing the heap much
-    export_hf(small, posixpath.join(url, "warmup"), is_writer=True, tokenizer_dir=None,
+    save_pretrained(small, posixpath.join(url, "warmup"),
               max_shard_size="64KB", storage_options=storage_options)
     fs.rm(posixpath.join(root, "warmup"), recursive=True)
     with PeakRSS(interval=0.001) as rss:
-        export_hf(model, posixpath.join(url, "first"), is_writer=True, tokenizer_dir=None,
+        save_pretrained(model, posixpath.join(url, "first"),
                   max_shard_size=shard, storage_options=storage_options)
     first = posixpath.join(root, "first")
     files = {posixpath.basename(p): fs.cat_file(p) for p in sorted(fs.ls(first, detail=False))}
     fs.rm(first, recursive=True)
 
     def export(target: str) -> None:
-        export_hf(model, posixpath.join(url, target), is_writer=True, tokenizer_dir=None,
+        save_pretrained(model, posixpath.join(url, target),
                   max_shard_size=shard, storage_options=storage_options)
 
     def raw(target: str) -> None:
@@ -136,7 +136,7 @@ def measure(mode: str) -> dict[str, dict]:
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         results["file"] = measure_store(model, f"file://{tmp}", None, m["shard"], m["repeats"][0])
     with moto_s3() as options:
-        fs, _ = open_url("s3://bench-export", options)
+        fs, _ = resolve("s3://bench-export", options)
         fs.mkdir("bench-export")
         results["s3"] = measure_store(model, "s3://bench-export", options, m["shard"], m["repeats"][1])
     return results

@@ -12,33 +12,21 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import fsspec
 import torch
 
+from moe_train.storage import resolve
 from moe_train.checkpoint.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsStreamWriter
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.models.deepseek_v2.state_dict_adapter import Slot, ours_to_hf, slot_shape
+from moe_train.models.deepseek_v2.state_dict_adapter import Slot, canonical_name, ours_to_hf, slot_shape
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 COMPLETE = "COMPLETE"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
-
-
-def open_url(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """(filesystem, path) for a local path or fsspec URL; credentials come from the environment."""
-    try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except ValueError as e:  # fsspec: "Protocol not known: x"
-        raise ValueError(f"{url}: {e}; use a local path or a file://, s3://, gs:// or memory:// URL") from None
-    except ImportError as e:  # the protocol's package is not installed
-        raise ValueError(f"{url}: {str(e).splitlines()[0]}; install moe-train[s3] for s3:// or moe-train[gcs] "
-                         "for gs://") from None
-    return fs, root.rstrip("/")
 
 
 def parse_size(size: int | str) -> int:
@@ -53,7 +41,7 @@ def parse_size(size: int | str) -> int:
 
 
 def read_config(url: str, storage_options: dict[str, Any] | None = None, **layout: Any) -> DeepseekV2Config:
-    fs, root = open_url(url, storage_options)
+    fs, root = resolve(url, storage_options)
     if not fs.exists(root):
         raise FileNotFoundError(f"{url} does not exist; pass a DeepSeek V2 checkpoint directory or URL")
     path = posixpath.join(root, "config.json")
@@ -68,7 +56,7 @@ class HFCheckpoint:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
-        self.fs, self.root = open_url(url, storage_options)
+        self.fs, self.root = resolve(url, storage_options)
         self._readers: dict[str, SafetensorsReader] = {}
         index = posixpath.join(self.root, INDEX)
         if self.fs.exists(index):
@@ -103,7 +91,7 @@ class HFCheckpoint:
         return self._reader(key).read(key, start, end)
 
 
-def check_keys(cfg: DeepseekV2Config, expected: Iterable[str], found: Iterable[str], url: str) -> None:
+def check_keys(expected: Iterable[str], found: Iterable[str], url: str) -> None:
     expected, found = set(expected), set(found)
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
@@ -115,33 +103,36 @@ def check_keys(cfg: DeepseekV2Config, expected: Iterable[str], found: Iterable[s
 
 
 def expected_hf_keys(model: torch.nn.Module) -> dict[str, tuple[Slot, tuple[int, ...]]]:
-    """HF key -> (slot, HF shape) for every tensor the model stores, in checkpoint order."""
+    """HF key -> (slot, HF shape) for every tensor the model stores, in checkpoint order.
+
+    Shapes come from the same model built on the meta device, so a partitioned (ZeRO-3) or wrapped
+    model needs no introspection of its parameters here."""
     out = {}
-    for name, p in model.named_parameters():
-        shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 keeps the full shape in ds_shape
+    for name, shape in reference_shapes(model).items():
         for key, slot in ours_to_hf(name, model.config):
             out[key] = (slot, slot_shape(slot, shape))
     return out
 
 
-def _zero3_partition(param: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """(local flat partition, its start offset) of a ZeRO-3 partitioned parameter, else None."""
-    ds_tensor = getattr(param, "ds_tensor", None)
-    if ds_tensor is None:
-        return None
-    import torch.distributed as dist
-
-    return ds_tensor, ds_tensor.ds_numel * dist.get_rank(group=param.ds_process_group)
+def reference_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Canonical parameter name -> full shape, from ``type(model)(model.config)`` on the meta device."""
+    with torch.device("meta"):
+        reference = type(model)(model.config)
+    return {name: tuple(p.shape) for name, p in reference.named_parameters()}
 
 
 @torch.no_grad()
-def load_into(model: torch.nn.Module, source: Any) -> None:
+def load_into(model: torch.nn.Module, source: Any, partition: Callable[[torch.Tensor], Any] | None = None) -> None:
     """Fill `model` from a tensor source (HFCheckpoint, or anything with weight_map, keys_by_file,
-    shape and read(key, start, end)).  For a ZeRO-3 partitioned model each rank reads only the
-    element range of each tensor that falls in its own partition."""
+    shape and read(key, start, end)).
+
+    ``partition(param)`` returns (this rank's flat partition, its first element) of a partitioned
+    parameter, or None for a whole one (``moe_train.parallel.zero3.partition`` for ZeRO-3): each
+    rank then reads only the element range of each tensor that falls in its own partition."""
     expected = expected_hf_keys(model)
-    check_keys(model.config, expected, source.weight_map, source.url)
-    params = dict(model.named_parameters())
+    check_keys(expected, source.weight_map, source.url)
+    shapes = reference_shapes(model)
+    params = {canonical_name(name): p for name, p in model.named_parameters()}
     for _, keys in source.keys_by_file():
         for key in keys:
             slot, shape = expected[key]
@@ -149,15 +140,15 @@ def load_into(model: torch.nn.Module, source: Any) -> None:
                 raise ValueError(f"{source.url}: {key} has shape {list(source.shape(key))}, config.json implies "
                                  f"{list(shape)}; the checkpoint does not match its config")
             param = params[slot.param]
-            part = _zero3_partition(param)
+            part = partition(param) if partition is not None else None
             if part is None:
                 slot.view(param.data).copy_(source.read(key))
                 continue
             local, p_start = part
-            s_start, s_end = slot.flat_range(tuple(param.ds_shape))
+            s_start, s_end = slot.flat_range(shapes[slot.param])
             lo, hi = max(s_start, p_start), min(s_end, p_start + local.numel())
             if lo < hi:
-                local.data[lo - p_start:hi - p_start].copy_(source.read(key, lo - s_start, hi - s_start))
+                local[lo - p_start:hi - p_start].copy_(source.read(key, lo - s_start, hi - s_start))
 
 
 def load_pretrained(cls, url: str, *, moe_implementation: str, expert_in_one_shard: int | None,
@@ -183,7 +174,7 @@ class HFExportWriter:
     def __init__(self, url: str, tensors: list[PlannedTensor], max_shard_size: int | str = "5GB",
                  storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
-        self.fs, self.root = open_url(url, storage_options)
+        self.fs, self.root = resolve(url, storage_options)
         limit = parse_size(max_shard_size)
         shards: list[list[PlannedTensor]] = [[]]
         size = 0
@@ -234,7 +225,7 @@ class HFExportWriter:
 
 
 def copy_tokenizer(src: str, fs: Any, root: str) -> None:
-    src_fs, src_root = open_url(src)
+    src_fs, src_root = resolve(src)
     for name in TOKENIZER_FILES:
         path = posixpath.join(src_root, name)
         if src_fs.exists(path):
@@ -243,21 +234,38 @@ def copy_tokenizer(src: str, fs: Any, root: str) -> None:
 
 
 def is_complete(url: str, storage_options: dict[str, Any] | None = None) -> bool:
-    fs, root = open_url(url, storage_options)
+    fs, root = resolve(url, storage_options)
     return fs.exists(posixpath.join(root, COMPLETE))
 
 
-def save_pretrained(model: torch.nn.Module, url: str, *, max_shard_size: int | str,
-                    storage_options: dict[str, Any], tokenizer_dir: str | None = None) -> None:
-    """Single-process save: every parameter is local and full-size."""
+@torch.no_grad()
+def save_pretrained(model: torch.nn.Module, url: str, *, tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+                    is_writer: bool = True, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
+                    tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None,
+                    storage_options: dict[str, Any] | None = None) -> None:
+    """Stream ``model`` into the HF layout at ``url`` (per-expert keys; index and COMPLETE last).
+
+    ``tensors`` yields (parameter name, full tensor) in ``named_parameters`` order; by default the
+    model's own parameters (one process, full tensors).  For a partitioned model every rank passes
+    ``moe_train.parallel.zero3.gathered_parameters(model)`` (each item is a collective) and only the
+    ``is_writer`` rank writes; no more than one gathered parameter is held at a time.
+    """
     expected = expected_hf_keys(model)
-    params = dict(model.named_parameters())
-    planned = [PlannedTensor(k, params[slot.param].dtype, shape) for k, (slot, shape) in expected.items()]
-    writer = HFExportWriter(url, planned, max_shard_size, storage_options)
+    writer = None
+    if is_writer:
+        dtypes = {canonical_name(name): p.dtype for name, p in model.named_parameters()}
+        planned = [PlannedTensor(k, dtype or dtypes[slot.param], shape) for k, (slot, shape) in expected.items()]
+        writer = HFExportWriter(url, planned, max_shard_size, storage_options)
     try:
-        for key, (slot, _) in expected.items():
-            writer.write(key, slot.view(params[slot.param]))
+        for name, full in model.named_parameters() if tensors is None else tensors:
+            if writer is None:
+                continue
+            for key, slot in ours_to_hf(name, model.config):
+                t = slot.view(full.data)
+                writer.write(key, t if dtype is None else t.to(dtype))
+        if writer is not None:
+            writer.finish(model.config, tokenizer_dir, extra)
     except BaseException:
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         raise
-    writer.finish(model.config, tokenizer_dir)

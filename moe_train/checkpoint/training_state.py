@@ -24,16 +24,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_train.checkpoint.hf_layout import open_url
+from moe_train.storage import is_local, resolve
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _ZERO_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank optimizer partition files
-
-
-def is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def rng_state() -> dict[str, Any]:
@@ -51,7 +46,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class CheckpointManager:
     def __init__(self, work_dir: str, rank: int, keep: int, storage_options: dict[str, Any] | None = None) -> None:
-        self.fs, root = open_url(work_dir, storage_options)
+        self.fs, root = resolve(work_dir, storage_options)
         self.url = work_dir.rstrip("/")
         self.root = posixpath.join(root, "checkpoints")
         self.rank, self.keep = rank, keep
@@ -150,7 +145,7 @@ class CheckpointManager:
         if resume == "auto":
             latest = self.latest()
             return (self.fs, latest) if latest else None
-        fs, path = open_url(resume)
+        fs, path = resolve(resume)
         if not fs.exists(posixpath.join(path, COMPLETE)):
             raise ValueError(f"--resume {resume} is not a complete checkpoint (no {COMPLETE} inside); "
                              "pass a step-N directory under <work_dir>/checkpoints or use --resume auto")

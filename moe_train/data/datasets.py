@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from moe_train.checkpoint.hf_layout import open_url
+from moe_train.storage import resolve
 
 ROLES = ("system", "user", "assistant")
 DATA_SUFFIXES = (".json", ".jsonl")
@@ -42,7 +42,7 @@ def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str
     files = []
     for url in paths:
         try:
-            fs, path = open_url(url)
+            fs, path = resolve(url)
         except ValueError as e:  # unknown protocol or its package missing
             raise DataError(str(e)) from None
         if any(c in path for c in "*?["):

@@ -30,13 +30,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_train.checkpoint.hf_layout import copy_tokenizer, open_url, read_config
-from moe_train.checkpoint.training_state import CheckpointManager, is_local, rng_state, set_rng_state
+from moe_train.checkpoint.hf_layout import copy_tokenizer, read_config
+from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moe_train.models.deepseek_v2.model import causal_lm_loss
+from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
+from moe_train.storage import is_local, resolve
 
 
 @dataclass
@@ -71,7 +73,7 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
 
 def check_work_dir(url: str, rank: int) -> Any:
     """Fail early, on every rank, if the work dir cannot be written."""
-    fs, root = open_url(url)
+    fs, root = resolve(url)
     probe = posixpath.join(root, f".write-probe-{rank}")
     try:
         fs.makedirs(root, exist_ok=True)
@@ -89,39 +91,27 @@ def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
     src = recipe.tokenizer or model_url
     if src is None:
         raise ValueError(f"recipe {recipe.name} names no tokenizer or model; pass --model PATH|URL")
-    fs, root = open_url(src)
+    fs, root = resolve(src)
     if not fs.exists(posixpath.join(root, "tokenizer.json")) and not fs.exists(posixpath.join(root, "tokenizer.model")):
         raise FileNotFoundError(f"no tokenizer (tokenizer.json) in {src}; put the tokenizer files next to the "
                                 "model or set the recipe's tokenizer")
     if is_local(fs):
         return root
     tmp = tempfile.mkdtemp(prefix="moe-train-tokenizer-")
-    copy_tokenizer(src, *open_url(tmp))
+    copy_tokenizer(src, *resolve(tmp))
     return tmp
 
 
 def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
                 model_url: str | None, seed: int, activation_checkpointing: bool) -> DeepseekV2ForCausalLM:
-    """Build the model partitioned from the start under ZeRO-3, then fill its partitions."""
-    import deepspeed
-
+    """The model partitioned from the start (ZeRO-3), its partitions filled from the source."""
     from moe_train.checkpoint.hf_layout import load_into
     from moe_train.engine.weights import open_source
 
-    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    # dtype comes from the config's bf16 block: an explicit dtype= is ignored on CPU by
-    # DeepSpeed 0.19 (operator precedence in Init._set_dtype), which silently gave bf16 weights.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3, mem_efficient_linear=False):
-        model = DeepseekV2ForCausalLM(cfg)
-    if not zero3:
-        model = model.to(device=device, dtype=dtype)
-    else:
-        wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
-        if wrong:
-            raise ValueError(f"ZeRO-3 partitions are {sorted(map(str, wrong))}, expected {dtype}; set the DeepSpeed "
-                             'config\'s "bf16": {"enabled": "auto"} (or match the recipe\'s dtype)')
-    load_into(model, open_source(cfg, model, model_url, seed))
-    model.activation_checkpointing = activation_checkpointing
+    model = zero3.build(lambda: DeepseekV2ForCausalLM(cfg), ds_config, dtype, device)
+    load_into(model, open_source(cfg, model, model_url, seed), partition=zero3.partition)
+    if activation_checkpointing:
+        zero3.apply_activation_checkpointing(model.model.layers)
     return model
 
 
@@ -150,13 +140,73 @@ class Job:
         return self.tc.recipe
 
 
-def setup(tc: TrainConfig) -> Job:
-    """Process group, data, model (partitioned from the start), DeepSpeed engine, resume."""
-    import deepspeed
+@dataclass
+class Data:
+    loader: Any
+    tokenizer_dir: str
+    pad_id: int
+    steps_per_epoch: int
+
+
+def build_data(r: Recipe, rank: int, world: int) -> Data:
+    """Tokenizer, packed dataset and this rank's loader."""
     from transformers import AutoTokenizer
 
     from moe_train.data import PackedLoader, build_packed_dataset
-    from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config, offloads_optimizer
+
+    tokenizer_dir = local_tokenizer_dir(r, r.model)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not r.data:
+        raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
+    packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
+    _log(rank, f"data: {stats}")
+    pad_id = tokenizer.pad_token_id or 0
+    loader = PackedLoader(packs, dp_rank=rank // r.sp, dp_size=world // r.sp, seed=r.seed, shuffle=r.shuffle,
+                          micro_batch_size=r.micro_batch_size, pad_id=pad_id)
+    steps_per_epoch = len(loader) // r.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(loader)} micro-batches per rank are fewer than grad_accum={r.grad_accum}; "
+                         "lower grad_accum or add data")
+    return Data(loader, tokenizer_dir, pad_id, steps_per_epoch)
+
+
+def build_engine(r: Recipe, cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype,
+                 device: torch.device, world: int, schedule_steps: int) -> tuple[Any, Any]:
+    """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
+    from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
+
+    ds_config = fill_auto(ds_config, micro_batch_size=1, grad_accum=r.grad_accum, world_size=world,
+                          grad_clip=r.max_grad_norm, bf16=dtype == torch.bfloat16, hidden_size=cfg.hidden_size)
+    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing)
+    if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
+                                     adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, r.warmup_ratio, r.min_lr_ratio))
+    return zero3.initialize(model, optimizer, scheduler, ds_config)
+
+
+def resume_state(ckpt: CheckpointManager, resume: tuple[Any, str] | None, engine: Any, loader: Any, rank: int) -> int:
+    """Load the resume point into the engine and loader; the step to continue from (0: a fresh start)."""
+    if rank == 0:
+        for path in ckpt.remove_incomplete():
+            _log(rank, f"removed incomplete checkpoint {path}")
+    dist.barrier()
+    if not resume:
+        return 0
+    state = ckpt.load(engine, resume)
+    loader.load_state_dict(state["loader"])
+    set_rng_state(state["rng"])
+    _log(rank, f"resumed from {resume[1]} at step {state['step']}")
+    return state["step"]
+
+
+def setup(tc: TrainConfig) -> Job:
+    """Process group, data, model (partitioned from the start), DeepSpeed engine, resume."""
+    from moe_train.engine.deepspeed_config import load_deepspeed_config
     from moe_train.engine.distributed import init_distributed
     from moe_train.parallel import SequenceParallel
 
@@ -175,52 +225,17 @@ def setup(tc: TrainConfig) -> Job:
 
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else DeepseekV2Config.from_name(r.model_size, **layout)
-    tokenizer_dir = local_tokenizer_dir(r, r.model)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if not r.data:
-        raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
-    packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
-    _log(rank, f"data: {stats}")
-    loader = PackedLoader(packs, dp_rank=rank // r.sp, dp_size=world // r.sp, seed=r.seed, shuffle=r.shuffle,
-                          micro_batch_size=r.micro_batch_size, pad_id=tokenizer.pad_token_id or 0)
-    steps_per_epoch = len(loader) // r.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(loader)} micro-batches per rank are fewer than grad_accum={r.grad_accum}; "
-                         "lower grad_accum or add data")
+    data = build_data(r, rank, world)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
-    schedule_steps = steps_per_epoch * r.epochs
+    schedule_steps = data.steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
-
-    ds_config = fill_auto(ds_config, micro_batch_size=1, grad_accum=r.grad_accum, world_size=world,
-                          grad_clip=r.max_grad_norm, bf16=dtype == torch.bfloat16, hidden_size=cfg.hidden_size)
-    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing)
-    if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
-                                     adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, r.warmup_ratio, r.min_lr_ratio))
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+    engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps)
     if seq is not None:
         seq.apply(engine.module)
-
-    if rank == 0:
-        for path in ckpt.remove_incomplete():
-            _log(rank, f"removed incomplete checkpoint {path}")
-    dist.barrier()
-    step = 0
-    if resume:
-        state = ckpt.load(engine, resume)
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        _log(rank, f"resumed from {resume[1]} at step {step}")
-    return Job(tc, rank, world, device, cfg, engine, scheduler, loader, seq, ckpt, fs, work_root, tokenizer_dir,
-               step, total_steps)
+    step = resume_state(ckpt, resume, engine, data.loader, rank)
+    return Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fs, work_root,
+               data.tokenizer_dir, step, total_steps)
 
 
 def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,15 +296,16 @@ def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> d
 
 def export(job: Job, step: int) -> dict[str, Any]:
     """Stream the trained model into `{work_dir}/hf_model`; reports the writer's peak memory."""
+    from moe_train.checkpoint.hf_layout import save_pretrained
     from moe_train.engine.memory import PeakRSS
-    from moe_train.engine.weights import export_hf
 
     url = posixpath.join(job.tc.work_dir.rstrip("/"), "hf_model")
     module = job.engine.module
     t0 = time.perf_counter()
     with PeakRSS() as rss:
-        export_hf(module, url, is_writer=job.rank == 0, tokenizer_dir=job.tokenizer_dir,
-                  extra={"step": step, "recipe": job.recipe.name})
+        save_pretrained(module, url, tensors=zero3.gathered_parameters(module), is_writer=job.rank == 0,
+                        tokenizer_dir=job.tokenizer_dir, extra={"step": step, "recipe": job.recipe.name})
+    dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
     out = {"hf_model": url, "export_seconds": time.perf_counter() - t0,
            "export_peak_rss_delta_mb": rss.peak_delta / 2**20, "model_mb": model_bytes / 2**20}

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from moe_train.models.deepseek_v2.attention import MLAttention, RMSNorm, _linear
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
@@ -68,7 +67,6 @@ class DeepseekV2ForCausalLM(nn.Module):
         self.config = config
         self.model = DeepseekV2Model(config, attn_backend)
         self.lm_head = _linear(config, config.hidden_size, config.vocab_size)
-        self.activation_checkpointing = False
 
     def forward(
         self,
@@ -91,10 +89,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         aux_losses, loads = [], []
         for layer in self.model.layers:
-            if self.activation_checkpointing and self.training:
-                x, aux, load = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, segment_T, use_reentrant=False)
-            else:
-                x, aux, load = layer(x, cos, sin, cu_seqlens, max_seqlen, segment_T)
+            x, aux, load = layer(x, cos, sin, cu_seqlens, max_seqlen, segment_T)
             if aux is not None:
                 aux_losses.append(aux)
             if load is not None:

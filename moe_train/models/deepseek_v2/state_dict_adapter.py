@@ -65,8 +65,19 @@ def _rows(cfg: DeepseekV2Config, part: str) -> tuple[int, int] | None:
     return {"gate": (0, f), "up": (f, 2 * f), "all": None}[part]
 
 
+# Name segments that wrappers add around our modules: DeepSpeed's engine, torch.compile, activation
+# checkpointing.  They are stripped explicitly; anything else unknown is an error, never exported.
+WRAPPER_SEGMENTS = frozenset({"module", "_orig_mod", "_checkpoint_wrapped_module"})
+
+
+def canonical_name(name: str) -> str:
+    """Our parameter name without the segments wrappers add (see WRAPPER_SEGMENTS)."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
 def ours_to_hf(name: str, cfg: DeepseekV2Config) -> list[tuple[str, Slot]]:
     """The HF tensors stored in our parameter `name`, in checkpoint order."""
+    name = canonical_name(name)
     if cfg.moe_implementation == "shard":
         for pattern, parts in _TO_HF_PATTERNS:
             m = pattern.match(name)
