@@ -8,11 +8,14 @@ burst of load from elsewhere hits all variants alike instead of one.
 from __future__ import annotations
 
 import os
+import socket
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
@@ -93,3 +96,38 @@ class Result:
     def __str__(self) -> str:
         parts = [f"## {self.title}", self.table, self.notes, "\n".join(f"- {v}" for v in self.verdicts())]
         return "\n\n".join(p for p in parts if p) + "\n"
+
+
+_S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def moto_s3():
+    """A real S3-protocol server (moto) on a free loopback port, in a child process; yields storage
+    options.  The benchmarks and the tests (tests/conftest.py) share it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    old = {k: os.environ.get(k) for k in _S3_ENV}
+    os.environ.update(_S3_ENV)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the moto S3 server did not start") from None
+                time.sleep(0.1)
+        yield {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -16,17 +16,15 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 
 import torch
 
-from bench.common import Result, table
+from bench.common import Result, moto_s3, table
 from moe_train.storage import resolve
 from moe_train.engine.memory import PeakRSS
 from moe_train.checkpoint.hf_layout import save_pretrained
@@ -38,40 +36,6 @@ MODES = {
     "quick": dict(hidden=512, experts=16, ffn=512, layers=5, shard="200MB", repeats=(21, 2)),
     "full": dict(hidden=1024, experts=16, ffn=704, layers=4, shard="400MB", repeats=(31, 3)),
 }
-_S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@contextmanager
-def moto_s3():
-    """A moto S3 server on a free loopback port, in a child process; yields storage options."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    old = {k: os.environ.get(k) for k in _S3_ENV}
-    os.environ.update(_S3_ENV)
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the moto S3 server did not start") from None
-                time.sleep(0.1)
-        yield {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def export_model(mode: str) -> DeepseekV2ForCausalLM:
     m = MODES[mode]
     cfg = DeepseekV2Config.from_name("tiny", hidden_size=m["hidden"], intermediate_size=2 * m["hidden"],

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                "origin": base.replace(moe_implementation="origin", expert_in_one_shard=None)}
     results = {name: measure(cfg, rows, warmup, device, dtype) for name, cfg in layouts.items()}
 
-    from moe_train.models.deepseek_v2.attention import resolve_backend
+    from moe_train.models.common.attention import resolve_backend
 
     attn = resolve_backend("auto", device)
     table_rows = [[name, r["step_s"] * 1e3, r["tgs"], r["tflops"], f"{r['tflops'] / peak:.1%}" if peak else "-",

@@ -80,7 +80,8 @@ class SavedActivations:
 def _worker(rank: int, sp: int, mode: str, out_dir: str) -> None:
     from moe_train.engine.distributed import hard_exit
     from moe_train.engine.memory import PeakRSS
-    from moe_train.models.deepseek_v2.model import causal_lm_loss
+    from moe_train.models.common.loss import cross_entropy, shift_labels
+    from moe_train.models.deepseek_v2 import SPEC
     from moe_train.parallel import SequenceParallel
 
     overrides, tokens, samples = MODES[mode]
@@ -93,17 +94,16 @@ def _worker(rank: int, sp: int, mode: str, out_dir: str) -> None:
     if sp > 1:
         dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank, world_size=sp)
         seq = SequenceParallel(sp)
-        seq.apply(model)
+        seq.apply(model, SPEC)
 
     def fwd_bwd(batch: dict) -> None:
         ntok = batch["num_loss_tokens"]
         if seq is not None:
             batch = seq.shard(batch, pad_id=0)
-        out = model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"])
-        if seq is None:
-            ce = causal_lm_loss(out.logits, batch["labels"], reduction="sum")
-        else:
-            ce = seq.loss(out.logits, batch["labels"])
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                    segment_ids=batch.get("segment_ids"))
+        targets = batch["targets"] if seq is not None else shift_labels(batch["labels"])
+        ce = cross_entropy(out.logits, targets)
         (ce * sp / ntok + out.aux_loss).backward()
 
     fwd_bwd(packed_row(256, 2, cfg.vocab_size))  # warm-up: thread pools, kernels, lazy state

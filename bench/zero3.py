@@ -169,7 +169,7 @@ def run_variant(mode: str, counter: CollectiveCounter, name: str, impl: str, sha
 
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
     from moe_train.engine.train import build_model
-    from moe_train.models.deepseek_v2.model import causal_lm_loss
+    from moe_train.models.common.loss import causal_lm_loss
     from moe_train.models.deepseek_v2.moe import MoE
 
     cfg = model_config(mode, impl, shard)

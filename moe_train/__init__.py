@@ -1,5 +1,6 @@
-"""moe-train: DeepSeek V2 MoE full fine-tuning with sharded experts."""
+"""moe-train: full fine-tuning of DeepSeek-family MoE models with sharded experts under DeepSpeed ZeRO-3."""
 
+import moe_train.checkpoint  # noqa: F401  (gives every family's model from_pretrained / save_pretrained)
 from moe_train.models.deepseek_v2 import CausalLMOutput, DeepseekV2Config, DeepseekV2ForCausalLM
 
 __all__ = ["CausalLMOutput", "DeepseekV2Config", "DeepseekV2ForCausalLM"]

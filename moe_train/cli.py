@@ -8,6 +8,9 @@ import typing
 
 import click
 
+from moe_train.engine.distributed import LAUNCHERS
+from moe_train.engine.preemption import DEFAULT_GRACE_S
+from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
 from moe_train.plan.command import plan
 from moe_train.recipes import RECIPES, Recipe, get_recipe
 
@@ -30,7 +33,7 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
     if not sep or key not in fields or key == "name":
         raise click.BadParameter(f"{item!r}: expected key=value with key one of {sorted(set(fields) - {'name'})}",
                                  param_hint="--cfg-options")
-    textual = isinstance(getattr(recipe, key), str) or key in ("model", "model_size", "tokenizer")
+    textual = "str" in str(typing.get_type_hints(Recipe)[key])  # str or str | None: a bare word is text
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -47,7 +50,7 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.argument("recipe_name", metavar="RECIPE")
 @click.option("--deepspeed", default=None, help="DeepSpeed config: a shipped name (deepspeed_zero2, deepspeed_zero3, "
               "deepspeed_zero3_offload) or a JSON path. Default: the recipe's.")
-@click.option("--launcher", type=click.Choice(["none", "pytorch", "slurm"]), default="none", show_default=True,
+@click.option("--launcher", type=click.Choice(LAUNCHERS), default="none", show_default=True,
               help="How processes were started: none (one process), pytorch (torchrun env), slurm (plain srun).")
 @click.option("--work-dir", default=None, help="Local path or fsspec URL for checkpoints, metrics and the HF "
               "export. Default: work_dirs/RECIPE.")
@@ -57,7 +60,7 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.option("--varlen/--no-varlen", default=None, help="Attend only within each packed sample (default) or across "
               "the whole pack (XTuner's classic packing).")
 @click.option("--sp", type=click.IntRange(min=1), default=None, help="Sequence-parallel degree (must divide the world size).")
-@click.option("--moe-implementation", type=click.Choice(["shard", "origin"]), default=None,
+@click.option("--moe-implementation", type=click.Choice(MOE_IMPLEMENTATIONS), default=None,
               help="Experts stacked in shards (default) or one module per expert (baseline).")
 @click.option("--expert-in-one-shard", type=click.IntRange(min=1), default=None, help="Experts per shard; must divide the expert count.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimiser steps.")
@@ -72,7 +75,7 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. "
               "grad_accum=4 or betas='(0.9,0.95)'. Repeatable.")
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
-@click.option("--preempt-grace", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+@click.option("--preempt-grace", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_GRACE_S, show_default=True,
               metavar="SECONDS",
               help="Time the scheduler allows between SIGTERM/SIGUSR1 and SIGKILL (Slurm KillWait or GraceTime, "
               "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout): on a stop signal the "

@@ -12,15 +12,17 @@ from importlib import resources
 from typing import Any
 
 ASSETS = resources.files("moe_train") / "assets"
+DTYPES = ("bf16", "fp32")  # bf16: bf16 weights, fp32 master copy, router and loss; fp32: everything fp32
 
 
 @dataclass
 class Recipe:
     name: str
     description: str
-    # Model: a HF checkpoint directory or fsspec URL, or a named size initialised from `seed`.
+    # Model: a HF checkpoint directory or fsspec URL, or a named size of `family` initialised from `seed`.
     model: str | None = None
     model_size: str | None = None
+    family: str = "deepseek_v2"  # the model_type of the family's config.json (for model_size)
     tokenizer: str | None = None  # defaults to the model directory
     moe_implementation: str = "shard"
     expert_in_one_shard: int | None = None
@@ -50,6 +52,13 @@ class Recipe:
     save_total_limit: int = 2
     seed: int = 0
     deepspeed: str = "deepspeed_zero3"
+
+    def __post_init__(self) -> None:
+        choices = {"dtype": DTYPES, "too_long": ("truncate", "drop")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"recipe {self.name}: {name}={getattr(self, name)!r} is not one of {list(allowed)}; "
+                                 f"set --cfg-options {name}=... to one of them")
 
     def replace(self, **changes: Any) -> "Recipe":
         return dataclasses.replace(self, **changes)

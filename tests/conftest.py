@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -36,26 +35,12 @@ def hf_reference(cfg: DeepseekV2Config, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3-protocol server (moto in server mode) on loopback; yields storage options."""
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in creds}
-    os.environ.update(creds)
-    endpoint = f"http://127.0.0.1:{port}"
+    """A real S3-protocol server (moto in server mode) on loopback; yields endpoint, storage options, bucket."""
     import s3fs
 
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, anon=False)
-    fs.mkdir("moe-train-test")
-    yield {"endpoint": endpoint, "storage_options": {"client_kwargs": {"endpoint_url": endpoint}}, "bucket": "moe-train-test"}
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    from bench.common import moto_s3
+
+    with moto_s3() as options:
+        s3fs.S3FileSystem(**options, anon=False).mkdir("moe-train-test")
+        yield {"endpoint": options["client_kwargs"]["endpoint_url"], "storage_options": options,
+               "bucket": "moe-train-test"}

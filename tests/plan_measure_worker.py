@@ -123,7 +123,7 @@ def main(out_dir: str, spec: dict) -> None:
     from moe_train.engine.distributed import destroy_distributed, hard_exit, init_distributed
     from moe_train.engine.train import build_model
     from moe_train.models.deepseek_v2 import DeepseekV2Config
-    from moe_train.models.deepseek_v2.model import causal_lm_loss
+    from moe_train.models.common.loss import causal_lm_loss
 
     info = init_distributed("pytorch")
     rank, world = info.rank, info.world_size

@@ -49,6 +49,36 @@ def test_train_cli_surface_is_pinned():
     assert all(p.help for p in train.params if isinstance(p, click.Option))
 
 
+# train options that are not recipe fields: how and where the job runs
+_RUN_OPTIONS = {"recipe_name", "deepspeed", "launcher", "work_dir", "resume", "peak_tflops", "cfg_options", "no_export",
+                "preempt_grace"}
+
+
+def test_recipe_flags_of_train_are_recipe_fields_of_the_same_type():
+    """The typed shortcuts beside --cfg-options must stay in step with Recipe."""
+    import dataclasses
+    import typing
+
+    from moe_train.recipes import Recipe
+
+    hints = typing.get_type_hints(Recipe)
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    for param in train.params:
+        if param.name in _RUN_OPTIONS:
+            continue
+        assert param.name in fields, f"--{param.name} is not a Recipe field"
+        hint = str(hints[param.name])
+        kinds = [(click.types.BoolParamType, "bool"), (click.types.IntParamType, "int"),
+                 (click.types.FloatParamType, "float"), (click.Choice, "str"), (click.types.StringParamType, "str")]
+        kind = next(k for t, k in kinds if isinstance(param.type, t))
+        assert kind and kind in hint, f"--{param.name} parses {param.type!r} but Recipe.{param.name} is {hint}"
+
+
+def test_recipe_rejects_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype='fp16' is not one of"):
+        get_recipe("tiny").replace(dtype="fp16")
+
+
 @pytest.mark.parametrize("item,expected", [
     ("grad_accum=4", ("grad_accum", 4)),
     ("betas=(0.9, 0.95)", ("betas", (0.9, 0.95))),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_train import DeepseekV2Config, DeepseekV2ForCausalLM
-from moe_train.models.deepseek_v2.moe import balance_loss
+from moe_train.models.common.experts import balance_loss
 from moe_train.models.deepseek_v2.state_dict_adapter import ours_to_hf
 from tests.conftest import tiny_config
 
@@ -104,8 +104,22 @@ def test_balance_loss_per_sample_matches_direct_formula():
         n = scores[seg].shape[0]
         f = torch.stack([(index[seg] == e).sum() for e in range(E)]).float() * E / (n * K)
         expected += (f * scores[seg].mean(0)).sum() / 2
-    got = balance_loss(cfg, scores, index, segment)
+    got = balance_loss(scores, index, segment, cfg.aux_loss_alpha)
     assert abs(got.item() - expected.item() * cfg.aux_loss_alpha) < 1e-7
+    # Padding (-1) is left out: appended padding tokens change nothing.
+    padded = balance_loss(torch.cat([scores, scores[:3]]), torch.cat([index, index[:3]]),
+                          torch.cat([segment, torch.full((3,), -1)]), cfg.aux_loss_alpha)
+    assert padded.item() == got.item()
+
+
+def test_seq_balance_loss_without_cu_seqlens_is_per_row():
+    """DeepSeek's code takes the sequence balance loss per row of a (B, T) batch; pooling the rows differs."""
+    torch.manual_seed(0)
+    model = DeepseekV2ForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, 512, (2, 9))
+    batch = model(ids).aux_loss
+    rows = sum(model(ids[i:i + 1]).aux_loss for i in range(2)) / 2
+    assert abs(batch.item() - rows.item()) < 1e-8
 
 
 def test_norm_topk_prob_normalises_weights():

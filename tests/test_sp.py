@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from moe_train.data import PackedLoader
 from moe_train.data.packing import Pack
-from moe_train.models.deepseek_v2.attention import varlen_attention
+from moe_train.models.common.attention import VarlenAttention, varlen_attention
+from moe_train.models.deepseek_v2 import SPEC
 from moe_train.parallel.sequence import join_after_exchange, pad_heads, shard_row, split_for_exchange
 from tests.conftest import tiny_config
 from tests.launch import check, metrics, summary, torchrun
@@ -40,20 +41,19 @@ def test_shard_row_shifts_labels_before_the_split_and_pads_in_a_sample_of_its_ow
     parts = [shard_row(batch, rank, size, pad_id=1) for rank in range(size)]
     pad = -7 % size
     n = (7 + pad) // size
-    assert all(p["input_ids"].shape == (1, n) for p, _, _ in parts)
-    cat = {key: torch.cat([p[key] for p, _, _ in parts], dim=1) for key in ("input_ids", "labels", "position_ids")}
+    assert all(p["input_ids"].shape == (1, n) for p in parts)
+    cat = {key: torch.cat([p[key] for p in parts], dim=1) for key in ("input_ids", "targets", "position_ids")}
     assert cat["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10, 11] + [1] * pad
     # Token t is scored against label t+1, wherever that label lives: rank 0's last token (t = n-1)
     # carries the label of the first token of rank 1.
-    assert cat["labels"][0].tolist() == [6, 7, 8, IGNORE, 10, 11, IGNORE] + [IGNORE] * pad
-    assert parts[0][0]["labels"][0, -1].item() == batch["labels"][0, n].item()
+    assert cat["targets"][0].tolist() == [6, 7, 8, IGNORE, 10, 11, IGNORE] + [IGNORE] * pad
+    assert parts[0]["targets"][0, -1].item() == batch["labels"][0, n].item()
     assert cat["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2] + list(range(pad))
-    for p, _, _ in parts:  # the whole padded row's boundaries, the padding a sample of its own
+    for p in parts:  # the whole padded row's boundaries, the padding a sample of its own
         assert p["cu_seqlens"].tolist() == [0, 4, 7] + ([7 + pad] if pad else [])
         assert p["max_seqlen"] == 4
-    assert sum(p["num_loss_tokens"] for p, _, _ in parts) == batch["num_loss_tokens"] == 5
-    assert torch.cat([s for _, s, _ in parts]).tolist() == [0, 0, 0, 0, 1, 1, 1] + [-1] * pad
-    assert parts[0][2].tolist() == [4.0, 3.0]
+    assert sum(p["num_loss_tokens"] for p in parts) == batch["num_loss_tokens"] == 5
+    assert torch.cat([p["segment_ids"] for p in parts]).tolist() == [0, 0, 0, 0, 1, 1, 1] + [-1] * pad
 
 
 def test_exchange_layout_and_head_padding_give_full_attention():
@@ -97,18 +97,30 @@ def _three_rank_worker(rank: int, init_file: str) -> None:
     H, D, V = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
     q, k, v = torch.randn(1, 9, H, D), torch.randn(1, 9, H, D), torch.randn(1, 9, H, V)
     grad_out = torch.randn(1, 9, H, V)
-    attend = functools.partial(varlen_attention, scale=cfg.softmax_scale, backend="sdpa")
+    attend = VarlenAttention(cfg.softmax_scale, backend="sdpa")
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     expected = attend(*full, cu, part["max_seqlen"])
     expected.backward(grad_out)
     local = [t[:, mine].clone().requires_grad_() for t in (q, k, v)]
-    from moe_train.parallel.sequence import ulysses_attention
+    from moe_train.parallel.sequence import UlyssesAttention
 
-    out = ulysses_attention(attend, *local, cu, part["max_seqlen"], group=seq.group)
+    out = UlyssesAttention(attend, seq.group)(*local, cu, part["max_seqlen"])
     out.backward(grad_out[:, mine])
     torch.testing.assert_close(out, expected[:, mine], rtol=0, atol=1e-6)
     for a, b in zip(local, full):
         torch.testing.assert_close(a.grad, b.grad[:, mine], rtol=0, atol=1e-6)
+
+    # GQA: 6 q heads over 3 k/v heads (q head h reads k/v head h // 2); q and k/v exchanged separately.
+    def gqa(q, k, v, cu, max_seqlen):
+        rep = q.shape[2] // k.shape[2]
+        return attend(q, k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2), cu, max_seqlen)
+
+    q6, k3, v3 = torch.randn(1, 9, 6, D), torch.randn(1, 9, 3, D), torch.randn(1, 9, 3, V)
+    expected = gqa(q6, k3, v3, cu, part["max_seqlen"])
+    out = UlyssesAttention(gqa, seq.group)(q6[:, mine], k3[:, mine], v3[:, mine], cu, part["max_seqlen"])
+    torch.testing.assert_close(out, expected[:, mine], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="k/v heads"):
+        UlyssesAttention(gqa, seq.group)(q6[:, mine], k3[:, mine, :2], v3[:, mine, :2], cu, part["max_seqlen"])
 
     # MoE: the balance loss shares add up to the whole row's loss, gradients included, and the
     # expert load leaves the padding out.
@@ -119,9 +131,9 @@ def _three_rank_worker(rank: int, init_file: str) -> None:
     aux_ref.backward()
     moe = MoE(cfg).train()
     moe.load_state_dict(reference.state_dict())
-    seq.apply(moe)
+    seq.apply(moe, SPEC)
     x_local = x[:, mine].clone().requires_grad_()
-    _, aux, load = moe(x_local, None)
+    _, aux, load = moe(x_local, part["segment_ids"])
     (aux / 3).backward()  # what the world average does: DeepSpeed divides by the 3 ranks
     total = torch.stack([aux.detach() / 3, load.float().sum()])
     dist.all_reduce(total)

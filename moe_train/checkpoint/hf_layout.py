@@ -1,26 +1,27 @@
-"""The official DeepSeek V2 HF checkpoint layout on any fsspec URL.
+"""Checkpoints in a family's official HF layout on any fsspec URL.
 
-Layout: ``config.json``, ``model-0000i-of-0000n.safetensors`` shards with per-expert keys
-(``model.layers.{L}.mlp.experts.{E}.{gate,up,down}_proj.weight``),
-``model.safetensors.index.json`` (or a single ``model.safetensors`` when reading) and the
-tokenizer files.  Writing ends with the index and then ``COMPLETE``: a directory without them is
-a partial export and is never read as a finished one.
+Layout: ``config.json``, ``model-0000i-of-0000n.safetensors`` shards with the family's HF keys
+(per-expert for DeepSeek: ``model.layers.{L}.mlp.experts.{E}.{gate,up,down}_proj.weight``),
+``model.safetensors.index.json`` (or a single ``model.safetensors`` when reading), the tokenizer
+files and any remote-code ``*.py`` of the source.  Writing ends with the index and then
+``COMPLETE``: a directory without them is a partial export and is never read as a finished one.
+The family comes from config.json's ``model_type`` (``moe_train.models.spec_for``).
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 
-from moe_train.storage import resolve
 from moe_train.checkpoint.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsStreamWriter
-from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.models.deepseek_v2.state_dict_adapter import Slot, canonical_name, ours_to_hf, slot_shape
+from moe_train.models import spec_for, spec_of
+from moe_train.models.common.key_map import Slot, canonical_name
+from moe_train.storage import redact, resolve
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -29,26 +30,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
-def parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", size.upper())
-    if not m:
-        raise ValueError(f"max_shard_size={size!r} is not a size; use bytes or e.g. '5GB', '500MB'")
-    units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    return int(float(m.group(1)) * units[m.group(2)])
-
-
-def read_config(url: str, storage_options: dict[str, Any] | None = None, **layout: Any) -> DeepseekV2Config:
+def read_config(url: str, storage_options: dict[str, Any] | None = None, **layout: Any) -> Any:
+    """The config of the checkpoint at ``url``, as its family's config class (``layout``: expert layout)."""
     fs, root = resolve(url, storage_options)
     if not fs.exists(root):
-        raise FileNotFoundError(f"{url} does not exist; pass a DeepSeek V2 checkpoint directory or URL")
+        raise FileNotFoundError(f"{redact(url)} does not exist; pass a checkpoint directory or URL")
     path = posixpath.join(root, "config.json")
     if not fs.exists(path):
-        raise FileNotFoundError(f"{url} has no config.json; is it a HF checkpoint directory?")
+        raise FileNotFoundError(f"{redact(url)} has no config.json; is it a HF checkpoint directory?")
     with fs.open(path, "r") as f:
-        return DeepseekV2Config.from_hf_dict(json.load(f), **layout)
+        d = json.load(f)
+    return spec_for(d.get("model_type")).config(d, **layout)
 
 
 class HFCheckpoint:
@@ -107,17 +99,18 @@ def expected_hf_keys(model: torch.nn.Module) -> dict[str, tuple[Slot, tuple[int,
 
     Shapes come from the same model built on the meta device, so a partitioned (ZeRO-3) or wrapped
     model needs no introspection of its parameters here."""
+    ours_to_hf = spec_of(model).ours_to_hf
     out = {}
     for name, shape in reference_shapes(model).items():
         for key, slot in ours_to_hf(name, model.config):
-            out[key] = (slot, slot_shape(slot, shape))
+            out[key] = (slot, slot.shape(shape))
     return out
 
 
 def reference_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Canonical parameter name -> full shape, from ``type(model)(model.config)`` on the meta device."""
+    """Canonical parameter name -> full shape, from the model's family built on the meta device."""
     with torch.device("meta"):
-        reference = type(model)(model.config)
+        reference = spec_of(model).build(model.config)
     return {name: tuple(p.shape) for name, p in reference.named_parameters()}
 
 
@@ -151,14 +144,15 @@ def load_into(model: torch.nn.Module, source: Any, partition: Callable[[torch.Te
                 local[lo - p_start:hi - p_start].copy_(source.read(key, lo - s_start, hi - s_start))
 
 
-def load_pretrained(cls, url: str, *, moe_implementation: str, expert_in_one_shard: int | None,
-                    dtype: torch.dtype, device: str | torch.device, attn_backend: str,
-                    storage_options: dict[str, Any]) -> torch.nn.Module:
+def load_pretrained(url: str, *, moe_implementation: str = "shard", expert_in_one_shard: int | None = None,
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn_backend: str = "auto",
+                    storage_options: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The model of whatever registered family the checkpoint at ``url`` holds, weights loaded."""
     cfg = read_config(url, storage_options, moe_implementation=moe_implementation,
                       expert_in_one_shard=expert_in_one_shard)
     ckpt = HFCheckpoint(url, storage_options)
     with torch.device("meta"):
-        model = cls(cfg, attn_backend=attn_backend)
+        model = spec_of(cfg).build(cfg, attn_backend=attn_backend)
     model = model.to_empty(device=device).to(dtype)
     load_into(model, ckpt)
     return model
@@ -168,28 +162,30 @@ class HFExportWriter:
     """Streams tensors into size-bounded safetensors shards, then writes index, config, COMPLETE.
 
     Tensors must be written in the order given at construction (the order in which the model's
-    modules are gathered).  Nothing but the current tensor is buffered here.
+    parameters are gathered).  Nothing but the current tensor is buffered here.  Shards are planned
+    as transformers plans them (huggingface_hub): in order, a tensor above the limit in a file of its own.
     """
 
     def __init__(self, url: str, tensors: list[PlannedTensor], max_shard_size: int | str = "5GB",
                  storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.fs, self.root = resolve(url, storage_options)
-        limit = parse_size(max_shard_size)
-        shards: list[list[PlannedTensor]] = [[]]
-        size = 0
-        for t in tensors:
-            if shards[-1] and size + t.nbytes > limit:
-                shards.append([])
-                size = 0
-            shards[-1].append(t)
-            size += t.nbytes
-        n = len(shards)
-        self.files = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
-        self.weight_map = {t.key: name for name, s in self.files for t in s}
+        by_key = {t.key: t for t in tensors}
+        try:
+            split = split_state_dict_into_shards_factory(by_key, get_storage_size=lambda t: t.nbytes,
+                                                         filename_pattern="model{suffix}.safetensors",
+                                                         max_shard_size=max_shard_size)
+        except ValueError:
+            raise ValueError(f"max_shard_size={max_shard_size!r} is not a size; use bytes or e.g. '5GB', "
+                             "'500MB'") from None
+        groups = list(split.filename_to_tensors.values())
+        n = len(groups)
+        self.files = {f"model-{i + 1:05d}-of-{n:05d}.safetensors": [by_key[k] for k in keys]
+                      for i, keys in enumerate(groups)}
+        self.weight_map = {t.key: name for name, planned in self.files.items() for t in planned}
         self.total_size = sum(t.nbytes for t in tensors)
-        self._next_file = 0
-        self._writer: SafetensorsStreamWriter | None = None
+        self._open: dict[str, SafetensorsStreamWriter] = {}
+        self._done: set[str] = set()
         self.fs.makedirs(self.root, exist_ok=True)
         # An earlier export here stops being complete before any of its files is replaced.
         for name in (COMPLETE, INDEX):
@@ -197,36 +193,47 @@ class HFExportWriter:
                 self.fs.rm(posixpath.join(self.root, name))
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        if self._writer is None or self._writer.done:
-            name, planned = self.files[self._next_file]
-            self._next_file += 1
-            self._writer = SafetensorsStreamWriter(self.fs, posixpath.join(self.root, name), planned)
-        self._writer.append(key, tensor)
+        name = self.weight_map[key]
+        if name not in self._open:
+            if name in self._done:
+                raise RuntimeError(f"{self.url}: {key} arrived after its file {name} was finished")
+            self._open[name] = SafetensorsStreamWriter(self.fs, posixpath.join(self.root, name), self.files[name])
+        writer = self._open[name]
+        writer.append(key, tensor)
+        if writer.done:
+            del self._open[name]
+            self._done.add(name)
 
-    def finish(self, config: DeepseekV2Config, tokenizer_dir: str | None = None,
-               extra: dict[str, Any] | None = None) -> None:
-        if self._writer is None or not self._writer.done or self._next_file != len(self.files):
+    def finish(self, config: Any, tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None,
+               source_dir: str | None = None) -> None:
+        if self._open or len(self._done) != len(self.files):
             raise RuntimeError(f"{self.url}: export finished before all tensors were written")
         if tokenizer_dir:
-            copy_tokenizer(tokenizer_dir, self.fs, self.root)
-        dtypes = [t.dtype for _, planned in self.files for t in planned]
+            copy_files(tokenizer_dir, self.fs, self.root, TOKENIZER_FILES)
+        if source_dir:  # DeepSeek's remote modeling code, so trust_remote_code users can load the export
+            src_fs, src_root = resolve(source_dir)
+            code = [posixpath.basename(p) for p in src_fs.ls(src_root, detail=False) if p.endswith(".py")]
+            copy_files(source_dir, self.fs, self.root, code)
+        dtypes = [t.dtype for planned in self.files.values() for t in planned]
         dtype = max(set(dtypes), key=dtypes.count)  # what the weights were written in
         self._put("config.json", config.to_hf_dict(torch_dtype=str(dtype).removeprefix("torch.")))
         self._put(INDEX, {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map})
-        self._put(COMPLETE, {"files": [name for name, _ in self.files], **(extra or {})})
+        self._put(COMPLETE, {"files": list(self.files), **(extra or {})})
 
     def abort(self) -> None:
-        if self._writer is not None and not self._writer.done:
-            self._writer.abort()
+        for writer in self._open.values():
+            writer.abort()
+        self._open.clear()
 
     def _put(self, name: str, obj: Any) -> None:
         with self.fs.open(posixpath.join(self.root, name), "w") as f:
             json.dump(obj, f, indent=2)
 
 
-def copy_tokenizer(src: str, fs: Any, root: str) -> None:
+def copy_files(src: str, fs: Any, root: str, names: Iterable[str]) -> None:
+    """Copy those of ``names`` that exist in directory ``src`` into ``root`` on ``fs``."""
     src_fs, src_root = resolve(src)
-    for name in TOKENIZER_FILES:
+    for name in names:
         path = posixpath.join(src_root, name)
         if src_fs.exists(path):
             with src_fs.open(path, "rb") as fin, fs.open(posixpath.join(root, name), "wb") as fout:
@@ -242,7 +249,7 @@ def is_complete(url: str, storage_options: dict[str, Any] | None = None) -> bool
 def save_pretrained(model: torch.nn.Module, url: str, *, tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
                     is_writer: bool = True, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
                     tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None,
-                    storage_options: dict[str, Any] | None = None) -> None:
+                    source_dir: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
     """Stream ``model`` into the HF layout at ``url`` (per-expert keys; index and COMPLETE last).
 
     ``tensors`` yields (parameter name, full tensor) in ``named_parameters`` order; by default the
@@ -251,6 +258,7 @@ def save_pretrained(model: torch.nn.Module, url: str, *, tensors: Iterable[tuple
     ``is_writer`` rank writes; no more than one gathered parameter is held at a time.
     """
     expected = expected_hf_keys(model)
+    ours_to_hf = spec_of(model).ours_to_hf
     writer = None
     if is_writer:
         dtypes = {canonical_name(name): p.dtype for name, p in model.named_parameters()}
@@ -264,7 +272,7 @@ def save_pretrained(model: torch.nn.Module, url: str, *, tensors: Iterable[tuple
                 t = slot.view(full.data)
                 writer.write(key, t if dtype is None else t.to(dtype))
         if writer is not None:
-            writer.finish(model.config, tokenizer_dir, extra)
+            writer.finish(model.config, tokenizer_dir, extra, source_dir)
     except BaseException:
         if writer is not None:
             writer.abort()

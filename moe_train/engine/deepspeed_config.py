@@ -66,6 +66,15 @@ def load_deepspeed_config(name_or_path: str) -> dict[str, Any]:
     return cfg
 
 
+def auto_buckets(hidden_size: int) -> dict[str, int]:
+    """The ZeRO bucket sizes "auto" stands for, from the hidden size (also what the planner assumes)."""
+    return {
+        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+
+
 def fill_auto(cfg: dict[str, Any], *, micro_batch_size: int, grad_accum: int, world_size: int,
               grad_clip: float | None, bf16: bool, hidden_size: int) -> dict[str, Any]:
     """A copy of ``cfg`` with every "auto" replaced by the trainer's value.
@@ -79,9 +88,7 @@ def fill_auto(cfg: dict[str, Any], *, micro_batch_size: int, grad_accum: int, wo
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": float(grad_clip or 0.0),  # 0 turns clipping off
         "bf16.enabled": bool(bf16),
-        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
-        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+        **auto_buckets(hidden_size),
     }
     filled = copy.deepcopy(cfg)
     unfilled: list[str] = []
@@ -110,7 +117,12 @@ def fill_auto(cfg: dict[str, Any], *, micro_batch_size: int, grad_accum: int, wo
     return filled
 
 
-def offloads_optimizer(cfg: dict[str, Any]) -> bool:
-    """Whether ZeRO keeps the optimizer state in host memory (then use DeepSpeedCPUAdam)."""
-    device = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+def offloads(cfg: dict[str, Any], what: str) -> bool:
+    """Whether ZeRO keeps ``what`` ("optimizer" or "param") in host memory or on NVMe."""
+    device = (cfg.get("zero_optimization", {}).get(f"offload_{what}") or {}).get("device", "none")
     return device not in (None, "none")
+
+
+def offloads_optimizer(cfg: dict[str, Any]) -> bool:
+    """Whether ZeRO keeps the optimizer state off the device (then the trainer uses DeepSpeedCPUAdam)."""
+    return offloads(cfg, "optimizer")

@@ -5,7 +5,8 @@ FLOPs of one training step (forward + backward = 3 x forward):
   + 6 * layers * heads * (qk_head_dim + v_head_dim) * sum_i s_i^2 / 2   (causal attention scores and
                                                               values over each packed sample i of s_i tokens)
 N_active counts attention, dense MLP, shared experts, the top-k routed experts, the router and the
-LM head; the embedding lookup is not a matmul and is left out.
+LM head, on the model built on the meta device (``moe_train.models.param_counts``); the embedding
+lookup and the norms are not matmuls and are left out.
 """
 
 from __future__ import annotations
@@ -17,32 +18,17 @@ from typing import Any
 
 import torch
 
-from moe_train.models.deepseek_v2.config import DeepseekV2Config
+from moe_train.models import param_counts
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0}
 
 
-def active_matmul_params(cfg: DeepseekV2Config) -> int:
-    D, H = cfg.hidden_size, cfg.num_attention_heads
-    if cfg.q_lora_rank is None:
-        q = D * H * cfg.qk_head_dim
-    else:
-        q = D * cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim
-    kv = D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    attn = q + kv + H * cfg.v_head_dim * D
-    total = 0
-    for layer in range(cfg.num_hidden_layers):
-        total += attn
-        if cfg.is_moe_layer(layer):
-            experts = cfg.num_experts_per_tok + (cfg.n_shared_experts or 0)
-            total += 3 * D * cfg.moe_intermediate_size * experts + D * cfg.n_routed_experts
-        else:
-            total += 3 * D * cfg.intermediate_size
-    return total + D * cfg.vocab_size
+def active_matmul_params(cfg: Any) -> int:
+    return param_counts(cfg).active_matmul
 
 
-def step_flops(cfg: DeepseekV2Config, sample_lengths: list[int]) -> float:
+def step_flops(cfg: Any, sample_lengths: list[int]) -> float:
     tokens = sum(sample_lengths)
     attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * sum(
         s * s / 2 for s in sample_lengths)

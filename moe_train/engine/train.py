@@ -30,12 +30,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moe_train.checkpoint.hf_layout import copy_tokenizer, read_config
+from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
-from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
-from moe_train.models.deepseek_v2.model import causal_lm_loss
+from moe_train.models import spec_for, spec_of
+from moe_train.models.common.loss import cross_entropy, shift_labels
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
 from moe_train.storage import is_local, resolve
@@ -45,7 +45,7 @@ from moe_train.storage import is_local, resolve
 class TrainConfig:
     recipe: Recipe
     work_dir: str
-    deepspeed: str = "deepspeed_zero3"
+    deepspeed: str | None = None  # None: the recipe's
     launcher: str = "none"
     resume: str | None = None
     peak_tflops: float | None = None
@@ -98,20 +98,21 @@ def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
     if is_local(fs):
         return root
     tmp = tempfile.mkdtemp(prefix="moe-train-tokenizer-")
-    copy_tokenizer(src, *resolve(tmp))
+    copy_files(src, *resolve(tmp), TOKENIZER_FILES)
     return tmp
 
 
-def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
-                model_url: str | None, seed: int, activation_checkpointing: bool) -> DeepseekV2ForCausalLM:
+def build_model(cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
+                model_url: str | None, seed: int, activation_checkpointing: bool) -> torch.nn.Module:
     """The model partitioned from the start (ZeRO-3), its partitions filled from the source."""
     from moe_train.checkpoint.hf_layout import load_into
     from moe_train.engine.weights import open_source
 
-    model = zero3.build(lambda: DeepseekV2ForCausalLM(cfg), ds_config, dtype, device)
-    load_into(model, open_source(cfg, model, model_url, seed), partition=zero3.partition)
+    spec = spec_of(cfg)
+    model = zero3.build(lambda: spec.build(cfg), ds_config, dtype, device)
+    load_into(model, open_source(model, model_url, seed), partition=zero3.partition)
     if activation_checkpointing:
-        zero3.apply_activation_checkpointing(model.model.layers)
+        zero3.apply_activation_checkpointing(spec.layers(model))
     return model
 
 
@@ -123,7 +124,7 @@ class Job:
     rank: int
     world: int
     device: torch.device
-    cfg: DeepseekV2Config
+    cfg: Any  # the model family's config
     engine: Any
     scheduler: Any
     loader: Any
@@ -170,7 +171,7 @@ def build_data(r: Recipe, rank: int, world: int) -> Data:
     return Data(loader, tokenizer_dir, pad_id, steps_per_epoch)
 
 
-def build_engine(r: Recipe, cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype,
+def build_engine(r: Recipe, cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype,
                  device: torch.device, world: int, schedule_steps: int) -> tuple[Any, Any]:
     """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
     from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
@@ -211,7 +212,7 @@ def setup(tc: TrainConfig) -> Job:
     from moe_train.parallel import SequenceParallel
 
     r = tc.recipe
-    ds_config = load_deepspeed_config(tc.deepspeed)  # bad configs fail before any process group exists
+    ds_config = load_deepspeed_config(tc.deepspeed or r.deepspeed)  # bad configs fail before any process group
     info = init_distributed(tc.launcher)
     rank, world, device = info.rank, info.world_size, info.device
     dtype = torch.bfloat16 if device.type == "cuda" and r.dtype == "bf16" else torch.float32
@@ -224,7 +225,7 @@ def setup(tc: TrainConfig) -> Job:
     resume = ckpt.resolve(tc.resume)
 
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
-    cfg = read_config(r.model, **layout) if r.model else DeepseekV2Config.from_name(r.model_size, **layout)
+    cfg = read_config(r.model, **layout) if r.model else spec_for(r.family).named_config(r.model_size, **layout)
     data = build_data(r, rank, world)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
@@ -232,7 +233,7 @@ def setup(tc: TrainConfig) -> Job:
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
     engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps)
     if seq is not None:
-        seq.apply(engine.module)
+        seq.apply(engine.module, spec_of(cfg))
     step = resume_state(ckpt, resume, engine, data.loader, rank)
     return Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fs, work_root,
                data.tokenizer_dir, step, total_steps)
@@ -251,12 +252,14 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
     load = None
     lengths: list[int] = []
     for b in micro:
-        if seq is not None:  # this rank's slice of the row, right before its forward (the MoE hooks read it)
+        if seq is not None:  # this rank's slice of the row, with its targets and samples
             b = seq.shard(b, job.loader.pad_id)
+        segment_ids = b.get("segment_ids")
         out = engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
-                     cu_seqlens=b["cu_seqlens"].to(device))
-        labels = b["labels"].to(device)
-        ce_sum = causal_lm_loss(out.logits, labels, reduction="sum") if seq is None else seq.loss(out.logits, labels)
+                     cu_seqlens=b["cu_seqlens"].to(device), max_seqlen=b["max_seqlen"],
+                     segment_ids=None if segment_ids is None else segment_ids.to(device))
+        targets = b["targets"] if "targets" in b else shift_labels(b["labels"])
+        ce_sum = cross_entropy(out.logits, targets.to(device), reduction="sum")
         loss = ce_sum * (job.world * r.grad_accum / global_tokens)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss

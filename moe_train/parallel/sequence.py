@@ -10,11 +10,13 @@ the all-to-all is cheapest).  Every rank of a group reads the same packed row (t
 other; ZeRO-3 still partitions parameters and averages gradients over the whole world.
 
 Attention.  Everything but attention works per token, so it runs on the slice (RoPE gets the true
-positions).  Around ``MLAttention.attn_forward`` one all-to-all turns q, k, v from (B, T/N, H, .)
-into (B, T, H/N, .), attention runs over the whole row with the row's ``cu_seqlens`` (samples may
-cross slice boundaries), and a second all-to-all turns the output back into (B, T/N, H, V).  q, k
-and v travel in one buffer, so the different q/k and v head dims cost nothing extra.  The
-all-to-all is an autograd function whose backward is the reverse all-to-all, so gradients are exact.
+positions).  The family's attention modules (``ModelSpec.attention_types``) get their
+``inner_attention`` wrapped: one all-to-all turns q, k, v from (B, T/N, H, .) into (B, T, H/N, .),
+attention runs over the whole row with the row's ``cu_seqlens`` (samples may cross slice
+boundaries), and a second all-to-all turns the output back into (B, T/N, H, V).  When q and k/v
+have the same head count (MLA), q, k and v travel in one buffer, so the different q/k and v head
+dims cost nothing extra; with fewer k/v heads (GQA) each is exchanged with its own head padding.
+The all-to-all is an autograd function whose backward is the reverse all-to-all, so gradients are exact.
 
 Heads rule.  When N does not divide H, the heads are padded with zero heads up to the next multiple
 of N before the exchange and dropped after it: group rank j attends heads [j*Hp/N, (j+1)*Hp/N) of
@@ -33,23 +35,19 @@ Loss, exactly as with N = 1:
   activations it used, so the world average DeepSpeed takes is (1/world) * d(sum of all ranks'
   losses): the token-weighted mean over every group, as with N = 1.
 - DeepSeek's sequence balance loss, alpha * mean over samples of sum_e f_e * P_e, is not a sum
-  over tokens, so a slice cannot take it alone.  The routing counts (f, no gradient) are summed
-  over the group with one small all-reduce per MoE layer; P is a sum over tokens, so each rank
-  adds only its slice's share, and the shares add up to the loss of the whole row, gradient
-  included.  Each share is multiplied by N because the world average divides by N ranks per row.
+  over tokens, so a slice cannot take it alone: the MoE blocks get the group as ``balance_group``
+  and ``models.common.experts.balance_loss`` sums the routing counts over it (see there).  The
+  batch carries each token's sample (``segment_ids``, -1 for padding), so the model needs no state.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from moe_train.data.templates import IGNORE_INDEX
-from moe_train.models.deepseek_v2.attention import MLAttention
-from moe_train.models.deepseek_v2.moe import MoE
+from moe_train.models.common.loss import IGNORE_INDEX, shift_labels
 
 
 def split_for_exchange(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -94,24 +92,41 @@ def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, scatter_dim: int, gath
     return _AllToAll.apply(x, group, scatter_dim, gather_dim)
 
 
-def ulysses_attention(attn_forward, q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHV: torch.Tensor,
-                      cu_seqlens: torch.Tensor | None, max_seqlen: int | None, *, group: dist.ProcessGroup
-                      ) -> torch.Tensor:
-    """``attn_forward`` over the group's whole row for this rank's heads; takes and returns slices.
+def _exchange_heads(x_BTHD: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """(B, T/N, H, .) slices -> (B, T, Hp/N, .) heads, zero heads padded up to Hp (heads rule)."""
+    return all_to_all(pad_heads(x_BTHD, dist.get_world_size(group)), group, scatter_dim=2, gather_dim=1)
 
-    q, k: (B, T/N, H, D), v: (B, T/N, H, V), ``cu_seqlens`` of the whole row; returns (B, T/N, H, V).
+
+class UlyssesAttention(nn.Module):
+    """Wraps an ``inner_attention``: takes and returns this rank's slice, attends over the group's whole row.
+
+    q: (B, T/N, H, D), k: (B, T/N, Hk, D), v: (B, T/N, Hk, V), ``cu_seqlens`` of the whole row;
+    returns (B, T/N, H, V).
     """
-    n = dist.get_world_size(group)
-    H, D, V = q_BTHD.shape[2], q_BTHD.shape[3], v_BTHV.shape[3]
-    qkv = pad_heads(torch.cat([q_BTHD, k_BTHD, v_BTHV], dim=-1), n)  # (B, T/N, Hp, 2D+V)
-    qkv = all_to_all(qkv, group, scatter_dim=2, gather_dim=1)  # (B, T, Hp/N, 2D+V)
-    q, k, v = qkv.split([D, D, V], dim=-1)
-    out = attn_forward(q, k, v, cu_seqlens, max_seqlen)  # (B, T, Hp/N, V)
-    return all_to_all(out, group, scatter_dim=1, gather_dim=2)[:, :, :H]  # (B, T/N, H, V)
+
+    def __init__(self, inner: nn.Module, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.inner, self.group = inner, group
+
+    def forward(self, q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHV: torch.Tensor,
+                cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> torch.Tensor:
+        H, D, V = q_BTHD.shape[2], q_BTHD.shape[3], v_BTHV.shape[3]
+        if k_BTHD.shape[2] == H:  # one buffer, one exchange
+            qkv = _exchange_heads(torch.cat([q_BTHD, k_BTHD, v_BTHV], dim=-1), self.group)  # (B, T, Hp/N, 2D+V)
+            q, k, v = qkv.split([D, D, V], dim=-1)
+        else:  # GQA: q and k/v heads are exchanged separately; each rank's q heads must keep their k/v heads
+            n, Hk = dist.get_world_size(self.group), k_BTHD.shape[2]
+            if Hk % n or H % Hk:
+                raise ValueError(f"sequence parallelism over {n} ranks needs the {Hk} k/v heads to be a multiple of "
+                                 f"{n} (and to divide the {H} q heads); use --sp among the divisors of {Hk}")
+            q = _exchange_heads(q_BTHD, self.group)
+            k, v = _exchange_heads(torch.cat([k_BTHD, v_BTHV], dim=-1), self.group).split([D, V], dim=-1)
+        out = self.inner(q, k, v, cu_seqlens, max_seqlen)  # (B, T, Hp/N, V)
+        return all_to_all(out, self.group, scatter_dim=1, gather_dim=2)[:, :, :H]  # (B, T/N, H, V)
 
 
 class SequenceParallel:
-    """This rank's sequence-parallel group: splits batches and wraps a model's attention and MoE.
+    """This rank's sequence-parallel group: splits batches and wraps a model's attention and MoE blocks.
 
     Create on every rank after the default process group (it creates the groups: a collective).
     """
@@ -129,94 +144,38 @@ class SequenceParallel:
             group = dist.new_group(list(range(g * size, (g + 1) * size)))
             if g == self.group_index:
                 self.group = group
-        # The current micro-batch, for the balance loss: the sample of each token of this slice
-        # (-1: padding) and the real tokens of each sample of the whole row.
-        self._sample_T: torch.Tensor | None = None
-        self._tokens_S: torch.Tensor | None = None
 
-    # ---------------------------------------------------------------- model
-    def apply(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Wrap every MLA attention and MoE block of ``model`` (after ``deepspeed.initialize``, so
-        these hooks see the outputs DeepSpeed's own hooks hand on)."""
+    def apply(self, model: nn.Module, spec) -> nn.Module:
+        """Wrap the family's attention kernels and give its MoE blocks the group (``spec``: its ModelSpec)."""
         for module in model.modules():
-            if isinstance(module, MLAttention):
-                module.attn_forward = functools.partial(ulysses_attention, module.attn_forward, group=self.group)
-            elif isinstance(module, MoE):
-                self._make_moe_exact(module)
+            if isinstance(module, spec.attention_types):
+                module.inner_attention = UlyssesAttention(module.inner_attention, self.group)
+            elif isinstance(module, spec.moe_types):
+                module.balance_group = self.group
         return model
 
-    def _make_moe_exact(self, moe: MoE) -> None:
-        routing: dict[str, torch.Tensor] = {}
-
-        def keep_routing(_gate, _inputs, output):
-            routing["scores_TE"], _, routing["index_TK"] = output
-
-        def exact_outputs(module, _inputs, output):
-            out, aux, _ = output
-            scores_TE, index_TK = routing.pop("scores_TE"), routing.pop("index_TK")
-            sample_T, tokens_S = self._samples(scores_TE.device, module.cfg.seq_aux)
-            real = sample_T >= 0
-            load_E = torch.bincount(index_TK[real].reshape(-1), minlength=module.cfg.n_routed_experts)
-            if aux is not None:
-                aux = self._balance_loss(module.cfg, scores_TE[real], index_TK[real], sample_T[real], tokens_S)
-            return out, aux, load_E
-
-        moe.gate.register_forward_hook(keep_routing)
-        moe.register_forward_hook(exact_outputs)
-
-    def _samples(self, device: torch.device, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._sample_T is None:
-            raise RuntimeError("run SequenceParallel.shard on the batch before the forward")
-        self._sample_T, self._tokens_S = self._sample_T.to(device), self._tokens_S.to(device)
-        if per_sample:
-            return self._sample_T, self._tokens_S
-        # seq_aux off: the whole row (without padding) is one sequence
-        return torch.where(self._sample_T >= 0, 0, -1), self._tokens_S.sum().reshape(1)
-
-    def _balance_loss(self, cfg, scores_TE: torch.Tensor, index_TK: torch.Tensor, sample_T: torch.Tensor,
-                      tokens_S: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the row's balance loss, times N (see the module docstring)."""
-        E, K, S = cfg.n_routed_experts, cfg.num_experts_per_tok, tokens_S.numel()
-        hits_SE = torch.zeros(S, E, device=scores_TE.device)
-        hits_SE.index_put_((sample_T[:, None].expand_as(index_TK).reshape(-1), index_TK.reshape(-1)),
-                           torch.ones(index_TK.numel(), device=scores_TE.device), accumulate=True)
-        dist.all_reduce(hits_SE, group=self.group)
-        f_SE = hits_SE * E / (tokens_S[:, None] * K)
-        P_share_SE = torch.zeros(S, E, device=scores_TE.device).index_add_(0, sample_T, scores_TE) / tokens_S[:, None]
-        return (f_SE * P_share_SE).sum(dim=1).mean() * cfg.aux_loss_alpha * self.size
-
-    # ---------------------------------------------------------------- data
     def shard(self, batch: dict, pad_id: int) -> dict:
-        """This rank's slice of a packed micro-batch (see ``shard_row``); call it right before that
-        micro-batch's forward: the MoE hooks read the samples of the last batch sharded."""
-        part, self._sample_T, self._tokens_S = shard_row(batch, self.group_rank, self.size, pad_id)
-        return part
-
-    @staticmethod
-    def loss(logits: torch.Tensor, shifted_labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy sum of a slice against labels already shifted by ``shard``."""
-        return F.cross_entropy(logits.float().flatten(0, -2), shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        """This rank's slice of a packed micro-batch (see ``shard_row``)."""
+        return shard_row(batch, self.group_rank, self.size, pad_id)
 
 
-def shard_row(batch: dict, rank: int, size: int, pad_id: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+def shard_row(batch: dict, rank: int, size: int, pad_id: int) -> dict:
     """Slice ``rank`` of ``size`` of a packed micro-batch from ``PackedLoader`` (see the length rule).
 
-    Returns the slice as a batch, with labels already shifted (score it with
-    ``SequenceParallel.loss``), ``cu_seqlens``/``max_seqlen`` of the whole padded row and
-    ``num_loss_tokens`` of the slice; the sample of each token of the slice (-1: padding); the real
-    tokens of each sample of the row.
+    The slice carries ``targets`` (labels already shifted: the label of its last token lives on the
+    next rank), ``segment_ids`` (each token's sample in the whole row, -1: padding),
+    ``cu_seqlens``/``max_seqlen`` of the whole padded row and ``num_loss_tokens`` of the slice.
     """
     ids, pos, cu = batch["input_ids"], batch["position_ids"], batch["cu_seqlens"]
     if ids.shape[0] != 1:
         raise ValueError(f"sequence parallelism splits one packed row; got a batch of {ids.shape[0]} rows")
     L = ids.shape[1]
-    labels = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # token t is scored on labels[t+1]
+    targets = shift_labels(batch["labels"])  # token t is scored on labels[t+1]
     sample_T = torch.searchsorted(cu[1:], torch.arange(L, dtype=cu.dtype), right=True)
     pad = -L % size
     if pad:
         ids = torch.cat([ids, ids.new_full((1, pad), pad_id)], dim=1)
-        labels = torch.cat([labels, labels.new_full((1, pad), IGNORE_INDEX)], dim=1)
+        targets = torch.cat([targets, targets.new_full((1, pad), IGNORE_INDEX)], dim=1)
         pos = torch.cat([pos, torch.arange(pad, dtype=pos.dtype)[None]], dim=1)
         sample_T = torch.cat([sample_T, sample_T.new_full((pad,), -1)])
     row_cu = torch.cat([cu, cu.new_tensor([L + pad])]) if pad else cu
@@ -224,9 +183,10 @@ def shard_row(batch: dict, rank: int, size: int, pad_id: int) -> tuple[dict, tor
     part = slice(rank * n, (rank + 1) * n)
     return {
         "input_ids": ids[:, part],
-        "labels": labels[:, part],
+        "targets": targets[:, part],
         "position_ids": pos[:, part],
+        "segment_ids": sample_T[part].long(),
         "cu_seqlens": row_cu,
         "max_seqlen": int((row_cu[1:] - row_cu[:-1]).max()),
-        "num_loss_tokens": int((labels[:, part] != IGNORE_INDEX).sum()),
-    }, sample_T[part], (cu[1:] - cu[:-1]).float()
+        "num_loss_tokens": int((targets[:, part] != IGNORE_INDEX).sum()),
+    }

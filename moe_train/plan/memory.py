@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moe_train.engine.deepspeed_config import auto_buckets, offloads
 from moe_train.engine.metrics import active_matmul_params  # the FLOP count the trainer reports
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 
@@ -101,25 +102,18 @@ class ZeroSettings:
 
     @classmethod
     def from_ds_config(cls, ds: dict[str, Any], hidden_size: int) -> "ZeroSettings":
-        """Read a DeepSpeed config; "auto" takes the values the HF integration fills in."""
+        """Read a DeepSpeed config; "auto" takes the values the trainer fills in."""
         z = ds.get("zero_optimization", {})
-        auto = {
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size,
-            "reduce_bucket_size": hidden_size * hidden_size,
-        }
+        auto = {k.removeprefix("zero_optimization."): v for k, v in auto_buckets(hidden_size).items()}
 
         def num(key: str, default: int) -> int:
             v = z.get(key, default)
             return auto[key] if v == "auto" else int(v)
 
-        def offloaded(key: str) -> bool:
-            return (z.get(key) or {}).get("device", "none") in ("cpu", "nvme")
-
         return cls(
             stage=int(z.get("stage", 0)),
-            offload_optimizer=offloaded("offload_optimizer"),
-            offload_param=offloaded("offload_param"),
+            offload_optimizer=offloads(ds, "optimizer"),
+            offload_param=offloads(ds, "param"),
             prefetch_bucket_size=num("stage3_prefetch_bucket_size", cls.prefetch_bucket_size),
             max_live_parameters=num("stage3_max_live_parameters", cls.max_live_parameters),
             max_reuse_distance=num("stage3_max_reuse_distance", cls.max_reuse_distance),

@@ -14,19 +14,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-MOE_IMPLEMENTATIONS = ("shard", "origin")
+from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
+
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 
-# Keys of a config.json that describe the file, not the model.
-_IGNORED_HF_KEYS = {
-    "architectures", "auto_map", "transformers_version", "model_type", "torch_dtype", "dtype",
-    "rope_parameters", "qk_head_dim", "head_dim", "mlp_bias", "output_router_logits",
-    "num_experts", "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
-    "use_return_dict", "tie_encoder_decoder", "chunk_size_feed_forward", "is_encoder_decoder",
-    "id2label", "label2id", "problem_type", "tokenizer_class", "task_specific_params",
-    "generation_config", "quantization_config",
-}
-
+# Keys of a source config.json that stop describing the weights once we write them: the dtype is
+# the export's own, and exported weights are never quantised.
+_REWRITTEN_HF_KEYS = {"torch_dtype", "dtype", "quantization_config", "transformers_version", "rope_parameters",
+                      "model_type"}
 
 @dataclass
 class DeepseekV2Config:
@@ -73,6 +68,9 @@ class DeepseekV2Config:
     # Layout of the routed experts in memory (not saved to config.json).
     moe_implementation: str = field(default="shard", metadata={"layout": True})
     expert_in_one_shard: int | None = field(default=None, metadata={"layout": True})
+    # Fields of the source config.json that we do not model (auto_map, architectures ...), written
+    # back unchanged on export so DeepSeek's own remote code still loads the result.
+    source_fields: dict[str, Any] = field(default_factory=dict, metadata={"layout": True}, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,6 +115,14 @@ class DeepseekV2Config:
             raise ValueError(f"topk_method={self.topk_method!r} is unknown; use one of {list(TOPK_METHODS)}")
         if self.scoring_func != "softmax":
             raise ValueError(f"scoring_func={self.scoring_func!r} is not supported; DeepSeek V2 uses 'softmax'")
+        # Fields DeepSeek's code defines but we do not implement: refused rather than ignored.
+        unsupported = {"hidden_act": (self.hidden_act, "silu"), "attention_dropout": (self.attention_dropout, 0.0),
+                       "tie_word_embeddings": (self.tie_word_embeddings, False),
+                       "pretraining_tp": (self.pretraining_tp, 1)}
+        for name, (value, supported) in unsupported.items():
+            if value != supported:
+                raise ValueError(f"{name}={value!r} is not supported by moe-train's DeepSeek V2; set it to "
+                                 f"{supported!r} in config.json (every released DeepSeek V2 checkpoint does)")
         if self.n_routed_experts is None:
             return
         if self.expert_in_one_shard is not None:
@@ -160,8 +166,9 @@ class DeepseekV2Config:
             d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
             rope_type = rp.pop("rope_type", rp.pop("type", "default"))
             d["rope_scaling"] = None if rope_type == "default" else {"type": rope_type, **rp}
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("layout")}
         kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs["source_fields"] = {k: v for k, v in d.items() if k not in known and k not in _REWRITTEN_HF_KEYS}
         for k in ("bos_token_id", "eos_token_id"):
             if isinstance(kwargs.get(k), list):
                 kwargs[k] = kwargs[k][0]
@@ -175,7 +182,7 @@ class DeepseekV2Config:
             rs = dict(d["rope_scaling"])
             rs.setdefault("type", rs.pop("rope_type", "yarn"))
             d["rope_scaling"] = rs
-        return {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", **d,
+        return {"architectures": ["DeepseekV2ForCausalLM"], **self.source_fields, "model_type": "deepseek_v2", **d,
                 "torch_dtype": torch_dtype}
 
     @classmethod
@@ -200,6 +207,13 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
 _YARN_40X = {
     "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
     "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+}
+
+# The Hugging Face model of each named size (the chat variants share the base's shapes).
+HUB_IDS: dict[str, str | None] = {
+    "deepseek-v2": "deepseek-ai/DeepSeek-V2",
+    "deepseek-v2-lite": "deepseek-ai/DeepSeek-V2-Lite",
+    "tiny": None,
 }
 
 NAMED_SIZES: dict[str, dict[str, Any]] = {

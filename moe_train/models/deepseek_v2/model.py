@@ -1,25 +1,29 @@
 """DeepSeek V2 decoder in plain single-device PyTorch.
 
 Shapes: B batch, T tokens, D hidden, V vocabulary, E routed experts.
+Loading and saving HF checkpoints is ``moe_train.checkpoint`` (which also provides
+``DeepseekV2ForCausalLM.from_pretrained`` / ``save_pretrained``); this module reads no files.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moe_train.models.deepseek_v2.attention import MLAttention, RMSNorm, _linear
+from moe_train.models.common.loss import causal_lm_loss
+from moe_train.models.common.mlp import SwiGLUMLP, linear
+from moe_train.models.common.norm import RMSNorm
+from moe_train.models.deepseek_v2.attention import MLAttention
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.models.deepseek_v2.moe import MLP, MoE
+from moe_train.models.deepseek_v2.moe import MoE
 from moe_train.models.deepseek_v2.rope import rope_cos_sin
 
 
-@dataclass
-class CausalLMOutput:
+class CausalLMOutput(NamedTuple):
+    """A NamedTuple, so DeepSpeed's ZeRO-3 hooks find the tensors in it."""
+
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None = None  # token-mean cross entropy (labels shifted inside, HF convention)
     aux_loss: torch.Tensor | None = None  # sum of the MoE balance losses (training only)
@@ -33,7 +37,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLAttention(cfg, attn_backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.mlp = MoE(cfg) if self.is_moe else MLP(cfg, cfg.intermediate_size)
+        self.mlp = MoE(cfg) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size,
+                                                            cfg.initializer_range)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, segment_T):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
@@ -54,19 +59,28 @@ class DeepseekV2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def segments(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Each token's sequence, flattened (B*T,): its packed sample, or its row when there is no cu_seqlens."""
+    if cu_seqlens is None:
+        return torch.arange(B, device=device).repeat_interleave(T)
+    return torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=device), right=True)
+
+
 class DeepseekV2ForCausalLM(nn.Module):
     """DeepSeek V2 with routed experts stored as shards (default) or one module per expert.
 
-    ``forward(input_ids, position_ids=None, cu_seqlens=None, labels=None)``: a packed row is
-    ``input_ids`` of shape (1, T) with ``cu_seqlens`` marking sample boundaries; positions then
-    restart at 0 in every sample unless ``position_ids`` is given.
+    ``forward(input_ids, position_ids=None, cu_seqlens=None, labels=None, max_seqlen=None,
+    segment_ids=None)``: a packed row is ``input_ids`` of shape (1, T) with ``cu_seqlens`` marking
+    sample boundaries; positions then restart at 0 in every sample unless ``position_ids`` is given.
+    ``segment_ids`` (T,) gives each token's sample (-1: padding) when the row is a slice of a longer
+    one (sequence parallelism); by default it follows from ``cu_seqlens``.
     """
 
     def __init__(self, config: DeepseekV2Config, attn_backend: str = "auto") -> None:
         super().__init__()
         self.config = config
         self.model = DeepseekV2Model(config, attn_backend)
-        self.lm_head = _linear(config, config.hidden_size, config.vocab_size)
+        self.lm_head = linear(config.hidden_size, config.vocab_size, config.initializer_range)
 
     def forward(
         self,
@@ -74,17 +88,21 @@ class DeepseekV2ForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         B, T = input_ids.shape
-        segment_T = max_seqlen = None
+        device = input_ids.device
         if cu_seqlens is not None:
-            cu_seqlens = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
-            segment_T = torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=input_ids.device), right=True)
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            if position_ids is None:
-                position_ids = (torch.arange(T, device=input_ids.device) - cu_seqlens[segment_T]).unsqueeze(0)
+            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        segment_T = segments(B, T, cu_seqlens, device) if segment_ids is None else segment_ids.to(device)
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
+            if cu_seqlens is not None:
+                position_ids = (torch.arange(T, device=device) - cu_seqlens[segment_T]).unsqueeze(0)
+            else:
+                position_ids = torch.arange(T, device=device).unsqueeze(0).expand(B, T)
         cos, sin = rope_cos_sin(self.config, position_ids.expand(B, T))
         x = self.model.embed_tokens(input_ids)
         aux_losses, loads = [], []
@@ -95,37 +113,9 @@ class DeepseekV2ForCausalLM(nn.Module):
             if load is not None:
                 loads.append(load)
         logits = self.lm_head(self.model.norm(x))
-        out = CausalLMOutput(
+        return CausalLMOutput(
             logits=logits,
+            loss=causal_lm_loss(logits, labels) if labels is not None else None,
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
             expert_load=torch.stack(loads).detach() if loads else None,
         )
-        if labels is not None:
-            out.loss = causal_lm_loss(logits, labels)
-        return out
-
-    # ------------------------------------------------------------------ HF checkpoints
-    @classmethod
-    def from_pretrained(
-        cls, path: str, moe_implementation: str = "shard", expert_in_one_shard: int | None = None,
-        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn_backend: str = "auto",
-        **storage_options: Any,
-    ) -> "DeepseekV2ForCausalLM":
-        """Load a checkpoint in the official DeepSeek V2 HF layout from a local path or fsspec URL."""
-        from moe_train.checkpoint.hf_layout import load_pretrained
-
-        return load_pretrained(cls, path, moe_implementation=moe_implementation,
-                               expert_in_one_shard=expert_in_one_shard, dtype=dtype, device=device,
-                               attn_backend=attn_backend, storage_options=storage_options)
-
-    def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", **storage_options: Any) -> None:
-        """Write the official DeepSeek V2 HF layout (per-expert keys) to a local path or fsspec URL."""
-        from moe_train.checkpoint.hf_layout import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size, storage_options=storage_options)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross entropy of position t against labels[t+1] (HF convention); -100 is ignored."""
-    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
-    return F.cross_entropy(logits.float().flatten(0, -2), shifted.reshape(-1), ignore_index=-100, reduction=reduction)

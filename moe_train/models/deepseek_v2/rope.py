@@ -21,7 +21,7 @@ def _inv_freq(cfg: DeepseekV2Config, device: torch.device) -> tuple[torch.Tensor
     if kind != "yarn":
         raise ValueError(f"rope_scaling type {kind!r} is not supported; DeepSeek V2 uses 'yarn'")
     factor = rs["factor"]
-    original = rs["original_max_position_embeddings"]
+    original = rs.get("original_max_position_embeddings") or 4096  # DeepSeek's code defaults to 4096
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
 
     def correction_dim(rotations: float) -> float:

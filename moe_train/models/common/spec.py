@@ -1,0 +1,109 @@
+"""A model family as one record: what everything outside ``models/`` needs to know about it.
+
+Checkpoint I/O, the engine, sequence parallelism and the planner take a ``ModelSpec`` (found by the
+``model_type`` of a config.json, aliases included), never a family's classes by name.  Parameter and
+FLOP counts come from the model built on the meta device, so they cannot drift from the modules.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_train.models.common.key_map import Slot
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per family
+class ModelSpec:
+    name: str  # the family, e.g. "deepseek_v2"
+    model_types: tuple[str, ...]  # config.json model_type values this family reads (the first is written)
+    config_cls: type  # dataclass with from_hf_dict / to_hf_dict / from_name / NAMED_SIZES
+    model_cls: type  # nn.Module(config, attn_backend=...)
+    ours_to_hf: Callable[[str, Any], list[tuple[str, Slot]]]  # the one key map
+    hub_ids: dict[str, str | None]  # named size -> its Hugging Face model id
+    chat_template: str  # the data template of the family's chat models
+    attention_types: tuple[type, ...]  # modules with an ``inner_attention`` that sequence parallelism wraps
+    moe_types: tuple[type, ...]  # modules with a ``balance_group`` for the balance loss under SP
+    norm_types: tuple[type, ...]  # modules whose weights start at one (the rest: normal(0, initializer_range))
+    layers: Callable[[nn.Module], nn.ModuleList]  # the decoder layers (activation checkpointing wraps each)
+
+    def build(self, cfg: Any, attn_backend: str = "auto") -> nn.Module:
+        return self.model_cls(cfg, attn_backend=attn_backend)
+
+    def config(self, hf_dict: dict[str, Any], **layout: Any) -> Any:
+        return self.config_cls.from_hf_dict(hf_dict, **layout)
+
+    def named_config(self, size: str, **overrides: Any) -> Any:
+        return self.config_cls.from_name(size, **overrides)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    for model_type in spec.model_types:
+        if model_type in _REGISTRY:
+            raise ValueError(f"model_type {model_type!r} is registered twice")
+        _REGISTRY[model_type] = spec
+    return spec
+
+
+def spec_for(model_type: str | None) -> ModelSpec:
+    """The family that reads config.json files of ``model_type``."""
+    if model_type not in _REGISTRY:
+        raise ValueError(f"config.json has model_type={model_type!r}, which moe-train does not train; supported: "
+                         f"{', '.join(sorted(_REGISTRY))} (point --model at such a checkpoint directory)")
+    return _REGISTRY[model_type]
+
+
+def spec_of(cfg_or_model: Any) -> ModelSpec:
+    """The family of a config or model instance."""
+    cfg = getattr(cfg_or_model, "config", cfg_or_model)
+    for spec in _REGISTRY.values():
+        if isinstance(cfg, spec.config_cls):
+            return spec
+    raise ValueError(f"{type(cfg).__name__} is not the config of a registered model family")
+
+
+def families() -> list[ModelSpec]:
+    return list(dict.fromkeys(_REGISTRY.values()))
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # every parameter
+    active_matmul: int  # matmul weights one token touches: top-k routed experts; no embedding lookup, no norms
+
+
+def param_counts(cfg: Any) -> ParamCounts:
+    """Counted on the model built on the meta device (cached per configuration)."""
+    return _param_counts(spec_of(cfg).name, json.dumps(_config_key(cfg), sort_keys=True, default=str))
+
+
+def _config_key(cfg: Any) -> dict[str, Any]:
+    # The expert layout moves parameters around without changing their count: one entry for all layouts.
+    key = {k: v for k, v in vars(cfg).items() if k != "source_fields"}
+    return {**key, "moe_implementation": "shard", "expert_in_one_shard": None}
+
+
+@functools.lru_cache(maxsize=64)
+def _param_counts(family: str, cfg_json: str) -> ParamCounts:
+    spec = next(s for s in families() if s.name == family)
+    cfg = spec.config_cls(**json.loads(cfg_json))
+    with torch.device("meta"):
+        model = spec.build(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    not_matmul = sum(p.numel() for m in model.modules() if isinstance(m, (nn.Embedding, *spec.norm_types))
+                     for p in m.parameters(recurse=False))
+    routed = 0.0
+    for module in model.modules():
+        if isinstance(module, spec.moe_types):
+            experts = sum(p.numel() for p in module.experts.parameters())
+            routed += experts * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
+    return ParamCounts(total=total, active_matmul=int(round(total - not_matmul - routed)))
