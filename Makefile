@@ -23,7 +23,11 @@ smoke: venv
 	$(PY) -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('work_dirs/smoke/hf_model'); \
 		print('transformers loaded', type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
 
+# Lint and layering first (seconds), then the whole suite.
 test: venv
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
 bench: venv
