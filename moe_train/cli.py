@@ -75,6 +75,8 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. "
               "grad_accum=4 or betas='(0.9,0.95)'. Repeatable.")
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
+@click.option("--require-fast-kernels/--allow-slow-kernels", default=None, help="On CUDA, stop at start-up when "
+              "attention or experts would take a slow fallback (default: the recipe's, on for the shipped ones).")
 @click.option("--preempt-grace", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_GRACE_S, show_default=True,
               metavar="SECONDS",
               help="Time the scheduler allows between SIGTERM/SIGUSR1 and SIGKILL (Slurm KillWait or GraceTime, "
@@ -83,7 +85,7 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "identical signal exits at once.")
 def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_length, varlen, sp, moe_implementation,
           expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, peak_tflops, cfg_options,
-          no_export, preempt_grace) -> None:
+          no_export, require_fast_kernels, preempt_grace) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
     try:
         recipe = get_recipe(recipe_name)
@@ -92,7 +94,8 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
     overrides = {k: v for k, v in dict(
         model=model, data=list(data) or None, max_length=max_length, varlen=varlen, sp=sp,
         moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard, max_steps=max_steps,
-        epochs=epochs, lr=lr, seed=seed, save_steps=save_steps).items() if v is not None}
+        epochs=epochs, lr=lr, seed=seed, save_steps=save_steps, require_fast_kernels=require_fast_kernels).items()
+        if v is not None}
     if model is not None:
         overrides["model_size"] = None
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)

@@ -46,6 +46,7 @@ class Recipe:
     grad_accum: int = 16
     dtype: str = "bf16"  # bf16 on GPU; the trainer always uses fp32 on CPU
     activation_checkpointing: bool = True
+    require_fast_kernels: bool = True  # on CUDA, refuse to run with a slow attention or expert fallback
     sp: int = 1
     # Checkpoints
     save_steps: int = 50

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
+from moe_train.engine import kernels
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
 from moe_train.models import spec_for, spec_of
@@ -226,6 +227,11 @@ def setup(tc: TrainConfig) -> Job:
 
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else spec_for(r.family).named_config(r.model_size, **layout)
+    found = kernels.kernels(cfg, dtype, device)
+    _log(rank, found.line())
+    warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
+    if warning:
+        _log(rank, warning)
     data = build_data(r, rank, world)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
@@ -309,7 +315,7 @@ def export(job: Job, step: int) -> dict[str, Any]:
         save_pretrained(module, url, tensors=zero3.gathered_parameters(module), is_writer=job.rank == 0,
                         tokenizer_dir=job.tokenizer_dir, extra={"step": step, "recipe": job.recipe.name})
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
-    model_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+    model_bytes = sum(math.prod(zero3.full_shape(p)) * p.element_size() for p in module.parameters())
     out = {"hf_model": url, "export_seconds": time.perf_counter() - t0,
            "export_peak_rss_delta_mb": rss.peak_delta / 2**20, "model_mb": model_bytes / 2**20}
     _log(job.rank, f"exported HF checkpoint to {url} in {out['export_seconds']:.1f}s; writer peak RSS "

@@ -30,6 +30,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def attention_kernel(backend: str, device: torch.device) -> tuple[str, str]:
+    """(kernel, why) that ``varlen_attention`` runs for ``backend`` on ``device``."""
+    if resolve_backend(backend, device) == "flash":
+        return "flash-varlen", "flash_attn.flash_attn_varlen_func (v padded to the q/k head dim)"
+    if device.type == "cuda":
+        return "sdpa-per-sample", "flash-attn is not installed (extra 'gpu'): one SDPA call per packed sample"
+    return "sdpa-per-sample", "exact per-sample SDPA on CPU"
+
+
 def varlen_attention(
     q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHV: torch.Tensor,
     cu_seqlens: torch.Tensor | None, max_seqlen: int | None, scale: float, backend: str,

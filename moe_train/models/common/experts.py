@@ -60,6 +60,20 @@ def _use_grouped_mm(*tensors: torch.Tensor) -> bool:
     return all(aligned(t) for t in tensors)
 
 
+def expert_kernel(device_type: str, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> tuple[str, str]:
+    """("grouped_mm" or "loop", why) for expert GEMMs of these sizes: what ``_use_grouped_mm`` will decide."""
+    if not hasattr(F, "grouped_mm"):
+        return "loop", f"torch {torch.__version__} has no torch.nn.functional.grouped_mm; use torch >= 2.9"
+    allowed = (torch.bfloat16,) if device_type == "cuda" else (torch.float32, torch.bfloat16)
+    if dtype not in allowed:
+        return "loop", f"grouped_mm on {device_type} takes {[str(d) for d in allowed]}, not {dtype}; train in bf16"
+    size = torch.tensor([], dtype=dtype).element_size()
+    for name, n in (("hidden_size", hidden_size), ("moe_intermediate_size", intermediate_size)):
+        if n * size % 16:
+            return "loop", f"{name}={n} rows of {n * size} bytes are not 16-byte aligned, as grouped_mm needs"
+    return "grouped_mm", f"torch.nn.functional.grouped_mm, {dtype} on {device_type}"
+
+
 def _grouped_mm(x_AI: torch.Tensor, w_SIO: torch.Tensor, counts_S: torch.Tensor) -> torch.Tensor:
     if _use_grouped_mm(x_AI, w_SIO):
         offs = counts_S.cumsum(0).to(torch.int32)
