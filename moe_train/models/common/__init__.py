@@ -1,0 +1,1 @@
+"""Blocks shared by the model families: losses, grouped expert GEMMs."""
