@@ -173,3 +173,13 @@ def test_batched_shapes_flatten():
         hidden_of(x).detach().reshape(3, 100, D), w.detach(), labels.reshape(3, 100), chunk=CHUNK
     )
     assert flat.item() == batched.item()
+
+
+def test_loss_memory_benchmark_smallest_size():
+    """bench/loss_memory.py at its test size: real processes, real RSS; the chunked head must win."""
+    from bench import loss_memory
+
+    result = loss_memory.run("test")
+    assert result.figures["loss_rel_diff"] <= 1e-6
+    assert result.figures["loss_activation_ratio"] <= 0.15  # 8 chunks: about 1/32 of plain's four (T, V) buffers
+    assert "| chunked | 256 |" in result.table

@@ -82,11 +82,14 @@ def _chunk_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Loss sum of one chunk of valid tokens, and d(loss)/d(logits) in the GEMMs' dtype."""
     logits_CV = (h_CD @ weight_VD.T).float()  # no copy when already fp32
-    lse_C = torch.logsumexp(logits_CV, dim=-1)
-    loss = (lse_C - logits_CV.gather(1, y_C[:, None]).squeeze(1)).sum()
+    target_C = logits_CV.gather(1, y_C[:, None]).squeeze(1)
+    max_C1 = logits_CV.amax(dim=-1, keepdim=True)
+    exp_CV = logits_CV.sub_(max_C1).exp_()  # in place: the chunk's only (C, V) fp32 buffer
+    sum_C = exp_CV.sum(dim=-1)
+    loss = (max_C1.squeeze(1) + sum_C.log() - target_C).sum()
     if not with_grad:
         return loss, None
-    probs_CV = logits_CV.sub_(lse_C[:, None]).exp_()  # softmax, in place
+    probs_CV = exp_CV.div_(sum_C[:, None])  # softmax, in place
     probs_CV.scatter_add_(1, y_C[:, None], probs_CV.new_full((len(y_C), 1), -1.0))
     return loss, probs_CV.to(h_CD.dtype)
 
