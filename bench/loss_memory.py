@@ -9,12 +9,13 @@ memory budget.  fp32 on CPU, every token trained (the chunked head would skip ig
 
 Each variant runs in a fresh process (glibc's mmap threshold pinned, so freed buffers go back to
 the OS and resident memory follows live tensors; /proc sampled every 2 ms by
-``moe_train.engine.memory.PeakRSS``), in the order plain, chunked, chunked, plain.  Activation
+``moe_train.engine.memory.PeakRSS``), in the order plain, chunked, chunked, plain (full size:
+plain, chunked: each run is minutes of CPU).  Activation
 memory = peak RSS above the line taken after weights, hidden states and labels exist, minus the
 bytes of the gradients the phase ends holding (weight and hidden gradients: both variants end with
 the same ones).  Time is process CPU time of the phase (wall time alongside).
 
-    python -m bench.loss_memory            # T=8192, V=102,400, D=5120 (DeepSeek V2): ~15 min on 1 thread
+    python -m bench.loss_memory            # T=8192, V=102,400, D=5120 (DeepSeek V2): ~8 min of CPU
     python -m bench.loss_memory --quick    # the same T and V, D=256: about 3 minutes
 """
 
@@ -91,7 +92,8 @@ def measure(mode: str, threads: int, budget: int | None) -> dict[str, list[dict]
     ctx = multiprocessing.get_context("spawn")
     out: dict[str, list[dict]] = {"plain": [], "chunked": []}
     chunks = {}
-    for variant in ("plain", "chunked", "chunked", "plain"):
+    order = ("plain", "chunked") if mode == "full" else ("plain", "chunked", "chunked", "plain")
+    for variant in order:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
             r = pool.submit(_worker, variant, mode, threads, budget).result()
         out[variant] += r["runs"]
@@ -126,8 +128,9 @@ def run(mode: str = "quick", threads: int = 1, budget: int | None = None) -> Res
     }
     notes = (
         f"T={T} tokens, vocabulary {V:,}, hidden {D}, fp32 on CPU, every token trained; logits {T * V * 4 / gib:.2f} GiB "
-        f"in fp32, head weight {V * D * 4 / gib:.2f} GiB; {len(runs['plain'])} runs per variant in 2 fresh processes "
-        f"each (order plain, chunked, chunked, plain); activation and peak: the worst run, times: the median.  "
+        f"in fp32, head weight {V * D * 4 / gib:.2f} GiB; {len(runs['plain'])} run(s) per variant, each variant in "
+        f"{'1 fresh process' if mode == 'full' else '2 fresh processes (order plain, chunked, chunked, plain)'}; "
+        f"activation and peak: the worst run, times: the median.  "
         f"{machine()}."
     )
     headers = ["variant", "tokens/chunk", "peak RSS GiB", "grads GiB", "activation GiB", "vs plain",

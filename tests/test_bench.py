@@ -108,3 +108,32 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     # Both layouts start from the same seeded weights and see the same rows: same losses.
     losses = [line.rsplit("|", 2)[1].strip() for line in text.splitlines() if line.startswith(("| shard", "| origin"))]
     assert abs(float(losses[0]) - float(losses[1])) < 1e-3
+
+
+def _fake_wheel(directory, name, version, requires=()):
+    """A minimal real wheel file: only its METADATA matters to the bundle check."""
+    import zipfile
+
+    path = directory / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA", meta)
+    return path
+
+
+def test_gpu_bundle_check_finds_what_an_air_gapped_node_lacks(tmp_path):
+    from bench import bundle
+
+    _fake_wheel(tmp_path, "deepspeed", "0.19.8", ["hjson", "pydantic>=2.0.0", "torch>=2.0.0", "numpy",
+                                                   'pytest; extra == "dev"'])
+    _fake_wheel(tmp_path, "pydantic", "1.10.0")
+    problems = bundle.check(tmp_path)
+    assert any("hjson" in p and "not in the bundle" in p for p in problems)
+    assert any("pydantic>=2.0.0" in p and "pydantic-1.10.0" in p for p in problems)
+    assert not any("torch" in p or "numpy" in p or "pytest" in p for p in problems)  # the node's, or an extra
+    _fake_wheel(tmp_path, "hjson", "3.1.0")
+    (tmp_path / "pydantic-1.10.0-py3-none-any.whl").unlink()
+    _fake_wheel(tmp_path, "pydantic", "2.14.4")
+    assert bundle.check(tmp_path) == []
+    _fake_wheel(tmp_path, "torch", "2.13.0")
+    assert bundle.check(tmp_path) == ["torch must come from the node, not the bundle"]
