@@ -32,9 +32,11 @@ bench: venv
 # The wheels an air-gapped CUDA node with only torch (>= 2.11) and transformers needs to run
 # `python -m bench.gpu` (see README, "GPU"): DeepSpeed, built here as a pure-Python wheel (PyPI has
 # only its sdist; no ops compiled, it JIT-builds them on the node if ever needed), and its
-# dependencies for CPython $(BUNDLE_PY) on manylinux x86_64, at the versions this venv was tested with.
+# dependencies for CPython $(BUNDLE_PY) on manylinux x86_64, at the versions this venv was tested with;
+# pytest too, for the GPU tests the script runs.
 BUNDLE_PY ?= 3.12
-BUNDLE_DEPS := einops hjson msgpack ninja psutil py-cpuinfo pydantic pydantic-core annotated-types typing-inspection
+BUNDLE_DEPS := einops hjson msgpack ninja psutil py-cpuinfo pydantic pydantic-core annotated-types typing-inspection \
+	pytest pluggy iniconfig pygments pytest-timeout
 gpu-bundle: venv
 	rm -rf .whl && mkdir -p .whl
 	DS_ACCELERATOR=cuda DS_BUILD_OPS=0 $(PIP) wheel --no-deps --no-build-isolation -w .whl \
