@@ -3,7 +3,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip -q --disable-pip-version-check
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: venv smoke test bench clean
+.PHONY: venv smoke test bench gpu-bundle clean
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -32,6 +32,24 @@ test: venv
 
 bench: venv
 	$(PY) -m bench --quick
+
+# The wheels an air-gapped CUDA node with only torch (>= 2.11) and transformers needs to run
+# `python -m bench.gpu` (see README, "GPU"): DeepSpeed, built here as a pure-Python wheel (PyPI has
+# only its sdist; no ops compiled, it JIT-builds them on the node if ever needed), and its
+# dependencies for CPython $(BUNDLE_PY) on manylinux x86_64, at the versions this venv was tested with;
+# pytest too, for the GPU tests the script runs.
+BUNDLE_PY ?= 3.12
+BUNDLE_DEPS := einops hjson msgpack ninja psutil py-cpuinfo pydantic pydantic-core annotated-types typing-inspection \
+	pytest pluggy iniconfig pygments pytest-timeout
+gpu-bundle: venv
+	rm -rf .whl && mkdir -p .whl
+	DS_ACCELERATOR=cuda DS_BUILD_OPS=0 $(PIP) wheel --no-deps --no-build-isolation -w .whl \
+		deepspeed==$$($(PY) -c "import importlib.metadata as m; print(m.version('deepspeed'))")
+	$(PIP) download --no-deps --only-binary=:all: -d .whl --python-version $(BUNDLE_PY) --implementation cp \
+		--abi cp$(subst .,,$(BUNDLE_PY)) --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_28_x86_64 nvidia-ml-py==13.615.71 \
+		$$($(PY) -c "import importlib.metadata as m; print(' '.join(f'{n}=={m.version(n)}' for n in '$(BUNDLE_DEPS)'.split()))")
+	$(PY) -m bench.bundle check .whl
 
 clean:
 	rm -rf .venv work_dirs

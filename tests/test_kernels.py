@@ -29,10 +29,11 @@ def test_fp32_on_cuda_is_a_slow_expert_loop_that_stops_the_run_when_fast_kernels
     assert check(k, require_fast=False).startswith("warning: slow kernels on cuda")
 
 
-def test_bf16_alignment_decides_grouped_mm():
-    assert expert_kernel("cuda", torch.bfloat16, 2048, 1408)[0] == "grouped_mm"  # V2-Lite
+def test_misaligned_bf16_widths_take_grouped_mm_padded():
+    assert expert_kernel("cuda", torch.bfloat16, 2048, 1408) == ("grouped_mm", "torch.nn.functional.grouped_mm, "
+                                                                 "torch.bfloat16 on cuda")  # V2-Lite: aligned
     kind, why = expert_kernel("cuda", torch.bfloat16, 4096, 1407)  # DeepseekV2Config's default width
-    assert kind == "loop" and "moe_intermediate_size=1407" in why
+    assert kind == "grouped_mm" and "moe_intermediate_size=1407 zero-padded" in why
 
 
 def test_the_trainer_prints_the_kernels_line(tmp_path):

@@ -365,13 +365,25 @@ def test_dockerfile_installs_what_pyproject_declares():
     requirements = {Requirement(r).name: Requirement(r) for group in [project["dependencies"],
                     *project["optional-dependencies"].values()] for r in group}
     pins = dict(re.findall(r"\b([A-Za-z0-9_.-]+)==([0-9][^\s\"]*)", dockerfile))
-    assert "flash-attn" in pins
     for name, version in pins.items():
         if name in requirements:
             assert requirements[name].specifier.contains(version, prereleases=True), (name, version)
     assert not re.search(r"pip install[^\n]*\btorch\b", dockerfile), "keep the base image's CUDA torch"
     (torch_version,) = re.findall(r"^FROM pytorch/pytorch:([0-9.]+)-cuda[0-9.]+-cudnn[0-9]+-devel$", dockerfile, re.M)
     assert requirements["torch"].specifier.contains(torch_version)
+    # every requirement pyproject bounds above (the versions the code relies on) is pinned in the image
+    bounded = {name for name, r in requirements.items() if any(s.operator in ("<", "<=", "==") for s in r.specifier)}
+    bounded -= {"kubernetes"}  # dev only, not in the image
+    exact = {name for name, r in requirements.items() if any(s.operator == "==" for s in r.specifier)}
+    assert bounded >= {"torch", "transformers", "deepspeed", "flash-attn"}
+    unpinned = bounded - {"torch"} - exact - set(pins)  # torch: the base image's; ==: pip installs exactly that
+    assert not unpinned, sorted(unpinned)
+    assert "tensorboard" in pins
+    # the image's torch is the minor version CI runs (the Makefile's CPU wheel)
+    (ci_torch,) = re.findall(r"install torch==([0-9.]+)", (REPO / "Makefile").read_text())
+    assert torch_version.split(".")[:2] == ci_torch.split(".")[:2], (torch_version, ci_torch)
+    # torch.nn.functional.grouped_mm is public from 2.10 on: the lower bound keeps the shard kernel
+    assert not requirements["torch"].specifier.contains("2.9.1")
     # the build context keeps what `pip install .` reads
     ignored = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     for needed in ["pyproject.toml", "README.md", "moe_train", "components"]:

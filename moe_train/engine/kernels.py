@@ -30,7 +30,7 @@ class Kernels:
         if self.device.type != "cuda":
             return []
         out = []
-        if self.attention[0] != "flash-varlen":
+        if self.attention[0] not in ("flash-varlen", "torch-varlen"):
             out.append(f"attention {self.attention[0]} ({self.attention[1]})")
         if self.experts[0] == "loop":
             out.append(f"experts loop ({self.experts[1]})")

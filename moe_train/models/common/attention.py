@@ -17,25 +17,52 @@ try:  # flash-attn is an optional GPU dependency (extra "gpu").
 except ImportError:  # pragma: no cover - depends on the environment
     flash_attn_varlen_func = None
 
+
+def torch_varlen_as_flash(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
+    """flash-attn's ``flash_attn_varlen_func`` signature on torch's own varlen kernel (CUDA only)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    window = (-1, 0) if causal else (-1, -1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=softmax_scale, window_size=window)
+
+
+def _torch_has_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_kernel():
+    """The flash-style varlen kernel of this install: flash-attn's, else torch's own (CUDA), else None."""
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func
+    return torch_varlen_as_flash if _torch_has_varlen() else None
+
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; use one of {list(ATTENTION_BACKENDS)}")
-    if backend == "flash" and flash_attn_varlen_func is None:
-        raise ValueError("attention backend 'flash' needs flash-attn; install the 'gpu' extra or use 'sdpa'")
+    if backend == "flash" and varlen_kernel() is None:
+        raise ValueError("attention backend 'flash' needs flash-attn or torch.nn.attention.varlen; install the 'gpu' "
+                         "extra or use 'sdpa'")
     if backend == "auto":
-        return "flash" if flash_attn_varlen_func is not None and device.type == "cuda" else "sdpa"
+        return "flash" if varlen_kernel() is not None and device.type == "cuda" else "sdpa"
     return backend
 
 
 def attention_kernel(backend: str, device: torch.device) -> tuple[str, str]:
     """(kernel, why) that ``varlen_attention`` runs for ``backend`` on ``device``."""
     if resolve_backend(backend, device) == "flash":
-        return "flash-varlen", "flash_attn.flash_attn_varlen_func (v padded to the q/k head dim)"
+        if flash_attn_varlen_func is not None:
+            return "flash-varlen", "flash_attn.flash_attn_varlen_func (v padded to the q/k head dim)"
+        return "torch-varlen", "torch.nn.attention.varlen.varlen_attn (flash-attn not installed)"
     if device.type == "cuda":
-        return "sdpa-per-sample", "flash-attn is not installed (extra 'gpu'): one SDPA call per packed sample"
+        return "sdpa-per-sample", ("neither flash-attn (extra 'gpu') nor torch.nn.attention.varlen: one SDPA call "
+                                   "per packed sample")
     return "sdpa-per-sample", "exact per-sample SDPA on CPU"
 
 
@@ -54,7 +81,7 @@ def varlen_attention(
     # Both kernels want equal q/k/v head dims (MLA has V < D): pad v, drop the padding after.
     v_pad = F.pad(v_BTHV, (0, D - V)) if V < D else v_BTHV
     if resolve_backend(backend, q_BTHD.device) == "flash":
-        out = flash_attn_varlen_func(
+        out = varlen_kernel()(
             q_BTHD.reshape(B * T, H, D), k_BTHD.reshape(B * T, H, D), v_pad.reshape(B * T, H, D),
             cu_seqlens, cu_seqlens, max_seqlen or T, max_seqlen or T, softmax_scale=scale, causal=True,
         )

@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from moe_train.models.common import grouped_gemm
+from moe_train.models.common.grouped_gemm import padded_size
 from moe_train.models.common.mlp import SwiGLUMLP
 
 MOE_IMPLEMENTATIONS = ("shard", "origin")
@@ -46,18 +48,12 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-def _use_grouped_mm(*tensors: torch.Tensor) -> bool:
-    """torch's grouped_mm wants 16-byte aligned pointers and strides, fp32/bf16 on CPU and bf16 on
-    CUDA; other cases (small debug sizes, fp32 on GPU, fp64) take an exact loop over the experts."""
-    def aligned(t: torch.Tensor) -> bool:
-        return t.data_ptr() % 16 == 0 and all(s == 1 or s * t.element_size() % 16 == 0 for s in t.stride())
-
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    """torch's grouped_mm takes fp32/bf16 on CPU and bf16 on CUDA (misaligned operands are padded by
+    ``models/common/grouped_gemm.py``); other cases (fp32 on GPU, fp64) take an exact loop over the experts."""
     if not hasattr(F, "grouped_mm"):
         return False
-    allowed = (torch.bfloat16,) if tensors[0].is_cuda else (torch.float32, torch.bfloat16)
-    if tensors[0].dtype not in allowed:
-        return False
-    return all(aligned(t) for t in tensors)
+    return x.dtype in ((torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16))
 
 
 def expert_kernel(device_type: str, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> tuple[str, str]:
@@ -67,17 +63,15 @@ def expert_kernel(device_type: str, dtype: torch.dtype, hidden_size: int, interm
     allowed = (torch.bfloat16,) if device_type == "cuda" else (torch.float32, torch.bfloat16)
     if dtype not in allowed:
         return "loop", f"grouped_mm on {device_type} takes {[str(d) for d in allowed]}, not {dtype}; train in bf16"
-    size = torch.tensor([], dtype=dtype).element_size()
-    for name, n in (("hidden_size", hidden_size), ("moe_intermediate_size", intermediate_size)):
-        if n * size % 16:
-            return "loop", f"{name}={n} rows of {n * size} bytes are not 16-byte aligned, as grouped_mm needs"
-    return "grouped_mm", f"torch.nn.functional.grouped_mm, {dtype} on {device_type}"
+    padded = [f"{name}={n}" for name, n in (("hidden_size", hidden_size), ("moe_intermediate_size", intermediate_size))
+              if padded_size(n, dtype) != n]
+    why = f"torch.nn.functional.grouped_mm, {dtype} on {device_type}"
+    return "grouped_mm", why + (f"; {', '.join(padded)} zero-padded to 16-byte rows per call" if padded else "")
 
 
 def _grouped_mm(x_AI: torch.Tensor, w_SIO: torch.Tensor, counts_S: torch.Tensor) -> torch.Tensor:
-    if _use_grouped_mm(x_AI, w_SIO):
-        offs = counts_S.cumsum(0).to(torch.int32)
-        return F.grouped_mm(x_AI, w_SIO, offs=offs)
+    if _use_grouped_mm(x_AI):
+        return grouped_gemm.grouped_mm(x_AI, w_SIO, counts_S)
     out = x_AI.new_empty(x_AI.shape[0], w_SIO.shape[2])
     start = 0
     for s, n in enumerate(counts_S.tolist()):
@@ -88,9 +82,9 @@ def _grouped_mm(x_AI: torch.Tensor, w_SIO: torch.Tensor, counts_S: torch.Tensor)
 
 def _grouped_weight_grad(grad_AO: torch.Tensor, x_AI: torch.Tensor, counts_S: torch.Tensor) -> torch.Tensor:
     """(S, O, I) with [s] = grad[rows of s].T @ x[rows of s]."""
+    if _use_grouped_mm(x_AI):
+        return grouped_gemm.grouped_weight_grad(grad_AO, x_AI, counts_S)
     gT = grad_AO.t()
-    if _use_grouped_mm(gT, x_AI):
-        return F.grouped_mm(gT, x_AI, offs=counts_S.cumsum(0).to(torch.int32))
     out = grad_AO.new_zeros(len(counts_S), grad_AO.shape[1], x_AI.shape[1])
     start = 0
     for s, n in enumerate(counts_S.tolist()):
