@@ -36,7 +36,7 @@ from moe_train.engine import kernels
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
 from moe_train.models import spec_for, spec_of
-from moe_train.models.common.loss import cross_entropy, shift_labels
+from moe_train.models.common.loss import shift_labels
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
 from moe_train.storage import is_local, resolve
@@ -261,11 +261,12 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
         if seq is not None:  # this rank's slice of the row, with its targets and samples
             b = seq.shard(b, job.loader.pad_id)
         segment_ids = b.get("segment_ids")
+        targets = b["targets"] if "targets" in b else shift_labels(b["labels"])
+        # The model returns the cross-entropy sum over targets from its chunked head: no (T, V) logits.
         out = engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
                      cu_seqlens=b["cu_seqlens"].to(device), max_seqlen=b["max_seqlen"],
-                     segment_ids=None if segment_ids is None else segment_ids.to(device))
-        targets = b["targets"] if "targets" in b else shift_labels(b["labels"])
-        ce_sum = cross_entropy(out.logits, targets.to(device), reduction="sum")
+                     segment_ids=None if segment_ids is None else segment_ids.to(device), targets=targets.to(device))
+        ce_sum = out.loss
         loss = ce_sum * (job.world * r.grad_accum / global_tokens)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 
@@ -47,6 +48,21 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross entropy of position t against labels[t+1]; ``reduction`` "mean" over scored tokens or "sum"."""
     return cross_entropy(logits, shift_labels(labels), reduction)
+
+
+class LMHead(nn.Linear):
+    """The LM head (weight (V, D), HF key ``lm_head.weight``): logits, or with ``targets`` (shifted labels)
+    the cross-entropy sum computed by ``linear_cross_entropy`` without (T, V) logits.  A module, so that
+    under ZeRO-3 its weight is gathered around this forward."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, std: float) -> None:
+        super().__init__(hidden_size, vocab_size, bias=False)
+        nn.init.normal_(self.weight, std=std)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        return linear_cross_entropy(hidden, self.weight, targets)
 
 
 # ---------------------------------------------------------------------------- fused linear + CE

@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moe_train.models.common.loss import causal_lm_loss
-from moe_train.models.common.mlp import SwiGLUMLP, linear
+from moe_train.models.common.loss import LMHead, causal_lm_loss
+from moe_train.models.common.mlp import SwiGLUMLP
 from moe_train.models.common.norm import RMSNorm
 from moe_train.models.deepseek_v2.attention import MLAttention
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
@@ -24,8 +24,8 @@ from moe_train.models.deepseek_v2.rope import rope_cos_sin
 class CausalLMOutput(NamedTuple):
     """A NamedTuple, so DeepSpeed's ZeRO-3 hooks find the tensors in it."""
 
-    logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None  # token-mean cross entropy (labels shifted inside, HF convention)
+    logits: torch.Tensor | None  # (B, T, V); None when the loss came from ``targets`` (never materialised)
+    loss: torch.Tensor | None = None  # labels: token-mean cross entropy (shifted inside); targets: the CE sum
     aux_loss: torch.Tensor | None = None  # sum of the MoE balance losses (training only)
     expert_load: torch.Tensor | None = None  # (moe layers, E) tokens routed to each expert
 
@@ -70,17 +70,20 @@ class DeepseekV2ForCausalLM(nn.Module):
     """DeepSeek V2 with routed experts stored as shards (default) or one module per expert.
 
     ``forward(input_ids, position_ids=None, cu_seqlens=None, labels=None, max_seqlen=None,
-    segment_ids=None)``: a packed row is ``input_ids`` of shape (1, T) with ``cu_seqlens`` marking
-    sample boundaries; positions then restart at 0 in every sample unless ``position_ids`` is given.
-    ``segment_ids`` (T,) gives each token's sample (-1: padding) when the row is a slice of a longer
-    one (sequence parallelism); by default it follows from ``cu_seqlens``.
+    segment_ids=None, targets=None)``: a packed row is ``input_ids`` of shape (1, T) with
+    ``cu_seqlens`` marking sample boundaries; positions then restart at 0 in every sample unless
+    ``position_ids`` is given.  ``segment_ids`` (T,) gives each token's sample (-1: padding) when the
+    row is a slice of a longer one (sequence parallelism); by default it follows from ``cu_seqlens``.
+    ``targets`` (already shifted labels, -100 ignored) makes ``loss`` their cross-entropy sum, computed
+    chunk by chunk without ever building the (T, V) logits (what the trainer uses); ``labels`` gives
+    the HF-style mean with logits.
     """
 
     def __init__(self, config: DeepseekV2Config, attn_backend: str = "auto") -> None:
         super().__init__()
         self.config = config
         self.model = DeepseekV2Model(config, attn_backend)
-        self.lm_head = linear(config.hidden_size, config.vocab_size, config.initializer_range)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, config.initializer_range)
 
     def forward(
         self,
@@ -90,6 +93,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         segment_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         B, T = input_ids.shape
         device = input_ids.device
@@ -112,10 +116,15 @@ class DeepseekV2ForCausalLM(nn.Module):
                 aux_losses.append(aux)
             if load is not None:
                 loads.append(load)
-        logits = self.lm_head(self.model.norm(x))
+        hidden = self.model.norm(x)
+        if targets is not None:
+            logits, loss = None, self.lm_head(hidden, targets)
+        else:
+            logits = self.lm_head(hidden)
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(
             logits=logits,
-            loss=causal_lm_loss(logits, labels) if labels is not None else None,
+            loss=loss,
             aux_loss=torch.stack(aux_losses).sum() if aux_losses else None,
             expert_load=torch.stack(loads).detach() if loads else None,
         )
