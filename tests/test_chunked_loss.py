@@ -175,6 +175,7 @@ def test_batched_shapes_flatten():
     assert flat.item() == batched.item()
 
 
+@pytest.mark.slow  # four fresh processes
 def test_loss_memory_benchmark_smallest_size():
     """bench/loss_memory.py at its test size: real processes, real RSS; the chunked head must win."""
     from bench import loss_memory
