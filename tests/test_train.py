@@ -196,3 +196,29 @@ def test_resume_is_exact_with_grad_accum_across_an_epoch_boundary(tmp_path):
 
     a, b = weights(tmp_path / "straight" / "hf_model"), weights(work / "hf_model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_bf16_on_cpu_keeps_fp32_master_router_and_loss(tmp_path):
+    """The GPU's dtype path on gloo: bf16 weights, DeepSpeed's fp32 master copy, fp32 router and loss."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_train import DeepseekV2ForCausalLM
+
+    work = tmp_path / "bf16"
+    proc = check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(work), "--max-steps", "10",
+                           "--save-steps", "0", "--cfg-options", "dtype=bf16"], tmp_path))
+    assert "experts grouped_mm (torch.nn.functional.grouped_mm, torch.bfloat16 on cpu" in proc.stdout
+    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(tmp_path / "fp32"), "--max-steps", "10",
+                    "--save-steps", "0", "--no-export"], tmp_path))
+    ours, ref = summary(work)["losses"], summary(tmp_path / "fp32")["losses"]
+    assert len(ours) == len(ref) == 10
+    assert all(abs(a - b) / b < 2e-2 for a, b in zip(ours, ref)), (ours, ref)
+    config = json.loads((work / "hf_model" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    hf = AutoModelForCausalLM.from_pretrained(work / "hf_model").eval()
+    assert hf.dtype == torch.bfloat16
+    mine = DeepseekV2ForCausalLM.from_pretrained(str(work / "hf_model"), dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        assert (hf(ids).logits.float() - mine(ids).logits.float()).abs().max() < 5e-2

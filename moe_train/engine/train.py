@@ -216,7 +216,8 @@ def setup(tc: TrainConfig) -> Job:
     ds_config = load_deepspeed_config(tc.deepspeed or r.deepspeed)  # bad configs fail before any process group
     info = init_distributed(tc.launcher)
     rank, world, device = info.rank, info.world_size, info.device
-    dtype = torch.bfloat16 if device.type == "cuda" and r.dtype == "bf16" else torch.float32
+    # bf16 also on CPU when the recipe asks (DeepSpeed's bf16 ZeRO-3 runs on gloo): the GPU's dtype logic, testable here.
+    dtype = torch.bfloat16 if r.dtype == "bf16" else torch.float32
     # Groups of r.sp consecutive ranks share each packed row (raises if r.sp does not divide the world).
     seq = SequenceParallel(r.sp) if r.sp != 1 else None
     torch.manual_seed(r.seed)
