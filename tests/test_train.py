@@ -171,8 +171,8 @@ def test_zero3_partitioned_load_and_gathered_export_round_trip(tmp_path):
 
 
 def test_resume_is_exact_with_grad_accum_across_an_epoch_boundary(tmp_path):
-    """grad_accum 2, 2 epochs (21 steps each on 2 ranks): stop at step 20, resume to 24 across
-    the epoch boundary; same losses as 24 straight steps, and the same weights."""
+    """grad_accum 2, 2 epochs (22 steps each on 2 ranks, the 22nd with one dummy micro-batch): stop at
+    step 20, resume to 24 across the epoch boundary; same losses as 24 straight steps, and the same weights."""
     from safetensors.torch import load_file
 
     common = ["tiny", "--deepspeed", "deepspeed_zero3", "--epochs", "2", "--cfg-options", "grad_accum=2"]
@@ -196,3 +196,16 @@ def test_resume_is_exact_with_grad_accum_across_an_epoch_boundary(tmp_path):
 
     a, b = weights(tmp_path / "straight" / "hf_model"), weights(work / "hf_model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_epoch_trains_every_pack_once(tmp_path):
+    """87 packs on 2 ranks x grad_accum 3: 15 steps, the last with 3 dummy micro-batches; the tokens
+    trained over the epoch are exactly the dataset's."""
+    proc = check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(tmp_path / "w"), "--epochs", "1",
+                           "--cfg-options", "grad_accum=3", "--cfg-options", "max_steps=None", "--save-steps", "0",
+                           "--no-export"], tmp_path))
+    assert "data: 87 packs, 15 steps per epoch, 3 micro-batches per step" in proc.stdout
+    records = [m for m in metrics(tmp_path / "w") if "loss" in m]
+    assert [m["step"] for m in records] == list(range(1, 16))
+    assert sum(m["tokens"] for m in records) == 21746  # "400 samples in 87 packs ... (21746 tokens"
+    assert all(m["loss"] > 0 and m["aux_loss"] > 0 for m in records)

@@ -159,15 +159,16 @@ def build_data(r: Recipe, rank: int, world: int) -> Data:
     if not r.data:
         raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
     packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
-    _log(rank, f"data: {stats}")
     pad_id = tokenizer.pad_token_id or 0
-    loader = PackedLoader(packs, dp_rank=rank // r.sp, dp_size=world // r.sp, seed=r.seed, shuffle=r.shuffle,
-                          micro_batch_size=r.micro_batch_size, pad_id=pad_id)
-    steps_per_epoch = len(loader) // r.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(loader)} micro-batches per rank are fewer than grad_accum={r.grad_accum}; "
-                         "lower grad_accum or add data")
-    return Data(loader, tokenizer_dir, pad_id, steps_per_epoch)
+    dp = world // r.sp
+    loader = PackedLoader(packs, dp_rank=rank // r.sp, dp_size=dp, seed=r.seed, shuffle=r.shuffle,
+                          micro_batch_size=r.micro_batch_size, pad_id=pad_id, grad_accum=r.grad_accum)
+    _log(rank, f"data: {stats}")
+    _log(rank, f"data: {len(packs)} packs, {loader.steps_per_epoch} steps per epoch, {r.grad_accum} micro-batches "
+               f"per step on each of {dp} data-parallel ranks ({r.micro_batch_size} packs each); every pack once "
+               "per epoch" + (f", the last step's {loader.dummies_per_epoch} empty pack slots run as dummies"
+                              if loader.dummies_per_epoch else ""))
+    return Data(loader, tokenizer_dir, pad_id, loader.steps_per_epoch)
 
 
 def build_engine(r: Recipe, cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype,
@@ -242,15 +243,20 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
     """One optimiser step over `grad_accum` micro-batches; returns the step's global figures."""
     r, engine, device, seq = job.recipe, job.engine, job.device, job.seq
     t0 = time.perf_counter()
+    real = [b.get("num_packs", 1) > 0 for b in micro]  # dummies (the end of an epoch) train nothing
     counts = torch.tensor([float(sum(b["num_loss_tokens"] for b in micro)),
-                           float(sum(b["input_ids"].numel() for b in micro))])
+                           float(sum(b["input_ids"].numel() for b, ok in zip(micro, real) if ok)),
+                           float(sum(real))])
     dist.all_reduce(counts)
-    counts /= r.sp  # the ranks of a sequence-parallel group hold the same rows
+    counts[:2] /= r.sp  # the ranks of a sequence-parallel group hold the same rows
     global_tokens = max(counts[0].item(), 1.0)
+    # The balance loss is a mean over the step's real micro-batches (DeepSpeed divides by
+    # world * grad_accum): 1 unless the last step of an epoch holds dummies.
+    aux_scale = job.world * r.grad_accum / max(counts[2].item(), 1.0)
     ce_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)
     load = None
     lengths: list[int] = []
-    for b in micro:
+    for b, ok in zip(micro, real):
         if seq is not None:  # this rank's slice of the row, right before its forward (the MoE hooks read it)
             b = seq.shard(b, job.loader.pad_id)
         out = engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
@@ -259,21 +265,25 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
         ce_sum = causal_lm_loss(out.logits, labels, reduction="sum") if seq is None else seq.loss(out.logits, labels)
         loss = ce_sum * (job.world * r.grad_accum / global_tokens)
         if out.aux_loss is not None:
-            loss = loss + out.aux_loss
-            aux_total += out.aux_loss.detach().float() / r.grad_accum
+            aux = out.aux_loss * (aux_scale if ok else 0.0)  # times 0: the graph (and ZeRO-3's hooks) still run
+            loss = loss + aux
+            aux_total += aux.detach().float() / (job.world * r.grad_accum)
         engine.backward(loss)
         engine.step()
         ce_total += ce_sum.detach().float()  # on the device: no host sync per micro-batch
-        load = out.expert_load if load is None else load + out.expert_load
-        cu = b["cu_seqlens"].tolist()
-        lengths += [e - s for s, e in zip(cu[:-1], cu[1:])]
+        if out.expert_load is not None:
+            step_load = out.expert_load if ok else torch.zeros_like(out.expert_load)
+            load = step_load if load is None else load + step_load
+        if ok:
+            cu = b["cu_seqlens"].tolist()
+            lengths += [e - s for s, e in zip(cu[:-1], cu[1:])]
     reduced = torch.stack([ce_total, aux_total])
     dist.all_reduce(reduced)
     if load is not None:
         dist.all_reduce(load)
         load = load.cpu()
     reduced = reduced.cpu()
-    return {"loss": reduced[0].item() / global_tokens, "aux_loss": reduced[1].item() / job.world,
+    return {"loss": reduced[0].item() / global_tokens, "aux_loss": reduced[1].item(),
             "tokens": counts[1].item(), "loss_tokens": global_tokens, "expert_load": load, "lengths": lengths,
             "seconds": time.perf_counter() - t0}
 
