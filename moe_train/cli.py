@@ -71,6 +71,11 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "the device table; unknown on CPU).")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. "
               "grad_accum=4 or betas='(0.9,0.95)'. Repeatable.")
+@click.option("--eval-data", multiple=True, help="Validation data (same formats as --data). Repeatable.")
+@click.option("--eval-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help="Hold out this fraction of the training packs for validation (when no --eval-data).")
+@click.option("--eval-steps", type=click.IntRange(min=0), default=None,
+              help="Validation loss every N steps (0: once, after the last step).")
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
 @click.option("--preempt-grace", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               metavar="SECONDS",
@@ -80,7 +85,7 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "identical signal exits at once.")
 def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_length, varlen, sp, moe_implementation,
           expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, peak_tflops, cfg_options,
-          no_export, preempt_grace) -> None:
+          eval_data, eval_fraction, eval_steps, no_export, preempt_grace) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
     try:
         recipe = get_recipe(recipe_name)
@@ -89,7 +94,8 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
     overrides = {k: v for k, v in dict(
         model=model, data=list(data) or None, max_length=max_length, varlen=varlen, sp=sp,
         moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard, max_steps=max_steps,
-        epochs=epochs, lr=lr, seed=seed, save_steps=save_steps).items() if v is not None}
+        epochs=epochs, lr=lr, seed=seed, save_steps=save_steps, eval_data=list(eval_data) or None,
+        eval_fraction=eval_fraction, eval_steps=eval_steps).items() if v is not None}
     if model is not None:
         overrides["model_size"] = None
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)

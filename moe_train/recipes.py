@@ -30,6 +30,11 @@ class Recipe:
     max_length: int = 8192
     varlen: bool = True
     too_long: str = "truncate"  # or "drop": what to do with a sample longer than max_length
+    # Validation: separate data, or a fraction of the training packs held out; every eval_steps steps
+    # (0: once, at the end) when either is set.
+    eval_data: list[str] = field(default_factory=list)
+    eval_fraction: float = 0.0
+    eval_steps: int = 0
     shuffle: bool = True
     # Optimisation (AdamW)
     lr: float = 1e-5

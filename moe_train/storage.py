@@ -8,7 +8,10 @@ formats a URL for humans (log lines, errors, metrics, summaries).
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
@@ -46,3 +49,22 @@ def redact(url: str) -> str:
     """``url`` with user-info and secret query parameters replaced by ``***``."""
     url = _USER_INFO.sub(r"\1***@", url)
     return _SECRET_QUERY.sub(r"\1***", url)
+
+
+@contextlib.contextmanager
+def stall_notice(what: str, log: Callable[[str], None], after: float = 60.0) -> Iterator[None]:
+    """Log one line when the block takes longer than ``after`` seconds (a stalled object store
+    otherwise looks like a hung job), and how long it took in the end."""
+    import time
+
+    t0 = time.monotonic()
+    timer = threading.Timer(after, lambda: log(f"{what} still running after {after:.0f}s; the storage may be "
+                                                "stalled (fsspec retries; check the endpoint and credentials)"))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if time.monotonic() - t0 > after:
+            log(f"{what} took {time.monotonic() - t0:.0f}s")

@@ -21,24 +21,28 @@ import dataclasses
 import json
 import math
 import posixpath
+import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from moe_train.checkpoint.hf_layout import copy_tokenizer, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
-from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
+from moe_train.engine.metrics import (
+    MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, read_metrics, step_flops, summarize,
+)
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moe_train.models.deepseek_v2.model import causal_lm_loss
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
-from moe_train.storage import is_local, resolve
+from moe_train.storage import is_local, redact, resolve, stall_notice
 
 
 @dataclass
@@ -55,8 +59,12 @@ class TrainConfig:
 
 
 def _log(rank: int, msg: str) -> None:
+    """One line from rank 0 (every rank would say the same), above the progress bar if there is one."""
     if rank == 0:
-        print(f"[moe-train] {msg}", flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(f"[moe-train] {msg}", file=sys.stdout)
+        sys.stdout.flush()
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
@@ -134,6 +142,7 @@ class Job:
     tokenizer_dir: str
     step: int
     total_steps: int
+    eval_loader: Any = None  # validation packs (--eval-data / eval_fraction), or None
 
     @property
     def recipe(self) -> Recipe:
@@ -146,6 +155,7 @@ class Data:
     tokenizer_dir: str
     pad_id: int
     steps_per_epoch: int
+    eval_loader: Any = None
 
 
 def build_data(r: Recipe, rank: int, world: int) -> Data:
@@ -161,6 +171,25 @@ def build_data(r: Recipe, rank: int, world: int) -> Data:
     packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
     pad_id = tokenizer.pad_token_id or 0
     dp = world // r.sp
+    eval_packs = None
+    if r.eval_data:
+        eval_packs, eval_stats = build_packed_dataset(r.eval_data, tokenizer, r.template, r.max_length, r.varlen,
+                                                      r.too_long, r.seed)
+        _log(rank, f"eval data: {eval_stats}")
+    elif r.eval_fraction > 0:
+        if not 0 < r.eval_fraction < 1 or len(packs) < 2:
+            raise ValueError(f"eval_fraction={r.eval_fraction} must be in (0, 1) with at least 2 packs; "
+                             "pass --eval-fraction 0.05 or --eval-data PATH")
+        held = sorted(np.random.default_rng([r.seed, 1]).permutation(len(packs))[
+            :max(1, round(r.eval_fraction * len(packs)))].tolist())
+        eval_packs = [packs[i] for i in held]
+        keep = set(held)
+        packs = [p for i, p in enumerate(packs) if i not in keep]
+        _log(rank, f"eval data: {len(eval_packs)} of the packs held out (eval_fraction={r.eval_fraction})")
+    eval_loader = None
+    if eval_packs:  # every rank runs the same number of eval forwards (dummies where packs run out)
+        eval_loader = PackedLoader(eval_packs, dp_rank=rank // r.sp, dp_size=dp, shuffle=False,
+                                   micro_batch_size=r.micro_batch_size, pad_id=pad_id)
     loader = PackedLoader(packs, dp_rank=rank // r.sp, dp_size=dp, seed=r.seed, shuffle=r.shuffle,
                           micro_batch_size=r.micro_batch_size, pad_id=pad_id, grad_accum=r.grad_accum)
     _log(rank, f"data: {stats}")
@@ -168,7 +197,7 @@ def build_data(r: Recipe, rank: int, world: int) -> Data:
                f"per step on each of {dp} data-parallel ranks ({r.micro_batch_size} packs each); every pack once "
                "per epoch" + (f", the last step's {loader.dummies_per_epoch} empty pack slots run as dummies"
                               if loader.dummies_per_epoch else ""))
-    return Data(loader, tokenizer_dir, pad_id, loader.steps_per_epoch)
+    return Data(loader, tokenizer_dir, pad_id, loader.steps_per_epoch, eval_loader)
 
 
 def build_engine(r: Recipe, cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype,
@@ -236,7 +265,7 @@ def setup(tc: TrainConfig) -> Job:
         seq.apply(engine.module)
     step = resume_state(ckpt, resume, engine, data.loader, rank)
     return Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fs, work_root,
-               data.tokenizer_dir, step, total_steps)
+               data.tokenizer_dir, step, total_steps, data.eval_loader)
 
 
 def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
@@ -284,8 +313,51 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
         load = load.cpu()
     reduced = reduced.cpu()
     return {"loss": reduced[0].item() / global_tokens, "aux_loss": reduced[1].item(),
+            "dummies": int(round(job.world * r.grad_accum - counts[2].item())),
             "tokens": counts[1].item(), "loss_tokens": global_tokens, "expert_load": load, "lengths": lengths,
             "seconds": time.perf_counter() - t0}
+
+
+def evaluate(job: Job) -> dict[str, Any]:
+    """Validation loss: cross entropy summed over every eval token on every rank / their count.
+    Every rank runs the same forwards (the loader pads with dummies), as ZeRO-3 and SP need."""
+    engine, device, seq = job.engine, job.device, job.seq
+    t0 = time.perf_counter()
+    ce, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    engine.eval()
+    with torch.no_grad():
+        for b in job.eval_loader:
+            if seq is not None:
+                b = seq.shard(b, job.eval_loader.pad_id)
+            out = engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                         cu_seqlens=b["cu_seqlens"].to(device))
+            labels = b["labels"].to(device)
+            ce += causal_lm_loss(out.logits, labels, reduction="sum") if seq is None else seq.loss(out.logits, labels)
+            tokens += b["num_loss_tokens"]  # after seq.shard: the slice's, so the sum over all ranks is exact
+    engine.train()
+    reduced = torch.stack([ce.float(), tokens.float()])
+    dist.all_reduce(reduced)
+    ce_sum, n = reduced.cpu().tolist()
+    return {"event": "eval", "val_loss": round(ce_sum / max(n, 1.0), 6), "val_tokens": int(n),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def write_run_config(job: Job) -> None:
+    """The resolved recipe and DeepSpeed config next to the run (URLs redacted), rewritten by each segment."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact(v)
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    files = {"recipe.json": clean(dataclasses.asdict(job.recipe)),
+             "deepspeed.json": clean(getattr(job.engine, "config", None) or {})}
+    for name, content in files.items():
+        with job.fs.open(posixpath.join(job.work_root, name), "w") as f:
+            json.dump(content, f, indent=2, default=str)
 
 
 def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> dict[str, Any]:
@@ -294,13 +366,14 @@ def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> d
     flops = step_flops(job.cfg, s["lengths"]) * (world // job.recipe.sp)  # every group ran a similar mix
     norm = job.engine.get_global_grad_norm()
     return {
-        "step": step, "loss": round(s["loss"], 6), "aux_loss": round(s["aux_loss"], 8),
+        "step": step, "loss": s["loss"], "aux_loss": round(s["aux_loss"], 8),
         "lr": job.scheduler.get_last_lr()[0], "grad_norm": None if norm is None else round(float(norm), 6),
         "tgs": round(s["tokens"] / dt / world, 2), "tflops_per_gpu": round(flops / dt / world / 1e12, 6),
         "mfu": round(flops / dt / world / (peak * 1e12), 4) if peak else None,
         "tokens": int(s["tokens"]), "loss_tokens": int(s["loss_tokens"]), "step_time": round(dt, 4),
         "peak_mem_gb": round(peak_memory_gb(), 3), "epoch": job.loader.epoch,
         "expert_load": expert_load_stats(s["expert_load"]) if s["expert_load"] is not None else [],
+        "dummies": s.get("dummies", 0),
     }
 
 
@@ -332,10 +405,15 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     r, rank = job.recipe, job.rank
     metrics = None
     if rank == 0:
-        local = is_local(job.fs)
-        metrics = MetricsWriter(job.fs, posixpath.join(job.work_root, "metrics.jsonl"),
-                                posixpath.join(job.work_root, "tb") if local else None)
+        metrics = MetricsWriter(job.fs, job.work_root, resumed_from=job.step, log=lambda m: _log(0, m))
+        write_run_config(job)
     peak = peak_tflops(tc.peak_tflops)
+
+    def run_eval(at: int) -> None:
+        result = evaluate(job)
+        _log(rank, f"step {at}: val_loss {result['val_loss']:.4f} over {result['val_tokens']} tokens")
+        if metrics is not None:
+            metrics.write({"step": at, **result})
 
     def micro_batches():
         while True:
@@ -361,6 +439,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result['loss']:.4f}", tgs=f"{tgs[-1]:.0f}")
+                if job.eval_loader is not None and r.eval_steps and step % r.eval_steps == 0:
+                    run_eval(step)
                 stop_now = stop.agreed()
                 if (r.save_steps and step % r.save_steps == 0) or stop_now:
                     path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
@@ -372,16 +452,22 @@ def train(tc: TrainConfig) -> dict[str, Any]:
         if bar is not None:
             bar.close()
 
-    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": tc.work_dir}
+    if job.eval_loader is not None and not (r.eval_steps and step % r.eval_steps == 0):
+        run_eval(step)  # the final model's validation loss
+    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": redact(tc.work_dir)}
     if tc.export:
-        summary.update(export(job, step))
+        with stall_notice(f"export to {redact(tc.work_dir)}/hf_model", lambda m: _log(rank, m)):
+            summary.update(export(job, step))
         if metrics is not None:
             metrics.write({"step": step, "event": "export", "hf_model": summary["hf_model"],
                            "export_peak_rss_delta_mb": round(summary["export_peak_rss_delta_mb"], 2),
                            "model_mb": round(summary["model_mb"], 2)})
     if metrics is not None:
         metrics.close()
+        # The whole run, all segments; `summary["segment_losses"]`: this segment's alone.
+        run = {**summary, **summarize(read_metrics(job.fs, job.work_root, segments=True)),
+               "segment_losses": losses}
         with job.fs.open(posixpath.join(job.work_root, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(run, f, indent=2)
     job.ckpt.close()
     return summary

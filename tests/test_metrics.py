@@ -1,0 +1,156 @@
+"""The run's metrics: one file per run segment read back with each step once, live on object stores
+(a real S3-protocol server), validation loss exact over ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from moe_train.engine.metrics import MetricsWriter, read_metrics, summarize
+from tests.launch import check, cpu_env, free_port, metrics, torchrun
+
+ASSETS = Path(__file__).resolve().parents[1] / "moe_train" / "assets"
+
+
+def _segment(fs, root, resumed_from, steps):
+    w = MetricsWriter(fs, root, resumed_from=resumed_from, tensorboard=False)
+    for s in steps:
+        w.write({"step": s, "loss": float(s), "tgs": 1.0, "tokens": 10})
+    w.close()
+    return w.path
+
+
+def test_segments_keep_each_step_once_and_elapsed_continues(tmp_path):
+    fs, root = fsspec.filesystem("file"), str(tmp_path)
+    _segment(fs, root, 0, range(1, 9))  # crashed after step 8, last checkpoint at 5
+    _segment(fs, root, 5, range(6, 13))  # resumed from 5 and ran to 12
+    path = _segment(fs, root, 4, range(5, 7))  # rolled back to step 4, ran 2 steps
+    assert path.endswith("metrics/segment-0003.jsonl")
+    records = read_metrics(fs, root)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["time"] > 1.7e9 and r["elapsed"] >= 0 for r in records)
+    assert [r["elapsed"] for r in records] == sorted(r["elapsed"] for r in records)
+    run = summarize(read_metrics(fs, root, segments=True))
+    assert run["segments"] == 3 and run["steps"] == 6 and run["losses"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    # a half-written last line (a live or killed run) is skipped; a broken line before it is an error
+    with open(path, "a") as f:
+        f.write('{"step": 7, "lo')
+    assert [r["step"] for r in read_metrics(fs, root)] == [1, 2, 3, 4, 5, 6]
+    with open(path, "a") as f:
+        f.write('\n{"step": 7}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_metrics(fs, root)
+
+
+def test_non_finite_figures_are_written_as_null(tmp_path):
+    fs = fsspec.filesystem("file")
+    w = MetricsWriter(fs, str(tmp_path), tensorboard=False)
+    w.write({"step": 1, "loss": float("inf"), "grad_norm": float("nan")})
+    w.close()
+    text = Path(w.path).read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert read_metrics(fs, str(tmp_path))[0]["loss"] is None
+
+
+def test_object_store_records_are_visible_within_seconds(s3_server, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]})
+    root = f"{s3_server['bucket']}/live-{tmp_path.name}"
+    w = MetricsWriter(fs, root, tensorboard=True, flush_s=0.5)
+    w.write({"step": 1, "loss": 6.0, "tgs": 1.0, "tokens": 1})
+    deadline, seen = time.monotonic() + 5, []
+    while time.monotonic() < deadline and not seen:
+        fs.invalidate_cache()
+        seen = [r["step"] for r in read_metrics(fs, root)]
+        time.sleep(0.2)
+    assert seen == [1]  # before close: fsspec alone would buffer it until the end of the run
+    w.close()
+    fs.invalidate_cache()
+    assert fs.ls(f"{root}/tb")  # TensorBoard event files uploaded next to the metrics
+
+
+def _losses_by_step(records):
+    return [r["step"] for r in records if "loss" in r]
+
+
+@pytest.mark.slow
+def test_s3_metrics_are_live_mid_run_and_survive_sigkill(s3_server, tmp_path):
+    """torchrun on an s3:// work dir: records appear while it runs; after SIGKILL of the whole job the
+    object holds every step up to a few seconds before the kill."""
+    import s3fs
+
+    url = f"s3://{s3_server['bucket']}/killed-{tmp_path.name}"
+    env = cpu_env(tmp_path, FSSPEC_S3_ENDPOINT_URL=s3_server["endpoint"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_port={free_port()}", "-m", "moe_train.cli", "train", "tiny", "--launcher", "pytorch",
+           "--work-dir", url, "--epochs", "3", "--cfg-options", "max_steps=None", "--save-steps", "0", "--no-export"]
+    log = open(tmp_path / "log.txt", "w")  # noqa: SIM115
+    p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]})
+    root = url.removeprefix("s3://")
+    try:
+        deadline, steps = time.monotonic() + 240, []
+        while time.monotonic() < deadline and len(steps) < 10:
+            assert p.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+            fs.invalidate_cache()
+            steps = _losses_by_step(read_metrics(fs, root))
+            time.sleep(0.5)
+        assert len(steps) >= 10, "no live records"
+        time.sleep(3)
+        os.killpg(p.pid, signal.SIGKILL)
+        killed_at = time.time()
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        log.close()
+    fs.invalidate_cache()
+    records = [r for r in read_metrics(fs, root) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    assert len(records) > len(steps) and records[-1]["step"] < 132, "the run was not killed mid-run"
+    assert killed_at - records[-1]["time"] < 5.0, (killed_at, records[-1])
+
+
+@pytest.mark.slow
+def test_validation_loss_is_exact_over_ranks(tmp_path):
+    """2 ranks, eval data whose packs do not split evenly (dummy forwards on one rank), lr too small to
+    move the weights: the logged val_loss equals the exported model's loss over all eval tokens."""
+    from transformers import AutoTokenizer
+
+    from moe_train.data import build_packed_dataset
+    from moe_train.models.deepseek_v2 import DeepseekV2ForCausalLM
+    from moe_train.models.deepseek_v2.model import causal_lm_loss
+
+    lines = (ASSETS / "alpaca_sample.jsonl").read_text().splitlines()
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("\n".join(lines[:23]) + "\n")
+    work = tmp_path / "w"
+    proc = check(torchrun(["tiny", "--work-dir", str(work), "--max-steps", "2", "--save-steps", "0", "--lr", "1e-30",
+                           "--eval-data", str(eval_file), "--eval-steps", "1"], tmp_path))
+    evals = [m for m in metrics(work) if m.get("event") == "eval"]
+    assert [m["step"] for m in evals] == [1, 2]
+    assert "val_loss" in proc.stdout
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tiny_tokenizer")
+    packs, _ = build_packed_dataset([str(eval_file)], tokenizer, max_length=256)
+    assert len(packs) % 2 == 1  # one rank runs a dummy forward
+    model = DeepseekV2ForCausalLM.from_pretrained(str(work / "hf_model")).eval()
+    ce, n = 0.0, 0
+    with torch.no_grad():
+        for pk in packs:
+            out = model(pk.input_ids.long()[None], position_ids=pk.position_ids.long()[None],
+                        cu_seqlens=pk.cu_seqlens)
+            ce += causal_lm_loss(out.logits, pk.labels.long()[None], reduction="sum").item()
+            n += int((pk.labels[1:] != -100).sum())
+    assert evals[-1]["val_tokens"] == n
+    assert abs(evals[-1]["val_loss"] - ce / n) < 1e-5, (evals[-1], ce / n)
