@@ -22,6 +22,7 @@ smoke: venv
 		--deepspeed deepspeed_zero3 --launcher pytorch --work-dir work_dirs/smoke
 	$(PY) -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('work_dirs/smoke/hf_model'); \
 		print('transformers loaded', type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
+	.venv/bin/moe-train report work_dirs/smoke --out work_dirs/smoke-report
 
 test: venv
 	$(PY) -m pytest -q -ra

@@ -122,6 +122,23 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
     hard_exit(code)
 
 
+@main.command()
+@click.argument("work_dir")
+@click.option("--out", default=None, help="Local directory for the PNGs and report.md. Default: "
+              "report-<work dir name> in the current directory (the work dir is only read).")
+def report(work_dir: str, out: str | None) -> None:
+    """Plots (loss, lr, grad norm, throughput, expert load) and report.md of the run in WORK_DIR."""
+    from moe_train.report import report as write_report
+    from moe_train.storage import redact
+
+    out = out or f"report-{work_dir.rstrip('/').rsplit('/', 1)[-1] or 'run'}"
+    try:
+        paths = write_report(work_dir, out)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    click.echo(f"report of {redact(work_dir)}: {paths['report']} ({len(paths) - 1} figures)")
+
+
 main.add_command(plan)
 
 if __name__ == "__main__":

@@ -237,7 +237,7 @@ class MetricsWriter:
     """
 
     def __init__(self, fs: Any, root: str, resumed_from: int = 0, tensorboard: bool = True,
-                 log: Any = print, flush_s: float = FLUSH_S) -> None:
+                 log: Any = print, flush_s: float = FLUSH_S, header: dict[str, Any] | None = None) -> None:
         self.fs, self.root = fs, root
         previous = read_metrics(fs, root)
         kept = [r for r in previous if r.get("step", 0) <= resumed_from and "elapsed" in r]
@@ -273,7 +273,7 @@ class MetricsWriter:
                 pass
             else:
                 self._tb = SummaryWriter(tb_dir, flush_secs=int(max(1, flush_s)))
-        self.write({"event": "segment", "segment": number, "resumed_from": resumed_from})
+        self.write({"event": "segment", "segment": number, "resumed_from": resumed_from, **(header or {})})
 
     def write(self, record: dict[str, Any]) -> None:
         # standard JSON: a non-finite figure (a diverged step) is written as null

@@ -405,7 +405,12 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     r, rank = job.recipe, job.rank
     metrics = None
     if rank == 0:
-        metrics = MetricsWriter(job.fs, job.work_root, resumed_from=job.step, log=lambda m: _log(0, m))
+        import deepspeed
+
+        hardware = {"world_size": job.world, "sp": r.sp, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                    "device": torch.cuda.get_device_name() if job.device.type == "cuda" else job.device.type}
+        metrics = MetricsWriter(job.fs, job.work_root, resumed_from=job.step, log=lambda m: _log(0, m),
+                                header=hardware)
         write_run_config(job)
     peak = peak_tflops(tc.peak_tflops)
 
