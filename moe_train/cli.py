@@ -52,6 +52,8 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.option("--work-dir", default=None, help="Local path or fsspec URL for checkpoints, metrics and the HF "
               "export. Default: work_dirs/RECIPE.")
 @click.option("--model", default=None, help="HF checkpoint directory or fsspec URL (overrides the recipe).")
+@click.option("--tokenizer", default=None, help="Tokenizer directory or URL. Default: the --model's own, else the "
+              "recipe's.")
 @click.option("--data", multiple=True, help="Training data: alpaca JSON/JSONL or messages JSONL, path or URL. Repeatable.")
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per packed sequence.")
 @click.option("--varlen/--no-varlen", default=None, help="Attend only within each packed sample (default) or across "
@@ -83,7 +85,7 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout): on a stop signal the "
               "current step and a checkpoint must fit in it, and the log says when they do not. A second "
               "identical signal exits at once.")
-def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_length, varlen, sp, moe_implementation,
+def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, data, max_length, varlen, sp, moe_implementation,
           expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, peak_tflops, cfg_options,
           eval_data, eval_fraction, eval_steps, no_export, preempt_grace) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
@@ -98,6 +100,9 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
         eval_fraction=eval_fraction, eval_steps=eval_steps).items() if v is not None}
     if model is not None:
         overrides["model_size"] = None
+        overrides["tokenizer"] = tokenizer  # a model brings its own tokenizer unless --tokenizer says otherwise
+    elif tokenizer is not None:
+        overrides["tokenizer"] = tokenizer
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)
     recipe = recipe.replace(**overrides)
 

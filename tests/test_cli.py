@@ -45,7 +45,7 @@ def test_train_cli_surface_is_pinned():
         "recipe_name", "--deepspeed", "--launcher", "--work-dir", "--model", "--data", "--max-length", "--varlen",
         "--no-varlen", "--sp", "--moe-implementation", "--expert-in-one-shard", "--max-steps", "--epochs", "--lr",
         "--seed", "--save-steps", "--resume", "--peak-tflops", "--cfg-options", "--no-export", "--preempt-grace",
-        "--eval-data", "--eval-fraction", "--eval-steps",
+        "--eval-data", "--eval-fraction", "--eval-steps", "--tokenizer",
     ])
     assert all(p.help for p in train.params if isinstance(p, click.Option))
 

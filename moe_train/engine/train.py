@@ -95,19 +95,40 @@ def check_work_dir(url: str, rank: int) -> Any:
 
 
 def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
-    """A local directory with the tokenizer files (AutoTokenizer cannot read object stores)."""
+    """A local directory with the tokenizer files (AutoTokenizer cannot read object stores).
+
+    The tokenizer is the recipe's ``tokenizer`` (``--tokenizer``); the CLI clears it when ``--model``
+    is given without ``--tokenizer``, so a model brings its own tokenizer."""
     src = recipe.tokenizer or model_url
     if src is None:
-        raise ValueError(f"recipe {recipe.name} names no tokenizer or model; pass --model PATH|URL")
+        raise ValueError(f"recipe {recipe.name} names no tokenizer or model; pass --model PATH|URL or "
+                         "--tokenizer PATH|URL")
     fs, root = resolve(src)
     if not fs.exists(posixpath.join(root, "tokenizer.json")) and not fs.exists(posixpath.join(root, "tokenizer.model")):
-        raise FileNotFoundError(f"no tokenizer (tokenizer.json) in {src}; put the tokenizer files next to the "
-                                "model or set the recipe's tokenizer")
+        raise FileNotFoundError(f"no tokenizer (tokenizer.json or tokenizer.model) in {redact(src)}; put the "
+                                "tokenizer files next to the model or pass --tokenizer PATH|URL")
     if is_local(fs):
         return root
     tmp = tempfile.mkdtemp(prefix="moe-train-tokenizer-")
     copy_tokenizer(src, *resolve(tmp))
     return tmp
+
+
+def check_tokenizer(cfg: DeepseekV2Config, tokenizer: Any, source: str) -> None:
+    """The tokenizer fits the model: every token id has an embedding row, and the special ids agree
+    with config.json (an out-of-vocab or different eos would make `generate` never stop)."""
+    where = f"the tokenizer in {redact(source)}"
+    fix = "pass the model's own tokenizer with --tokenizer, or fix config.json"
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"{where} has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}; {fix}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ours, theirs = getattr(cfg, name), getattr(tokenizer, name)
+        if ours is not None and not 0 <= ours < cfg.vocab_size:
+            raise ValueError(f"config.json {name}={ours} is outside the vocabulary (vocab_size {cfg.vocab_size}); "
+                             f"set {name} to the tokenizer's id ({theirs})")
+        if name != "pad_token_id" and ours is not None and theirs is not None and ours != theirs:
+            token = getattr(tokenizer, name.replace("_id", ""))
+            raise ValueError(f"config.json {name}={ours} but {where} has {token!r} = {theirs}; {fix}")
 
 
 def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
@@ -158,14 +179,17 @@ class Data:
     eval_loader: Any = None
 
 
-def build_data(r: Recipe, rank: int, world: int) -> Data:
-    """Tokenizer, packed dataset and this rank's loader."""
+def build_data(r: Recipe, rank: int, world: int, cfg: DeepseekV2Config | None = None) -> Data:
+    """Tokenizer (checked against ``cfg``), packed dataset and this rank's loader."""
     from transformers import AutoTokenizer
 
     from moe_train.data import PackedLoader, build_packed_dataset
 
     tokenizer_dir = local_tokenizer_dir(r, r.model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if cfg is not None:
+        check_tokenizer(cfg, tokenizer, r.tokenizer or r.model)
+    _log(rank, f"tokenizer: {redact(r.tokenizer or r.model)} ({len(tokenizer)} tokens)")
     if not r.data:
         raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
     packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
@@ -255,7 +279,7 @@ def setup(tc: TrainConfig) -> Job:
 
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else DeepseekV2Config.from_name(r.model_size, **layout)
-    data = build_data(r, rank, world)
+    data = build_data(r, rank, world, cfg)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
     schedule_steps = data.steps_per_epoch * r.epochs
