@@ -106,7 +106,7 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, dat
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)
     recipe = recipe.replace(**overrides)
 
-    from moe_train.engine.distributed import destroy_distributed, hard_exit
+    from moe_train.engine.distributed import destroy_distributed, hard_exit, linger_as_store_host
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
     from moe_train.engine.train import TrainConfig, train as run
 
@@ -117,6 +117,7 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, dat
     try:
         run(tc)
         destroy_distributed()
+        linger_as_store_host()
     except StopRequested as e:
         click.echo(f"moe-train: {e}", err=True)
         code = EXIT_PREEMPTED

@@ -18,7 +18,8 @@ ASSETS = resources.files("moe_train") / "assets"
 class Recipe:
     name: str
     description: str
-    # Model: a HF checkpoint directory or fsspec URL, or a named size initialised from `seed`.
+    # Model: a HF checkpoint directory or fsspec URL (hf://org/name: the Hugging Face Hub through
+    # huggingface_hub's fsspec filesystem, read in ranges), or a named size initialised from `seed`.
     model: str | None = None
     model_size: str | None = None
     tokenizer: str | None = None  # defaults to the model directory
@@ -72,19 +73,19 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="deepseek_v2_chat_full_alpaca_e3",
             description="DeepSeek-V2-Chat (236B) full fine-tune on alpaca, shards of 10 experts, 3 epochs",
-            model="deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
+            model="hf://deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
             **_V2_CHAT_ALPACA,
         ),
         Recipe(
             name="deepseek_v2_lite_chat_full_alpaca_e3",
             description="DeepSeek-V2-Lite-Chat (16B) full fine-tune on alpaca, shards of 8 experts, 3 epochs",
-            model="deepseek-ai/DeepSeek-V2-Lite-Chat", moe_implementation="shard", expert_in_one_shard=8,
+            model="hf://deepseek-ai/DeepSeek-V2-Lite-Chat", moe_implementation="shard", expert_in_one_shard=8,
             **_V2_CHAT_ALPACA,
         ),
         Recipe(
             name="deepseek_v2_chat_full_alpaca_e3_32k_varlen",
             description="DeepSeek-V2-Chat (236B) on alpaca packed to 32k tokens with varlen attention",
-            model="deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
+            model="hf://deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
             **{**_V2_CHAT_ALPACA, "max_length": 32768, "grad_accum": 1},
         ),
         Recipe(

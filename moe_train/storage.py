@@ -68,3 +68,26 @@ def stall_notice(what: str, log: Callable[[str], None], after: float = 60.0) -> 
         timer.cancel()
         if time.monotonic() - t0 > after:
             log(f"{what} took {time.monotonic() - t0:.0f}s")
+
+
+def probe(url: str, what: str = "--model") -> None:
+    """Fail with one line, before any work, when ``url`` cannot be reached (an unreachable Hugging Face
+    Hub or object store), or names a Hub model without its ``hf://`` scheme."""
+    fs, root = resolve(url)
+    try:
+        fs.info(root)
+    except FileNotFoundError:
+        if is_local(fs) and "://" not in url and re.fullmatch(r"[\w.-]+/[\w.-]+", url):
+            raise ValueError(f"{what} {url} is not a local directory; for the Hugging Face Hub model pass "
+                             f"{what} hf://{url} (or a downloaded copy's directory)") from None
+    except Exception as e:  # noqa: BLE001 - whatever the protocol's client raises for a network failure
+        if is_local(fs):
+            raise
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        if url.startswith("hf://"):
+            name = url[len("hf://"):]
+            raise ValueError(f"cannot reach the Hugging Face Hub for {redact(url)} ({reason}); check the network, "
+                             f"HF_ENDPOINT and HF_TOKEN, or download it first (hf download {name} --local-dir DIR) "
+                             f"and pass {what} DIR") from None
+        raise ValueError(f"cannot reach {display(fs, root)} ({reason}); check the endpoint, network and "
+                         "credentials") from None

@@ -64,3 +64,26 @@ def test_tokenizer_option_overrides_the_model_and_errors_name_the_fix(tmp_path):
     line = _error(_train(tmp_path, "--model", str(eos), "--tokenizer", str(ASSETS)))
     assert "eos_token_id=900 is outside the vocabulary (vocab_size 512)" in line
     assert not (tmp_path / "w" / "hf_model").exists()
+
+
+# --- model sources -----------------------------------------------------------------------------
+
+
+def test_hf_urls_resolve_to_the_hub_filesystem_and_recipes_use_them():
+    from huggingface_hub import HfFileSystem
+
+    from moe_train.recipes import RECIPES
+    from moe_train.storage import resolve
+
+    fs, path = resolve("hf://deepseek-ai/DeepSeek-V2-Lite-Chat")
+    assert isinstance(fs, HfFileSystem) and path == "deepseek-ai/DeepSeek-V2-Lite-Chat"
+    assert all(r.model.startswith("hf://deepseek-ai/") for r in RECIPES.values() if r.model)
+
+
+def test_unreachable_hub_and_a_bare_model_id_are_one_line(tmp_path):
+    """No network here: the Hub cannot be reached, which must read as one line with the way out."""
+    line = _error(_train(tmp_path, "--model", "hf://deepseek-ai/DeepSeek-V2-Lite-Chat"))
+    assert "cannot reach the Hugging Face Hub for hf://deepseek-ai/DeepSeek-V2-Lite-Chat" in line
+    assert "hf download deepseek-ai/DeepSeek-V2-Lite-Chat --local-dir DIR" in line
+    line = _error(_train(tmp_path, "--model", "deepseek-ai/DeepSeek-V2-Lite-Chat"))
+    assert "is not a local directory; for the Hugging Face Hub model pass --model hf://deepseek-ai/" in line

@@ -42,7 +42,7 @@ from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moe_train.models.deepseek_v2.model import causal_lm_loss
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
-from moe_train.storage import is_local, redact, resolve, stall_notice
+from moe_train.storage import is_local, probe, redact, resolve, stall_notice
 
 
 @dataclass
@@ -277,6 +277,9 @@ def setup(tc: TrainConfig) -> Job:
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
     resume = ckpt.resolve(tc.resume)
 
+    for url, what in [(r.model, "--model"), (r.tokenizer, "--tokenizer")]:
+        if url:
+            probe(url, what)
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else DeepseekV2Config.from_name(r.model_size, **layout)
     data = build_data(r, rank, world, cfg)
