@@ -129,6 +129,13 @@ def test_s3_work_dir_export_and_no_secret_leaks(tmp_path, s3_server):
         "metrics/segment-0001.jsonl", "summary.json", "recipe.json", "deepspeed.json"))
     for text in (proc.stdout, proc.stderr, written):
         assert secret not in text and "AKIAMOETRAINTEST" not in text
+    # log lines: URLs with their scheme, rank 0 only, above the progress bar, no DeepSpeed per-run noise
+    import re
+
+    assert re.search(rf"(^|\r)\[moe-train\] saved checkpoint {url}/checkpoints/step-00000002", proc.stdout, re.M)
+    assert f"exported HF checkpoint to {url}/hf_model" in proc.stdout
+    assert proc.stdout.count("[moe-train] data: 87 packs, 44 steps per epoch") == 1
+    assert "unknown inputs or outputs type" not in proc.stdout + proc.stderr
 
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_zero3_2ranks.json"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import posixpath
 import sys
@@ -42,7 +43,7 @@ from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moe_train.models.deepseek_v2.model import causal_lm_loss
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
-from moe_train.storage import is_local, probe, redact, resolve, stall_notice
+from moe_train.storage import display, is_local, probe, redact, resolve, stall_notice
 
 
 @dataclass
@@ -77,6 +78,25 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+class _UnseenOutputFilter(logging.Filter):
+    """Drops DeepSpeed's per-run warning that it cannot see the tensors inside the model's output
+    (``CausalLMOutput``, a dataclass).  It concerns the backward hooks of the outermost module only,
+    which owns no parameter of its own (every parameter sits in a submodule whose inputs and outputs
+    are plain tensors), so those hooks have nothing to fetch or release."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unknown inputs or outputs type" not in record.getMessage()
+
+
+_UNSEEN_OUTPUT = _UnseenOutputFilter()
+
+
+def quiet_deepspeed() -> None:
+    from deepspeed.utils import logger
+
+    logger.addFilter(_UNSEEN_OUTPUT)  # once: a filter already there is not added again
 
 
 def check_work_dir(url: str, rank: int) -> Any:
@@ -247,14 +267,14 @@ def resume_state(ckpt: CheckpointManager, resume: tuple[Any, str] | None, engine
     """Load the resume point into the engine and loader; the step to continue from (0: a fresh start)."""
     if rank == 0:
         for path in ckpt.remove_incomplete():
-            _log(rank, f"removed incomplete checkpoint {path}")
+            _log(rank, f"removed incomplete checkpoint {display(ckpt.fs, path)}")
     dist.barrier()
     if not resume:
         return 0
     state = ckpt.load(engine, resume)
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
-    _log(rank, f"resumed from {resume[1]} at step {state['step']}")
+    _log(rank, f"resumed from {display(resume[0], resume[1])} at step {state['step']}")
     return state["step"]
 
 
@@ -417,9 +437,9 @@ def export(job: Job, step: int) -> dict[str, Any]:
                         tokenizer_dir=job.tokenizer_dir, extra={"step": step, "recipe": job.recipe.name})
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
-    out = {"hf_model": url, "export_seconds": time.perf_counter() - t0,
+    out = {"hf_model": redact(url), "export_seconds": time.perf_counter() - t0,
            "export_peak_rss_delta_mb": rss.peak_delta / 2**20, "model_mb": model_bytes / 2**20}
-    _log(job.rank, f"exported HF checkpoint to {url} in {out['export_seconds']:.1f}s; writer peak RSS "
+    _log(job.rank, f"exported HF checkpoint to {redact(url)} in {out['export_seconds']:.1f}s; writer peak RSS "
                    f"+{out['export_peak_rss_delta_mb']:.1f} MiB for a {out['model_mb']:.1f} MiB model")
     return out
 
@@ -428,6 +448,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns a summary (losses, tokens/s, paths)."""
     # DeepSpeed calls c10d functions that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    quiet_deepspeed()
     job = setup(tc)
     r, rank = job.recipe, job.rank
     metrics = None
@@ -477,7 +498,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 if (r.save_steps and step % r.save_steps == 0) or stop_now:
                     path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
                                                             "rng": rng_state(), "recipe": dataclasses.asdict(r)})
-                    _log(rank, f"saved checkpoint {path}")
+                    _log(rank, f"saved checkpoint {display(job.ckpt.fs, path)}")
                 if stop_now:
                     raise stop.requested(step)
     finally:
