@@ -12,7 +12,7 @@ deterministic, so every logged loss, before and after a resume, and the exported
 the reference's, bit for bit.
 
 How each kill lands at a known point:
-- Mid-training: the test watches metrics.jsonl and SIGKILLs rank 1 once step KILL_AFTER is logged.
+- Mid-training: the test watches the metrics segments and SIGKILLs rank 1 once step KILL_AFTER is logged.
   Which step the kill then hits is up to the machine, so the test reads which checkpoints are
   complete after both old ranks are gone and before the new ones start (nothing writes then), and
   demands that the restart resumes from the newest of those.

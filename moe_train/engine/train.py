@@ -408,7 +408,7 @@ def write_run_config(job: Job) -> None:
 
 
 def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> dict[str, Any]:
-    """The metrics.jsonl line of one step (see moe_train/engine/metrics.py for the FLOP count)."""
+    """The metrics record of one step (see moe_train/engine/metrics.py for the FLOP count)."""
     dt, world = s["seconds"], job.world
     flops = step_flops(job.cfg, s["lengths"]) * (world // job.recipe.sp)  # every group ran a similar mix
     norm = job.engine.get_global_grad_norm()
