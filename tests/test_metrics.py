@@ -154,3 +154,9 @@ def test_validation_loss_is_exact_over_ranks(tmp_path):
             n += int((pk.labels[1:] != -100).sum())
     assert evals[-1]["val_tokens"] == n
     assert abs(evals[-1]["val_loss"] - ce / n) < 1e-5, (evals[-1], ce / n)
+
+    # sequence parallel: each rank scores a slice of every eval row; the sum over ranks is the same
+    check(torchrun(["tiny", "--work-dir", str(tmp_path / "sp"), "--max-steps", "1", "--save-steps", "0", "--lr",
+                    "1e-30", "--sp", "2", "--no-export", "--eval-data", str(eval_file)], tmp_path))
+    (sp,) = [m for m in metrics(tmp_path / "sp") if m.get("event") == "eval"]
+    assert sp["val_tokens"] == n and abs(sp["val_loss"] - ce / n) < 1e-5, (sp, ce / n)
