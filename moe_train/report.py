@@ -37,14 +37,19 @@ def load_run(work_dir: str) -> dict[str, Any]:
     records = read_metrics(fs, root, segments=True)
     steps = [r for r in records if "loss" in r and "event" not in r]
     if not steps:
-        raise ValueError(f"{display(fs, root)} has no metrics yet (metrics/segment-*.jsonl); pass the work dir of a "
-                         "run that has trained at least one step")
-    return {"work_dir": display(fs, root), "steps": steps,
-            "evals": [r for r in records if r.get("event") == "eval"],
-            "segments": [r for r in records if r.get("event") == "segment"],
-            "recipe": _read_json(fs, posixpath.join(root, "recipe.json")) or {},
-            "deepspeed": _read_json(fs, posixpath.join(root, "deepspeed.json")) or {},
-            "summary": _read_json(fs, posixpath.join(root, "summary.json"))}
+        raise ValueError(
+            f"{display(fs, root)} has no metrics yet (metrics/segment-*.jsonl); pass the work dir of a "
+            "run that has trained at least one step"
+        )
+    return {
+        "work_dir": display(fs, root),
+        "steps": steps,
+        "evals": [r for r in records if r.get("event") == "eval"],
+        "segments": [r for r in records if r.get("event") == "segment"],
+        "recipe": _read_json(fs, posixpath.join(root, "recipe.json")) or {},
+        "deepspeed": _read_json(fs, posixpath.join(root, "deepspeed.json")) or {},
+        "summary": _read_json(fs, posixpath.join(root, "summary.json")),
+    }
 
 
 def expert_load_matrix(steps: list[dict[str, Any]]) -> Any:
@@ -63,7 +68,6 @@ def expert_load_matrix(steps: list[dict[str, Any]]) -> Any:
 
 def _figure(title: str, ylabel: str):
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
@@ -112,7 +116,7 @@ def plot(run: dict[str, Any], out: str) -> dict[str, str]:
     if norms:
         from matplotlib.ticker import FuncFormatter
 
-        ax.plot(*zip(*norms), lw=1.2)
+        ax.plot([n[0] for n in norms], [n[1] for n in norms], lw=1.2)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
@@ -123,7 +127,7 @@ def plot(run: dict[str, Any], out: str) -> dict[str, str]:
     mfu = [(r["step"], 100 * r["mfu"]) for r in steps if r.get("mfu")]
     if mfu:
         right = ax.twinx()
-        right.plot(*zip(*mfu), lw=1.0, color="tab:orange", label="MFU")
+        right.plot([m[0] for m in mfu], [m[1] for m in mfu], lw=1.0, color="tab:orange", label="MFU")
         right.set_ylabel("MFU (% of dense bf16 peak)")
     ax.set_ylim(bottom=0)
     paths["throughput"] = _save(fig, os.path.join(out, "throughput.png"))
@@ -131,9 +135,19 @@ def plot(run: dict[str, Any], out: str) -> dict[str, str]:
     load = expert_load_matrix(steps)
     fig, ax = _figure("Expert load: busiest expert's tokens / mean tokens per expert", "MoE layer (1 = first)")
     if load.size:
-        hi = max(2.0, float(load[load == load].max()) if (load == load).any() else 2.0)
-        image = ax.imshow(load, aspect="auto", interpolation="nearest", cmap="magma", origin="lower",
-                          norm=LogNorm(vmin=1.0, vmax=hi), extent=(x[0] - 0.5, x[-1] + 0.5, -0.5, load.shape[0] - 0.5))
+        import numpy as np
+
+        seen = load[np.isfinite(load)]
+        hi = max(2.0, float(seen.max()) if seen.size else 2.0)
+        image = ax.imshow(
+            load,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="magma",
+            origin="lower",
+            norm=LogNorm(vmin=1.0, vmax=hi),
+            extent=(x[0] - 0.5, x[-1] + 0.5, -0.5, load.shape[0] - 0.5),
+        )
         ax.set_yticks(range(load.shape[0]))
         ax.set_yticklabels([f"{i + 1}" for i in range(load.shape[0])])
         ax.grid(False)
@@ -172,18 +186,39 @@ def markdown(run: dict[str, Any], figures: dict[str, str]) -> str:
         "| field | value |",
         "|---|---|",
     ]
-    for key in ("model", "model_size", "tokenizer", "data", "eval_data", "max_length", "varlen", "epochs", "lr",
-                "warmup_ratio", "grad_accum", "micro_batch_size", "sp", "moe_implementation", "expert_in_one_shard",
-                "dtype", "seed"):
+    for key in (
+        "model",
+        "model_size",
+        "tokenizer",
+        "data",
+        "eval_data",
+        "max_length",
+        "varlen",
+        "epochs",
+        "lr",
+        "warmup_ratio",
+        "grad_accum",
+        "micro_batch_size",
+        "sp",
+        "moe_implementation",
+        "expert_in_one_shard",
+        "dtype",
+        "seed",
+    ):
         if key in recipe:
             lines.append(f"| {key} | {_fmt(recipe[key])} |")
     lines += [f"| DeepSpeed ZeRO stage | {_fmt(zero.get('stage'))} |", "", "## Hardware", ""]
-    lines.append(f"{_fmt(head.get('world_size'))} ranks on {_fmt(head.get('device'))}"
-                 f" (torch {_fmt(head.get('torch'))}, DeepSpeed {_fmt(head.get('deepspeed'))}).")
+    lines.append(
+        f"{_fmt(head.get('world_size'))} ranks on {_fmt(head.get('device'))}"
+        f" (torch {_fmt(head.get('torch'))}, DeepSpeed {_fmt(head.get('deepspeed'))})."
+    )
     final_val = f"{evals[-1]['val_loss']:.4f} at step {evals[-1]['step']}" if evals else "-"
     lines += [
-        "", "## Throughput and loss", "",
-        "| figure | value |", "|---|---|",
+        "",
+        "## Throughput and loss",
+        "",
+        "| figure | value |",
+        "|---|---|",
         f"| mean TGS (tokens / GPU / s) | {sum(tgs) / len(tgs):.1f} |",
         f"| mean step time | {sum(step_time) / max(len(step_time), 1):.3f} s |",
         f"| MFU | {100 * sum(mfu) / len(mfu):.1f}% |" if mfu else "| MFU | - (device peak unknown) |",
@@ -191,7 +226,9 @@ def markdown(run: dict[str, Any], figures: dict[str, str]) -> str:
         f"| training time | {_fmt(steps[-1].get('elapsed'))} s |",
         f"| loss first -> last | {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f} |",
         f"| validation loss | {final_val} |",
-        "", "## Figures", "",
+        "",
+        "## Figures",
+        "",
     ]
     lines += [f"![{name}]({os.path.basename(path)})" for name, path in figures.items()]
     return "\n".join(lines) + "\n"

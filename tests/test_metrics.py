@@ -91,9 +91,29 @@ def test_s3_metrics_are_live_mid_run_and_survive_sigkill(s3_server, tmp_path):
 
     url = f"s3://{s3_server['bucket']}/killed-{tmp_path.name}"
     env = cpu_env(tmp_path, FSSPEC_S3_ENDPOINT_URL=s3_server["endpoint"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_port={free_port()}", "-m", "moe_train.cli", "train", "tiny", "--launcher", "pytorch",
-           "--work-dir", url, "--epochs", "3", "--cfg-options", "max_steps=None", "--save-steps", "0", "--no-export"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        f"--master_port={free_port()}",
+        "-m",
+        "moe_train.cli",
+        "train",
+        "tiny",
+        "--launcher",
+        "pytorch",
+        "--work-dir",
+        url,
+        "--epochs",
+        "3",
+        "--cfg-options",
+        "max_steps=None",
+        "--save-steps",
+        "0",
+        "--no-export",
+    ]
     log = open(tmp_path / "log.txt", "w")  # noqa: SIM115
     p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]})
@@ -135,8 +155,26 @@ def test_validation_loss_is_exact_over_ranks(tmp_path):
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("\n".join(lines[:23]) + "\n")
     work = tmp_path / "w"
-    proc = check(torchrun(["tiny", "--work-dir", str(work), "--max-steps", "2", "--save-steps", "0", "--lr", "1e-30",
-                           "--eval-data", str(eval_file), "--eval-steps", "1"], tmp_path))
+    proc = check(
+        torchrun(
+            [
+                "tiny",
+                "--work-dir",
+                str(work),
+                "--max-steps",
+                "2",
+                "--save-steps",
+                "0",
+                "--lr",
+                "1e-30",
+                "--eval-data",
+                str(eval_file),
+                "--eval-steps",
+                "1",
+            ],
+            tmp_path,
+        )
+    )
     evals = [m for m in metrics(work) if m.get("event") == "eval"]
     assert [m["step"] for m in evals] == [1, 2]
     assert "val_loss" in proc.stdout
@@ -148,15 +186,33 @@ def test_validation_loss_is_exact_over_ranks(tmp_path):
     ce, n = 0.0, 0
     with torch.no_grad():
         for pk in packs:
-            out = model(pk.input_ids.long()[None], position_ids=pk.position_ids.long()[None],
-                        cu_seqlens=pk.cu_seqlens)
+            out = model(pk.input_ids.long()[None], position_ids=pk.position_ids.long()[None], cu_seqlens=pk.cu_seqlens)
             ce += causal_lm_loss(out.logits, pk.labels.long()[None], reduction="sum").item()
             n += int((pk.labels[1:] != -100).sum())
     assert evals[-1]["val_tokens"] == n
     assert abs(evals[-1]["val_loss"] - ce / n) < 1e-5, (evals[-1], ce / n)
 
     # sequence parallel: each rank scores a slice of every eval row; the sum over ranks is the same
-    check(torchrun(["tiny", "--work-dir", str(tmp_path / "sp"), "--max-steps", "1", "--save-steps", "0", "--lr",
-                    "1e-30", "--sp", "2", "--no-export", "--eval-data", str(eval_file)], tmp_path))
+    check(
+        torchrun(
+            [
+                "tiny",
+                "--work-dir",
+                str(tmp_path / "sp"),
+                "--max-steps",
+                "1",
+                "--save-steps",
+                "0",
+                "--lr",
+                "1e-30",
+                "--sp",
+                "2",
+                "--no-export",
+                "--eval-data",
+                str(eval_file),
+            ],
+            tmp_path,
+        )
+    )
     (sp,) = [m for m in metrics(tmp_path / "sp") if m.get("event") == "eval"]
     assert sp["val_tokens"] == n and abs(sp["val_loss"] - ce / n) < 1e-5, (sp, ce / n)

@@ -21,12 +21,28 @@ def _fake_run(fs, root: str) -> None:
     """A run's files as the trainer writes them: two segments (a resume at step 6), evals, a recipe."""
     rng = np.random.default_rng(0)
     for resumed_from, steps in ((0, range(1, 9)), (6, range(7, STEPS + 1))):
-        w = MetricsWriter(fs, root, resumed_from=resumed_from, tensorboard=False,
-                          header={"world_size": 2, "device": "cpu", "torch": "2.x", "deepspeed": "0.x"})
+        w = MetricsWriter(
+            fs,
+            root,
+            resumed_from=resumed_from,
+            tensorboard=False,
+            header={"world_size": 2, "device": "cpu", "torch": "2.x", "deepspeed": "0.x"},
+        )
         for s in steps:
             load = [{"min": 1, "max": int(10 + s * (i + 1)), "mean": 8.0, "cv": 0.5} for i in range(LAYERS)]
-            w.write({"step": s, "loss": 6 - 0.1 * s, "lr": 1e-3 * s / STEPS, "grad_norm": float(rng.uniform(1, 5)),
-                     "tgs": 1000.0 + s, "mfu": 0.1, "tokens": 500, "step_time": 0.5, "expert_load": load})
+            w.write(
+                {
+                    "step": s,
+                    "loss": 6 - 0.1 * s,
+                    "lr": 1e-3 * s / STEPS,
+                    "grad_norm": float(rng.uniform(1, 5)),
+                    "tgs": 1000.0 + s,
+                    "mfu": 0.1,
+                    "tokens": 500,
+                    "step_time": 0.5,
+                    "expert_load": load,
+                }
+            )
             if s % 4 == 0:
                 w.write({"step": s, "event": "eval", "val_loss": 6.1 - 0.1 * s, "val_tokens": 100})
         w.close()

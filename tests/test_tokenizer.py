@@ -30,8 +30,11 @@ def _model(root: Path, name: str, tokenizer: bool = True, marker: int = 4321, **
 
 
 def _train(tmp: Path, *args: str):
-    return moe_train(["train", "tiny", "--work-dir", str(tmp / "w"), "--max-steps", "1", "--save-steps", "0",
-                      *args], tmp, timeout=180)
+    return moe_train(
+        ["train", "tiny", "--work-dir", str(tmp / "w"), "--max-steps", "1", "--save-steps", "0", *args],
+        tmp,
+        timeout=180,
+    )
 
 
 def _error(proc) -> str:

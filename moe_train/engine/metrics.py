@@ -77,7 +77,7 @@ def expert_load_stats(load_LE: torch.Tensor) -> list[dict[str, float]]:
     mean = load.mean(dim=1).clamp(min=1e-9)
     cv = load.std(dim=1, unbiased=False) / mean
     return [{"min": int(a), "max": int(b), "mean": round(float(m), 2), "cv": round(float(c), 4)}
-            for a, b, m, c in zip(load.min(dim=1).values, load.max(dim=1).values, mean, cv)]
+            for a, b, m, c in zip(load.min(dim=1).values, load.max(dim=1).values, mean, cv, strict=True)]
 
 
 def peak_memory_gb() -> float:
