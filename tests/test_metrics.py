@@ -8,12 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import fsspec
 import pytest
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
 
 from moe_train.engine.metrics import MetricsWriter, read_metrics, summarize
 from tests.launch import check, cpu_env, free_port, metrics, torchrun
@@ -216,3 +218,49 @@ def test_validation_loss_is_exact_over_ranks(tmp_path):
     )
     (sp,) = [m for m in metrics(tmp_path / "sp") if m.get("event") == "eval"]
     assert sp["val_tokens"] == n and abs(sp["val_loss"] - ce / n) < 1e-5, (sp, ce / n)
+
+
+class _FlakyStore(MemoryFileSystem):
+    """An object store (not local to fsspec) whose uploads fail, then hang until released."""
+
+    protocol = "flaky"
+    root_marker = "/"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failures, self.release = 0, threading.Event()
+
+    def pipe_file(self, path, value, **kwargs):
+        if self.failures:
+            self.failures -= 1
+            raise OSError("connection reset by peer")
+        self.release.wait()
+        return super().pipe_file(path, value, **kwargs)
+
+
+def test_object_store_failures_are_retried_and_stalls_logged_without_blocking_training():
+    fs = _FlakyStore(skip_instance_cache=True)
+    fs.failures = 1
+    lines: list[str] = []
+    w = MetricsWriter(fs, "/run", tensorboard=False, log=lines.append, flush_s=0.2, stall_s=0.5)
+    t0 = time.monotonic()
+    for step in range(1, 6):
+        w.write({"step": step, "loss": 1.0})
+        time.sleep(0.3)
+    assert time.monotonic() - t0 < 3  # the writer never waits for the store
+    assert any("failed (OSError: connection reset by peer); retry 1/4" in line for line in lines), lines
+    assert any("has not finished after 0s" in line or "has not finished after 1s" in line for line in lines), lines
+    assert not fs.exists("/run/metrics/segment-0001.jsonl")
+    fs.release.set()
+    w.close()
+    assert [r["step"] for r in read_metrics(fs, "/run")] == [1, 2, 3, 4, 5]
+
+
+def test_stall_notice_names_the_operation():
+    from moe_train.storage import stall_notice
+
+    lines: list[str] = []
+    with stall_notice("export to s3://b/run/hf_model", lines.append, after=0.1):
+        time.sleep(0.3)
+    assert lines[0].startswith("export to s3://b/run/hf_model still running after 0s; the storage may be stalled")
+    assert lines[1].startswith("export to s3://b/run/hf_model took")

@@ -237,7 +237,8 @@ class MetricsWriter:
     """
 
     def __init__(self, fs: Any, root: str, resumed_from: int = 0, tensorboard: bool = True,
-                 log: Any = print, flush_s: float = FLUSH_S, header: dict[str, Any] | None = None) -> None:
+                 log: Any = print, flush_s: float = FLUSH_S, header: dict[str, Any] | None = None,
+                 stall_s: float = STALL_S) -> None:
         self.fs, self.root = fs, root
         previous = read_metrics(fs, root)
         kept = [r for r in previous if r.get("step", 0) <= resumed_from and "elapsed" in r]
@@ -264,7 +265,7 @@ class MetricsWriter:
                         out.append((local, posixpath.join(remote_tb, os.path.relpath(local, tb_dir))))
                 return out
 
-            self._mirror = _Mirror(fs, pairs, interval=flush_s, log=log)
+            self._mirror = _Mirror(fs, pairs, interval=flush_s, stall_s=stall_s, log=log)
         self._tb = None
         if tensorboard:
             try:
