@@ -23,10 +23,18 @@ _SECRET_QUERY = re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-
                            r"token|access_token|key|secret|password)=)[^&]*")
 
 
+# Object-store requests that hang are cut and retried instead of stalling a job for botocore's defaults.
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 8, "mode": "standard"}}
+
+
 def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """(filesystem, path without a trailing slash) for a local path or fsspec URL."""
+    """(filesystem, path without a trailing slash) for a local path or fsspec URL; s3:// gets
+    ``S3_CONFIG``'s timeouts and retries unless ``storage_options`` sets ``config_kwargs``."""
+    options = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        options.setdefault("config_kwargs", S3_CONFIG)
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(url, **options)
     except ValueError as e:  # fsspec: "Protocol not known: x"
         raise ValueError(f"{redact(url)}: {e}; use a local path or a file://, s3://, gs:// or memory:// URL") from None
     except ImportError as e:  # the protocol's package is not installed

@@ -264,3 +264,12 @@ def test_stall_notice_names_the_operation():
         time.sleep(0.3)
     assert lines[0].startswith("export to s3://b/run/hf_model still running after 0s; the storage may be stalled")
     assert lines[1].startswith("export to s3://b/run/hf_model took")
+
+
+def test_s3_requests_have_timeouts_and_retries():
+    from moe_train.storage import S3_CONFIG, resolve
+
+    fs, _ = resolve("s3://bucket/run")
+    assert fs.config_kwargs == S3_CONFIG and S3_CONFIG["retries"]["max_attempts"] > 1
+    fs, _ = resolve("s3://bucket/run", {"config_kwargs": {"read_timeout": 5}})
+    assert fs.config_kwargs == {"read_timeout": 5}  # the caller's choice wins

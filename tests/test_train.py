@@ -219,3 +219,9 @@ def test_one_epoch_trains_every_pack_once(tmp_path):
     assert [m["step"] for m in records] == list(range(1, 16))
     assert sum(m["tokens"] for m in records) == 21746  # "400 samples in 87 packs ... (21746 tokens"
     assert all(m["loss"] > 0 and m["aux_loss"] > 0 for m in records)
+    assert records[-1]["dummies"] == 3 and all(m["dummies"] == 0 for m in records[:-1])
+    # the resolved recipe and the DeepSpeed config the engine ran with
+    recipe = json.loads((tmp_path / "w" / "recipe.json").read_text())
+    assert recipe["name"] == "tiny" and recipe["grad_accum"] == 3 and recipe["max_steps"] is None
+    ds = json.loads((tmp_path / "w" / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_accumulation_steps"] == 3

@@ -496,8 +496,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                     run_eval(step)
                 stop_now = stop.agreed()
                 if (r.save_steps and step % r.save_steps == 0) or stop_now:
-                    path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
-                                                            "rng": rng_state(), "recipe": dataclasses.asdict(r)})
+                    with stall_notice(f"checkpoint of step {step} to {redact(tc.work_dir)}", lambda m: _log(rank, m)):
+                        path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
+                                                                "rng": rng_state(), "recipe": dataclasses.asdict(r)})
                     _log(rank, f"saved checkpoint {display(job.ckpt.fs, path)}")
                 if stop_now:
                     raise stop.requested(step)
