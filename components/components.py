@@ -4,9 +4,10 @@ Each component is one role of N replicas, one per node; each replica runs one ``
 starts P trainer processes and meets the other nodes at a c10d rendezvous hosted by replica 0::
 
     cd components   # .torchxconfig here holds the per-scheduler defaults
-    torchx run -s slurm components.py:deepseek_v2_full --work_dir /shared/runs/v2-alpaca
+    torchx run -s slurm components.py:deepseek_v2_full --work_dir /shared/runs/v2-alpaca \\
+        --model /shared/DeepSeek-V2-Chat --data /shared/alpaca_data.json
     torchx run -s kubernetes components.py:deepseek_v2_full --image REGISTRY/moe-train:TAG \\
-        --work_dir s3://BUCKET/runs/v2-alpaca
+        --work_dir s3://BUCKET/runs/v2-alpaca --model hf://deepseek-ai/DeepSeek-V2-Chat --data s3://BUCKET/alpaca.jsonl
     torchx run -s local_cwd components.py:smoke --work_dir /tmp/smoke
 
 Installed with moe-train, the same functions are listed by ``torchx builtins`` as
