@@ -19,9 +19,10 @@ venv: .venv/.installed
 smoke: venv
 	rm -rf work_dirs/smoke
 	.venv/bin/torchrun --standalone --nproc_per_node 2 -m moe_train.cli train tiny \
-		--deepspeed deepspeed_zero3 --launcher pytorch --work-dir work_dirs/smoke
+		--deepspeed deepspeed_zero3 --launcher pytorch --work-dir work_dirs/smoke --eval-fraction 0.1 --eval-steps 5
 	$(PY) -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('work_dirs/smoke/hf_model'); \
 		print('transformers loaded', type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
+	.venv/bin/moe-train report work_dirs/smoke --out work_dirs/smoke-report
 
 # Lint and layering first (seconds), then the whole suite.
 test: venv

@@ -4,9 +4,10 @@ Each component is one role of N replicas, one per node; each replica runs one ``
 starts P trainer processes and meets the other nodes at a c10d rendezvous hosted by replica 0::
 
     cd components   # .torchxconfig here holds the per-scheduler defaults
-    torchx run -s slurm components.py:deepseek_v2_full --work_dir /shared/runs/v2-alpaca
+    torchx run -s slurm components.py:deepseek_v2_full --work_dir /shared/runs/v2-alpaca \\
+        --model /shared/DeepSeek-V2-Chat --data /shared/alpaca_data.json
     torchx run -s kubernetes components.py:deepseek_v2_full --image REGISTRY/moe-train:TAG \\
-        --work_dir s3://BUCKET/runs/v2-alpaca
+        --work_dir s3://BUCKET/runs/v2-alpaca --model hf://deepseek-ai/DeepSeek-V2-Chat --data s3://BUCKET/alpaca.jsonl
     torchx run -s local_cwd components.py:smoke --work_dir /tmp/smoke
 
 Installed with moe-train, the same functions are listed by ``torchx builtins`` as
@@ -16,6 +17,7 @@ with ``exec``), so the launch host needs neither moe-train nor torch.
 
 import re
 import shlex
+import socket
 from typing import Dict, List, Optional, Tuple
 
 import torchx.specs as specs
@@ -122,7 +124,10 @@ def _torchrun_app(
     rdzv = f"--rdzv-backend c10d --rdzv-id {macros.app_id} --rdzv-endpoint {endpoint} --rdzv-conf is_host={is_host}"
     # SIGUSR1 too (`sbatch --signal=USR1@120`): torchrun forwards it to the ranks, which save and exit.
     signals = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-    command = (f"torchrun --nnodes {nnodes} --nproc-per-node {nproc} {rdzv} {signals} --tee 3 "
+    # MOE_TRAIN_STORE_HOST: the trainer on the node hosting the rendezvous store waits a moment after a
+    # successful run, so the other agents close the rendezvous before the store goes (no TCPStore trace).
+    host_env = f"MOE_TRAIN_STORE_HOST={is_host} " if max_nodes > 1 else ""
+    command = (f"{host_env}torchrun --nnodes {nnodes} --nproc-per-node {nproc} {rdzv} {signals} --tee 3 "
                f"--no-python {shlex.join(trainer)}")
     return specs.AppDef(
         name=name,
@@ -144,18 +149,43 @@ def _torchrun_app(
     )
 
 
-def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, ...], **p) -> specs.AppDef:
+def _check_inputs(name: str, p: Dict[str, object]) -> None:
+    """A full-size job needs the model and data named, and a work dir every node reaches and that
+    outlives the pods: fail at ``--dryrun`` rather than in pods that start and die."""
+    missing = [f"--{k}" for k in ("model", "data") if not p[k]]
+    if missing:
+        raise ValueError(f"{name} needs {' and '.join(missing)}: e.g. --model hf://deepseek-ai/DeepSeek-V2-Lite-Chat "
+                         "(or a directory every node reads) --data s3://BUCKET/alpaca.jsonl")
+    work_dir = str(p["work_dir"] or "")
+    if not (work_dir.startswith("/") or re.match(r"^[a-z][a-z0-9+.-]*://", work_dir)):
+        raise ValueError(f"{name} needs --work_dir as an absolute shared path or a URL (s3://BUCKET/runs/NAME), "
+                         f"got {work_dir or 'none'}: a relative path is inside the pod or job and dies with it")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, ...], full_size: bool = True,
+               **p) -> specs.AppDef:
     """The AppDef of a catalogue entry from its parameters (see _ARGS_DOC).
 
     TorchX lists every function of this module whose signature its linter accepts; it rejects
     Tuple (here) and specs.Resource (in _torchrun_app), which keeps these helpers out of `torchx builtins`.
     """
+    if not p["rdzv_port"]:
+        p["rdzv_port"] = _free_port()  # local_cwd: every replica on this host, next to other jobs
     env = {**base_env, **(p["env"] or {})}
     _check_no_credentials(env, [u for u in [p["work_dir"], p["model"], *(p["data"] or [])] if u])
     trainer = _trainer_cmd(p, list(trainer_args))
     resource = specs.resource(cpu=p["cpu"], gpu=p["gpu"], memMB=p["memMB"], h=p["h"])
-    return _torchrun_app(name, p["j"], p["image"], trainer, resource, env, p["mounts"] or [], p["max_retries"],
-                         p["rdzv_port"])
+    app = _torchrun_app(name, p["j"], p["image"], trainer, resource, env, p["mounts"] or [], p["max_retries"],
+                        p["rdzv_port"])
+    if full_size:
+        _check_inputs(name, p)
+    return app
 
 
 def _documented(component):
@@ -186,7 +216,7 @@ _ARGS_DOC = """Args:
     cpu: CPUs per node
     gpu: GPUs per node (0: a CPU run)
     memMB: host memory per node in MB
-    rdzv_port: port on replica 0's host for the c10d rendezvous
+    rdzv_port: port on replica 0's host for the c10d rendezvous (0: a free port of the submitting host, for local_cwd)
 """
 
 
@@ -273,7 +303,8 @@ def smoke(
     cpu: int = 1,
     gpu: int = 0,
     memMB: int = 4 * GiB,
-    rdzv_port: int = _RDZV_PORT,
+    rdzv_port: int = 0,
 ) -> specs.AppDef:
     """CPU smoke run of the tiny recipe on 2 nodes x 1 process; writes an HF checkpoint to {work_dir}/hf_model."""
-    return _component("moe-train-smoke", {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, **locals())
+    return _component("moe-train-smoke", {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, full_size=False,
+                      **locals())

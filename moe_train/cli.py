@@ -55,6 +55,8 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.option("--work-dir", default=None, help="Local path or fsspec URL for checkpoints, metrics and the HF "
               "export. Default: work_dirs/RECIPE.")
 @click.option("--model", default=None, help="HF checkpoint directory or fsspec URL (overrides the recipe).")
+@click.option("--tokenizer", default=None, help="Tokenizer directory or URL. Default: the --model's own, else the "
+              "recipe's.")
 @click.option("--data", multiple=True, help="Training data: alpaca JSON/JSONL or messages JSONL, path or URL. Repeatable.")
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per packed sequence.")
 @click.option("--varlen/--no-varlen", default=None, help="Attend only within each packed sample (default) or across "
@@ -74,6 +76,11 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "the device table; unknown on CPU).")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. "
               "grad_accum=4 or betas='(0.9,0.95)'. Repeatable.")
+@click.option("--eval-data", multiple=True, help="Validation data (same formats as --data). Repeatable.")
+@click.option("--eval-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
+              help="Hold out this fraction of the training packs for validation (when no --eval-data).")
+@click.option("--eval-steps", type=click.IntRange(min=0), default=None,
+              help="Validation loss every N steps (0: once, after the last step).")
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
 @click.option("--require-fast-kernels/--allow-slow-kernels", default=None, help="On CUDA, stop at start-up when "
               "attention or experts would take a slow fallback (default: the recipe's, on for the shipped ones).")
@@ -83,9 +90,9 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout): on a stop signal the "
               "current step and a checkpoint must fit in it, and the log says when they do not. A second "
               "identical signal exits at once.")
-def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_length, varlen, sp, moe_implementation,
+def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, data, max_length, varlen, sp, moe_implementation,
           expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, peak_tflops, cfg_options,
-          no_export, require_fast_kernels, preempt_grace) -> None:
+          eval_data, eval_fraction, eval_steps, no_export, require_fast_kernels, preempt_grace) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
     try:
         recipe = get_recipe(recipe_name)
@@ -94,14 +101,18 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
     overrides = {k: v for k, v in dict(
         model=model, data=list(data) or None, max_length=max_length, varlen=varlen, sp=sp,
         moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard, max_steps=max_steps,
-        epochs=epochs, lr=lr, seed=seed, save_steps=save_steps, require_fast_kernels=require_fast_kernels).items()
+        epochs=epochs, lr=lr, seed=seed, save_steps=save_steps, eval_data=list(eval_data) or None,
+        eval_fraction=eval_fraction, eval_steps=eval_steps, require_fast_kernels=require_fast_kernels).items()
         if v is not None}
     if model is not None:
         overrides["model_size"] = None
+        overrides["tokenizer"] = tokenizer  # a model brings its own tokenizer unless --tokenizer says otherwise
+    elif tokenizer is not None:
+        overrides["tokenizer"] = tokenizer
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)
     recipe = recipe.replace(**overrides)
 
-    from moe_train.engine.distributed import destroy_distributed, hard_exit
+    from moe_train.engine.distributed import destroy_distributed, hard_exit, linger_as_store_host
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
     from moe_train.engine.train import TrainConfig, train as run
 
@@ -112,6 +123,7 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
     try:
         run(tc)
         destroy_distributed()
+        linger_as_store_host()
     except StopRequested as e:
         click.echo(f"moe-train: {e}", err=True)
         code = EXIT_PREEMPTED
@@ -120,6 +132,23 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
         code = 1
     # Skip interpreter shutdown: on gloo it can abort (SIGABRT) after all work is done.
     hard_exit(code)
+
+
+@main.command()
+@click.argument("work_dir")
+@click.option("--out", default=None, help="Local directory for the PNGs and report.md. Default: "
+              "report-<work dir name> in the current directory (the work dir is only read).")
+def report(work_dir: str, out: str | None) -> None:
+    """Plots (loss, lr, grad norm, throughput, expert load) and report.md of the run in WORK_DIR."""
+    from moe_train.report import report as write_report
+    from moe_train.storage import redact
+
+    out = out or f"report-{work_dir.rstrip('/').rsplit('/', 1)[-1] or 'run'}"
+    try:
+        paths = write_report(work_dir, out)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        raise click.ClickException(str(e).splitlines()[0]) from None
+    click.echo(f"report of {redact(work_dir)}: {paths['report']} ({len(paths) - 1} figures)")
 
 
 main.add_command(plan)

@@ -19,7 +19,8 @@ DTYPES = ("bf16", "fp32")  # bf16: bf16 weights, fp32 master copy, router and lo
 class Recipe:
     name: str
     description: str
-    # Model: a HF checkpoint directory or fsspec URL, or a named size of `family` initialised from `seed`.
+    # Model: a HF checkpoint directory or fsspec URL (hf://org/name: the Hugging Face Hub through
+    # huggingface_hub's fsspec filesystem, read in ranges), or a named size of `family` initialised from `seed`.
     model: str | None = None
     model_size: str | None = None
     family: str = "deepseek_v2"  # the model_type of the family's config.json (for model_size)
@@ -32,6 +33,11 @@ class Recipe:
     max_length: int = 8192
     varlen: bool = True
     too_long: str = "truncate"  # or "drop": what to do with a sample longer than max_length
+    # Validation: separate data, or a fraction of the training packs held out; every eval_steps steps
+    # (0: once, at the end) when either is set.
+    eval_data: list[str] = field(default_factory=list)
+    eval_fraction: float = 0.0
+    eval_steps: int = 0
     shuffle: bool = True
     # Optimisation (AdamW)
     lr: float = 1e-5
@@ -77,19 +83,19 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="deepseek_v2_chat_full_alpaca_e3",
             description="DeepSeek-V2-Chat (236B) full fine-tune on alpaca, shards of 10 experts, 3 epochs",
-            model="deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
+            model="hf://deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
             **_V2_CHAT_ALPACA,
         ),
         Recipe(
             name="deepseek_v2_lite_chat_full_alpaca_e3",
             description="DeepSeek-V2-Lite-Chat (16B) full fine-tune on alpaca, shards of 8 experts, 3 epochs",
-            model="deepseek-ai/DeepSeek-V2-Lite-Chat", moe_implementation="shard", expert_in_one_shard=8,
+            model="hf://deepseek-ai/DeepSeek-V2-Lite-Chat", moe_implementation="shard", expert_in_one_shard=8,
             **_V2_CHAT_ALPACA,
         ),
         Recipe(
             name="deepseek_v2_chat_full_alpaca_e3_32k_varlen",
             description="DeepSeek-V2-Chat (236B) on alpaca packed to 32k tokens with varlen attention",
-            model="deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
+            model="hf://deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
             **{**_V2_CHAT_ALPACA, "max_length": 32768, "grad_accum": 1},
         ),
         Recipe(

@@ -8,7 +8,10 @@ formats a URL for humans (log lines, errors, metrics, summaries).
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
@@ -20,10 +23,18 @@ _SECRET_QUERY = re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-
                            r"token|access_token|key|secret|password)=)[^&]*")
 
 
+# Object-store requests that hang are cut and retried instead of stalling a job for botocore's defaults.
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 8, "mode": "standard"}}
+
+
 def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
-    """(filesystem, path without a trailing slash) for a local path or fsspec URL."""
+    """(filesystem, path without a trailing slash) for a local path or fsspec URL; s3:// gets
+    ``S3_CONFIG``'s timeouts and retries unless ``storage_options`` sets ``config_kwargs``."""
+    options = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")):
+        options.setdefault("config_kwargs", S3_CONFIG)
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(url, **options)
     except ValueError as e:  # fsspec: "Protocol not known: x"
         raise ValueError(f"{redact(url)}: {e}; use a local path or a file://, s3://, gs:// or memory:// URL") from None
     except ImportError as e:  # the protocol's package is not installed
@@ -46,3 +57,45 @@ def redact(url: str) -> str:
     """``url`` with user-info and secret query parameters replaced by ``***``."""
     url = _USER_INFO.sub(r"\1***@", url)
     return _SECRET_QUERY.sub(r"\1***", url)
+
+
+@contextlib.contextmanager
+def stall_notice(what: str, log: Callable[[str], None], after: float = 60.0) -> Iterator[None]:
+    """Log one line when the block takes longer than ``after`` seconds (a stalled object store
+    otherwise looks like a hung job), and how long it took in the end."""
+    import time
+
+    t0 = time.monotonic()
+    timer = threading.Timer(after, lambda: log(f"{what} still running after {after:.0f}s; the storage may be "
+                                                "stalled (fsspec retries; check the endpoint and credentials)"))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if time.monotonic() - t0 > after:
+            log(f"{what} took {time.monotonic() - t0:.0f}s")
+
+
+def probe(url: str, what: str = "--model") -> None:
+    """Fail with one line, before any work, when ``url`` cannot be reached (an unreachable Hugging Face
+    Hub or object store), or names a Hub model without its ``hf://`` scheme."""
+    fs, root = resolve(url)
+    try:
+        fs.info(root)
+    except FileNotFoundError:
+        if is_local(fs) and "://" not in url and re.fullmatch(r"[\w.-]+/[\w.-]+", url):
+            raise ValueError(f"{what} {url} is not a local directory; for the Hugging Face Hub model pass "
+                             f"{what} hf://{url} (or a downloaded copy's directory)") from None
+    except Exception as e:  # noqa: BLE001 - whatever the protocol's client raises for a network failure
+        if is_local(fs):
+            raise
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        if url.startswith("hf://"):
+            name = url[len("hf://"):]
+            raise ValueError(f"cannot reach the Hugging Face Hub for {redact(url)} ({reason}); check the network, "
+                             f"HF_ENDPOINT and HF_TOKEN, or download it first (hf download {name} --local-dir DIR) "
+                             f"and pass {what} DIR") from None
+        raise ValueError(f"cannot reach {display(fs, root)} ({reason}); check the endpoint, network and "
+                         "credentials") from None

@@ -44,7 +44,12 @@ def summary(work_dir: Path) -> dict:
 
 
 def metrics(work_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
+    """The run's records across its segments, each step once (the trainer's own reader)."""
+    import fsspec
+
+    from moe_train.engine.metrics import read_metrics
+
+    return read_metrics(fsspec.filesystem("file"), str(work_dir))
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -46,6 +46,7 @@ def test_train_cli_surface_is_pinned():
         "--no-varlen", "--sp", "--moe-implementation", "--expert-in-one-shard", "--max-steps", "--epochs", "--lr",
         "--seed", "--save-steps", "--resume", "--peak-tflops", "--cfg-options", "--no-export", "--preempt-grace",
         "--require-fast-kernels", "--allow-slow-kernels",
+        "--eval-data", "--eval-fraction", "--eval-steps", "--tokenizer",
     ])
     assert all(p.help for p in train.params if isinstance(p, click.Option))
 

@@ -234,7 +234,7 @@ def test_micro_batch_and_padding(packs):
     expected = a.cu_seqlens.tolist() + (b.cu_seqlens[1:] + len(a)).tolist() + ([L] if L > real else [])
     assert batch["cu_seqlens"].tolist() == expected
     assert batch["num_loss_tokens"] == int((a.labels[1:] != IGNORE_INDEX).sum() + (b.labels[1:] != IGNORE_INDEX).sum())
-    assert len(loader) == len(packs) // 2
+    assert len(loader) == -(-len(packs) // 2)
 
 
 def test_ranks_get_disjoint_packs_and_equal_steps(packs):
@@ -242,11 +242,44 @@ def test_ranks_get_disjoint_packs_and_equal_steps(packs):
     for rank in range(2):
         loader = PackedLoader(packs, dp_rank=rank, dp_size=2, seed=7)
         batches = list(loader)
-        assert len(batches) == len(loader) == len(packs) // 2
-        seen.append({tuple(b["input_ids"][0].tolist()) for b in batches})
+        assert len(batches) == len(loader) == -(-len(packs) // 2)
+        seen.append({tuple(b["input_ids"][0].tolist()) for b in batches if b["num_packs"]})
         assert loader.epoch == 1 and loader.step == 0
     assert not seen[0] & seen[1]
-    assert len(seen[0]) == len(seen[1])
+    assert len(seen[0]) + len(seen[1]) == len(packs)
+
+
+def _trained_samples(batch) -> list[int]:
+    """The samples of a micro-batch built by `sample(n, token=id)`: one id per trained segment."""
+    ids, labels, cu = batch["input_ids"][0], batch["labels"][0], batch["cu_seqlens"].tolist()
+    return [int(ids[e - 1]) for s, e in zip(cu[:-1], cu[1:]) if (labels[s:e] != IGNORE_INDEX).any()]
+
+
+@pytest.mark.parametrize("micro_batch_size", [1, 2])
+def test_every_sample_is_trained_exactly_once_per_epoch(micro_batch_size):
+    """2 ranks, grad_accum 3, a pack count that divides by neither: the last step takes the leftover
+    packs, ranks without one get dummies, and every rank runs the same number of micro-batches."""
+    samples = [sample(20, token=i + 2) for i in range(61)]
+    packs, _ = pack(samples, 64)  # 3 samples per pack
+    assert len(packs) % (2 * 3 * micro_batch_size) != 0
+    loaders = [PackedLoader(packs, dp_rank=r, dp_size=2, seed=3, grad_accum=3, micro_batch_size=micro_batch_size,
+                            pad_to_multiple_of=4, pad_id=1) for r in range(2)]
+    steps = -(-len(packs) // (2 * 3 * micro_batch_size))
+    for epoch in range(2):
+        trained, dummies = [], 0
+        per_rank = [list(loader) for loader in loaders]
+        assert [len(b) for b in per_rank] == [steps * 3, steps * 3]
+        for batches in per_rank:
+            for b in batches:
+                trained += _trained_samples(b)
+                if b["num_packs"] == 0:
+                    dummies += 1
+                    assert b["num_loss_tokens"] == 0 and b["input_ids"].shape == (1, 4)
+                    assert b["labels"].eq(IGNORE_INDEX).all()
+            assert all(b["num_packs"] > 0 for b in batches[:-3])  # dummies only in the last step
+        assert sorted(trained) == list(range(2, 63)), f"epoch {epoch}"
+        assert dummies >= 1 and sum(b["num_packs"] for batches in per_rank for b in batches) == len(packs)
+        assert all(loader.epoch == epoch + 1 and loader.step == 0 for loader in loaders)
 
 
 def test_epochs_reshuffle_and_resume_is_exact(packs):
@@ -270,6 +303,9 @@ def test_epochs_reshuffle_and_resume_is_exact(packs):
         PackedLoader(packs, dp_size=2, seed=5).load_state_dict(state)
 
 
-def test_too_few_packs_for_the_ranks(packs):
-    with pytest.raises(DataError, match="too few for 8 data-parallel ranks"):
-        PackedLoader(packs[:3], dp_rank=0, dp_size=8)
+def test_fewer_packs_than_ranks_still_train_each_pack_once(packs):
+    loaders = [PackedLoader(packs[:3], dp_rank=r, dp_size=8) for r in range(8)]
+    batches = [b for loader in loaders for b in loader]
+    assert len(batches) == 8 and sum(b["num_packs"] for b in batches) == 3
+    with pytest.raises(DataError, match="no packs"):
+        PackedLoader([], dp_rank=0, dp_size=8)

@@ -6,6 +6,7 @@ profiles and named resources, `torchx builtins`, and the Dockerfile (hadolint + 
 import configparser
 import fnmatch
 import importlib.util
+import os
 import re
 import shlex
 import shutil
@@ -42,8 +43,21 @@ SENTINEL = "sentinel-credential-value-0123456789"
 GiB = 1024
 
 
+# What a full-size component requires (model, data, a work dir that outlives the pods).
+FULL = {"--model": "/models/DeepSeek-V2-Chat", "--data": "/data/alpaca.jsonl", "--work_dir": "/shared/runs/v2"}
+FULL_TRAINER = "--work-dir /shared/runs/v2 --model /models/DeepSeek-V2-Chat"
+
+
+def _required(component: str, args) -> list:
+    if component == "smoke":
+        return list(args)
+    return [x for k, v in FULL.items() if k not in args for x in (k, v)] + list(args)
+
+
 def dryrun(scheduler: str, component: str, *args: str, cfg: str = ""):
-    """`torchx run --dryrun -s SCHEDULER components.py:COMPONENT ARGS` in-process, with the shipped config."""
+    """`torchx run --dryrun -s SCHEDULER components.py:COMPONENT ARGS` in-process, with the shipped config
+    (a full-size component gets FULL's model, data and work dir unless ARGS name them)."""
+    args = _required(component, args)
     dirs = [str(COMPONENTS)]
     with get_runner(component_defaults=config.load_sections(prefix="component", dirs=dirs)) as runner:
         run_cfg = runner.scheduler_run_opts(scheduler).cfg_from_str(cfg)
@@ -54,7 +68,7 @@ def dryrun(scheduler: str, component: str, *args: str, cfg: str = ""):
 
 def appdef(component: str, *args: str):
     """The AppDef the CLI would build from these arguments (strings, as the CLI passes them)."""
-    return materialize_appdef(get_component(f"{CATALOGUE}:{component}").fn, list(args))
+    return materialize_appdef(get_component(f"{CATALOGUE}:{component}").fn, _required(component, args))
 
 
 def trainer_cmd(command: str) -> list:
@@ -110,11 +124,11 @@ def test_slurm_dryrun_deepseek_v2_full():
         }
         assert replica.entrypoint == "bash"
         assert replica.args == ["-c", (
-            "torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d --rdzv-id ${app_id}"
+            f"MOE_TRAIN_STORE_HOST=$(({i} == 0)) torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d --rdzv-id ${{app_id}}"
             " --rdzv-endpoint ${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500"
             f" --rdzv-conf is_host=$(({i} == 0)) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --tee 3 --no-python"
             " moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch --deepspeed deepspeed_zero3"
-            " --resume auto"
+            f" {FULL_TRAINER} --resume auto --data /data/alpaca.jsonl"
         )]
     script = info.request.materialize()
     assert script.count("#SBATCH hetjob") == 7
@@ -124,8 +138,9 @@ def test_slurm_dryrun_deepseek_v2_full():
 
 def test_cli_dryrun_from_components_dir():
     """The documented command, run as written: `cd components && torchx run ...`."""
-    p = subprocess.run([str(BIN / "torchx"), "run", "--dryrun", "-s", "slurm", "components.py:deepseek_v2_full"],
-                       cwd=COMPONENTS, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([str(BIN / "torchx"), "run", "--dryrun", "-s", "slurm", "components.py:deepseek_v2_full",
+                        *_required("deepseek_v2_full", [])], cwd=COMPONENTS, capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode == 0, p.stderr
     assert f"loaded configs from {TORCHXCONFIG}" in p.stderr
     script = p.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
@@ -169,7 +184,7 @@ def _load_submit():
 
 def test_submit_adds_secret_reference_and_sized_shm():
     p = subprocess.run([sys.executable, str(KUBE_DIR / "submit.py"), "--dryrun", "components.py:deepseek_v2_full",
-                        "--work_dir", "s3://bucket/runs/v2"], cwd=COMPONENTS, capture_output=True, text=True,
+                        *_required("deepseek_v2_full", ["--work_dir", "s3://bucket/runs/v2"])], cwd=COMPONENTS, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
     job = yaml.safe_load(p.stdout)
@@ -198,8 +213,9 @@ def test_local_cwd_dryrun_smoke():
     for i, replica in enumerate(replicas):
         assert replica.env["DS_ACCELERATOR"] == "cpu"
         command = replica.args[2]
-        assert command.startswith("torchrun --nnodes 2 --nproc-per-node 1 ")
-        assert f"--rdzv-endpoint ${{TORCHX_RANK0_HOST:=localhost}}:29500 --rdzv-conf is_host=$(({i} == 0))" in command
+        assert command.startswith(f"MOE_TRAIN_STORE_HOST=$(({i} == 0)) torchrun --nnodes 2 --nproc-per-node 1 ")
+        port = re.search(r"--rdzv-endpoint \$\{TORCHX_RANK0_HOST:=localhost\}:(\d+) ", command).group(1)
+        assert int(port) != 29500 and f"--rdzv-conf is_host=$(({i} == 0))" in command  # a free port
         assert trainer_cmd(command) == ["moe-train", "train", "tiny", "--launcher", "pytorch", "--deepspeed",
                                         "deepspeed_zero3", "--work-dir", "/tmp/smoke", "--resume", "auto"]
 
@@ -259,6 +275,27 @@ def test_mounts_reach_the_pod():
 def test_bad_parameters_fail_early(args, match):
     with pytest.raises(ValueError, match=match):
         appdef("deepseek_v2_full", *args)
+
+
+@pytest.mark.parametrize("fn", ["deepseek_v2_full", "deepseek_v2_lite_full"])
+@pytest.mark.parametrize("drop, match", [
+    ("--model", "needs --model: e.g. --model hf://"), ("--data", "needs --data"),
+    ("--work_dir", "needs --work_dir as an absolute shared path or a URL"),
+])
+def test_full_size_components_require_model_data_and_a_lasting_work_dir(fn, drop, match):
+    args = [x for k, v in FULL.items() if k != drop for x in (k, v)]
+    with pytest.raises(ValueError, match=match):
+        materialize_appdef(get_component(f"{CATALOGUE}:{fn}").fn, args)
+    relative = [x for k, v in {**FULL, "--work_dir": "runs/v2"}.items() for x in (k, v)]
+    with pytest.raises(ValueError, match="absolute shared path or a URL .* got runs/v2"):
+        materialize_appdef(get_component(f"{CATALOGUE}:{fn}").fn, relative)
+
+
+def test_full_size_dryrun_without_model_fails_in_one_line():
+    p = subprocess.run([str(BIN / "torchx"), "run", "--dryrun", "-s", "kubernetes", "components.py:deepseek_v2_full",
+                        "--work_dir", "s3://bucket/run"], cwd=COMPONENTS, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "deepseek-v2-full needs --model and --data" in p.stderr, p.stderr[-2000:]
 
 
 # --- credentials -----------------------------------------------------------------------------------
@@ -395,3 +432,46 @@ def test_dockerfile_runs_as_non_root_with_the_cli_entrypoint():
     users = re.findall(r"^USER (\S+)$", dockerfile, re.M)
     assert users and not users[-1].startswith(("root", "0"))
     assert re.search(r'^ENTRYPOINT \["moe-train"\]$', dockerfile, re.M)
+
+
+def _readme_launch_commands() -> list:
+    """The command lines of the README's launch example block, continuation lines joined, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Launching", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands, current = [], ""
+    for line in block.splitlines():
+        line = line.split("  #", 1)[0].rstrip()
+        current += " " + line.rstrip("\\").strip()
+        if not line.endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    return [c for c in commands if c and c != "cd components"]
+
+
+def test_readme_launch_examples_dryrun_as_written():
+    commands = _readme_launch_commands()
+    assert len(commands) == 4, commands
+    for command in commands:
+        args = shlex.split(command)
+        if args[0] == "torchx":
+            args = [str(BIN / "torchx"), "run", "--dryrun", *[a for a in args[2:] if a != "--dryrun"]]
+        else:
+            assert args[:2] == ["python", "../schedulers/kubernetes/submit.py"], command
+            args = [sys.executable, args[1], "--dryrun", *args[2:]]
+        p = subprocess.run(args, cwd=COMPONENTS, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f"{command}\n{p.stderr[-3000:]}"
+
+
+@pytest.mark.slow
+def test_local_cwd_smoke_succeeds_without_a_stack_trace(tmp_path):
+    """The documented local run, to the end: SUCCEEDED and no TCPStore trace from the agent that
+    closes the rendezvous after the store's host is gone."""
+    p = subprocess.run([str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
+                        "components.py:smoke", "--work_dir", str(tmp_path / "smoke"), "--",
+                        "--max-steps", "2", "--save-steps", "0", "--no-export"],
+                       cwd=COMPONENTS, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "Job finished: SUCCEEDED" in out, out[-4000:]
+    assert "recvVector failed" not in out and "Exception raised from" not in out, out[-4000:]

@@ -64,8 +64,10 @@ def test_resume_is_exact(zero3_run, tmp_path):
     first = summary(work)["losses"]
     check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(work), "--max-steps", "6",
                     "--save-steps", "3", "--resume", "auto"], tmp_path))
-    second = summary(work)["losses"]
-    assert first + second == summary(zero3_run)["losses"]
+    reference = summary(zero3_run)["losses"]
+    assert first == reference[:3] and summary(work)["segment_losses"] == reference[3:]
+    assert summary(work)["losses"] == reference and summary(work)["segments"] == 2  # the whole run
+    assert [m["step"] for m in metrics(work) if "loss" in m] == list(range(1, 7))  # each step once
     from safetensors.torch import load_file
 
     def weights(d):
@@ -123,9 +125,17 @@ def test_s3_work_dir_export_and_no_secret_leaks(tmp_path, s3_server):
     assert model.config.num_hidden_layers == 3
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]})
     assert fs.exists(f"{url}/checkpoints/step-00000002/COMPLETE")
-    written = fs.cat(f"{url}/metrics.jsonl").decode() + fs.cat(f"{url}/summary.json").decode()
+    written = "".join(fs.cat(f"{url}/{name}").decode() for name in (
+        "metrics/segment-0001.jsonl", "summary.json", "recipe.json", "deepspeed.json"))
     for text in (proc.stdout, proc.stderr, written):
         assert secret not in text and "AKIAMOETRAINTEST" not in text
+    # log lines: URLs with their scheme, rank 0 only, above the progress bar, no DeepSpeed per-run noise
+    import re
+
+    assert re.search(rf"(^|\r)\[moe-train\] saved checkpoint {url}/checkpoints/step-00000002", proc.stdout, re.M)
+    assert f"exported HF checkpoint to {url}/hf_model" in proc.stdout
+    assert proc.stdout.count("[moe-train] data: 87 packs, 44 steps per epoch") == 1
+    assert "unknown inputs or outputs type" not in proc.stdout + proc.stderr
 
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_zero3_2ranks.json"
@@ -171,8 +181,8 @@ def test_zero3_partitioned_load_and_gathered_export_round_trip(tmp_path):
 
 
 def test_resume_is_exact_with_grad_accum_across_an_epoch_boundary(tmp_path):
-    """grad_accum 2, 2 epochs (21 steps each on 2 ranks): stop at step 20, resume to 24 across
-    the epoch boundary; same losses as 24 straight steps, and the same weights."""
+    """grad_accum 2, 2 epochs (22 steps each on 2 ranks, the 22nd with one dummy micro-batch): stop at
+    step 20, resume to 24 across the epoch boundary; same losses as 24 straight steps, and the same weights."""
     from safetensors.torch import load_file
 
     common = ["tiny", "--deepspeed", "deepspeed_zero3", "--epochs", "2", "--cfg-options", "grad_accum=2"]
@@ -185,7 +195,7 @@ def test_resume_is_exact_with_grad_accum_across_an_epoch_boundary(tmp_path):
     check(torchrun([*common, "--work-dir", str(work), "--max-steps", "24", "--save-steps", "0", "--resume", "auto"],
                    tmp_path))
     straight = summary(tmp_path / "straight")["losses"]
-    assert first + summary(work)["losses"] == straight
+    assert first == straight[:20] and summary(work)["losses"] == straight
     assert [m["epoch"] for m in metrics(tmp_path / "straight") if "loss" in m][-1] == 1  # crossed into epoch 2
 
     def weights(d):
@@ -222,3 +232,22 @@ def test_bf16_on_cpu_keeps_fp32_master_router_and_loss(tmp_path):
     ids = torch.randint(0, 512, (1, 30))
     with torch.no_grad():
         assert (hf(ids).logits.float() - mine(ids).logits.float()).abs().max() < 5e-2
+
+
+def test_one_epoch_trains_every_pack_once(tmp_path):
+    """87 packs on 2 ranks x grad_accum 3: 15 steps, the last with 3 dummy micro-batches; the tokens
+    trained over the epoch are exactly the dataset's."""
+    proc = check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(tmp_path / "w"), "--epochs", "1",
+                           "--cfg-options", "grad_accum=3", "--cfg-options", "max_steps=None", "--save-steps", "0",
+                           "--no-export"], tmp_path))
+    assert "data: 87 packs, 15 steps per epoch, 3 micro-batches per step" in proc.stdout
+    records = [m for m in metrics(tmp_path / "w") if "loss" in m]
+    assert [m["step"] for m in records] == list(range(1, 16))
+    assert sum(m["tokens"] for m in records) == 21746  # "400 samples in 87 packs ... (21746 tokens"
+    assert all(m["loss"] > 0 and m["aux_loss"] > 0 for m in records)
+    assert records[-1]["dummies"] == 3 and all(m["dummies"] == 0 for m in records[:-1])
+    # the resolved recipe and the DeepSpeed config the engine ran with
+    recipe = json.loads((tmp_path / "w" / "recipe.json").read_text())
+    assert recipe["name"] == "tiny" and recipe["grad_accum"] == 3 and recipe["max_steps"] is None
+    ds = json.loads((tmp_path / "w" / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_accumulation_steps"] == 3

@@ -65,7 +65,9 @@ class PackStats:
     def __str__(self) -> str:
         return (f"{self.samples} samples in {self.packs} packs of <= {self.max_length} tokens "
                 f"({self.tokens} tokens, {self.efficiency:.1%} full); "
-                f"{self.truncated} truncated, {self.dropped} dropped")
+                f"{self.truncated} truncated, {self.dropped} dropped"
+                + (" (longer than max_length under too_long=drop, or no trained token left after truncation)"
+                   if self.dropped else ""))
 
 
 def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:

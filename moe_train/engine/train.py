@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import posixpath
+import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -34,12 +37,14 @@ from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files, read_con
 from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
 from moe_train.engine import kernels
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
-from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
+from moe_train.engine.metrics import (
+    MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, read_metrics, step_flops, summarize,
+)
 from moe_train.models import spec_for, spec_of
 from moe_train.models.common.loss import shift_labels
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
-from moe_train.storage import is_local, resolve
+from moe_train.storage import display, is_local, probe, redact, resolve, stall_notice
 
 
 @dataclass
@@ -56,8 +61,12 @@ class TrainConfig:
 
 
 def _log(rank: int, msg: str) -> None:
+    """One line from rank 0 (every rank would say the same), above the progress bar if there is one."""
     if rank == 0:
-        print(f"[moe-train] {msg}", flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(f"[moe-train] {msg}", file=sys.stdout)
+        sys.stdout.flush()
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
@@ -70,6 +79,25 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+class _UnseenOutputFilter(logging.Filter):
+    """Drops DeepSpeed's per-run warning that it cannot see the tensors inside the model's output
+    (``CausalLMOutput``, a dataclass).  It concerns the backward hooks of the outermost module only,
+    which owns no parameter of its own (every parameter sits in a submodule whose inputs and outputs
+    are plain tensors), so those hooks have nothing to fetch or release."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unknown inputs or outputs type" not in record.getMessage()
+
+
+_UNSEEN_OUTPUT = _UnseenOutputFilter()
+
+
+def quiet_deepspeed() -> None:
+    from deepspeed.utils import logger
+
+    logger.addFilter(_UNSEEN_OUTPUT)  # once: a filter already there is not added again
 
 
 def check_work_dir(url: str, rank: int) -> Any:
@@ -88,19 +116,40 @@ def check_work_dir(url: str, rank: int) -> Any:
 
 
 def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
-    """A local directory with the tokenizer files (AutoTokenizer cannot read object stores)."""
+    """A local directory with the tokenizer files (AutoTokenizer cannot read object stores).
+
+    The tokenizer is the recipe's ``tokenizer`` (``--tokenizer``); the CLI clears it when ``--model``
+    is given without ``--tokenizer``, so a model brings its own tokenizer."""
     src = recipe.tokenizer or model_url
     if src is None:
-        raise ValueError(f"recipe {recipe.name} names no tokenizer or model; pass --model PATH|URL")
+        raise ValueError(f"recipe {recipe.name} names no tokenizer or model; pass --model PATH|URL or "
+                         "--tokenizer PATH|URL")
     fs, root = resolve(src)
     if not fs.exists(posixpath.join(root, "tokenizer.json")) and not fs.exists(posixpath.join(root, "tokenizer.model")):
-        raise FileNotFoundError(f"no tokenizer (tokenizer.json) in {src}; put the tokenizer files next to the "
-                                "model or set the recipe's tokenizer")
+        raise FileNotFoundError(f"no tokenizer (tokenizer.json or tokenizer.model) in {redact(src)}; put the "
+                                "tokenizer files next to the model or pass --tokenizer PATH|URL")
     if is_local(fs):
         return root
     tmp = tempfile.mkdtemp(prefix="moe-train-tokenizer-")
     copy_files(src, *resolve(tmp), TOKENIZER_FILES)
     return tmp
+
+
+def check_tokenizer(cfg: Any, tokenizer: Any, source: str) -> None:
+    """The tokenizer fits the model: every token id has an embedding row, and the special ids agree
+    with config.json (an out-of-vocab or different eos would make `generate` never stop)."""
+    where = f"the tokenizer in {redact(source)}"
+    fix = "pass the model's own tokenizer with --tokenizer, or fix config.json"
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"{where} has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}; {fix}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ours, theirs = getattr(cfg, name), getattr(tokenizer, name)
+        if ours is not None and not 0 <= ours < cfg.vocab_size:
+            raise ValueError(f"config.json {name}={ours} is outside the vocabulary (vocab_size {cfg.vocab_size}); "
+                             f"set {name} to the tokenizer's id ({theirs})")
+        if name != "pad_token_id" and ours is not None and theirs is not None and ours != theirs:
+            token = getattr(tokenizer, name.replace("_id", ""))
+            raise ValueError(f"config.json {name}={ours} but {where} has {token!r} = {theirs}; {fix}")
 
 
 def build_model(cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
@@ -136,6 +185,7 @@ class Job:
     tokenizer_dir: str
     step: int
     total_steps: int
+    eval_loader: Any = None  # validation packs (--eval-data / eval_fraction), or None
 
     @property
     def recipe(self) -> Recipe:
@@ -148,28 +198,52 @@ class Data:
     tokenizer_dir: str
     pad_id: int
     steps_per_epoch: int
+    eval_loader: Any = None
 
 
-def build_data(r: Recipe, rank: int, world: int) -> Data:
-    """Tokenizer, packed dataset and this rank's loader."""
+def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
+    """Tokenizer (checked against ``cfg``), packed dataset and this rank's loader."""
     from transformers import AutoTokenizer
 
     from moe_train.data import PackedLoader, build_packed_dataset
 
     tokenizer_dir = local_tokenizer_dir(r, r.model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if cfg is not None:
+        check_tokenizer(cfg, tokenizer, r.tokenizer or r.model)
+    _log(rank, f"tokenizer: {redact(r.tokenizer or r.model)} ({len(tokenizer)} tokens)")
     if not r.data:
         raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
     packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
-    _log(rank, f"data: {stats}")
     pad_id = tokenizer.pad_token_id or 0
-    loader = PackedLoader(packs, dp_rank=rank // r.sp, dp_size=world // r.sp, seed=r.seed, shuffle=r.shuffle,
-                          micro_batch_size=r.micro_batch_size, pad_id=pad_id)
-    steps_per_epoch = len(loader) // r.grad_accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(loader)} micro-batches per rank are fewer than grad_accum={r.grad_accum}; "
-                         "lower grad_accum or add data")
-    return Data(loader, tokenizer_dir, pad_id, steps_per_epoch)
+    dp = world // r.sp
+    eval_packs = None
+    if r.eval_data:
+        eval_packs, eval_stats = build_packed_dataset(r.eval_data, tokenizer, r.template, r.max_length, r.varlen,
+                                                      r.too_long, r.seed)
+        _log(rank, f"eval data: {eval_stats}")
+    elif r.eval_fraction > 0:
+        if not 0 < r.eval_fraction < 1 or len(packs) < 2:
+            raise ValueError(f"eval_fraction={r.eval_fraction} must be in (0, 1) with at least 2 packs; "
+                             "pass --eval-fraction 0.05 or --eval-data PATH")
+        held = sorted(np.random.default_rng([r.seed, 1]).permutation(len(packs))[
+            :max(1, round(r.eval_fraction * len(packs)))].tolist())
+        eval_packs = [packs[i] for i in held]
+        keep = set(held)
+        packs = [p for i, p in enumerate(packs) if i not in keep]
+        _log(rank, f"eval data: {len(eval_packs)} of the packs held out (eval_fraction={r.eval_fraction})")
+    eval_loader = None
+    if eval_packs:  # every rank runs the same number of eval forwards (dummies where packs run out)
+        eval_loader = PackedLoader(eval_packs, dp_rank=rank // r.sp, dp_size=dp, shuffle=False,
+                                   micro_batch_size=r.micro_batch_size, pad_id=pad_id)
+    loader = PackedLoader(packs, dp_rank=rank // r.sp, dp_size=dp, seed=r.seed, shuffle=r.shuffle,
+                          micro_batch_size=r.micro_batch_size, pad_id=pad_id, grad_accum=r.grad_accum)
+    _log(rank, f"data: {stats}")
+    _log(rank, f"data: {len(packs)} packs, {loader.steps_per_epoch} steps per epoch, {r.grad_accum} micro-batches "
+               f"per step on each of {dp} data-parallel ranks ({r.micro_batch_size} packs each); every pack once "
+               "per epoch" + (f", the last step's {loader.dummies_per_epoch} empty pack slots run as dummies"
+                              if loader.dummies_per_epoch else ""))
+    return Data(loader, tokenizer_dir, pad_id, loader.steps_per_epoch, eval_loader)
 
 
 def build_engine(r: Recipe, cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype,
@@ -195,14 +269,14 @@ def resume_state(ckpt: CheckpointManager, resume: tuple[Any, str] | None, engine
     """Load the resume point into the engine and loader; the step to continue from (0: a fresh start)."""
     if rank == 0:
         for path in ckpt.remove_incomplete():
-            _log(rank, f"removed incomplete checkpoint {path}")
+            _log(rank, f"removed incomplete checkpoint {display(ckpt.fs, path)}")
     dist.barrier()
     if not resume:
         return 0
     state = ckpt.load(engine, resume)
     loader.load_state_dict(state["loader"])
     set_rng_state(state["rng"])
-    _log(rank, f"resumed from {resume[1]} at step {state['step']}")
+    _log(rank, f"resumed from {display(resume[0], resume[1])} at step {state['step']}")
     return state["step"]
 
 
@@ -226,6 +300,9 @@ def setup(tc: TrainConfig) -> Job:
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
     resume = ckpt.resolve(tc.resume)
 
+    for url, what in [(r.model, "--model"), (r.tokenizer, "--tokenizer")]:
+        if url:
+            probe(url, what)
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else spec_for(r.family).named_config(r.model_size, **layout)
     found = kernels.kernels(cfg, dtype, device)
@@ -233,7 +310,7 @@ def setup(tc: TrainConfig) -> Job:
     warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
     if warning:
         _log(rank, warning)
-    data = build_data(r, rank, world)
+    data = build_data(r, rank, world, cfg)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
     schedule_steps = data.steps_per_epoch * r.epochs
@@ -243,65 +320,120 @@ def setup(tc: TrainConfig) -> Job:
         seq.apply(engine.module, spec_of(cfg))
     step = resume_state(ckpt, resume, engine, data.loader, rank)
     return Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fs, work_root,
-               data.tokenizer_dir, step, total_steps)
+               data.tokenizer_dir, step, total_steps, data.eval_loader)
+
+
+def forward(engine: Any, b: dict[str, Any], device: torch.device) -> Any:
+    """The model on one micro-batch (or this rank's SP slice of it); ``loss`` is the cross-entropy sum
+    over the batch's targets, from the chunked LM head: no (T, V) logits are built."""
+    segment_ids = b.get("segment_ids")
+    targets = b["targets"] if "targets" in b else shift_labels(b["labels"])
+    return engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                  cu_seqlens=b["cu_seqlens"].to(device), max_seqlen=b["max_seqlen"],
+                  segment_ids=None if segment_ids is None else segment_ids.to(device), targets=targets.to(device))
 
 
 def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
     """One optimiser step over `grad_accum` micro-batches; returns the step's global figures."""
     r, engine, device, seq = job.recipe, job.engine, job.device, job.seq
     t0 = time.perf_counter()
+    real = [b.get("num_packs", 1) > 0 for b in micro]  # dummies (the end of an epoch) train nothing
     counts = torch.tensor([float(sum(b["num_loss_tokens"] for b in micro)),
-                           float(sum(b["input_ids"].numel() for b in micro))])
+                           float(sum(b["input_ids"].numel() for b, ok in zip(micro, real) if ok)),
+                           float(sum(real))])
     dist.all_reduce(counts)
-    counts /= r.sp  # the ranks of a sequence-parallel group hold the same rows
+    counts[:2] /= r.sp  # the ranks of a sequence-parallel group hold the same rows
     global_tokens = max(counts[0].item(), 1.0)
+    # The balance loss is a mean over the step's real micro-batches (DeepSpeed divides by
+    # world * grad_accum): 1 unless the last step of an epoch holds dummies.
+    aux_scale = job.world * r.grad_accum / max(counts[2].item(), 1.0)
     ce_total, aux_total = torch.zeros((), device=device), torch.zeros((), device=device)
     load = None
     lengths: list[int] = []
-    for b in micro:
+    for b, ok in zip(micro, real):
         if seq is not None:  # this rank's slice of the row, with its targets and samples
             b = seq.shard(b, job.loader.pad_id)
-        segment_ids = b.get("segment_ids")
-        targets = b["targets"] if "targets" in b else shift_labels(b["labels"])
-        # The model returns the cross-entropy sum over targets from its chunked head: no (T, V) logits.
-        out = engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
-                     cu_seqlens=b["cu_seqlens"].to(device), max_seqlen=b["max_seqlen"],
-                     segment_ids=None if segment_ids is None else segment_ids.to(device), targets=targets.to(device))
+        out = forward(engine, b, device)
         ce_sum = out.loss
         loss = ce_sum * (job.world * r.grad_accum / global_tokens)
         if out.aux_loss is not None:
-            loss = loss + out.aux_loss
-            aux_total += out.aux_loss.detach().float() / r.grad_accum
+            aux = out.aux_loss * (aux_scale if ok else 0.0)  # times 0: the graph (and ZeRO-3's hooks) still run
+            loss = loss + aux
+            aux_total += aux.detach().float() / (job.world * r.grad_accum)
         engine.backward(loss)
         engine.step()
         ce_total += ce_sum.detach().float()  # on the device: no host sync per micro-batch
-        load = out.expert_load if load is None else load + out.expert_load
-        cu = b["cu_seqlens"].tolist()
-        lengths += [e - s for s, e in zip(cu[:-1], cu[1:])]
+        if out.expert_load is not None:
+            step_load = out.expert_load if ok else torch.zeros_like(out.expert_load)
+            load = step_load if load is None else load + step_load
+        if ok:
+            cu = b["cu_seqlens"].tolist()
+            lengths += [e - s for s, e in zip(cu[:-1], cu[1:])]
     reduced = torch.stack([ce_total, aux_total])
     dist.all_reduce(reduced)
     if load is not None:
         dist.all_reduce(load)
         load = load.cpu()
     reduced = reduced.cpu()
-    return {"loss": reduced[0].item() / global_tokens, "aux_loss": reduced[1].item() / job.world,
+    return {"loss": reduced[0].item() / global_tokens, "aux_loss": reduced[1].item(),
+            "dummies": int(round(job.world * r.grad_accum - counts[2].item())),
             "tokens": counts[1].item(), "loss_tokens": global_tokens, "expert_load": load, "lengths": lengths,
             "seconds": time.perf_counter() - t0}
 
 
+def evaluate(job: Job) -> dict[str, Any]:
+    """Validation loss: cross entropy summed over every eval token on every rank / their count.
+    Every rank runs the same forwards (the loader pads with dummies), as ZeRO-3 and SP need."""
+    engine, device, seq = job.engine, job.device, job.seq
+    t0 = time.perf_counter()
+    ce, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+    engine.eval()
+    with torch.no_grad():
+        for b in job.eval_loader:
+            if seq is not None:
+                b = seq.shard(b, job.eval_loader.pad_id)
+            ce += forward(engine, b, device).loss
+            tokens += b["num_loss_tokens"]  # after seq.shard: the slice's, so the sum over all ranks is exact
+    engine.train()
+    reduced = torch.stack([ce.float(), tokens.float()])
+    dist.all_reduce(reduced)
+    ce_sum, n = reduced.cpu().tolist()
+    return {"event": "eval", "val_loss": round(ce_sum / max(n, 1.0), 6), "val_tokens": int(n),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def write_run_config(job: Job) -> None:
+    """The resolved recipe and DeepSpeed config next to the run (URLs redacted), rewritten by each segment."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact(v)
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    files = {"recipe.json": clean(dataclasses.asdict(job.recipe)),
+             "deepspeed.json": clean(getattr(job.engine, "config", None) or {})}
+    for name, content in files.items():
+        with job.fs.open(posixpath.join(job.work_root, name), "w") as f:
+            json.dump(content, f, indent=2, default=str)
+
+
 def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> dict[str, Any]:
-    """The metrics.jsonl line of one step (see moe_train/engine/metrics.py for the FLOP count)."""
+    """The metrics record of one step (see moe_train/engine/metrics.py for the FLOP count)."""
     dt, world = s["seconds"], job.world
     flops = step_flops(job.cfg, s["lengths"]) * (world // job.recipe.sp)  # every group ran a similar mix
     norm = job.engine.get_global_grad_norm()
     return {
-        "step": step, "loss": round(s["loss"], 6), "aux_loss": round(s["aux_loss"], 8),
+        "step": step, "loss": s["loss"], "aux_loss": round(s["aux_loss"], 8),
         "lr": job.scheduler.get_last_lr()[0], "grad_norm": None if norm is None else round(float(norm), 6),
         "tgs": round(s["tokens"] / dt / world, 2), "tflops_per_gpu": round(flops / dt / world / 1e12, 6),
         "mfu": round(flops / dt / world / (peak * 1e12), 4) if peak else None,
         "tokens": int(s["tokens"]), "loss_tokens": int(s["loss_tokens"]), "step_time": round(dt, 4),
         "peak_mem_gb": round(peak_memory_gb(), 3), "epoch": job.loader.epoch,
         "expert_load": expert_load_stats(s["expert_load"]) if s["expert_load"] is not None else [],
+        "dummies": s.get("dummies", 0),
     }
 
 
@@ -318,9 +450,9 @@ def export(job: Job, step: int) -> dict[str, Any]:
                         tokenizer_dir=job.tokenizer_dir, extra={"step": step, "recipe": job.recipe.name})
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(math.prod(zero3.full_shape(p)) * p.element_size() for p in module.parameters())
-    out = {"hf_model": url, "export_seconds": time.perf_counter() - t0,
+    out = {"hf_model": redact(url), "export_seconds": time.perf_counter() - t0,
            "export_peak_rss_delta_mb": rss.peak_delta / 2**20, "model_mb": model_bytes / 2**20}
-    _log(job.rank, f"exported HF checkpoint to {url} in {out['export_seconds']:.1f}s; writer peak RSS "
+    _log(job.rank, f"exported HF checkpoint to {redact(url)} in {out['export_seconds']:.1f}s; writer peak RSS "
                    f"+{out['export_peak_rss_delta_mb']:.1f} MiB for a {out['model_mb']:.1f} MiB model")
     return out
 
@@ -329,14 +461,25 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns a summary (losses, tokens/s, paths)."""
     # DeepSpeed calls c10d functions that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    quiet_deepspeed()
     job = setup(tc)
     r, rank = job.recipe, job.rank
     metrics = None
     if rank == 0:
-        local = is_local(job.fs)
-        metrics = MetricsWriter(job.fs, posixpath.join(job.work_root, "metrics.jsonl"),
-                                posixpath.join(job.work_root, "tb") if local else None)
+        import deepspeed
+
+        hardware = {"world_size": job.world, "sp": r.sp, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                    "device": torch.cuda.get_device_name() if job.device.type == "cuda" else job.device.type}
+        metrics = MetricsWriter(job.fs, job.work_root, resumed_from=job.step, log=lambda m: _log(0, m),
+                                header=hardware)
+        write_run_config(job)
     peak = peak_tflops(tc.peak_tflops)
+
+    def run_eval(at: int) -> None:
+        result = evaluate(job)
+        _log(rank, f"step {at}: val_loss {result['val_loss']:.4f} over {result['val_tokens']} tokens")
+        if metrics is not None:
+            metrics.write({"step": at, **result})
 
     def micro_batches():
         while True:
@@ -362,27 +505,36 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result['loss']:.4f}", tgs=f"{tgs[-1]:.0f}")
+                if job.eval_loader is not None and r.eval_steps and step % r.eval_steps == 0:
+                    run_eval(step)
                 stop_now = stop.agreed()
                 if (r.save_steps and step % r.save_steps == 0) or stop_now:
-                    path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
-                                                            "rng": rng_state(), "recipe": dataclasses.asdict(r)})
-                    _log(rank, f"saved checkpoint {path}")
+                    with stall_notice(f"checkpoint of step {step} to {redact(tc.work_dir)}", lambda m: _log(rank, m)):
+                        path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
+                                                                "rng": rng_state(), "recipe": dataclasses.asdict(r)})
+                    _log(rank, f"saved checkpoint {display(job.ckpt.fs, path)}")
                 if stop_now:
                     raise stop.requested(step)
     finally:
         if bar is not None:
             bar.close()
 
-    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": tc.work_dir}
+    if job.eval_loader is not None and not (r.eval_steps and step % r.eval_steps == 0):
+        run_eval(step)  # the final model's validation loss
+    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": redact(tc.work_dir)}
     if tc.export:
-        summary.update(export(job, step))
+        with stall_notice(f"export to {redact(tc.work_dir)}/hf_model", lambda m: _log(rank, m)):
+            summary.update(export(job, step))
         if metrics is not None:
             metrics.write({"step": step, "event": "export", "hf_model": summary["hf_model"],
                            "export_peak_rss_delta_mb": round(summary["export_peak_rss_delta_mb"], 2),
                            "model_mb": round(summary["model_mb"], 2)})
     if metrics is not None:
         metrics.close()
+        # The whole run, all segments; `summary["segment_losses"]`: this segment's alone.
+        run = {**summary, **summarize(read_metrics(job.fs, job.work_root, segments=True)),
+               "segment_losses": losses}
         with job.fs.open(posixpath.join(job.work_root, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(run, f, indent=2)
     job.ckpt.close()
     return summary

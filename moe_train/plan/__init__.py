@@ -39,7 +39,7 @@ def model_config(recipe: Recipe, **layout: Any) -> DeepseekV2Config:
     """The model a recipe trains: a named size, a known HF id, or a local directory with config.json."""
     layout = {"moe_implementation": recipe.moe_implementation, "expert_in_one_shard": recipe.expert_in_one_shard,
               **layout}
-    size = recipe.model_size or HF_MODEL_SIZES.get(recipe.model or "")
+    size = recipe.model_size or HF_MODEL_SIZES.get((recipe.model or "").removeprefix("hf://"))
     if size:
         return DeepseekV2Config.from_name(size, **layout)
     if recipe.model and (Path(recipe.model) / "config.json").is_file():
