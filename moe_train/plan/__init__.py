@@ -136,6 +136,13 @@ def suggest_sp(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: 
     return None
 
 
+def calibration_warnings(device: Device) -> list[str]:
+    if device.calibration.calibrated:
+        return []
+    return [f"{device.name} speed: {device.calibration.source}; only A100 is fitted on a published table "
+            "(XTuner's), so treat TGS and MFU as rough"]
+
+
 @dataclass
 class Plan:
     recipe: str
@@ -171,12 +178,6 @@ class Plan:
                        "run out of memory; use more GPUs, a smaller expert_in_one_shard or a shorter max_length")
         return out + calibration_warnings(self.device)
 
-
-def calibration_warnings(device: Device) -> list[str]:
-    if device.calibration.calibrated:
-        return []
-    return [f"{device.name} speed: {device.calibration.source}; only A100 is fitted on a published table "
-            "(XTuner's), so treat TGS and MFU as rough"]
 
     def to_dict(self) -> dict[str, Any]:
         mem = self.memory

@@ -61,7 +61,7 @@ class Device:
 
 
 DEVICES = {
-    "a100": Device("A100", peak_tflops=312, hbm_gbps=2039, nvlink_gbps=240, network_gbps=23),  # HDR 200 Gb/s
+    "a100": Device("A100", peak_tflops=312, hbm_gbps=2039, nvlink_gbps=240, network_gbps=calibration.SEED_NETWORK_GBPS),
     "h100": Device("H100", peak_tflops=989, hbm_gbps=3350, nvlink_gbps=370, network_gbps=45,  # NDR 400 Gb/s
                    calibration=calibration.UNCALIBRATED_GPU),
     "h200": Device("H200", peak_tflops=989, hbm_gbps=4800, nvlink_gbps=370, network_gbps=45,
