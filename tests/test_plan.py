@@ -21,14 +21,32 @@ from click.testing import CliRunner
 
 from moe_train.cli import main
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.plan import build_plan, load_deepspeed_config, model_config, seed_row_inputs
+from moe_train.plan import (
+    build_plan,
+    load_deepspeed_config,
+    model_config,
+    seed_row_inputs,
+)
 from moe_train.plan.calibration import (
-    A100, SEED_LEAVE_ONE_OUT, SEED_NETWORK_GBPS, SEED_TABLE, cpu_calibration, cpu_measurements,
+    A100,
+    SEED_LEAVE_ONE_OUT,
+    SEED_NETWORK_GBPS,
+    SEED_TABLE,
+    cpu_calibration,
+    cpu_measurements,
+)
+from moe_train.plan.memory import (
+    ATTENTIONS,
+    GiB,
+    Unit,
+    Workload,
+    ZeroSettings,
+    active_matmul_params,
+    count_params,
+    predict_memory,
+    simulate_gathers,
 )
 from moe_train.plan.speed import DEVICES, predict_speed
-from moe_train.plan.memory import (
-    ATTENTIONS, GiB, Unit, Workload, ZeroSettings, active_matmul_params, count_params, predict_memory, simulate_gathers,
-)
 from moe_train.recipes import get_recipe
 from tests.launch import check, cpu_env, free_port
 

@@ -65,6 +65,7 @@ SEED_LEAVE_ONE_OUT: dict[int, dict[str, float]] = {
     # without its one 16k no-varlen row, nothing bounds the flash efficiency but its upper limit
     5: {"gemm_efficiency": 0.113, "flash_efficiency": 1.0, "hook_s": 1.22e-6, "network_gbps": 30.4},
     6: {"gemm_efficiency": 0.131, "flash_efficiency": 0.396, "hook_s": 1.59e-4, "network_gbps": 30.2},
+    7: {"gemm_efficiency": 0.0925, "flash_efficiency": 0.915, "hook_s": 1.52e-8, "network_gbps": 33.4},
 }
 # No table to fit on: the A100 constants, flagged.
 UNCALIBRATED_GPU = dataclasses.replace(A100, calibrated=False,
