@@ -248,8 +248,13 @@ def main() -> None:
         sweep = run_sweep()
         rate = matmul_rate()
         runs = [launch("quick") for _ in range(args.repeats)]
-        OUT.write_text(json.dumps({"sweep": sweep, "matmul_flops": rate, "p2_quick_runs": runs}, indent=1) + "\n")
-        print(f"wrote {OUT}")
+        previous = json.loads(OUT.read_text()) if OUT.exists() else {}
+        OUT.write_text(json.dumps({
+            "note": "2 CPU ranks on gloo, 1 thread each, measured by bench/plan_calibrate.py --measure",
+            "world_size": 2, "sweep": sweep, "matmul_flops": rate, "p2_quick_runs": runs,
+            "fitted": previous.get("fitted", {"gemm_efficiency": 0.02, "hook_s": 1e-3}),
+        }, indent=1) + "\n")
+        print(f"wrote {OUT}; now refit with --fit-cpu")
     elif args.fit_cpu:
         m = json.loads(OUT.read_text())
         m["fitted"] = fit_cpu()

@@ -1,8 +1,9 @@
 """The few constants of the speed model, each with where it came from.
 
 Two kinds: physical facts of a device (peak FLOP/s, link bandwidths), taken from data sheets, and
-free constants (how much of the peak the kernels reach, the latency of one ring step, the host
-time ZeRO-3 spends per parameter per module call), fitted on measurements:
+free constants (how much of the peak the kernels reach, the host time ZeRO-3 spends per parameter
+per module call, and for the A100 the seed cluster's effective bandwidth between nodes), fitted
+on measurements; the latency of one ring step is assumed for the GPUs and measured on CPU:
 
 * A100: XTuner's published table for DeepSeek-V2 236B on 128 A100-80G (``SEED_TABLE``), by
   ``bench/plan_calibrate.py --fit-seed`` (least squares on log TGS; the leave-one-out errors are
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 # Alpaca sample lengths in tokens under the DeepSeek V2 template: log-normal, median 150,
-# sigma 0.7 (bench/packing.py, fitted to the tokenized alpaca set).  With varlen a token attends
+# sigma 0.7, the alpaca-like distribution bench/packing.py draws (mean ~190, 1% over 750).  With varlen a token attends
 # to the earlier tokens of its own sample: E[s^2] / (2 E[s]) keys on average, 156 here, against
 # max_length / 2 over a whole packed row without varlen.
 ALPACA_LOG_MEDIAN_TOKENS = 150
@@ -57,6 +58,8 @@ A100 = Calibration(
 # above; HDR 200 Gb/s is 25 GB/s per NIC raw: above it, the cluster has more than one NIC per GPU).
 SEED_NETWORK_GBPS = 30.9
 # The same fit without each row (index into SEED_TABLE): the row is predicted from the others.
+# Rows 0-3 from a fit with the efficiencies unbounded, rows 5-7 bounded to (0, 1) and started from
+# the full fit (bench/plan_calibrate.py fit_seed(skip=i)); printed to 3 digits.
 SEED_LEAVE_ONE_OUT: dict[int, dict[str, float]] = {
     0: {"gemm_efficiency": 0.107, "flash_efficiency": 0.406, "hook_s": 1.08e-3, "network_gbps": 39.3},
     1: {"gemm_efficiency": 0.113, "flash_efficiency": 0.507, "hook_s": 4.95e-7, "network_gbps": 29.6},
