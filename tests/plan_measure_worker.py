@@ -123,7 +123,7 @@ def main(out_dir: str, spec: dict) -> None:
     from moe_train.engine.distributed import destroy_distributed, hard_exit, init_distributed
     from moe_train.engine.train import build_model
     from moe_train.models.deepseek_v2 import DeepseekV2Config
-    from moe_train.models.common.loss import causal_lm_loss
+    from moe_train.models.common.loss import shift_labels
 
     info = init_distributed("pytorch")
     rank, world = info.rank, info.world_size
@@ -155,8 +155,9 @@ def main(out_dir: str, spec: dict) -> None:
         counts = torch.tensor([float(b["input_ids"].numel())])
         torch.distributed.all_reduce(counts)
         sampler.mark(f"forward{step}")
-        out = engine(b["input_ids"], position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"])
-        ce_sum = causal_lm_loss(out.logits, b["labels"], reduction="sum")
+        out = engine(b["input_ids"], position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"],
+                     targets=shift_labels(b["labels"]))  # the trainer's chunked head
+        ce_sum = out.loss
         loss = ce_sum * (world / counts[0].item()) + out.aux_loss
         gathered_at_loss.append(sum(p.numel() for p in engine.module.parameters()
                                     if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist))

@@ -8,45 +8,93 @@ is an estimate from first principles, not a measurement.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moe_train.engine.deepspeed_config import load_deepspeed_config
-from moe_train.models.deepseek_v2.config import NAMED_SIZES, DeepseekV2Config
+from moe_train.models import families, spec_for
 from moe_train.plan.memory import GiB, MemoryEstimate, Workload, ZeroSettings, predict_memory
 from moe_train.plan.speed import DEVICES, Device, SpeedEstimate, predict_speed
-from moe_train.recipes import Recipe
+from moe_train.recipes import Recipe, get_recipe
+from moe_train.storage import resolve
 
 __all__ = [
     "Plan", "Workload", "ZeroSettings", "build_plan", "load_deepspeed_config", "model_config",
     "predict_memory", "predict_speed", "suggest_expert_in_one_shard", "suggest_sp",
 ]
 
-# HF checkpoints a recipe may name, and the named size each one has.
-HF_MODEL_SIZES = {
-    "deepseek-ai/DeepSeek-V2": "deepseek-v2",
-    "deepseek-ai/DeepSeek-V2-Chat": "deepseek-v2",
-    "deepseek-ai/DeepSeek-V2-Lite": "deepseek-v2-lite",
-    "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-v2-lite",
-}
+# HF checkpoints a recipe may name -> (family, named size): each size's hub id and its -Chat variant.
+HF_MODEL_SIZES = {hub + suffix: (spec, size) for spec in families() for size, hub in spec.hub_ids.items() if hub
+                  for suffix in ("", "-Chat")}
 
+# Fitting with less free memory than this share of the GPU is worth a warning.
+HEADROOM_WARNING = 0.10
 # A shard size whose step time is within this share of the fastest fitting one is fast enough.
 SHARD_TIME_TOLERANCE = 0.02
 
 
-def model_config(recipe: Recipe, **layout: Any) -> DeepseekV2Config:
-    """The model a recipe trains: a named size, a known HF id, or a local directory with config.json."""
+def read_model_config(path_or_url: str, **layout: Any) -> Any:
+    """A config.json of a registered family, or the config.json of an HF checkpoint directory: a local
+    path or an fsspec URL (file://, s3://, gs://, ...)."""
+    from moe_train.checkpoint.hf_layout import read_config
+
+    if not path_or_url.rstrip("/").endswith(".json"):
+        return read_config(path_or_url, **layout)
+    fs, path = resolve(path_or_url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{path_or_url} does not exist; pass a config.json or an HF checkpoint directory")
+    with fs.open(path, "r") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path_or_url} is not JSON ({e}); pass a model's config.json") from None
+    return spec_for(d.get("model_type")).config(d, **layout)
+
+
+def model_config(recipe: Recipe, **layout: Any) -> Any:
+    """The model a recipe trains: a named size, a known HF id, or a config.json / HF directory
+    (local or a URL)."""
     layout = {"moe_implementation": recipe.moe_implementation, "expert_in_one_shard": recipe.expert_in_one_shard,
               **layout}
-    size = recipe.model_size or HF_MODEL_SIZES.get((recipe.model or "").removeprefix("hf://"))
-    if size:
-        return DeepseekV2Config.from_name(size, **layout)
-    if recipe.model and (Path(recipe.model) / "config.json").is_file():
-        return DeepseekV2Config.from_json_file(str(Path(recipe.model) / "config.json"), **layout)
+    if recipe.model_size:
+        return spec_for(recipe.family).named_config(recipe.model_size, **layout)
+    known = HF_MODEL_SIZES.get((recipe.model or "").removeprefix("hf://"))
+    if known:
+        spec, size = known
+        return spec.named_config(size, **layout)
+    if recipe.model and (recipe.model.endswith(".json") or "://" in recipe.model
+                         or (Path(recipe.model) / "config.json").is_file()):
+        return read_model_config(recipe.model, **layout)
     raise ValueError(
         f"cannot size model {recipe.model!r} of recipe {recipe.name!r}: use a named size "
-        f"({', '.join(sorted(NAMED_SIZES))}), one of {', '.join(HF_MODEL_SIZES)}, or a local checkpoint directory"
+        f"({', '.join(sorted(s for spec in families() for s in spec.hub_ids))}), one of "
+        f"{', '.join(HF_MODEL_SIZES)}, or a local checkpoint directory"
+    )
+
+
+SEED_RECIPE = "deepseek_v2_chat_full_alpaca_e3"
+
+
+def seed_row_inputs(max_length: int, moe_implementation: str, varlen: bool):
+    """(model, workload, ZeRO settings, grad_accum) of one row of XTuner's table: the 236B recipe
+    on 128 A100 with the row's length, layout and varlen; HF rows run flash attention, except 16k
+    without varlen, which is HF eager."""
+    recipe = get_recipe(SEED_RECIPE).replace(max_length=max_length, moe_implementation=moe_implementation,
+                                             varlen=varlen)
+    attention = "eager" if moe_implementation == "origin" and not varlen and max_length > 8192 else "flash"
+    cfg = model_config(recipe)
+    zero = ZeroSettings.from_ds_config(load_deepspeed_config(recipe.deepspeed), cfg.hidden_size)
+    return cfg, workload(recipe, attention), zero, recipe.grad_accum
+
+
+def workload(recipe: Recipe, attention: str = "flash") -> Workload:
+    """What one GPU computes per micro step under ``recipe``."""
+    return Workload(
+        max_length=recipe.max_length, micro_batch_size=recipe.micro_batch_size, varlen=recipe.varlen,
+        attention=attention, activation_checkpointing=recipe.activation_checkpointing,
+        dtype=recipe.dtype, sp=recipe.sp, device="cuda",  # the trainer runs fp32 recipes (tiny) in fp32 on GPU too
     )
 
 
@@ -55,7 +103,7 @@ def _fits(mem: MemoryEstimate, gpu_mem_gb: float) -> bool:
 
 
 def suggest_expert_in_one_shard(
-    cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int, nodes: int, device: Device,
+    cfg: Any, work: Workload, zero: ZeroSettings, gpus: int, nodes: int, device: Device,
     gpu_mem_gb: float, grad_accum: int = 1, peak_tflops: float | None = None,
 ) -> int | None:
     """The smallest divisor of the expert count whose predicted step time is within 2% of the
@@ -75,7 +123,7 @@ def suggest_expert_in_one_shard(
     return min(d for d, t in timed.items() if t <= best * (1 + SHARD_TIME_TOLERANCE))
 
 
-def suggest_sp(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int, gpu_mem_gb: float) -> int | None:
+def suggest_sp(cfg: Any, work: Workload, zero: ZeroSettings, gpus: int, gpu_mem_gb: float) -> int | None:
     """The smallest Ulysses degree that fits: it must divide the GPUs, the heads and the tokens
     of a micro step.  Each rank then holds 1/sp of the activations and logits (the eager mask
     and the model states do not shrink).  None when no degree fits."""
@@ -89,6 +137,13 @@ def suggest_sp(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: 
     return None
 
 
+def calibration_warnings(device: Device) -> list[str]:
+    if device.calibration.calibrated:
+        return []
+    return [f"{device.name} speed: {device.calibration.source}; only A100 is fitted on a published table "
+            "(XTuner's), so treat TGS and MFU as rough"]
+
+
 @dataclass
 class Plan:
     recipe: str
@@ -96,7 +151,7 @@ class Plan:
     nodes: int
     gpu_mem_gb: float
     device: Device
-    model: DeepseekV2Config
+    model: Any
     work: Workload
     zero: ZeroSettings
     deepspeed: str
@@ -113,6 +168,17 @@ class Plan:
     @property
     def headroom_gb(self) -> float:
         return self.gpu_mem_gb - self.memory.per_gpu_gb
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the reader must not miss: thin headroom, and constants that were never fitted."""
+        out = []
+        if self.fits and self.headroom_gb < HEADROOM_WARNING * self.gpu_mem_gb:
+            out.append(f"headroom {self.headroom_gb:.1f} GB is under {HEADROOM_WARNING:.0%} of the "
+                       f"{self.gpu_mem_gb:g} GB GPU: fragmentation or a step that differs from the model can "
+                       "run out of memory; use more GPUs, a smaller expert_in_one_shard or a shorter max_length")
+        return out + calibration_warnings(self.device)
+
 
     def to_dict(self) -> dict[str, Any]:
         mem = self.memory
@@ -139,6 +205,10 @@ class Plan:
             "step_time_s": round(self.speed.step_s, 3),
             "compute_s_per_micro_step": round(self.speed.compute_s, 4),
             "comm_s_per_micro_step": round(self.speed.comm_s, 4),
+            "exposed_comm_s_per_micro_step": round(self.speed.exposed_comm_s, 4),
+            "hooks_s_per_micro_step": round(self.speed.hooks_s, 4),
+            "speed_calibrated": self.device.calibration.calibrated,
+            "warnings": self.warnings,
             "bound": self.speed.bound,
             "model_flops_per_token": self.speed.model_flops_per_token,
             "tgs_estimate": round(self.speed.tgs, 2),
@@ -158,11 +228,7 @@ def build_plan(
     deepspeed = deepspeed or recipe.deepspeed
     ds = ds_config if ds_config is not None else load_deepspeed_config(deepspeed)
     zero = ZeroSettings.from_ds_config(ds, cfg.hidden_size)
-    work = Workload(
-        max_length=recipe.max_length, micro_batch_size=recipe.micro_batch_size, varlen=recipe.varlen,
-        attention=attention, activation_checkpointing=recipe.activation_checkpointing,
-        dtype=recipe.dtype, sp=recipe.sp, device="cuda",  # the trainer runs fp32 recipes (tiny) in fp32 on GPU too
-    )
+    work = workload(recipe, attention)
     dev = DEVICES[device]
     mem = predict_memory(cfg, work, zero, gpus)
     speed = predict_speed(cfg, work, zero, gpus, nodes, dev, recipe.grad_accum, peak_tflops)

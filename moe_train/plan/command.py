@@ -7,12 +7,15 @@ import math
 
 import click
 
-from moe_train.plan import Plan, build_plan, model_config
+from moe_train.plan import HEADROOM_WARNING, Plan, build_plan, calibration_warnings, model_config
 from moe_train.plan.memory import ATTENTIONS, active_matmul_params, count_params
-from moe_train.plan.speed import ACHIEVED_FRACTION, DEVICES
+from moe_train.plan.search import SearchResult, search
+from moe_train.plan.speed import DEVICES, attention_keys
 from moe_train.recipes import get_recipe
 
 GPUS_PER_NODE = 8
+# XTuner's published figures for DeepSeek-V2 236B on 128 A100-80G (the seed), for --search to compare against.
+SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "tgs_16k_varlen": 180}
 
 
 @click.command()
@@ -39,14 +42,22 @@ GPUS_PER_NODE = 8
               help="DeepSpeed config: a shipped name (deepspeed_zero3, ...) or a JSON path.  [default: the recipe's]")
 @click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Peak dense bf16 TFLOP/s of one GPU.  [default: from --gpu: A100 312, H100 989, H200 989]")
+@click.option("--model", "model_path", default=None, metavar="PATH|URL",
+              help="Plan this DeepSeek V2 model instead of the recipe's: a config.json or an HF checkpoint "
+                   "directory, local or an fsspec URL (s3://...).")
+@click.option("--search", is_flag=True,
+              help="Sweep expert layout, SP degree, max_length, activation checkpointing and offload; print the "
+                   "fastest configurations that fit and what was pruned.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implementation, expert_in_one_shard,
-         attention, deepspeed, peak_tflops, as_json) -> None:
+         attention, deepspeed, peak_tflops, model_path, search, as_json) -> None:
     """Estimate per-GPU memory, fit, step time, TGS and MFU of RECIPE on --gpus GPUs (estimates, not measurements)."""
     try:
         r = get_recipe(recipe)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="RECIPE") from None
+    if model_path:
+        r = r.replace(model=model_path, model_size=None)
     if nodes is None:
         nodes = math.ceil(gpus / GPUS_PER_NODE)
     if gpus % nodes:
@@ -56,8 +67,10 @@ def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implement
     r = r.replace(**overrides)
     try:
         model_config(r)
+    except FileNotFoundError as e:
+        raise click.BadParameter(str(e), param_hint="--model") from None
     except ValueError as e:
-        hint = "--expert-in-one-shard" if "expert_in_one_shard" in str(e) else "RECIPE"
+        hint = "--expert-in-one-shard" if "expert_in_one_shard" in str(e) else "--model" if model_path else "RECIPE"
         raise click.BadParameter(str(e), param_hint=hint) from None
     if attention == "eager" and r.varlen:
         raise click.UsageError("--attention eager takes a 4D mask, not cu_seqlens: add --no-varlen")
@@ -68,11 +81,61 @@ def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implement
         raise click.BadParameter(str(e), param_hint="--deepspeed") from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    click.echo(json.dumps(p.to_dict()) if as_json else report(p))
+    if not search:
+        click.echo(json.dumps(p.to_dict()) if as_json else report(p))
+        return
+    found = run_search(p, r.grad_accum)
+    if as_json:
+        click.echo(json.dumps({**found.to_dict(), "recipe": p.recipe, "gpus": p.gpus, "gpu": p.device.name,
+                               "gpu_mem_gb": p.gpu_mem_gb, "reference": reference(p),
+                               "warnings": calibration_warnings(p.device)}))
+    else:
+        click.echo(search_report(p, found))
+
+
+def run_search(p: Plan, grad_accum: int) -> SearchResult:
+    return search(p.model, p.work, p.zero, p.gpus, p.nodes, p.device, p.gpu_mem_gb, grad_accum, p.peak_tflops)
+
+
+def reference(p: Plan) -> dict | None:
+    """XTuner's published TGS, when the plan is of the model and GPU they measured."""
+    ref = SEED_REFERENCE
+    same = (p.model.hidden_size, p.model.num_hidden_layers, p.model.n_routed_experts) == ref["model_shape"]
+    return {k: v for k, v in ref.items() if k != "model_shape"} if same and p.device.name == "A100" else None
+
+
+def search_report(p: Plan, found: SearchResult) -> str:
+    pruned = ", ".join(f"{n} {why}" for why, n in found.pruned.items())
+    lines = [
+        f"search (estimates): {p.recipe} on {p.gpus} x {p.device.name} {p.gpu_mem_gb:g} GB, {p.nodes} node(s), "
+        f"{'varlen' if p.work.varlen else 'no varlen'}, {p.work.attention} attention",
+        f"space: {found.space} configurations (layout x ep x sp x max_length x checkpointing x offload; ep is 1 "
+        f"until expert parallelism exists); pruned {pruned}; timed {found.timed}",
+        "",
+    ]
+    if not found.best:
+        lines.append("nothing fits: more GPUs, or a GPU with more memory")
+    else:
+        lines.append(f"  {'#':>2s}  {'configuration':78s} {'GB':>6s} {'TGS':>7s} {'MFU':>6s}  bottleneck")
+        for i, r in enumerate(found.best, 1):
+            thin = "!" if r.headroom_gb < HEADROOM_WARNING * p.gpu_mem_gb else " "
+            lines.append(f"  {i:2d}  {r.candidate.label():78s} {r.per_gpu_gb:6.1f}{thin}{r.tgs:7.1f} {r.mfu:6.1%}  "
+                         f"{r.bound}")
+    ref = reference(p)
+    if ref and found.best:
+        lines += ["", f"XTuner (the seed) measured on 128 x A100-80G: {ref['tgs_8k']} TGS at 8k (shard), "
+                      f"{ref['tgs_16k_varlen']} TGS at 16k varlen; the best here is predicted at "
+                      f"{found.best[0].tgs:.0f} TGS"]
+    if any(r.headroom_gb < HEADROOM_WARNING * p.gpu_mem_gb for r in found.best):
+        lines.append(f"warning: configurations marked ! have under {HEADROOM_WARNING:.0%} of the GPU's memory "
+                     "free: fragmentation or a longer sample can run out of memory")
+    lines += [f"warning: {w}" for w in calibration_warnings(p.device)]
+    return "\n".join(lines)
 
 
 def report(p: Plan) -> str:
     cfg, w, z, mem, s = p.model, p.work, p.zero, p.memory, p.speed
+    cal = p.device.calibration
     layout = (f"{cfg.shard_size} experts per shard" if cfg.moe_implementation == "shard"
               else "one module per expert (origin)")
     offload = [n for n, on in (("optimizer", z.offload_optimizer), ("params", z.offload_param)) if on]
@@ -106,11 +169,14 @@ def report(p: Plan) -> str:
         f"verdict: {verdict}: peak {mem.per_gpu_gb:.1f} GB ({mem.peak_phase} phase) of {p.gpu_mem_gb:g} GB, "
         f"headroom {p.headroom_gb:+.1f} GB",
         "",
-        f"speed (estimate; {p.peak_tflops:g} TFLOP/s peak at {ACHIEVED_FRACTION:.0%} achieved, "
-        f"{p.device.network_gbps if p.nodes > 1 else p.device.nvlink_gbps:g} GB/s per GPU for collectives)",
-        f"  FLOPs/token = 6 * N_active + 3 * layers * heads * (qk_head_dim + v_head_dim) * max_length "
-        f"= {s.model_flops_per_token / 1e9:.1f} GFLOP (hardware {s.hardware_flops_per_token / 1e9:.1f})",
-        f"  per micro step: compute {s.compute_s:.2f} s, ZeRO communication {s.comm_s:.2f} s "
+        f"speed (estimate; {p.peak_tflops:g} TFLOP/s peak, GEMMs at {cal.gemm_efficiency:.0%} and flash attention "
+        f"at {cal.flash_efficiency:.0%} of it, {p.device.network_gbps if p.nodes > 1 else p.device.nvlink_gbps:g} "
+        f"GB/s per GPU for collectives; {cal.source})",
+        f"  FLOPs/token = 6 * N_active + 6 * layers * heads * (qk_head_dim + v_head_dim) * keys "
+        f"= {s.model_flops_per_token / 1e9:.1f} GFLOP (hardware {s.hardware_flops_per_token / 1e9:.1f}; "
+        f"keys {attention_keys(w):.0f} per token{' within each sample' if w.varlen else ''})",
+        f"  per micro step: compute {s.compute_s:.2f} s, ZeRO-3 hooks {s.hooks_s:.2f} s, communication "
+        f"{s.comm_s:.2f} s of which {s.exposed_comm_s:.2f} s not hidden behind compute "
         f"({s.comm_bytes / 1e9:.0f} GB in {s.collectives} collectives per GPU): {s.bound}-bound",
         f"  step ({w.tokens_per_rank} x grad_accum tokens per GPU): {s.step_s:.1f} s, "
         f"TGS {s.tgs:.1f} tokens/GPU/s, MFU {s.mfu:.1%}",
@@ -121,4 +187,5 @@ def report(p: Plan) -> str:
         "suggested sp: " + (f"{p.suggested_sp} (the smallest Ulysses degree that fits)"
                             if p.suggested_sp else "none fits with these settings"),
     ]
+    lines += [f"warning: {w}" for w in p.warnings]
     return "\n".join(lines)

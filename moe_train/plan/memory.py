@@ -29,10 +29,14 @@ b bytes per element of the compute dtype (2 bf16, 4 fp32).  GB in this package m
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from moe_train.engine.deepspeed_config import auto_buckets, offloads
+from moe_train.models.common.loss import chunk_tokens
 from moe_train.engine.metrics import active_matmul_params  # the FLOP count the trainer reports
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 
@@ -130,6 +134,7 @@ class Unit:
 
     name: str
     numel: int
+    tensors: int = 1  # parameters of the module: ZeRO-3 hooks and reduces each one
 
 
 def layer_units(cfg: DeepseekV2Config, i: int) -> list[Unit]:
@@ -155,7 +160,7 @@ def layer_units(cfg: DeepseekV2Config, i: int) -> list[Unit]:
     if cfg.moe_implementation == "origin":
         u += [Unit(f"experts.{e}.{p}", D * F_) for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")]
     else:  # one module per shard holding gate_up_proj (S, 2F, D) and down_proj (S, D, F)
-        u += [Unit(f"experts.{s}", cfg.shard_size * 3 * D * F_) for s in range(cfg.num_shards)]
+        u += [Unit(f"experts.{s}", cfg.shard_size * 3 * D * F_, tensors=2) for s in range(cfg.num_shards)]
     if cfg.n_shared_experts:
         Fs = F_ * cfg.n_shared_experts
         u += [Unit(f"shared_experts.{p}", D * Fs) for p in ("gate_proj", "up_proj", "down_proj")]
@@ -186,6 +191,20 @@ def simulate_gathers(trace: list[Unit], zero: ZeroSettings) -> list[int]:
     trace, or the prefetch queue has already passed its next use.  Units below the persistence
     threshold never leave the rank and are not part of the trace.
     """
+    return gather_schedule(trace, zero)[0]
+
+
+@dataclass(frozen=True)
+class Gathers:
+    """What the coordinator all-gathers at one step of the trace, before the module runs."""
+
+    on_demand: Unit | None  # the module itself, when it was not live (the step waits for it)
+    prefetched: tuple[Unit, ...]  # upcoming modules whose gathers start now, behind the module's compute
+
+
+def gather_schedule(trace: list[Unit], zero: ZeroSettings) -> tuple[list[int], list[Gathers]]:
+    """(gathered numel live at each step, the gathers issued at each step): ``simulate_gathers``
+    with the gathers it issues, which the speed model times."""
     n = len(trace)
     prefix = [0]
     for u in trace:
@@ -197,14 +216,16 @@ def simulate_gathers(trace: list[Unit], zero: ZeroSettings) -> list[int]:
     live: dict[str, int] = {}
     total, queue = 0, 0
     passed: dict[str, int] = {}  # unit -> latest trace position the prefetch queue took it off for
-    out = []
+    out, issued = [], []
     for step, unit in enumerate(trace):
+        on_demand = None
         if unit.name not in live:
             live[unit.name] = unit.numel
             total += unit.numel
+            on_demand = unit
         queue = max(queue, step + 1)
         budget = min(zero.prefetch_bucket_size, zero.max_live_parameters - total)
-        fetched = 0
+        fetched, prefetched = 0, []
         while queue < n and fetched < budget:
             ahead = trace[queue]
             passed[ahead.name] = queue
@@ -212,39 +233,82 @@ def simulate_gathers(trace: list[Unit], zero: ZeroSettings) -> list[int]:
                 live[ahead.name] = ahead.numel
                 total += ahead.numel
                 fetched += ahead.numel
+                prefetched.append(ahead)
             queue += 1
         out.append(total)
+        issued.append(Gathers(on_demand, tuple(prefetched)))
         reuse = next_use[step]
         if reuse < n and prefix[reuse] - prefix[step + 1] < zero.max_reuse_distance:
             continue
         if passed.get(unit.name, -1) <= step:
             total -= live.pop(unit.name)
-    return out
+    return out, issued
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """The modules ZeRO-3 gathers in one micro step, in order, and the pass of each entry."""
+
+    units: list[Unit]
+    passes: list[str]  # forward | recompute | backward, per entry
+    loss: slice  # lm_head's forward and backward
+    top: slice  # the backward (with its recompute) of the top layer
+    head: list[Unit]  # the traced final norm / lm_head
+    top_layer: list[Unit]  # the traced units of the top layer
+
+
+def step_trace(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> StepTrace:
+    """The module trace of a whole step: the forward, lm_head's backward, then each layer's
+    backward from the top (a recompute of the layer first with activation checkpointing), the
+    embedding last.  Units under the persistence threshold are not traced."""
+    embed, layers, head = model_units(cfg)
+
+    def traced(units: list[Unit], tag: str) -> list[Unit]:
+        return [dataclasses.replace(u, name=f"{tag}.{u.name}") for u in units
+                if u.numel >= zero.param_persistence_threshold]
+
+    emb, lm = traced([embed], "embed"), traced(head, "head")
+    per_layer = [traced(layer, str(i)) for i, layer in enumerate(layers)]
+    units = emb + [u for layer in per_layer for u in layer] + lm
+    passes = ["forward"] * len(units)
+    loss = slice(len(units) - len(lm), len(units) + len(lm))
+    units += lm[::-1]
+    passes += ["backward"] * len(lm)
+    top = slice(len(units), len(units) + len(per_layer[-1]) * (2 if work.activation_checkpointing else 1))
+    for layer in per_layer[::-1]:
+        if work.activation_checkpointing:
+            units += layer
+            passes += ["recompute"] * len(layer)
+        units += layer[::-1]
+        passes += ["backward"] * len(layer)
+    units += emb
+    passes += ["backward"] * len(emb)
+    return StepTrace(units, passes, loss, top, lm, per_layer[-1])
 
 
 def _gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> dict[str, dict[str, int]]:
     """Peak gathered parameter numel around the loss and in the backward of the top layer, and the
-    largest full-size gradient in flight there, replaying the module trace of a whole step: the
-    forward, lm_head's backward, then each layer's backward from the top (a recompute of the layer
-    first with activation checkpointing), the embedding last.  With a reuse distance larger than
-    the model, every weight gathered in the forward stays gathered until its backward."""
-    embed, layers, head = model_units(cfg)
+    largest full-size gradient in flight there, replaying the module trace of a whole step
+    (``step_trace``).  With a reuse distance larger than the model, every weight gathered in the
+    forward stays gathered until its backward.  Cached: it depends on the model, the ZeRO settings
+    and activation checkpointing only, and ``--search`` asks for it many times."""
+    key = (repr(cfg), work.activation_checkpointing, zero)
+    if key not in _GATHERED:
+        if len(_GATHERED) > 64:
+            _GATHERED.clear()
+        _GATHERED[key] = _replay_gathered(cfg, work, zero)
+    return _GATHERED[key]
 
-    def traced(units: list[Unit], tag: str) -> list[Unit]:
-        return [Unit(f"{tag}.{u.name}", u.numel) for u in units if u.numel >= zero.param_persistence_threshold]
 
-    emb, lm = traced([embed], "embed"), traced(head, "head")
-    per_layer = [traced(layer, str(i)) for i, layer in enumerate(layers)]
-    backward = [layer + layer[::-1] if work.activation_checkpointing else layer[::-1] for layer in per_layer]
-    trace = emb + [u for layer in per_layer for u in layer] + lm
-    loss = slice(len(trace) - len(lm), len(trace) + len(lm))
-    trace += lm[::-1]
-    top = slice(len(trace), len(trace) + len(backward[-1]))
-    trace += [u for layer in backward[::-1] for u in layer] + emb
-    live = simulate_gathers(trace, zero)
+_GATHERED: dict[tuple, dict[str, dict[str, int]]] = {}
+
+
+def _replay_gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> dict[str, dict[str, int]]:
+    t = step_trace(cfg, work, zero)
+    live = simulate_gathers(t.units, zero)
     return {
-        "loss": {"params": max(live[loss], default=0), "grads": max((u.numel for u in lm), default=0)},
-        "layer": {"params": max(live[top], default=0), "grads": max((u.numel for u in per_layer[-1]), default=0)},
+        "loss": {"params": max(live[t.loss], default=0), "grads": max((u.numel for u in t.head), default=0)},
+        "layer": {"params": max(live[t.top], default=0), "grads": max((u.numel for u in t.top_layer), default=0)},
     }
 
 
@@ -333,10 +397,13 @@ def attention_mask_bytes(work: Workload) -> float:
 
 
 def logits_bytes(cfg: DeepseekV2Config, work: Workload) -> float:
-    """T*V*(b + 12): logits in the compute dtype, then fp32 for the loss: the log-softmax the
-    cross entropy saves, and in backward its fp32 gradient in and out (the fp32 upcast of the
-    logits is freed after the forward; in an fp32 run it is the logits themselves)."""
-    return work.tokens_per_rank * cfg.vocab_size * (work.bytes + 12)
+    """The trainer's chunked LM head (``models/common/loss.py``) never holds (T, V) logits: while it
+    runs, one chunk's (C, V) fp32 buffer (plus the chunk in the compute dtype when that is narrower);
+    from its forward to its backward, the gradients it computed: (T, D) in the compute dtype and the
+    (V, D) weight gradient in fp32."""
+    T, V, D, b = work.tokens_per_rank, cfg.vocab_size, cfg.hidden_size, work.bytes
+    C = min(T, chunk_tokens(V, torch.float32 if b == 4 else torch.bfloat16))
+    return C * V * (4 + (b if b != 4 else 0)) + T * D * b + V * D * 4
 
 
 # ---------------------------------------------------------------------------- the estimate

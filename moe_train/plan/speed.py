@@ -1,33 +1,48 @@
-"""Step time, tokens per GPU per second (TGS) and MFU of a ZeRO run: an estimate from FLOPs and bytes.
+"""Step time, tokens per GPU per second (TGS) and MFU of a ZeRO run: a timeline of one micro step.
 
-FLOPs per token (model FLOPs, what MFU counts):
-    6 * N_active + 3 * L * H * (qk_head_dim + v_head_dim) * S
-N_active is every weight a token multiplies through (attention, dense MLPs, router, top-k and
-shared experts, lm_head; not the embedding lookup).  The attention term is 2 FLOPs per
-multiply-add, over QK^T (qk_head_dim) and PV (v_head_dim), averaged over the S/2 keys a causal
-token sees, times 3 for forward + backward; S is max_length (an upper bound with varlen, where
-a token only sees its own sample).  The hardware does more: activation checkpointing recomputes
-the forward (+2 * N_active, + a third of the attention term), and eager attention computes all
-S x S scores (twice the causal attention work).
+Model FLOPs per token (what MFU counts): 6 * N_active + the attention term, 6 * L * H *
+(qk_head_dim + v_head_dim) * keys, where keys is the mean number of earlier tokens a token
+attends to: max_length / 2 over a packed row without varlen, E[s^2] / (2 E[s]) over the alpaca
+sample lengths with varlen (``calibration.ALPACA_*``).  The hardware does more: activation
+checkpointing recomputes every forward, and eager attention computes all S x S scores.
 
-Time per micro step = max(compute, communication): ZeRO-3 prefetching overlaps the gathers with
-compute.  compute = tokens * hardware FLOPs / (peak * ACHIEVED_FRACTION).  communication = bytes
-/ per-GPU bandwidth + collectives * latency, where bytes per GPU for a ring collective of M bytes
-over N ranks are M * (N - 1) / N and one collective costs (N - 1) * COLLECTIVE_STEP_LATENCY.
+ZeRO-3 is timed by replaying the module trace of a step (``memory.step_trace``) through the same
+gather schedule the memory model uses (``memory.gather_schedule``), on two streams:
+
+* compute: each module's GEMMs (2 x tokens through it x its numel, twice that in the backward) at
+  ``gemm_efficiency`` of peak, the attention kernel after the kv projection at its own
+  efficiency, and ``hook_s`` of host time per parameter for every module call (ZeRO-3's pre- and
+  post-module hooks: fetch, wait, release, partitioning the gradient);
+* communication, in issue order: every all-gather the schedule issues and every gradient bucket's
+  reduce-scatter, each costing (N - 1) ring steps of latency plus bytes * (N - 1) / N over the
+  per-GPU bandwidth (the network between nodes, NVLink inside one).
+
+A module waits for its own gather; a gather the coordinator prefetched runs behind the compute of
+the modules before it, so how much communication hides is bounded by the prefetch bucket (at
+least one module ahead).  The trace is periodic in the layers: the timeline of the first dense
+layers plus two and three MoE layers is run, and the difference extrapolated to the full depth.
+ZeRO-1/2 and the SP all-to-alls keep the simpler closed forms.  The free constants live in
+``calibration.py`` with where each came from.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.plan.memory import Unit, Workload, ZeroSettings, active_matmul_params, model_units
+from moe_train.plan import calibration
+from moe_train.plan.calibration import Calibration
+from moe_train.plan.memory import (
+    Unit,
+    Workload,
+    ZeroSettings,
+    active_matmul_params,
+    gather_schedule,
+    model_units,
+    step_trace,
+)
 
-# Share of peak the matmuls reach in practice (assumed).
-ACHIEVED_FRACTION = 0.5
-# Latency of one ring step of an NCCL collective (assumed).
-COLLECTIVE_STEP_LATENCY = 5e-6
 # CPU Adam throughput per rank and host<->device bandwidth, for offloaded optimizers (assumed).
 CPU_ADAM_PARAMS_PER_S = 1e9
 PCIE_GBPS = 20.0
@@ -38,16 +53,19 @@ ADAM_BYTES_PER_PARAM = 40
 @dataclass(frozen=True)
 class Device:
     name: str
-    peak_tflops: float  # dense bf16
+    peak_tflops: float  # dense bf16 (for the CPU device: the measured fp32 matmul rate of one rank)
     hbm_gbps: float
     nvlink_gbps: float  # effective per-GPU bus bandwidth of a collective inside a node
     network_gbps: float  # effective per-GPU bandwidth between nodes (one NIC per GPU)
+    calibration: Calibration = field(default=calibration.A100)
 
 
 DEVICES = {
-    "a100": Device("A100", peak_tflops=312, hbm_gbps=2039, nvlink_gbps=240, network_gbps=23),  # HDR 200 Gb/s
-    "h100": Device("H100", peak_tflops=989, hbm_gbps=3350, nvlink_gbps=370, network_gbps=45),  # NDR 400 Gb/s
-    "h200": Device("H200", peak_tflops=989, hbm_gbps=4800, nvlink_gbps=370, network_gbps=45),
+    "a100": Device("A100", peak_tflops=312, hbm_gbps=2039, nvlink_gbps=240, network_gbps=calibration.SEED_NETWORK_GBPS),
+    "h100": Device("H100", peak_tflops=989, hbm_gbps=3350, nvlink_gbps=370, network_gbps=45,  # NDR 400 Gb/s
+                   calibration=calibration.UNCALIBRATED_GPU),
+    "h200": Device("H200", peak_tflops=989, hbm_gbps=4800, nvlink_gbps=370, network_gbps=45,
+                   calibration=calibration.UNCALIBRATED_GPU),
 }
 
 
@@ -55,8 +73,10 @@ DEVICES = {
 class SpeedEstimate:
     model_flops_per_token: float
     hardware_flops_per_token: float
-    compute_s: float  # per micro step
-    comm_s: float  # per micro step
+    compute_s: float  # per micro step: GEMMs and attention kernels
+    comm_s: float  # per micro step: all collectives back to back, hidden or not
+    exposed_comm_s: float  # per micro step: time compute waited for communication
+    hooks_s: float  # per micro step: ZeRO-3 host time per parameter and module call
     comm_bytes: float  # per micro step, per GPU
     collectives: int  # per micro step
     optimizer_s: float  # per optimizer step
@@ -65,29 +85,143 @@ class SpeedEstimate:
     mfu: float
 
     @property
+    def micro_step_s(self) -> float:
+        return self.compute_s + self.exposed_comm_s + self.hooks_s
+
+    @property
     def bound(self) -> str:
-        return "communication" if self.comm_s > self.compute_s else "compute"
+        """The largest share of a micro step: compute, communication (exposed) or ZeRO-3 hooks."""
+        parts = {"compute": self.compute_s, "communication": self.exposed_comm_s, "ZeRO-3 hooks": self.hooks_s}
+        return max(parts, key=parts.get)
+
+
+def attention_keys(work: Workload) -> float:
+    """Mean keys per token of causal attention: a whole packed row, or (varlen) its own sample."""
+    S = work.max_length
+    if not work.varlen:
+        return S / 2
+    mu, sigma = math.log(calibration.ALPACA_LOG_MEDIAN_TOKENS), calibration.ALPACA_LOG_SIGMA
+    mean, mean_sq = math.exp(mu + sigma**2 / 2), math.exp(2 * mu + 2 * sigma**2)
+    return min(mean_sq / (2 * mean), S / 2)
+
+
+def _attention_flops(cfg: DeepseekV2Config, work: Workload) -> float:
+    """Forward FLOPs of one layer's attention kernel per token (QK^T and PV over the keys seen)."""
+    keys = work.max_length if work.attention == "eager" else attention_keys(work)  # eager: every S x S score
+    return 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * keys
 
 
 def flops_per_token(cfg: DeepseekV2Config, work: Workload) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per token; see the module docstring."""
     n_active = active_matmul_params(cfg)
-    attn = 3 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * work.max_length
-    model = 6 * n_active + attn
-    attn_hw = attn * (2 if work.attention == "eager" else 1)
-    if work.activation_checkpointing:
-        return model, 8 * n_active + attn_hw * 4 / 3
-    return model, 6 * n_active + attn_hw
+    attn = 3 * cfg.num_hidden_layers * 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    model = 6 * n_active + attn * attention_keys(work)
+    passes = 4 if work.activation_checkpointing else 3
+    hw_attn = passes * cfg.num_hidden_layers * _attention_flops(cfg, work)
+    return model, 2 * passes * n_active + hw_attn
 
 
-def _collectives(units: list[Unit], bucket: int) -> int:
-    """Collectives to move ``units`` in order when consecutive ones are coalesced up to ``bucket`` numel."""
-    n, acc = 0, 0
-    for u in units:
-        acc += u.numel
-        if acc >= bucket:
-            n, acc = n + 1, 0
-    return n + (acc > 0)
+def _tokens_through(cfg: DeepseekV2Config, unit: Unit, tokens: float) -> float:
+    """Tokens a module multiplies: a routed expert sees top_k / n_routed of them."""
+    name = unit.name.split(".", 1)[-1]
+    if name.startswith("embed_tokens"):
+        return 0.0  # a lookup
+    if name.startswith("experts."):
+        return tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
+    return tokens
+
+
+@dataclass
+class _Timeline:
+    time_s: float = 0.0
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    hooks_s: float = 0.0
+    comm_bytes: float = 0.0
+    collectives: int = 0
+
+
+def _ring(numel: float, b: int, N: int, bw: float, cal: Calibration) -> float:
+    return (N - 1) * cal.ring_step_latency_s + numel * b * (N - 1) / N / bw
+
+
+_SCHEDULES: dict[tuple, tuple] = {}
+
+
+def _schedule(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> tuple:
+    """(step trace, gathers issued per entry), cached: the search and the fits time one trace many times."""
+    key = (repr(cfg), work.activation_checkpointing, zero)
+    if key not in _SCHEDULES:
+        if len(_SCHEDULES) > 64:
+            _SCHEDULES.clear()
+        trace = step_trace(cfg, work, zero)
+        _SCHEDULES[key] = trace, gather_schedule(trace.units, zero)[1]
+    return _SCHEDULES[key]
+
+
+def _zero3_timeline(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, N: int, bw: float,
+                    device: Device, peak: float) -> _Timeline:
+    """One micro step of ZeRO-3 on the two streams of the module docstring."""
+    cal = device.calibration
+    b, T = work.bytes, work.tokens_per_rank
+    trace, issued = _schedule(cfg, work, zero)
+    gemm_rate = peak * cal.gemm_efficiency
+    attn_rate = peak * (cal.eager_efficiency if work.attention == "eager" else cal.flash_efficiency)
+    attn_s = T * _attention_flops(cfg, work) / attn_rate
+    out = _Timeline()
+    now = comm_free = 0.0
+    ready: dict[str, float] = {}
+    bucket, bucket_tensors = 0.0, 0
+
+    def communicate(numel: float) -> float:
+        nonlocal comm_free
+        t = _ring(numel, b, N, bw, cal)
+        comm_free = max(now, comm_free) + t
+        out.comm_s += t
+        out.comm_bytes += numel * b * (N - 1) / N
+        out.collectives += 1
+        return comm_free
+
+    for unit, pass_, gathers in zip(trace.units, trace.passes, issued):
+        if gathers.on_demand is not None:
+            ready[unit.name] = communicate(unit.numel)
+        now = max(now, ready.get(unit.name, 0.0))
+        for ahead in gathers.prefetched:
+            ready[ahead.name] = communicate(ahead.numel)
+        work_s = 2 * _tokens_through(cfg, unit, T) * unit.numel / gemm_rate
+        if unit.name.endswith("kv_b_proj"):
+            work_s += attn_s
+        work_s *= 2 if pass_ == "backward" else 1
+        hooks = cal.hook_s * unit.tensors
+        now += work_s + hooks
+        out.compute_s += work_s
+        out.hooks_s += hooks
+        if pass_ == "backward":  # each gradient goes to the reduce bucket; a full bucket is reduce-scattered
+            for _ in range(unit.tensors):
+                numel = unit.numel / unit.tensors
+                if bucket_tensors and bucket + numel > zero.reduce_bucket_size:
+                    communicate(bucket)
+                    bucket, bucket_tensors = 0.0, 0
+                bucket, bucket_tensors = bucket + numel, bucket_tensors + 1
+    if bucket_tensors:
+        communicate(bucket)
+    out.time_s = max(now, comm_free)
+    return out
+
+
+def _zero3_micro_step(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, N: int, bw: float,
+                      device: Device, peak: float) -> _Timeline:
+    """The timeline of the whole depth, extrapolated from two and three MoE layers (periodic trace)."""
+    k = cfg.first_k_dense_replace
+    if cfg.num_hidden_layers <= k + 3 or cfg.moe_layer_freq != 1:
+        return _zero3_timeline(cfg, work, zero, N, bw, device, peak)
+    short, longer = (_zero3_timeline(cfg.replace(num_hidden_layers=k + d), work, zero, N, bw, device, peak)
+                     for d in (2, 3))
+    extra = cfg.num_hidden_layers - k - 3
+    whole = _Timeline()
+    for f in ("time_s", "compute_s", "comm_s", "hooks_s", "comm_bytes", "collectives"):
+        setattr(whole, f, getattr(longer, f) + extra * (getattr(longer, f) - getattr(short, f)))
+    return whole
 
 
 def predict_speed(
@@ -95,38 +229,37 @@ def predict_speed(
     grad_accum: int = 1, peak_tflops: float | None = None,
 ) -> SpeedEstimate:
     peak = (peak_tflops or device.peak_tflops) * 1e12
+    cal = device.calibration
     b = work.bytes
     model_flops, hw_flops = flops_per_token(cfg, work)
     T = work.tokens_per_rank
-    compute = T * hw_flops / (peak * ACHIEVED_FRACTION)
-
-    embed, layers, head = model_units(cfg)
-    units = [embed, *(u for layer in layers for u in layer), *head]
-    P = sum(u.numel for u in units)
     N = gpus
-    ring = (N - 1) / N
-    latency = (N - 1) * COLLECTIVE_STEP_LATENCY
     bw = (device.network_gbps if nodes > 1 else device.nvlink_gbps) * 1e9
+    embed, layers, head = model_units(cfg)
+    P = sum(u.numel for u in [embed, *(u for layer in layers for u in layer), *head])
 
     if zero.stage >= 3:
-        gathered = [u for u in units if u.numel >= zero.param_persistence_threshold]
-        P_g = sum(u.numel for u in gathered)
-        gathers = 3 if work.activation_checkpointing else 2  # forward, (recompute,) backward
-        comm_bytes = (gathers + 1) * P_g * b * ring  # + one reduce-scatter of the grads
-        n_coll = gathers * _collectives(gathered, max(zero.prefetch_bucket_size, 1))
-        n_coll += _collectives(gathered, zero.reduce_bucket_size)
-    elif zero.stage == 2:  # reduce-scatter each micro step; weights all-gathered after the update
-        comm_bytes = P * b * ring * (1 + 1 / grad_accum)
-        n_coll = math.ceil(P / zero.reduce_bucket_size) * 2
-    else:  # all-reduce (= reduce-scatter + all-gather) each micro step
-        comm_bytes = 2 * P * b * ring
-        n_coll = math.ceil(P / zero.reduce_bucket_size)
+        t = _zero3_micro_step(cfg, work, zero, N, bw, device, peak)
+    else:
+        t = _Timeline()
+        t.compute_s = T * hw_flops / (peak * cal.gemm_efficiency)
+        if zero.stage == 2:  # reduce-scatter each micro step; weights all-gathered after the update
+            t.comm_bytes = P * b * (N - 1) / N * (1 + 1 / grad_accum)
+            t.collectives = math.ceil(P / zero.reduce_bucket_size) * 2
+        else:  # all-reduce (= reduce-scatter + all-gather) each micro step
+            t.comm_bytes = 2 * P * b * (N - 1) / N
+            t.collectives = math.ceil(P / zero.reduce_bucket_size)
+        t.comm_s = t.comm_bytes / bw + t.collectives * (N - 1) * cal.ring_step_latency_s
+        t.time_s = max(t.compute_s, t.comm_s)  # gradient buckets reduce behind the backward
     if work.sp > 1:  # Ulysses: q, k, v and the output re-sharded (all-to-all) in every layer and pass
         passes = 3 if work.activation_checkpointing else 2
         per_token = cfg.num_attention_heads * (3 * cfg.qk_head_dim + cfg.v_head_dim) * b
-        comm_bytes += passes * cfg.num_hidden_layers * T * per_token * (work.sp - 1) / work.sp
-        n_coll += passes * cfg.num_hidden_layers * 4
-    comm = comm_bytes / bw + n_coll * latency
+        a2a_bytes = passes * cfg.num_hidden_layers * T * per_token * (work.sp - 1) / work.sp
+        a2a_n = passes * cfg.num_hidden_layers * 4
+        a2a = a2a_bytes / bw + a2a_n * (work.sp - 1) * cal.ring_step_latency_s
+        t.comm_s, t.comm_bytes, t.collectives = t.comm_s + a2a, t.comm_bytes + a2a_bytes, t.collectives + a2a_n
+        t.time_s += a2a  # on the critical path: attention waits for its heads
+    exposed = max(t.time_s - t.compute_s - t.hooks_s, 0.0)
 
     partition = P / N if zero.stage >= 1 else P
     if zero.offload_optimizer:
@@ -134,10 +267,11 @@ def predict_speed(
     else:
         optimizer = partition * ADAM_BYTES_PER_PARAM / (device.hbm_gbps * 1e9)
 
-    step = grad_accum * max(compute, comm) + optimizer
+    micro = t.compute_s + exposed + t.hooks_s
+    step = grad_accum * micro + optimizer
     tgs = grad_accum * T / step
     return SpeedEstimate(
-        model_flops_per_token=model_flops, hardware_flops_per_token=hw_flops, compute_s=compute, comm_s=comm,
-        comm_bytes=comm_bytes, collectives=n_coll, optimizer_s=optimizer, step_s=step, tgs=tgs,
-        mfu=tgs * model_flops / peak,
+        model_flops_per_token=model_flops, hardware_flops_per_token=hw_flops, compute_s=t.compute_s,
+        comm_s=t.comm_s, exposed_comm_s=exposed, hooks_s=t.hooks_s, comm_bytes=t.comm_bytes,
+        collectives=round(t.collectives), optimizer_s=optimizer, step_s=step, tgs=tgs, mfu=tgs * model_flops / peak,
     )

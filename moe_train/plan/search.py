@@ -1,0 +1,129 @@
+"""``moe-train plan --search``: the fastest configurations of a recipe that fit, by the planner's models.
+
+The space: expert layout (``origin`` or shards of every divisor of the expert count), expert
+parallel degree (only 1 until ``--ep`` exists: the dimension is here so it slots in), Ulysses SP
+degree, tokens per micro step (max_length), activation checkpointing, and ZeRO-3 offload (none,
+optimizer, optimizer + params).  Pruned before any speed estimate, and counted:
+
+* invalid: SP must divide the GPUs, the heads and the tokens of a micro step;
+* model states: the partitioned weights, gradients and optimizer states alone exceed the GPU;
+* dominated: a cheaper setting of the same configuration already fits, and costs no speed to
+  use: a smaller SP degree (SP only shrinks the tokens each GPU amortises its gathers over),
+  activation checkpointing off (it saves a recompute), less offload (the host is slower);
+* does not fit: the memory model's peak exceeds the GPU.
+
+The rest are timed and ranked by TGS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from moe_train.models.deepseek_v2.config import DeepseekV2Config
+from moe_train.plan.memory import Workload, ZeroSettings, count_params, predict_memory
+from moe_train.plan.speed import Device, predict_speed
+
+MAX_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
+OFFLOADS = ("none", "optimizer", "optimizer+params")
+EP_DEGREES = (1,)  # expert parallelism does not exist yet: the search takes its degrees from here
+
+
+@dataclass(frozen=True)
+class Candidate:
+    moe_implementation: str
+    expert_in_one_shard: int | None
+    ep: int
+    sp: int
+    max_length: int
+    activation_checkpointing: bool
+    offload: str
+
+    def label(self) -> str:
+        layout = "origin" if self.moe_implementation == "origin" else f"shard {self.expert_in_one_shard}"
+        return (f"{layout}, ep {self.ep}, sp {self.sp}, max_length {self.max_length}, "
+                f"checkpointing {'on' if self.activation_checkpointing else 'off'}, offload {self.offload}")
+
+
+@dataclass
+class Ranked:
+    candidate: Candidate
+    per_gpu_gb: float
+    headroom_gb: float
+    tgs: float
+    mfu: float
+    bound: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.candidate), "per_gpu_gb": round(self.per_gpu_gb, 2),
+                "headroom_gb": round(self.headroom_gb, 2), "tgs": round(self.tgs, 1), "mfu": round(self.mfu, 4),
+                "bound": self.bound}
+
+
+@dataclass
+class SearchResult:
+    space: int
+    pruned: dict[str, int]
+    timed: int
+    best: list[Ranked]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"space": self.space, "pruned": self.pruned, "timed": self.timed,
+                "best": [r.to_dict() for r in self.best]}
+
+
+def _zero(zero: ZeroSettings, offload: str) -> ZeroSettings:
+    return dataclasses.replace(zero, stage=3, offload_optimizer=offload != "none",
+                               offload_param=offload == "optimizer+params")
+
+
+def _layouts(cfg: DeepseekV2Config) -> list[tuple[str, int | None]]:
+    E = cfg.n_routed_experts
+    return [("origin", None)] + [("shard", d) for d in range(1, E + 1) if E % d == 0]
+
+
+def search(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int, nodes: int, device: Device,
+           gpu_mem_gb: float, grad_accum: int = 1, peak_tflops: float | None = None, top: int = 5) -> SearchResult:
+    """Rank the configurations of the module docstring that fit; ``work`` gives the fixed settings
+    (varlen, attention, dtype, micro batch)."""
+    sps = [d for d in range(1, gpus + 1) if gpus % d == 0]
+    layouts = _layouts(cfg)
+    space = list(itertools.product(layouts, EP_DEGREES, sps, MAX_LENGTHS, (False, True), OFFLOADS))
+    pruned = {"invalid": 0, "model states exceed the GPU": 0, "dominated": 0, "does not fit": 0}
+    # Model states alone per offload setting (a bound that needs no trace): weights, grads, optimizer.
+    P = count_params(cfg)
+    states_gb = {"none": P * (2 * work.bytes + 12) / gpus / 2**30, "optimizer": P * work.bytes / gpus / 2**30,
+                 "optimizer+params": 0.0}
+    fits: dict[tuple, bool] = {}
+    ranked = []
+    # Order: cheapest settings first, so a dominated one can be recognised when it comes.
+    for (impl, shard), ep, sp, S, ac, offload in sorted(
+            space, key=lambda c: (c[0][0], c[0][1] or 0, c[3], OFFLOADS.index(c[5]), c[4], c[2])):
+        tokens = S * work.micro_batch_size
+        if cfg.num_attention_heads % sp or tokens % sp:
+            pruned["invalid"] += 1
+            continue
+        if states_gb[offload] > gpu_mem_gb:
+            pruned["model states exceed the GPU"] += 1
+            continue
+        key = (impl, shard, ep, S)
+        cheaper = [(sp2, ac2, off2) for (sp2, ac2, off2) in fits.get(key, ())
+                   if sp2 <= sp and (ac2 <= ac) and OFFLOADS.index(off2) <= OFFLOADS.index(offload)]
+        if cheaper:
+            pruned["dominated"] += 1
+            continue
+        c = cfg.replace(moe_implementation=impl, expert_in_one_shard=shard)
+        w = dataclasses.replace(work, max_length=S, sp=sp, activation_checkpointing=ac)
+        z = _zero(zero, offload)
+        mem = predict_memory(c, w, z, gpus)
+        if mem.per_gpu_gb > gpu_mem_gb:
+            pruned["does not fit"] += 1
+            continue
+        fits.setdefault(key, []).append((sp, ac, offload))
+        s = predict_speed(c, w, z, gpus, nodes, device, grad_accum, peak_tflops)
+        ranked.append(Ranked(Candidate(impl, shard, ep, sp, S, ac, offload), mem.per_gpu_gb,
+                             gpu_mem_gb - mem.per_gpu_gb, s.tgs, s.mfu, s.bound))
+    ranked.sort(key=lambda r: -r.tgs)
+    return SearchResult(space=len(space), pruned=pruned, timed=len(ranked), best=ranked[:top])
