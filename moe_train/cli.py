@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import traceback
 import typing
 
 import click
@@ -67,6 +68,8 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.option("--save-steps", type=click.IntRange(min=0), default=None, help="Save a training checkpoint every N steps (0: never).")
 @click.option("--resume", default=None, help="'auto' (newest complete checkpoint in the work dir, if any) or a "
               "checkpoint URL.")
+@click.option("--overwrite", is_flag=True, help="Start afresh in a work dir that holds an earlier run, moving that "
+              "run's files aside into WORK_DIR/previous/TIME/ (nothing is deleted).")
 @click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak TFLOP/s of one device for MFU (default: from "
               "the device table; unknown on CPU).")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. "
@@ -78,9 +81,11 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout): on a stop signal the "
               "current step and a checkpoint must fit in it, and the log says when they do not. A second "
               "identical signal exits at once.")
+@click.option("--debug", is_flag=True, help="Print the traceback under the one-line Error: of an expected failure "
+              "(bad input, full disk, unreachable store).")
 def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_length, varlen, sp, moe_implementation,
-          expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, peak_tflops, cfg_options,
-          no_export, preempt_grace) -> None:
+          expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, overwrite, peak_tflops,
+          cfg_options, no_export, preempt_grace, debug) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
     try:
         recipe = get_recipe(recipe_name)
@@ -101,7 +106,8 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
 
     tc = TrainConfig(recipe=recipe, work_dir=work_dir or f"work_dirs/{recipe.name}",
                      deepspeed=deepspeed or recipe.deepspeed, launcher=launcher, resume=resume,
-                     peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace)
+                     peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace,
+                     overwrite=overwrite)
     code = 0
     try:
         run(tc)
@@ -110,6 +116,8 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
         click.echo(f"moe-train: {e}", err=True)
         code = EXIT_PREEMPTED
     except (ValueError, FileNotFoundError, PermissionError) as e:
+        if debug:
+            traceback.print_exc()
         click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
         code = 1
     # Skip interpreter shutdown: on gloo it can abort (SIGABRT) after all work is done.

@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import posixpath
+import socket
 import tempfile
 import time
 import warnings
@@ -32,6 +34,7 @@ import torch.distributed as dist
 
 from moe_train.checkpoint.hf_layout import copy_tokenizer, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
+from moe_train.engine.lease import own_work_dir
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
@@ -52,6 +55,7 @@ class TrainConfig:
     export: bool = True
     preempt_grace: float = DEFAULT_GRACE_S  # seconds between a stop signal and SIGKILL
     progress: bool = True
+    overwrite: bool = False  # move an earlier run in the work dir aside (engine/lease.py)
 
 
 def _log(rank: int, msg: str) -> None:
@@ -74,7 +78,7 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
 def check_work_dir(url: str, rank: int) -> Any:
     """Fail early, on every rank, if the work dir cannot be written."""
     fs, root = resolve(url)
-    probe = posixpath.join(root, f".write-probe-{rank}")
+    probe = posixpath.join(root, f".write-probe-{socket.gethostname()}-{os.getpid()}")  # never another run's
     try:
         fs.makedirs(root, exist_ok=True)
         with fs.open(probe, "w") as f:
@@ -134,6 +138,7 @@ class Job:
     tokenizer_dir: str
     step: int
     total_steps: int
+    lease: Any  # engine/lease.py: rank 0 owns the work dir until the run ends
 
     @property
     def recipe(self) -> Recipe:
@@ -213,13 +218,25 @@ def setup(tc: TrainConfig) -> Job:
     r = tc.recipe
     ds_config = load_deepspeed_config(tc.deepspeed)  # bad configs fail before any process group exists
     info = init_distributed(tc.launcher)
-    rank, world, device = info.rank, info.world_size, info.device
-    dtype = torch.bfloat16 if device.type == "cuda" and r.dtype == "bf16" else torch.float32
+    dtype = torch.bfloat16 if info.device.type == "cuda" and r.dtype == "bf16" else torch.float32
     # Groups of r.sp consecutive ranks share each packed row (raises if r.sp does not divide the world).
     seq = SequenceParallel(r.sp) if r.sp != 1 else None
     torch.manual_seed(r.seed)
 
-    fs, work_root = check_work_dir(tc.work_dir, rank)
+    fs, work_root = check_work_dir(tc.work_dir, info.rank)
+    lease = own_work_dir(fs, work_root, info.rank, tc.resume, tc.overwrite, log=lambda m: _log(info.rank, m))
+    try:
+        return _setup_owned(tc, info, ds_config, dtype, seq, fs, work_root, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: torch.dtype, seq: Any, fs: Any,
+                 work_root: str, lease: Any) -> Job:
+    """The rest of `setup`, once this job owns the work dir (so removing stale files is safe)."""
+    r = tc.recipe
+    rank, world, device = info.rank, info.world_size, info.device
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
     resume = ckpt.resolve(tc.resume)
 
@@ -235,7 +252,7 @@ def setup(tc: TrainConfig) -> Job:
         seq.apply(engine.module)
     step = resume_state(ckpt, resume, engine, data.loader, rank)
     return Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fs, work_root,
-               data.tokenizer_dir, step, total_steps)
+               data.tokenizer_dir, step, total_steps, lease)
 
 
 def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
@@ -319,7 +336,14 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     # DeepSpeed calls c10d functions that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     job = setup(tc)
-    r, rank = job.recipe, job.rank
+    try:
+        return _train(job)
+    finally:
+        job.lease.release()  # rank 0, once every rank is done writing (the last save and export end in barriers)
+
+
+def _train(job: Job) -> dict[str, Any]:
+    tc, r, rank = job.tc, job.recipe, job.rank
     metrics = None
     if rank == 0:
         local = is_local(job.fs)
