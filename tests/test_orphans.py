@@ -88,7 +88,12 @@ def test_the_watchdog_ends_a_process_whose_launcher_is_gone(tmp_path):
     )
     # run() returns once the orphan closed the stderr it inherited: that is, once the watchdog ended it.
     out = subprocess.run(
-        [sys.executable, "-c", parent, child], env=cpu_env(tmp_path), capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", parent, child],
+        env=cpu_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     orphan = int(out.stdout.split()[0])
     deadline = time.monotonic() + 10
