@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from moe_train.checkpoint.hf_layout import copy_tokenizer, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
+from moe_train.engine.divergence import DivergenceGuard, Diverged, finite_or_none
 from moe_train.engine.lease import own_work_dir
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
@@ -363,6 +364,7 @@ def _train(job: Job) -> dict[str, Any]:
 
         bar = tqdm(total=job.total_steps, initial=step, desc="train", dynamic_ncols=True)
     job.engine.train()
+    guard = DivergenceGuard(job.engine.skipped_steps)
     try:
         with StopFlag(tc.preempt_grace) as stop:
             while step < job.total_steps:
@@ -371,12 +373,22 @@ def _train(job: Job) -> dict[str, Any]:
                 losses.append(result["loss"])
                 tgs.append(result["tokens"] / result["seconds"] / job.world)
                 if metrics is not None:
-                    metrics.write(step_record(job, step, result, peak))
+                    metrics.write(finite_or_none(step_record(job, step, result, peak)))  # no Infinity in the JSON
+                try:
+                    note = guard.check(step, result["loss"], job.engine.get_global_grad_norm(),
+                                       job.engine.skipped_steps)
+                except Diverged as e:
+                    if metrics is not None:
+                        metrics.write({"step": step, "event": "diverged", "reason": str(e)})
+                        metrics.close()
+                    raise
+                if note:
+                    _log(rank, note)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result['loss']:.4f}", tgs=f"{tgs[-1]:.0f}")
                 stop_now = stop.agreed()
-                if (r.save_steps and step % r.save_steps == 0) or stop_now:
+                if (r.save_steps and step % r.save_steps == 0 and guard.healthy) or stop_now:
                     path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
                                                             "rng": rng_state(), "recipe": dataclasses.asdict(r)})
                     _log(rank, f"saved checkpoint {path}")
