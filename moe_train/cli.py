@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import errno
 import traceback
 import typing
 
@@ -42,6 +43,30 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
     if textual and value is not None and not isinstance(value, str):
         value = raw  # e.g. template=deepseek_v2 or a path that happens to parse as a number
     return key, value
+
+
+_UNREACHABLE = ("botocore.exceptions.ConnectionError", "botocore.exceptions.NoCredentialsError",
+                "aiohttp.client_exceptions.ClientError", "google.auth.exceptions.TransportError")
+_WRITE_FAILED = ("file write failed", "basic_ios::clear", "No space left on device")  # torch.save on a full disk
+
+
+def expected_failure(e: BaseException) -> str | None:
+    """The one line for a failure the user can fix (bad input, full disk, unreachable store); None for a bug."""
+    first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    names = {f"{c.__module__}.{c.__name__}" for c in type(e).__mro__}
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"no space left{where}; free space or pass a --work-dir on a filesystem with room"
+    if names & set(_UNREACHABLE) or isinstance(e, (ConnectionError, TimeoutError)):
+        return (f"cannot reach the store: {first} ({type(e).__name__}); check the endpoint "
+                "(FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL), the network and the credentials")
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in _WRITE_FAILED):
+        return f"a write failed ({first}); the disk is probably full: free space or pass a --work-dir with room"
+    if isinstance(e, RecursionError):
+        return "an input is nested too deeply to read (JSON nested hundreds of levels?); flatten it"
+    if isinstance(e, (ValueError, OSError, UnicodeError)):  # ours say what to fix; the system's say what failed
+        return first if isinstance(e, (ValueError, FileNotFoundError, PermissionError)) else f"{first} ({type(e).__name__})"
+    return None
 
 
 @main.command()
@@ -103,6 +128,7 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
     from moe_train.engine.distributed import destroy_distributed, hard_exit
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
     from moe_train.engine.train import TrainConfig, train as run
+    from moe_train.storage import redact
 
     tc = TrainConfig(recipe=recipe, work_dir=work_dir or f"work_dirs/{recipe.name}",
                      deepspeed=deepspeed or recipe.deepspeed, launcher=launcher, resume=resume,
@@ -113,12 +139,15 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
         run(tc)
         destroy_distributed()
     except StopRequested as e:
-        click.echo(f"moe-train: {e}", err=True)
+        click.echo(f"moe-train: {redact(str(e))}", err=True)
         code = EXIT_PREEMPTED
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except Exception as e:
+        line = expected_failure(e)
+        if line is None:  # a bug: its traceback is the report
+            raise
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        click.echo(f"Error: {redact(line)}", err=True)
         code = 1
     # Skip interpreter shutdown: on gloo it can abort (SIGABRT) after all work is done.
     hard_exit(code)

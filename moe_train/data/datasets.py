@@ -18,9 +18,8 @@ import json
 from typing import Any, Iterator
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
-from moe_train.storage import resolve
+from moe_train.storage import display, resolve
 
 ROLES = ("system", "user", "assistant")
 DATA_SUFFIXES = (".json", ".jsonl")
@@ -34,7 +33,7 @@ class DataError(ValueError):
 
 
 def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+    return display(fs, path)  # user-info and secret query parameters redacted
 
 
 def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str]]:

@@ -42,7 +42,7 @@ from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moe_train.models.deepseek_v2.model import causal_lm_loss
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
-from moe_train.storage import is_local, resolve
+from moe_train.storage import is_local, redact, redact_all, resolve
 
 
 @dataclass
@@ -61,7 +61,7 @@ class TrainConfig:
 
 def _log(rank: int, msg: str) -> None:
     if rank == 0:
-        print(f"[moe-train] {msg}", flush=True)
+        print(f"[moe-train] {redact(msg)}", flush=True)
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
@@ -390,7 +390,8 @@ def _train(job: Job) -> dict[str, Any]:
                 stop_now = stop.agreed()
                 if (r.save_steps and step % r.save_steps == 0 and guard.healthy) or stop_now:
                     path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
-                                                            "rng": rng_state(), "recipe": dataclasses.asdict(r)})
+                                                            "rng": rng_state(),
+                                                            "recipe": redact_all(dataclasses.asdict(r))})
                     _log(rank, f"saved checkpoint {path}")
                 if stop_now:
                     raise stop.requested(step)
@@ -398,9 +399,9 @@ def _train(job: Job) -> dict[str, Any]:
         if bar is not None:
             bar.close()
 
-    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": tc.work_dir}
+    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": redact(tc.work_dir)}
     if tc.export:
-        summary.update(export(job, step))
+        summary.update(redact_all(export(job, step)))
         if metrics is not None:
             metrics.write({"step": step, "event": "export", "hf_model": summary["hf_model"],
                            "export_peak_rss_delta_mb": round(summary["export_peak_rss_delta_mb"], 2),
