@@ -62,6 +62,9 @@ def expected_failure(e: BaseException) -> str | None:
                 "(FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL), the network and the credentials")
     if isinstance(e, RuntimeError) and any(s in str(e) for s in _WRITE_FAILED):
         return f"a write failed ({first}); the disk is probably full: free space or pass a --work-dir with room"
+    if "deepspeed.runtime.zero.utils.ZeRORuntimeException" in names and "world size" in first:
+        return (f"{first.split('. ')[0]}: resume with as many ranks as saved the checkpoint (a ZeRO checkpoint "
+                "cannot be repartitioned yet), or start afresh in a new --work-dir")
     if isinstance(e, RecursionError):
         return "an input is nested too deeply to read (JSON nested hundreds of levels?); flatten it"
     if isinstance(e, (ValueError, OSError, UnicodeError)):  # ours say what to fix; the system's say what failed

@@ -8,7 +8,7 @@ lease's age is the store's own clock (the modification time of the lease against
 object written just now), never a node's.
 
 Who may take the lease:
-- nobody holds it (no lease, or the last owner released it): anyone;
+- nobody holds it (no lease: the last owner deleted it when it ended): anyone;
 - the same scheduler job (a Slurm requeue, a TorchX retry, a torchrun restart round): at once;
 - another job: only once the lease is ``STALE_S`` old (its owner died without releasing it);
   until then the run stops with one line naming the owner.
@@ -128,10 +128,8 @@ class Lease:
         finally:
             self.fs.rm(probe)
 
-    def _record(self, released: bool = False) -> bytes:
-        return json.dumps(
-            {**self.owner, "released": released, "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        ).encode()
+    def _record(self) -> bytes:
+        return json.dumps({**self.owner, "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode()
 
     def acquire(self) -> str | None:
         """Take the lease or raise ValueError naming the owner; returns a line to log on a takeover."""
@@ -142,7 +140,7 @@ class Lease:
             if gens:
                 current = gens[-1]
                 holder = self._read(current)
-                if holder and not holder.get("released") and holder.get("job") != self.owner["job"]:
+                if holder and holder.get("job") != self.owner["job"]:
                     age = self._store_now() - _mtime(self.fs, self._path(current))
                     if age < self.stale_s:
                         raise ValueError(
@@ -155,7 +153,7 @@ class Lease:
                         f"took over the lease of {self.where} from job {holder.get('job')} (host "
                         f"{holder.get('host')}, pid {holder.get('pid')}): not renewed for {age:.0f}s"
                     )
-                elif holder and not holder.get("released"):
+                elif holder:
                     note = f"took over the lease of {self.where} from round {holder.get('round')} of this job"
                 generation = current + 1
             else:
@@ -192,14 +190,16 @@ class Lease:
                 os.write(2, f"[moe-train] could not renew the lease of {self.where}: {e}\n".encode())
 
     def release(self) -> None:
-        """Mark the lease released, so the next run on this work dir starts at once."""
+        """Give the lease up (delete it), so the next run on this work dir starts at once."""
         if self.generation is None:
             return
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         try:
-            _replace(self.fs, self._path(self.generation), self._record(released=True))
+            self.fs.rm(self._path(self.generation))
+            if is_local(self.fs) and not self.fs.ls(self.dir):
+                self.fs.rmdir(self.dir)  # a run refused at start-up leaves the work dir as it was
         except OSError:
             pass  # the lease goes stale and is taken over after STALE_S
         self.generation = None

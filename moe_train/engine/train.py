@@ -152,6 +152,14 @@ class Data:
     tokenizer_dir: str
     pad_id: int
     steps_per_epoch: int
+    token_ids: int = 0  # 1 + the largest id the tokenizer can produce
+
+
+def check_vocab(cfg: DeepseekV2Config, data: Data) -> None:
+    """The tokenizer's ids fit the model's embedding (else an IndexError on CPU, a device-side assert on GPU)."""
+    if data.token_ids > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has ids up to {data.token_ids - 1} but the model's vocab_size is "
+                         f"{cfg.vocab_size}; use the tokenizer that belongs to the model (or a model with a larger vocab)")
 
 
 def build_data(r: Recipe, rank: int, world: int) -> Data:
@@ -173,7 +181,7 @@ def build_data(r: Recipe, rank: int, world: int) -> Data:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(loader)} micro-batches per rank are fewer than grad_accum={r.grad_accum}; "
                          "lower grad_accum or add data")
-    return Data(loader, tokenizer_dir, pad_id, steps_per_epoch)
+    return Data(loader, tokenizer_dir, pad_id, steps_per_epoch, len(tokenizer))
 
 
 def build_engine(r: Recipe, cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype,
@@ -244,6 +252,7 @@ def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: t
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else DeepseekV2Config.from_name(r.model_size, **layout)
     data = build_data(r, rank, world)
+    check_vocab(cfg, data)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
     schedule_steps = data.steps_per_epoch * r.epochs
