@@ -165,6 +165,8 @@ class DeepseekV2Config:
             )
         d = dict(d)
         rope_parameters = d.pop("rope_parameters", None)
+        if rope_parameters is not None and not isinstance(rope_parameters, dict):
+            raise ValueError(f"config field rope_parameters={rope_parameters!r} must be a JSON object or null")
         if rope_parameters and not d.get("rope_scaling"):
             rp = dict(rope_parameters)
             d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
@@ -173,7 +175,7 @@ class DeepseekV2Config:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         for k in ("bos_token_id", "eos_token_id"):
-            if isinstance(kwargs.get(k), list):
+            if isinstance(kwargs.get(k), list) and kwargs[k]:  # generation configs list several; the first is ours
                 kwargs[k] = kwargs[k][0]
         kwargs.update(layout)
         return cls(**kwargs)
