@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import errno
+import os
+import shutil
 import traceback
 import typing
 
@@ -47,12 +49,28 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 
 _UNREACHABLE = ("botocore.exceptions.ConnectionError", "botocore.exceptions.NoCredentialsError",
                 "aiohttp.client_exceptions.ClientError", "google.auth.exceptions.TransportError")
-_WRITE_FAILED = ("file write failed", "basic_ios::clear", "No space left on device")  # torch.save on a full disk
+# torch.save on a full disk: the zip writer's messages
+_WRITE_FAILED = ("file write failed", "basic_ios::clear", "No space left on device", "PytorchStreamWriter",
+                 "unexpected pos")
 
 
-def expected_failure(e: BaseException) -> str | None:
+def _free_bytes(path: str | None) -> int | None:
+    """Free space on the local filesystem holding ``path`` (None for URLs and paths not there yet)."""
+    while path and "://" not in path:
+        try:
+            return shutil.disk_usage(path).free
+        except OSError:
+            path = os.path.dirname(path.rstrip("/")) if path not in ("/", "") else None
+    return None
+
+
+def expected_failure(e: BaseException, work_dir: str | None = None) -> str | None:
     """The one line for a failure the user can fix (bad input, full disk, unreachable store); None for a bug."""
     first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    free = _free_bytes(work_dir)
+    if free is not None and free < 2**20 and isinstance(e, (OSError, RuntimeError)):
+        return (f"no space left in the work dir {work_dir} ({free} bytes free; {first}); free space or pass a "
+                "--work-dir on a filesystem with room")
     names = {f"{c.__module__}.{c.__name__}" for c in type(e).__mro__}
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {e.filename}" if e.filename else ""
@@ -145,7 +163,7 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
         click.echo(f"moe-train: {redact(str(e))}", err=True)
         code = EXIT_PREEMPTED
     except Exception as e:
-        line = expected_failure(e)
+        line = expected_failure(e, tc.work_dir)
         if line is None:  # a bug: its traceback is the report
             raise
         if debug:

@@ -220,3 +220,30 @@ def test_expected_failures_become_one_line(error, line):
 
 def test_bugs_keep_their_traceback():
     assert expected_failure(KeyError("x")) is None and expected_failure(AssertionError()) is None
+
+
+# ------------------------------------------------------------------------------------ a full disk
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)], check=False, capture_output=True
+    ).returncode:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_nothing_is_marked_complete(tmp_path, small_tmpfs):
+    from tests.launch import moe_train
+
+    work = small_tmpfs / "work"
+    proc = moe_train(["train", "tiny", "--max-steps", "2", "--save-steps", "1", "--work-dir", str(work)], tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"Error: no space left in the work dir {work} (") and "Traceback" not in proc.stderr
+    assert not list(work.rglob("COMPLETE")) and not (work / "lease").exists()
