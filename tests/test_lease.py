@@ -96,6 +96,23 @@ def test_a_stale_lease_is_taken_over_and_its_holder_exits(tmp_path):
     assert "job b (host node9) took over the lease" in holder.stderr.read()
 
 
+def test_a_lease_whose_process_on_this_host_is_gone_is_taken_over_at_once(tmp_path):
+    """A killed job on this machine (torchrun SIGKILLed, its ranks with it) does not block the next for 120 s."""
+    fs, root = fsspec.filesystem("file"), str(tmp_path / "work")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    gone = lease_for(fs, root, "torchrun:old")
+    gone.owner["pid"] = int(dead.stdout)
+    assert gone.acquire() is None
+    gone._stop.set()  # as if SIGKILLed: the lease stays behind
+    taker = lease_for(fs, root, "torchrun:new")
+    assert taker.acquire() == (
+        f"took over the lease of {root} from job torchrun:old (pid {dead.stdout.strip()} on this host is gone)"
+    )
+    taker.release()
+
+
 def test_finished_work_dir_is_refused_and_overwrite_moves_it_aside(tmp_path):
     fs, root = fsspec.filesystem("file"), str(tmp_path / "work")
     Path(root, "checkpoints", "step-00000003").mkdir(parents=True)

@@ -10,7 +10,8 @@ object written just now), never a node's.
 Who may take the lease:
 - nobody holds it (no lease: the last owner deleted it when it ended): anyone;
 - the same scheduler job (a Slurm requeue, a TorchX retry, a torchrun restart round): at once;
-- another job: only once the lease is ``STALE_S`` old (its owner died without releasing it);
+- another job: at once when its owner provably died (same host and PID namespace, its pid gone),
+  else once the lease is ``STALE_S`` old (its owner died on another node without releasing it);
   until then the run stops with one line naming the owner.
 
 A work dir that holds an earlier run (metrics, checkpoints, export) is reused only with
@@ -56,6 +57,14 @@ def job_id(environ: dict[str, str] | None = None) -> str:
     return f"process:{socket.gethostname()}:{os.getpid()}"
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (containers on one host can share a hostname but not pids)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def _create_exclusive(fs: Any, path: str, data: bytes) -> bool:
     """Write a new object; False when it already exists (never overwritten)."""
     try:
@@ -94,6 +103,7 @@ class Lease:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "round": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            "pidns": _pid_namespace(),
         }
         self.generation: int | None = None
         self._stop = threading.Event()
@@ -119,6 +129,22 @@ class Lease:
         except (ValueError, FileNotFoundError):  # a foreign or vanished file: treat as unowned
             return {}
 
+    def _holder_is_gone(self, holder: dict[str, Any]) -> bool:
+        """True only when the holder ran on this host, in this PID namespace, and its process is gone."""
+        if (
+            holder.get("host") != self.owner["host"]
+            or holder.get("pidns") != self.owner["pidns"]
+            or not holder.get("pidns")
+        ):
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return False
+
     def _store_now(self) -> float:
         """The store's clock: the modification time of a probe object written now."""
         probe = posixpath.join(self.dir, f"clock-{uuid.uuid4().hex}")
@@ -140,7 +166,12 @@ class Lease:
             if gens:
                 current = gens[-1]
                 holder = self._read(current)
-                if holder and holder.get("job") != self.owner["job"]:
+                if holder and holder.get("job") != self.owner["job"] and self._holder_is_gone(holder):
+                    note = (
+                        f"took over the lease of {self.where} from job {holder.get('job')} (pid "
+                        f"{holder.get('pid')} on this host is gone)"
+                    )
+                elif holder and holder.get("job") != self.owner["job"]:
                     age = self._store_now() - _mtime(self.fs, self._path(current))
                     if age < self.stale_s:
                         raise ValueError(
