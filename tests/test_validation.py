@@ -218,6 +218,26 @@ def test_expected_failures_become_one_line(error, line):
     assert expected_failure(error).startswith(line)
 
 
+def test_store_and_world_size_failures_become_one_line():
+    from botocore.exceptions import EndpointConnectionError
+    from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
+    assert expected_failure(EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")) == (
+        'cannot reach the store: Could not connect to the endpoint URL: "http://127.0.0.1:1/b" '
+        "(EndpointConnectionError); check the endpoint (FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL), the network and "
+        "the credentials"
+    )
+    e = ZeRORuntimeException(
+        "The checkpoint being loaded used a DP world size of 2 but the current world size is 1. "
+        "Automatic adjustment of ZeRO's optimizer state partitioning with a new world size is not "
+        "currently supported."
+    )
+    assert expected_failure(e).startswith(
+        "The checkpoint being loaded used a DP world size of 2 but the current world "
+        "size is 1: resume with as many ranks as saved the checkpoint"
+    )
+
+
 def test_bugs_keep_their_traceback():
     assert expected_failure(KeyError("x")) is None and expected_failure(AssertionError()) is None
 
