@@ -58,6 +58,8 @@ def test_second_job_is_refused_naming_the_owner_and_the_same_job_takes_over(stor
         ):
             lease_for(fs, root, "slurm:200").acquire()
         time.sleep(0.5)  # heartbeats rewrite the lease meanwhile
+        first._stop.set()  # the first attempt dies (its heartbeat would see the takeover and end this process)
+        first._thread.join()
         requeued = lease_for(fs, root, "slurm:100")
         assert "from round 0 of this job" in requeued.acquire()
         assert requeued.generation == 2 and [p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/lease")] == ["00000002.json"]
@@ -106,6 +108,7 @@ def test_a_lease_whose_process_on_this_host_is_gone_is_taken_over_at_once(tmp_pa
     gone.owner["pid"] = int(dead.stdout)
     assert gone.acquire() is None
     gone._stop.set()  # as if SIGKILLed: the lease stays behind
+    gone._thread.join()
     taker = lease_for(fs, root, "torchrun:new")
     assert taker.acquire() == (
         f"took over the lease of {root} from job torchrun:old (pid {dead.stdout.strip()} on this host is gone)"
