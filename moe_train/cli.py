@@ -86,7 +86,8 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
     if isinstance(e, RecursionError):
         return "an input is nested too deeply to read (JSON nested hundreds of levels?); flatten it"
     if isinstance(e, (ValueError, OSError, UnicodeError)):  # ours say what to fix; the system's say what failed
-        return first if isinstance(e, (ValueError, FileNotFoundError, PermissionError)) else f"{first} ({type(e).__name__})"
+        ours = isinstance(e, (ValueError, FileNotFoundError, PermissionError))
+        return first if ours else f"{first} ({type(e).__name__})"
     return None
 
 

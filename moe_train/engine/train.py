@@ -159,7 +159,8 @@ def check_vocab(cfg: DeepseekV2Config, data: Data) -> None:
     """The tokenizer's ids fit the model's embedding (else an IndexError on CPU, a device-side assert on GPU)."""
     if data.token_ids > cfg.vocab_size:
         raise ValueError(f"the tokenizer has ids up to {data.token_ids - 1} but the model's vocab_size is "
-                         f"{cfg.vocab_size}; use the tokenizer that belongs to the model (or a model with a larger vocab)")
+                         f"{cfg.vocab_size}; use the tokenizer that belongs to the model (or a model with a larger "
+                         "vocab)")
 
 
 def build_data(r: Recipe, rank: int, world: int) -> Data:

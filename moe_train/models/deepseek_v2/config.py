@@ -156,7 +156,8 @@ class DeepseekV2Config:
     def from_hf_dict(cls, d: dict[str, Any], **layout: Any) -> "DeepseekV2Config":
         """Build from a ``config.json`` dict: DeepSeek remote-code format or transformers 5 format."""
         if not isinstance(d, dict):
-            raise ValueError(f"config.json holds a JSON {type(d).__name__}, not an object; use a DeepSeek V2 config.json")
+            raise ValueError(f"config.json holds a JSON {type(d).__name__}, not an object; use a DeepSeek V2 "
+                             "config.json")
         model_type = d.get("model_type")
         if model_type != "deepseek_v2":
             raise ValueError(
