@@ -40,8 +40,11 @@ _RDZV_PORT = 29500
 # Credentials reach the job from the scheduler (Slurm: the submitting shell's environment, which
 # sbatch exports; Kubernetes: the Secret in schedulers/kubernetes), never through the AppDef, whose
 # env and args end up in sbatch scripts, pod specs and logs.
-_CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE_KEY", re.I)
-_CREDENTIAL_URL = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", re.I)  # scheme://user:password@
+# Names: AWS_SECRET_ACCESS_KEY, HF_TOKEN, AZURE_STORAGE_ACCOUNT_KEY, WANDB_API_KEY, anything ending in KEY.
+_CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|API_KEY|PRIVATE_KEY|KEY$", re.I)
+# scheme://user-info@ anywhere in a value (HTTPS_PROXY=http://u:pw@proxy, --data=https://TOKEN@host/x):
+# a token alone, user:password, and passwords with '/' in them.
+_CREDENTIAL_URL = re.compile(r"(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://(?:[^@/?#\s]*:[^@\s]*|[^@/?#:\s]+)@", re.I)
 
 
 def _host(name: str) -> specs.Resource:
@@ -74,9 +77,12 @@ def _parse_j(j: str) -> Tuple[int, int, int]:
     return min_nodes, max_nodes, nproc
 
 
-def _check_no_credentials(env: Dict[str, str], urls: List[str]) -> None:
+def _check_no_credentials(env: Dict[str, str], args: List[str]) -> None:
+    """Refuse secrets in the job spec: by variable name, and URL user-info in any env value or trainer argument."""
     leaked = [k for k in env if _CREDENTIAL_NAME.search(k)]
-    leaked += [f"a URL with user:password@ ({u.split('://')[0]}://...)" for u in urls if _CREDENTIAL_URL.match(u)]
+    leaked += [f"{k} (a URL with user-info)" for k, v in env.items() if k not in leaked and _CREDENTIAL_URL.search(v)]
+    leaked += [f"a URL with user-info ({m.group(0).split('://')[0]}://...@) in the trainer arguments"
+               for m in (_CREDENTIAL_URL.search(a) for a in args) if m]
     if leaked:
         raise ValueError(
             f"{', '.join(leaked)}: credentials must not go into --env or URLs, which are written into the "
@@ -178,8 +184,8 @@ def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, 
     if not p["rdzv_port"]:
         p["rdzv_port"] = _free_port()  # local_cwd: every replica on this host, next to other jobs
     env = {**base_env, **(p["env"] or {})}
-    _check_no_credentials(env, [u for u in [p["work_dir"], p["model"], *(p["data"] or [])] if u])
     trainer = _trainer_cmd(p, list(trainer_args))
+    _check_no_credentials(env, trainer)  # every trainer argument: --work-dir, --data, --resume, those after --
     resource = specs.resource(cpu=p["cpu"], gpu=p["gpu"], memMB=p["memMB"], h=p["h"])
     app = _torchrun_app(name, p["j"], p["image"], trainer, resource, env, p["mounts"] or [], p["max_retries"],
                         p["rdzv_port"])

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import errno
+import os
+import shutil
+import traceback
 import typing
 
 import click
@@ -46,6 +50,50 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
     return key, value
 
 
+_UNREACHABLE = ("botocore.exceptions.ConnectionError", "botocore.exceptions.NoCredentialsError",
+                "aiohttp.client_exceptions.ClientError", "google.auth.exceptions.TransportError")
+# torch.save on a full disk: the zip writer's messages
+_WRITE_FAILED = ("file write failed", "basic_ios::clear", "No space left on device", "PytorchStreamWriter",
+                 "unexpected pos")
+
+
+def _free_bytes(path: str | None) -> int | None:
+    """Free space on the local filesystem holding ``path`` (None for URLs and paths not there yet)."""
+    while path and "://" not in path:
+        try:
+            return shutil.disk_usage(path).free
+        except OSError:
+            path = os.path.dirname(path.rstrip("/")) if path not in ("/", "") else None
+    return None
+
+
+def expected_failure(e: BaseException, work_dir: str | None = None) -> str | None:
+    """The one line for a failure the user can fix (bad input, full disk, unreachable store); None for a bug."""
+    first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    free = _free_bytes(work_dir)
+    if free is not None and free < 2**20 and isinstance(e, (OSError, RuntimeError)):
+        return (f"no space left in the work dir {work_dir} ({free} bytes free; {first}); free space or pass a "
+                "--work-dir on a filesystem with room")
+    names = {f"{c.__module__}.{c.__name__}" for c in type(e).__mro__}
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {e.filename}" if e.filename else ""
+        return f"no space left{where}; free space or pass a --work-dir on a filesystem with room"
+    if names & set(_UNREACHABLE) or isinstance(e, (ConnectionError, TimeoutError)):
+        return (f"cannot reach the store: {first} ({type(e).__name__}); check the endpoint "
+                "(FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL), the network and the credentials")
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in _WRITE_FAILED):
+        return f"a write failed ({first}); the disk is probably full: free space or pass a --work-dir with room"
+    if "deepspeed.runtime.zero.utils.ZeRORuntimeException" in names and "world size" in first:
+        return (f"{first.split('. ')[0]}: resume with as many ranks as saved the checkpoint (a ZeRO checkpoint "
+                "cannot be repartitioned yet), or start afresh in a new --work-dir")
+    if isinstance(e, RecursionError):
+        return "an input is nested too deeply to read (JSON nested hundreds of levels?); flatten it"
+    if isinstance(e, (ValueError, OSError, UnicodeError)):  # ours say what to fix; the system's say what failed
+        ours = isinstance(e, (ValueError, FileNotFoundError, PermissionError))
+        return first if ours else f"{first} ({type(e).__name__})"
+    return None
+
+
 @main.command()
 @click.argument("recipe_name", metavar="RECIPE")
 @click.option("--deepspeed", default=None, help="DeepSpeed config: a shipped name (deepspeed_zero2, deepspeed_zero3, "
@@ -72,6 +120,8 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.option("--save-steps", type=click.IntRange(min=0), default=None, help="Save a training checkpoint every N steps (0: never).")
 @click.option("--resume", default=None, help="'auto' (newest complete checkpoint in the work dir, if any) or a "
               "checkpoint URL.")
+@click.option("--overwrite", is_flag=True, help="Start afresh in a work dir that holds an earlier run, moving that "
+              "run's files aside into WORK_DIR/previous/TIME/ (nothing is deleted).")
 @click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak TFLOP/s of one device for MFU (default: from "
               "the device table; unknown on CPU).")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. "
@@ -90,9 +140,12 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout): on a stop signal the "
               "current step and a checkpoint must fit in it, and the log says when they do not. A second "
               "identical signal exits at once.")
-def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, data, max_length, varlen, sp, moe_implementation,
-          expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, peak_tflops, cfg_options,
-          eval_data, eval_fraction, eval_steps, no_export, require_fast_kernels, preempt_grace) -> None:
+@click.option("--debug", is_flag=True, help="Print the traceback under the one-line Error: of an expected failure "
+              "(bad input, full disk, unreachable store).")
+def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, data, max_length, varlen, sp,
+          moe_implementation, expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, overwrite,
+          peak_tflops, cfg_options, eval_data, eval_fraction, eval_steps, no_export, require_fast_kernels,
+          preempt_grace, debug) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
     try:
         recipe = get_recipe(recipe_name)
@@ -115,20 +168,27 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, dat
     from moe_train.engine.distributed import destroy_distributed, hard_exit, linger_as_store_host
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
     from moe_train.engine.train import TrainConfig, train as run
+    from moe_train.storage import redact
 
     tc = TrainConfig(recipe=recipe, work_dir=work_dir or f"work_dirs/{recipe.name}",
                      deepspeed=deepspeed or recipe.deepspeed, launcher=launcher, resume=resume,
-                     peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace)
+                     peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace,
+                     overwrite=overwrite)
     code = 0
     try:
         run(tc)
         destroy_distributed()
         linger_as_store_host()
     except StopRequested as e:
-        click.echo(f"moe-train: {e}", err=True)
+        click.echo(f"moe-train: {redact(str(e))}", err=True)
         code = EXIT_PREEMPTED
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+    except Exception as e:
+        line = expected_failure(e, tc.work_dir)
+        if line is None:  # a bug: its traceback is the report
+            raise
+        if debug:
+            traceback.print_exc()
+        click.echo(f"Error: {redact(line)}", err=True)
         code = 1
     # Skip interpreter shutdown: on gloo it can abort (SIGABRT) after all work is done.
     hard_exit(code)

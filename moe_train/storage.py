@@ -16,8 +16,8 @@ from typing import Any
 
 import fsspec
 
-# scheme://user-info@host: a token alone, user:password, and passwords with '/' in them.
-_USER_INFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^@/?#]*:[^@]*|[^@/?#:]+)@")
+# scheme://user-info@host, anywhere in a text: a token alone, user:password, and passwords with '/' in them.
+_USER_INFO = re.compile(r"(?<![a-zA-Z0-9+.-])([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^@/?#\s]*:[^@\s]*|[^@/?#:\s]+)@")
 # Query parameters that carry secrets in presigned or SAS URLs.
 _SECRET_QUERY = re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|"
                            r"token|access_token|key|secret|password)=)[^&]*")
@@ -54,7 +54,7 @@ def display(fs: Any, path: str) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` with user-info and secret query parameters replaced by ``***``."""
+    """``url`` (or a text with URLs in it) with user-info and secret query parameters replaced by ``***``."""
     url = _USER_INFO.sub(r"\1***@", url)
     return _SECRET_QUERY.sub(r"\1***", url)
 
@@ -99,3 +99,14 @@ def probe(url: str, what: str = "--model") -> None:
                              f"and pass {what} DIR") from None
         raise ValueError(f"cannot reach {display(fs, root)} ({reason}); check the endpoint, network and "
                          "credentials") from None
+
+
+def redact_all(obj: Any) -> Any:
+    """``obj`` with every string in it redacted: records, summaries and recipes before they are stored."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: redact_all(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_all(v) for v in obj)
+    return obj

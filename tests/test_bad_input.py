@@ -66,13 +66,39 @@ def world(tmp_path_factory):
     (root / "ds_bad.json").write_text('{"zero_optimization": {"stage": 3,}')
     (root / "ds_stage5.json").write_text('{"zero_optimization": {"stage": 5}}')
     (root / "ds_auto.json").write_text('{"zero_optimization": {"stage": 3}, "optimizer": {"params": {"lr": "auto"}}}')
+    # Validated inputs (tests/test_validation.py has the in-process cases).
+    def model_dir(name: str, **config) -> Path:
+        path = root / name
+        hf_reference(tiny_config(**config)).save_pretrained(path)
+        for tok in ("tokenizer.json", "tokenizer_config.json"):
+            (path / tok).write_bytes((ASSETS / "tiny_tokenizer" / tok).read_bytes())
+        return path
+
+    quoted = model_dir("config_quoted")
+    (quoted / "config.json").write_text(json.dumps({**json.loads((quoted / "config.json").read_text()),
+                                                    "hidden_size": "64"}))
+    overlap = model_dir("overlapping_tensors")
+    raw = (overlap / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    for k, v in header.items():
+        if k != "__metadata__":
+            v["data_offsets"] = [0, v["data_offsets"][1] - v["data_offsets"][0]]  # every tensor at byte 0
+    body = json.dumps(header).encode()
+    (overlap / "model.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n:])
+    outside = model_dir("index_outside")
+    (outside / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        k: "../../secret.safetensors" for k in header if k != "__metadata__"}}))
+    model_dir("small_vocab", vocab_size=64)
+    (root / "nested.jsonl").write_text('{"instruction": "a", "output": ' + "[" * 50000 + "]" * 50000 + "}\n")
     readonly = root / "readonly"
     readonly.mkdir()
     (root / "a_file").write_text("not a directory")
     return root
 
 
-TRAIN = ["train", "tiny", "--max-steps", "1", "--no-export"]
+# --resume auto: the work dir holds an earlier run, which a run without --resume would refuse first.
+TRAIN = ["train", "tiny", "--max-steps", "1", "--no-export", "--resume", "auto"]
 
 # id: (args with {root}/{work} placeholders, words the error must contain)
 CASES = {
@@ -88,7 +114,8 @@ CASES = {
     "cfg-option-unknown-key": (["--cfg-options", "lrr=1"], ["lrr=1", "key one of"]),
     "cfg-option-bad-literal": (["--cfg-options", "grad_accum=four"], ["grad_accum", "literal"]),
     "shard-size-not-divisor": (["--expert-in-one-shard", "3"], ["expert_in_one_shard=3", "use one of [1, 2, 4, 8]"]),
-    "full-recipe-without-data": (["train", "deepseek_v2_lite_chat_full_alpaca_e3", "--model", "{root}/model"],
+    "full-recipe-without-data": (["train", "deepseek_v2_lite_chat_full_alpaca_e3", "--model", "{root}/model",
+                                  "--resume", "auto"],
                                  ["has no data", "--data"]),
     # CLI
     "max-length-not-positive": (["--max-length", "0"], ["--max-length", "0"]),
@@ -109,6 +136,16 @@ CASES = {
     "deepspeed-invalid-json": (["--deepspeed", "{root}/ds_bad.json"], ["ds_bad.json", "JSON"]),
     "deepspeed-bad-stage": (["--deepspeed", "{root}/ds_stage5.json"], ["stage", "5"]),
     "deepspeed-unfillable-auto": (["--deepspeed", "{root}/ds_auto.json"], ["auto", "optimizer.params.lr"]),
+    # validated inputs
+    "config-field-quoted": (["--model", "{root}/config_quoted"],
+                            ["config_quoted/config.json: config field hidden_size='64'", "without quotes"]),
+    "safetensors-overlap": (["--model", "{root}/overlapping_tensors"],
+                            ["overlapping_tensors/model.safetensors is not a valid safetensors", "overlapping"]),
+    "index-outside-model-dir": (["--model", "{root}/index_outside"], ["outside the checkpoint directory"]),
+    "vocab-smaller-than-tokenizer": (["--model", "{root}/small_vocab"], ["vocab_size is 64", "tokenizer"]),
+    "data-nested-too-deeply": (["--data", "{root}/nested.jsonl"], ["nested.jsonl:1: JSON nested too deeply"]),
+    "work-dir-with-a-run-without-resume": (["train", "tiny", "--max-steps", "1", "--work-dir", "{work}"],
+                                           ["holds an earlier run", "--resume auto", "--overwrite"]),
 }
 
 

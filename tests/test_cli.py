@@ -44,8 +44,8 @@ def test_train_cli_surface_is_pinned():
     assert sorted(o for p in train.params for o in p.opts + p.secondary_opts) == sorted([
         "recipe_name", "--deepspeed", "--launcher", "--work-dir", "--model", "--data", "--max-length", "--varlen",
         "--no-varlen", "--sp", "--moe-implementation", "--expert-in-one-shard", "--max-steps", "--epochs", "--lr",
-        "--seed", "--save-steps", "--resume", "--peak-tflops", "--cfg-options", "--no-export", "--preempt-grace",
-        "--require-fast-kernels", "--allow-slow-kernels",
+        "--seed", "--save-steps", "--resume", "--overwrite", "--peak-tflops", "--cfg-options", "--no-export",
+        "--preempt-grace", "--debug", "--require-fast-kernels", "--allow-slow-kernels",
         "--eval-data", "--eval-fraction", "--eval-steps", "--tokenizer",
     ])
     assert all(p.help for p in train.params if isinstance(p, click.Option))

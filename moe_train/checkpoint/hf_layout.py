@@ -30,6 +30,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 
 
+def _read_json(fs: Any, path: str, shown: str) -> Any:
+    """A small JSON file; any way it fails is one ValueError naming ``shown`` (and the line)."""
+    with fs.open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{shown}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); fix the file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start}); fix the file") from None
+    except (ValueError, RecursionError) as e:  # 4300+ digit integers, nesting too deep
+        raise ValueError(f"{shown}: unreadable JSON ({str(e).splitlines()[0] or type(e).__name__}); "
+                         "fix the file") from None
+
+
 def read_config(url: str, storage_options: dict[str, Any] | None = None, **layout: Any) -> Any:
     """The config of the checkpoint at ``url``, as its family's config class (``layout``: expert layout)."""
     fs, root = resolve(url, storage_options)
@@ -38,9 +53,27 @@ def read_config(url: str, storage_options: dict[str, Any] | None = None, **layou
     path = posixpath.join(root, "config.json")
     if not fs.exists(path):
         raise FileNotFoundError(f"{redact(url)} has no config.json; is it a HF checkpoint directory?")
-    with fs.open(path, "r") as f:
-        d = json.load(f)
-    return spec_for(d.get("model_type")).config(d, **layout)
+    shown = f"{redact(url).rstrip('/')}/config.json"
+    d = _read_json(fs, path, shown)
+    spec = spec_for(d.get("model_type") if isinstance(d, dict) else None)
+    try:
+        return spec.config(d, **layout)
+    except (ValueError, TypeError) as e:  # TypeError: a field the config class does not take as a keyword
+        raise ValueError(f"{shown}: {e}") from None
+
+
+def _weight_map(index: Any, shown: str) -> dict[str, str]:
+    """The index's key -> file map, every file a plain name inside the checkpoint directory."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{shown} has no weight_map (a JSON object of tensor name -> file name); re-export the "
+                         "checkpoint or remove the index next to a single model.safetensors")
+    for key, file in weight_map.items():
+        if (not isinstance(file, str) or not file.endswith(".safetensors") or posixpath.isabs(file)
+                or "\\" in file or posixpath.normpath(file) != file or file.split("/")[0] == ".."):
+            raise ValueError(f"{shown}: {key} points to {file!r}, outside the checkpoint directory; file names "
+                             "in weight_map must be .safetensors files next to the index")
+    return weight_map
 
 
 class HFCheckpoint:
@@ -52,8 +85,8 @@ class HFCheckpoint:
         self._readers: dict[str, SafetensorsReader] = {}
         index = posixpath.join(self.root, INDEX)
         if self.fs.exists(index):
-            with self.fs.open(index, "r") as f:
-                self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+            self.weight_map: dict[str, str] = _weight_map(_read_json(self.fs, index, f"{url.rstrip('/')}/{INDEX}"),
+                                                          f"{url.rstrip('/')}/{INDEX}")
         elif self.fs.exists(posixpath.join(self.root, SINGLE)):
             self._readers[SINGLE] = SafetensorsReader(self.fs, posixpath.join(self.root, SINGLE))
             self.weight_map = dict.fromkeys(self._readers[SINGLE].tensors, SINGLE)

@@ -40,26 +40,72 @@ class TensorInfo:
         return n
 
 
+MAX_HEADER = 100 * 2**20  # the safetensors library's limit
+
+
 class SafetensorsReader:
-    """Reads whole tensors or element ranges of them without loading the file."""
+    """Reads whole tensors or element ranges of them without loading the file.
+
+    The header is checked before any tensor byte is used, as the safetensors library does: every
+    entry has a known dtype, a shape of non-negative ints and offsets that span exactly
+    ``numel * itemsize`` bytes; the ranges tile the data area without gaps or overlaps, and the
+    data area ends where the file ends (a truncated file or an offset past EOF is refused).
+    """
 
     def __init__(self, fs: Any, path: str) -> None:
         self.fs, self.path = fs, path
         self._f = fs.open(path, "rb")
         try:
-            (n,) = struct.unpack("<Q", self._f.read(8))
+            self.tensors = self._parse(fs.size(path))
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _bad(self, why: str) -> ValueError:
+        return ValueError(f"{self.path} is not a valid safetensors file ({why}); re-download or re-export it")
+
+    def _parse(self, file_size: int) -> dict[str, TensorInfo]:
+        raw = self._f.read(8)
+        if len(raw) < 8:
+            raise self._bad(f"{file_size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > file_size:
+            raise self._bad(f"header of {n} bytes in a file of {file_size}")
+        try:
             header = json.loads(self._f.read(n))
-        except (struct.error, ValueError) as e:
-            raise ValueError(f"{path} is not a valid safetensors file ({e}); re-download or re-export it") from None
+        except (ValueError, RecursionError) as e:
+            raise self._bad(f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
         header.pop("__metadata__", None)
-        unknown = sorted({v["dtype"] for v in header.values()} - set(DTYPES))
-        if unknown:
-            raise ValueError(f"{path} holds tensors of dtype {unknown}, which moe-train cannot read; convert the "
-                             "checkpoint to bf16 or fp32")
-        self.tensors = {
-            k: TensorInfo(DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + v["data_offsets"][0])
-            for k, v in header.items()
-        }
+        tensors, spans = {}, []
+        for key, v in header.items():
+            if not isinstance(v, dict) or set(v) != {"dtype", "shape", "data_offsets"}:
+                raise self._bad(f"{key}: expected dtype, shape and data_offsets")
+            if v["dtype"] not in DTYPES:
+                raise ValueError(f"{self.path} holds tensors of dtype {v['dtype']!r}, which moe-train cannot read; "
+                                 "convert the checkpoint to bf16 or fp32")
+            shape, offsets = v["shape"], v["data_offsets"]
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise self._bad(f"{key}: shape {shape!r} is not a list of non-negative integers")
+            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+                    or not 0 <= offsets[0] <= offsets[1]):
+                raise self._bad(f"{key}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+            dtype = DTYPES[v["dtype"]]
+            if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
+                raise self._bad(f"{key}: {offsets[1] - offsets[0]} bytes for shape {shape} of {v['dtype']}")
+            tensors[key] = TensorInfo(dtype, tuple(shape), 8 + n + offsets[0])
+            spans.append((offsets[0], offsets[1], key))
+        end = 0
+        for begin, stop, key in sorted(spans):
+            if begin != end:
+                raise self._bad(f"{key} starts at byte {begin} of the data, "
+                                f"{'overlapping the tensor before' if begin < end else f'leaving a gap after {end}'}")
+            end = stop
+        if 8 + n + end != file_size:
+            raise self._bad(f"the tensors end at byte {8 + n + end} but the file has {file_size} "
+                            f"({'truncated' if 8 + n + end > file_size else 'trailing bytes'})")
+        return tensors
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Elements [start, end) of the row-major flattening; the whole tensor (shaped) by default."""

@@ -18,9 +18,8 @@ import json
 from typing import Any, Iterator
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
-from moe_train.storage import resolve
+from moe_train.storage import display, resolve
 
 ROLES = ("system", "user", "assistant")
 DATA_SUFFIXES = (".json", ".jsonl")
@@ -34,7 +33,7 @@ class DataError(ValueError):
 
 
 def _display(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+    return display(fs, path)  # user-info and secret query parameters redacted
 
 
 def resolve_files(paths: list[str]) -> list[tuple[fsspec.AbstractFileSystem, str]]:
@@ -86,25 +85,42 @@ def to_messages(record: Any, where: str) -> Messages:
     raise DataError(f"{where}: record has neither instruction/output nor messages; {_HINT}")
 
 
+def _loads(text: str, where: str, fix: str, whole_file: bool) -> Any:
+    """json.loads with every way it fails as one DataError naming ``where`` (and the line in a whole file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if whole_file:
+            raise DataError(f"{where}:{e.lineno}: invalid JSON ({e.msg}); {fix}") from None
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); {fix}") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read; {fix}") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{where}: unreadable JSON value ({str(e).splitlines()[0]}); {fix}") from None
+
+
+def _check_text(messages: Messages, where: str) -> Messages:
+    for i, m in enumerate(messages):
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": no tokenizer can encode it
+            raise DataError(f"{where}: messages[{i}] has a lone surrogate ({e.object[e.start]!r} at character "
+                            f"{e.start}), which is not text; fix or remove the record") from None
+    return messages
+
+
 def _records(text: str, name: str) -> Iterator[tuple[Any, str]]:
     """Yield (record, location) from the text of one JSON-list or JSONL file."""
     if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from None
-        for i, record in enumerate(records):
+        for i, record in enumerate(_loads(text, name, "fix the file", whole_file=True)):
             yield record, f"{name}[{i}]"
         return
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            msg = f"{name}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); fix or remove that line"
-            raise DataError(msg) from None
-        yield record, f"{name}:{lineno}"
+        where = f"{name}:{lineno}"
+        record = _loads(line, where, "fix or remove that line", whole_file=False)
+        yield record, where
 
 
 def read_conversations(paths: list[str] | str) -> list[Messages]:
@@ -120,7 +136,7 @@ def read_conversations(paths: list[str] | str) -> list[Messages]:
         except UnicodeDecodeError as e:
             msg = f"{name}: not UTF-8 text ({e.reason} at byte {e.start}); re-encode the file as UTF-8"
             raise DataError(msg) from None
-        conversations += [to_messages(record, where) for record, where in _records(text, name)]
+        conversations += [_check_text(to_messages(record, where), where) for record, where in _records(text, name)]
     if not conversations:
         raise DataError(f"no samples found in {paths}; {_HINT}")
     return conversations

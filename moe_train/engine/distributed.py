@@ -11,6 +11,12 @@ shared-memory all-reduce op at start-up (about 30 s on two cores) that only its 
 inference uses; it is switched off, so a CPU run compiles nothing unless an optimizer op (CPU Adam
 for ZeRO-Offload) asks for it. Such a build goes to a directory private to this run, because a
 killed build leaves a lock behind that hangs every later build in the same directory.
+
+No orphans.  A rank must not outlive its launcher: an orphan keeps training, saving and exporting
+into the work dir next to the job that replaces it.  Under torchrun the kernel SIGKILLs a rank
+when the agent dies (``prctl(PR_SET_PDEATHSIG)``); for every launcher a watchdog thread also checks
+once a second that the parent is still the one the rank started with (srun's step daemon, or a
+launcher that does not own the rank's process group) and ends the rank when it is not.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -201,6 +210,48 @@ def _private_extensions_dir(launcher: str) -> None:
     os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(tempfile.gettempdir(), f"moe_train_torch_extensions_{key}")
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+ORPHAN_POLL_S = 1.0
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent dies; False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def watch_parent(poll_s: float = ORPHAN_POLL_S) -> threading.Thread:
+    """A daemon thread that ends this process (SIGKILL) once it is re-parented: its launcher is gone."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.write(2, f"[moe-train] rank {os.environ.get('RANK', '?')}: launcher (pid {parent}) is gone; "
+                    "exiting so no orphan writes into the work dir\n".encode())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="moe-train-orphan-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def die_with_launcher(launcher: str) -> None:
+    """No orphans (see the module docstring); nothing to do for a single process (--launcher none)."""
+    if launcher == "none":
+        return
+    if launcher == "pytorch":  # torchrun's agent starts the ranks from its main thread, as PDEATHSIG needs
+        set_parent_death_signal()
+    watch_parent()
+
+
 def init_distributed(launcher: str, timeout: timedelta = DEFAULT_TIMEOUT) -> DistInfo:
     """Create the default process group for ``launcher`` and hand it to DeepSpeed.
 
@@ -210,6 +261,7 @@ def init_distributed(launcher: str, timeout: timedelta = DEFAULT_TIMEOUT) -> Dis
     env = launch_env(launcher)
     if dist.is_initialized():
         raise RuntimeError("torch.distributed is already initialised; call init_distributed once per process")
+    die_with_launcher(launcher)
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
     if env.master_addr is not None:
         os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))

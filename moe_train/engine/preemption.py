@@ -1,7 +1,7 @@
 """Stop requests from the scheduler: Slurm preemption/time limit, Kubernetes eviction, scancel.
 
-SIGTERM (and SIGUSR1, which `sbatch --signal=USR1@120` sends ahead of the time limit) only sets
-a flag; the loop checks it between steps, every rank agrees on it with one all-reduce, and all
+SIGTERM (and SIGUSR1, which `sbatch --signal=USR1@120` sends ahead of the time limit, and SIGINT,
+Ctrl-C) only sets a flag; the loop checks it between steps, every rank agrees on it with one all-reduce, and all
 ranks save a checkpoint together before exiting with EXIT_PREEMPTED, so Slurm requeues or TorchX
 retries and the next run resumes with --resume auto.
 
@@ -30,7 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C saves too
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what schedulers expect from a terminated task
 DEFAULT_GRACE_S = 30.0  # Slurm KillWait, Kubernetes terminationGracePeriodSeconds and torchrun's default
 REPEAT_S = 2.0

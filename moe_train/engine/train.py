@@ -21,7 +21,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import posixpath
+import socket
 import sys
 import tempfile
 import time
@@ -36,6 +38,8 @@ import torch.distributed as dist
 from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
 from moe_train.engine import kernels
+from moe_train.engine.divergence import DivergenceGuard, Diverged, finite_or_none
+from moe_train.engine.lease import own_work_dir
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import (
     MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, read_metrics, step_flops, summarize,
@@ -44,7 +48,7 @@ from moe_train.models import spec_for, spec_of
 from moe_train.models.common.loss import shift_labels
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
-from moe_train.storage import display, is_local, probe, redact, resolve, stall_notice
+from moe_train.storage import display, is_local, probe, redact, redact_all, resolve, stall_notice
 
 
 @dataclass
@@ -58,6 +62,7 @@ class TrainConfig:
     export: bool = True
     preempt_grace: float = DEFAULT_GRACE_S  # seconds between a stop signal and SIGKILL
     progress: bool = True
+    overwrite: bool = False  # move an earlier run in the work dir aside (engine/lease.py)
 
 
 def _log(rank: int, msg: str) -> None:
@@ -65,7 +70,7 @@ def _log(rank: int, msg: str) -> None:
     if rank == 0:
         from tqdm import tqdm
 
-        tqdm.write(f"[moe-train] {msg}", file=sys.stdout)
+        tqdm.write(f"[moe-train] {redact(msg)}", file=sys.stdout)
         sys.stdout.flush()
 
 
@@ -103,7 +108,7 @@ def quiet_deepspeed() -> None:
 def check_work_dir(url: str, rank: int) -> Any:
     """Fail early, on every rank, if the work dir cannot be written."""
     fs, root = resolve(url)
-    probe = posixpath.join(root, f".write-probe-{rank}")
+    probe = posixpath.join(root, f".write-probe-{socket.gethostname()}-{os.getpid()}")  # never another run's
     try:
         fs.makedirs(root, exist_ok=True)
         with fs.open(probe, "w") as f:
@@ -185,6 +190,7 @@ class Job:
     tokenizer_dir: str
     step: int
     total_steps: int
+    lease: Any  # engine/lease.py: rank 0 owns the work dir until the run ends
     eval_loader: Any = None  # validation packs (--eval-data / eval_fraction), or None
 
     @property
@@ -296,7 +302,20 @@ def setup(tc: TrainConfig) -> Job:
     seq = SequenceParallel(r.sp) if r.sp != 1 else None
     torch.manual_seed(r.seed)
 
-    fs, work_root = check_work_dir(tc.work_dir, rank)
+    fs, work_root = check_work_dir(tc.work_dir, info.rank)
+    lease = own_work_dir(fs, work_root, info.rank, tc.resume, tc.overwrite, log=lambda m: _log(info.rank, m))
+    try:
+        return _setup_owned(tc, info, ds_config, dtype, seq, fs, work_root, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: torch.dtype, seq: Any, fs: Any,
+                 work_root: str, lease: Any) -> Job:
+    """The rest of `setup`, once this job owns the work dir (so removing stale files is safe)."""
+    r = tc.recipe
+    rank, world, device = info.rank, info.world_size, info.device
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
     resume = ckpt.resolve(tc.resume)
 
@@ -310,7 +329,7 @@ def setup(tc: TrainConfig) -> Job:
     warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
     if warning:
         _log(rank, warning)
-    data = build_data(r, rank, world, cfg)
+    data = build_data(r, rank, world, cfg)  # checks the tokenizer against the model (check_tokenizer)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
     schedule_steps = data.steps_per_epoch * r.epochs
@@ -320,7 +339,7 @@ def setup(tc: TrainConfig) -> Job:
         seq.apply(engine.module, spec_of(cfg))
     step = resume_state(ckpt, resume, engine, data.loader, rank)
     return Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fs, work_root,
-               data.tokenizer_dir, step, total_steps, data.eval_loader)
+               data.tokenizer_dir, step, total_steps, lease, data.eval_loader)
 
 
 def forward(engine: Any, b: dict[str, Any], device: torch.device) -> Any:
@@ -463,7 +482,14 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     quiet_deepspeed()
     job = setup(tc)
-    r, rank = job.recipe, job.rank
+    try:
+        return _train(job)
+    finally:
+        job.lease.release()  # rank 0, once every rank is done writing (the last save and export end in barriers)
+
+
+def _train(job: Job) -> dict[str, Any]:
+    tc, r, rank = job.tc, job.recipe, job.rank
     metrics = None
     if rank == 0:
         import deepspeed
@@ -493,6 +519,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 
         bar = tqdm(total=job.total_steps, initial=step, desc="train", dynamic_ncols=True)
     job.engine.train()
+    guard = DivergenceGuard(job.engine.skipped_steps)
     try:
         with StopFlag(tc.preempt_grace) as stop:
             while step < job.total_steps:
@@ -501,17 +528,28 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                 losses.append(result["loss"])
                 tgs.append(result["tokens"] / result["seconds"] / job.world)
                 if metrics is not None:
-                    metrics.write(step_record(job, step, result, peak))
+                    metrics.write(finite_or_none(step_record(job, step, result, peak)))  # no Infinity in the JSON
+                try:
+                    note = guard.check(step, result["loss"], job.engine.get_global_grad_norm(),
+                                       job.engine.skipped_steps)
+                except Diverged as e:
+                    if metrics is not None:
+                        metrics.write({"step": step, "event": "diverged", "reason": str(e)})
+                        metrics.close()
+                    raise
+                if note:
+                    _log(rank, note)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{result['loss']:.4f}", tgs=f"{tgs[-1]:.0f}")
                 if job.eval_loader is not None and r.eval_steps and step % r.eval_steps == 0:
                     run_eval(step)
                 stop_now = stop.agreed()
-                if (r.save_steps and step % r.save_steps == 0) or stop_now:
+                if (r.save_steps and step % r.save_steps == 0 and guard.healthy) or stop_now:
                     with stall_notice(f"checkpoint of step {step} to {redact(tc.work_dir)}", lambda m: _log(rank, m)):
                         path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
-                                                                "rng": rng_state(), "recipe": dataclasses.asdict(r)})
+                                                                "rng": rng_state(),
+                                                                "recipe": redact_all(dataclasses.asdict(r))})
                     _log(rank, f"saved checkpoint {display(job.ckpt.fs, path)}")
                 if stop_now:
                     raise stop.requested(step)
@@ -524,7 +562,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": redact(tc.work_dir)}
     if tc.export:
         with stall_notice(f"export to {redact(tc.work_dir)}/hf_model", lambda m: _log(rank, m)):
-            summary.update(export(job, step))
+            summary.update(redact_all(export(job, step)))
         if metrics is not None:
             metrics.write({"step": step, "event": "export", "hf_model": summary["hf_model"],
                            "export_peak_rss_delta_mb": round(summary["export_peak_rss_delta_mb"], 2),

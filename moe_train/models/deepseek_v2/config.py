@@ -107,6 +107,14 @@ class DeepseekV2Config:
 
     # ---------------------------------------------------------------- checks
     def validate(self) -> None:
+        """Raise ValueError naming the first bad field and the fix: types and ranges first, then relations."""
+        for f in dataclasses.fields(self):
+            _check_field(f.name, str(f.type), getattr(self, f.name))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and value >= self.vocab_size:
+                raise ValueError(f"config field {name}={value} is not below vocab_size={self.vocab_size}; "
+                                 "fix the token id or the vocabulary size")
         if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"moe_implementation={self.moe_implementation!r} is unknown; use one of {list(MOE_IMPLEMENTATIONS)}"
@@ -153,6 +161,9 @@ class DeepseekV2Config:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **layout: Any) -> "DeepseekV2Config":
         """Build from a ``config.json`` dict: DeepSeek remote-code format or transformers 5 format."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json holds a JSON {type(d).__name__}, not an object; use a DeepSeek V2 "
+                             "config.json")
         model_type = d.get("model_type")
         if model_type != "deepseek_v2":
             raise ValueError(
@@ -161,6 +172,8 @@ class DeepseekV2Config:
             )
         d = dict(d)
         rope_parameters = d.pop("rope_parameters", None)
+        if rope_parameters is not None and not isinstance(rope_parameters, dict):
+            raise ValueError(f"config field rope_parameters={rope_parameters!r} must be a JSON object or null")
         if rope_parameters and not d.get("rope_scaling"):
             rp = dict(rope_parameters)
             d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
@@ -170,7 +183,7 @@ class DeepseekV2Config:
         kwargs = {k: v for k, v in d.items() if k in known}
         kwargs["source_fields"] = {k: v for k, v in d.items() if k not in known and k not in _REWRITTEN_HF_KEYS}
         for k in ("bos_token_id", "eos_token_id"):
-            if isinstance(kwargs.get(k), list):
+            if isinstance(kwargs.get(k), list) and kwargs[k]:  # generation configs list several; the first is ours
                 kwargs[k] = kwargs[k][0]
         kwargs.update(layout)
         return cls(**kwargs)
@@ -196,6 +209,55 @@ class DeepseekV2Config:
         if name not in NAMED_SIZES:
             raise ValueError(f"unknown model size {name!r}; known sizes: {sorted(NAMED_SIZES)}")
         return cls(**{**NAMED_SIZES[name], **overrides})
+
+
+# Fields whose smallest value is not 1, and the largest sizes that are not a typo (a vocabulary of
+# 2**22 is 8x the largest in use; anything bigger would allocate the embedding before failing).
+_MIN = {"first_k_dense_replace": 0, "n_shared_experts": 0, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0,
+        "routed_scaling_factor": 0.0, "aux_loss_alpha": 0.0, "initializer_range": 0.0, "attention_dropout": 0.0,
+        "rms_norm_eps": 0.0, "rope_theta": 0.0}
+_OPEN_MIN = {"routed_scaling_factor", "rms_norm_eps", "rope_theta"}  # must be above their minimum
+_MAX = {"vocab_size": 2**22, "attention_dropout": 1.0, "rope_theta": 1e9, "max_position_embeddings": 2**24}
+_DEFAULT_MAX = 2**20
+
+
+def _check_field(name: str, annotation: str, value: Any) -> None:
+    """One field's type and range; the message names the field and what to write instead."""
+    kind = annotation.split(" | ")[0].split("[")[0]
+    if value is None:
+        if "None" not in annotation:
+            raise ValueError(f"config field {name} is null; give it a value (or remove it for the default)")
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"config field {name}={value!r} must be true or false")
+        return
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"config field {name}={value!r} must be a string")
+        return
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise ValueError(f"config field {name}={value!r} must be a JSON object or null")
+        factor = value.get("factor", 1)
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor <= _DEFAULT_MAX:
+            raise ValueError(f"config field {name}.factor={factor!r} must be a number >= 1")
+        return
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            hint = f"write {int(value)}" if isinstance(value, float) and value.is_integer() else "write a whole number"
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                hint = f"write {value.strip()} without quotes"
+            raise ValueError(f"config field {name}={value!r} must be an integer; {hint}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"config field {name}={value!r} must be a finite number")
+    else:
+        return
+    low, high = _MIN.get(name, 1), _MAX.get(name, _DEFAULT_MAX)
+    if value < low or (name in _OPEN_MIN and value == low) or value > high:
+        above = f"above {low}" if name in _OPEN_MIN else f">= {low}"
+        raise ValueError(f"config field {name}={value!r} is out of range; it must be {above} and <= {high}")
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
