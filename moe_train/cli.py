@@ -72,6 +72,9 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. "
               "grad_accum=4 or betas='(0.9,0.95)'. Repeatable.")
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
+@click.option("--allow-batch-change", is_flag=True, help="On resume, accept a global batch (data-parallel ranks x "
+              "grad_accum x micro batch, in packs) other than the checkpoint's; by default grad_accum is adjusted "
+              "to keep it, or the resume is refused.")
 @click.option("--preempt-grace", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               metavar="SECONDS",
               help="Time the scheduler allows between SIGTERM/SIGUSR1 and SIGKILL (Slurm KillWait or GraceTime, "
@@ -80,7 +83,7 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "identical signal exits at once.")
 def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_length, varlen, sp, moe_implementation,
           expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, peak_tflops, cfg_options,
-          no_export, preempt_grace) -> None:
+          no_export, allow_batch_change, preempt_grace) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
     try:
         recipe = get_recipe(recipe_name)
@@ -101,7 +104,8 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
 
     tc = TrainConfig(recipe=recipe, work_dir=work_dir or f"work_dirs/{recipe.name}",
                      deepspeed=deepspeed or recipe.deepspeed, launcher=launcher, resume=resume,
-                     peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace)
+                     peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace,
+                     allow_batch_change=allow_batch_change)
     code = 0
     try:
         run(tc)
@@ -114,6 +118,27 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
         code = 1
     # Skip interpreter shutdown: on gloo it can abort (SIGABRT) after all work is done.
     hard_exit(code)
+
+
+@main.command("export")
+@click.argument("checkpoint_url")
+@click.argument("out_url")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="Weights' dtype in the export. Default: what the run's own export writes (its training dtype).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file, e.g. 5GB, 500MB.")
+def export_command(checkpoint_url: str, out_url: str, dtype: str | None, max_shard_size: str) -> None:
+    """Write a complete training checkpoint (local path or URL) to OUT_URL in the HF layout.
+
+    One process, streamed (one HF tensor in memory at a time), whatever world size wrote it."""
+    import sys
+
+    from moe_train.checkpoint.export import export_checkpoint
+
+    try:
+        export_checkpoint(checkpoint_url, out_url, dtype=dtype, max_shard_size=max_shard_size, log=click.echo)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        sys.exit(1)
 
 
 main.add_command(plan)

@@ -31,14 +31,14 @@ import torch
 import torch.distributed as dist
 
 from moe_train.checkpoint.hf_layout import copy_tokenizer, read_config
-from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
+from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moe_train.models.deepseek_v2.model import causal_lm_loss
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
-from moe_train.storage import is_local, resolve
+from moe_train.storage import display, is_local, resolve
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainConfig:
     export: bool = True
     preempt_grace: float = DEFAULT_GRACE_S  # seconds between a stop signal and SIGKILL
     progress: bool = True
+    allow_batch_change: bool = False  # resume with another global batch (packs per step) than the checkpoint's
 
 
 def _log(rank: int, msg: str) -> None:
@@ -103,13 +104,16 @@ def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
 
 
 def build_model(cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
-                model_url: str | None, seed: int, activation_checkpointing: bool) -> DeepseekV2ForCausalLM:
-    """The model partitioned from the start (ZeRO-3), its partitions filled from the source."""
+                model_url: str | None, seed: int, activation_checkpointing: bool,
+                load_weights: bool = True) -> DeepseekV2ForCausalLM:
+    """The model partitioned from the start (ZeRO-3), its partitions filled from the source (unless a
+    training checkpoint is about to overwrite them)."""
     from moe_train.checkpoint.hf_layout import load_into
     from moe_train.engine.weights import open_source
 
     model = zero3.build(lambda: DeepseekV2ForCausalLM(cfg), ds_config, dtype, device)
-    load_into(model, open_source(cfg, model, model_url, seed), partition=zero3.partition)
+    if load_weights:
+        load_into(model, open_source(cfg, model, model_url, seed), partition=zero3.partition)
     if activation_checkpointing:
         zero3.apply_activation_checkpointing(model.model.layers)
     return model
@@ -129,6 +133,7 @@ class Job:
     loader: Any
     seq: Any  # SequenceParallel, or None for --sp 1
     ckpt: CheckpointManager
+    data_fingerprint: dict[str, Any]
     fs: Any
     work_root: str
     tokenizer_dir: str
@@ -171,13 +176,13 @@ def build_data(r: Recipe, rank: int, world: int) -> Data:
 
 
 def build_engine(r: Recipe, cfg: DeepseekV2Config, ds_config: dict[str, Any], dtype: torch.dtype,
-                 device: torch.device, world: int, schedule_steps: int) -> tuple[Any, Any]:
+                 device: torch.device, world: int, schedule_steps: int, load_weights: bool = True) -> tuple[Any, Any]:
     """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
     from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
 
     ds_config = fill_auto(ds_config, micro_batch_size=1, grad_accum=r.grad_accum, world_size=world,
                           grad_clip=r.max_grad_norm, bf16=dtype == torch.bfloat16, hidden_size=cfg.hidden_size)
-    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing)
+    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights)
     if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -189,23 +194,23 @@ def build_engine(r: Recipe, cfg: DeepseekV2Config, ds_config: dict[str, Any], dt
     return zero3.initialize(model, optimizer, scheduler, ds_config)
 
 
-def resume_state(ckpt: CheckpointManager, resume: tuple[Any, str] | None, engine: Any, loader: Any, rank: int) -> int:
+def resume_state(job: "Job", resume: TrainingCheckpoint | None) -> int:
     """Load the resume point into the engine and loader; the step to continue from (0: a fresh start)."""
-    if rank == 0:
-        for path in ckpt.remove_incomplete():
-            _log(rank, f"removed incomplete checkpoint {path}")
-    dist.barrier()
+    from moe_train.checkpoint.hf_layout import expected_hf_keys
+    from moe_train.engine import resume as resuming
+
     if not resume:
         return 0
-    state = ckpt.load(engine, resume)
-    loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
-    _log(rank, f"resumed from {resume[1]} at step {state['step']}")
-    return state["step"]
+    shapes = {k: shape for k, (_, shape) in expected_hf_keys(job.engine.module).items()}
+    step = resuming.load(resume, job.engine, job.scheduler, job.loader, job.recipe, shapes, job.cfg, job.rank,
+                         job.world)
+    _log(job.rank, f"resumed from {resume.where} at step {step}")
+    return step
 
 
 def setup(tc: TrainConfig) -> Job:
     """Process group, data, model (partitioned from the start), DeepSpeed engine, resume."""
+    from moe_train.engine import resume as resuming
     from moe_train.engine.deepspeed_config import load_deepspeed_config
     from moe_train.engine.distributed import init_distributed
     from moe_train.parallel import SequenceParallel
@@ -221,21 +226,33 @@ def setup(tc: TrainConfig) -> Job:
 
     fs, work_root = check_work_dir(tc.work_dir, rank)
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
-    resume = ckpt.resolve(tc.resume)
+    if rank == 0:
+        for path in ckpt.remove_incomplete():
+            _log(rank, f"removed incomplete checkpoint {display(ckpt.fs, path)}")
+    # Rank 0 picks the resume point and broadcasts it; every rank verifies the files it names.
+    resume = ckpt.resolve(tc.resume, log=lambda msg: _log(rank, msg.removeprefix("[moe-train] ")))
+    if resume is not None:
+        r = resuming.plan(resume, r, world, tc.allow_batch_change, lambda msg: _log(rank, msg), tc.deepspeed)
+        tc = dataclasses.replace(tc, recipe=r)
 
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else DeepseekV2Config.from_name(r.model_size, **layout)
     data = build_data(r, rank, world)
+    fingerprint = resuming.data_fingerprint(r.data, data.loader.packs)
+    if resume is not None:
+        resuming.check_model_and_data(resume, cfg, fingerprint)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
     schedule_steps = data.steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
-    engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps)
+    engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps,
+                                     load_weights=resume is None)
     if seq is not None:
         seq.apply(engine.module)
-    step = resume_state(ckpt, resume, engine, data.loader, rank)
-    return Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fs, work_root,
-               data.tokenizer_dir, step, total_steps)
+    job = Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fingerprint, fs, work_root,
+              data.tokenizer_dir, 0, total_steps)
+    job.step = resume_state(job, resume)
+    return job
 
 
 def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
@@ -318,6 +335,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns a summary (losses, tokens/s, paths)."""
     # DeepSpeed calls c10d functions that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    from moe_train.engine.resume import checkpoint_state
+
     job = setup(tc)
     r, rank = job.recipe, job.rank
     metrics = None
@@ -353,9 +372,9 @@ def train(tc: TrainConfig) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{result['loss']:.4f}", tgs=f"{tgs[-1]:.0f}")
                 stop_now = stop.agreed()
                 if (r.save_steps and step % r.save_steps == 0) or stop_now:
-                    path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
-                                                            "rng": rng_state(), "recipe": dataclasses.asdict(r)})
-                    _log(rank, f"saved checkpoint {path}")
+                    path = job.ckpt.save(step, zero3.optimizer_ranges(job.engine, create_state=True), job.cfg,
+                                         checkpoint_state(job, step), job.tokenizer_dir, job.world)
+                    _log(rank, f"saved checkpoint {display(job.ckpt.fs, path)}")
                 if stop_now:
                     raise stop.requested(step)
     finally:
