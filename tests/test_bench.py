@@ -18,7 +18,8 @@ from bench.zero3 import CollectiveCounter
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {"p1_vs_origin", "p1_vs_hf", "p1_gemm_fraction", "p1_max_abs_diff", "p2_collective_ratio",
            "p2_step_speedup", "p2_peak_gather_ratio", "p3_tokens_speedup", "p3_packing_efficiency",
-           "p4_write_fraction", "p4_peak_rss_ratio"}
+           "p4_write_fraction", "p4_peak_rss_ratio", "p5_save_time_ratio", "p5_load_time_ratio",
+           "p5_save_rss_per_partition", "p5_load_rss_per_partition"}
 
 
 def test_p1_layouts_agree_on_outputs_and_gradients():

@@ -45,8 +45,17 @@ def test_train_cli_surface_is_pinned():
         "recipe_name", "--deepspeed", "--launcher", "--work-dir", "--model", "--data", "--max-length", "--varlen",
         "--no-varlen", "--sp", "--moe-implementation", "--expert-in-one-shard", "--max-steps", "--epochs", "--lr",
         "--seed", "--save-steps", "--resume", "--peak-tflops", "--cfg-options", "--no-export", "--preempt-grace",
+        "--allow-batch-change",
     ])
     assert all(p.help for p in train.params if isinstance(p, click.Option))
+
+
+def test_export_cli_surface_is_pinned():
+    from moe_train.cli import export_command
+
+    assert sorted(o for p in export_command.params for o in p.opts) == sorted([
+        "checkpoint_url", "out_url", "--dtype", "--max-shard-size"])
+    assert all(p.help for p in export_command.params if isinstance(p, click.Option))
 
 
 @pytest.mark.parametrize("item,expected", [

@@ -177,7 +177,9 @@ class TrainingCheckpoint:
                 raise ValueError(f"{self.where}: {name} is {got}, {COMPLETE} lists {size} bytes; the checkpoint is "
                                  "truncated or was changed: resume from another one")
         self.state = read_json(fs, posixpath.join(self.path, STATE), self.files[STATE])
-        self.config = DeepseekV2Config.from_hf_dict(self.state["config"])
+        recipe = self.state["recipe"]  # the run's expert layout: an export then orders tensors as the run's own
+        self.config = DeepseekV2Config.from_hf_dict(self.state["config"], moe_implementation=recipe["moe_implementation"],
+                                                    expert_in_one_shard=recipe["expert_in_one_shard"])
         self._readers: dict[str, Any] = {}
 
     def rng(self, rank: int) -> dict[str, Any]:
