@@ -116,6 +116,18 @@ def test_expert_layout_change(two_ranks, tmp_path, layout):
         assert_continues(summary(two_ranks)["losses"], summary(tmp_path / "back")["losses"], 6)
 
 
+def test_zero2_checkpoint_resumes_under_zero3_on_one_rank(two_ranks, tmp_path):
+    """ZeRO-2's fragments are saved by HF key like ZeRO-3's partitions: the stage may change too."""
+    z2 = tmp_path / "z2"
+    run(tmp_path, z2, "--deepspeed", "deepspeed_zero2", "--max-steps", "3", "--save-steps", "3", "--no-export")
+    assert json.loads((step_dir(z2, 3) / "COMPLETE").read_text())["world_size"] == 2
+    proc = run(tmp_path, tmp_path / "z3", "--max-steps", "6", "--save-steps", "0", "--no-export",
+               "--resume", str(step_dir(z2, 3)), nproc=1)
+    assert "deepspeed deepspeed_zero2 -> deepspeed_zero3" in proc.stdout
+    ref = summary(two_ranks)["losses"]  # ZeRO-2 and ZeRO-3 agree to summation order (test_train.py)
+    assert max(abs(a - b) for a, b in zip(summary(z2)["losses"] + summary(tmp_path / "z3")["losses"], ref)) < 2e-3
+
+
 def test_changed_settings_are_applied_and_logged_and_fixed_ones_refused(two_ranks, tmp_path):
     work = tmp_path / "w"
     proc = run(tmp_path, work, "--max-steps", "4", "--save-steps", "0", "--no-export", "--lr", "1e-3",
@@ -192,6 +204,18 @@ def test_export_to_s3(two_ranks, tmp_path, s3_server):
     remote = DeepseekV2ForCausalLM.from_pretrained(url, **s3_server["storage_options"])
     local = DeepseekV2ForCausalLM.from_pretrained(str(two_ranks / "hf_model"))
     assert all(torch.equal(a, b) for a, b in zip(remote.state_dict().values(), local.state_dict().values()))
+    # A checkpoint on the object store: exported from there, and resumed from there by one process.
+    ckpt = f"s3://{s3_server['bucket']}/run/checkpoints/step-00000006"
+    fs.put(str(step_dir(two_ranks, 6)), ckpt, recursive=True)
+    proc = subprocess.run([sys.executable, "-m", "moe_train.cli", "export", ckpt, str(tmp_path / "from-s3")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "moe_train.cli", "train", "tiny", "--work-dir", str(tmp_path / "w"),
+                           "--resume", ckpt, "--max-steps", "7", "--save-steps", "0", "--no-export"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {ckpt} at step 6" in proc.stdout
+    assert_continues(summary(two_ranks)["losses"], summary(tmp_path / "w")["losses"], 6)
 
 
 class _Payload:

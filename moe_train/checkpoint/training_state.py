@@ -27,6 +27,7 @@ on a shared bucket cannot run code; a file that is not what it claims is one err
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import posixpath
@@ -141,7 +142,7 @@ def read_entries(fs: Any, path: str, name: str, size: int) -> list[Entry]:
         entries.append(Entry(key, int(start), int(start) + length, name, 8 + n + lo))
         spans.append((lo, hi))
     spans.sort()
-    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+    if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
         raise ValueError(f"{where}: entries overlap; the checkpoint is damaged: resume from another checkpoint")
     return entries
 
@@ -455,7 +456,7 @@ class CheckpointManager:
         return {"path": path if here else resume, "here": here, "step": ckpt.step}
 
     def _abandon_after(self, step: int, log: Any) -> None:
-        newer = [path for s, path, _ in self._steps() if s > step]
+        newer = [path for s, path, done in self._steps() if s > step and done]  # incomplete ones: not ours to move
         if not newer:
             return
         aside = posixpath.join(self.root, "abandoned-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
