@@ -80,8 +80,11 @@ def worker(mode: str, out_dir: str, work: str) -> None:
         def native_load():
             engine.load_checkpoint(native_dir, tag="bench", load_module_strict=True)
 
+        state = {"step": 1, "config": cfg.to_hf_dict(torch_dtype="float32"),
+                 "recipe": {"moe_implementation": "shard", "expert_in_one_shard": REFERENCE_SHARD[mode]}}
+
         def ours_save():
-            manager.save(1, zero3.optimizer_ranges(engine), cfg, {"step": 1}, None, world)
+            manager.save(1, zero3.optimizer_ranges(engine), cfg, state, None, world)
 
         def ours_load():
             ckpt = TrainingCheckpoint(manager.fs, os.path.join(work, "checkpoints", "step-00000001"))

@@ -42,9 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from fsspec.spec import AbstractBufferedFile
 
 from moe_train.checkpoint.hf_layout import copy_tokenizer
-from moe_train.checkpoint.safetensors_io import PlannedTensor, SafetensorsStreamWriter, header_bytes
+from moe_train.checkpoint.safetensors_io import WRITE_BLOCK, PlannedTensor, header_bytes
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from moe_train.models.deepseek_v2.state_dict_adapter import ours_to_hf
 from moe_train.storage import display, is_local, resolve
@@ -229,12 +230,36 @@ class TrainingCheckpoint:
                 out[lo - start:hi - start].copy_(self.read(e, lo, hi))
 
     def load(self, owned: list[Any], cfg: DeepseekV2Config, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Fill this rank's owned ranges (any world size, any expert layout) from the files that hold them."""
+        """Fill this rank's owned ranges (any world size, any expert layout) from the files that hold them.
+
+        Pieces that are adjacent both in a file and in the destination are read with one request."""
         parts = list(hf_ranges(owned, cfg))
         for kind in KINDS:
             index = self.ranges(kind, shapes)
+            pieces: list[list[Any]] = []  # [file, first byte, bytes, destination view, first element]
             for key, start, end, o, offset in parts:
-                self.read_into(index[key], start, o.tensors[kind].narrow(0, offset, end - start))
+                dest = o.tensors[kind]
+                for e in index[key]:
+                    lo, hi = max(start, e.start), min(end, e.end)
+                    if lo >= hi:
+                        continue
+                    begin, at = e.begin + 4 * (lo - e.start), offset + lo - start
+                    last = pieces[-1] if pieces else None
+                    if last and last[0] == e.file and last[1] + last[2] == begin and last[3] is dest \
+                            and last[4] + last[2] // 4 == at:
+                        last[2] += 4 * (hi - lo)
+                    else:
+                        pieces.append([e.file, begin, 4 * (hi - lo), dest, at])
+            for file, begin, nbytes, dest, at in pieces:
+                if file not in self._readers:
+                    self._readers[file] = self.fs.open(posixpath.join(self.path, file), "rb")
+                f = self._readers[file]
+                f.seek(begin)
+                data = bytearray(f.read(nbytes))
+                if len(data) != nbytes:
+                    raise ValueError(f"{self.where}/{file} ended early; the checkpoint is truncated: resume from "
+                                     "another one")
+                dest.narrow(0, at, nbytes // 4).copy_(torch.frombuffer(data, dtype=torch.float32))
             self.close()
 
     def close(self) -> None:
@@ -367,21 +392,33 @@ class CheckpointManager:
 
     def _write_rank(self, target: str, owned: list[Any], cfg: DeepseekV2Config, world: int) -> list[int]:
         parts = list(hf_ranges(owned, cfg))
+        plan = [PlannedTensor(f"{key}@{start}", torch.float32, (end - start,)) for key, start, end, _, _ in parts]
+        # The entries of one parameter follow each other in its flat partition and in the file: one
+        # write per run of them (a parameter's whole range, typically) instead of one per expert.
+        runs: list[list[Any]] = []
+        for _, start, end, o, offset in parts:
+            if runs and runs[-1][0] is o and runs[-1][2] == offset:
+                runs[-1][2] = offset + end - start
+            else:
+                runs.append([o, offset, offset + end - start])
         sizes = []
         for kind in KINDS:
             path = posixpath.join(target, tensor_file(kind, self.rank, world))
-            plan = [PlannedTensor(f"{key}@{start}", torch.float32, (end - start,)) for key, start, end, _, _ in parts]
-            if not plan:  # this rank owns nothing (more ranks than elements): a file with an empty header
-                with self.fs.open(path, "wb") as f:
-                    f.write(header_bytes([]))
-            else:
-                writer = SafetensorsStreamWriter(self.fs, path, plan)
-                try:
-                    for (_, start, end, o, offset), planned in zip(parts, plan):
-                        writer.append(planned.key, o.tensors[kind].narrow(0, offset, end - start))
-                except BaseException:
-                    writer.abort()
-                    raise
+            # Object stores upload in parts of WRITE_BLOCK: that bounds the buffer whatever the file size.
+            f = self.fs.open(path, "wb", block_size=WRITE_BLOCK)
+            try:
+                f.write(header_bytes(plan))
+                for o, lo, hi in runs:
+                    view = o.tensors[kind].narrow(0, lo, hi - lo)
+                    f.write(view.detach().contiguous().cpu().view(torch.uint8).numpy().data)
+            except BaseException:
+                if isinstance(f, AbstractBufferedFile):  # never complete the upload of a partial file
+                    f.discard()
+                    f.closed = True
+                else:
+                    f.close()
+                raise
+            f.close()
             self.fs.invalidate_cache(path)
             sizes.append(self.fs.size(path))
         rng_path = posixpath.join(target, rng_file(self.rank, world))
