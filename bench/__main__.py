@@ -1,6 +1,7 @@
 """``python -m bench [--quick] [--json] [--only p1,p3]``: the benchmark suite, side by side in one run.
 
-P1 MoE layer layouts, P2 ZeRO-3 collectives and step time, P3 packing, P4 streamed HF export.  See
+P1 MoE layer layouts, P2 ZeRO-3 collectives and step time, P3 packing, P4 streamed HF export, P5 training
+checkpoints (ours vs DeepSpeed native).  See
 each module's docstring for what is compared, and bench/RESULTS.md for recorded runs.
 """
 
@@ -13,7 +14,8 @@ import os
 import sys
 import time
 
-BENCHMARKS = {"p1": "bench.moe_layer", "p2": "bench.zero3", "p3": "bench.packing", "p4": "bench.export"}
+BENCHMARKS = {"p1": "bench.moe_layer", "p2": "bench.zero3", "p3": "bench.packing", "p4": "bench.export",
+              "p5": "bench.checkpoint"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,6 +134,9 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
 @click.option("--require-fast-kernels/--allow-slow-kernels", default=None, help="On CUDA, stop at start-up when "
               "attention or experts would take a slow fallback (default: the recipe's, on for the shipped ones).")
+@click.option("--allow-batch-change", is_flag=True, help="On resume, accept a global batch (data-parallel ranks x "
+              "grad_accum x micro batch, in packs) other than the checkpoint's; by default grad_accum is adjusted "
+              "to keep it, or the resume is refused.")
 @click.option("--preempt-grace", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_GRACE_S, show_default=True,
               metavar="SECONDS",
               help="Time the scheduler allows between SIGTERM/SIGUSR1 and SIGKILL (Slurm KillWait or GraceTime, "
@@ -145,7 +148,7 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
 def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, data, max_length, varlen, sp,
           moe_implementation, expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, overwrite,
           peak_tflops, cfg_options, eval_data, eval_fraction, eval_steps, no_export, require_fast_kernels,
-          preempt_grace, debug) -> None:
+          allow_batch_change, preempt_grace, debug) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
     try:
         recipe = get_recipe(recipe_name)
@@ -173,7 +176,7 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, dat
     tc = TrainConfig(recipe=recipe, work_dir=work_dir or f"work_dirs/{recipe.name}",
                      deepspeed=deepspeed or recipe.deepspeed, launcher=launcher, resume=resume,
                      peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace,
-                     overwrite=overwrite)
+                     overwrite=overwrite, allow_batch_change=allow_batch_change)
     code = 0
     try:
         run(tc)
@@ -209,6 +212,27 @@ def report(work_dir: str, out: str | None) -> None:
     except (ValueError, FileNotFoundError, PermissionError) as e:
         raise click.ClickException(str(e).splitlines()[0]) from None
     click.echo(f"report of {redact(work_dir)}: {paths['report']} ({len(paths) - 1} figures)")
+
+
+@main.command("export")
+@click.argument("checkpoint_url")
+@click.argument("out_url")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="Weights' dtype in the export. Default: what the run's own export writes (its training dtype).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file, e.g. 5GB, 500MB.")
+def export_command(checkpoint_url: str, out_url: str, dtype: str | None, max_shard_size: str) -> None:
+    """Write a complete training checkpoint (local path or URL) to OUT_URL in the HF layout.
+
+    One process, streamed (one HF tensor in memory at a time), whatever world size wrote it."""
+    import sys
+
+    from moe_train.checkpoint.export import export_checkpoint
+
+    try:
+        export_checkpoint(checkpoint_url, out_url, dtype=dtype, max_shard_size=max_shard_size, log=click.echo)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        sys.exit(1)
 
 
 main.add_command(plan)

@@ -18,7 +18,9 @@ from bench.zero3 import CollectiveCounter
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {"p1_vs_origin", "p1_vs_hf", "p1_gemm_fraction", "p1_max_abs_diff", "p2_collective_ratio",
            "p2_step_speedup", "p2_peak_gather_ratio", "p3_tokens_speedup", "p3_packing_efficiency",
-           "p4_write_fraction", "p4_peak_rss_ratio"}
+           "p4_write_fraction", "p4_peak_rss_ratio", "p5_save_time_ratio", "p5_load_time_ratio",
+           "p5_save_rss_per_partition", "p5_load_rss_per_partition", "p5_wide_save_time_ratio",
+           "p5_wide_load_time_ratio", "p5_wide_save_rss_per_partition", "p5_wide_load_rss_per_partition"}
 
 
 def test_p1_layouts_agree_on_outputs_and_gradients():
@@ -93,7 +95,7 @@ def test_suite_json_has_every_figure(tmp_path):
     assert figures["p2_peak_gather_ratio"] >= 1
     assert figures["p3_packing_efficiency"] > 0.9
     # The human-readable report went to stderr, with every section.
-    for title in ("P1 MoE layer", "P2 ZeRO-3", "P3 packing", "P4 streamed HF export"):
+    for title in ("P1 MoE layer", "P2 ZeRO-3", "P3 packing", "P4 streamed HF export", "P5 training checkpoint"):
         assert title in proc.stderr
 
 

@@ -46,14 +46,14 @@ def test_train_cli_surface_is_pinned():
         "--no-varlen", "--sp", "--moe-implementation", "--expert-in-one-shard", "--max-steps", "--epochs", "--lr",
         "--seed", "--save-steps", "--resume", "--overwrite", "--peak-tflops", "--cfg-options", "--no-export",
         "--preempt-grace", "--debug", "--require-fast-kernels", "--allow-slow-kernels",
-        "--eval-data", "--eval-fraction", "--eval-steps", "--tokenizer",
+        "--eval-data", "--eval-fraction", "--eval-steps", "--tokenizer", "--allow-batch-change",
     ])
     assert all(p.help for p in train.params if isinstance(p, click.Option))
 
 
 # train options that are not recipe fields: how and where the job runs
 _RUN_OPTIONS = {"recipe_name", "deepspeed", "launcher", "work_dir", "resume", "peak_tflops", "cfg_options", "no_export",
-                "preempt_grace"}
+                "preempt_grace", "overwrite", "debug", "allow_batch_change"}
 
 
 def test_recipe_flags_of_train_are_recipe_fields_of_the_same_type():
@@ -79,6 +79,14 @@ def test_recipe_flags_of_train_are_recipe_fields_of_the_same_type():
 def test_recipe_rejects_unknown_dtype():
     with pytest.raises(ValueError, match="dtype='fp16' is not one of"):
         get_recipe("tiny").replace(dtype="fp16")
+
+
+def test_export_cli_surface_is_pinned():
+    from moe_train.cli import export_command
+
+    assert sorted(o for p in export_command.params for o in p.opts) == sorted([
+        "checkpoint_url", "out_url", "--dtype", "--max-shard-size"])
+    assert all(p.help for p in export_command.params if isinstance(p, click.Option))
 
 
 @pytest.mark.parametrize("item,expected", [

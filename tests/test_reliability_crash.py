@@ -18,7 +18,7 @@ How each kill lands at a known point:
   demands that the restart resumes from the newest of those.
 - Mid-save: a `sitecustomize` put on the ranks' PYTHONPATH by this test (FREEZE_HOOK below; nothing
   in the product) adds an audit hook that SIGSTOPs one rank at a named file operation: rank 1 when
-  DeepSpeed creates the step-10 directory, rank 0 when the exporter opens config.json.  The other
+  it opens its first step-10 file, rank 0 when the exporter opens config.json.  The other
   rank waits for it at a barrier, so nothing moves: the test inspects that exact half-written state,
   the same every time, then SIGKILLs the stopped rank.  Each hook fires once (a marker file).
 """
@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -201,7 +200,9 @@ def test_rank_killed_mid_training_is_restarted_and_resumes_exactly(reference, tm
 
 
 # ------------------------------------------------------------------ 3. crash during save or export
-RANK_FILES = ["zero_pp_rank_{}_mp_rank_00_model_states.pt", "zero_pp_rank_{}_mp_rank_00_optim_states.pt"]
+RANK_FILES = ["master-rank{:05d}-of-00002.safetensors", "exp_avg-rank{:05d}-of-00002.safetensors",
+              "exp_avg_sq-rank{:05d}-of-00002.safetensors", "rng-rank{:05d}-of-00002.json"]
+RANK0_EXTRA = ["state.json", "tokenizer"]  # rank 0 writes them after its own files
 
 
 def test_kill_mid_checkpoint_and_mid_export_leave_nothing_marked_complete(reference, tmp_path):
@@ -213,19 +214,19 @@ def test_kill_mid_checkpoint_and_mid_export_leave_nothing_marked_complete(refere
     step10 = work / "checkpoints" / f"step-{2 * SAVE_EVERY:08d}"
     frozen_save, frozen_export = tmp_path / "frozen-save", tmp_path / "frozen-export"
     p = start(work, tmp_path, "faults", torchrun_args=["--max-restarts", "1"], freeze=[
-        dict(rank=1, event="os.mkdir", path=str(step10), marker=str(frozen_save)),
+        dict(rank=1, event="open", path=str(step10 / RANK_FILES[0].format(1)), marker=str(frozen_save)),
         dict(rank=0, event="open", path=str(hf / "config.json"), marker=str(frozen_export)),
     ])
 
-    # 1. Rank 1 stops as DeepSpeed creates step 10's directory; rank 0 writes its half of the
-    #    checkpoint and waits for rank 1 at DeepSpeed's barrier.
+    # 1. Rank 1 stops as it opens its first step-10 file; rank 0 writes its half of the
+    #    checkpoint and waits for rank 1's confirmation (a collective) before COMPLETE.
     pid = wait_for("rank 1 stopped in the step-10 save", lambda: stopped(frozen_save), p, tmp_path, "faults")
     rank0 = [f.format(0) for f in RANK_FILES]
-    wait_for("rank 0's half written", lambda: all((step10 / f).exists() and zipfile.is_zipfile(step10 / f)
-                                                  for f in rank0), p, tmp_path, "faults")
-    assert sorted(os.listdir(step10)) == rank0  # no rank-1 file, no COMPLETE
+    wait_for("rank 0's half written", lambda: all((step10 / f).exists() for f in rank0)
+             and (step10 / "tokenizer" / "tokenizer_config.json").exists(), p, tmp_path, "faults")
+    assert sorted(os.listdir(step10)) == sorted(rank0 + RANK0_EXTRA)  # no rank-1 file, no COMPLETE
     assert complete_steps(work) == [SAVE_EVERY]
-    assert CheckpointManager(str(work), 0, 2).resolve("auto")[1].endswith(f"step-{SAVE_EVERY:08d}")
+    assert CheckpointManager(str(work), 0, 2).latest().endswith(f"step-{SAVE_EVERY:08d}")
     os.kill(pid, signal.SIGKILL)
 
     # 2. torchrun restarts both ranks: the partial step 10 is deleted, training resumes from step 5,

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files, read_config
-from moe_train.checkpoint.training_state import CheckpointManager, rng_state, set_rng_state
+from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
 from moe_train.engine import kernels
 from moe_train.engine.divergence import DivergenceGuard, Diverged, finite_or_none
 from moe_train.engine.lease import own_work_dir
@@ -63,6 +63,7 @@ class TrainConfig:
     preempt_grace: float = DEFAULT_GRACE_S  # seconds between a stop signal and SIGKILL
     progress: bool = True
     overwrite: bool = False  # move an earlier run in the work dir aside (engine/lease.py)
+    allow_batch_change: bool = False  # resume with another global batch (packs per step) than the checkpoint's
 
 
 def _log(rank: int, msg: str) -> None:
@@ -158,14 +159,17 @@ def check_tokenizer(cfg: Any, tokenizer: Any, source: str) -> None:
 
 
 def build_model(cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
-                model_url: str | None, seed: int, activation_checkpointing: bool) -> torch.nn.Module:
-    """The model partitioned from the start (ZeRO-3), its partitions filled from the source."""
+                model_url: str | None, seed: int, activation_checkpointing: bool,
+                load_weights: bool = True) -> torch.nn.Module:
+    """The model partitioned from the start (ZeRO-3), its partitions filled from the source (unless a
+    training checkpoint is about to overwrite them)."""
     from moe_train.checkpoint.hf_layout import load_into
     from moe_train.engine.weights import open_source
 
     spec = spec_of(cfg)
     model = zero3.build(lambda: spec.build(cfg), ds_config, dtype, device)
-    load_into(model, open_source(model, model_url, seed), partition=zero3.partition)
+    if load_weights:
+        load_into(model, open_source(model, model_url, seed), partition=zero3.partition)
     if activation_checkpointing:
         zero3.apply_activation_checkpointing(spec.layers(model))
     return model
@@ -185,6 +189,7 @@ class Job:
     loader: Any
     seq: Any  # SequenceParallel, or None for --sp 1
     ckpt: CheckpointManager
+    data_fingerprint: dict[str, Any]
     fs: Any
     work_root: str
     tokenizer_dir: str
@@ -253,13 +258,13 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
 
 
 def build_engine(r: Recipe, cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype,
-                 device: torch.device, world: int, schedule_steps: int) -> tuple[Any, Any]:
+                 device: torch.device, world: int, schedule_steps: int, load_weights: bool = True) -> tuple[Any, Any]:
     """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
     from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
 
     ds_config = fill_auto(ds_config, micro_batch_size=1, grad_accum=r.grad_accum, world_size=world,
                           grad_clip=r.max_grad_norm, bf16=dtype == torch.bfloat16, hidden_size=cfg.hidden_size)
-    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing)
+    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights)
     if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -271,23 +276,23 @@ def build_engine(r: Recipe, cfg: Any, ds_config: dict[str, Any], dtype: torch.dt
     return zero3.initialize(model, optimizer, scheduler, ds_config)
 
 
-def resume_state(ckpt: CheckpointManager, resume: tuple[Any, str] | None, engine: Any, loader: Any, rank: int) -> int:
+def resume_state(job: "Job", resume: TrainingCheckpoint | None) -> int:
     """Load the resume point into the engine and loader; the step to continue from (0: a fresh start)."""
-    if rank == 0:
-        for path in ckpt.remove_incomplete():
-            _log(rank, f"removed incomplete checkpoint {display(ckpt.fs, path)}")
-    dist.barrier()
+    from moe_train.checkpoint.hf_layout import expected_hf_keys
+    from moe_train.engine import resume as resuming
+
     if not resume:
         return 0
-    state = ckpt.load(engine, resume)
-    loader.load_state_dict(state["loader"])
-    set_rng_state(state["rng"])
-    _log(rank, f"resumed from {display(resume[0], resume[1])} at step {state['step']}")
-    return state["step"]
+    shapes = {k: shape for k, (_, shape) in expected_hf_keys(job.engine.module).items()}
+    step = resuming.load(resume, job.engine, job.scheduler, job.loader, job.recipe, shapes, job.cfg, job.rank,
+                         job.world)
+    _log(job.rank, f"resumed from {resume.where} at step {step}")
+    return step
 
 
 def setup(tc: TrainConfig) -> Job:
     """Process group, data, model (partitioned from the start), DeepSpeed engine, resume."""
+    from moe_train.engine import resume as resuming
     from moe_train.engine.deepspeed_config import load_deepspeed_config
     from moe_train.engine.distributed import init_distributed
     from moe_train.parallel import SequenceParallel
@@ -314,10 +319,20 @@ def setup(tc: TrainConfig) -> Job:
 def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: torch.dtype, seq: Any, fs: Any,
                  work_root: str, lease: Any) -> Job:
     """The rest of `setup`, once this job owns the work dir (so removing stale files is safe)."""
+    from moe_train.engine import resume as resuming
+
     r = tc.recipe
     rank, world, device = info.rank, info.world_size, info.device
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
-    resume = ckpt.resolve(tc.resume)
+    if rank == 0:
+        for path in ckpt.remove_incomplete():
+            _log(rank, f"removed incomplete checkpoint {display(ckpt.fs, path)}")
+    # Rank 0 picks the resume point and broadcasts it; every rank verifies the files it names.
+    resume = ckpt.resolve(tc.resume, log=lambda msg: _log(rank, msg.removeprefix("[moe-train] ")))
+    if resume is not None:
+        r = resuming.plan(resume, r, world, tc.allow_batch_change, lambda msg: _log(rank, msg),
+                          tc.deepspeed or r.deepspeed)
+        tc = dataclasses.replace(tc, recipe=r)
 
     for url, what in [(r.model, "--model"), (r.tokenizer, "--tokenizer")]:
         if url:
@@ -330,16 +345,21 @@ def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: t
     if warning:
         _log(rank, warning)
     data = build_data(r, rank, world, cfg)  # checks the tokenizer against the model (check_tokenizer)
+    fingerprint = resuming.data_fingerprint(r.data, data.loader.packs)
+    if resume is not None:
+        resuming.check_model_and_data(resume, cfg, fingerprint)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
     schedule_steps = data.steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
-    engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps)
+    engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps,
+                                     load_weights=resume is None)
     if seq is not None:
         seq.apply(engine.module, spec_of(cfg))
-    step = resume_state(ckpt, resume, engine, data.loader, rank)
-    return Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fs, work_root,
-               data.tokenizer_dir, step, total_steps, lease, data.eval_loader)
+    job = Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fingerprint, fs, work_root,
+              data.tokenizer_dir, 0, total_steps, lease, data.eval_loader)
+    job.step = resume_state(job, resume)
+    return job
 
 
 def forward(engine: Any, b: dict[str, Any], device: torch.device) -> Any:
@@ -480,6 +500,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns a summary (losses, tokens/s, paths)."""
     # DeepSpeed calls c10d functions that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    from moe_train.engine.resume import checkpoint_state
+
     quiet_deepspeed()
     job = setup(tc)
     try:
@@ -547,9 +569,8 @@ def _train(job: Job) -> dict[str, Any]:
                 stop_now = stop.agreed()
                 if (r.save_steps and step % r.save_steps == 0 and guard.healthy) or stop_now:
                     with stall_notice(f"checkpoint of step {step} to {redact(tc.work_dir)}", lambda m: _log(rank, m)):
-                        path = job.ckpt.save(job.engine, step, {"step": step, "loader": job.loader.state_dict(),
-                                                                "rng": rng_state(),
-                                                                "recipe": redact_all(dataclasses.asdict(r))})
+                        path = job.ckpt.save(step, zero3.optimizer_ranges(job.engine, create_state=True), job.cfg,
+                                             checkpoint_state(job, step), job.tokenizer_dir, job.world)
                     _log(rank, f"saved checkpoint {display(job.ckpt.fs, path)}")
                 if stop_now:
                     raise stop.requested(step)

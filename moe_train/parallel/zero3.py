@@ -7,12 +7,15 @@
 - ``gathered_parameters``: every parameter in full, one at a time, for the streamed HF export.
 - ``apply_activation_checkpointing``: recompute each decoder layer in backward.
 - ``initialize``: ``deepspeed.initialize`` with the trainer's optimizer and schedule.
+- ``optimizer_ranges`` and friends: each rank's fp32 master weights and Adam moments per parameter, as
+  views into DeepSpeed's flat partitions, for the topology-free training checkpoint (no pickles).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,3 +97,122 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_config, dist_init_required=False)
     return engine, scheduler
+
+
+# ---------------------------------------------------------------- optimizer partitions (training checkpoints)
+# The Adam moments a training checkpoint keeps per parameter (torch AdamW and DeepSpeed's CPU Adam name
+# them alike); the fp32 master weights are the third kind, "master".
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class OwnedRange:
+    """The elements [start, start + n) of one parameter's row-major flattening that this rank owns, as
+    1-D views of its fp32 master weights and Adam moments (padding excluded)."""
+
+    name: str
+    shape: tuple[int, ...]
+    start: int
+    tensors: dict[str, torch.Tensor]  # "master", "exp_avg", "exp_avg_sq" -> (n,) views
+
+    @property
+    def n(self) -> int:
+        return self.tensors["master"].numel()
+
+
+def _zero_optimizer(engine: Any) -> Any:
+    opt = engine.optimizer
+    if not hasattr(opt, "fp32_partitioned_groups_flat") and not hasattr(opt, "single_partition_of_fp32_groups"):
+        raise ValueError("training checkpoints need a ZeRO-2 or ZeRO-3 DeepSpeed config (got a plain optimizer); "
+                         "use --deepspeed deepspeed_zero3 or --save-steps 0")
+    if getattr(opt, "swap_optimizer", False) or getattr(opt, "params_in_nvme_and_cpu", False):
+        raise ValueError("training checkpoints do not support NVMe offload; offload to cpu or use --save-steps 0")
+    inner = opt.optimizer
+    if any(g.get("amsgrad") for g in inner.param_groups) or not hasattr(inner, "state"):
+        raise ValueError(f"training checkpoints hold Adam/AdamW state only, not {type(inner).__name__} "
+                         "(or amsgrad); use the trainer's AdamW")
+    return opt
+
+
+def _flat_groups(opt: Any) -> list[torch.Tensor]:
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        return opt.fp32_partitioned_groups_flat
+    return opt.single_partition_of_fp32_groups
+
+
+def optimizer_ranges(engine: Any, create_state: bool = False) -> list[OwnedRange]:
+    """Every parameter's owned range on this rank, in ``named_parameters`` order (ZeRO-2 or ZeRO-3).
+
+    The optimizer's state appears at its first step; ``create_state`` makes it (zeros, step 0) so a
+    checkpoint can be loaded into a fresh engine."""
+    opt = _zero_optimizer(engine)
+    inner = opt.optimizer
+    flats = _flat_groups(opt)
+    for flat in flats:
+        if create_state and not inner.state.get(flat):
+            step = 0 if hasattr(inner, "ds_opt_adam") else torch.tensor(0.0, dtype=torch.float32)
+            inner.state[flat] = {"step": step, **{k: torch.zeros_like(flat) for k in MOMENTS}}
+    out = []
+    stage3 = hasattr(opt, "fp32_partitioned_groups_flat")
+    for name, p in engine.module.named_parameters():
+        if stage3:
+            group, offset, _ = opt.grad_position[opt.get_param_id(p)]
+            start = p.ds_tensor.ds_numel * dist.get_rank(group=p.ds_process_group)
+            n = max(0, min(p.ds_tensor.ds_numel, p.ds_numel - start))
+        else:
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:  # none of this parameter lives in this rank's partition
+                continue
+            group = mapping.param_group_index
+            offset, n = mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel
+            start = mapping.lp_fragment_address.start
+        flat = flats[group]
+        views = {"master": flat.narrow(0, offset, n)}
+        state = inner.state.get(flat) or {}
+        views.update({k: state[k].narrow(0, offset, n) for k in MOMENTS if k in state})
+        out.append(OwnedRange(name, full_shape(p), start, views))
+    return out
+
+
+def optimizer_step_count(engine: Any) -> int:
+    """Adam's step count (bias correction); 0 before the first step."""
+    opt = _zero_optimizer(engine)
+    for flat in _flat_groups(opt):
+        state = opt.optimizer.state.get(flat)
+        if state and "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def set_optimizer_step_count(engine: Any, step: int) -> None:
+    opt = _zero_optimizer(engine)
+    for flat in _flat_groups(opt):
+        state = opt.optimizer.state[flat]
+        if torch.is_tensor(state["step"]):
+            state["step"].fill_(float(step))
+        else:
+            state["step"] = int(step)
+
+
+def begin_load(engine: Any) -> None:
+    """Before writing master weights into a live engine: release ZeRO-3's gathered parameters."""
+    if hasattr(engine.optimizer, "checkpoint_event_prologue"):
+        engine.optimizer.checkpoint_event_prologue()
+
+
+def finish_load(engine: Any) -> None:
+    """After the master weights were written: the working (bf16/fp32) weights follow them on every rank."""
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):
+        for i in range(len(opt.fp32_partitioned_groups_flat)):
+            opt._reassign_or_swap_out_partitioned_parameters(i)  # copy fp32 -> partition (a no-op when aliased)
+        opt.checkpoint_event_epilogue()  # re-gathers the persistent (small, never partitioned away) parameters
+    else:
+        opt.update_lp_params()  # ZeRO-2: each rank's fp32 partition -> its bit16 share, then all-gather
+
+
+def set_engine_step(engine: Any, step: int, grad_accum: int) -> None:
+    """DeepSpeed's own counters, as an uninterrupted run would have them."""
+    engine.global_steps = step
+    engine.global_samples = step * engine.train_batch_size()
+    engine.micro_steps = step * grad_accum

@@ -1,0 +1,175 @@
+"""Resuming a run from a training checkpoint on any topology, and what a checkpoint records.
+
+A checkpoint (``moe_train/checkpoint/training_state.py``) holds the fp32 master weights and Adam
+moments by HF key and element range, so the world size, ``--sp``, ``expert_in_one_shard`` and
+``shard``/``origin`` may all change on resume.  What must stay is what defines the run:
+
+- the model (every ``config.json`` field) and the data (file list and sizes, and a content hash of
+  the packs, which also covers the tokenizer, template, ``max_length`` and packing seed);
+- the global batch, in packs per optimiser step (data-parallel ranks x ``grad_accum`` x micro batch):
+  on another world size ``grad_accum`` is adjusted to keep it (2 ranks x 2 -> 4 ranks x 1), or the
+  resume is refused with one line unless ``--allow-batch-change``;
+- the LR schedule's shape (epochs, warm-up, floor) and the data order (seed, shuffle).
+
+The optimiser's settings (lr, betas, weight decay, clipping) and the run's length and save cadence
+may change: the new values apply from the resumed step and each change is logged.  The data
+position is kept in packs, so a loader on another data-parallel size continues at the same pack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from moe_train.checkpoint.training_state import TrainingCheckpoint, set_rng_state
+from moe_train.parallel import zero3
+from moe_train.recipes import Recipe
+from moe_train.storage import redact
+
+# Recipe fields that define the run: a change is refused (the model and data are checked apart).
+FIXED = ("template", "max_length", "varlen", "too_long", "shuffle", "seed", "epochs", "warmup_ratio", "min_lr_ratio")
+# Recipe fields that may change on resume; applied from the resumed step and logged.
+TUNABLE = ("lr", "betas", "weight_decay", "max_grad_norm", "max_steps", "save_steps", "save_total_limit")
+# How the same run is laid out: re-partitioned on resume (the global batch is checked apart).
+LAYOUT = ("moe_implementation", "expert_in_one_shard", "sp", "grad_accum", "micro_batch_size", "deepspeed", "dtype",
+          "activation_checkpointing")
+
+
+def recipe_record(r: Recipe) -> dict[str, Any]:
+    """The recipe as JSON with URL credentials redacted."""
+    d = dataclasses.asdict(r)
+    for key in ("model", "tokenizer"):
+        if d[key]:
+            d[key] = redact(d[key])
+    d["data"] = [redact(u) for u in d["data"]]
+    d["betas"] = list(d["betas"])
+    return d
+
+
+def data_fingerprint(data_urls: list[str], packs: list[Any]) -> dict[str, Any]:
+    """File list with sizes and a SHA-256 over the packs' tokens, labels and boundaries."""
+    from moe_train.data.datasets import resolve_files
+
+    files = [[redact(fs.unstrip_protocol(path)), int(fs.size(path))] for fs, path in resolve_files(data_urls)]
+    h = hashlib.sha256()
+    for p in packs:
+        for t in (p.input_ids, p.labels, p.cu_seqlens):
+            h.update(t.contiguous().numpy().tobytes())
+            h.update(b"|")
+    return {"files": files, "packs": len(packs), "sha256": h.hexdigest()}
+
+
+def plan(ckpt: TrainingCheckpoint, r: Recipe, world: int, allow_batch_change: bool, log: Callable[[str], None],
+         deepspeed: str) -> Recipe:
+    """The recipe to resume ``ckpt`` with: refused (one line) if it changes the run, else with
+    ``grad_accum`` adjusted to keep the global batch on this world size, every change logged."""
+    saved, state, step = ckpt.state["recipe"], ckpt.state, ckpt.step
+    now = {**recipe_record(r), "deepspeed": deepspeed}
+    for key in FIXED:
+        if saved[key] != now[key]:
+            raise ValueError(f"{key} was {saved[key]!r} in the checkpoint and is {now[key]!r} now; {key} defines the "
+                             f"run and cannot change on resume: pass --cfg-options {key}={saved[key]!r} or start a "
+                             "new --work-dir")
+    dp = world // r.sp
+    packs = state["dp_size"] * state["grad_accum"] * state["micro_batch_size"]
+    accum = r.grad_accum
+    if dp * accum * r.micro_batch_size != packs and r.grad_accum == saved["grad_accum"]:
+        accum = packs / (dp * r.micro_batch_size)  # keep the global batch by accumulating more or less
+        if accum == int(accum) and accum >= 1:
+            accum = int(accum)
+            r = r.replace(grad_accum=accum)
+    if dp * r.grad_accum * r.micro_batch_size != packs:
+        if not allow_batch_change:
+            raise ValueError(f"the checkpoint's global batch is {packs} packs per step ({state['dp_size']} "
+                             f"data-parallel ranks x grad_accum {state['grad_accum']} x micro batch "
+                             f"{state['micro_batch_size']}); {dp} data-parallel ranks cannot keep it (grad_accum "
+                             f"would be {packs}/{dp * r.micro_batch_size}): use a world size dividing {packs}, set "
+                             "--cfg-options grad_accum=N, or pass --allow-batch-change to train on with "
+                             f"{dp * r.grad_accum * r.micro_batch_size} packs per step")
+        log(f"global batch {packs} -> {dp * r.grad_accum * r.micro_batch_size} packs per step from step {step + 1} "
+            "(--allow-batch-change)")
+    now = {**recipe_record(r), "deepspeed": deepspeed}
+    for key in TUNABLE:
+        if saved[key] != now[key]:
+            log(f"{key} {_show(saved[key])} -> {_show(now[key])} from step {step + 1}")
+    layout = [f"{key} {_show(saved[key])} -> {_show(now[key])}" for key in LAYOUT if saved[key] != now[key]]
+    if state["world_size"] != world or layout:
+        log(f"re-partitioned from step {step}: world size {state['world_size']} -> {world}"
+            + "".join(f", {x}" for x in layout) + f"; global batch {dp * r.grad_accum * r.micro_batch_size} packs")
+    return r
+
+
+def _show(v: Any) -> str:
+    return str(tuple(v)) if isinstance(v, list) else str(v)
+
+
+def check_model_and_data(ckpt: TrainingCheckpoint, cfg: Any, fingerprint: dict[str, Any]) -> None:
+    """Refuse (one line naming the field) a model or data that is not the checkpoint's."""
+    saved, now = ckpt.state["config"], cfg.to_hf_dict()
+    for key in sorted((set(saved) | set(now)) - {"torch_dtype"}):
+        if saved.get(key) != now.get(key):
+            raise ValueError(f"model config field {key} was {saved.get(key)!r} in the checkpoint and is "
+                             f"{now.get(key)!r} now; resume with the checkpoint's model (--model / recipe)")
+    before = ckpt.state["data"]
+    if before["sha256"] != fingerprint["sha256"] or before["packs"] != fingerprint["packs"]:
+        changed = [f"{a[0]} {a[1]} -> {b[1]} bytes" for a, b in zip(before["files"], fingerprint["files"]) if a != b]
+        if len(before["files"]) != len(fingerprint["files"]):
+            changed.append(f"{len(before['files'])} -> {len(fingerprint['files'])} files")
+        raise ValueError(f"data differs from the checkpoint's ({before['packs']} -> {fingerprint['packs']} packs"
+                         + (f"; {changed[0]}" if changed else "; same files, other content") + "); resume with the "
+                         "same --data, tokenizer and max_length, or start a new --work-dir")
+
+
+def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
+    """What rank 0 writes to ``state.json``: everything but the tensors and the RNG."""
+    from moe_train.checkpoint.training_state import FORMAT
+
+    r, sched = job.recipe, job.scheduler
+    return {
+        "format": FORMAT, "step": step, "optimizer_step": zero3.optimizer_step_count(job.engine),
+        "world_size": job.world, "dp_size": job.world // r.sp, "sp": r.sp, "grad_accum": r.grad_accum,
+        "micro_batch_size": r.micro_batch_size, "loader": job.loader.state_dict(),
+        "scheduler": {"last_epoch": sched.last_epoch, "step_count": sched._step_count,
+                      "base_lrs": list(sched.base_lrs), "last_lr": list(sched.get_last_lr())},
+        "recipe": {**recipe_record(r), "deepspeed": job.tc.deepspeed or job.recipe.deepspeed}, "config": job.cfg.to_hf_dict(
+            torch_dtype=str(next(job.engine.module.parameters()).dtype).removeprefix("torch.")),
+        "data": job.data_fingerprint,
+    }
+
+
+@torch.no_grad()
+def load(ckpt: TrainingCheckpoint, engine: Any, scheduler: Any, loader: Any, r: Recipe,
+         shapes: dict[str, tuple[int, ...]], cfg: Any, rank: int, world: int) -> int:
+    """Every rank fills the partitions it now owns from the checkpoint; returns the step resumed at."""
+    state = ckpt.state
+    zero3.begin_load(engine)
+    ckpt.load(zero3.optimizer_ranges(engine, create_state=True), cfg, shapes)
+    zero3.set_optimizer_step_count(engine, state["optimizer_step"])
+    zero3.finish_load(engine)
+
+    # The LR schedule continues at its step; a new peak lr scales it from here on.
+    s = state["scheduler"]
+    scheduler.last_epoch, scheduler._step_count = s["last_epoch"], s["step_count"]
+    scheduler.base_lrs = [r.lr] * len(scheduler.base_lrs)
+    lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+    zero3.set_engine_step(engine, ckpt.step, r.grad_accum)
+
+    # The data position is in packs: the same pack comes next whatever the data-parallel size.
+    saved = state["loader"]
+    packs = saved["step"] * saved["dp_size"] * saved["micro_batch_size"]
+    per_step = loader.dp_size * loader.micro_batch_size
+    if packs % per_step:
+        raise ValueError(f"the checkpoint stopped {packs} packs into epoch {saved['epoch']}, inside a micro-batch of "
+                         f"{per_step} packs of this layout; resume on {saved['dp_size']} data-parallel ranks")
+    loader.load_state_dict({**saved, "step": packs // per_step, "dp_size": loader.dp_size,
+                            "micro_batch_size": loader.micro_batch_size})
+    # RNG: a rank's own stream when the world is the same; else the stream of the rank with its index modulo.
+    set_rng_state(ckpt.rng(rank % ckpt.world))
+    return ckpt.step
