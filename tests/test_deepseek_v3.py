@@ -425,3 +425,131 @@ def test_fp8_partitioned_load_reads_element_ranges(tmp_path):
     for name, p in whole.named_parameters():
         pieces = [parts[r][1][id(dict(parts[r][0].named_parameters())[name])] for r in range(ranks)]
         assert torch.equal(torch.cat(pieces)[: p.numel()], p.data.reshape(-1)), name
+
+
+# ------------------------------------------------------------------------------------------ templates
+def test_chat_templates_of_the_family():
+    from moe_train.data.templates import get_template
+
+    chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+
+    def render(name, messages):
+        segments = get_template(name)(messages, "<bos>", "<eos>")
+        return "".join(s.text for s in segments), [s.text for s in segments if s.trained]
+
+    assert render("deepseek_v3", [{"role": "system", "content": "Be brief."}, *chat]) == (
+        "<bos>Be brief.<｜User｜>Hi?<｜Assistant｜>Hello.<eos>",
+        ["Hello.<eos>"],
+    )
+    kimi = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
+    turns = "<|im_user|>user<|im_middle|>Hi?<|im_end|><|im_assistant|>assistant<|im_middle|>Hello.<|im_end|>"
+    assert render("kimi_k2", chat) == (kimi + turns, ["Hello.<|im_end|>"])
+    moon = "<|im_system|>system<|im_middle|>Be brief.<|im_end|>"
+    assert render("moonlight", [{"role": "system", "content": "Be brief."}, *chat]) == (
+        moon + turns,
+        ["Hello.<|im_end|>"],
+    )
+    assert spec_for("deepseek_v3").chat_template == "deepseek_v3"
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+@pytest.fixture(scope="module")
+def v3_run(tmp_path_factory):
+    """tiny_v3 under ZeRO-3 on 2 ranks: 6 steps, checkpoints at 3 and 6, exported."""
+    from tests.launch import check, torchrun
+
+    tmp = tmp_path_factory.mktemp("v3")
+    check(
+        torchrun(
+            [
+                "tiny_v3",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                str(tmp / "run"),
+                "--max-steps",
+                "6",
+                "--save-steps",
+                "3",
+            ],
+            tmp,
+        )
+    )
+    return tmp / "run"
+
+
+@pytest.mark.slow
+def test_zero3_run_trains_balances_and_exports(v3_run):
+    from transformers import AutoModelForCausalLM
+
+    from tests.launch import metrics, summary
+
+    records = [m for m in metrics(v3_run) if "loss" in m]
+    assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+    # The bias moves by the rate every step (sign is +-1 unless an expert sits exactly at the mean).
+    absmax = [m["correction_bias_absmax"] for m in records]
+    assert all(len(layer) == 2 for layer in absmax)
+    assert absmax[0] == [0.001, 0.001] and all(0 < v <= 0.006 + 1e-9 for v in absmax[-1])
+    exported = _tensors(v3_run / "hf_model")
+    bias = exported["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert bias.dtype == torch.float32 and bias.abs().max().item() == pytest.approx(absmax[-1][0], abs=1e-6)
+    hf = AutoModelForCausalLM.from_pretrained(v3_run / "hf_model", dtype=torch.float32).eval()
+    ours = load_pretrained(str(v3_run / "hf_model")).eval()
+    assert torch.equal(hf.model.layers[1].mlp.gate.e_score_correction_bias, bias)
+    ids = torch.randint(0, 512, (1, 30))
+    assert (hf(ids).logits - ours(ids).logits).abs().max() < 1e-4
+    assert summary(v3_run)["losses"][0] != summary(v3_run)["losses"][-1]
+
+
+@pytest.mark.slow
+def test_resume_restores_the_correction_bias(v3_run, tmp_path):
+    from tests.launch import check, summary, torchrun
+
+    work = tmp_path / "resumed"
+    args = ["tiny_v3", "--deepspeed", "deepspeed_zero3", "--work-dir", str(work), "--save-steps", "3"]
+    check(torchrun([*args, "--max-steps", "3", "--no-export"], tmp_path))
+    check(torchrun([*args, "--max-steps", "6", "--resume", "auto"], tmp_path))
+    assert summary(work)["losses"] == summary(v3_run)["losses"][3:]
+    a, b = _tensors(v3_run / "hf_model"), _tensors(work / "hf_model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_zero3_run_from_an_fp8_checkpoint_with_mtp(tmp_path):
+    """Partitioned FP8 load on 2 ranks, training, bf16/fp32 export with the MTP layer copied through."""
+    from tests.launch import check, torchrun
+
+    cfg = tiny_v3()
+    src, stored = _fp8_checkpoint(tmp_path, cfg, mtp=True)
+    proc = check(
+        torchrun(
+            [
+                "tiny_v3",
+                "--model",
+                str(src),
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                str(tmp_path / "run"),
+                "--max-steps",
+                "2",
+                "--save-steps",
+                "0",
+            ],
+            tmp_path,
+        )
+    )
+    assert "copied 2 tensors of the MTP layers unchanged (not trained)" in proc.stdout
+    out = _tensors(tmp_path / "run" / "hf_model")
+    L = cfg.num_hidden_layers
+    assert torch.equal(out[f"model.layers.{L}.enorm.weight"], stored[f"model.layers.{L}.enorm.weight"])
+    assert torch.equal(
+        out[f"model.layers.{L}.eh_proj.weight"],
+        reference_dequantise(
+            stored[f"model.layers.{L}.eh_proj.weight"], stored[f"model.layers.{L}.eh_proj.weight_scale_inv"]
+        ),
+    )
+    config = json.loads((tmp_path / "run" / "hf_model" / "config.json").read_text())
+    assert "quantization_config" not in config
+    complete = json.loads((tmp_path / "run" / "hf_model" / "COMPLETE").read_text())
+    assert complete["source"] == str(src)

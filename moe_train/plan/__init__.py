@@ -8,12 +8,14 @@ is an estimate from first principles, not a measurement.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moe_train.engine.deepspeed_config import load_deepspeed_config
-from moe_train.models.deepseek_v2.config import NAMED_SIZES, DeepseekV2Config
+from moe_train.models import families, spec_for
+from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from moe_train.plan.memory import GiB, MemoryEstimate, Workload, ZeroSettings, predict_memory
 from moe_train.plan.speed import DEVICES, Device, SpeedEstimate, predict_speed
 from moe_train.recipes import Recipe
@@ -29,6 +31,13 @@ HF_MODEL_SIZES = {
     "deepseek-ai/DeepSeek-V2-Chat": "deepseek-v2",
     "deepseek-ai/DeepSeek-V2-Lite": "deepseek-v2-lite",
     "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-v2-lite",
+    "deepseek-ai/DeepSeek-V3": "deepseek-v3",
+    "deepseek-ai/DeepSeek-V3-0324": "deepseek-v3",
+    "deepseek-ai/DeepSeek-R1": "deepseek-v3",
+    "deepseek-ai/DeepSeek-V3.1": "deepseek-v3",
+    "moonshotai/Kimi-K2-Instruct": "kimi-k2",
+    "moonshotai/Moonlight-16B-A3B": "moonlight-16b-a3b",
+    "moonshotai/Moonlight-16B-A3B-Instruct": "moonlight-16b-a3b",
 }
 
 # A shard size whose step time is within this share of the fastest fitting one is fast enough.
@@ -41,12 +50,14 @@ def model_config(recipe: Recipe, **layout: Any) -> DeepseekV2Config:
               **layout}
     size = recipe.model_size or HF_MODEL_SIZES.get(recipe.model or "")
     if size:
-        return DeepseekV2Config.from_name(size, **layout)
+        return spec_for(recipe.family).named_config(size, **layout)
     if recipe.model and (Path(recipe.model) / "config.json").is_file():
-        return DeepseekV2Config.from_json_file(str(Path(recipe.model) / "config.json"), **layout)
+        d = json.loads((Path(recipe.model) / "config.json").read_text())
+        return spec_for(d.get("model_type")).config(d, **layout)
+    sizes = sorted(s for spec in families() for s in spec.hub_ids)
     raise ValueError(
         f"cannot size model {recipe.model!r} of recipe {recipe.name!r}: use a named size "
-        f"({', '.join(sorted(NAMED_SIZES))}), one of {', '.join(HF_MODEL_SIZES)}, or a local checkpoint directory"
+        f"({', '.join(sizes)}), one of {', '.join(HF_MODEL_SIZES)}, or a local checkpoint directory"
     )
 
 
