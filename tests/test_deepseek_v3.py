@@ -220,6 +220,10 @@ def test_kimi_k2_model_type_is_read_and_kept(tmp_path):
     from tests.conftest import tiny_config
 
     assert spec_of(tiny_v3()).name == "deepseek_v3" and spec_of(tiny_config()).name == "deepseek_v2"
+    from moe_train import DeepseekV2ForCausalLM
+
+    with pytest.raises(ValueError, match="DeepseekV3ForCausalLM checkpoint, not DeepseekV2ForCausalLM"):
+        DeepseekV2ForCausalLM.from_pretrained(str(tmp_path / "src"))
     model = load_pretrained(str(tmp_path / "src"))
     assert spec_of(model).name == "deepseek_v3"
     save_pretrained(model, str(tmp_path / "out"))

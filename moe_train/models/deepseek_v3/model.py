@@ -15,3 +15,6 @@ class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
     """``forward`` as ``DeepseekV2ForCausalLM.forward``; ``config`` is a ``DeepseekV3Config``."""
 
     moe_cls = NoAuxMoE
+    # DeepSpeed (like transformers) keeps buffers named here in fp32 under bf16 training; the router's own
+    # ``_apply`` does the same for ``.to(dtype)``.
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
