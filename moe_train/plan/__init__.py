@@ -49,8 +49,9 @@ def model_config(recipe: Recipe, **layout: Any) -> DeepseekV2Config:
     layout = {"moe_implementation": recipe.moe_implementation, "expert_in_one_shard": recipe.expert_in_one_shard,
               **layout}
     size = recipe.model_size or HF_MODEL_SIZES.get(recipe.model or "")
-    if size:
-        return spec_for(recipe.family).named_config(size, **layout)
+    if size:  # a named size of the recipe's family, or the size of a known HF id in whichever family has it
+        owner = spec_for(recipe.family) if recipe.model_size else next(s for s in families() if size in s.hub_ids)
+        return owner.named_config(size, **layout)
     if recipe.model and (Path(recipe.model) / "config.json").is_file():
         d = json.loads((Path(recipe.model) / "config.json").read_text())
         return spec_for(d.get("model_type")).config(d, **layout)
