@@ -266,6 +266,10 @@ def test_named_sizes():
     assert 15e9 < counts["moonlight-16b-a3b"].total < 16.5e9
     assert 36e9 < counts["deepseek-v3"].active_matmul < 38e9
     assert DeepseekV3Config.from_name("kimi-k2").to_hf_dict()["model_type"] == "kimi_k2"
+    from moe_train.plan.memory import count_params
+
+    # The planner's analytic count agrees with the model built on the meta device.
+    assert all(count_params(DeepseekV3Config.from_name(name)) == counts[name].total for name in NAMED_SIZES)
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ def encode_conversations(
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False, return_offsets_mapping=True)
         for ids, offsets, trained, text in zip(enc["input_ids"], enc["offset_mapping"], spans[i:i + batch_size],
-                                               texts[i:i + batch_size]):
+                                               texts[i:i + batch_size], strict=True):
             # Kimi K2 and Moonlight templates write no bos; the others must find it read as one token.
             if text.startswith(tokenizer.bos_token) and ids[0] != tokenizer.bos_token_id:
                 raise ValueError(f"the tokenizer does not read {tokenizer.bos_token!r} as its bos token")
