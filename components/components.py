@@ -195,7 +195,7 @@ def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, 
 
 
 def _documented(component):
-    """Append the Args section the three components share (TorchX reads it for --help)."""
+    """Append the Args section the components share (TorchX reads it for --help)."""
     component.__doc__ = component.__doc__.rstrip() + "\n\n" + _ARGS_DOC
     return component
 
@@ -226,7 +226,7 @@ _ARGS_DOC = """Args:
 """
 
 
-# The three components repeat one parameter list on purpose: TorchX builds each component's
+# The components repeat one parameter list on purpose: TorchX builds each component's
 # command line and its `torchx builtins` entry from that function's own signature and defaults.
 @_documented
 def deepseek_v2_full(
@@ -284,6 +284,64 @@ def deepseek_v2_lite_full(
 ) -> specs.AppDef:
     """Full fine-tune of DeepSeek-V2-Lite (16B) under DeepSpeed ZeRO-3: 1 node x 8 GPUs."""
     return _component("deepseek-v2-lite-full", {}, **locals())
+
+
+@_documented
+def deepseek_v3_full(
+    *trainer_args: str,
+    j: str = "32x8",
+    image: str = _DEFAULT_IMAGE,
+    recipe: str = "deepseek_v3_full_alpaca_e3",
+    deepspeed: str = "deepspeed_zero3",
+    work_dir: Optional[str] = None,
+    model: Optional[str] = None,
+    data: Optional[List[str]] = None,
+    max_length: Optional[int] = None,
+    varlen: Optional[bool] = None,
+    sp: Optional[int] = None,
+    moe_implementation: Optional[str] = None,
+    expert_in_one_shard: Optional[int] = None,
+    resume: Optional[str] = "auto",
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    h: Optional[str] = None,
+    cpu: int = _DEFAULT_HOST["cpu"],
+    gpu: int = _DEFAULT_HOST["gpu"],
+    memMB: int = _DEFAULT_HOST["memMB"],
+    rdzv_port: int = _RDZV_PORT,
+) -> specs.AppDef:
+    """Full fine-tune of DeepSeek-V3 (671B; also R1/V3.1 via model) under DeepSpeed ZeRO-3: 32 nodes x 8 GPUs."""
+    return _component("deepseek-v3-full", {}, **locals())
+
+
+@_documented
+def moonlight_full(
+    *trainer_args: str,
+    j: str = "1x8",
+    image: str = _DEFAULT_IMAGE,
+    recipe: str = "moonlight_16b_full_alpaca_e3",
+    deepspeed: str = "deepspeed_zero3",
+    work_dir: Optional[str] = None,
+    model: Optional[str] = None,
+    data: Optional[List[str]] = None,
+    max_length: Optional[int] = None,
+    varlen: Optional[bool] = None,
+    sp: Optional[int] = None,
+    moe_implementation: Optional[str] = None,
+    expert_in_one_shard: Optional[int] = None,
+    resume: Optional[str] = "auto",
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    max_retries: int = 0,
+    h: Optional[str] = None,
+    cpu: int = _DEFAULT_HOST["cpu"],
+    gpu: int = _DEFAULT_HOST["gpu"],
+    memMB: int = _DEFAULT_HOST["memMB"],
+    rdzv_port: int = _RDZV_PORT,
+) -> specs.AppDef:
+    """Full fine-tune of Moonlight-16B-A3B (DeepSeek V3 architecture) under DeepSpeed ZeRO-3: 1 node x 8 GPUs."""
+    return _component("moonlight-full", {}, **locals())
 
 
 @_documented

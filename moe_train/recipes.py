@@ -54,6 +54,9 @@ class Recipe:
     activation_checkpointing: bool = True
     require_fast_kernels: bool = True  # on CUDA, refuse to run with a slow attention or expert fallback
     sp: int = 1
+    # Aux-loss-free balancing (DeepSeek V3 family): after each step every router's correction bias moves
+    # by this much against its expert's load (V3's gamma); 0 disables; other families ignore it.
+    bias_update_rate: float = 0.001
     # Checkpoints
     save_steps: int = 50
     save_total_limit: int = 2
@@ -77,6 +80,8 @@ _V2_CHAT_ALPACA = dict(
     grad_accum=16, max_length=2048, varlen=True, activation_checkpointing=True,
 )
 
+_V3_ALPACA = {**_V2_CHAT_ALPACA, "family": "deepseek_v3", "bias_update_rate": 0.001}
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in [
@@ -97,6 +102,30 @@ RECIPES: dict[str, Recipe] = {
             description="DeepSeek-V2-Chat (236B) on alpaca packed to 32k tokens with varlen attention",
             model="hf://deepseek-ai/DeepSeek-V2-Chat", moe_implementation="shard", expert_in_one_shard=10,
             **{**_V2_CHAT_ALPACA, "max_length": 32768, "grad_accum": 1},
+        ),
+        Recipe(
+            name="deepseek_v3_full_alpaca_e3",
+            description="DeepSeek-V3 (671B, FP8 weights dequantised on load) full fine-tune on alpaca, shards of "
+                        "32 experts (moe-train plan's pick on 256 x 80 GB, the smallest cluster that fits), 3 epochs",
+            model="deepseek-ai/DeepSeek-V3", moe_implementation="shard", expert_in_one_shard=32,
+            **{**_V3_ALPACA, "template": "deepseek_v3"},
+        ),
+        Recipe(
+            name="moonlight_16b_full_alpaca_e3",
+            description="Moonlight-16B-A3B-Instruct (DeepSeek V3 architecture) full fine-tune on alpaca, shards of "
+                        "32 experts (moe-train plan's pick on 8 x 80 GB), 3 epochs",
+            model="moonshotai/Moonlight-16B-A3B-Instruct", moe_implementation="shard", expert_in_one_shard=32,
+            **{**_V3_ALPACA, "template": "moonlight"},
+        ),
+        Recipe(
+            name="tiny_v3",
+            description="DeepSeek V3 debug model (noaux_tc router, correction bias) initialised from seed, on the "
+                        "alpaca sample shipped in the repo (CPU smoke run)",
+            family="deepseek_v3", model_size="tiny-v3", tokenizer=str(ASSETS / "tiny_tokenizer"),
+            moe_implementation="shard", expert_in_one_shard=4, data=[str(ASSETS / "alpaca_sample.jsonl")],
+            template="deepseek_v3", max_length=256, varlen=True, lr=3e-3, warmup_ratio=0.1, epochs=1, max_steps=20,
+            grad_accum=1, dtype="fp32", activation_checkpointing=False, save_steps=10, save_total_limit=2,
+            bias_update_rate=0.001,
         ),
         Recipe(
             name="tiny",

@@ -24,7 +24,7 @@ def _from_pretrained(cls, path: str, moe_implementation: str = "shard", expert_i
     """Load a checkpoint in the family's official HF layout from a local path or fsspec URL."""
     model = load_pretrained(path, moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard,
                             dtype=dtype, device=device, attn_backend=attn_backend, storage_options=storage_options)
-    if not isinstance(model, cls):
+    if type(model) is not cls:  # exact: DeepseekV3ForCausalLM extends DeepseekV2ForCausalLM
         raise ValueError(f"{path} holds a {type(model).__name__} checkpoint, not {cls.__name__}; use "
                          "moe_train.checkpoint.load_pretrained for any family")
     return model

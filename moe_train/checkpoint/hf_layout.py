@@ -24,6 +24,8 @@ from moe_train.models.common.key_map import Slot, canonical_name
 from moe_train.storage import redact, resolve
 
 INDEX = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: "{weight}_scale_inv" holds the weight's block scales
+FP8_BLOCK = 128
 SINGLE = "model.safetensors"
 COMPLETE = "COMPLETE"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -77,7 +79,13 @@ def _weight_map(index: Any, shown: str) -> dict[str, str]:
 
 
 class HFCheckpoint:
-    """Tensor source over the safetensors files of a checkpoint, read lazily by key and range."""
+    """Tensor source over the safetensors files of a checkpoint, read lazily by key and range.
+
+    Block-FP8 checkpoints (DeepSeek V3, Kimi K2): a weight stored as float8_e4m3 comes with
+    ``{key}_scale_inv`` (fp32, one scale per 128 x 128 block, the last blocks partial) and is read
+    dequantised to fp32, ``q * scale_inv`` of its block, for any element range; the scale keys are
+    consumed with their weights and are not in ``weight_map``.
+    """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
@@ -85,13 +93,20 @@ class HFCheckpoint:
         self._readers: dict[str, SafetensorsReader] = {}
         index = posixpath.join(self.root, INDEX)
         if self.fs.exists(index):
-            self.weight_map: dict[str, str] = _weight_map(_read_json(self.fs, index, f"{url.rstrip('/')}/{INDEX}"),
-                                                          f"{url.rstrip('/')}/{INDEX}")
+            files: dict[str, str] = _weight_map(_read_json(self.fs, index, f"{redact(url).rstrip('/')}/{INDEX}"),
+                                                f"{redact(url).rstrip('/')}/{INDEX}")
         elif self.fs.exists(posixpath.join(self.root, SINGLE)):
             self._readers[SINGLE] = SafetensorsReader(self.fs, posixpath.join(self.root, SINGLE))
-            self.weight_map = dict.fromkeys(self._readers[SINGLE].tensors, SINGLE)
+            files = dict.fromkeys(self._readers[SINGLE].tensors, SINGLE)
         else:
             raise FileNotFoundError(f"{url} has neither {INDEX} nor {SINGLE}; is it a complete HF checkpoint?")
+        self._files = files
+        # weight key -> its block scales
+        self.scales = {k.removesuffix(SCALE_SUFFIX): k for k in files if k.endswith(".weight" + SCALE_SUFFIX)}
+        orphans = sorted(set(self.scales) - set(files))
+        if orphans:
+            raise ValueError(f"{url}: scales without weights: {', '.join(orphans[:4])}; the checkpoint is incomplete")
+        self.weight_map = {k: f for k, f in files.items() if not k.endswith(".weight" + SCALE_SUFFIX)}
 
     def keys_by_file(self) -> Iterator[tuple[str, list[str]]]:
         """Keys grouped by file, so that one file at a time is open."""
@@ -104,7 +119,7 @@ class HFCheckpoint:
                 self._readers.pop(file).close()
 
     def _reader(self, key: str) -> SafetensorsReader:
-        file = self.weight_map[key]
+        file = self._files[key]
         if file not in self._readers:
             self._readers[file] = SafetensorsReader(self.fs, posixpath.join(self.root, file))
         return self._readers[file]
@@ -112,8 +127,37 @@ class HFCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return self._reader(key).tensors[key].shape
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype ``read`` returns: fp32 for a dequantised FP8 weight, else the stored one."""
+        return torch.float32 if key in self.scales else self._reader(key).tensors[key].dtype
+
     def read(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        if key in self.scales:
+            return self._dequantised(key, start, end)
         return self._reader(key).read(key, start, end)
+
+    def _dequantised(self, key: str, start: int, end: int | None) -> torch.Tensor:
+        """Elements [start, end) of FP8 weight ``key`` times its block scales, reading only the rows they span."""
+        info, scale_key = self._reader(key).tensors[key], self.scales[key]
+        if info.dtype != torch.float8_e4m3fn or len(info.shape) != 2:
+            raise ValueError(f"{self.url}: {key} has {scale_key} but is {info.dtype} {list(info.shape)}, not a 2-D "
+                             "float8_e4m3fn weight; the checkpoint is not in DeepSeek's block-FP8 format")
+        rows, cols = info.shape
+        B = FP8_BLOCK
+        scale_shape = (-(-rows // B), -(-cols // B))
+        if tuple(self.shape(scale_key)) != scale_shape:
+            raise ValueError(f"{self.url}: {scale_key} has shape {list(self.shape(scale_key))}, expected "
+                             f"{list(scale_shape)} for {B} x {B} blocks of {list(info.shape)}")
+        whole = start == 0 and end is None
+        end = rows * cols if end is None else end
+        r0, r1 = start // cols, -(-end // cols)  # the rows the range touches
+        b0, b1 = r0 // B, -(-r1 // B)  # their row blocks
+        q = self._reader(key).read(key, r0 * cols, r1 * cols).view(r1 - r0, cols).float()
+        n = scale_shape[1]
+        scale = self._reader(scale_key).read(scale_key, b0 * n, b1 * n).view(b1 - b0, n).float()
+        scale = scale.repeat_interleave(B, dim=0)[r0 - b0 * B:r1 - b0 * B].repeat_interleave(B, dim=1)[:, :cols]
+        flat = (q * scale).reshape(-1)[start - r0 * cols:end - r0 * cols]
+        return flat.view(rows, cols) if whole else flat
 
 
 def check_keys(expected: Iterable[str], found: Iterable[str], url: str) -> None:
@@ -141,10 +185,25 @@ def expected_hf_keys(model: torch.nn.Module) -> dict[str, tuple[Slot, tuple[int,
 
 
 def reference_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Canonical parameter name -> full shape, from the model's family built on the meta device."""
+    """Canonical parameter name -> full shape, from the model's family built on the meta device;
+    the persistent buffers (DeepSeek V3's correction bias) follow the parameters."""
     with torch.device("meta"):
         reference = spec_of(model).build(model.config)
-    return {name: tuple(p.shape) for name, p in reference.named_parameters()}
+    return {name: tuple(p.shape) for name, p in [*reference.named_parameters(), *persistent_buffers(reference)]}
+
+
+def persistent_buffers(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, buffer) of the buffers a state dict holds: never ZeRO-partitioned, whole on every rank."""
+    for module_name, module in model.named_modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                yield (f"{module_name}.{name}" if module_name else name), buf
+
+
+def carried_keys(model: torch.nn.Module, source: Any) -> list[str]:
+    """Keys of ``source`` the model does not hold but an export copies (DeepSeek V3's MTP layers)."""
+    carried = spec_of(model).carried_key
+    return [] if carried is None else [k for k in source.weight_map if carried(model.config, k)]
 
 
 @torch.no_grad()
@@ -156,11 +215,14 @@ def load_into(model: torch.nn.Module, source: Any, partition: Callable[[torch.Te
     parameter, or None for a whole one (``moe_train.parallel.zero3.partition`` for ZeRO-3): each
     rank then reads only the element range of each tensor that falls in its own partition."""
     expected = expected_hf_keys(model)
-    check_keys(expected, source.weight_map, source.url)
+    carried = set(carried_keys(model, source))
+    check_keys(expected, set(source.weight_map) - carried, source.url)
     shapes = reference_shapes(model)
-    params = {canonical_name(name): p for name, p in model.named_parameters()}
+    params = {canonical_name(name): p for name, p in [*model.named_parameters(), *persistent_buffers(model)]}
     for _, keys in source.keys_by_file():
         for key in keys:
+            if key in carried:
+                continue
             slot, shape = expected[key]
             if tuple(source.shape(key)) != shape:
                 raise ValueError(f"{source.url}: {key} has shape {list(source.shape(key))}, config.json implies "
@@ -282,20 +344,29 @@ def is_complete(url: str, storage_options: dict[str, Any] | None = None) -> bool
 def save_pretrained(model: torch.nn.Module, url: str, *, tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
                     is_writer: bool = True, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
                     tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None,
-                    source_dir: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
+                    source_dir: str | None = None, carry_from: Any = None,
+                    storage_options: dict[str, Any] | None = None) -> list[str]:
     """Stream ``model`` into the HF layout at ``url`` (per-expert keys; index and COMPLETE last).
 
     ``tensors`` yields (parameter name, full tensor) in ``named_parameters`` order; by default the
     model's own parameters (one process, full tensors).  For a partitioned model every rank passes
     ``moe_train.parallel.zero3.gathered_parameters(model)`` (each item is a collective) and only the
-    ``is_writer`` rank writes; no more than one gathered parameter is held at a time.
+    ``is_writer`` rank writes; no more than one gathered parameter is held at a time.  Persistent
+    buffers (whole on every rank) follow the parameters.  ``carry_from`` (a tensor source, the run's
+    source checkpoint) supplies the keys the family carries untrained (``carried_keys``): copied
+    unchanged, FP8 ones dequantised to the export's dtype.  Returns the carried keys.
     """
     expected = expected_hf_keys(model)
     ours_to_hf = spec_of(model).ours_to_hf
+    carried = [] if carry_from is None else carried_keys(model, carry_from)
     writer = None
     if is_writer:
-        dtypes = {canonical_name(name): p.dtype for name, p in model.named_parameters()}
+        dtypes = {canonical_name(name): p.dtype for name, p in [*model.named_parameters(), *persistent_buffers(model)]}
         planned = [PlannedTensor(k, dtype or dtypes[slot.param], shape) for k, (slot, shape) in expected.items()]
+        export_dtype = dtype or max(set(dtypes.values()), key=list(dtypes.values()).count)
+        carried_dtypes = {k: export_dtype if k in getattr(carry_from, "scales", {}) else carry_from.dtype(k)
+                          for k in carried}
+        planned += [PlannedTensor(k, carried_dtypes[k], tuple(carry_from.shape(k))) for k in carried]
         writer = HFExportWriter(url, planned, max_shard_size, storage_options)
     try:
         for name, full in model.named_parameters() if tensors is None else tensors:
@@ -305,7 +376,14 @@ def save_pretrained(model: torch.nn.Module, url: str, *, tensors: Iterable[tuple
                 t = slot.view(full.data)
                 writer.write(key, t if dtype is None else t.to(dtype))
         if writer is not None:
+            for name, buf in persistent_buffers(model):
+                for key, slot in ours_to_hf(name, model.config):
+                    t = slot.view(buf.data)
+                    writer.write(key, t if dtype is None else t.to(dtype))
+            for key in carried:
+                writer.write(key, carry_from.read(key).to(carried_dtypes[key]))
             writer.finish(model.config, tokenizer_dir, extra, source_dir)
+        return carried
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -48,8 +48,49 @@ def render_deepseek_v2(messages: Messages, bos: str, eos: str) -> list[Segment]:
     return segments
 
 
+def render_deepseek_v3(messages: Messages, bos: str, eos: str) -> list[Segment]:
+    """DeepSeek-V3 / R1 / V3.1: bos, the system text as is, ``<｜User｜>...``, ``<｜Assistant｜>...<eos>``."""
+    segments = [Segment(bos, False)]
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "system":
+            segments.append(Segment(content, False))
+        elif role == "user":
+            segments.append(Segment("<｜User｜>" + content, False))
+        elif role == "assistant":
+            segments += [Segment("<｜Assistant｜>", False), Segment(content + eos, True)]
+        else:
+            raise ValueError(f"unknown role {role!r}; use system, user or assistant")
+    return segments
+
+
+def _render_moonshot(default_system: str) -> Callable[[Messages, str, str], list[Segment]]:
+    """Kimi K2 and Moonlight: ``<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>`` per message (no
+    bos), a default system message when the conversation has none; replies end with ``<|im_end|>``."""
+
+    def render(messages: Messages, bos: str, eos: str) -> list[Segment]:
+        segments = []
+        if not messages or messages[0]["role"] != "system":
+            segments.append(Segment(f"<|im_system|>system<|im_middle|>{default_system}<|im_end|>", False))
+        for m in messages:
+            role, content = m["role"], m["content"]
+            if role in ("system", "user"):
+                segments.append(Segment(f"<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>", False))
+            elif role == "assistant":
+                segments += [Segment("<|im_assistant|>assistant<|im_middle|>", False),
+                             Segment(content + "<|im_end|>", True)]
+            else:
+                raise ValueError(f"unknown role {role!r}; use system, user or assistant")
+        return segments
+
+    return render
+
+
 TEMPLATES: dict[str, Callable[[Messages, str, str], list[Segment]]] = {
     "deepseek_v2": render_deepseek_v2,
+    "deepseek_v3": render_deepseek_v3,
+    "kimi_k2": _render_moonshot("You are Kimi, an AI assistant created by Moonshot AI."),
+    "moonlight": _render_moonshot("You are a helpful assistant provided by Moonshot-AI."),
 }
 
 
@@ -90,8 +131,10 @@ def encode_conversations(
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False, return_offsets_mapping=True)
-        for ids, offsets, trained in zip(enc["input_ids"], enc["offset_mapping"], spans[i:i + batch_size]):
-            if ids[0] != tokenizer.bos_token_id:
+        for ids, offsets, trained, text in zip(enc["input_ids"], enc["offset_mapping"], spans[i:i + batch_size],
+                                               texts[i:i + batch_size], strict=True):
+            # Kimi K2 and Moonlight templates write no bos; the others must find it read as one token.
+            if text.startswith(tokenizer.bos_token) and ids[0] != tokenizer.bos_token_id:
                 raise ValueError(f"the tokenizer does not read {tokenizer.bos_token!r} as its bos token")
             out.append((list(ids), _labels(ids, offsets, trained)))
     return out

@@ -410,14 +410,18 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
             lengths += [e - s for s, e in zip(cu[:-1], cu[1:])]
     reduced = torch.stack([ce_total, aux_total])
     dist.all_reduce(reduced)
+    balance: dict[str, Any] = {}
     if load is not None:
         dist.all_reduce(load)
+        after_step = spec_of(job.cfg).after_step
+        if after_step is not None:  # e.g. DeepSeek V3's correction bias, from the global load: same on every rank
+            balance = after_step(engine.module, load, r.bias_update_rate)
         load = load.cpu()
     reduced = reduced.cpu()
     return {"loss": reduced[0].item() / global_tokens, "aux_loss": reduced[1].item(),
             "dummies": int(round(job.world * r.grad_accum - counts[2].item())),
             "tokens": counts[1].item(), "loss_tokens": global_tokens, "expert_load": load, "lengths": lengths,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "balance": balance}
 
 
 def evaluate(job: Job) -> dict[str, Any]:
@@ -473,20 +477,28 @@ def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> d
         "peak_mem_gb": round(peak_memory_gb(), 3), "epoch": job.loader.epoch,
         "expert_load": expert_load_stats(s["expert_load"]) if s["expert_load"] is not None else [],
         "dummies": s.get("dummies", 0),
+        **s.get("balance", {}),
     }
 
 
 def export(job: Job, step: int) -> dict[str, Any]:
     """Stream the trained model into `{work_dir}/hf_model`; reports the writer's peak memory."""
-    from moe_train.checkpoint.hf_layout import save_pretrained
+    from moe_train.checkpoint.hf_layout import HFCheckpoint, save_pretrained
     from moe_train.engine.memory import PeakRSS
 
     url = posixpath.join(job.tc.work_dir.rstrip("/"), "hf_model")
     module = job.engine.module
+    source = job.recipe.model
+    # Keys the family carries untrained (DeepSeek V3's MTP layers) are copied from the source checkpoint.
+    carry_from = HFCheckpoint(source) if source and spec_of(job.cfg).carried_key is not None else None
+    extra = {"step": step, "recipe": job.recipe.name, **({"source": redact(source)} if source else {})}
     t0 = time.perf_counter()
     with PeakRSS() as rss:
-        save_pretrained(module, url, tensors=zero3.gathered_parameters(module), is_writer=job.rank == 0,
-                        tokenizer_dir=job.tokenizer_dir, extra={"step": step, "recipe": job.recipe.name})
+        carried = save_pretrained(module, url, tensors=zero3.gathered_parameters(module), is_writer=job.rank == 0,
+                                  tokenizer_dir=job.tokenizer_dir, extra=extra, carry_from=carry_from)
+    if carried:
+        _log(job.rank, f"copied {len(carried)} tensors of the MTP layers unchanged (not trained) from "
+                       f"{redact(source)} into the export")
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(math.prod(zero3.full_shape(p)) * p.element_size() for p in module.parameters())
     out = {"hf_model": redact(url), "export_seconds": time.perf_counter() - t0,

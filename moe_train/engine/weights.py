@@ -20,7 +20,7 @@ class SeededInit:
 
     Values depend only on (seed, key), never on the expert layout or the world size, so `shard`
     and `origin` runs, and ZeRO-2 and ZeRO-3 runs, start from identical weights.  The rule is the
-    modules' own: norm weights (the family's ``norm_types``) one, biases zero, the rest
+    modules' own: norm weights (the family's ``norm_types``) one, biases (and correction biases) zero, the rest
     normal(0, initializer_range).
     """
 
@@ -46,7 +46,7 @@ class SeededInit:
         shape = self.shapes[key]
         if key in self.ones:
             full = torch.ones(shape)
-        elif key.endswith(".bias"):
+        elif key.endswith((".bias", "_bias")):  # linear biases and DeepSeek V3's e_score_correction_bias
             full = torch.zeros(shape)
         else:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))

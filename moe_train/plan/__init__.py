@@ -25,9 +25,20 @@ __all__ = [
     "predict_memory", "predict_speed", "suggest_expert_in_one_shard", "suggest_sp",
 ]
 
-# HF checkpoints a recipe may name -> (family, named size): each size's hub id and its -Chat variant.
-HF_MODEL_SIZES = {hub + suffix: (spec, size) for spec in families() for size, hub in spec.hub_ids.items() if hub
-                  for suffix in ("", "-Chat")}
+# HF checkpoints a recipe may name, and the named size each one has (in whichever family has that size).
+HF_MODEL_SIZES = {
+    "deepseek-ai/DeepSeek-V2": "deepseek-v2",
+    "deepseek-ai/DeepSeek-V2-Chat": "deepseek-v2",
+    "deepseek-ai/DeepSeek-V2-Lite": "deepseek-v2-lite",
+    "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-v2-lite",
+    "deepseek-ai/DeepSeek-V3": "deepseek-v3",
+    "deepseek-ai/DeepSeek-V3-0324": "deepseek-v3",
+    "deepseek-ai/DeepSeek-R1": "deepseek-v3",
+    "deepseek-ai/DeepSeek-V3.1": "deepseek-v3",
+    "moonshotai/Kimi-K2-Instruct": "kimi-k2",
+    "moonshotai/Moonlight-16B-A3B": "moonlight-16b-a3b",
+    "moonshotai/Moonlight-16B-A3B-Instruct": "moonlight-16b-a3b",
+}
 
 # Fitting with less free memory than this share of the GPU is worth a warning.
 HEADROOM_WARNING = 0.10
@@ -60,10 +71,9 @@ def model_config(recipe: Recipe, **layout: Any) -> Any:
               **layout}
     if recipe.model_size:
         return spec_for(recipe.family).named_config(recipe.model_size, **layout)
-    known = HF_MODEL_SIZES.get((recipe.model or "").removeprefix("hf://"))
-    if known:
-        spec, size = known
-        return spec.named_config(size, **layout)
+    size = HF_MODEL_SIZES.get((recipe.model or "").removeprefix("hf://"))
+    if size:  # the size of a known HF id, in whichever family has it
+        return next(s for s in families() if size in s.hub_ids).named_config(size, **layout)
     if recipe.model and (recipe.model.endswith(".json") or "://" in recipe.model
                          or (Path(recipe.model) / "config.json").is_file()):
         return read_model_config(recipe.model, **layout)

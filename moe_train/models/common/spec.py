@@ -32,6 +32,12 @@ class ModelSpec:
     moe_types: tuple[type, ...]  # modules with a ``balance_group`` for the balance loss under SP
     norm_types: tuple[type, ...]  # modules whose weights start at one (the rest: normal(0, initializer_range))
     layers: Callable[[nn.Module], nn.ModuleList]  # the decoder layers (activation checkpointing wraps each)
+    # Called by the trainer after each optimiser step with the step's global expert load (moe layers, E)
+    # and the recipe's bias_update_rate; returns figures to log (DeepSeek V3's aux-loss-free balancing).
+    after_step: Callable[[nn.Module, torch.Tensor, float], dict[str, Any]] | None = None
+    # HF keys of a source checkpoint that the model does not hold but an export copies through
+    # unchanged (DeepSeek V3's multi-token-prediction layers); (config, key) -> bool.
+    carried_key: Callable[[Any, str], bool] | None = None
 
     def build(self, cfg: Any, attn_backend: str = "auto") -> nn.Module:
         return self.model_cls(cfg, attn_backend=attn_backend)
@@ -66,7 +72,7 @@ def spec_of(cfg_or_model: Any) -> ModelSpec:
     """The family of a config or model instance."""
     cfg = getattr(cfg_or_model, "config", cfg_or_model)
     for spec in _REGISTRY.values():
-        if isinstance(cfg, spec.config_cls):
+        if type(cfg) is spec.config_cls:  # exact: one family's config class may extend another's
             return spec
     raise ValueError(f"{type(cfg).__name__} is not the config of a registered model family")
 

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
 
@@ -25,6 +25,12 @@ _REWRITTEN_HF_KEYS = {"torch_dtype", "dtype", "quantization_config", "transforme
 
 @dataclass
 class DeepseekV2Config:
+    # What config.json may say, and the routing this family implements (a subclass family overrides them).
+    FAMILY: ClassVar[str] = "DeepSeek V2"
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = ("deepseek_v2",)
+    TOPK_METHODS: ClassVar[tuple[str, ...]] = TOPK_METHODS
+    SCORING_FUNCS: ClassVar[tuple[str, ...]] = ("softmax",)
+
     vocab_size: int = 102400
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -119,18 +125,19 @@ class DeepseekV2Config:
             raise ValueError(
                 f"moe_implementation={self.moe_implementation!r} is unknown; use one of {list(MOE_IMPLEMENTATIONS)}"
             )
-        if self.topk_method not in TOPK_METHODS:
-            raise ValueError(f"topk_method={self.topk_method!r} is unknown; use one of {list(TOPK_METHODS)}")
-        if self.scoring_func != "softmax":
-            raise ValueError(f"scoring_func={self.scoring_func!r} is not supported; DeepSeek V2 uses 'softmax'")
+        if self.topk_method not in self.TOPK_METHODS:
+            raise ValueError(f"topk_method={self.topk_method!r} is unknown; use one of {list(self.TOPK_METHODS)}")
+        if self.scoring_func not in self.SCORING_FUNCS:
+            raise ValueError(f"scoring_func={self.scoring_func!r} is not supported; {self.FAMILY} uses "
+                             f"{' or '.join(map(repr, self.SCORING_FUNCS))}")
         # Fields DeepSeek's code defines but we do not implement: refused rather than ignored.
         unsupported = {"hidden_act": (self.hidden_act, "silu"), "attention_dropout": (self.attention_dropout, 0.0),
                        "tie_word_embeddings": (self.tie_word_embeddings, False),
                        "pretraining_tp": (self.pretraining_tp, 1)}
         for name, (value, supported) in unsupported.items():
             if value != supported:
-                raise ValueError(f"{name}={value!r} is not supported by moe-train's DeepSeek V2; set it to "
-                                 f"{supported!r} in config.json (every released DeepSeek V2 checkpoint does)")
+                raise ValueError(f"{name}={value!r} is not supported by moe-train's {self.FAMILY}; set it to "
+                                 f"{supported!r} in config.json (every released {self.FAMILY} checkpoint does)")
         if self.n_routed_experts is None:
             return
         if self.expert_in_one_shard is not None:
@@ -165,10 +172,10 @@ class DeepseekV2Config:
             raise ValueError(f"config.json holds a JSON {type(d).__name__}, not an object; use a DeepSeek V2 "
                              "config.json")
         model_type = d.get("model_type")
-        if model_type != "deepseek_v2":
+        if model_type not in cls.MODEL_TYPES:
             raise ValueError(
-                f"config.json has model_type={model_type!r}, not 'deepseek_v2'; "
-                "point --model at a DeepSeek V2 checkpoint directory"
+                f"config.json has model_type={model_type!r}, not {' or '.join(map(repr, cls.MODEL_TYPES))}; "
+                f"point --model at a {cls.FAMILY} checkpoint directory"
             )
         d = dict(d)
         rope_parameters = d.pop("rope_parameters", None)

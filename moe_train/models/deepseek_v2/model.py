@@ -31,13 +31,13 @@ class CausalLMOutput(NamedTuple):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekV2Config, layer_idx: int, attn_backend: str) -> None:
+    def __init__(self, cfg: DeepseekV2Config, layer_idx: int, attn_backend: str, moe_cls: type = MoE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLAttention(cfg, attn_backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.mlp = MoE(cfg) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size,
+        self.mlp = moe_cls(cfg) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size,
                                                             cfg.initializer_range)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, segment_T):
@@ -50,12 +50,13 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekV2Model(nn.Module):
-    def __init__(self, cfg: DeepseekV2Config, attn_backend: str) -> None:
+    def __init__(self, cfg: DeepseekV2Config, attn_backend: str, moe_cls: type = MoE) -> None:
         super().__init__()
         # padding_idx as DeepSeek's code: that row gets no gradient (null in the official configs).
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         nn.init.normal_(self.embed_tokens.weight, std=cfg.initializer_range)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_backend) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_backend, moe_cls)
+                                    for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -79,10 +80,12 @@ class DeepseekV2ForCausalLM(nn.Module):
     the HF-style mean with logits.
     """
 
+    moe_cls: type = MoE  # the MoE block (DeepSeek V3 reuses this decoder with its own router)
+
     def __init__(self, config: DeepseekV2Config, attn_backend: str = "auto") -> None:
         super().__init__()
         self.config = config
-        self.model = DeepseekV2Model(config, attn_backend)
+        self.model = DeepseekV2Model(config, attn_backend, self.moe_cls)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size, config.initializer_range)
 
     def forward(

@@ -47,10 +47,12 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
+    router_cls: type = Router  # DeepSeek V3 reuses the block with its own router
+
     def __init__(self, cfg: DeepseekV2Config) -> None:
         super().__init__()
         self.cfg = cfg
-        self.gate = Router(cfg)
+        self.gate = self.router_cls(cfg)
         self.experts = routed_experts(cfg.moe_implementation, cfg.n_routed_experts, cfg.shard_size, cfg.hidden_size,
                                       cfg.moe_intermediate_size, cfg.initializer_range)
         if cfg.n_shared_experts:
