@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from moe_train.checkpoint.hf_layout import persistent_buffers
+from moe_train.models.common.key_map import canonical_name
 from moe_train.checkpoint.training_state import TrainingCheckpoint, set_rng_state
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
@@ -138,6 +140,8 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
         "recipe": {**recipe_record(r), "deepspeed": job.tc.deepspeed or job.recipe.deepspeed}, "config": job.cfg.to_hf_dict(
             torch_dtype=str(next(job.engine.module.parameters()).dtype).removeprefix("torch.")),
         "data": job.data_fingerprint,
+        # Persistent buffers (DeepSeek V3's correction bias): small, whole on every rank, fp32 exact in JSON.
+        "buffers": {canonical_name(name): buf.float().tolist() for name, buf in persistent_buffers(job.engine.module)},
     }
 
 
@@ -150,6 +154,12 @@ def load(ckpt: TrainingCheckpoint, engine: Any, scheduler: Any, loader: Any, r: 
     ckpt.load(zero3.optimizer_ranges(engine, create_state=True), cfg, shapes)
     zero3.set_optimizer_step_count(engine, state["optimizer_step"])
     zero3.finish_load(engine)
+    for name, buf in persistent_buffers(engine.module):
+        saved = state.get("buffers", {}).get(canonical_name(name))
+        if saved is None:
+            raise ValueError(f"{ckpt.where} has no value for the buffer {canonical_name(name)}; resume from a "
+                             "checkpoint of this model family")
+        buf.copy_(torch.tensor(saved, dtype=torch.float32).view_as(buf))
 
     # The LR schedule continues at its step; a new peak lr scales it from here on.
     s = state["scheduler"]
