@@ -65,7 +65,8 @@ def test_tokenizer_option_overrides_the_model_and_errors_name_the_fix(tmp_path):
     assert "config.json bos_token_id=7 but the tokenizer" in line and "= 0" in line
     eos = _model(tmp_path, "eos", eos_token_id=900)
     line = _error(_train(tmp_path, "--model", str(eos), "--tokenizer", str(ASSETS)))
-    assert "eos_token_id=900 is outside the vocabulary (vocab_size 512)" in line
+    # config.json's own validation names it before the tokenizer is read
+    assert "config.json: config field eos_token_id=900 is not below vocab_size=512" in line
     assert not (tmp_path / "w" / "hf_model").exists()
 
 
@@ -80,7 +81,7 @@ def test_hf_urls_resolve_to_the_hub_filesystem_and_recipes_use_them():
 
     fs, path = resolve("hf://deepseek-ai/DeepSeek-V2-Lite-Chat")
     assert isinstance(fs, HfFileSystem) and path == "deepseek-ai/DeepSeek-V2-Lite-Chat"
-    assert all(r.model.startswith("hf://deepseek-ai/") for r in RECIPES.values() if r.model)
+    assert all(r.model.startswith("hf://") for r in RECIPES.values() if r.model)
 
 
 def test_unreachable_hub_and_a_bare_model_id_are_one_line(tmp_path):

@@ -512,8 +512,6 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     """Run a training job; returns a summary (losses, tokens/s, paths)."""
     # DeepSpeed calls c10d functions that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    from moe_train.engine.resume import checkpoint_state
-
     quiet_deepspeed()
     job = setup(tc)
     try:
@@ -523,6 +521,8 @@ def train(tc: TrainConfig) -> dict[str, Any]:
 
 
 def _train(job: Job) -> dict[str, Any]:
+    from moe_train.engine.resume import checkpoint_state
+
     tc, r, rank = job.tc, job.recipe, job.rank
     metrics = None
     if rank == 0:

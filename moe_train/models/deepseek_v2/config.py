@@ -220,7 +220,7 @@ class DeepseekV2Config:
 
 # Fields whose smallest value is not 1, and the largest sizes that are not a typo (a vocabulary of
 # 2**22 is 8x the largest in use; anything bigger would allocate the embedding before failing).
-_MIN = {"first_k_dense_replace": 0, "n_shared_experts": 0, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0,
+_MIN = {"first_k_dense_replace": 0, "n_shared_experts": 0, "num_nextn_predict_layers": 0, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0,
         "routed_scaling_factor": 0.0, "aux_loss_alpha": 0.0, "initializer_range": 0.0, "attention_dropout": 0.0,
         "rms_norm_eps": 0.0, "rope_theta": 0.0}
 _OPEN_MIN = {"routed_scaling_factor", "rms_norm_eps", "rope_theta"}  # must be above their minimum
