@@ -60,6 +60,9 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
 @click.option("--varlen/--no-varlen", default=None, help="Attend only within each packed sample (default) or across "
               "the whole pack (XTuner's classic packing).")
 @click.option("--sp", type=click.IntRange(min=1), default=None, help="Sequence-parallel degree (must divide the world size).")
+@click.option("--ep", type=click.IntRange(min=1), default=None, help="Expert-parallel degree: each group of N "
+              "consecutive ranks splits the routed experts and exchanges tokens (must divide the world size and the "
+              "expert count; ZeRO-3).")
 @click.option("--moe-implementation", type=click.Choice(MOE_IMPLEMENTATIONS), default=None,
               help="Experts stacked in shards (default) or one module per expert (baseline).")
 @click.option("--expert-in-one-shard", type=click.IntRange(min=1), default=None, help="Experts per shard; must divide the expert count.")
@@ -81,7 +84,7 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
               "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout): on a stop signal the "
               "current step and a checkpoint must fit in it, and the log says when they do not. A second "
               "identical signal exits at once.")
-def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_length, varlen, sp, moe_implementation,
+def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_length, varlen, sp, ep, moe_implementation,
           expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, peak_tflops, cfg_options,
           no_export, preempt_grace) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
@@ -90,7 +93,7 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, data, max_leng
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="RECIPE")
     overrides = {k: v for k, v in dict(
-        model=model, data=list(data) or None, max_length=max_length, varlen=varlen, sp=sp,
+        model=model, data=list(data) or None, max_length=max_length, varlen=varlen, sp=sp, ep=ep,
         moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard, max_steps=max_steps,
         epochs=epochs, lr=lr, seed=seed, save_steps=save_steps).items() if v is not None}
     if model is not None:

@@ -47,6 +47,7 @@ class Recipe:
     dtype: str = "bf16"  # bf16 on GPU; the trainer always uses fp32 on CPU
     activation_checkpointing: bool = True
     sp: int = 1
+    ep: int = 1  # expert-parallel degree (moe_train/parallel/expert.py); not the HF config's ep_size
     # Checkpoints
     save_steps: int = 50
     save_total_limit: int = 2

@@ -36,7 +36,7 @@ from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, step_flops
 from moe_train.models import spec_for, spec_of
 from moe_train.models.common.loss import cross_entropy, shift_labels
-from moe_train.parallel import zero3
+from moe_train.parallel import expert, zero3
 from moe_train.recipes import Recipe
 from moe_train.storage import is_local, resolve
 
@@ -103,13 +103,18 @@ def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
 
 
 def build_model(cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
-                model_url: str | None, seed: int, activation_checkpointing: bool) -> torch.nn.Module:
-    """The model partitioned from the start (ZeRO-3), its partitions filled from the source."""
+                model_url: str | None, seed: int, activation_checkpointing: bool,
+                ep: expert.EPGroups | None = None) -> torch.nn.Module:
+    """The model partitioned from the start (ZeRO-3), its partitions filled from the source; with
+    ``ep``, each rank's routed experts are its EP rank's (``moe_train/parallel/expert.py``)."""
     from moe_train.checkpoint.hf_layout import load_into
     from moe_train.engine.weights import open_source
 
     spec = spec_of(cfg)
-    model = zero3.build(lambda: spec.build(cfg), ds_config, dtype, device)
+    if ep is None:
+        model = zero3.build(lambda: spec.build(cfg), ds_config, dtype, device)
+    else:
+        model = zero3.build(lambda: expert.apply(spec.build(cfg), spec.moe_types, ep), ds_config, dtype, device)
     load_into(model, open_source(model, model_url, seed), partition=zero3.partition)
     if activation_checkpointing:
         zero3.apply_activation_checkpointing(spec.layers(model))
@@ -135,6 +140,7 @@ class Job:
     tokenizer_dir: str
     step: int
     total_steps: int
+    ep: Any = None  # expert.EPGroups for --ep N > 1
 
     @property
     def recipe(self) -> Recipe:
@@ -172,13 +178,14 @@ def build_data(r: Recipe, rank: int, world: int) -> Data:
 
 
 def build_engine(r: Recipe, cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype,
-                 device: torch.device, world: int, schedule_steps: int) -> tuple[Any, Any]:
+                 device: torch.device, world: int, schedule_steps: int,
+                 ep: expert.EPGroups | None = None) -> tuple[Any, Any]:
     """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
     from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
 
     ds_config = fill_auto(ds_config, micro_batch_size=1, grad_accum=r.grad_accum, world_size=world,
                           grad_clip=r.max_grad_norm, bf16=dtype == torch.bfloat16, hidden_size=cfg.hidden_size)
-    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing)
+    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, ep)
     if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -226,17 +233,19 @@ def setup(tc: TrainConfig) -> Job:
 
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else spec_for(r.family).named_config(r.model_size, **layout)
+    expert.check(r.ep, world, cfg, ds_config, r.sp)
+    ep = expert.create_groups(r.ep) if r.ep != 1 else None
     data = build_data(r, rank, world)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
     schedule_steps = data.steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
-    engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps)
+    engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps, ep)
     if seq is not None:
         seq.apply(engine.module, spec_of(cfg))
     step = resume_state(ckpt, resume, engine, data.loader, rank)
     return Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fs, work_root,
-               data.tokenizer_dir, step, total_steps)
+               data.tokenizer_dir, step, total_steps, ep)
 
 
 def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
@@ -305,8 +314,12 @@ def export(job: Job, step: int) -> dict[str, Any]:
     url = posixpath.join(job.tc.work_dir.rstrip("/"), "hf_model")
     module = job.engine.module
     t0 = time.perf_counter()
+    if job.ep is None:
+        tensors, dtype = zero3.gathered_parameters(module), None
+    else:  # each expert from its owner; one dtype for the experts this rank does not hold
+        tensors, dtype = expert.gathered_parameters(module, job.ep), next(module.parameters()).dtype
     with PeakRSS() as rss:
-        save_pretrained(module, url, tensors=zero3.gathered_parameters(module), is_writer=job.rank == 0,
+        save_pretrained(module, url, tensors=tensors, is_writer=job.rank == 0, dtype=dtype,
                         tokenizer_dir=job.tokenizer_dir, extra={"step": step, "recipe": job.recipe.name})
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
