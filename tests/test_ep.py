@@ -119,13 +119,57 @@ def _skew_worker(rank: int, init_file: str) -> None:
         for p, q in zip(shard.parameters(), full[int(name)].parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
     assert totals[:4].sum() == 0 and totals[7] == 0 and totals[5] > 0  # the skew that was meant
+    _check_loading_and_forward(rank, groups)
     dist.barrier()
     dist.destroy_process_group()
     hard_exit(0)
 
 
+class _Recording:
+    """A tensor source that records which keys were read (around the real seeded source)."""
+
+    def __init__(self, source) -> None:
+        self.source, self.read_keys = source, set()
+        self.weight_map, self.url = source.weight_map, source.url
+
+    def keys_by_file(self):
+        return self.source.keys_by_file()
+
+    def shape(self, key):
+        return self.source.shape(key)
+
+    def read(self, key, start=0, end=None):
+        self.read_keys.add(key)
+        return self.source.read(key, start, end)
+
+
+def _check_loading_and_forward(rank: int, groups: expert.EPGroups) -> None:
+    """The loader reads the dense tensors and this rank's experts only, and the EP model's forward
+    equals the whole model's on this rank's tokens."""
+    from moe_train.checkpoint.hf_layout import load_into
+    from moe_train.engine.weights import SeededInit
+    from moe_train.models.deepseek_v2 import SPEC
+
+    cfg = tiny_config()  # 8 experts in shards of 4: one shard per rank
+    whole = SPEC.build(cfg)
+    load_into(whole, SeededInit(whole, seed=0))
+    model = expert.apply(SPEC.build(cfg), SPEC.moe_types, groups)
+    source = _Recording(SeededInit(model, seed=0))
+    load_into(model, source)
+    experts_read = {int(k.split(".")[5]) for k in source.read_keys if ".mlp.experts." in k}
+    assert experts_read == set(range(4 * rank, 4 * rank + 4))
+    dense = {k for k in source.weight_map if ".mlp.experts." not in k}
+    assert dense <= source.read_keys
+    reference = dict(whole.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, reference[name]), name  # shard `experts.{rank}` holds experts 4r..4r+3
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, whole(ids).logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
-def test_skewed_routing_completes_and_matches_the_whole_stack(tmp_path):
+def test_skewed_routing_and_local_loading_on_two_processes(tmp_path):
     import torch.multiprocessing as mp
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
