@@ -288,3 +288,16 @@ def test_ep_not_dividing_the_world_is_one_line(tmp_path):
     assert errors and all(
         line == "Error: --ep 3 does not divide the world size 2; use one of [1, 2]" for line in errors
     ), proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_benchmarks_p6_p7_run_at_the_test_size():
+    """The benchmark code at its smallest size: all engines agree on the step-1 loss, and EP gathers
+    no expert bytes from other ranks (no timing is checked)."""
+    from bench import ep as bench_ep
+
+    p6, p7 = bench_ep.run("test")
+    assert p6.figures["p6_step1_loss_diff_2r"] <= 1e-6
+    assert p6.figures["p6_expert_gather_cut_2r"] == float("inf")
+    assert p7.figures["p7_step1_loss_diff"] <= 1e-5
+    assert "| transformers zero3+autoep2 |" in p7.table
