@@ -301,3 +301,31 @@ def test_benchmarks_p6_p7_run_at_the_test_size():
     assert p6.figures["p6_expert_gather_cut_2r"] == float("inf")
     assert p7.figures["p7_step1_loss_diff"] <= 1e-5
     assert "| transformers zero3+autoep2 |" in p7.table
+
+
+# ------------------------------------------------------------------ the planner's EP terms
+def test_planner_predicts_ep_on_the_seed_cluster():
+    """236B on 128 x A100 (8 per node): --ep 1 is the ZeRO-3 estimate (13.0 s compute against 84.3 s
+    of communication per micro step at 8k); EP inside a node cuts the expert gathers by N and wins."""
+    from moe_train.models.deepseek_v2.config import DeepseekV2Config
+    from moe_train.plan.expert import dispatch_buffer_bytes, predict_speed_ep, suggest_ep
+    from moe_train.plan.memory import Workload, ZeroSettings
+    from moe_train.plan.speed import DEVICES, predict_speed
+
+    cfg = DeepseekV2Config.from_name("deepseek-v2", moe_implementation="shard", expert_in_one_shard=10)
+    zero = ZeroSettings.from_ds_config(ZERO3, cfg.hidden_size)
+    a100 = DEVICES["a100"]
+    for length in (8192, 16384):
+        work = Workload(max_length=length)
+        assert predict_speed_ep(cfg, work, zero, 128, 16, a100, 1, 16) == predict_speed(
+            cfg, work, zero, 128, 16, a100, 16
+        )
+        suggestion = suggest_ep(cfg, work, zero, 128, 16, a100, grad_accum=16)
+        assert suggestion["ep"] == 8  # intra-node: the all-to-all stays on NVLink
+        z3, ep8 = suggestion["estimates"][1], suggestion["estimates"][8]
+        assert ep8.tgs > 2 * z3.tgs and ep8.comm_s < z3.comm_s / 4
+    work = Workload(max_length=8192)
+    z3 = predict_speed(cfg, work, zero, 128, 16, a100, 16)
+    assert (round(z3.compute_s, 1), round(z3.comm_s, 1)) == (13.0, 84.3)
+    buffers = dispatch_buffer_bytes(cfg, work, 8)  # 8192 tokens x 6 x 5120 bf16; worst case x 8
+    assert buffers == {"balanced": 8192 * 6 * 5120 * 2, "worst_case": 8 * 8192 * 6 * 5120 * 2}
