@@ -329,3 +329,18 @@ def test_planner_predicts_ep_on_the_seed_cluster():
     assert (round(z3.compute_s, 1), round(z3.comm_s, 1)) == (13.0, 84.3)
     buffers = dispatch_buffer_bytes(cfg, work, 8)  # 8192 tokens x 6 x 5120 bf16; worst case x 8
     assert buffers == {"balanced": 8192 * 6 * 5120 * 2, "worst_case": 8 * 8192 * 6 * 5120 * 2}
+
+
+def test_plan_ep_prints_the_estimate_against_zero3():
+    from click.testing import CliRunner
+
+    from moe_train.cli import main
+
+    args = ["plan", "deepseek_v2_chat_full_alpaca_e3", "--gpus", "128", "--gpu-mem-gb", "80", "--max-length", "8192"]
+    out = CliRunner().invoke(main, [*args, "--ep", "8"])
+    assert out.exit_code == 0, out.output
+    assert "TGS 551.4 against 97.1 with ZeRO-3 alone (5.68x)" in out.output
+    assert "suggested ep: 8" in out.output
+    bad = CliRunner().invoke(main, [*args, "--ep", "3"])
+    assert bad.exit_code != 0
+    assert "--ep 3 must divide the GPUs (128) and the routed experts (160)" in bad.output

@@ -39,9 +39,11 @@ GPUS_PER_NODE = 8
               help="DeepSpeed config: a shipped name (deepspeed_zero3, ...) or a JSON path.  [default: the recipe's]")
 @click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Peak dense bf16 TFLOP/s of one GPU.  [default: from --gpu: A100 312, H100 989, H200 989]")
+@click.option("--ep", type=click.IntRange(min=1), default=None,
+              help="Also estimate expert parallelism of this degree against ZeRO-3, and suggest a degree.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implementation, expert_in_one_shard,
-         attention, deepspeed, peak_tflops, as_json) -> None:
+         attention, deepspeed, peak_tflops, ep, as_json) -> None:
     """Estimate per-GPU memory, fit, step time, TGS and MFU of RECIPE on --gpus GPUs (estimates, not measurements)."""
     try:
         r = get_recipe(recipe)
@@ -68,7 +70,16 @@ def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implement
         raise click.BadParameter(str(e), param_hint="--deepspeed") from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    click.echo(json.dumps(p.to_dict()) if as_json else report(p))
+    if ep is None:
+        click.echo(json.dumps(p.to_dict()) if as_json else report(p))
+        return
+    from moe_train.plan.expert import ep_report
+
+    try:
+        text, data = ep_report(p, ep, r.grad_accum)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--ep") from None
+    click.echo(json.dumps({**p.to_dict(), "expert_parallel": data}) if as_json else report(p) + "\n" + text)
 
 
 def report(p: Plan) -> str:

@@ -126,3 +126,36 @@ def suggest_ep(
     # Ties (compute-bound) go to the degree with the least communication: more headroom.
     best = max(estimates, key=lambda n: (round(estimates[n].tgs, 6), -estimates[n].comm_s))
     return {"ep": best, "estimates": estimates}
+
+
+def ep_report(p: Any, ep: int, grad_accum: int) -> tuple[str, dict[str, Any]]:
+    """The ``moe-train plan --ep N`` section (text, JSON) for a ``Plan``: --ep N against ZeRO-3 and the
+    suggested degree."""
+    args = (p.model, p.work, p.zero, p.gpus, p.nodes, p.device)
+    est = predict_speed_ep(*args, ep, grad_accum, p.peak_tflops)
+    z3 = predict_speed_ep(*args, 1, grad_accum, p.peak_tflops)
+    best = suggest_ep(*args, grad_accum, p.peak_tflops)
+    buffers = dispatch_buffer_bytes(p.model, p.work, ep)
+    lines = [
+        "",
+        f"expert parallel --ep {ep} (estimate; all-to-all over "
+        f"{'NVLink' if ep <= p.gpus // p.nodes else 'the network'})",
+        f"  per micro step: compute {est.compute_s:.2f} s, communication {est.comm_s:.2f} s "
+        f"({est.comm_bytes / 1e9:.0f} GB in {est.collectives} collectives per GPU): {est.bound}-bound",
+        f"  TGS {est.tgs:.1f} against {z3.tgs:.1f} with ZeRO-3 alone ({est.tgs / z3.tgs:.2f}x), MFU {est.mfu:.1%}",
+        f"  dispatch buffer per MoE layer: {buffers['balanced'] / 2**30:.2f} GB balanced, "
+        f"{buffers['worst_case'] / 2**30:.2f} GB worst-case skew (dropless)",
+        f"suggested ep: {best['ep']} (TGS {best['estimates'][best['ep']].tgs:.1f}; of "
+        + ", ".join(f"{n}: {e.tgs:.0f}" for n, e in best["estimates"].items())
+        + ")",
+    ]
+    data = {
+        "ep": ep,
+        "tgs": est.tgs,
+        "zero3_tgs": z3.tgs,
+        "comm_s": est.comm_s,
+        "compute_s": est.compute_s,
+        "dispatch_buffer_bytes": buffers,
+        "suggested_ep": best["ep"],
+    }
+    return "\n".join(lines), data
