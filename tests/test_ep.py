@@ -274,10 +274,14 @@ def test_resume_with_the_same_ep_is_exact(runs, tmp_path):
 @pytest.mark.slow
 def test_dp2_x_ep2_on_4_ranks_matches_ep1(tmp_path):
     """Expert-data-parallel groups of 2: each rank's experts are partitioned over 2 ranks."""
-    steps = ["--max-steps", "3", "--save-steps", "0", "--no-export"]
+    steps = ["--max-steps", "3", "--save-steps", "0"]
     check(torchrun([*COMMON, "--work-dir", str(tmp_path / "ep1"), *steps], tmp_path, nproc=4, timeout=600))
     check(torchrun([*COMMON, "--work-dir", str(tmp_path / "ep2"), *steps, "--ep", "2"], tmp_path, nproc=4, timeout=600))
     _assert_same_training(tmp_path / "ep1", tmp_path / "ep2")
+    # the export gathers each expert over its expert-data-parallel group, then from its owner in rank 0's EP group
+    w1, w2 = _weights(tmp_path / "ep1" / "hf_model"), _weights(tmp_path / "ep2" / "hf_model")
+    assert w1.keys() == w2.keys()
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 5e-6
 
 
 @pytest.mark.slow
