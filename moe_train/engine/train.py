@@ -323,6 +323,10 @@ def export(job: Job, step: int) -> dict[str, Any]:
                         tokenizer_dir=job.tokenizer_dir, extra={"step": step, "recipe": job.recipe.name})
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+    if job.ep is not None:  # this rank holds E/N of the routed experts: size the whole model
+        from moe_train.checkpoint.hf_layout import reference_shapes
+
+        model_bytes = sum(map(math.prod, reference_shapes(module).values())) * next(module.parameters()).element_size()
     out = {"hf_model": url, "export_seconds": time.perf_counter() - t0,
            "export_peak_rss_delta_mb": rss.peak_delta / 2**20, "model_mb": model_bytes / 2**20}
     _log(job.rank, f"exported HF checkpoint to {url} in {out['export_seconds']:.1f}s; writer peak RSS "
