@@ -92,7 +92,7 @@ def _check_no_credentials(env: Dict[str, str], args: List[str]) -> None:
 
 
 # component parameters passed on as `moe-train train --kebab-case VALUE` when set
-_TRAINER_OPTIONS = ["work_dir", "model", "max_length", "sp", "moe_implementation", "expert_in_one_shard", "resume"]
+_TRAINER_OPTIONS = ["work_dir", "model", "max_length", "sp", "ep", "moe_implementation", "expert_in_one_shard", "resume"]
 
 
 def _trainer_cmd(p: Dict[str, object], trainer_args: List[str]) -> List[str]:
@@ -212,6 +212,7 @@ _ARGS_DOC = """Args:
     max_length: tokens per packed sequence, instead of the recipe's
     varlen: varlen (packed) attention on or off, instead of the recipe's
     sp: sequence-parallel degree, instead of the recipe's
+    ep: expert-parallel degree (ZeRO-3; divides the GPUs and the expert count), instead of the recipe's
     moe_implementation: shard or origin, instead of the recipe's
     expert_in_one_shard: experts per fused shard, instead of the recipe's
     resume: auto (continue from the latest checkpoint in work_dir, so a retried job resumes), a URL, or empty
@@ -241,6 +242,7 @@ def deepseek_v2_full(
     max_length: Optional[int] = None,
     varlen: Optional[bool] = None,
     sp: Optional[int] = None,
+    ep: Optional[int] = None,
     moe_implementation: Optional[str] = None,
     expert_in_one_shard: Optional[int] = None,
     resume: Optional[str] = "auto",
@@ -270,6 +272,7 @@ def deepseek_v2_lite_full(
     max_length: Optional[int] = None,
     varlen: Optional[bool] = None,
     sp: Optional[int] = None,
+    ep: Optional[int] = None,
     moe_implementation: Optional[str] = None,
     expert_in_one_shard: Optional[int] = None,
     resume: Optional[str] = "auto",
@@ -357,6 +360,7 @@ def smoke(
     max_length: Optional[int] = None,
     varlen: Optional[bool] = None,
     sp: Optional[int] = None,
+    ep: Optional[int] = None,
     moe_implementation: Optional[str] = None,
     expert_in_one_shard: Optional[int] = None,
     resume: Optional[str] = "auto",

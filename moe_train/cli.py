@@ -110,6 +110,9 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
 @click.option("--varlen/--no-varlen", default=None, help="Attend only within each packed sample (default) or across "
               "the whole pack (XTuner's classic packing).")
 @click.option("--sp", type=click.IntRange(min=1), default=None, help="Sequence-parallel degree (must divide the world size).")
+@click.option("--ep", type=click.IntRange(min=1), default=None, help="Expert-parallel degree: each group of N "
+              "consecutive ranks splits the routed experts and exchanges tokens (must divide the world size and the "
+              "expert count; ZeRO-3).")
 @click.option("--moe-implementation", type=click.Choice(MOE_IMPLEMENTATIONS), default=None,
               help="Experts stacked in shards (default) or one module per expert (baseline).")
 @click.option("--expert-in-one-shard", type=click.IntRange(min=1), default=None, help="Experts per shard; must divide the expert count.")
@@ -145,7 +148,7 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
               "identical signal exits at once.")
 @click.option("--debug", is_flag=True, help="Print the traceback under the one-line Error: of an expected failure "
               "(bad input, full disk, unreachable store).")
-def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, data, max_length, varlen, sp,
+def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, data, max_length, varlen, sp, ep,
           moe_implementation, expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, overwrite,
           peak_tflops, cfg_options, eval_data, eval_fraction, eval_steps, no_export, require_fast_kernels,
           allow_batch_change, preempt_grace, debug) -> None:
@@ -155,7 +158,7 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, dat
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="RECIPE")
     overrides = {k: v for k, v in dict(
-        model=model, data=list(data) or None, max_length=max_length, varlen=varlen, sp=sp,
+        model=model, data=list(data) or None, max_length=max_length, varlen=varlen, sp=sp, ep=ep,
         moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard, max_steps=max_steps,
         epochs=epochs, lr=lr, seed=seed, save_steps=save_steps, eval_data=list(eval_data) or None,
         eval_fraction=eval_fraction, eval_steps=eval_steps, require_fast_kernels=require_fast_kernels).items()

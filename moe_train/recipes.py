@@ -57,6 +57,7 @@ class Recipe:
     # Aux-loss-free balancing (DeepSeek V3 family): after each step every router's correction bias moves
     # by this much against its expert's load (V3's gamma); 0 disables; other families ignore it.
     bias_update_rate: float = 0.001
+    ep: int = 1  # expert-parallel degree (moe_train/parallel/expert.py); not the HF config's ep_size
     # Checkpoints
     save_steps: int = 50
     save_total_limit: int = 2

@@ -43,7 +43,7 @@ def test_train_cli_surface_is_pinned():
     """New options are a decision: update this list on purpose."""
     assert sorted(o for p in train.params for o in p.opts + p.secondary_opts) == sorted([
         "recipe_name", "--deepspeed", "--launcher", "--work-dir", "--model", "--data", "--max-length", "--varlen",
-        "--no-varlen", "--sp", "--moe-implementation", "--expert-in-one-shard", "--max-steps", "--epochs", "--lr",
+        "--no-varlen", "--sp", "--ep", "--moe-implementation", "--expert-in-one-shard", "--max-steps", "--epochs", "--lr",
         "--seed", "--save-steps", "--resume", "--overwrite", "--peak-tflops", "--cfg-options", "--no-export",
         "--preempt-grace", "--debug", "--require-fast-kernels", "--allow-slow-kernels",
         "--eval-data", "--eval-fraction", "--eval-steps", "--tokenizer", "--allow-batch-change",

@@ -228,7 +228,7 @@ def test_parameters_map_to_trainer_options():
         "deepseek_v2_full", "-j", "2x8", "--recipe", "deepseek_v2_chat_full_alpaca_e3_32k_varlen",
         "--deepspeed", "deepspeed_zero3_offload", "--work_dir", "s3://bucket/run", "--model", "/models/v2",
         "--data", "s3://bucket/a.jsonl,/data/b.json", "--max_length", "32768", "--varlen", "False", "--sp", "4",
-        "--moe_implementation", "origin", "--expert_in_one_shard", "16", "--resume", "", "--env", "A=1,B=2",
+        "--ep", "2", "--moe_implementation", "origin", "--expert_in_one_shard", "16", "--resume", "", "--env", "A=1,B=2",
         "--max_retries", "3", "--", "--lr", "2e-5", "--max-steps", "10",
     )
     (role,) = app.roles
@@ -236,7 +236,7 @@ def test_parameters_map_to_trainer_options():
     assert trainer_cmd(role.args[1]) == [
         "moe-train", "train", "deepseek_v2_chat_full_alpaca_e3_32k_varlen", "--launcher", "pytorch",
         "--deepspeed", "deepspeed_zero3_offload", "--work-dir", "s3://bucket/run", "--model", "/models/v2",
-        "--max-length", "32768", "--sp", "4", "--moe-implementation", "origin", "--expert-in-one-shard", "16",
+        "--max-length", "32768", "--sp", "4", "--ep", "2", "--moe-implementation", "origin", "--expert-in-one-shard", "16",
         "--data", "s3://bucket/a.jsonl", "--data", "/data/b.json", "--no-varlen", "--lr", "2e-5", "--max-steps", "10",
     ]
 

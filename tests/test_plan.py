@@ -310,7 +310,7 @@ def test_cli_surface_is_pinned():
     assert sorted(o for p in plan.params for o in p.opts + p.secondary_opts) == sorted([
         "recipe", "--gpus", "--gpu-mem-gb", "--gpu", "--nodes", "--max-length", "--varlen", "--no-varlen",
         "--moe-implementation", "--expert-in-one-shard", "--attention", "--deepspeed", "--peak-tflops", "--json",
-        "--model", "--search",
+        "--model", "--search", "--ep",
     ])
     assert all(p.help for p in plan.params if isinstance(p, click.Option))
 

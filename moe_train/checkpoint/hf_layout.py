@@ -219,11 +219,14 @@ def load_into(model: torch.nn.Module, source: Any, partition: Callable[[torch.Te
     check_keys(expected, set(source.weight_map) - carried, source.url)
     shapes = reference_shapes(model)
     params = {canonical_name(name): p for name, p in [*model.named_parameters(), *persistent_buffers(model)]}
+    elsewhere = set(shapes) - set(params)  # other ranks' routed experts (expert parallelism): not read here
     for _, keys in source.keys_by_file():
         for key in keys:
             if key in carried:
                 continue
             slot, shape = expected[key]
+            if slot.param in elsewhere:
+                continue
             if tuple(source.shape(key)) != shape:
                 raise ValueError(f"{source.url}: {key} has shape {list(source.shape(key))}, config.json implies "
                                  f"{list(shape)}; the checkpoint does not match its config")

@@ -46,7 +46,7 @@ from moe_train.engine.metrics import (
 )
 from moe_train.models import spec_for, spec_of
 from moe_train.models.common.loss import shift_labels
-from moe_train.parallel import zero3
+from moe_train.parallel import expert, zero3
 from moe_train.recipes import Recipe
 from moe_train.storage import display, is_local, probe, redact, redact_all, resolve, stall_notice
 
@@ -160,14 +160,18 @@ def check_tokenizer(cfg: Any, tokenizer: Any, source: str) -> None:
 
 def build_model(cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
                 model_url: str | None, seed: int, activation_checkpointing: bool,
-                load_weights: bool = True) -> torch.nn.Module:
+                load_weights: bool = True, ep: expert.EPGroups | None = None) -> torch.nn.Module:
     """The model partitioned from the start (ZeRO-3), its partitions filled from the source (unless a
-    training checkpoint is about to overwrite them)."""
+    training checkpoint is about to overwrite them); with ``ep``, each rank's routed experts are its EP
+    rank's (``moe_train/parallel/expert.py``)."""
     from moe_train.checkpoint.hf_layout import load_into
     from moe_train.engine.weights import open_source
 
     spec = spec_of(cfg)
-    model = zero3.build(lambda: spec.build(cfg), ds_config, dtype, device)
+    if ep is None:
+        model = zero3.build(lambda: spec.build(cfg), ds_config, dtype, device)
+    else:
+        model = zero3.build(lambda: expert.apply(spec.build(cfg), spec.moe_types, ep), ds_config, dtype, device)
     if load_weights:
         load_into(model, open_source(model, model_url, seed), partition=zero3.partition)
     if activation_checkpointing:
@@ -197,6 +201,7 @@ class Job:
     total_steps: int
     lease: Any  # engine/lease.py: rank 0 owns the work dir until the run ends
     eval_loader: Any = None  # validation packs (--eval-data / eval_fraction), or None
+    ep: Any = None  # expert.EPGroups for --ep N > 1
 
     @property
     def recipe(self) -> Recipe:
@@ -258,13 +263,14 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
 
 
 def build_engine(r: Recipe, cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype,
-                 device: torch.device, world: int, schedule_steps: int, load_weights: bool = True) -> tuple[Any, Any]:
+                 device: torch.device, world: int, schedule_steps: int, load_weights: bool = True,
+                 ep: expert.EPGroups | None = None) -> tuple[Any, Any]:
     """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
     from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
 
     ds_config = fill_auto(ds_config, micro_batch_size=1, grad_accum=r.grad_accum, world_size=world,
                           grad_clip=r.max_grad_norm, bf16=dtype == torch.bfloat16, hidden_size=cfg.hidden_size)
-    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights)
+    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights, ep)
     if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -344,6 +350,8 @@ def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: t
     warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
     if warning:
         _log(rank, warning)
+    expert.check(r.ep, world, cfg, ds_config, r.sp)
+    ep = expert.create_groups(r.ep) if r.ep != 1 else None
     data = build_data(r, rank, world, cfg)  # checks the tokenizer against the model (check_tokenizer)
     fingerprint = resuming.data_fingerprint(r.data, data.loader.packs)
     if resume is not None:
@@ -353,11 +361,11 @@ def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: t
     schedule_steps = data.steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
     engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps,
-                                     load_weights=resume is None)
+                                     load_weights=resume is None, ep=ep)
     if seq is not None:
         seq.apply(engine.module, spec_of(cfg))
     job = Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fingerprint, fs, work_root,
-              data.tokenizer_dir, 0, total_steps, lease, data.eval_loader)
+              data.tokenizer_dir, 0, total_steps, lease, data.eval_loader, ep)
     job.step = resume_state(job, resume)
     return job
 
@@ -493,14 +501,22 @@ def export(job: Job, step: int) -> dict[str, Any]:
     carry_from = HFCheckpoint(source) if source and spec_of(job.cfg).carried_key is not None else None
     extra = {"step": step, "recipe": job.recipe.name, **({"source": redact(source)} if source else {})}
     t0 = time.perf_counter()
+    if job.ep is None:
+        tensors, dtype = zero3.gathered_parameters(module), None
+    else:  # each expert from its owner; one dtype for the experts this rank does not hold
+        tensors, dtype = expert.gathered_parameters(module, job.ep), next(module.parameters()).dtype
     with PeakRSS() as rss:
-        carried = save_pretrained(module, url, tensors=zero3.gathered_parameters(module), is_writer=job.rank == 0,
+        carried = save_pretrained(module, url, tensors=tensors, is_writer=job.rank == 0, dtype=dtype,
                                   tokenizer_dir=job.tokenizer_dir, extra=extra, carry_from=carry_from)
     if carried:
         _log(job.rank, f"copied {len(carried)} tensors of the MTP layers unchanged (not trained) from "
                        f"{redact(source)} into the export")
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(math.prod(zero3.full_shape(p)) * p.element_size() for p in module.parameters())
+    if job.ep is not None:  # this rank holds E/N of the routed experts: size the whole model
+        from moe_train.checkpoint.hf_layout import reference_shapes
+
+        model_bytes = sum(map(math.prod, reference_shapes(module).values())) * next(module.parameters()).element_size()
     out = {"hf_model": redact(url), "export_seconds": time.perf_counter() - t0,
            "export_peak_rss_delta_mb": rss.peak_delta / 2**20, "model_mb": model_bytes / 2**20}
     _log(job.rank, f"exported HF checkpoint to {redact(url)} in {out['export_seconds']:.1f}s; writer peak RSS "

@@ -59,7 +59,7 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", param.shape))
 
 
-def _gathered(param: torch.Tensor):
+def gathered(param: torch.Tensor):
     if hasattr(param, "ds_id"):
         import deepspeed
 
@@ -73,7 +73,7 @@ def gathered_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     The tensor is valid only until the next item is asked for (its gather is then released).
     """
     for name, param in model.named_parameters():
-        with _gathered(param):
+        with gathered(param):
             yield name, param.data
 
 

@@ -48,9 +48,11 @@ SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "t
 @click.option("--search", is_flag=True,
               help="Sweep expert layout, SP degree, max_length, activation checkpointing and offload; print the "
                    "fastest configurations that fit and what was pruned.")
+@click.option("--ep", type=click.IntRange(min=1), default=None,
+              help="Also estimate expert parallelism of this degree against ZeRO-3, and suggest a degree.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implementation, expert_in_one_shard,
-         attention, deepspeed, peak_tflops, model_path, search, as_json) -> None:
+         attention, deepspeed, peak_tflops, model_path, search, ep, as_json) -> None:
     """Estimate per-GPU memory, fit, step time, TGS and MFU of RECIPE on --gpus GPUs (estimates, not measurements)."""
     try:
         r = get_recipe(recipe)
@@ -81,6 +83,15 @@ def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implement
         raise click.BadParameter(str(e), param_hint="--deepspeed") from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if ep is not None:
+        from moe_train.plan.expert import ep_report
+
+        try:
+            text, data = ep_report(p, ep, r.grad_accum)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--ep") from None
+        click.echo(json.dumps({**p.to_dict(), "expert_parallel": data}) if as_json else report(p) + "\n" + text)
+        return
     if not search:
         click.echo(json.dumps(p.to_dict()) if as_json else report(p))
         return

@@ -1,0 +1,287 @@
+"""Expert parallelism (``--ep N``) under ZeRO-3: tokens move to the experts, the experts stay.
+
+Layout.  The world is cut into EP groups of N consecutive ranks (DeepSpeed's ``ep_size_N`` groups).
+Rank r of a group keeps experts [r*E/N, (r+1)*E/N) of every MoE layer, stacked in shards as in the
+``shard`` layout, and ZeRO-3 partitions those local experts only over the rank's expert-data-parallel
+group (the world/N ranks with the same EP rank).  Dense parameters (attention, shared experts,
+embeddings, router) stay under plain ZeRO-3 over the whole world.  Shard modules keep their global
+index as name (``mlp.experts.{shard}.gate_up_proj``), so the HF key map, the byte-range loader and the
+export read each rank's experts with no EP-specific key handling.
+
+Forward of one layer (``ExpertParallelShards``; ``dispatch_and_combine`` is unchanged and hands it
+the assignments sorted by global expert): one all-to-all of the per-expert counts, one of the token
+rows to the ranks owning their experts, the local grouped GEMMs, one all-to-all back.  Every rank
+makes the same three calls whatever the routing (zero-size splits are sent as such) and runs every
+local shard even with no rows, so skew never desynchronises the collectives or ZeRO-3's gathers.
+Dropless: no capacity factor; a rank receives at most N * T * min(K, E/N) rows per layer (every
+token of every rank of its group sending all the experts it can to this rank), against T * K
+without EP; that is the worst-case dispatch buffer.
+
+Router, balance loss and ``expert_load`` telemetry stay DeepSeek's code in the model: each packed
+sample lives on one rank (without sequence parallelism), so the per-sample balance loss over the
+global routing of a sample is the rank's own, exactly as with EP=1.
+
+Why DeepSpeed's pieces and not AutoEP's layer.  AutoEP (``deepspeed.module_inject.auto_ep``) replaces
+the whole MoE block inside ``deepspeed.initialize``: its router is not DeepSeek's (no
+group_limited_greedy, no balance loss; its DeepSeek preset rejects ``load_balance_coeff``), it runs
+after our byte-range load, and it expects one fused (E, 2F, D) ``experts.gate_up_proj``.  What we
+take from DeepSpeed 0.19.8 is the rest: its expert / expert-data-parallel process groups
+(``deepspeed.utils.groups._create_expert_and_data_parallel``) and ZeRO-3's partitioning of expert
+parameters over the expert-data-parallel group.  ZeRO-3 applies the latter to any parameter tagged
+as AutoEP tags its experts (``ds_zero_placement_family = "autoep_expert"``, the EP group name, and
+``ds_zero_partition_process_group`` set before ``zero.Init`` converts the parameter): it then
+reduce-scatters their gradients over the expert-data-parallel group, averages them over the whole
+world (every token of the world contributes), keeps them in optimizer sub-groups of their own and
+adds the EP group to the global gradient norm used for clipping.  Those attributes are DeepSpeed
+internals: ``check_deepspeed`` refuses a DeepSpeed without them and ``tests/test_ep.py`` pins the
+contract (partition group, gradient averaging, norm) against EP=1.  Our model has no module
+DeepSpeed recognises as MoE, so ``_validate_zero3_moe_compatibility`` (AutoEP-only on ZeRO-3) does not
+apply; its restrictions (no DeepSpeed SP, hpZ or quantized gradients) are checked here instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_train.models.common.experts import ExpertShard
+
+PLACEMENT_FAMILY = "autoep_expert"  # DeepSpeed 0.19.8's ZeRO-3 placement family of expert parameters
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check(ep: int, world: int, cfg: Any, ds_config: dict[str, Any], sp: int) -> None:
+    """Raise ValueError (one line, with the valid values) for settings EP cannot run with."""
+    if ep == 1:
+        return
+    if world % ep:
+        raise ValueError(f"--ep {ep} does not divide the world size {world}; use one of {_divisors(world)}")
+    E = cfg.n_routed_experts
+    if E % ep:
+        valid = [d for d in _divisors(math.gcd(E, world))]
+        raise ValueError(f"--ep {ep} does not divide the {E} routed experts; use one of {valid}")
+    if cfg.moe_implementation != "shard":
+        raise ValueError(
+            f"--ep needs --moe-implementation shard, not {cfg.moe_implementation!r} (one module per "
+            "expert); use shard or --ep 1"
+        )
+    local = E // ep
+    if local % cfg.shard_size:
+        raise ValueError(
+            f"expert_in_one_shard={cfg.shard_size} does not divide the {local} experts per rank of "
+            f"--ep {ep}; use expert_in_one_shard one of {_divisors(local)}"
+        )
+    if sp != 1:
+        raise ValueError(f"--ep {ep} with --sp {sp} is not supported; use --sp 1 or --ep 1")
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ValueError(
+            f"--ep needs ZeRO stage 3, the DeepSpeed config has stage {zero.get('stage')}; "
+            "use --deepspeed deepspeed_zero3"
+        )
+    for what in ("param", "optimizer"):
+        if (zero.get(f"offload_{what}") or {}).get("device", "none") not in (None, "none"):
+            raise ValueError(
+                f"--ep is not supported with ZeRO offload_{what}; use --deepspeed deepspeed_zero3 "
+                "(no offload) or --ep 1"
+            )
+    if zero.get("zero_hpz_partition_size", 1) > 1 or zero.get("zero_quantized_gradients", False):
+        raise ValueError(
+            "--ep is not supported with zero_hpz_partition_size > 1 or zero_quantized_gradients; "
+            "remove them from the DeepSpeed config or use --ep 1"
+        )
+    check_deepspeed()
+
+
+def check_deepspeed() -> None:
+    """The DeepSpeed internals EP relies on are there (see the module docstring)."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.utils import groups
+
+    needed = [
+        hasattr(DeepSpeedZeroOptimizer_Stage3, "_autoep_expert_parallel_group"),
+        hasattr(groups, "_create_expert_and_data_parallel"),
+        hasattr(groups, "_get_expert_data_parallel_group"),
+    ]
+    if not all(needed):
+        import deepspeed
+
+        raise ValueError(
+            f"--ep needs DeepSpeed's ZeRO-3 expert partitioning (0.19.8), found deepspeed "
+            f"{deepspeed.__version__}; install deepspeed==0.19.8 or use --ep 1"
+        )
+
+
+@dataclass
+class EPGroups:
+    """This rank's expert-parallel group (N consecutive ranks) and expert-data-parallel group."""
+
+    size: int
+    name: str
+    ep: dist.ProcessGroup
+    edp: dist.ProcessGroup
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(group=self.ep)
+
+    def global_rank(self, ep_rank: int) -> int:
+        return dist.get_global_rank(self.ep, ep_rank)
+
+
+def create_groups(ep: int) -> EPGroups:
+    """DeepSpeed's ``ep_size_{ep}`` groups (created once; every rank must call this)."""
+    from deepspeed.utils import groups
+
+    groups._create_expert_and_data_parallel(ep)
+    name = f"ep_size_{ep}"
+    return EPGroups(ep, name, groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name))
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows ``x`` split ``send`` per rank of ``group``; returns the rows received, ``recv`` per rank.
+    Backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.recv, ctx.send, ctx.group = recv, send, group
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out = grad.new_empty(sum(ctx.send), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send, ctx.recv, group=ctx.group)
+        return out, None, None, None
+
+
+class LocalExpertShard(ExpertShard):
+    """An ExpertShard whose parameters ZeRO-3 partitions over the expert-data-parallel group.
+
+    The tags are set in ``__init__``: ``zero.Init`` converts a module's parameters when its
+    outermost ``__init__`` returns, and reads ``ds_zero_partition_process_group`` then."""
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, std: float, groups: EPGroups
+    ) -> None:
+        super().__init__(num_experts, hidden_size, intermediate_size, std)
+        for p in (self.gate_up_proj, self.down_proj):
+            p.allreduce = False
+            p.group_name = groups.name
+            p.ds_zero_placement_family = PLACEMENT_FAMILY
+            p.ds_zero_partition_group_name = groups.name
+            p.ds_zero_partition_process_group = groups.edp
+
+
+class ExpertParallelShards(nn.ModuleDict):
+    """This rank's E/N experts of a layer as shards named by their global index; forward takes all
+    of this rank's assignments sorted by global expert and returns their outputs in the same order."""
+
+    def __init__(
+        self, num_experts: int, shard_size: int, hidden_size: int, intermediate_size: int, std: float, groups: EPGroups
+    ) -> None:
+        local_shards = num_experts // groups.size // shard_size
+        first = groups.rank * local_shards
+        super().__init__(
+            {
+                str(first + i): LocalExpertShard(shard_size, hidden_size, intermediate_size, std, groups)
+                for i in range(local_shards)
+            }
+        )
+        self.num_experts, self.shard_size, self.groups = num_experts, shard_size, groups
+
+    def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        N, group = self.groups.size, self.groups.ep
+        L = self.num_experts // N
+        counts_NL = counts_E.view(N, L)  # rows this rank sends to each rank's local experts
+        recv_NL = torch.empty_like(counts_NL)  # rows each rank sends to this rank's experts
+        dist.all_to_all_single(recv_NL, counts_NL.contiguous(), group=group)
+        sizes = torch.cat([counts_NL.sum(dim=1), recv_NL.sum(dim=1)]).tolist()  # the one host sync
+        send, recv = sizes[:N], sizes[N:]
+        x_RD = _AllToAll.apply(x_AD, recv, send, group)  # ordered by (source rank, local expert)
+        # Regroup by (local expert, source rank) for the grouped GEMMs, and back afterwards.
+        slot_R = torch.repeat_interleave(torch.arange(N * L, device=x_AD.device), recv_NL.reshape(-1))
+        order_R = ((slot_R % L) * N + slot_R // L).argsort(stable=True)
+        y_RD = self._local(x_RD[order_R], recv_NL.sum(dim=0))
+        y_RD = y_RD[order_R.argsort()]
+        return _AllToAll.apply(y_RD, send, recv, group)
+
+    def _local(self, x_AD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
+        shards = list(self.values())
+        if len(shards) == 1:
+            return shards[0](x_AD, counts_L)
+        per_shard = counts_L.view(len(shards), self.shard_size)
+        rows = per_shard.sum(dim=1).tolist()
+        return torch.cat([shard(x, c) for shard, x, c in zip(shards, x_AD.split(rows), per_shard, strict=True)])
+
+
+def apply(model: nn.Module, moe_types: tuple[type, ...], groups: EPGroups) -> nn.Module:
+    """Replace every MoE block's routed experts by this rank's ``ExpertParallelShards``.
+
+    Call it inside the ``zero3.build`` factory, so that the local shards are created under
+    ``zero.Init`` (partitioned over the expert-data-parallel group from the start).  The full expert
+    stacks built first are dropped; they were partitioned over the world, never whole on a rank."""
+    for module in model.modules():
+        if isinstance(module, moe_types):
+            cfg = module.cfg
+            module.experts = ExpertParallelShards(
+                cfg.n_routed_experts,
+                cfg.shard_size,
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+                cfg.initializer_range,
+                groups,
+            )
+    return model
+
+
+def _expert_shard(name: str) -> int | None:
+    """The global shard index of an expert parameter name (``...experts.{shard}.<param>``), else None."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit():
+        return int(parts[-2])
+    return None
+
+
+def gathered_parameters(model: nn.Module, groups: EPGroups, writer: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter of the whole (EP=1) model in its order, full on global
+    rank ``writer`` (other ranks get their own shards or an empty placeholder); a collective on every rank.
+
+    A dense parameter is gathered over the world (``zero3``).  An expert shard is gathered over the
+    expert-data-parallel group that owns it, and the owner in the writer's EP group sends it to the
+    writer: no rank holds more than one shard beyond its own partitions.  Each tensor is valid only
+    until the next item is asked for.
+    """
+    from moe_train.checkpoint.hf_layout import reference_shapes
+    from moe_train.models.common.key_map import canonical_name
+    from moe_train.parallel.zero3 import gathered
+
+    ours = {canonical_name(name): p for name, p in model.named_parameters()}
+    local_shards = len(next(m for m in model.modules() if isinstance(m, ExpertParallelShards)))
+    rank = dist.get_rank()
+    first_of_writer_group = writer // groups.size * groups.size  # EP groups are consecutive ranks
+    example = next(iter(ours.values()))
+    for name, shape in reference_shapes(model).items():
+        param, shard = ours.get(name), _expert_shard(name)
+        if shard is None or param is not None:  # dense, or one of this rank's shards
+            with gathered(param):
+                source = first_of_writer_group + (shard // local_shards if shard is not None else 0)
+                if shard is not None and rank == source and rank != writer:
+                    dist.send(param.data.contiguous(), dst=writer)
+                yield name, param.data
+        elif rank == writer:
+            full = torch.empty(shape, dtype=example.dtype, device=example.device)
+            dist.recv(full, src=first_of_writer_group + shard // local_shards)
+            yield name, full
+        else:
+            yield name, example.new_empty(0)
