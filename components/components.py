@@ -21,6 +21,7 @@ import socket
 from typing import Dict, List, Optional, Tuple
 
 import torchx.specs as specs
+from torchx.components.dist import parse_nnodes
 from torchx.specs import macros
 
 GiB = 1024  # memMB per GiB
@@ -66,12 +67,11 @@ def h100_80g_x8() -> specs.Resource:
 
 
 def _parse_j(j: str) -> Tuple[int, int, int]:
-    """``NxP`` or ``MIN:MAXxP`` -> (min_nodes, max_nodes, procs_per_node)."""
-    m = re.fullmatch(r"(?:(\d+):)?(\d+)x(\d+)", j)
-    if m is None:
-        raise ValueError(f"-j {j!r}: expected NODESxPROCS (e.g. 8x8) or MIN:MAXxPROCS (e.g. 4:8x8)")
-    max_nodes, nproc = int(m.group(2)), int(m.group(3))
-    min_nodes = int(m.group(1)) if m.group(1) else max_nodes
+    """``NxP``, ``MIN:MAXxP`` or ``P`` -> (min_nodes, max_nodes, procs_per_node), as torchx's dist.ddp reads -j."""
+    try:
+        min_nodes, max_nodes, nproc, _ = parse_nnodes(j)
+    except ValueError:
+        raise ValueError(f"-j {j!r}: expected NODESxPROCS (e.g. 8x8) or MIN:MAXxPROCS (e.g. 4:8x8)") from None
     if not 1 <= min_nodes <= max_nodes or nproc < 1:
         raise ValueError(f"-j {j!r}: need 1 <= MIN <= MAX nodes and at least one process per node")
     return min_nodes, max_nodes, nproc
@@ -97,7 +97,9 @@ _TRAINER_OPTIONS = ["work_dir", "model", "max_length", "sp", "ep", "moe_implemen
 
 def _trainer_cmd(p: Dict[str, object], trainer_args: List[str]) -> List[str]:
     """``moe-train train ...`` for one rank from the component's parameters; None keeps the recipe's value."""
-    cmd = ["moe-train", "train", p["recipe"], "--launcher", "pytorch", "--deepspeed", p["deepspeed"]]
+    cmd = ["moe-train", "train", p["recipe"], "--launcher", "pytorch"]
+    if p["deepspeed"]:  # else the recipe's own DeepSpeed config
+        cmd += ["--deepspeed", p["deepspeed"]]
     for name in _TRAINER_OPTIONS:
         if p[name] is not None and p[name] != "":
             cmd += ["--" + name.replace("_", "-"), str(p[name])]
@@ -205,7 +207,7 @@ _ARGS_DOC = """Args:
     j: NODESxPROCS, or MIN:MAXxPROCS for an elastic job; PROCS must not exceed the host's GPUs
     image: container image (Kubernetes); Slurm and local_cwd run the current environment
     recipe: moe-train recipe name (``moe-train recipes`` lists them)
-    deepspeed: DeepSpeed config: deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload, or a path
+    deepspeed: DeepSpeed config: deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload, or a path (default: the recipe's)
     work_dir: checkpoints and logs, a path or fsspec URL that every node reaches (shared FS, s3://, gs://)
     model: HF checkpoint directory or fsspec URL, instead of the recipe's
     data: datasets (paths or URLs, comma separated), instead of the recipe's
@@ -235,7 +237,7 @@ def deepseek_v2_full(
     j: str = "8x8",
     image: str = _DEFAULT_IMAGE,
     recipe: str = "deepseek_v2_chat_full_alpaca_e3",
-    deepspeed: str = "deepspeed_zero3",
+    deepspeed: Optional[str] = None,
     work_dir: Optional[str] = None,
     model: Optional[str] = None,
     data: Optional[List[str]] = None,
@@ -265,7 +267,7 @@ def deepseek_v2_lite_full(
     j: str = "1x8",
     image: str = _DEFAULT_IMAGE,
     recipe: str = "deepseek_v2_lite_chat_full_alpaca_e3",
-    deepspeed: str = "deepspeed_zero3",
+    deepspeed: Optional[str] = None,
     work_dir: Optional[str] = None,
     model: Optional[str] = None,
     data: Optional[List[str]] = None,
@@ -295,13 +297,14 @@ def deepseek_v3_full(
     j: str = "32x8",
     image: str = _DEFAULT_IMAGE,
     recipe: str = "deepseek_v3_full_alpaca_e3",
-    deepspeed: str = "deepspeed_zero3",
+    deepspeed: Optional[str] = None,
     work_dir: Optional[str] = None,
     model: Optional[str] = None,
     data: Optional[List[str]] = None,
     max_length: Optional[int] = None,
     varlen: Optional[bool] = None,
     sp: Optional[int] = None,
+    ep: Optional[int] = None,
     moe_implementation: Optional[str] = None,
     expert_in_one_shard: Optional[int] = None,
     resume: Optional[str] = "auto",
@@ -324,13 +327,14 @@ def moonlight_full(
     j: str = "1x8",
     image: str = _DEFAULT_IMAGE,
     recipe: str = "moonlight_16b_full_alpaca_e3",
-    deepspeed: str = "deepspeed_zero3",
+    deepspeed: Optional[str] = None,
     work_dir: Optional[str] = None,
     model: Optional[str] = None,
     data: Optional[List[str]] = None,
     max_length: Optional[int] = None,
     varlen: Optional[bool] = None,
     sp: Optional[int] = None,
+    ep: Optional[int] = None,
     moe_implementation: Optional[str] = None,
     expert_in_one_shard: Optional[int] = None,
     resume: Optional[str] = "auto",
@@ -353,7 +357,7 @@ def smoke(
     j: str = "2x1",
     image: str = _DEFAULT_IMAGE,
     recipe: str = "tiny",
-    deepspeed: str = "deepspeed_zero3",
+    deepspeed: Optional[str] = None,
     work_dir: Optional[str] = None,
     model: Optional[str] = None,
     data: Optional[List[str]] = None,

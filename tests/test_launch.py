@@ -127,7 +127,7 @@ def test_slurm_dryrun_deepseek_v2_full():
             f"MOE_TRAIN_STORE_HOST=$(({i} == 0)) torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d --rdzv-id ${{app_id}}"
             " --rdzv-endpoint ${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500"
             f" --rdzv-conf is_host=$(({i} == 0)) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --tee 3 --no-python"
-            " moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch --deepspeed deepspeed_zero3"
+            " moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch"
             f" {FULL_TRAINER} --resume auto --data /data/alpaca.jsonl"
         )]
     script = info.request.materialize()
@@ -146,8 +146,8 @@ def test_cli_dryrun_from_components_dir():
     script = p.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
     assert script.count("#SBATCH hetjob") == 7
     assert script.count("torchrun --nnodes 8 --nproc-per-node 8") == 8
-    assert script.count("moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch --deepspeed "
-                        "deepspeed_zero3") == 8
+    assert script.count("moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch ") == 8
+    assert "--deepspeed" not in script  # the recipe's DeepSpeed config unless the user names one
 
 
 def test_kubernetes_dryrun_deepseek_v2_full():
@@ -171,8 +171,9 @@ def test_kubernetes_dryrun_deepseek_v2_full():
         command = container["command"][2]
         assert "--nnodes 8 --nproc-per-node 8" in command
         assert f"--rdzv-endpoint ${{{'TORCHX_RANK0_HOST' if i == 0 else 'VC_TRAINER_0_HOSTS'}:=localhost}}:29500" in command
-        assert trainer_cmd(command)[:6] == ["moe-train", "train", "deepseek_v2_chat_full_alpaca_e3", "--launcher",
-                                            "pytorch", "--deepspeed"]
+        cmd = trainer_cmd(command)
+        assert cmd[:5] == ["moe-train", "train", "deepseek_v2_chat_full_alpaca_e3", "--launcher", "pytorch"]
+        assert "--deepspeed" not in cmd  # the recipe's DeepSpeed config unless the user names one
 
 
 def _load_submit():
@@ -216,8 +217,8 @@ def test_local_cwd_dryrun_smoke():
         assert command.startswith(f"MOE_TRAIN_STORE_HOST=$(({i} == 0)) torchrun --nnodes 2 --nproc-per-node 1 ")
         port = re.search(r"--rdzv-endpoint \$\{TORCHX_RANK0_HOST:=localhost\}:(\d+) ", command).group(1)
         assert int(port) != 29500 and f"--rdzv-conf is_host=$(({i} == 0))" in command  # a free port
-        assert trainer_cmd(command) == ["moe-train", "train", "tiny", "--launcher", "pytorch", "--deepspeed",
-                                        "deepspeed_zero3", "--work-dir", "/tmp/smoke", "--resume", "auto"]
+        assert trainer_cmd(command) == ["moe-train", "train", "tiny", "--launcher", "pytorch", "--work-dir",
+                                        "/tmp/smoke", "--resume", "auto"]
 
 
 # --- parameters ------------------------------------------------------------------------------------
@@ -265,7 +266,7 @@ def test_mounts_reach_the_pod():
 
 
 @pytest.mark.parametrize("args, match", [
-    (["-j", "8"], "NODESxPROCS"),
+    (["-j", "8y8"], "NODESxPROCS"),
     (["-j", "0x8"], "MIN <= MAX"),
     (["-j", "1x16"], "16 processes per node but the host has 8 GPUs"),
     (["--env", "AWS_SECRET_ACCESS_KEY=x"], "credentials must not go into --env"),

@@ -17,7 +17,7 @@ pack.  Every pack is trained exactly once per epoch: an epoch has
 ``ceil(len(packs) / (dp_size * micro_batch_size * grad_accum))`` optimiser steps, and the last one
 takes the leftover packs.  ZeRO-3 needs every rank to run the same number of forwards, so every
 rank yields ``steps_per_epoch * grad_accum`` micro-batches per epoch; where the packs have run out
-it yields a dummy micro-batch: one pad token (``pad_to_multiple_of`` of them), labels -100,
+it yields a dummy micro-batch: one pad token, labels -100,
 ``num_packs`` 0.  It trains no token, and the trainer zeroes its balance loss and expert load, so the
 token-weighted loss of that step is exactly the loss of its real packs.  Ranks that must see the
 same sample, such as a sequence-parallel group, pass the same ``dp_rank`` (their group's index) and
@@ -56,21 +56,20 @@ class PackedLoader:
 
     def __init__(
         self, packs: list[Pack], dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
-        micro_batch_size: int = 1, pad_to_multiple_of: int = 1, pad_id: int = 0, grad_accum: int = 1,
+        micro_batch_size: int = 1, pad_id: int = 0, grad_accum: int = 1,
     ):
-        """``pad_to_multiple_of`` pads each micro-batch (e.g. to the sequence-parallel size) with
-        ``pad_id`` tokens, labels -100, in a segment of their own at the end of ``cu_seqlens``."""
+        """``pad_id`` fills the dummy micro-batches (sequence parallelism pads its own slices)."""
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
-        if micro_batch_size < 1 or pad_to_multiple_of < 1 or grad_accum < 1:
-            raise ValueError("micro_batch_size, pad_to_multiple_of and grad_accum must be at least 1")
+        if micro_batch_size < 1 or grad_accum < 1:
+            raise ValueError("micro_batch_size and grad_accum must be at least 1")
         if not packs:
             raise DataError("no packs to train on; add data")
         self.packs = packs
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = seed, shuffle
         self.micro_batch_size = micro_batch_size
-        self.pad_to_multiple_of, self.pad_id = pad_to_multiple_of, pad_id
+        self.pad_id = pad_id
         self.grad_accum = grad_accum
         per_step = dp_size * micro_batch_size * grad_accum  # packs one optimiser step takes
         self.steps_per_epoch = -(-len(packs) // per_step)
@@ -97,12 +96,6 @@ class PackedLoader:
         for p in packs:
             bounds.append(p.cu_seqlens[1:] + offsets)
             offsets += len(p)
-        pad = -offsets % self.pad_to_multiple_of
-        if pad:
-            input_ids = torch.cat([input_ids, torch.full((pad,), self.pad_id, dtype=torch.long)])
-            labels = torch.cat([labels, torch.full((pad,), IGNORE_INDEX, dtype=torch.long)])
-            position_ids = torch.cat([position_ids, torch.arange(pad, dtype=torch.long)])
-            bounds.append(torch.tensor([offsets + pad], dtype=torch.int32))
         cu_seqlens = torch.cat(bounds)
         return {
             "input_ids": input_ids[None],
@@ -115,13 +108,12 @@ class PackedLoader:
         }
 
     def _dummy(self) -> dict[str, Any]:
-        n = self.pad_to_multiple_of
         return {
-            "input_ids": torch.full((1, n), self.pad_id, dtype=torch.long),
-            "labels": torch.full((1, n), IGNORE_INDEX, dtype=torch.long),
-            "position_ids": torch.arange(n, dtype=torch.long)[None],
-            "cu_seqlens": torch.tensor([0, n], dtype=torch.int32),
-            "max_seqlen": n,
+            "input_ids": torch.full((1, 1), self.pad_id, dtype=torch.long),
+            "labels": torch.full((1, 1), IGNORE_INDEX, dtype=torch.long),
+            "position_ids": torch.zeros((1, 1), dtype=torch.long),
+            "cu_seqlens": torch.tensor([0, 1], dtype=torch.int32),
+            "max_seqlen": 1,
             "num_loss_tokens": 0,
             "num_packs": 0,
         }
