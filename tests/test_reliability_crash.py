@@ -375,6 +375,7 @@ def slurm_env(tmp: Path, cluster: dict) -> dict:
                       DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **cluster)
 
 
+@pytest.mark.xdist_group("slurm")  # the one Slurm dev cluster (tests/slurm_cluster.py)
 def test_scancel_term_on_slurm_saves_and_torchx_requeues(slurm_cluster, reference, tmp_path):
     """The smoke component (TorchX, torchrun) on one node with 2 ranks and max_retries=1.
 
@@ -407,6 +408,7 @@ srun moe-train train tiny --launcher slurm --deepspeed deepspeed_zero3 --work-di
 """
 
 
+@pytest.mark.xdist_group("slurm")  # the one Slurm dev cluster (tests/slurm_cluster.py)
 def test_slurm_requeue_of_srun_ranks_saves_within_killwait_and_exits_143(slurm_cluster, reference, tmp_path):
     """`scontrol requeue` does what Slurm does to a job preempted with PreemptMode=REQUEUE: SIGTERM to
     every process, SIGKILL KillWait (5 s on the dev cluster) later, then the job pends again.  The ranks

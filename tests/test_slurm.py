@@ -13,7 +13,8 @@ from slurm_cluster import CATALOGUE, free_port, slurm_cluster, slurm_logs, torch
 
 __all__ = ["slurm_cluster"]  # the fixture, imported for pytest
 
-pytestmark = pytest.mark.slow
+# One Slurm dev cluster per test session: under pytest-xdist every test that uses it runs on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 trainer_missing = pytest.mark.skipif(
     not trainer_ready(), reason="the trainer has not landed yet (moe-train / moe_train.engine.train)"
