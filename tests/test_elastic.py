@@ -257,12 +257,12 @@ def test_rollback_then_auto_follows_the_new_branch(two_ranks, tmp_path):
     aside = list((work / "checkpoints").glob("abandoned-*"))
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step-00000006", "step-00000009"]
     assert sorted(p.name for p in (work / "checkpoints").glob("step-*")) == ["step-00000003", "step-00000006"]
-    branch = summary(work)["losses"]
+    branch = summary(work)["segment_losses"]
     proc = run(tmp_path, work, "--max-steps", "8", "--save-steps", "0", "--no-export", "--lr", "1e-3",
                "--resume", "auto")
     assert f"resumed from {step_dir(work, 6)} at step 6" in proc.stdout
     assert branch != summary(two_ranks)["losses"][3:6]  # the new branch (another lr), not the abandoned one
-    assert len(summary(work)["losses"]) == 2
+    assert len(summary(work)["segment_losses"]) == 2
 
 
 STALE_LISTING = '''\
