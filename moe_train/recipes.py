@@ -107,15 +107,15 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             name="deepseek_v3_full_alpaca_e3",
             description="DeepSeek-V3 (671B, FP8 weights dequantised on load) full fine-tune on alpaca, shards of "
-                        "32 experts (moe-train plan's pick on 256 x 80 GB, the smallest cluster that fits), 3 epochs",
-            model="hf://deepseek-ai/DeepSeek-V3", moe_implementation="shard", expert_in_one_shard=32,
+                        "128 experts (moe-train plan's pick on 256 x 80 GB, the smallest cluster that fits), 3 epochs",
+            model="hf://deepseek-ai/DeepSeek-V3", moe_implementation="shard", expert_in_one_shard=128,
             **{**_V3_ALPACA, "template": "deepseek_v3"},
         ),
         Recipe(
             name="moonlight_16b_full_alpaca_e3",
             description="Moonlight-16B-A3B-Instruct (DeepSeek V3 architecture) full fine-tune on alpaca, shards of "
-                        "32 experts (moe-train plan's pick on 8 x 80 GB), 3 epochs",
-            model="hf://moonshotai/Moonlight-16B-A3B-Instruct", moe_implementation="shard", expert_in_one_shard=32,
+                        "8 experts (moe-train plan's pick on 8 x 80 GB), 3 epochs",
+            model="hf://moonshotai/Moonlight-16B-A3B-Instruct", moe_implementation="shard", expert_in_one_shard=8,
             **{**_V3_ALPACA, "template": "moonlight"},
         ),
         Recipe(

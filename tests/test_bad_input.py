@@ -31,9 +31,9 @@ def world(tmp_path_factory):
     """A previous run's work dir, a good model dir, and broken inputs."""
     root = tmp_path_factory.mktemp("bad")
     work = root / "work"
+    # a partial checkpoint of the earlier run (no COMPLETE): never resumed from, never removed by a failed start
     (work / "checkpoints" / "step-00000003").mkdir(parents=True)
-    (work / "checkpoints" / "step-00000003" / "COMPLETE").write_text('{"step": 3}')
-    (work / "checkpoints" / "step-00000003" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    (work / "checkpoints" / "step-00000003" / "master-rank0-of-1.safetensors").write_bytes(b"x" * 100)
     (work / "hf_model").mkdir()
     (work / "hf_model" / "COMPLETE").write_text("{}")
     (work / "metrics.jsonl").write_text('{"step": 1, "loss": 6.0}\n')

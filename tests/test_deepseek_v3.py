@@ -549,7 +549,7 @@ def test_resume_restores_the_correction_bias(v3_run, tmp_path):
     args = ["tiny_v3", "--deepspeed", "deepspeed_zero3", "--work-dir", str(work), "--save-steps", "3"]
     check(torchrun([*args, "--max-steps", "3", "--no-export"], tmp_path))
     check(torchrun([*args, "--max-steps", "6", "--resume", "auto"], tmp_path))
-    assert summary(work)["losses"] == summary(v3_run)["losses"][3:]
+    assert summary(work)["losses"] == summary(v3_run)["losses"]  # the whole run: 3 steps, then 3 resumed
     a, b = _tensors(v3_run / "hf_model"), _tensors(work / "hf_model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -567,6 +567,8 @@ def test_zero3_run_from_an_fp8_checkpoint_with_mtp(tmp_path):
                 "tiny_v3",
                 "--model",
                 str(src),
+                "--tokenizer",  # the synthetic checkpoint has no tokenizer of its own
+                str(Path(__file__).resolve().parents[1] / "moe_train" / "assets" / "tiny_tokenizer"),
                 "--deepspeed",
                 "deepspeed_zero3",
                 "--work-dir",
@@ -632,11 +634,12 @@ def test_recipes_follow_the_planner():
 
     r = get_recipe("deepseek_v3_full_alpaca_e3")
     plan = build_plan(r, gpus=256, gpu_mem_gb=80, nodes=32, device="h100")
-    assert plan.memory.per_gpu_gb <= 80 and plan.suggested_expert_in_one_shard == r.expert_in_one_shard == 32
+    assert plan.memory.per_gpu_gb <= 80 and plan.suggested_expert_in_one_shard == r.expert_in_one_shard
     assert build_plan(r, gpus=128, gpu_mem_gb=80, nodes=16, device="h100").memory.per_gpu_gb > 80
     assert plan.model.first_k_dense_replace == 3 and sum(map(plan.model.is_moe_layer, range(61))) == 58
     moonlight = get_recipe("moonlight_16b_full_alpaca_e3")
-    assert build_plan(moonlight, gpus=8, gpu_mem_gb=80, device="h100").suggested_expert_in_one_shard == 32
+    suggested = build_plan(moonlight, gpus=8, gpu_mem_gb=80, device="h100").suggested_expert_in_one_shard
+    assert suggested == moonlight.expert_in_one_shard
     assert type(model_config(get_recipe("tiny_v3"))) is DeepseekV3Config
     # A known HF id resolves to its own family whatever the recipe's family field says.
     v2 = get_recipe("deepseek_v2_chat_full_alpaca_e3").replace(model="deepseek-ai/DeepSeek-V3", expert_in_one_shard=8)

@@ -185,7 +185,7 @@ def test_second_run_on_a_live_work_dir_is_refused_and_the_first_completes_untouc
         first = subprocess.Popen(cmd, env=cpu_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 120
-        while not (work / "metrics.jsonl").exists() or not (work / "metrics.jsonl").read_text().strip():
+        while not any('"loss"' in p.read_text() for p in (work / "metrics").glob("segment-*.jsonl")):  # a step done
             assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "a.err").read_text()[-3000:]
             time.sleep(0.05)
         ranks = rank_pids(first.pid)
@@ -207,7 +207,7 @@ def test_second_run_on_a_live_work_dir_is_refused_and_the_first_completes_untouc
     # Finished: a rerun without --resume is refused; --overwrite moves the run aside and starts afresh.
     again = torchrun([*ARGS, "--work-dir", str(work), "--max-steps", "2"], tmp_path)
     assert error_line(again).startswith(
-        f"Error: work dir {work} holds an earlier run (metrics.jsonl, summary.json, checkpoints, hf_model, tb); "
+        f"Error: work dir {work} holds an earlier run (metrics, summary.json, recipe.json, deepspeed.json, checkpoints, hf_model, tb); "
     )
     check(torchrun([*ARGS, "--work-dir", str(work), "--max-steps", "2", "--overwrite", "--no-export"], tmp_path))
     (moved,) = (work / "previous").iterdir()

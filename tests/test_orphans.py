@@ -42,7 +42,7 @@ def start(tmp: Path, work: Path, *args: str, torchrun_args=()) -> subprocess.Pop
 
 def wait_for_training(proc: subprocess.Popen, tmp: Path, work: Path) -> None:
     deadline = time.monotonic() + 120
-    while not (work / "metrics.jsonl").exists() or not (work / "metrics.jsonl").read_text().strip():
+    while not any('"loss"' in p.read_text() for p in (work / "metrics").glob("segment-*.jsonl")):  # a step done
         assert proc.poll() is None and time.monotonic() < deadline, (tmp / "run.err").read_text()[-3000:]
         time.sleep(0.05)
 

@@ -99,7 +99,7 @@ def test_credentials_are_absent_from_every_file_and_every_output(tmp_path, http_
     )
     assert runs[1].returncode != 0 and "Error: http://***@127.0.0.1:" in runs[1].stderr, runs[1].stderr[-2000:]
     files = [p for p in work.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".pt" for p in files) and (work / "summary.json").exists()
+    assert any(p.suffix == ".safetensors" for p in files) and (work / "summary.json").exists()
     for p in files:
         data = p.read_bytes()
         for s in (URL_PASSWORD, "pa/ss-7c1e9f", secret):
@@ -108,4 +108,4 @@ def test_credentials_are_absent_from_every_file_and_every_output(tmp_path, http_
         for s in (URL_PASSWORD, "pa/ss-7c1e9f", secret):
             assert s not in proc.stdout + proc.stderr
     # The saved recipe keeps the data URL, redacted (the search above would pass on an empty checkpoint too).
-    assert any(b"http://***@127.0.0.1:" in p.read_bytes() for p in files if p.suffix == ".pt")
+    assert any(b"http://***@127.0.0.1:" in p.read_bytes() for p in files if p.name == "state.json")

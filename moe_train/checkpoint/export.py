@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from moe_train.checkpoint.hf_layout import HFExportWriter, expected_hf_keys
+from moe_train.checkpoint.hf_layout import HFExportWriter, expected_hf_keys, parameter_shapes
 from moe_train.checkpoint.safetensors_io import PlannedTensor
 from moe_train.checkpoint.training_state import TOKENIZER_DIR, TrainingCheckpoint
 from moe_train.models import spec_of
@@ -33,14 +33,21 @@ def export_checkpoint(checkpoint_url: str, out_url: str, dtype: str | None = Non
     out_dtype = DTYPES[dtype or ckpt.state["config"].get("torch_dtype", "float32")]
     with torch.device("meta"):
         reference = spec_of(cfg).build(cfg)
-    expected = expected_hf_keys(reference)
-    shapes = {key: shape for key, (_, shape) in expected.items()}
-    index = ckpt.ranges("master", shapes)  # every header checked before anything is written
+    shapes = {key: shape for key, (_, shape) in expected_hf_keys(reference).items()}
+    in_params = parameter_shapes(reference)  # the rest are persistent buffers, kept whole in state.json
+    buffers = ckpt.state.get("buffers", {})
+    missing = sorted(set(shapes) - set(in_params) - set(buffers))
+    if missing:
+        raise ValueError(f"{ckpt.where} has no value for {', '.join(missing)}; export a checkpoint of this version")
+    index = ckpt.ranges("master", in_params)  # every header checked before anything is written
     writer = HFExportWriter(out_url, [PlannedTensor(k, out_dtype, s) for k, s in shapes.items()], max_shard_size)
     try:
         for key, shape in shapes.items():
-            full = torch.empty(math.prod(shape), dtype=torch.float32)
-            ckpt.read_into(index[key], 0, full)
+            if key in in_params:
+                full = torch.empty(math.prod(shape), dtype=torch.float32)
+                ckpt.read_into(index[key], 0, full)
+            else:
+                full = torch.tensor(buffers[key], dtype=torch.float32)
             writer.write(key, full.view(shape).to(out_dtype))
         tokenizer = posixpath.join(path, TOKENIZER_DIR)
         has_tokenizer = any(name.startswith(TOKENIZER_DIR + "/") for name in ckpt.files)

@@ -192,6 +192,13 @@ def reference_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in [*reference.named_parameters(), *persistent_buffers(reference)]}
 
 
+def parameter_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape of the tensors held in parameters (what a training checkpoint's ranges cover);
+    persistent buffers are left out (the checkpoint's state keeps them whole)."""
+    buffers = {canonical_name(name) for name, _ in persistent_buffers(model)}
+    return {k: shape for k, (slot, shape) in expected_hf_keys(model).items() if slot.param not in buffers}
+
+
 def persistent_buffers(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, buffer) of the buffers a state dict holds: never ZeRO-partitioned, whole on every rank."""
     for module_name, module in model.named_modules():

@@ -369,6 +369,8 @@ class CheckpointManager:
             ok, sizes, error = False, [0] * len(rank_files(0, 1)), e
         all_ok, reported = _all_ok(ok, sizes)
         if not all_ok:
+            if error is not None and error.errno is not None:
+                raise error  # this rank's own failure (a full disk, a lost store): the CLI names it in one line
             raise ValueError(f"saving {display(self.fs, target)} failed on "
                              f"{'this rank' if error else 'another rank'} ({error or 'see its log'}); free space or "
                              "fix the store, then resume from the previous checkpoint") from error

@@ -179,7 +179,7 @@ def load(ckpt: TrainingCheckpoint, engine: Any, scheduler: Any, loader: Any, r: 
         raise ValueError(f"the checkpoint stopped {packs} packs into epoch {saved['epoch']}, inside a micro-batch of "
                          f"{per_step} packs of this layout; resume on {saved['dp_size']} data-parallel ranks")
     loader.load_state_dict({**saved, "step": packs // per_step, "dp_size": loader.dp_size,
-                            "micro_batch_size": loader.micro_batch_size})
+                            "micro_batch_size": loader.micro_batch_size, "grad_accum": loader.grad_accum})
     # RNG: a rank's own stream when the world is the same; else the stream of the rank with its index modulo.
     set_rng_state(ckpt.rng(rank % ckpt.world))
     return ckpt.step

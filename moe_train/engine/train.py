@@ -284,12 +284,12 @@ def build_engine(r: Recipe, cfg: Any, ds_config: dict[str, Any], dtype: torch.dt
 
 def resume_state(job: "Job", resume: TrainingCheckpoint | None) -> int:
     """Load the resume point into the engine and loader; the step to continue from (0: a fresh start)."""
-    from moe_train.checkpoint.hf_layout import expected_hf_keys
+    from moe_train.checkpoint.hf_layout import parameter_shapes
     from moe_train.engine import resume as resuming
 
     if not resume:
         return 0
-    shapes = {k: shape for k, (_, shape) in expected_hf_keys(job.engine.module).items()}
+    shapes = parameter_shapes(job.engine.module)
     step = resuming.load(resume, job.engine, job.scheduler, job.loader, job.recipe, shapes, job.cfg, job.rank,
                          job.world)
     _log(job.rank, f"resumed from {resume.where} at step {step}")
@@ -330,9 +330,6 @@ def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: t
     r = tc.recipe
     rank, world, device = info.rank, info.world_size, info.device
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
-    if rank == 0:
-        for path in ckpt.remove_incomplete():
-            _log(rank, f"removed incomplete checkpoint {display(ckpt.fs, path)}")
     # Rank 0 picks the resume point and broadcasts it; every rank verifies the files it names.
     resume = ckpt.resolve(tc.resume, log=lambda msg: _log(rank, msg.removeprefix("[moe-train] ")))
     if resume is not None:
@@ -367,6 +364,10 @@ def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: t
     job = Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fingerprint, fs, work_root,
               data.tokenizer_dir, 0, total_steps, lease, data.eval_loader, ep)
     job.step = resume_state(job, resume)
+    # Only now, with every input checked and the work dir ours: a start that fails changes nothing.
+    if rank == 0:
+        for path in ckpt.remove_incomplete():
+            _log(rank, f"removed incomplete checkpoint {display(ckpt.fs, path)}")
     return job
 
 
