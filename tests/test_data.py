@@ -270,7 +270,7 @@ def test_every_sample_is_trained_exactly_once_per_epoch(micro_batch_size):
                 trained += _trained_samples(b)
                 if b["num_packs"] == 0:
                     dummies += 1
-                    assert b["num_loss_tokens"] == 0 and b["input_ids"].shape == (1, 4)
+                    assert b["num_loss_tokens"] == 0 and b["input_ids"].shape == (1, 1)
                     assert b["labels"].eq(IGNORE_INDEX).all()
             assert all(b["num_packs"] > 0 for b in batches[:-3])  # dummies only in the last step
         assert sorted(trained) == list(range(2, 63)), f"epoch {epoch}"

@@ -21,7 +21,17 @@ from typing import Any
 
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from moe_train.plan.memory import Workload, ZeroSettings, model_units
-from moe_train.plan.speed import COLLECTIVE_STEP_LATENCY, Device, SpeedEstimate, _collectives, predict_speed
+from moe_train.plan.speed import Device, SpeedEstimate, predict_speed
+
+
+def _collectives(units: list[Any], bucket: int) -> int:
+    """Collectives to move ``units`` in order when consecutive ones are coalesced up to ``bucket`` numel."""
+    n, acc = 0, 0
+    for u in units:
+        acc += u.numel
+        if acc >= bucket:
+            n, acc = n + 1, 0
+    return n + (acc > 0)
 
 
 def _is_expert(name: str) -> bool:
@@ -52,6 +62,7 @@ def predict_speed_ep(
     if gpus % ep or cfg.n_routed_experts % ep:
         raise ValueError(f"--ep {ep} must divide the GPUs ({gpus}) and the routed experts ({cfg.n_routed_experts})")
     base = predict_speed(cfg, work, zero, gpus, nodes, device, grad_accum, peak_tflops)
+    latency = device.calibration.ring_step_latency_s  # alpha, as the ZeRO-3 model uses it
     b, T = work.bytes, work.tokens_per_rank
     per_node = gpus // nodes
     network, nvlink = device.network_gbps * 1e9, device.nvlink_gbps * 1e9
@@ -88,9 +99,9 @@ def predict_speed_ep(
         dense_bytes / dense_bw
         + expert_bytes / expert_bw
         + a2a_bytes / a2a_bw
-        + n_coll * (gpus - 1) * COLLECTIVE_STEP_LATENCY
-        + n_expert * (M - 1) * COLLECTIVE_STEP_LATENCY
-        + n_a2a * (ep - 1) * COLLECTIVE_STEP_LATENCY
+        + n_coll * (gpus - 1) * latency
+        + n_expert * (M - 1) * latency
+        + n_a2a * (ep - 1) * latency
     )
     step = grad_accum * max(base.compute_s, comm) + base.optimizer_s
     tgs = grad_accum * T / step
@@ -98,6 +109,7 @@ def predict_speed_ep(
     return dataclasses.replace(
         base,
         comm_s=comm,
+        exposed_comm_s=max(0.0, comm - base.compute_s),  # behind compute, bounded as max(compute, comm)
         comm_bytes=dense_bytes + expert_bytes + a2a_bytes,
         collectives=n_coll + n_expert + n_a2a,
         step_s=step,
