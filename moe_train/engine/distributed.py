@@ -306,7 +306,7 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def linger_as_store_host(seconds: float = 3.0) -> None:
+def linger_as_store_host(seconds: float = 10.0) -> None:
     """On the node whose torchrun agent hosts the rendezvous store (``MOE_TRAIN_STORE_HOST=1``, set by
     the TorchX components for multi-node jobs), local rank 0 waits a moment after a successful run:
     the other nodes' agents close the rendezvous on that store as they exit, and would print a
