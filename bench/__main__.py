@@ -14,20 +14,34 @@ import os
 import sys
 import time
 
-BENCHMARKS = {"p1": "bench.moe_layer", "p2": "bench.zero3", "p3": "bench.packing", "p4": "bench.export",
-              "p5": "bench.checkpoint"}
+BENCHMARKS = {
+    "p1": "bench.moe_layer",
+    "p2": "bench.zero3",
+    "p3": "bench.packing",
+    "p4": "bench.export",
+    "p5": "bench.checkpoint",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes: the whole suite in under 5 minutes")
-    parser.add_argument("--mode", choices=("test", "quick", "full"), default=None,
-                        help="problem sizes (--quick is --mode quick; test: the smallest, checks the code only)")
+    parser.add_argument(
+        "--mode",
+        choices=("test", "quick", "full"),
+        default=None,
+        help="problem sizes (--quick is --mode quick; test: the smallest, checks the code only)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures, nothing else")
-    parser.add_argument("--only", default=",".join(BENCHMARKS),
-                        help="comma-separated subset of " + ",".join(BENCHMARKS))
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads for P1, P3, P4 (P2 ranks use 1 each); default 1, see RESULTS.md")
+    parser.add_argument(
+        "--only", default=",".join(BENCHMARKS), help="comma-separated subset of " + ",".join(BENCHMARKS)
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for P1, P3, P4 (P2 ranks use 1 each); default 1, see RESULTS.md",
+    )
     args = parser.parse_args(argv)
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = sorted(set(chosen) - set(BENCHMARKS))

@@ -61,8 +61,14 @@ def worker(mode: str, out_dir: str, work: str) -> None:
 def models(mode: str) -> list[tuple[str, object]]:
     """The P2 model, and the same structure at widths where partitions are MiBs, not KiBs."""
     p2 = model_config(mode, "shard", REFERENCE_SHARD[mode])
-    wide = p2.replace(hidden_size=512, moe_intermediate_size=352, intermediate_size=1024,
-                      num_hidden_layers=2 if mode == "test" else 4, n_routed_experts=16, expert_in_one_shard=8)
+    wide = p2.replace(
+        hidden_size=512,
+        moe_intermediate_size=352,
+        intermediate_size=1024,
+        num_hidden_layers=2 if mode == "test" else 4,
+        n_routed_experts=16,
+        expert_in_one_shard=8,
+    )
     return [("P2", p2), ("wide", wide)]
 
 
@@ -77,13 +83,20 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     from moe_train.models.common.loss import causal_lm_loss
     from moe_train.parallel import zero3
 
-    ds_config = fill_auto(load_deepspeed_config("deepspeed_zero3"), micro_batch_size=1, grad_accum=1,
-                          world_size=world, grad_clip=1.0, bf16=False, hidden_size=cfg.hidden_size)
-    model = build_model(cfg, ds_config, torch.float32, torch.device("cpu"), None, seed=0,
-                        activation_checkpointing=False)
+    ds_config = fill_auto(
+        load_deepspeed_config("deepspeed_zero3"),
+        micro_batch_size=1,
+        grad_accum=1,
+        world_size=world,
+        grad_clip=1.0,
+        bf16=False,
+        hidden_size=cfg.hidden_size,
+    )
+    model = build_model(
+        cfg, ds_config, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                      dist_init_required=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
     b = batch(mode, rank, cfg.vocab_size)
     out = engine(b["input_ids"], cu_seqlens=b["cu_seqlens"])
     engine.backward(causal_lm_loss(out.logits, b["labels"]) + out.aux_loss)
@@ -100,8 +113,11 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     def native_load():
         engine.load_checkpoint(native_dir, tag="bench", load_module_strict=True)
 
-    state = {"step": 1, "config": cfg.to_hf_dict(torch_dtype="float32"),
-             "recipe": {"moe_implementation": "shard", "expert_in_one_shard": cfg.expert_in_one_shard}}
+    state = {
+        "step": 1,
+        "config": cfg.to_hf_dict(torch_dtype="float32"),
+        "recipe": {"moe_implementation": "shard", "expert_in_one_shard": cfg.expert_in_one_shard},
+    }
 
     def ours_save():
         manager.save(1, zero3.optimizer_ranges(engine), cfg, state, None, world)
@@ -113,8 +129,7 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
             ckpt.load(zero3.optimizer_ranges(engine), cfg, shapes)
             zero3.finish_load(engine)
 
-    cases = {"native_save": native_save, "ours_save": ours_save, "native_load": native_load,
-             "ours_load": ours_load}
+    cases = {"native_save": native_save, "ours_save": ours_save, "native_load": native_load, "ours_load": ours_load}
     seconds: dict[str, list[float]] = {k: [] for k in cases}
     rss: dict[str, list[int]] = {k: [] for k in cases}
     for round_ in range(REPEATS[mode] + 1):  # the first round warms up
@@ -128,13 +143,19 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
             if round_:
                 seconds[name].append(time.perf_counter() - t0)
                 rss[name].append(m.peak_delta)
-    sizes = {"native": sum(f.stat().st_size for f in Path(native_dir, "bench").rglob("*") if f.is_file()),
-             "ours": sum(f.stat().st_size for f in Path(work, "checkpoints", "step-00000001").rglob("*")
-                         if f.is_file())}
-    record = {"model": label, "rank": rank, "largest_partition_bytes": largest, "files_bytes": sizes,
-              "params": sum(p.ds_numel for p in engine.module.parameters()),
-              "seconds": {k: statistics.median(v) for k, v in seconds.items()},
-              "peak_rss_delta": {k: max(v) for k, v in rss.items()}}
+    sizes = {
+        "native": sum(f.stat().st_size for f in Path(native_dir, "bench").rglob("*") if f.is_file()),
+        "ours": sum(f.stat().st_size for f in Path(work, "checkpoints", "step-00000001").rglob("*") if f.is_file()),
+    }
+    record = {
+        "model": label,
+        "rank": rank,
+        "largest_partition_bytes": largest,
+        "files_bytes": sizes,
+        "params": sum(p.ds_numel for p in engine.module.parameters()),
+        "seconds": {k: statistics.median(v) for k, v in seconds.items()},
+        "peak_rss_delta": {k: max(v) for k, v in rss.items()},
+    }
     engine.destroy()
     return record
 
@@ -147,13 +168,33 @@ def launch(mode: str, nproc: int = 2, timeout: int = 1200) -> list[dict]:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:
         work = os.path.join(tmp, "work")
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                   TORCH_EXTENSIONS_DIR=os.path.join(tmp, "torch_extensions"))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                          env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-               f"--master_port={port}", "-m", "bench.checkpoint", "--worker", "--mode", mode, "--out", tmp,
-               "--work", work]
+        env = dict(
+            os.environ,
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+            TORCH_EXTENSIONS_DIR=os.path.join(tmp, "torch_extensions"),
+        )
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--nnodes=1",
+            f"--master_port={port}",
+            "-m",
+            "bench.checkpoint",
+            "--worker",
+            "--mode",
+            mode,
+            "--out",
+            tmp,
+            "--work",
+            work,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
         records = [Path(tmp, f"rank{r}.json") for r in range(nproc)]
         if proc.returncode != 0 or not all(r.exists() for r in records):
@@ -166,32 +207,70 @@ def summarise(mode: str, records: list[dict]) -> Result:
     rows, figures = [], {}
     for r in records:
         s, m = r["seconds"], r["peak_rss_delta"]
-        rows.append([r["model"], r["rank"], r["params"] / 1e6, r["largest_partition_bytes"] / 2**20,
-                     s["native_save"] * 1e3, s["ours_save"] * 1e3, s["ours_save"] / s["native_save"],
-                     s["native_load"] * 1e3, s["ours_load"] * 1e3, m["native_save"] / 2**20, m["ours_save"] / 2**20,
-                     m["native_load"] / 2**20, m["ours_load"] / 2**20])
+        rows.append(
+            [
+                r["model"],
+                r["rank"],
+                r["params"] / 1e6,
+                r["largest_partition_bytes"] / 2**20,
+                s["native_save"] * 1e3,
+                s["ours_save"] * 1e3,
+                s["ours_save"] / s["native_save"],
+                s["native_load"] * 1e3,
+                s["ours_load"] * 1e3,
+                m["native_save"] / 2**20,
+                m["ours_save"] / 2**20,
+                m["native_load"] / 2**20,
+                m["ours_load"] / 2**20,
+            ]
+        )
     for label, prefix in (("P2", "p5_"), ("wide", "p5_wide_")):
         of = [r for r in records if r["model"] == label]
         figures[prefix + "save_time_ratio"] = max(r["seconds"]["ours_save"] / r["seconds"]["native_save"] for r in of)
         figures[prefix + "load_time_ratio"] = max(r["seconds"]["ours_load"] / r["seconds"]["native_load"] for r in of)
         for op in ("save", "load"):
-            figures[f"{prefix}{op}_rss_per_partition"] = max(r["peak_rss_delta"][f"ours_{op}"]
-                                                             / r["largest_partition_bytes"] for r in of)
+            figures[f"{prefix}{op}_rss_per_partition"] = max(
+                r["peak_rss_delta"][f"ours_{op}"] / r["largest_partition_bytes"] for r in of
+            )
     p2 = next(r for r in records if r["model"] == "P2")
     m = MODES[mode]
-    notes = (f"P2: the bench/zero3.py model ({m['layers']} layers, {m['experts']} experts, shard-{REFERENCE_SHARD[mode]}, "
-             f"tiny widths); wide: its structure at hidden 512, 16 experts of 352, 4 layers, so that partitions are "
-             "MiBs. 2 ranks on gloo, fp32, one step taken, local files; median of "
-             f"{REPEATS[mode]} round-robin repeats per rank, +MiB = peak RSS above the start, worst repeat. Files (P2): "
-             f"native {p2['files_bytes']['native'] / 2**20:.1f} MiB, ours {p2['files_bytes']['ours'] / 2**20:.1f} MiB.")
-    headers = ["model", "rank", "M params", "largest partition MiB", "native save ms", "ours save ms", "save ratio",
-               "native load ms", "ours load ms", "native save +MiB", "ours save +MiB", "native load +MiB",
-               "ours load +MiB"]
-    targets = {"p5_save_time_ratio": ("<=", 1.5), "p5_save_rss_per_partition": ("<=", 2),
-               "p5_load_rss_per_partition": ("<=", 2), "p5_wide_save_time_ratio": ("<=", 1.5),
-               "p5_wide_save_rss_per_partition": ("<=", 2), "p5_wide_load_rss_per_partition": ("<=", 2)}
-    return Result("P5 training checkpoint save/load, ours vs DeepSpeed native, 2 ranks", figures,
-                  table(headers, rows), notes, targets)
+    notes = (
+        f"P2: the bench/zero3.py model ({m['layers']} layers, {m['experts']} experts, shard-{REFERENCE_SHARD[mode]}, "
+        f"tiny widths); wide: its structure at hidden 512, 16 experts of 352, 4 layers, so that partitions are "
+        "MiBs. 2 ranks on gloo, fp32, one step taken, local files; median of "
+        f"{REPEATS[mode]} round-robin repeats per rank, +MiB = peak RSS above the start, worst repeat. Files (P2): "
+        f"native {p2['files_bytes']['native'] / 2**20:.1f} MiB, ours {p2['files_bytes']['ours'] / 2**20:.1f} MiB."
+    )
+    headers = [
+        "model",
+        "rank",
+        "M params",
+        "largest partition MiB",
+        "native save ms",
+        "ours save ms",
+        "save ratio",
+        "native load ms",
+        "ours load ms",
+        "native save +MiB",
+        "ours save +MiB",
+        "native load +MiB",
+        "ours load +MiB",
+    ]
+    targets = {
+        "p5_save_time_ratio": ("<=", 1.5),
+        "p5_save_rss_per_partition": ("<=", 2),
+        "p5_load_rss_per_partition": ("<=", 2),
+        "p5_wide_save_time_ratio": ("<=", 1.5),
+        "p5_wide_save_rss_per_partition": ("<=", 2),
+        "p5_wide_load_rss_per_partition": ("<=", 2),
+    }
+    return Result(
+        "P5 training checkpoint save/load, ours vs DeepSpeed native, 2 ranks",
+        figures,
+        table(headers, rows),
+        notes,
+        targets,
+    )
 
 
 def run(mode: str = "quick") -> Result:

@@ -8,8 +8,8 @@ burst of load from elsewhere hits all variants alike instead of one.
 from __future__ import annotations
 
 import os
-import socket
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -18,8 +18,9 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 
-def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
-                        max_repeats: dict[str, int] | None = None) -> dict[str, dict[str, float]]:
+def interleaved_medians(
+    cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, max_repeats: dict[str, int] | None = None
+) -> dict[str, dict[str, float]]:
     """Median seconds per call of each case, as {"wall": {case: s}, "cpu": {case: s}}.
 
     Cases run round-robin after `warmup` untimed rounds, in reverse order every other round so
@@ -33,7 +34,7 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, wa
     cpu: dict[str, list[float]] = {name: [] for name in cases}
     order = list(cases)
     for round_ in range(warmup + repeats):
-        for name in (order if round_ % 2 == 0 else order[::-1]):
+        for name in order if round_ % 2 == 0 else order[::-1]:
             if round_ >= warmup and len(wall[name]) >= caps.get(name, repeats):
                 continue
             t0, c0 = time.perf_counter(), time.process_time()
@@ -41,8 +42,10 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int, wa
             if round_ >= warmup:
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
-    return {"wall": {n: statistics.median(t) for n, t in wall.items()},
-            "cpu": {n: statistics.median(t) for n, t in cpu.items()}}
+    return {
+        "wall": {n: statistics.median(t) for n, t in wall.items()},
+        "cpu": {n: statistics.median(t) for n, t in cpu.items()},
+    }
 
 
 def machine() -> str:
@@ -61,6 +64,7 @@ def machine() -> str:
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
     """A GitHub-markdown table (what RESULTS.md holds)."""
+
     def cell(v: object) -> str:
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
@@ -77,8 +81,14 @@ class Result:
     ``targets`` maps a figure to (">=" or "<=", bound).
     """
 
-    def __init__(self, title: str, figures: dict[str, float], table: str, notes: str = "",
-                 targets: dict[str, tuple[str, float]] | None = None) -> None:
+    def __init__(
+        self,
+        title: str,
+        figures: dict[str, float],
+        table: str,
+        notes: str = "",
+        targets: dict[str, tuple[str, float]] | None = None,
+    ) -> None:
         self.title, self.figures, self.table, self.notes = title, figures, table, notes
         self.targets = targets or {}
 
@@ -110,8 +120,11 @@ def moto_s3():
         port = s.getsockname()[1]
     old = {k: os.environ.get(k) for k in _S3_ENV}
     os.environ.update(_S3_ENV)
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -25,10 +25,10 @@ import time
 import torch
 
 from bench.common import Result, moto_s3, table
-from moe_train.storage import resolve
-from moe_train.engine.memory import PeakRSS
 from moe_train.checkpoint.hf_layout import save_pretrained
+from moe_train.engine.memory import PeakRSS
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
+from moe_train.storage import resolve
 
 MODES = {
     # repeats: (file, s3); page-cache writes take ~0.1 s and jitter a lot on a shared machine
@@ -36,12 +36,23 @@ MODES = {
     "quick": dict(hidden=512, experts=16, ffn=512, layers=5, shard="200MB", repeats=(21, 2)),
     "full": dict(hidden=1024, experts=16, ffn=704, layers=4, shard="400MB", repeats=(31, 3)),
 }
+
+
 def export_model(mode: str) -> DeepseekV2ForCausalLM:
     m = MODES[mode]
-    cfg = DeepseekV2Config.from_name("tiny", hidden_size=m["hidden"], intermediate_size=2 * m["hidden"],
-                                     moe_intermediate_size=m["ffn"], n_routed_experts=m["experts"],
-                                     num_experts_per_tok=2, topk_method="greedy", n_group=1, topk_group=1,
-                                     num_hidden_layers=m["layers"], expert_in_one_shard=m["experts"] // 4)
+    cfg = DeepseekV2Config.from_name(
+        "tiny",
+        hidden_size=m["hidden"],
+        intermediate_size=2 * m["hidden"],
+        moe_intermediate_size=m["ffn"],
+        n_routed_experts=m["experts"],
+        num_experts_per_tok=2,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        num_hidden_layers=m["layers"],
+        expert_in_one_shard=m["experts"] // 4,
+    )
     torch.manual_seed(0)
     return DeepseekV2ForCausalLM(cfg)
 
@@ -56,19 +67,16 @@ def measure_store(model, url: str, storage_options: dict | None, shard: str, rep
     """
     fs, root = resolve(url, storage_options)
     small = export_model("test")  # warms up imports and connections without growing the heap much
-    save_pretrained(small, posixpath.join(url, "warmup"),
-              max_shard_size="64KB", storage_options=storage_options)
+    save_pretrained(small, posixpath.join(url, "warmup"), max_shard_size="64KB", storage_options=storage_options)
     fs.rm(posixpath.join(root, "warmup"), recursive=True)
     with PeakRSS(interval=0.001) as rss:
-        save_pretrained(model, posixpath.join(url, "first"),
-                  max_shard_size=shard, storage_options=storage_options)
+        save_pretrained(model, posixpath.join(url, "first"), max_shard_size=shard, storage_options=storage_options)
     first = posixpath.join(root, "first")
     files = {posixpath.basename(p): fs.cat_file(p) for p in sorted(fs.ls(first, detail=False))}
     fs.rm(first, recursive=True)
 
     def export(target: str) -> None:
-        save_pretrained(model, posixpath.join(url, target),
-                  max_shard_size=shard, storage_options=storage_options)
+        save_pretrained(model, posixpath.join(url, target), max_shard_size=shard, storage_options=storage_options)
 
     def raw(target: str) -> None:
         fs.makedirs(posixpath.join(root, target), exist_ok=True)
@@ -81,16 +89,21 @@ def measure_store(model, url: str, storage_options: dict | None, shard: str, rep
     clock = time.process_time if url.startswith("file://") else time.perf_counter
     times: dict[str, list[float]] = {"export": [], "raw": []}
     for i in range(repeats):
-        for name, fn in ([("export", export), ("raw", raw)] if i % 2 == 0 else [("raw", raw), ("export", export)]):
+        for name, fn in [("export", export), ("raw", raw)] if i % 2 == 0 else [("raw", raw), ("export", export)]:
             os.sync()
             t0 = clock()
             fn(f"{name}-{i}")
             times[name].append(clock() - t0)
             fs.rm(posixpath.join(root, f"{name}-{i}"), recursive=True)
     largest = max(len(d) for name, d in files.items() if name.endswith(".safetensors"))
-    return {"export_s": statistics.median(times["export"]), "raw_s": statistics.median(times["raw"]),
-            "peak_rss": rss.peak_delta, "bytes": sum(len(d) for d in files.values()), "files": len(files),
-            "largest_file": largest}
+    return {
+        "export_s": statistics.median(times["export"]),
+        "raw_s": statistics.median(times["raw"]),
+        "peak_rss": rss.peak_delta,
+        "bytes": sum(len(d) for d in files.values()),
+        "files": len(files),
+        "largest_file": largest,
+    }
 
 
 def measure(mode: str) -> dict[str, dict]:
@@ -110,28 +123,63 @@ def run(mode: str = "quick") -> Result:
     """Measure in a fresh process: RSS growth means little in one whose heap earlier work already grew."""
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
         out = os.path.join(tmp, "results.json")
-        proc = subprocess.run([sys.executable, "-m", "bench.export", "--mode", mode, "--out", out,
-                               "--threads", str(torch.get_num_threads())],
-                              capture_output=True, text=True, timeout=1800,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.export",
+                "--mode",
+                mode,
+                "--out",
+                out,
+                "--threads",
+                str(torch.get_num_threads()),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"export benchmark failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         with open(out) as f:
             results = json.load(f)
     m = MODES[mode]
-    rows = [[store, r["bytes"] / 2**20, r["files"], r["largest_file"] / 2**20, r["export_s"], r["raw_s"],
-             r["raw_s"] / r["export_s"], r["peak_rss"] / 2**20, r["peak_rss"] / r["largest_file"]]
-            for store, r in results.items()]
+    rows = [
+        [
+            store,
+            r["bytes"] / 2**20,
+            r["files"],
+            r["largest_file"] / 2**20,
+            r["export_s"],
+            r["raw_s"],
+            r["raw_s"] / r["export_s"],
+            r["peak_rss"] / 2**20,
+            r["peak_rss"] / r["largest_file"],
+        ]
+        for store, r in results.items()
+    ]
     figures = {
         "p4_write_fraction": min(r["raw_s"] / r["export_s"] for r in results.values()),
         "p4_peak_rss_ratio": max(r["peak_rss"] / r["largest_file"] for r in results.values()),
     }
-    notes = (f"model: tiny DeepSeek V2 at hidden {m['hidden']}, {m['experts']} experts of {m['ffn']}, "
-             f"{m['layers']} layers, fp32; max_shard_size {m['shard']}; median of {m['repeats'][0]} (file) and "
-             f"{m['repeats'][1]} (s3) runs (file: CPU time, s3: wall time); peak RSS of the first export in a "
-             "fresh process.")
-    headers = ["store", "MiB", "files", "largest file MiB", "export s", "raw write s", "raw / export",
-               "export peak RSS MiB", "peak RSS / largest file"]
+    notes = (
+        f"model: tiny DeepSeek V2 at hidden {m['hidden']}, {m['experts']} experts of {m['ffn']}, "
+        f"{m['layers']} layers, fp32; max_shard_size {m['shard']}; median of {m['repeats'][0]} (file) and "
+        f"{m['repeats'][1]} (s3) runs (file: CPU time, s3: wall time); peak RSS of the first export in a "
+        "fresh process."
+    )
+    headers = [
+        "store",
+        "MiB",
+        "files",
+        "largest file MiB",
+        "export s",
+        "raw write s",
+        "raw / export",
+        "export peak RSS MiB",
+        "peak RSS / largest file",
+    ]
     targets = {"p4_write_fraction": (">=", 0.8), "p4_peak_rss_ratio": ("<=", 2)}
     return Result("P4 streamed HF export", figures, table(headers, rows), notes, targets)
 

@@ -127,7 +127,8 @@ def run(mode: str = "quick", threads: int = 1, budget: int | None = None) -> Res
         "loss_rel_diff": abs(fig["chunked"]["loss"] - plain["loss"]) / abs(plain["loss"]),
     }
     notes = (
-        f"T={T} tokens, vocabulary {V:,}, hidden {D}, fp32 on CPU, every token trained; logits {T * V * 4 / gib:.2f} GiB "
+        f"T={T} tokens, vocabulary {V:,}, hidden {D}, fp32 on CPU, every token trained; "
+        f"logits {T * V * 4 / gib:.2f} GiB "
         f"in fp32, head weight {V * D * 4 / gib:.2f} GiB; {len(runs['plain'])} run(s) per variant, each variant in "
         f"{'1 fresh process' if mode == 'full' else '2 fresh processes (order plain, chunked, chunked, plain)'}; "
         f"activation and peak: the worst run, times: the median.  "

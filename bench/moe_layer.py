@@ -47,9 +47,14 @@ class LayerSize:
         Fs = self.shared * F
 
         def swiglu(rows: int, f: int) -> list[tuple[int, int, int]]:
-            return [(rows, D, 2 * f), (rows, f, D),  # forward: gate+up, down
-                    (rows, D, f), (D, rows, f),  # backward of down: dx, dw
-                    (rows, 2 * f, D), (2 * f, rows, D)]  # backward of gate+up: dx, dw
+            return [
+                (rows, D, 2 * f),
+                (rows, f, D),  # forward: gate+up, down
+                (rows, D, f),
+                (D, rows, f),  # backward of down: dx, dw
+                (rows, 2 * f, D),
+                (2 * f, rows, D),
+            ]  # backward of gate+up: dx, dw
 
         return swiglu(A, F) + swiglu(T, Fs) + [(T, D, E), (T, E, D), (E, T, D)]
 
@@ -67,19 +72,32 @@ SIZES = {
 
 def our_config(size: LayerSize, moe_implementation: str) -> DeepseekV2Config:
     return DeepseekV2Config.from_name(
-        "deepseek-v2-lite", hidden_size=size.hidden, moe_intermediate_size=size.expert_ffn,
-        n_routed_experts=size.experts, num_experts_per_tok=size.top_k, n_shared_experts=size.shared,
+        "deepseek-v2-lite",
+        hidden_size=size.hidden,
+        moe_intermediate_size=size.expert_ffn,
+        n_routed_experts=size.experts,
+        num_experts_per_tok=size.top_k,
+        n_shared_experts=size.shared,
         moe_implementation=moe_implementation,
-        expert_in_one_shard=size.expert_in_one_shard if moe_implementation == "shard" else None)
+        expert_in_one_shard=size.expert_in_one_shard if moe_implementation == "shard" else None,
+    )
 
 
 def hf_moe(size: LayerSize, experts_implementation: str) -> torch.nn.Module:
     from transformers import DeepseekV2Config as HFConfig
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
-    cfg = HFConfig(hidden_size=size.hidden, moe_intermediate_size=size.expert_ffn, n_routed_experts=size.experts,
-                   num_experts_per_tok=size.top_k, n_shared_experts=size.shared, topk_method="greedy",
-                   routed_scaling_factor=1.0, norm_topk_prob=False, hidden_act="silu")
+    cfg = HFConfig(
+        hidden_size=size.hidden,
+        moe_intermediate_size=size.expert_ffn,
+        n_routed_experts=size.experts,
+        num_experts_per_tok=size.top_k,
+        n_shared_experts=size.shared,
+        topk_method="greedy",
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+        hidden_act="silu",
+    )
     cfg._experts_implementation = experts_implementation
     return DeepseekV2Moe(cfg)
 
@@ -99,8 +117,7 @@ def build_layers(size: LayerSize, seed: int = 0) -> dict[str, torch.nn.Module]:
         p.normal_(0.0, 0.05)
     origin = MoE(our_config(size, "origin"))
     F_, S = size.expert_ffn, size.expert_in_one_shard
-    origin.load_state_dict({k: v for k, v in shard.state_dict().items() if not k.startswith("experts.")},
-                           strict=False)
+    origin.load_state_dict({k: v for k, v in shard.state_dict().items() if not k.startswith("experts.")}, strict=False)
     for e, expert in enumerate(origin.experts):
         s, i = divmod(e, S)
         expert.gate_proj.weight.copy_(shard.experts[s].gate_up_proj[i, :F_])
@@ -109,8 +126,9 @@ def build_layers(size: LayerSize, seed: int = 0) -> dict[str, torch.nn.Module]:
     gate_up = torch.cat([m.gate_up_proj for m in shard.experts])
     down = torch.cat([m.down_proj for m in shard.experts])
     all_in_one = MoE(our_config(size, "shard").replace(expert_in_one_shard=size.experts))
-    all_in_one.load_state_dict({k: v for k, v in shard.state_dict().items() if not k.startswith("experts.")},
-                               strict=False)
+    all_in_one.load_state_dict(
+        {k: v for k, v in shard.state_dict().items() if not k.startswith("experts.")}, strict=False
+    )
     all_in_one.experts[0].gate_up_proj.copy_(gate_up)
     all_in_one.experts[0].down_proj.copy_(down)
     layers: dict[str, torch.nn.Module] = {"shard": shard, "shard-all-in-one": all_in_one, "origin": origin}
@@ -200,8 +218,16 @@ def run(mode: str = "quick", repeats: int | None = None, tokens: int | None = No
     best_hf = min(hf_times, key=hf_times.get)
     rows = []
     for name, t in sorted(times.items(), key=lambda kv: kv[1]):
-        rows.append([name, measured["wall"][name] * 1e3, measured["cpu"][name] * 1e3, size.flops / t / 1e9,
-                     t / t_shard, f"{diffs[name]:.1e}" if name in diffs else "-"])
+        rows.append(
+            [
+                name,
+                measured["wall"][name] * 1e3,
+                measured["cpu"][name] * 1e3,
+                size.flops / t / 1e9,
+                t / t_shard,
+                f"{diffs[name]:.1e}" if name in diffs else "-",
+            ]
+        )
     for name, why in skipped.items():
         rows.append([name, "-", "-", "-", "-", f"not run: {why}"])
     figures = {
@@ -210,12 +236,18 @@ def run(mode: str = "quick", repeats: int | None = None, tokens: int | None = No
         "p1_gemm_fraction": times["dense"] / t_shard,
         "p1_max_abs_diff": max(diffs.values()),
     }
-    notes = (f"{size}; {size.flops / 1e9:.1f} GFLOP per forward+backward; median of {repeats} interleaved runs "
-             f"(hf-eager: {min(2, repeats)}); GFLOP/s, time / shard and the figures from {clock} time "
-             f"({torch.get_num_threads()} thread(s)); "
-             f"best transformers variant: {best_hf}.")
-    targets = {"p1_vs_origin": (">=", 4), "p1_vs_hf": (">=", 1.2), "p1_gemm_fraction": (">=", 0.7),
-               "p1_max_abs_diff": ("<=", 1e-4)}
+    notes = (
+        f"{size}; {size.flops / 1e9:.1f} GFLOP per forward+backward; median of {repeats} interleaved runs "
+        f"(hf-eager: {min(2, repeats)}); GFLOP/s, time / shard and the figures from {clock} time "
+        f"({torch.get_num_threads()} thread(s)); "
+        f"best transformers variant: {best_hf}."
+    )
+    targets = {
+        "p1_vs_origin": (">=", 4),
+        "p1_vs_hf": (">=", 1.2),
+        "p1_gemm_fraction": (">=", 0.7),
+        "p1_max_abs_diff": ("<=", 1e-4),
+    }
     headers = ["variant", "wall ms", "cpu ms", "GFLOP/s", "time / shard", "max abs diff vs shard"]
     return Result("P1 MoE layer forward+backward, fp32 CPU", figures, table(headers, rows), notes, targets)
 

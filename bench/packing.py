@@ -50,21 +50,22 @@ def alpaca_like_samples(n: int, vocab: int, max_length: int, seed: int = 0) -> l
 def padded_batches(samples, batch_size: int) -> list[dict[str, torch.Tensor]]:
     batches = []
     for i in range(0, len(samples), batch_size):
-        group = samples[i:i + batch_size]
+        group = samples[i : i + batch_size]
         longest = max(len(ids) for ids, _ in group)
         ids = torch.zeros(len(group), longest, dtype=torch.long)
         labels = torch.full((len(group), longest), IGNORE_INDEX, dtype=torch.long)
         for row, (s_ids, s_labels) in enumerate(group):
-            ids[row, :len(s_ids)] = torch.tensor(s_ids)
-            labels[row, :len(s_labels)] = torch.tensor(s_labels)
+            ids[row, : len(s_ids)] = torch.tensor(s_ids)
+            labels[row, : len(s_labels)] = torch.tensor(s_labels)
             labels[row, 0] = IGNORE_INDEX
         batches.append({"input_ids": ids, "labels": labels})
     return batches
 
 
 def bench_model(hidden: int) -> DeepseekV2ForCausalLM:
-    cfg = DeepseekV2Config.from_name("tiny", hidden_size=hidden, intermediate_size=2 * hidden,
-                                     moe_intermediate_size=hidden // 2, num_hidden_layers=2)
+    cfg = DeepseekV2Config.from_name(
+        "tiny", hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2, num_hidden_layers=2
+    )
     torch.manual_seed(0)
     return DeepseekV2ForCausalLM(cfg).train()
 
@@ -75,9 +76,9 @@ def run(mode: str = "quick") -> Result:
     dataset = alpaca_like_samples(m["dataset"], model.config.vocab_size, m["max_length"])
     all_packs, stats = pack(dataset, m["max_length"], varlen=True)
     rng = np.random.default_rng(1)
-    packs = [all_packs[i] for i in rng.permutation(len(all_packs))[:m["steps"]]]
+    packs = [all_packs[i] for i in rng.permutation(len(all_packs))[: m["steps"]]]
     batch_size = max(1, round(stats.samples / stats.packs))
-    chosen = [dataset[i] for i in rng.permutation(len(dataset))[:m["steps"] * batch_size]]
+    chosen = [dataset[i] for i in rng.permutation(len(dataset))[: m["steps"] * batch_size]]
     batches = padded_batches(chosen, batch_size)
     real = {"packed": sum(len(p) for p in packs), "padded": sum(len(ids) for ids, _ in chosen)}
     padded_tokens = sum(b["input_ids"].numel() for b in batches)
@@ -85,8 +86,12 @@ def run(mode: str = "quick") -> Result:
     def train_packed() -> None:
         for p in packs:
             model.zero_grad(set_to_none=True)
-            out = model(p.input_ids[None].long(), position_ids=p.position_ids[None].long(),
-                        cu_seqlens=p.cu_seqlens, labels=p.labels[None].long())
+            out = model(
+                p.input_ids[None].long(),
+                position_ids=p.position_ids[None].long(),
+                cu_seqlens=p.cu_seqlens,
+                labels=p.labels[None].long(),
+            )
             (out.loss + out.aux_loss).backward()
 
     def train_padded() -> None:
@@ -100,16 +105,30 @@ def run(mode: str = "quick") -> Result:
     times = measured[clock]
     rate = {k: real[k] / t for k, t in times.items()}
     rows = [
-        ["packed (varlen)", len(packs), len(packs) * m["max_length"], real["packed"] / (len(packs) * m["max_length"]),
-         times["packed"], rate["packed"]],
-        [f"padded to longest, batch {batch_size}", len(batches), padded_tokens, real["padded"] / padded_tokens,
-         times["padded"], rate["padded"]],
+        [
+            "packed (varlen)",
+            len(packs),
+            len(packs) * m["max_length"],
+            real["packed"] / (len(packs) * m["max_length"]),
+            times["packed"],
+            rate["packed"],
+        ],
+        [
+            f"padded to longest, batch {batch_size}",
+            len(batches),
+            padded_tokens,
+            real["padded"] / padded_tokens,
+            times["padded"],
+            rate["padded"],
+        ],
     ]
     figures = {"p3_tokens_speedup": rate["packed"] / rate["padded"], "p3_packing_efficiency": stats.efficiency}
-    notes = (f"dataset of {stats.samples} alpaca-like samples ({stats.tokens} tokens) packed into {stats.packs} rows "
-             f"of <= {m['max_length']} tokens, {stats.efficiency:.1%} full; model: tiny DeepSeek V2 at hidden "
-             f"{m['hidden']}, 2 layers; forward+backward, median of {m['repeats']} interleaved epochs, {clock} time "
-             f"({torch.get_num_threads()} thread(s)).")
+    notes = (
+        f"dataset of {stats.samples} alpaca-like samples ({stats.tokens} tokens) packed into {stats.packs} rows "
+        f"of <= {m['max_length']} tokens, {stats.efficiency:.1%} full; model: tiny DeepSeek V2 at hidden "
+        f"{m['hidden']}, 2 layers; forward+backward, median of {m['repeats']} interleaved epochs, {clock} time "
+        f"({torch.get_num_threads()} thread(s))."
+    )
     headers = ["layout", "steps", "token slots", "non-pad fraction", f"{clock} s per epoch", "useful tokens/s"]
     targets = {"p3_tokens_speedup": (">=", 2), "p3_packing_efficiency": (">=", 0.95)}
     return Result("P3 packing vs padding", figures, table(headers, rows), notes, targets)

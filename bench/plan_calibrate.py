@@ -68,16 +68,33 @@ def run_sweep(nproc: int = 2) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="plan-sweep-") as tmp:
         out = os.path.join(tmp, "sweep.json")
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                          env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
+        )
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-                        f"--master_port={port}", "-m", "bench.plan_calibrate", "--worker", "--out", out],
-                       env=env, check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={nproc}",
+                "--nnodes=1",
+                f"--master_port={port}",
+                "-m",
+                "bench.plan_calibrate",
+                "--worker",
+                "--out",
+                out,
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
         return json.loads(Path(out).read_text())
 
 
@@ -152,20 +169,42 @@ def p2_predicted_mode(mode: str, constants: dict[str, float] | None = None) -> d
 
     cal, figures = cpu_calibration()
     if constants:
-        cal = dataclasses.replace(cal, flash_efficiency=constants["gemm_efficiency"],
-                                  eager_efficiency=constants["gemm_efficiency"], **constants)
-    device = Device("CPU (gloo)", peak_tflops=figures["peak_tflops"], hbm_gbps=figures["memory_gbps"],
-                    nvlink_gbps=figures["link_gbps"], network_gbps=figures["link_gbps"], calibration=cal)
+        cal = dataclasses.replace(
+            cal,
+            flash_efficiency=constants["gemm_efficiency"],
+            eager_efficiency=constants["gemm_efficiency"],
+            **constants,
+        )
+    device = Device(
+        "CPU (gloo)",
+        peak_tflops=figures["peak_tflops"],
+        hbm_gbps=figures["memory_gbps"],
+        nvlink_gbps=figures["link_gbps"],
+        network_gbps=figures["link_gbps"],
+        calibration=cal,
+    )
     out = {}
     for name, impl, shard, leaf in variants(mode):
         if leaf or (mode == "quick" and name not in P2_VARIANTS):
             continue
         cfg = model_config(mode, impl, shard)
-        ds = fill_auto(load_deepspeed_config("deepspeed_zero3"), micro_batch_size=1, grad_accum=1, world_size=2,
-                       grad_clip=1.0, bf16=False, hidden_size=cfg.hidden_size)
+        ds = fill_auto(
+            load_deepspeed_config("deepspeed_zero3"),
+            micro_batch_size=1,
+            grad_accum=1,
+            world_size=2,
+            grad_clip=1.0,
+            bf16=False,
+            hidden_size=cfg.hidden_size,
+        )
         ds["zero_optimization"].update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0)  # as P2 runs it
-        work = Workload(max_length=MODES[mode]["tokens"], attention="sdpa", dtype="fp32", device="cpu",
-                        activation_checkpointing=False)
+        work = Workload(
+            max_length=MODES[mode]["tokens"],
+            attention="sdpa",
+            dtype="fp32",
+            device="cpu",
+            activation_checkpointing=False,
+        )
         out[name] = predict_speed(cfg, work, ZeroSettings.from_ds_config(ds, cfg.hidden_size), 2, 1, device)
     return out
 
@@ -205,11 +244,16 @@ def seed_predictions(constants: dict[str, float]) -> list[float | None]:
 
 def _to_constants(x: list[float]) -> dict[str, float]:
     """Unconstrained fit variables -> constants: efficiencies in (0, 1), the rest positive."""
+
     def eff(v: float) -> float:
         return 1 / (1 + math.exp(-v))
 
-    return {"gemm_efficiency": eff(x[0]), "flash_efficiency": eff(x[1]), "hook_s": math.exp(x[2]),
-            "network_gbps": math.exp(x[3])}
+    return {
+        "gemm_efficiency": eff(x[0]),
+        "flash_efficiency": eff(x[1]),
+        "hook_s": math.exp(x[2]),
+        "network_gbps": math.exp(x[3]),
+    }
 
 
 def fit_seed(skip: int | None = None, starts: tuple[float, ...] = (1e-5, 5e-4), iters: int = 100) -> dict[str, float]:
@@ -226,8 +270,10 @@ def fit_seed(skip: int | None = None, starts: tuple[float, ...] = (1e-5, 5e-4), 
     def logit(p: float) -> float:
         return math.log(p / (1 - p))
 
-    fits = [nelder_mead(loss, [logit(0.12), logit(0.45), math.log(h), math.log(30.0)], [0.3] * 4, iters=iters)
-            for h in starts]
+    fits = [
+        nelder_mead(loss, [logit(0.12), logit(0.45), math.log(h), math.log(30.0)], [0.3] * 4, iters=iters)
+        for h in starts
+    ]
     return _to_constants(min(fits, key=loss))
 
 
@@ -249,11 +295,20 @@ def main() -> None:
         rate = matmul_rate()
         runs = [launch("quick") for _ in range(args.repeats)]
         previous = json.loads(OUT.read_text()) if OUT.exists() else {}
-        OUT.write_text(json.dumps({
-            "note": "2 CPU ranks on gloo, 1 thread each, measured by bench/plan_calibrate.py --measure",
-            "world_size": 2, "sweep": sweep, "matmul_flops": rate, "p2_quick_runs": runs,
-            "fitted": previous.get("fitted", {"gemm_efficiency": 0.02, "hook_s": 1e-3}),
-        }, indent=1) + "\n")
+        OUT.write_text(
+            json.dumps(
+                {
+                    "note": "2 CPU ranks on gloo, 1 thread each, measured by bench/plan_calibrate.py --measure",
+                    "world_size": 2,
+                    "sweep": sweep,
+                    "matmul_flops": rate,
+                    "p2_quick_runs": runs,
+                    "fitted": previous.get("fitted", {"gemm_efficiency": 0.02, "hook_s": 1e-3}),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"wrote {OUT}; now refit with --fit-cpu")
     elif args.fit_cpu:
         m = json.loads(OUT.read_text())
@@ -263,8 +318,10 @@ def main() -> None:
         measured, pred = p2_measured(), p2_predicted()
         for v in P2_VARIANTS:
             loo = p2_predicted(m["leave_one_out"][v])[v].step_s
-            print(f"{v}: measured {measured[v] * 1e3:.0f} ms, predicted {pred[v].step_s * 1e3:.0f} ms, "
-                  f"left out {loo * 1e3:.0f} ms")
+            print(
+                f"{v}: measured {measured[v] * 1e3:.0f} ms, predicted {pred[v].step_s * 1e3:.0f} ms, "
+                f"left out {loo * 1e3:.0f} ms"
+            )
         print("fitted:", m["fitted"])
     elif args.fit_seed:
         from moe_train.plan import calibration
@@ -277,8 +334,15 @@ def main() -> None:
             if row[3] is None:
                 continue
             loo = fit_seed(skip=i, starts=(5e-4,), iters=60)
-            print("leave out", i, row, "->", round(seed_predictions(loo)[i], 1),
-                  {k: float(f"{v:.3g}") for k, v in loo.items()}, flush=True)
+            print(
+                "leave out",
+                i,
+                row,
+                "->",
+                round(seed_predictions(loo)[i], 1),
+                {k: float(f"{v:.3g}") for k, v in loo.items()},
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,20 @@ from bench.common import Result, machine, table
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 
 # Tiny, four times wider, with four layers: attention of 8 heads (q/k 48, v 32), 8 experts top-2.
-WIDE = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=8, num_key_value_heads=8, q_lora_rank=96, kv_lora_rank=64,
-            qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=16384)
+WIDE = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=96,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    max_position_embeddings=16384,
+)
 # mode: (config overrides, tokens in the row, samples packed in it): samples of 256 or 512 tokens,
 # as SFT data packs, which keeps the T x T attention weights of the CPU path (see above) a minor share.
 MODES = {"test": ({}, 512, 2), "quick": (WIDE, 4096, 8), "full": (WIDE, 8192, 16)}
@@ -47,8 +58,14 @@ def packed_row(tokens: int, samples: int, vocab: int) -> dict:
     bounds = torch.linspace(0, tokens, samples + 1).round().to(torch.int32)
     lengths = (bounds[1:] - bounds[:-1]).tolist()
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    return {"input_ids": ids, "labels": ids.clone(), "position_ids": position_ids, "cu_seqlens": bounds,
-            "max_seqlen": max(lengths), "num_loss_tokens": tokens - samples}
+    return {
+        "input_ids": ids,
+        "labels": ids.clone(),
+        "position_ids": position_ids,
+        "cu_seqlens": bounds,
+        "max_seqlen": max(lengths),
+        "num_loss_tokens": tokens - samples,
+    }
 
 
 class SavedActivations:
@@ -100,8 +117,12 @@ def _worker(rank: int, sp: int, mode: str, out_dir: str) -> None:
         ntok = batch["num_loss_tokens"]
         if seq is not None:
             batch = seq.shard(batch, pad_id=0)
-        out = model(batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
-                    segment_ids=batch.get("segment_ids"))
+        out = model(
+            batch["input_ids"],
+            position_ids=batch["position_ids"],
+            cu_seqlens=batch["cu_seqlens"],
+            segment_ids=batch.get("segment_ids"),
+        )
         targets = batch["targets"] if seq is not None else shift_labels(batch["labels"])
         ce = cross_entropy(out.logits, targets)
         (ce * sp / ntok + out.aux_loss).backward()
@@ -114,8 +135,9 @@ def _worker(rank: int, sp: int, mode: str, out_dir: str) -> None:
     with PeakRSS() as rss, SavedActivations(model) as saved:
         fwd_bwd(row)
     seconds = time.perf_counter() - t0
-    Path(out_dir, f"sp{sp}_rank{rank}.json").write_text(json.dumps(
-        {"tokens": -(-tokens // sp), "rss": rss.peak_delta, "saved": saved.bytes, "seconds": seconds}))
+    Path(out_dir, f"sp{sp}_rank{rank}.json").write_text(
+        json.dumps({"tokens": -(-tokens // sp), "rss": rss.peak_delta, "saved": saved.bytes, "seconds": seconds})
+    )
     if seq is not None:
         dist.barrier()
         dist.destroy_process_group()
@@ -137,26 +159,48 @@ def measure(sp: int, mode: str) -> list[dict]:
 def run(mode: str = "quick") -> Result:
     overrides, tokens, samples = MODES[mode]
     per_sp = {sp: measure(sp, mode) for sp in (1, 2)}
-    worst = {sp: {key: max(r[key] for r in ranks) for key in ("rss", "saved", "seconds")} for sp, ranks in per_sp.items()}
+    worst = {
+        sp: {key: max(r[key] for r in ranks) for key in ("rss", "saved", "seconds")} for sp, ranks in per_sp.items()
+    }
     mib = 2**20
-    rows = [[sp, per_sp[sp][0]["tokens"], worst[sp]["rss"] / mib, worst[sp]["saved"] / mib,
-             worst[sp]["rss"] / worst[1]["rss"], worst[sp]["seconds"]] for sp in (1, 2)]
-    figures = {"sp2_rss_ratio": worst[2]["rss"] / worst[1]["rss"],
-               "sp2_saved_ratio": worst[2]["saved"] / worst[1]["saved"]}
+    rows = [
+        [
+            sp,
+            per_sp[sp][0]["tokens"],
+            worst[sp]["rss"] / mib,
+            worst[sp]["saved"] / mib,
+            worst[sp]["rss"] / worst[1]["rss"],
+            worst[sp]["seconds"],
+        ]
+        for sp in (1, 2)
+    ]
+    figures = {
+        "sp2_rss_ratio": worst[2]["rss"] / worst[1]["rss"],
+        "sp2_saved_ratio": worst[2]["saved"] / worst[1]["saved"],
+    }
     cfg = DeepseekV2Config.from_name("tiny", **overrides)
-    notes = (f"One packed row of {tokens} tokens ({samples} samples), forward + backward in fp32 on CPU; "
-             f"{'widened ' if overrides else ''}tiny config: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-             f"{cfg.num_attention_heads} heads (q/k {cfg.qk_head_dim}, v {cfg.v_head_dim}), {cfg.n_routed_experts} "
-             f"experts top-{cfg.num_experts_per_tok}; the worst rank of each variant.  {machine()}.")
-    return Result("Sequence parallelism: activation memory per rank",
-                  figures, table(["sp", "tokens/rank", "peak RSS delta MiB", "saved activations MiB",
-                                  "RSS / sp1", "fwd+bwd s"], rows), notes)
+    notes = (
+        f"One packed row of {tokens} tokens ({samples} samples), forward + backward in fp32 on CPU; "
+        f"{'widened ' if overrides else ''}tiny config: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"{cfg.num_attention_heads} heads (q/k {cfg.qk_head_dim}, v {cfg.v_head_dim}), {cfg.n_routed_experts} "
+        f"experts top-{cfg.num_experts_per_tok}; the worst rank of each variant.  {machine()}."
+    )
+    return Result(
+        "Sequence parallelism: activation memory per rank",
+        figures,
+        table(["sp", "tokens/rank", "peak RSS delta MiB", "saved activations MiB", "RSS / sp1", "fwd+bwd s"], rows),
+        notes,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=sorted(MODES), default="quick",
-                        help="test: tiny config, 512 tokens; quick: wider config, 4096 tokens; full: 8192 tokens")
+    parser.add_argument(
+        "--mode",
+        choices=sorted(MODES),
+        default="quick",
+        help="test: tiny config, 512 tokens; quick: wider config, 4096 tokens; full: 8192 tokens",
+    )
     print(run(parser.parse_args().mode))
 
 

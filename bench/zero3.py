@@ -39,9 +39,21 @@ import torch.distributed as dist
 
 from bench.common import Result, table
 
-WRAPPED = ("all_gather_single", "all_gather_into_tensor", "_all_gather_base", "all_gather",
-           "reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter",
-           "all_reduce", "all_reduce_coalesced", "broadcast", "all_to_all_single", "all_to_all")
+WRAPPED = (
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "all_gather",
+    "reduce_scatter_single",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+    "reduce_scatter",
+    "all_reduce",
+    "all_reduce_coalesced",
+    "broadcast",
+    "all_to_all_single",
+    "all_to_all",
+)
 GATHERS = ("all_gather_single", "all_gather_into_tensor", "_all_gather_base", "all_gather")
 
 MODES = {
@@ -147,10 +159,18 @@ def model_config(mode: str, moe_implementation: str, expert_in_one_shard: int | 
 
     m = MODES[mode]
     # DeepSeek-V2-Lite's structure (no q LoRA, greedy top-k over many experts) at the tiny widths.
-    return DeepseekV2Config.from_name("tiny", num_hidden_layers=m["layers"], n_routed_experts=m["experts"],
-                                      num_experts_per_tok=m["top_k"], q_lora_rank=None, topk_method="greedy",
-                                      n_group=1, topk_group=1, moe_implementation=moe_implementation,
-                                      expert_in_one_shard=expert_in_one_shard)
+    return DeepseekV2Config.from_name(
+        "tiny",
+        num_hidden_layers=m["layers"],
+        n_routed_experts=m["experts"],
+        num_experts_per_tok=m["top_k"],
+        q_lora_rank=None,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        moe_implementation=moe_implementation,
+        expert_in_one_shard=expert_in_one_shard,
+    )
 
 
 def batch(mode: str, rank: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -159,12 +179,12 @@ def batch(mode: str, rank: int, vocab: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + rank)
     ids = torch.randint(0, vocab, (1, tokens), generator=g)
     cuts = sorted(torch.randperm(tokens - 1, generator=g)[:3].add(1).tolist())
-    return {"input_ids": ids, "labels": ids.clone(),
-            "cu_seqlens": torch.tensor([0, *cuts, tokens], dtype=torch.int32)}
+    return {"input_ids": ids, "labels": ids.clone(), "cu_seqlens": torch.tensor([0, *cuts, tokens], dtype=torch.int32)}
 
 
-def run_variant(mode: str, counter: CollectiveCounter, name: str, impl: str, shard: int | None, leaf: bool,
-                world: int) -> dict:
+def run_variant(
+    mode: str, counter: CollectiveCounter, name: str, impl: str, shard: int | None, leaf: bool, world: int
+) -> dict:
     import deepspeed
 
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
@@ -173,13 +193,21 @@ def run_variant(mode: str, counter: CollectiveCounter, name: str, impl: str, sha
     from moe_train.models.deepseek_v2.moe import MoE
 
     cfg = model_config(mode, impl, shard)
-    ds_config = fill_auto(load_deepspeed_config("deepspeed_zero3"), micro_batch_size=1, grad_accum=1,
-                          world_size=world, grad_clip=1.0, bf16=False, hidden_size=cfg.hidden_size)
+    ds_config = fill_auto(
+        load_deepspeed_config("deepspeed_zero3"),
+        micro_batch_size=1,
+        grad_accum=1,
+        world_size=world,
+        grad_clip=1.0,
+        bf16=False,
+        hidden_size=cfg.hidden_size,
+    )
     # Release every parameter right after its module ran: the shipped 1e9 would keep this tiny
     # model gathered from forward to backward, and peak gathered bytes would be the whole model.
     ds_config["zero_optimization"].update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
-    model = build_model(cfg, ds_config, torch.float32, torch.device("cpu"), None, seed=0,
-                        activation_checkpointing=False)
+    model = build_model(
+        cfg, ds_config, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False
+    )
     if leaf:
         deepspeed.utils.set_z3_leaf_modules(model, [MoE])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -218,10 +246,15 @@ def run_variant(mode: str, counter: CollectiveCounter, name: str, impl: str, sha
     step()
     counter.params = []
     record = {
-        "variant": name, "step_s": statistics.median(times), "collectives": statistics.median(calls),
-        "gathered_bytes": statistics.median(gathered), "peak_gathered_bytes": counter.peak_gathered,
-        "peak_gathered_expert_bytes": counter.peak_gathered_experts, "calls_by_kind": by_kind,
-        "loss": losses[-1], "params": sum(p.ds_numel for p in model.parameters()),
+        "variant": name,
+        "step_s": statistics.median(times),
+        "collectives": statistics.median(calls),
+        "gathered_bytes": statistics.median(gathered),
+        "peak_gathered_bytes": counter.peak_gathered,
+        "peak_gathered_expert_bytes": counter.peak_gathered_experts,
+        "calls_by_kind": by_kind,
+        "loss": losses[-1],
+        "params": sum(p.ds_numel for p in model.parameters()),
     }
     engine.destroy()
     return record
@@ -257,12 +290,31 @@ def launch(mode: str, nproc: int = 2, timeout: int = 900) -> list[dict]:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="bench-zero3-") as tmp:
         out = os.path.join(tmp, "records.json")
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                   TORCH_EXTENSIONS_DIR=os.path.join(tmp, "torch_extensions"))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                          env.get("PYTHONPATH")]))
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-               f"--master_port={port}", "-m", "bench.zero3", "--worker", "--mode", mode, "--out", out]
+        env = dict(
+            os.environ,
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+            TORCH_EXTENSIONS_DIR=os.path.join(tmp, "torch_extensions"),
+        )
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--nnodes=1",
+            f"--master_port={port}",
+            "-m",
+            "bench.zero3",
+            "--worker",
+            "--mode",
+            mode,
+            "--out",
+            out,
+        ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not os.path.exists(out):
             raise RuntimeError(f"ZeRO-3 benchmark workers failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -274,25 +326,49 @@ def summarise(mode: str, records: list[dict]) -> Result:
     ref_shard = REFERENCE_SHARD[mode]
     shard, origin, all_in_one = by[f"shard-{ref_shard}"], by["origin"], by["all-in-one"]
     n_shards = MODES[mode]["experts"] // ref_shard
-    rows = [[r["variant"], r["step_s"] * 1e3, r["collectives"], r["gathered_bytes"] / 2**20,
-             r["peak_gathered_bytes"] / 2**10, r["peak_gathered_expert_bytes"] / 2**10,
-             origin["step_s"] / r["step_s"], f"{r['loss']:.5f}"] for r in records]
+    rows = [
+        [
+            r["variant"],
+            r["step_s"] * 1e3,
+            r["collectives"],
+            r["gathered_bytes"] / 2**20,
+            r["peak_gathered_bytes"] / 2**10,
+            r["peak_gathered_expert_bytes"] / 2**10,
+            origin["step_s"] / r["step_s"],
+            f"{r['loss']:.5f}",
+        ]
+        for r in records
+    ]
     figures = {
         "p2_collective_ratio": origin["collectives"] / shard["collectives"],
         "p2_step_speedup": origin["step_s"] / shard["step_s"],
         "p2_peak_gather_ratio": all_in_one["peak_gathered_bytes"] / shard["peak_gathered_bytes"],
     }
     m = MODES[mode]
-    notes = (f"tiny model, {m['layers']} layers (first dense), {m['experts']} experts top-{m['top_k']}, "
-             f"{m['tokens']} tokens per rank per step, 2 ranks on gloo, ZeRO-3 (shipped config, parameters "
-             f"released after use), fp32; median of {m['steps']} steps after one warm-up. "
-             f"Figures use shard-{ref_shard} "
-             f"({n_shards} shards per layer); collectives per step: "
-             + ", ".join(f"{r['variant']} {r['calls_by_kind']}" for r in records[:1] + [shard]) + ".")
-    headers = ["variant", "step ms", "collectives/step", "MiB gathered/step", "peak gathered KiB",
-               "of it experts KiB", "speedup vs origin", "loss"]
-    targets = {"p2_collective_ratio": (">=", ref_shard), "p2_step_speedup": (">=", 2),
-               "p2_peak_gather_ratio": (">=", n_shards)}
+    notes = (
+        f"tiny model, {m['layers']} layers (first dense), {m['experts']} experts top-{m['top_k']}, "
+        f"{m['tokens']} tokens per rank per step, 2 ranks on gloo, ZeRO-3 (shipped config, parameters "
+        f"released after use), fp32; median of {m['steps']} steps after one warm-up. "
+        f"Figures use shard-{ref_shard} "
+        f"({n_shards} shards per layer); collectives per step: "
+        + ", ".join(f"{r['variant']} {r['calls_by_kind']}" for r in records[:1] + [shard])
+        + "."
+    )
+    headers = [
+        "variant",
+        "step ms",
+        "collectives/step",
+        "MiB gathered/step",
+        "peak gathered KiB",
+        "of it experts KiB",
+        "speedup vs origin",
+        "loss",
+    ]
+    targets = {
+        "p2_collective_ratio": (">=", ref_shard),
+        "p2_step_speedup": (">=", 2),
+        "p2_peak_gather_ratio": (">=", n_shards),
+    }
     return Result("P2 ZeRO-3 training step, 2 ranks on gloo", figures, table(headers, rows), notes, targets)
 
 

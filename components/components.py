@@ -51,7 +51,9 @@ _CREDENTIAL_URL = re.compile(r"(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://(?:[^@/?#\s]*
 def _host(name: str) -> specs.Resource:
     h = _HOSTS[name]
     return specs.Resource(
-        cpu=h["cpu"], gpu=h["gpu"], memMB=h["memMB"],
+        cpu=h["cpu"],
+        gpu=h["gpu"],
+        memMB=h["memMB"],
         capabilities={"nvidia.com/gpu.product": h["product"]},  # the GPU feature discovery label
     )
 
@@ -81,8 +83,11 @@ def _check_no_credentials(env: Dict[str, str], args: List[str]) -> None:
     """Refuse secrets in the job spec: by variable name, and URL user-info in any env value or trainer argument."""
     leaked = [k for k in env if _CREDENTIAL_NAME.search(k)]
     leaked += [f"{k} (a URL with user-info)" for k, v in env.items() if k not in leaked and _CREDENTIAL_URL.search(v)]
-    leaked += [f"a URL with user-info ({m.group(0).split('://')[0]}://...@) in the trainer arguments"
-               for m in (_CREDENTIAL_URL.search(a) for a in args) if m]
+    leaked += [
+        f"a URL with user-info ({m.group(0).split('://')[0]}://...@) in the trainer arguments"
+        for m in (_CREDENTIAL_URL.search(a) for a in args)
+        if m
+    ]
     if leaked:
         raise ValueError(
             f"{', '.join(leaked)}: credentials must not go into --env or URLs, which are written into the "
@@ -92,7 +97,16 @@ def _check_no_credentials(env: Dict[str, str], args: List[str]) -> None:
 
 
 # component parameters passed on as `moe-train train --kebab-case VALUE` when set
-_TRAINER_OPTIONS = ["work_dir", "model", "max_length", "sp", "ep", "moe_implementation", "expert_in_one_shard", "resume"]
+_TRAINER_OPTIONS = [
+    "work_dir",
+    "model",
+    "max_length",
+    "sp",
+    "ep",
+    "moe_implementation",
+    "expert_in_one_shard",
+    "resume",
+]
 
 
 def _trainer_cmd(p: Dict[str, object], trainer_args: List[str]) -> List[str]:
@@ -111,8 +125,15 @@ def _trainer_cmd(p: Dict[str, object], trainer_args: List[str]) -> List[str]:
 
 
 def _torchrun_app(
-    name: str, j: str, image: str, trainer: List[str], resource: specs.Resource, env: Dict[str, str],
-    mounts: List[str], max_retries: int, rdzv_port: int,
+    name: str,
+    j: str,
+    image: str,
+    trainer: List[str],
+    resource: specs.Resource,
+    env: Dict[str, str],
+    mounts: List[str],
+    max_retries: int,
+    rdzv_port: int,
 ) -> specs.AppDef:
     """One role, one replica per node, each ``torchrun ... --no-python <trainer>``."""
     min_nodes, max_nodes, nproc = _parse_j(j)
@@ -135,8 +156,10 @@ def _torchrun_app(
     # MOE_TRAIN_STORE_HOST: the trainer on the node hosting the rendezvous store waits a moment after a
     # successful run, so the other agents close the rendezvous before the store goes (no TCPStore trace).
     host_env = f"MOE_TRAIN_STORE_HOST={is_host} " if max_nodes > 1 else ""
-    command = (f"{host_env}torchrun --nnodes {nnodes} --nproc-per-node {nproc} {rdzv} {signals} --tee 3 "
-               f"--no-python {shlex.join(trainer)}")
+    command = (
+        f"{host_env}torchrun --nnodes {nnodes} --nproc-per-node {nproc} {rdzv} {signals} --tee 3 "
+        f"--no-python {shlex.join(trainer)}"
+    )
     return specs.AppDef(
         name=name,
         roles=[
@@ -162,12 +185,16 @@ def _check_inputs(name: str, p: Dict[str, object]) -> None:
     outlives the pods: fail at ``--dryrun`` rather than in pods that start and die."""
     missing = [f"--{k}" for k in ("model", "data") if not p[k]]
     if missing:
-        raise ValueError(f"{name} needs {' and '.join(missing)}: e.g. --model hf://deepseek-ai/DeepSeek-V2-Lite-Chat "
-                         "(or a directory every node reads) --data s3://BUCKET/alpaca.jsonl")
+        raise ValueError(
+            f"{name} needs {' and '.join(missing)}: e.g. --model hf://deepseek-ai/DeepSeek-V2-Lite-Chat "
+            "(or a directory every node reads) --data s3://BUCKET/alpaca.jsonl"
+        )
     work_dir = str(p["work_dir"] or "")
     if not (work_dir.startswith("/") or re.match(r"^[a-z][a-z0-9+.-]*://", work_dir)):
-        raise ValueError(f"{name} needs --work_dir as an absolute shared path or a URL (s3://BUCKET/runs/NAME), "
-                         f"got {work_dir or 'none'}: a relative path is inside the pod or job and dies with it")
+        raise ValueError(
+            f"{name} needs --work_dir as an absolute shared path or a URL (s3://BUCKET/runs/NAME), "
+            f"got {work_dir or 'none'}: a relative path is inside the pod or job and dies with it"
+        )
 
 
 def _free_port() -> int:
@@ -176,8 +203,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, ...], full_size: bool = True,
-               **p) -> specs.AppDef:
+def _component(
+    name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, ...], full_size: bool = True, **p
+) -> specs.AppDef:
     """The AppDef of a catalogue entry from its parameters (see _ARGS_DOC).
 
     TorchX lists every function of this module whose signature its linter accepts; it rejects
@@ -189,8 +217,9 @@ def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, 
     trainer = _trainer_cmd(p, list(trainer_args))
     _check_no_credentials(env, trainer)  # every trainer argument: --work-dir, --data, --resume, those after --
     resource = specs.resource(cpu=p["cpu"], gpu=p["gpu"], memMB=p["memMB"], h=p["h"])
-    app = _torchrun_app(name, p["j"], p["image"], trainer, resource, env, p["mounts"] or [], p["max_retries"],
-                        p["rdzv_port"])
+    app = _torchrun_app(
+        name, p["j"], p["image"], trainer, resource, env, p["mounts"] or [], p["max_retries"], p["rdzv_port"]
+    )
     if full_size:
         _check_inputs(name, p)
     return app
@@ -207,7 +236,8 @@ _ARGS_DOC = """Args:
     j: NODESxPROCS, or MIN:MAXxPROCS for an elastic job; PROCS must not exceed the host's GPUs
     image: container image (Kubernetes); Slurm and local_cwd run the current environment
     recipe: moe-train recipe name (``moe-train recipes`` lists them)
-    deepspeed: DeepSpeed config: deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload, or a path (default: the recipe's)
+    deepspeed: DeepSpeed config: deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload, or a path
+        (default: the recipe's)
     work_dir: checkpoints and logs, a path or fsspec URL that every node reaches (shared FS, s3://, gs://)
     model: HF checkpoint directory or fsspec URL, instead of the recipe's
     data: datasets (paths or URLs, comma separated), instead of the recipe's
@@ -378,5 +408,4 @@ def smoke(
     rdzv_port: int = 0,
 ) -> specs.AppDef:
     """CPU smoke run of the tiny recipe on 2 nodes x 1 process; writes an HF checkpoint to {work_dir}/hf_model."""
-    return _component("moe-train-smoke", {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, full_size=False,
-                      **locals())
+    return _component("moe-train-smoke", {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, full_size=False, **locals())

@@ -35,26 +35,37 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
     key, sep, raw = item.partition("=")
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     if not sep or key not in fields or key == "name":
-        raise click.BadParameter(f"{item!r}: expected key=value with key one of {sorted(set(fields) - {'name'})}",
-                                 param_hint="--cfg-options")
+        raise click.BadParameter(
+            f"{item!r}: expected key=value with key one of {sorted(set(fields) - {'name'})}", param_hint="--cfg-options"
+        )
     textual = "str" in str(typing.get_type_hints(Recipe)[key])  # str or str | None: a bare word is text
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         if not textual:
-            raise click.BadParameter(f"{item!r}: {raw!r} is not a Python literal for {key}",
-                                     param_hint="--cfg-options") from None
+            raise click.BadParameter(
+                f"{item!r}: {raw!r} is not a Python literal for {key}", param_hint="--cfg-options"
+            ) from None
         value = raw
     if textual and value is not None and not isinstance(value, str):
         value = raw  # e.g. template=deepseek_v2 or a path that happens to parse as a number
     return key, value
 
 
-_UNREACHABLE = ("botocore.exceptions.ConnectionError", "botocore.exceptions.NoCredentialsError",
-                "aiohttp.client_exceptions.ClientError", "google.auth.exceptions.TransportError")
+_UNREACHABLE = (
+    "botocore.exceptions.ConnectionError",
+    "botocore.exceptions.NoCredentialsError",
+    "aiohttp.client_exceptions.ClientError",
+    "google.auth.exceptions.TransportError",
+)
 # torch.save on a full disk: the zip writer's messages
-_WRITE_FAILED = ("file write failed", "basic_ios::clear", "No space left on device", "PytorchStreamWriter",
-                 "unexpected pos")
+_WRITE_FAILED = (
+    "file write failed",
+    "basic_ios::clear",
+    "No space left on device",
+    "PytorchStreamWriter",
+    "unexpected pos",
+)
 
 
 def _free_bytes(path: str | None) -> int | None:
@@ -72,20 +83,26 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
     first = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
     free = _free_bytes(work_dir)
     if free is not None and free < 2**20 and isinstance(e, (OSError, RuntimeError)):
-        return (f"no space left in the work dir {work_dir} ({free} bytes free; {first}); free space or pass a "
-                "--work-dir on a filesystem with room")
+        return (
+            f"no space left in the work dir {work_dir} ({free} bytes free; {first}); free space or pass a "
+            "--work-dir on a filesystem with room"
+        )
     names = {f"{c.__module__}.{c.__name__}" for c in type(e).__mro__}
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" writing {e.filename}" if e.filename else ""
         return f"no space left{where}; free space or pass a --work-dir on a filesystem with room"
     if names & set(_UNREACHABLE) or isinstance(e, (ConnectionError, TimeoutError)):
-        return (f"cannot reach the store: {first} ({type(e).__name__}); check the endpoint "
-                "(FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL), the network and the credentials")
+        return (
+            f"cannot reach the store: {first} ({type(e).__name__}); check the endpoint "
+            "(FSSPEC_S3_ENDPOINT_URL, AWS_ENDPOINT_URL), the network and the credentials"
+        )
     if isinstance(e, RuntimeError) and any(s in str(e) for s in _WRITE_FAILED):
         return f"a write failed ({first}); the disk is probably full: free space or pass a --work-dir with room"
     if "deepspeed.runtime.zero.utils.ZeRORuntimeException" in names and "world size" in first:
-        return (f"{first.split('. ')[0]}: resume with as many ranks as saved the checkpoint (a ZeRO checkpoint "
-                "cannot be repartitioned yet), or start afresh in a new --work-dir")
+        return (
+            f"{first.split('. ')[0]}: resume with as many ranks as saved the checkpoint (a ZeRO checkpoint "
+            "cannot be repartitioned yet), or start afresh in a new --work-dir"
+        )
     if isinstance(e, RecursionError):
         return "an input is nested too deeply to read (JSON nested hundreds of levels?); flatten it"
     if isinstance(e, (ValueError, OSError, UnicodeError)):  # ours say what to fix; the system's say what failed
@@ -96,73 +113,195 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
 
 @main.command()
 @click.argument("recipe_name", metavar="RECIPE")
-@click.option("--deepspeed", default=None, help="DeepSpeed config: a shipped name (deepspeed_zero2, deepspeed_zero3, "
-              "deepspeed_zero3_offload) or a JSON path. Default: the recipe's.")
-@click.option("--launcher", type=click.Choice(LAUNCHERS), default="none", show_default=True,
-              help="How processes were started: none (one process), pytorch (torchrun env), slurm (plain srun).")
-@click.option("--work-dir", default=None, help="Local path or fsspec URL for checkpoints, metrics and the HF "
-              "export. Default: work_dirs/RECIPE.")
+@click.option(
+    "--deepspeed",
+    default=None,
+    help="DeepSpeed config: a shipped name (deepspeed_zero2, deepspeed_zero3, "
+    "deepspeed_zero3_offload) or a JSON path. Default: the recipe's.",
+)
+@click.option(
+    "--launcher",
+    type=click.Choice(LAUNCHERS),
+    default="none",
+    show_default=True,
+    help="How processes were started: none (one process), pytorch (torchrun env), slurm (plain srun).",
+)
+@click.option(
+    "--work-dir",
+    default=None,
+    help="Local path or fsspec URL for checkpoints, metrics and the HF export. Default: work_dirs/RECIPE.",
+)
 @click.option("--model", default=None, help="HF checkpoint directory or fsspec URL (overrides the recipe).")
-@click.option("--tokenizer", default=None, help="Tokenizer directory or URL. Default: the --model's own, else the "
-              "recipe's.")
-@click.option("--data", multiple=True, help="Training data: alpaca JSON/JSONL or messages JSONL, path or URL. Repeatable.")
+@click.option(
+    "--tokenizer", default=None, help="Tokenizer directory or URL. Default: the --model's own, else the recipe's."
+)
+@click.option(
+    "--data", multiple=True, help="Training data: alpaca JSON/JSONL or messages JSONL, path or URL. Repeatable."
+)
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per packed sequence.")
-@click.option("--varlen/--no-varlen", default=None, help="Attend only within each packed sample (default) or across "
-              "the whole pack (XTuner's classic packing).")
-@click.option("--sp", type=click.IntRange(min=1), default=None, help="Sequence-parallel degree (must divide the world size).")
-@click.option("--ep", type=click.IntRange(min=1), default=None, help="Expert-parallel degree: each group of N "
-              "consecutive ranks splits the routed experts and exchanges tokens (must divide the world size and the "
-              "expert count; ZeRO-3).")
-@click.option("--moe-implementation", type=click.Choice(MOE_IMPLEMENTATIONS), default=None,
-              help="Experts stacked in shards (default) or one module per expert (baseline).")
-@click.option("--expert-in-one-shard", type=click.IntRange(min=1), default=None, help="Experts per shard; must divide the expert count.")
+@click.option(
+    "--varlen/--no-varlen",
+    default=None,
+    help="Attend only within each packed sample (default) or across the whole pack (XTuner's classic packing).",
+)
+@click.option(
+    "--sp", type=click.IntRange(min=1), default=None, help="Sequence-parallel degree (must divide the world size)."
+)
+@click.option(
+    "--ep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Expert-parallel degree: each group of N "
+    "consecutive ranks splits the routed experts and exchanges tokens (must divide the world size and the "
+    "expert count; ZeRO-3).",
+)
+@click.option(
+    "--moe-implementation",
+    type=click.Choice(MOE_IMPLEMENTATIONS),
+    default=None,
+    help="Experts stacked in shards (default) or one module per expert (baseline).",
+)
+@click.option(
+    "--expert-in-one-shard",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Experts per shard; must divide the expert count.",
+)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimiser steps.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate.")
 @click.option("--seed", type=int, default=None, help="Seed for data order and seeded initialisation.")
-@click.option("--save-steps", type=click.IntRange(min=0), default=None, help="Save a training checkpoint every N steps (0: never).")
-@click.option("--resume", default=None, help="'auto' (newest complete checkpoint in the work dir, if any) or a "
-              "checkpoint URL.")
-@click.option("--overwrite", is_flag=True, help="Start afresh in a work dir that holds an earlier run, moving that "
-              "run's files aside into WORK_DIR/previous/TIME/ (nothing is deleted).")
-@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak TFLOP/s of one device for MFU (default: from "
-              "the device table; unknown on CPU).")
-@click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. "
-              "grad_accum=4 or betas='(0.9,0.95)'. Repeatable.")
+@click.option(
+    "--save-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Save a training checkpoint every N steps (0: never).",
+)
+@click.option(
+    "--resume", default=None, help="'auto' (newest complete checkpoint in the work dir, if any) or a checkpoint URL."
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Start afresh in a work dir that holds an earlier run, moving that "
+    "run's files aside into WORK_DIR/previous/TIME/ (nothing is deleted).",
+)
+@click.option(
+    "--peak-tflops",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Peak TFLOP/s of one device for MFU (default: from the device table; unknown on CPU).",
+)
+@click.option(
+    "--cfg-options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any recipe field, e.g. grad_accum=4 or betas='(0.9,0.95)'. Repeatable.",
+)
 @click.option("--eval-data", multiple=True, help="Validation data (same formats as --data). Repeatable.")
-@click.option("--eval-fraction", type=click.FloatRange(min=0, max=1, max_open=True), default=None,
-              help="Hold out this fraction of the training packs for validation (when no --eval-data).")
-@click.option("--eval-steps", type=click.IntRange(min=0), default=None,
-              help="Validation loss every N steps (0: once, after the last step).")
+@click.option(
+    "--eval-fraction",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=None,
+    help="Hold out this fraction of the training packs for validation (when no --eval-data).",
+)
+@click.option(
+    "--eval-steps",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Validation loss every N steps (0: once, after the last step).",
+)
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
-@click.option("--require-fast-kernels/--allow-slow-kernels", default=None, help="On CUDA, stop at start-up when "
-              "attention or experts would take a slow fallback (default: the recipe's, on for the shipped ones).")
-@click.option("--allow-batch-change", is_flag=True, help="On resume, accept a global batch (data-parallel ranks x "
-              "grad_accum x micro batch, in packs) other than the checkpoint's; by default grad_accum is adjusted "
-              "to keep it, or the resume is refused.")
-@click.option("--preempt-grace", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_GRACE_S, show_default=True,
-              metavar="SECONDS",
-              help="Time the scheduler allows between SIGTERM/SIGUSR1 and SIGKILL (Slurm KillWait or GraceTime, "
-              "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout): on a stop signal the "
-              "current step and a checkpoint must fit in it, and the log says when they do not. A second "
-              "identical signal exits at once.")
-@click.option("--debug", is_flag=True, help="Print the traceback under the one-line Error: of an expected failure "
-              "(bad input, full disk, unreachable store).")
-def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, data, max_length, varlen, sp, ep,
-          moe_implementation, expert_in_one_shard, max_steps, epochs, lr, seed, save_steps, resume, overwrite,
-          peak_tflops, cfg_options, eval_data, eval_fraction, eval_steps, no_export, require_fast_kernels,
-          allow_batch_change, preempt_grace, debug) -> None:
+@click.option(
+    "--require-fast-kernels/--allow-slow-kernels",
+    default=None,
+    help="On CUDA, stop at start-up when "
+    "attention or experts would take a slow fallback (default: the recipe's, on for the shipped ones).",
+)
+@click.option(
+    "--allow-batch-change",
+    is_flag=True,
+    help="On resume, accept a global batch (data-parallel ranks x "
+    "grad_accum x micro batch, in packs) other than the checkpoint's; by default grad_accum is adjusted "
+    "to keep it, or the resume is refused.",
+)
+@click.option(
+    "--preempt-grace",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_GRACE_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="Time the scheduler allows between SIGTERM/SIGUSR1 and SIGKILL (Slurm KillWait or GraceTime, "
+    "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout): on a stop signal the "
+    "current step and a checkpoint must fit in it, and the log says when they do not. A second "
+    "identical signal exits at once.",
+)
+@click.option(
+    "--debug",
+    is_flag=True,
+    help="Print the traceback under the one-line Error: of an expected failure "
+    "(bad input, full disk, unreachable store).",
+)
+def train(
+    recipe_name: str,
+    deepspeed,
+    launcher,
+    work_dir,
+    model,
+    tokenizer,
+    data,
+    max_length,
+    varlen,
+    sp,
+    ep,
+    moe_implementation,
+    expert_in_one_shard,
+    max_steps,
+    epochs,
+    lr,
+    seed,
+    save_steps,
+    resume,
+    overwrite,
+    peak_tflops,
+    cfg_options,
+    eval_data,
+    eval_fraction,
+    eval_steps,
+    no_export,
+    require_fast_kernels,
+    allow_batch_change,
+    preempt_grace,
+    debug,
+) -> None:
     """Fine-tune RECIPE (see `moe-train recipes`)."""
     try:
         recipe = get_recipe(recipe_name)
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="RECIPE")
-    overrides = {k: v for k, v in dict(
-        model=model, data=list(data) or None, max_length=max_length, varlen=varlen, sp=sp, ep=ep,
-        moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard, max_steps=max_steps,
-        epochs=epochs, lr=lr, seed=seed, save_steps=save_steps, eval_data=list(eval_data) or None,
-        eval_fraction=eval_fraction, eval_steps=eval_steps, require_fast_kernels=require_fast_kernels).items()
-        if v is not None}
+        raise click.BadParameter(str(e), param_hint="RECIPE") from None
+    overrides = {
+        k: v
+        for k, v in dict(
+            model=model,
+            data=list(data) or None,
+            max_length=max_length,
+            varlen=varlen,
+            sp=sp,
+            ep=ep,
+            moe_implementation=moe_implementation,
+            expert_in_one_shard=expert_in_one_shard,
+            max_steps=max_steps,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            save_steps=save_steps,
+            eval_data=list(eval_data) or None,
+            eval_fraction=eval_fraction,
+            eval_steps=eval_steps,
+            require_fast_kernels=require_fast_kernels,
+        ).items()
+        if v is not None
+    }
     if model is not None:
         overrides["model_size"] = None
         overrides["tokenizer"] = tokenizer  # a model brings its own tokenizer unless --tokenizer says otherwise
@@ -173,13 +312,22 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, dat
 
     from moe_train.engine.distributed import destroy_distributed, hard_exit, linger_as_store_host
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
-    from moe_train.engine.train import TrainConfig, train as run
+    from moe_train.engine.train import TrainConfig
+    from moe_train.engine.train import train as run
     from moe_train.storage import redact
 
-    tc = TrainConfig(recipe=recipe, work_dir=work_dir or f"work_dirs/{recipe.name}",
-                     deepspeed=deepspeed or recipe.deepspeed, launcher=launcher, resume=resume,
-                     peak_tflops=peak_tflops, export=not no_export, preempt_grace=preempt_grace,
-                     overwrite=overwrite, allow_batch_change=allow_batch_change)
+    tc = TrainConfig(
+        recipe=recipe,
+        work_dir=work_dir or f"work_dirs/{recipe.name}",
+        deepspeed=deepspeed or recipe.deepspeed,
+        launcher=launcher,
+        resume=resume,
+        peak_tflops=peak_tflops,
+        export=not no_export,
+        preempt_grace=preempt_grace,
+        overwrite=overwrite,
+        allow_batch_change=allow_batch_change,
+    )
     code = 0
     try:
         run(tc)
@@ -202,8 +350,12 @@ def train(recipe_name: str, deepspeed, launcher, work_dir, model, tokenizer, dat
 
 @main.command()
 @click.argument("work_dir")
-@click.option("--out", default=None, help="Local directory for the PNGs and report.md. Default: "
-              "report-<work dir name> in the current directory (the work dir is only read).")
+@click.option(
+    "--out",
+    default=None,
+    help="Local directory for the PNGs and report.md. Default: "
+    "report-<work dir name> in the current directory (the work dir is only read).",
+)
 def report(work_dir: str, out: str | None) -> None:
     """Plots (loss, lr, grad norm, throughput, expert load) and report.md of the run in WORK_DIR."""
     from moe_train.report import report as write_report
@@ -220,8 +372,12 @@ def report(work_dir: str, out: str | None) -> None:
 @main.command("export")
 @click.argument("checkpoint_url")
 @click.argument("out_url")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default=None,
-              help="Weights' dtype in the export. Default: what the run's own export writes (its training dtype).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16"]),
+    default=None,
+    help="Weights' dtype in the export. Default: what the run's own export writes (its training dtype).",
+)
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors file, e.g. 5GB, 500MB.")
 def export_command(checkpoint_url: str, out_url: str, dtype: str | None, max_shard_size: str) -> None:
     """Write a complete training checkpoint (local path or URL) to OUT_URL in the HF layout.

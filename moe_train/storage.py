@@ -19,8 +19,10 @@ import fsspec
 # scheme://user-info@host, anywhere in a text: a token alone, user:password, and passwords with '/' in them.
 _USER_INFO = re.compile(r"(?<![a-zA-Z0-9+.-])([a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^@/?#\s]*:[^@\s]*|[^@/?#:\s]+)@")
 # Query parameters that carry secrets in presigned or SAS URLs.
-_SECRET_QUERY = re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|"
-                           r"token|access_token|key|secret|password)=)[^&]*")
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|"
+    r"token|access_token|key|secret|password)=)[^&]*"
+)
 
 
 # Object-store requests that hang are cut and retried instead of stalling a job for botocore's defaults.
@@ -38,8 +40,9 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[An
     except ValueError as e:  # fsspec: "Protocol not known: x"
         raise ValueError(f"{redact(url)}: {e}; use a local path or a file://, s3://, gs:// or memory:// URL") from None
     except ImportError as e:  # the protocol's package is not installed
-        raise ValueError(f"{redact(url)}: {str(e).splitlines()[0]}; install moe-train[s3] for s3:// or "
-                         "moe-train[gcs] for gs://") from None
+        raise ValueError(
+            f"{redact(url)}: {str(e).splitlines()[0]}; install moe-train[s3] for s3:// or moe-train[gcs] for gs://"
+        ) from None
     return fs, root.rstrip("/") or root
 
 
@@ -66,8 +69,13 @@ def stall_notice(what: str, log: Callable[[str], None], after: float = 60.0) -> 
     import time
 
     t0 = time.monotonic()
-    timer = threading.Timer(after, lambda: log(f"{what} still running after {after:.0f}s; the storage may be "
-                                                "stalled (fsspec retries; check the endpoint and credentials)"))
+    timer = threading.Timer(
+        after,
+        lambda: log(
+            f"{what} still running after {after:.0f}s; the storage may be "
+            "stalled (fsspec retries; check the endpoint and credentials)"
+        ),
+    )
     timer.daemon = True
     timer.start()
     try:
@@ -86,19 +94,24 @@ def probe(url: str, what: str = "--model") -> None:
         fs.info(root)
     except FileNotFoundError:
         if is_local(fs) and "://" not in url and re.fullmatch(r"[\w.-]+/[\w.-]+", url):
-            raise ValueError(f"{what} {url} is not a local directory; for the Hugging Face Hub model pass "
-                             f"{what} hf://{url} (or a downloaded copy's directory)") from None
+            raise ValueError(
+                f"{what} {url} is not a local directory; for the Hugging Face Hub model pass "
+                f"{what} hf://{url} (or a downloaded copy's directory)"
+            ) from None
     except Exception as e:  # noqa: BLE001 - whatever the protocol's client raises for a network failure
         if is_local(fs):
             raise
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
         if url.startswith("hf://"):
-            name = url[len("hf://"):]
-            raise ValueError(f"cannot reach the Hugging Face Hub for {redact(url)} ({reason}); check the network, "
-                             f"HF_ENDPOINT and HF_TOKEN, or download it first (hf download {name} --local-dir DIR) "
-                             f"and pass {what} DIR") from None
-        raise ValueError(f"cannot reach {display(fs, root)} ({reason}); check the endpoint, network and "
-                         "credentials") from None
+            name = url[len("hf://") :]
+            raise ValueError(
+                f"cannot reach the Hugging Face Hub for {redact(url)} ({reason}); check the network, "
+                f"HF_ENDPOINT and HF_TOKEN, or download it first (hf download {name} --local-dir DIR) "
+                f"and pass {what} DIR"
+            ) from None
+        raise ValueError(
+            f"cannot reach {display(fs, root)} ({reason}); check the endpoint, network and credentials"
+        ) from None
 
 
 def redact_all(obj: Any) -> Any:

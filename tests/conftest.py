@@ -19,7 +19,8 @@ def tiny_config(**overrides) -> DeepseekV2Config:
 
 def hf_reference(cfg: DeepseekV2Config, seed: int = 0):
     """A transformers DeepseekV2ForCausalLM with random (non-default) weights, fp32."""
-    from transformers import DeepseekV2Config as HFConfig, DeepseekV2ForCausalLM as HFModel
+    from transformers import DeepseekV2Config as HFConfig
+    from transformers import DeepseekV2ForCausalLM as HFModel
 
     d = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(seed)
@@ -42,5 +43,8 @@ def s3_server():
 
     with moto_s3() as options:
         s3fs.S3FileSystem(**options, anon=False).mkdir("moe-train-test")
-        yield {"endpoint": options["client_kwargs"]["endpoint_url"], "storage_options": options,
-               "bucket": "moe-train-test"}
+        yield {
+            "endpoint": options["client_kwargs"]["endpoint_url"],
+            "storage_options": options,
+            "bucket": "moe-train-test",
+        }

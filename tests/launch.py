@@ -18,25 +18,53 @@ def free_port() -> int:
 
 def cpu_env(tmp: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               # A killed JIT build leaves a lock that hangs the next run: one extensions dir per run.
-               TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"), PYTHONUNBUFFERED="1")
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        # A killed JIT build leaves a lock that hangs the next run: one extensions dir per run.
+        TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"),
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra)
     return env
 
 
-def torchrun(args: list[str], tmp: Path, nproc: int = 2, timeout: int = 300, env: dict | None = None,
-             torchrun_args: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           f"--master_port={free_port()}", *(torchrun_args or []), "-m", "moe_train.cli", "train", *args,
-           "--launcher", "pytorch"]
+def torchrun(
+    args: list[str],
+    tmp: Path,
+    nproc: int = 2,
+    timeout: int = 300,
+    env: dict | None = None,
+    torchrun_args: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        f"--master_port={free_port()}",
+        *(torchrun_args or []),
+        "-m",
+        "moe_train.cli",
+        "train",
+        *args,
+        "--launcher",
+        "pytorch",
+    ]
     return subprocess.run(cmd, env=env or cpu_env(tmp), capture_output=True, text=True, timeout=timeout)
 
 
 def moe_train(args: list[str], tmp: Path, timeout: int = 120) -> subprocess.CompletedProcess:
     """One process, --launcher none (for the bad-input cases)."""
-    return subprocess.run([sys.executable, "-m", "moe_train.cli", *args], env=cpu_env(tmp),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "moe_train.cli", *args],
+        env=cpu_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def summary(work_dir: Path) -> dict:
@@ -53,5 +81,7 @@ def metrics(work_dir: Path) -> list[dict]:
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    )
     return proc

@@ -85,8 +85,12 @@ def packed_batch(vocab_size: int, max_length: int, seed: int) -> dict:
     bounds = [0, *sorted((torch.randperm(max_length - 1, generator=g)[:5] + 1).tolist()), max_length]
     input_ids = torch.randint(2, vocab_size, (1, max_length), generator=g)
     position_ids = torch.cat([torch.arange(e - s) for s, e in zip(bounds[:-1], bounds[1:])])[None]
-    return {"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": position_ids,
-            "cu_seqlens": torch.tensor(bounds, dtype=torch.int32)}
+    return {
+        "input_ids": input_ids,
+        "labels": input_ids.clone(),
+        "position_ids": position_ids,
+        "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
+    }
 
 
 def warm_imports() -> None:
@@ -122,14 +126,21 @@ def main(out_dir: str, spec: dict) -> None:
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
     from moe_train.engine.distributed import destroy_distributed, hard_exit, init_distributed
     from moe_train.engine.train import build_model
-    from moe_train.models.deepseek_v2 import DeepseekV2Config
     from moe_train.models.common.loss import shift_labels
+    from moe_train.models.deepseek_v2 import DeepseekV2Config
 
     info = init_distributed("pytorch")
     rank, world = info.rank, info.world_size
     cfg = DeepseekV2Config.from_name("tiny", **spec["model"])
-    ds_config = fill_auto(load_deepspeed_config(spec.get("deepspeed", "deepspeed_zero3")), micro_batch_size=1,
-                          grad_accum=1, world_size=world, grad_clip=1.0, bf16=False, hidden_size=cfg.hidden_size)
+    ds_config = fill_auto(
+        load_deepspeed_config(spec.get("deepspeed", "deepspeed_zero3")),
+        micro_batch_size=1,
+        grad_accum=1,
+        world_size=world,
+        grad_clip=1.0,
+        bf16=False,
+        hidden_size=cfg.hidden_size,
+    )
     batches = [packed_batch(cfg.vocab_size, spec["max_length"], seed=rank * 1000 + s) for s in range(spec["steps"])]
 
     sampler = PhaseSampler()
@@ -141,26 +152,43 @@ def main(out_dir: str, spec: dict) -> None:
     t0 = time.perf_counter()
 
     sampler.mark("build")
-    model = build_model(cfg, ds_config, torch.float32, torch.device("cpu"), None, seed=0,
-                        activation_checkpointing=spec.get("activation_checkpointing", False))
+    model = build_model(
+        cfg,
+        ds_config,
+        torch.float32,
+        torch.device("cpu"),
+        None,
+        seed=0,
+        activation_checkpointing=spec.get("activation_checkpointing", False),
+    )
     sampler.mark("optimizer")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     sampler.mark("init")
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
     engine.train()
     gathered_at_loss = []
     for step, b in enumerate(batches, start=1):
         counts = torch.tensor([float(b["input_ids"].numel())])
         torch.distributed.all_reduce(counts)
         sampler.mark(f"forward{step}")
-        out = engine(b["input_ids"], position_ids=b["position_ids"], cu_seqlens=b["cu_seqlens"],
-                     targets=shift_labels(b["labels"]))  # the trainer's chunked head
+        out = engine(
+            b["input_ids"],
+            position_ids=b["position_ids"],
+            cu_seqlens=b["cu_seqlens"],
+            targets=shift_labels(b["labels"]),
+        )  # the trainer's chunked head
         ce_sum = out.loss
         loss = ce_sum * (world / counts[0].item()) + out.aux_loss
-        gathered_at_loss.append(sum(p.numel() for p in engine.module.parameters()
-                                    if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist))
+        gathered_at_loss.append(
+            sum(
+                p.numel()
+                for p in engine.module.parameters()
+                if p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist
+            )
+        )
         sampler.mark(f"backward{step}")
         engine.backward(loss)
         sampler.mark(f"step{step}")
@@ -170,10 +198,18 @@ def main(out_dir: str, spec: dict) -> None:
     sampler.stop()
 
     record = {
-        "rank": rank, "world_size": world, "seconds": time.perf_counter() - t0,
-        "phases": {name: {"peak": v[0] - baseline_total, "peak_anon": v[1] - baseline_anon,
-                          "end": v[2] - baseline_total, "end_anon": v[3] - baseline_anon}
-                   for name, v in sampler.peaks.items()},
+        "rank": rank,
+        "world_size": world,
+        "seconds": time.perf_counter() - t0,
+        "phases": {
+            name: {
+                "peak": v[0] - baseline_total,
+                "peak_anon": v[1] - baseline_anon,
+                "end": v[2] - baseline_total,
+                "end_anon": v[3] - baseline_anon,
+            }
+            for name, v in sampler.peaks.items()
+        },
         "gathered_numel_at_loss": gathered_at_loss,
         "partition_numel": sum(p.ds_tensor.ds_numel for p in engine.module.parameters()),
         "modules_imported_after_baseline": len(sys.modules) - modules,

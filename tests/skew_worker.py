@@ -17,8 +17,8 @@ import torch
 from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
 from moe_train.engine.distributed import destroy_distributed, hard_exit, init_distributed
 from moe_train.engine.train import build_model
-from moe_train.models.deepseek_v2 import DeepseekV2Config
 from moe_train.models.common.experts import PerExpertModules
+from moe_train.models.deepseek_v2 import DeepseekV2Config
 from moe_train.models.deepseek_v2.moe import Router
 
 
@@ -50,13 +50,25 @@ def main() -> None:
         skip_idle_experts()
     import deepspeed
 
-    cfg = DeepseekV2Config.from_name("tiny", topk_method="greedy",
-                                     moe_implementation="shard" if layout == "shard" else "origin", expert_in_one_shard=2 if layout == "shard" else None)
-    ds = fill_auto(load_deepspeed_config("deepspeed_zero3"), micro_batch_size=1, grad_accum=1,
-                   world_size=info.world_size, grad_clip=1.0, bf16=False, hidden_size=cfg.hidden_size)
+    cfg = DeepseekV2Config.from_name(
+        "tiny",
+        topk_method="greedy",
+        moe_implementation="shard" if layout == "shard" else "origin",
+        expert_in_one_shard=2 if layout == "shard" else None,
+    )
+    ds = fill_auto(
+        load_deepspeed_config("deepspeed_zero3"),
+        micro_batch_size=1,
+        grad_accum=1,
+        world_size=info.world_size,
+        grad_clip=1.0,
+        bf16=False,
+        hidden_size=cfg.hidden_size,
+    )
     model = build_model(cfg, ds, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                      config=ds, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=ds, dist_init_required=False
+    )
     torch.manual_seed(info.rank)
     for _ in range(3):
         ids = torch.randint(0, cfg.vocab_size, (1, 64))

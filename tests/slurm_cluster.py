@@ -46,8 +46,9 @@ def torchx_env(**extra: str) -> dict:
 
 
 def torchx(*args: str, cwd: Path, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "torchx"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(BIN / "torchx"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")

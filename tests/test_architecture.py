@@ -72,8 +72,13 @@ _WRAPPED = textwrap.dedent("""
 @pytest.mark.slow
 def test_exported_keys_are_canonical_after_wrapping(tmp_path):
     """DeepSpeed's engine and activation checkpointing add name segments; the export has exactly the HF keys."""
-    proc = subprocess.run([sys.executable, "-c", _WRAPPED, str(tmp_path / "hf")], env=cpu_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRAPPED, str(tmp_path / "hf")],
+        env=cpu_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert any("_checkpoint_wrapped_module" in n for n in got["names"])  # the wrapping did happen
@@ -113,8 +118,10 @@ def test_export_preserves_source_fields_and_copies_remote_code(tmp_path):
     assert (tmp_path / "out" / "modeling_deepseek.py").read_text() == "# DeepSeek's remote code\n"
 
 
-@pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("attention_dropout", 0.1),
-                                         ("tie_word_embeddings", True), ("pretraining_tp", 2)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("hidden_act", "gelu"), ("attention_dropout", 0.1), ("tie_word_embeddings", True), ("pretraining_tp", 2)],
+)
 def test_unsupported_config_values_are_refused(field, value):
     with pytest.raises(ValueError, match=f"{field}={value!r} is not supported"):
         tiny_config(**{field: value})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,11 @@ ASSETS = Path(__file__).resolve().parents[1] / "moe_train" / "assets"
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,7 @@ def world(tmp_path_factory):
     (root / "ds_bad.json").write_text('{"zero_optimization": {"stage": 3,}')
     (root / "ds_stage5.json").write_text('{"zero_optimization": {"stage": 5}}')
     (root / "ds_auto.json").write_text('{"zero_optimization": {"stage": 3}, "optimizer": {"params": {"lr": "auto"}}}')
+
     # Validated inputs (tests/test_validation.py has the in-process cases).
     def model_dir(name: str, **config) -> Path:
         path = root / name
@@ -75,20 +78,22 @@ def world(tmp_path_factory):
         return path
 
     quoted = model_dir("config_quoted")
-    (quoted / "config.json").write_text(json.dumps({**json.loads((quoted / "config.json").read_text()),
-                                                    "hidden_size": "64"}))
+    (quoted / "config.json").write_text(
+        json.dumps({**json.loads((quoted / "config.json").read_text()), "hidden_size": "64"})
+    )
     overlap = model_dir("overlapping_tensors")
     raw = (overlap / "model.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     for k, v in header.items():
         if k != "__metadata__":
             v["data_offsets"] = [0, v["data_offsets"][1] - v["data_offsets"][0]]  # every tensor at byte 0
     body = json.dumps(header).encode()
-    (overlap / "model.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n:])
+    (overlap / "model.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n :])
     outside = model_dir("index_outside")
-    (outside / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        k: "../../secret.safetensors" for k in header if k != "__metadata__"}}))
+    (outside / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: "../../secret.safetensors" for k in header if k != "__metadata__"}})
+    )
     model_dir("small_vocab", vocab_size=64)
     (root / "nested.jsonl").write_text('{"instruction": "a", "output": ' + "[" * 50000 + "]" * 50000 + "}\n")
     readonly = root / "readonly"
@@ -107,16 +112,19 @@ CASES = {
     "empty-dataset": (["--data", "{root}/empty.jsonl"], ["no samples", "--data"]),
     "record-without-fields": (["--data", "{root}/fields.jsonl"], ["fields.jsonl:1", "instruction"]),
     "data-path-missing": (["--data", "{root}/nope.jsonl"], ["nope.jsonl", "does not exist"]),
-    "all-samples-too-long-dropped": (["--max-length", "8", "--cfg-options", "too_long='drop'"],
-                                     ["no trainable samples", "--max-length"]),
+    "all-samples-too-long-dropped": (
+        ["--max-length", "8", "--cfg-options", "too_long='drop'"],
+        ["no trainable samples", "--max-length"],
+    ),
     # recipe / config
     "unknown-recipe": (["train", "tinyy"], ["unknown recipe", "deepseek_v2_chat_full_alpaca_e3"]),
     "cfg-option-unknown-key": (["--cfg-options", "lrr=1"], ["lrr=1", "key one of"]),
     "cfg-option-bad-literal": (["--cfg-options", "grad_accum=four"], ["grad_accum", "literal"]),
     "shard-size-not-divisor": (["--expert-in-one-shard", "3"], ["expert_in_one_shard=3", "use one of [1, 2, 4, 8]"]),
-    "full-recipe-without-data": (["train", "deepseek_v2_lite_chat_full_alpaca_e3", "--model", "{root}/model",
-                                  "--resume", "auto"],
-                                 ["has no data", "--data"]),
+    "full-recipe-without-data": (
+        ["train", "deepseek_v2_lite_chat_full_alpaca_e3", "--model", "{root}/model", "--resume", "auto"],
+        ["has no data", "--data"],
+    ),
     # CLI
     "max-length-not-positive": (["--max-length", "0"], ["--max-length", "0"]),
     "lr-not-positive": (["--lr", "-1"], ["--lr", "-1"]),
@@ -127,9 +135,14 @@ CASES = {
     # checkpoints / model
     "model-dir-missing": (["--model", "{root}/no_model"], ["does not exist", "checkpoint"]),
     "model-not-deepseek": (["--model", "{root}/not_deepseek"], ["model_type='llama'", "deepseek_v2"]),
-    "model-missing-weight": (["--model", "{root}/missing_key"], ["missing model.layers.2.mlp.experts.5.down_proj.weight"]),
-    "missing-tokenizer": (["--model", "{root}/model_no_tokenizer", "--cfg-options", "tokenizer=None"],
-                          ["no tokenizer", "tokenizer.json"]),
+    "model-missing-weight": (
+        ["--model", "{root}/missing_key"],
+        ["missing model.layers.2.mlp.experts.5.down_proj.weight"],
+    ),
+    "missing-tokenizer": (
+        ["--model", "{root}/model_no_tokenizer", "--cfg-options", "tokenizer=None"],
+        ["no tokenizer", "tokenizer.json"],
+    ),
     "resume-url-not-a-checkpoint": (["--resume", "{root}/model"], ["not a complete checkpoint", "--resume"]),
     # DeepSpeed config
     "deepspeed-unknown-name": (["--deepspeed", "deepspeed_zero4"], ["deepspeed_zero4", "deepspeed_zero3"]),
@@ -137,15 +150,21 @@ CASES = {
     "deepspeed-bad-stage": (["--deepspeed", "{root}/ds_stage5.json"], ["stage", "5"]),
     "deepspeed-unfillable-auto": (["--deepspeed", "{root}/ds_auto.json"], ["auto", "optimizer.params.lr"]),
     # validated inputs
-    "config-field-quoted": (["--model", "{root}/config_quoted"],
-                            ["config_quoted/config.json: config field hidden_size='64'", "without quotes"]),
-    "safetensors-overlap": (["--model", "{root}/overlapping_tensors"],
-                            ["overlapping_tensors/model.safetensors is not a valid safetensors", "overlapping"]),
+    "config-field-quoted": (
+        ["--model", "{root}/config_quoted"],
+        ["config_quoted/config.json: config field hidden_size='64'", "without quotes"],
+    ),
+    "safetensors-overlap": (
+        ["--model", "{root}/overlapping_tensors"],
+        ["overlapping_tensors/model.safetensors is not a valid safetensors", "overlapping"],
+    ),
     "index-outside-model-dir": (["--model", "{root}/index_outside"], ["outside the checkpoint directory"]),
     "vocab-smaller-than-tokenizer": (["--model", "{root}/small_vocab"], ["vocab_size is 64", "tokenizer"]),
     "data-nested-too-deeply": (["--data", "{root}/nested.jsonl"], ["nested.jsonl:1: JSON nested too deeply"]),
-    "work-dir-with-a-run-without-resume": (["train", "tiny", "--max-steps", "1", "--work-dir", "{work}"],
-                                           ["holds an earlier run", "--resume auto", "--overwrite"]),
+    "work-dir-with-a-run-without-resume": (
+        ["train", "tiny", "--max-steps", "1", "--work-dir", "{work}"],
+        ["holds an earlier run", "--resume auto", "--overwrite"],
+    ),
 }
 
 
@@ -160,8 +179,8 @@ def test_bad_input(case, world):
         cmd = cmd + ["--work-dir", str(work)]
     proc = moe_train(cmd, world)
     assert proc.returncode != 0, proc.stdout[-2000:]
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    errors = [l for l in lines if l.startswith("Error")]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error")]
     assert len(errors) == 1, proc.stderr[-3000:]
     for word in words:
         assert word in errors[0], f"{word!r} not in {errors[0]!r}"

@@ -16,11 +16,27 @@ from bench import moe_layer
 from bench.zero3 import CollectiveCounter
 
 ROOT = Path(__file__).resolve().parent.parent
-FIGURES = {"p1_vs_origin", "p1_vs_hf", "p1_gemm_fraction", "p1_max_abs_diff", "p2_collective_ratio",
-           "p2_step_speedup", "p2_peak_gather_ratio", "p3_tokens_speedup", "p3_packing_efficiency",
-           "p4_write_fraction", "p4_peak_rss_ratio", "p5_save_time_ratio", "p5_load_time_ratio",
-           "p5_save_rss_per_partition", "p5_load_rss_per_partition", "p5_wide_save_time_ratio",
-           "p5_wide_load_time_ratio", "p5_wide_save_rss_per_partition", "p5_wide_load_rss_per_partition"}
+FIGURES = {
+    "p1_vs_origin",
+    "p1_vs_hf",
+    "p1_gemm_fraction",
+    "p1_max_abs_diff",
+    "p2_collective_ratio",
+    "p2_step_speedup",
+    "p2_peak_gather_ratio",
+    "p3_tokens_speedup",
+    "p3_packing_efficiency",
+    "p4_write_fraction",
+    "p4_peak_rss_ratio",
+    "p5_save_time_ratio",
+    "p5_load_time_ratio",
+    "p5_save_rss_per_partition",
+    "p5_load_rss_per_partition",
+    "p5_wide_save_time_ratio",
+    "p5_wide_load_time_ratio",
+    "p5_wide_save_rss_per_partition",
+    "p5_wide_load_rss_per_partition",
+}
 
 
 def test_p1_layouts_agree_on_outputs_and_gradients():
@@ -82,10 +98,21 @@ def test_collective_counter_counts_calls_and_bytes():
 
 def test_suite_json_has_every_figure(tmp_path):
     """`python -m bench --json` at the smallest sizes: one JSON object, every figure, sane values."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"))
-    proc = subprocess.run([sys.executable, "-m", "bench", "--mode", "test", "--json"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--mode", "test", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     figures = json.loads(proc.stdout)
     assert set(figures) == FIGURES
@@ -102,8 +129,14 @@ def test_suite_json_has_every_figure(tmp_path):
 def test_gpu_script_dry_run_on_cpu(tmp_path):
     results = tmp_path / "RESULTS.md"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--cpu-dry-run", "--results", str(results)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gpu", "--cpu-dry-run", "--results", str(results)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     text = results.read_text()
     assert "CPU dry run" in text and "#### MoE layer" in text and "#### Training step" in text
@@ -113,8 +146,11 @@ def test_gpu_script_dry_run_on_cpu(tmp_path):
     assert "| hf-deepgemm | - | - | skipped: " in text  # a CUDA/bf16-only kernel says why
     # training rows: variant, tokens, ..., last loss.  shard and origin start from the same seeded
     # weights and see the same rows: same losses; transformers' model has its own init.
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
-            if line.startswith(("| shard | 1", "| shard | 2", "| origin | 1", "| origin | 2", "| hf-"))]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith(("| shard | 1", "| shard | 2", "| origin | 1", "| origin | 2", "| hf-"))
+    ]
     train = {(r[0], r[1]): r for r in rows if len(r) == 9}
     for tokens in ("128", "256"):
         assert abs(float(train["shard", tokens][-1]) - float(train["origin", tokens][-1])) < 1e-3
@@ -127,7 +163,9 @@ def _fake_wheel(directory, name, version, requires=()):
     import zipfile
 
     path = directory / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
-    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires
+    )
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA", meta)
     return path
@@ -136,8 +174,9 @@ def _fake_wheel(directory, name, version, requires=()):
 def test_gpu_bundle_check_finds_what_an_air_gapped_node_lacks(tmp_path):
     from bench import bundle
 
-    _fake_wheel(tmp_path, "deepspeed", "0.19.8", ["hjson", "pydantic>=2.0.0", "torch>=2.0.0", "numpy",
-                                                   'pytest; extra == "dev"'])
+    _fake_wheel(
+        tmp_path, "deepspeed", "0.19.8", ["hjson", "pydantic>=2.0.0", "torch>=2.0.0", "numpy", 'pytest; extra == "dev"']
+    )
     _fake_wheel(tmp_path, "pydantic", "1.10.0")
     problems = bundle.check(tmp_path)
     assert any("hjson" in p and "not in the bundle" in p for p in problems)

@@ -29,7 +29,9 @@ def test_round_trip_through_transformers_is_bit_identical(tmp_path, impl, shard)
 
     hf = hf_reference(tiny_config())
     hf.save_pretrained(tmp_path / "hf")
-    ours = DeepseekV2ForCausalLM.from_pretrained(str(tmp_path / "hf"), moe_implementation=impl, expert_in_one_shard=shard)
+    ours = DeepseekV2ForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), moe_implementation=impl, expert_in_one_shard=shard
+    )
     ours.save_pretrained(str(tmp_path / "ours"), max_shard_size="40KB")
 
     original, written = all_tensors(tmp_path / "hf"), all_tensors(tmp_path / "ours")
@@ -188,8 +190,12 @@ def test_aborted_export_to_s3_uploads_no_truncated_shard(s3_server):
     expected = expected_hf_keys(model)
     params = dict(model.named_parameters())
     url = f"s3://{s3_server['bucket']}/aborted"
-    writer = HFExportWriter(url, [PlannedTensor(k, torch.float32, s) for k, (_, s) in expected.items()],
-                            max_shard_size="10GB", storage_options=s3_server["storage_options"])
+    writer = HFExportWriter(
+        url,
+        [PlannedTensor(k, torch.float32, s) for k, (_, s) in expected.items()],
+        max_shard_size="10GB",
+        storage_options=s3_server["storage_options"],
+    )
     for i, (key, (slot, _)) in enumerate(expected.items()):
         if i == 10:
             break

@@ -12,7 +12,13 @@ import torch
 from transformers import AutoTokenizer
 
 from moe_train.data import (
-    IGNORE_INDEX, DataError, PackedLoader, build_packed_dataset, encode_conversations, encode_messages, pack,
+    IGNORE_INDEX,
+    DataError,
+    PackedLoader,
+    build_packed_dataset,
+    encode_conversations,
+    encode_messages,
+    pack,
     read_conversations,
 )
 
@@ -47,6 +53,7 @@ def sample(n, trained=True, token=5):
 
 # --- shipped assets and template ---------------------------------------------------------------
 
+
 def test_shipped_tokenizer(tokenizer):
     assert len(tokenizer) == 512
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (BOS, EOS, EOS)
@@ -80,17 +87,22 @@ def test_template_trains_only_assistant_replies(tokenizer):
     # The generation prompt ends at "Assistant:", so the space before the reply is the model's to emit.
     assert [tokenizer.decode(r) for r in runs] == [" 2 + 3 = 5." + EOS, " sky apple red" + EOS]
     prompt = tokenizer.decode([t for t, lab in zip(ids, labels) if lab == IGNORE_INDEX])
-    assert prompt == f"{BOS}You answer briefly.\n\nUser: What is 2 + 3?\n\nAssistant:User: Reverse the order " \
-                     "of the words.\n\nred apple sky\n\nAssistant:"
+    assert (
+        prompt == f"{BOS}You answer briefly.\n\nUser: What is 2 + 3?\n\nAssistant:User: Reverse the order "
+        "of the words.\n\nred apple sky\n\nAssistant:"
+    )
 
 
 def test_alpaca_records_become_messages(tmp_path):
-    path = write_jsonl(tmp_path / "a.jsonl", [
-        {"instruction": "Add.", "input": "2 and 3", "output": "5"},
-        {"instruction": "Say hi.", "input": "", "output": "hi"},
-        {"instruction": "Say bye.", "output": "bye"},
-        {"messages": CHAT},
-    ])
+    path = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Say hi.", "input": "", "output": "hi"},
+            {"instruction": "Say bye.", "output": "bye"},
+            {"messages": CHAT},
+        ],
+    )
     convs = read_conversations(path)
     assert convs[0] == [{"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
     assert convs[1][0] == {"role": "user", "content": "Say hi."}
@@ -99,6 +111,7 @@ def test_alpaca_records_become_messages(tmp_path):
 
 
 # --- sources -----------------------------------------------------------------------------------
+
 
 def test_json_list_directory_glob_and_memory_url(tmp_path):
     records = [{"instruction": f"Echo {i}.", "input": "", "output": str(i)} for i in range(3)]
@@ -117,15 +130,23 @@ def test_json_list_directory_glob_and_memory_url(tmp_path):
         read_conversations(str(tmp_path / "d"))
 
 
-@pytest.mark.parametrize("lines, expected", [
-    (['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output" "b"}'],
-     r"bad.jsonl:2: invalid JSON \(Expecting ':' delimiter at column 31\); fix or remove that line"),
-    (['{"instruction": "a", "output": "b"}', '', '{"prompt": "a"}'],
-     r"bad.jsonl:3: record has neither instruction/output nor messages; pass --data with"),
-    (['{"messages": [{"role": "bot", "content": "x"}]}'], r"bad.jsonl:1: messages\[0\] must be"),
-    (['{"messages": [{"role": "user", "content": "x"}]}'], r"bad.jsonl:1: messages has no assistant turn"),
-    ([''], r"no samples found in \[.*bad.jsonl'\]; pass --data with alpaca JSON/JSONL or chat messages JSONL"),
-], ids=["invalid-json", "unknown-record", "bad-role", "no-assistant", "empty-file"])
+@pytest.mark.parametrize(
+    "lines, expected",
+    [
+        (
+            ['{"instruction": "a", "output": "b"}', '{"instruction": "a", "output" "b"}'],
+            r"bad.jsonl:2: invalid JSON \(Expecting ':' delimiter at column 31\); fix or remove that line",
+        ),
+        (
+            ['{"instruction": "a", "output": "b"}', "", '{"prompt": "a"}'],
+            r"bad.jsonl:3: record has neither instruction/output nor messages; pass --data with",
+        ),
+        (['{"messages": [{"role": "bot", "content": "x"}]}'], r"bad.jsonl:1: messages\[0\] must be"),
+        (['{"messages": [{"role": "user", "content": "x"}]}'], r"bad.jsonl:1: messages has no assistant turn"),
+        ([""], r"no samples found in \[.*bad.jsonl'\]; pass --data with alpaca JSON/JSONL or chat messages JSONL"),
+    ],
+    ids=["invalid-json", "unknown-record", "bad-role", "no-assistant", "empty-file"],
+)
 def test_bad_input_errors_are_one_line(tmp_path, lines, expected):
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -143,6 +164,7 @@ def test_missing_path_error(tmp_path):
 
 
 # --- packing -----------------------------------------------------------------------------------
+
 
 def test_pack_boundaries_varlen_and_classic():
     samples = [sample(3), sample(2), sample(4)]
@@ -205,6 +227,7 @@ def test_empty_result_is_a_data_error(tmp_path, tokenizer):
 
 # --- loader ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def packs():
     rng = np.random.default_rng(1)
@@ -258,8 +281,10 @@ def test_every_sample_is_trained_exactly_once_per_epoch(micro_batch_size):
     samples = [sample(20, token=i + 2) for i in range(61)]
     packs, _ = pack(samples, 64)  # 3 samples per pack
     assert len(packs) % (2 * 3 * micro_batch_size) != 0
-    loaders = [PackedLoader(packs, dp_rank=r, dp_size=2, seed=3, grad_accum=3, micro_batch_size=micro_batch_size,
-                            pad_id=1) for r in range(2)]
+    loaders = [
+        PackedLoader(packs, dp_rank=r, dp_size=2, seed=3, grad_accum=3, micro_batch_size=micro_batch_size, pad_id=1)
+        for r in range(2)
+    ]
     steps = -(-len(packs) // (2 * 3 * micro_batch_size))
     for epoch in range(2):
         trained, dummies = [], 0

@@ -32,8 +32,15 @@ SAVE_AFTER = 2
 @pytest.mark.parametrize("name", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"])
 def test_shipped_config_loads_and_fills(name):
     assert name in shipped_configs()
-    cfg = fill_auto(load_deepspeed_config(name), micro_batch_size=1, grad_accum=16, world_size=8, grad_clip=1.0,
-                    bf16=True, hidden_size=5120)
+    cfg = fill_auto(
+        load_deepspeed_config(name),
+        micro_batch_size=1,
+        grad_accum=16,
+        world_size=8,
+        grad_clip=1.0,
+        bf16=True,
+        hidden_size=5120,
+    )
     assert "auto" not in json.dumps(cfg)
     assert cfg["train_batch_size"] == 128 and cfg["train_micro_batch_size_per_gpu"] == 1
     assert cfg["gradient_accumulation_steps"] == 16 and cfg["gradient_clipping"] == 1.0
@@ -69,10 +76,13 @@ def test_config_errors(tmp_path):
     bad.write_text('{"zero_optimization": {"stage": 3,}}')
     msg = _one_line_error(load_deepspeed_config, str(bad))
     assert str(bad) in msg and "line 1 column" in msg
-    for cfg, fragment in [({"train_batch_size": 8}, "no zero_optimization"), ([1], "JSON object"),
-                          ({"zero_optimization": {"stage": 4}}, "got 4"),
-                          ({"zero_optimization": {"stage": True}}, "got True"),
-                          ({"zero_optimization": {}}, "got None")]:
+    for cfg, fragment in [
+        ({"train_batch_size": 8}, "no zero_optimization"),
+        ([1], "JSON object"),
+        ({"zero_optimization": {"stage": 4}}, "got 4"),
+        ({"zero_optimization": {"stage": True}}, "got True"),
+        ({"zero_optimization": {}}, "got None"),
+    ]:
         bad.write_text(json.dumps(cfg))
         assert fragment in _one_line_error(load_deepspeed_config, str(bad))
 
@@ -82,8 +92,11 @@ def test_fill_auto_errors():
     cfg = {"zero_optimization": {"stage": 3, "sub_group_size": "auto"}, "fp16": {"enabled": "auto"}}
     msg = _one_line_error(fill_auto, cfg, **sizes)
     assert "zero_optimization.sub_group_size, fp16.enabled" in msg
-    msg = _one_line_error(fill_auto, {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4,
-                                      "bf16": {"enabled": True}}, **sizes)
+    msg = _one_line_error(
+        fill_auto,
+        {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}},
+        **sizes,
+    )
     assert "train_micro_batch_size_per_gpu=4 (trainer: 1)" in msg and "bf16.enabled=True (trainer: False)" in msg
     # explicit bucket sizes are tuning and kept; the input is not modified
     cfg = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 123}, "gradient_clipping": "auto"}
@@ -94,14 +107,17 @@ def test_fill_auto_errors():
 # ---------------------------------------------------------------------------- launchers
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node01", ["node01"]),
-    ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
-    ("gpu[8-10]", ["gpu8", "gpu9", "gpu10"]),
-    ("gpu[08-10]-ib", ["gpu08-ib", "gpu09-ib", "gpu10-ib"]),
-    ("r[1-2]n[1,3]", ["r1n1", "r1n3", "r2n1", "r2n3"]),
-    ("a1,b[2],c", ["a1", "b2", "c"]),
-])
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node01", ["node01"]),
+        ("node[01-03,07],gpu5", ["node01", "node02", "node03", "node07", "gpu5"]),
+        ("gpu[8-10]", ["gpu8", "gpu9", "gpu10"]),
+        ("gpu[08-10]-ib", ["gpu08-ib", "gpu09-ib", "gpu10-ib"]),
+        ("r[1-2]n[1,3]", ["r1n1", "r1n3", "r2n1", "r2n3"]),
+        ("a1,b[2],c", ["a1", "b2", "c"]),
+    ],
+)
 def test_expand_nodelist(nodelist, hosts):
     assert expand_nodelist(nodelist) == hosts
 
@@ -115,7 +131,8 @@ def test_launch_env_pytorch():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
     assert launch_env("pytorch", env) == distributed.LaunchEnv(3, 8, 1, "10.0.0.1", 29500)
     assert _one_line_error(launch_env, "pytorch", {"LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}) == (
-        "--launcher pytorch but RANK, WORLD_SIZE are not set; run under torchrun or use --launcher none")
+        "--launcher pytorch but RANK, WORLD_SIZE are not set; run under torchrun or use --launcher none"
+    )
     assert "RANK='x' is not an integer" in _one_line_error(launch_env, "pytorch", {**env, "RANK": "x"})
     assert "outside a world of 8" in _one_line_error(launch_env, "pytorch", {**env, "RANK": "8"})
     assert "use --launcher pytorch" in _one_line_error(launch_env, "none", {"WORLD_SIZE": "2"})
@@ -125,8 +142,13 @@ def test_launch_env_pytorch():
 
 def test_launch_env_slurm(monkeypatch):
     monkeypatch.setattr(distributed.shutil, "which", lambda _: None)  # the parser, not scontrol
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-           "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+    }
     assert launch_env("slurm", env) == distributed.LaunchEnv(5, 16, 1, "gpu07", 10000 + 123456 % 20000)
     step = {**env, "SLURM_STEP_NODELIST": "gpu08"}
     assert launch_env("slurm", step).master_addr == "gpu08"
@@ -151,8 +173,13 @@ def test_private_extensions_dir(monkeypatch):
 
 def _cpu_env(tmp: Path) -> dict[str, str]:
     # One extensions dir per run: a killed JIT build would leave a lock that hangs the next run.
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "TORCH_EXTENSIONS_DIR": str(tmp / "torch_extensions")}
+    return {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TORCH_EXTENSIONS_DIR": str(tmp / "torch_extensions"),
+    }
 
 
 def _run(tmp: Path, *args: str, nproc: int = 2) -> dict:
@@ -160,12 +187,21 @@ def _run(tmp: Path, *args: str, nproc: int = 2) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     out = tmp / "result.json"
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               __file__, "--launcher", "pytorch"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            __file__,
+            "--launcher",
+            "pytorch",
+        ]
     else:
         cmd = [sys.executable, __file__, "--launcher", "none"]
-    proc = subprocess.run([*cmd, *args, "--out", str(out)], env=_cpu_env(tmp), capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [*cmd, *args, "--out", str(out)], env=_cpu_env(tmp), capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert not (tmp / "torch_extensions").exists(), "a CPU start-up JIT-built a DeepSpeed op"
     return json.loads(out.read_text())
@@ -258,14 +294,21 @@ def _worker(argv: list[str]) -> None:
             out_TD = torch.zeros_like(x_TD)
             for e, expert in enumerate(self.experts):
                 idx = (choice_T == e).nonzero().squeeze(-1)
-                out_TD = out_TD.index_add(0, idx, expert(x_TD[idx]) * probs_TE[idx, e:e + 1])
+                out_TD = out_TD.index_add(0, idx, expert(x_TD[idx]) * probs_TE[idx, e : e + 1])
             return x_TD + out_TD
 
     info = distributed.init_distributed(args.launcher)
     rank, world = info.rank, info.world_size
     micro = GLOBAL_BATCH // world
-    cfg = fill_auto(load_deepspeed_config(args.config), micro_batch_size=micro, grad_accum=1, world_size=world,
-                    grad_clip=1.0, bf16=False, hidden_size=HIDDEN)
+    cfg = fill_auto(
+        load_deepspeed_config(args.config),
+        micro_batch_size=micro,
+        grad_accum=1,
+        world_size=world,
+        grad_clip=1.0,
+        bf16=False,
+        hidden_size=HIDDEN,
+    )
     if args.torch_adamw_offload:
         cfg["zero_force_ds_cpu_optimizer"] = False
     zero3 = cfg["zero_optimization"]["stage"] == 3
@@ -296,8 +339,9 @@ def _worker(argv: list[str]) -> None:
 
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.1 * s)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg,
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg, dist_init_required=False
+    )
     result["offload"] = [bool(engine.zero_offload_optimizer()), bool(engine.zero_offload_param())]
     first = 0
     if args.resume:
@@ -309,7 +353,7 @@ def _worker(argv: list[str]) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(GLOBAL_BATCH, 8, generator=gen)
     y = x @ torch.randn(8, 1, generator=gen)
-    x, y = x[rank * micro:(rank + 1) * micro], y[rank * micro:(rank + 1) * micro]
+    x, y = x[rank * micro : (rank + 1) * micro], y[rank * micro : (rank + 1) * micro]
     losses = []
     for step in range(first, STEPS):
         loss = torch.nn.functional.mse_loss(engine(x), y)
@@ -319,8 +363,11 @@ def _worker(argv: list[str]) -> None:
         dist.all_reduce(mean)
         losses.append(mean.item() / world)
         if step + 1 == args.save_after:
-            engine.save_checkpoint(args.ckpt_dir, tag=f"step{step + 1}",
-                                   client_state={"step": step + 1, "data_position": (step + 1) * GLOBAL_BATCH})
+            engine.save_checkpoint(
+                args.ckpt_dir,
+                tag=f"step{step + 1}",
+                client_state={"step": step + 1, "data_position": (step + 1) * GLOBAL_BATCH},
+            )
     result["losses"] = losses
     if rank == 0:
         Path(args.out).write_text(json.dumps(result))

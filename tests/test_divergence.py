@@ -64,8 +64,12 @@ def test_lr_1e6_stops_non_zero_keeps_the_last_good_checkpoint_and_exports_nothin
     assert (
         line.startswith("Error: training diverged at step ") and f"{NONFINITE_STEPS} non-finite steps in a row" in line
     )
-    records = [strict_json(x) for p in sorted((work / "metrics").glob("segment-*.jsonl"))
-               for x in p.read_text().splitlines() if json.loads(x).get("event") != "segment"]
+    records = [
+        strict_json(x)
+        for p in sorted((work / "metrics").glob("segment-*.jsonl"))
+        for x in p.read_text().splitlines()
+        if json.loads(x).get("event") != "segment"
+    ]
     steps = [r for r in records if "loss" in r]
     assert steps[0]["grad_norm"] is not None and all(r["grad_norm"] is None for r in steps[1:])
     assert records[-1]["event"] == "diverged" and len(steps) == 1 + NONFINITE_STEPS

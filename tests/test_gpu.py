@@ -30,7 +30,8 @@ def varlen_kernels() -> list:
     have_torch = importlib.util.find_spec("torch.nn.attention.varlen") is not None
     return [
         pytest.param(attention.flash_attn_varlen_func, id="flash-attn",
-                     marks=pytest.mark.skipif(attention.flash_attn_varlen_func is None, reason="flash-attn not installed")),
+                     marks=pytest.mark.skipif(attention.flash_attn_varlen_func is None,
+                                              reason="flash-attn not installed")),
         pytest.param(torch_varlen_as_flash, id="torch-varlen",
                      marks=pytest.mark.skipif(not have_torch, reason="torch has no torch.nn.attention.varlen")),
     ]  # fmt: skip

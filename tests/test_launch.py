@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
@@ -62,8 +61,7 @@ def dryrun(scheduler: str, component: str, *args: str, cfg: str = ""):
     with get_runner(component_defaults=config.load_sections(prefix="component", dirs=dirs)) as runner:
         run_cfg = runner.scheduler_run_opts(scheduler).cfg_from_str(cfg)
         config.apply(scheduler=scheduler, cfg=run_cfg, dirs=dirs)
-        return runner.dryrun_component(f"{CATALOGUE}:{component}", list(args), scheduler, cfg=run_cfg,
-                                       workspace=None)
+        return runner.dryrun_component(f"{CATALOGUE}:{component}", list(args), scheduler, cfg=run_cfg, workspace=None)
 
 
 def appdef(component: str, *args: str):
@@ -85,8 +83,12 @@ def check_volcano_job(job: dict) -> None:
     quantities (which the schema leaves as free strings) parsed as the API server would."""
     jsonschema.validate(job, {**VOLCANO_SCHEMA, "$ref": "#/$defs/Job"})
     for task in job["spec"]["tasks"]:
-        pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {**task["template"]["metadata"], "name": task["name"]}, "spec": task["template"]["spec"]}
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {**task["template"]["metadata"], "name": task["name"]},
+            "spec": task["template"]["spec"],
+        }
         kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
         for container in pod["spec"]["containers"]:
             limits, requests = container["resources"]["limits"], container["resources"]["requests"]
@@ -106,8 +108,9 @@ def test_components_pass_torchx_linter(fn):
 
 
 def test_builtins_lists_ours_and_torchx_own(tmp_path):
-    out = subprocess.run([str(BIN / "torchx"), "builtins"], cwd=tmp_path, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [str(BIN / "torchx"), "builtins"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
     names = set(re.findall(r"^\s*\d+\. (\S+)$", out, re.M))
     assert {n for n in names if n.startswith("moe_train.")} == {f"moe_train.{fn}" for fn in COMPONENTS_FNS}
     assert {"dist.ddp", "utils.sh", "utils.echo"} <= names
@@ -117,19 +120,28 @@ def test_slurm_dryrun_deepseek_v2_full():
     info = dryrun("slurm", "deepseek_v2_full")
     replicas = info.request.replicas
     assert list(replicas) == [f"trainer-{i}" for i in range(8)]
-    for i, (name, replica) in enumerate(replicas.items()):
+    for i, replica in enumerate(replicas.values()):
         assert replica.sbatch_opts == {
-            "requeue": None, "time": "3-00:00:00", "ntasks-per-node": "1",
-            "cpus-per-task": "92", "mem": str(1000 * GiB), "gpus-per-task": "8",
+            "requeue": None,
+            "time": "3-00:00:00",
+            "ntasks-per-node": "1",
+            "cpus-per-task": "92",
+            "mem": str(1000 * GiB),
+            "gpus-per-task": "8",
         }
         assert replica.entrypoint == "bash"
-        assert replica.args == ["-c", (
-            f"MOE_TRAIN_STORE_HOST=$(({i} == 0)) torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d --rdzv-id ${{app_id}}"
-            " --rdzv-endpoint ${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500"
-            f" --rdzv-conf is_host=$(({i} == 0)) --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --tee 3 --no-python"
-            " moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch"
-            f" {FULL_TRAINER} --resume auto --data /data/alpaca.jsonl"
-        )]
+        assert replica.args == [
+            "-c",
+            (
+                f"MOE_TRAIN_STORE_HOST=$(({i} == 0)) torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d"
+                " --rdzv-id ${app_id}"
+                " --rdzv-endpoint ${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500"
+                f" --rdzv-conf is_host=$(({i} == 0))"
+                " --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --tee 3 --no-python"
+                " moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch"
+                f" {FULL_TRAINER} --resume auto --data /data/alpaca.jsonl"
+            ),
+        ]
     script = info.request.materialize()
     assert script.count("#SBATCH hetjob") == 7
     assert script.count("--gpus-per-task=8") == 8
@@ -138,9 +150,21 @@ def test_slurm_dryrun_deepseek_v2_full():
 
 def test_cli_dryrun_from_components_dir():
     """The documented command, run as written: `cd components && torchx run ...`."""
-    p = subprocess.run([str(BIN / "torchx"), "run", "--dryrun", "-s", "slurm", "components.py:deepseek_v2_full",
-                        *_required("deepseek_v2_full", [])], cwd=COMPONENTS, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        [
+            str(BIN / "torchx"),
+            "run",
+            "--dryrun",
+            "-s",
+            "slurm",
+            "components.py:deepseek_v2_full",
+            *_required("deepseek_v2_full", []),
+        ],
+        cwd=COMPONENTS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     assert f"loaded configs from {TORCHXCONFIG}" in p.stderr
     script = p.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
@@ -170,7 +194,10 @@ def test_kubernetes_dryrun_deepseek_v2_full():
         assert volume["emptyDir"]["medium"] == "Memory"  # bounded by the memory limit; submit.py sizes it
         command = container["command"][2]
         assert "--nnodes 8 --nproc-per-node 8" in command
-        assert f"--rdzv-endpoint ${{{'TORCHX_RANK0_HOST' if i == 0 else 'VC_TRAINER_0_HOSTS'}:=localhost}}:29500" in command
+        assert (
+            f"--rdzv-endpoint ${{{'TORCHX_RANK0_HOST' if i == 0 else 'VC_TRAINER_0_HOSTS'}:=localhost}}:29500"
+            in command
+        )
         cmd = trainer_cmd(command)
         assert cmd[:5] == ["moe-train", "train", "deepseek_v2_chat_full_alpaca_e3", "--launcher", "pytorch"]
         assert "--deepspeed" not in cmd  # the recipe's DeepSpeed config unless the user names one
@@ -184,9 +211,19 @@ def _load_submit():
 
 
 def test_submit_adds_secret_reference_and_sized_shm():
-    p = subprocess.run([sys.executable, str(KUBE_DIR / "submit.py"), "--dryrun", "components.py:deepseek_v2_full",
-                        *_required("deepseek_v2_full", ["--work_dir", "s3://bucket/runs/v2"])], cwd=COMPONENTS, capture_output=True, text=True,
-                       timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(KUBE_DIR / "submit.py"),
+            "--dryrun",
+            "components.py:deepseek_v2_full",
+            *_required("deepseek_v2_full", ["--work_dir", "s3://bucket/runs/v2"]),
+        ],
+        cwd=COMPONENTS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     job = yaml.safe_load(p.stdout)
     check_volcano_job(job)
@@ -217,8 +254,17 @@ def test_local_cwd_dryrun_smoke():
         assert command.startswith(f"MOE_TRAIN_STORE_HOST=$(({i} == 0)) torchrun --nnodes 2 --nproc-per-node 1 ")
         port = re.search(r"--rdzv-endpoint \$\{TORCHX_RANK0_HOST:=localhost\}:(\d+) ", command).group(1)
         assert int(port) != 29500 and f"--rdzv-conf is_host=$(({i} == 0))" in command  # a free port
-        assert trainer_cmd(command) == ["moe-train", "train", "tiny", "--launcher", "pytorch", "--work-dir",
-                                        "/tmp/smoke", "--resume", "auto"]
+        assert trainer_cmd(command) == [
+            "moe-train",
+            "train",
+            "tiny",
+            "--launcher",
+            "pytorch",
+            "--work-dir",
+            "/tmp/smoke",
+            "--resume",
+            "auto",
+        ]
 
 
 # --- parameters ------------------------------------------------------------------------------------
@@ -226,19 +272,76 @@ def test_local_cwd_dryrun_smoke():
 
 def test_parameters_map_to_trainer_options():
     app = appdef(
-        "deepseek_v2_full", "-j", "2x8", "--recipe", "deepseek_v2_chat_full_alpaca_e3_32k_varlen",
-        "--deepspeed", "deepspeed_zero3_offload", "--work_dir", "s3://bucket/run", "--model", "/models/v2",
-        "--data", "s3://bucket/a.jsonl,/data/b.json", "--max_length", "32768", "--varlen", "False", "--sp", "4",
-        "--ep", "2", "--moe_implementation", "origin", "--expert_in_one_shard", "16", "--resume", "", "--env", "A=1,B=2",
-        "--max_retries", "3", "--", "--lr", "2e-5", "--max-steps", "10",
+        "deepseek_v2_full",
+        "-j",
+        "2x8",
+        "--recipe",
+        "deepseek_v2_chat_full_alpaca_e3_32k_varlen",
+        "--deepspeed",
+        "deepspeed_zero3_offload",
+        "--work_dir",
+        "s3://bucket/run",
+        "--model",
+        "/models/v2",
+        "--data",
+        "s3://bucket/a.jsonl,/data/b.json",
+        "--max_length",
+        "32768",
+        "--varlen",
+        "False",
+        "--sp",
+        "4",
+        "--ep",
+        "2",
+        "--moe_implementation",
+        "origin",
+        "--expert_in_one_shard",
+        "16",
+        "--resume",
+        "",
+        "--env",
+        "A=1,B=2",
+        "--max_retries",
+        "3",
+        "--",
+        "--lr",
+        "2e-5",
+        "--max-steps",
+        "10",
     )
     (role,) = app.roles
     assert role.num_replicas == 2 and role.max_retries == 3 and role.env == {"A": "1", "B": "2"}
     assert trainer_cmd(role.args[1]) == [
-        "moe-train", "train", "deepseek_v2_chat_full_alpaca_e3_32k_varlen", "--launcher", "pytorch",
-        "--deepspeed", "deepspeed_zero3_offload", "--work-dir", "s3://bucket/run", "--model", "/models/v2",
-        "--max-length", "32768", "--sp", "4", "--ep", "2", "--moe-implementation", "origin", "--expert-in-one-shard", "16",
-        "--data", "s3://bucket/a.jsonl", "--data", "/data/b.json", "--no-varlen", "--lr", "2e-5", "--max-steps", "10",
+        "moe-train",
+        "train",
+        "deepseek_v2_chat_full_alpaca_e3_32k_varlen",
+        "--launcher",
+        "pytorch",
+        "--deepspeed",
+        "deepspeed_zero3_offload",
+        "--work-dir",
+        "s3://bucket/run",
+        "--model",
+        "/models/v2",
+        "--max-length",
+        "32768",
+        "--sp",
+        "4",
+        "--ep",
+        "2",
+        "--moe-implementation",
+        "origin",
+        "--expert-in-one-shard",
+        "16",
+        "--data",
+        "s3://bucket/a.jsonl",
+        "--data",
+        "/data/b.json",
+        "--no-varlen",
+        "--lr",
+        "2e-5",
+        "--max-steps",
+        "10",
     ]
 
 
@@ -258,31 +361,39 @@ def test_single_node_uses_a_local_rendezvous():
 
 
 def test_mounts_reach_the_pod():
-    job = volcano_job(dryrun("kubernetes", "deepseek_v2_full", "--mounts",
-                             "type=volume,src=moe-train-checkpoints,dst=/checkpoints"))
+    job = volcano_job(
+        dryrun("kubernetes", "deepseek_v2_full", "--mounts", "type=volume,src=moe-train-checkpoints,dst=/checkpoints")
+    )
     check_volcano_job(job)
     pod = job["spec"]["tasks"][0]["template"]["spec"]
     assert {"name": "mount-0", "persistentVolumeClaim": {"claimName": "moe-train-checkpoints"}} in pod["volumes"]
 
 
-@pytest.mark.parametrize("args, match", [
-    (["-j", "8y8"], "NODESxPROCS"),
-    (["-j", "0x8"], "MIN <= MAX"),
-    (["-j", "1x16"], "16 processes per node but the host has 8 GPUs"),
-    (["--env", "AWS_SECRET_ACCESS_KEY=x"], "credentials must not go into --env"),
-    (["--env", "HF_TOKEN=x"], "credentials must not go into --env"),
-    (["--work_dir", "s3://key:secret@bucket/run"], "credentials must not go into --env or URLs"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["-j", "8y8"], "NODESxPROCS"),
+        (["-j", "0x8"], "MIN <= MAX"),
+        (["-j", "1x16"], "16 processes per node but the host has 8 GPUs"),
+        (["--env", "AWS_SECRET_ACCESS_KEY=x"], "credentials must not go into --env"),
+        (["--env", "HF_TOKEN=x"], "credentials must not go into --env"),
+        (["--work_dir", "s3://key:secret@bucket/run"], "credentials must not go into --env or URLs"),
+    ],
+)
 def test_bad_parameters_fail_early(args, match):
     with pytest.raises(ValueError, match=match):
         appdef("deepseek_v2_full", *args)
 
 
 @pytest.mark.parametrize("fn", ["deepseek_v2_full", "deepseek_v2_lite_full"])
-@pytest.mark.parametrize("drop, match", [
-    ("--model", "needs --model: e.g. --model hf://"), ("--data", "needs --data"),
-    ("--work_dir", "needs --work_dir as an absolute shared path or a URL"),
-])
+@pytest.mark.parametrize(
+    "drop, match",
+    [
+        ("--model", "needs --model: e.g. --model hf://"),
+        ("--data", "needs --data"),
+        ("--work_dir", "needs --work_dir as an absolute shared path or a URL"),
+    ],
+)
 def test_full_size_components_require_model_data_and_a_lasting_work_dir(fn, drop, match):
     args = [x for k, v in FULL.items() if k != drop for x in (k, v)]
     with pytest.raises(ValueError, match=match):
@@ -293,8 +404,22 @@ def test_full_size_components_require_model_data_and_a_lasting_work_dir(fn, drop
 
 
 def test_full_size_dryrun_without_model_fails_in_one_line():
-    p = subprocess.run([str(BIN / "torchx"), "run", "--dryrun", "-s", "kubernetes", "components.py:deepseek_v2_full",
-                        "--work_dir", "s3://bucket/run"], cwd=COMPONENTS, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            str(BIN / "torchx"),
+            "run",
+            "--dryrun",
+            "-s",
+            "kubernetes",
+            "components.py:deepseek_v2_full",
+            "--work_dir",
+            "s3://bucket/run",
+        ],
+        cwd=COMPONENTS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode != 0
     assert "deepseek-v2-full needs --model and --data" in p.stderr, p.stderr[-2000:]
 
@@ -357,11 +482,11 @@ def test_named_resources():
 
 
 def test_cluster_manifests_validate():
-    docs = [d for f in ["cluster.yaml", "storage-secret.yaml"]
-            for d in yaml.safe_load_all((KUBE_DIR / f).read_text()) if d]
+    docs = [
+        d for f in ["cluster.yaml", "storage-secret.yaml"] for d in yaml.safe_load_all((KUBE_DIR / f).read_text()) if d
+    ]
     kinds = {d["kind"] for d in docs}
-    assert {"Namespace", "Queue", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim",
-            "Secret"} <= kinds
+    assert {"Namespace", "Queue", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Secret"} <= kinds
     for doc in docs:
         if doc["apiVersion"].startswith("scheduling.volcano.sh/"):
             jsonschema.validate(doc, {**VOLCANO_SCHEMA, "$ref": f"#/$defs/{doc['kind']}"})
@@ -400,8 +525,11 @@ def test_dockerfile_installs_what_pyproject_declares():
     assert set(extras.split(",")) == set(project["optional-dependencies"]) - {"dev"}
     assert re.search(r"^WORKDIR /opt/moe-train$", dockerfile, re.M) and "COPY . ." in dockerfile
     # pinned extras satisfy pyproject, torch comes from the base image and satisfies it too
-    requirements = {Requirement(r).name: Requirement(r) for group in [project["dependencies"],
-                    *project["optional-dependencies"].values()] for r in group}
+    requirements = {
+        Requirement(r).name: Requirement(r)
+        for group in [project["dependencies"], *project["optional-dependencies"].values()]
+        for r in group
+    }
     pins = dict(re.findall(r"\b([A-Za-z0-9_.-]+)==([0-9][^\s\"]*)", dockerfile))
     for name, version in pins.items():
         if name in requirements:
@@ -468,11 +596,30 @@ def test_readme_launch_examples_dryrun_as_written():
 def test_local_cwd_smoke_succeeds_without_a_stack_trace(tmp_path):
     """The documented local run, to the end: SUCCEEDED and no TCPStore trace from the agent that
     closes the rendezvous after the store's host is gone."""
-    p = subprocess.run([str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}",
-                        "components.py:smoke", "--work_dir", str(tmp_path / "smoke"), "--",
-                        "--max-steps", "2", "--save-steps", "0", "--no-export"],
-                       cwd=COMPONENTS, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+    p = subprocess.run(
+        [
+            str(BIN / "torchx"),
+            "run",
+            "-s",
+            "local_cwd",
+            "-cfg",
+            f"log_dir={tmp_path / 'logs'}",
+            "components.py:smoke",
+            "--work_dir",
+            str(tmp_path / "smoke"),
+            "--",
+            "--max-steps",
+            "2",
+            "--save-steps",
+            "0",
+            "--no-export",
+        ],
+        cwd=COMPONENTS,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+    )
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "Job finished: SUCCEEDED" in out, out[-4000:]
     assert "recvVector failed" not in out and "Exception raised from" not in out, out[-4000:]

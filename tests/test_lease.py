@@ -207,7 +207,8 @@ def test_second_run_on_a_live_work_dir_is_refused_and_the_first_completes_untouc
     # Finished: a rerun without --resume is refused; --overwrite moves the run aside and starts afresh.
     again = torchrun([*ARGS, "--work-dir", str(work), "--max-steps", "2"], tmp_path)
     assert error_line(again).startswith(
-        f"Error: work dir {work} holds an earlier run (metrics, summary.json, recipe.json, deepspeed.json, checkpoints, hf_model, tb); "
+        f"Error: work dir {work} holds an earlier run (metrics, summary.json, recipe.json, deepspeed.json, "
+        "checkpoints, hf_model, tb); "
     )
     check(torchrun([*ARGS, "--work-dir", str(work), "--max-steps", "2", "--overwrite", "--no-export"], tmp_path))
     (moved,) = (work / "previous").iterdir()

@@ -150,8 +150,8 @@ def test_validation_loss_is_exact_over_ranks(tmp_path):
     from transformers import AutoTokenizer
 
     from moe_train.data import build_packed_dataset
-    from moe_train.models.deepseek_v2 import DeepseekV2ForCausalLM
     from moe_train.models.common.loss import causal_lm_loss
+    from moe_train.models.deepseek_v2 import DeepseekV2ForCausalLM
 
     lines = (ASSETS / "alpaca_sample.jsonl").read_text().splitlines()
     eval_file = tmp_path / "eval.jsonl"

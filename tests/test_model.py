@@ -107,8 +107,12 @@ def test_balance_loss_per_sample_matches_direct_formula():
     got = balance_loss(scores, index, segment, cfg.aux_loss_alpha)
     assert abs(got.item() - expected.item() * cfg.aux_loss_alpha) < 1e-7
     # Padding (-1) is left out: appended padding tokens change nothing.
-    padded = balance_loss(torch.cat([scores, scores[:3]]), torch.cat([index, index[:3]]),
-                          torch.cat([segment, torch.full((3,), -1)]), cfg.aux_loss_alpha)
+    padded = balance_loss(
+        torch.cat([scores, scores[:3]]),
+        torch.cat([index, index[:3]]),
+        torch.cat([segment, torch.full((3,), -1)]),
+        cfg.aux_loss_alpha,
+    )
     assert padded.item() == got.item()
 
 
@@ -118,7 +122,7 @@ def test_seq_balance_loss_without_cu_seqlens_is_per_row():
     model = DeepseekV2ForCausalLM(tiny_config()).train()
     ids = torch.randint(0, 512, (2, 9))
     batch = model(ids).aux_loss
-    rows = sum(model(ids[i:i + 1]).aux_loss for i in range(2)) / 2
+    rows = sum(model(ids[i : i + 1]).aux_loss for i in range(2)) / 2
     assert abs(batch.item() - rows.item()) < 1e-8
 
 
@@ -139,6 +143,7 @@ def test_expert_in_one_shard_must_divide_the_expert_count():
 
 def test_named_sizes_have_the_published_parameter_counts():
     """236B / 21B active and 15.7B / 2.4B active (DeepSeek V2 paper), computed from shapes on meta."""
+
     def counts(name):
         cfg = DeepseekV2Config.from_name(name)
         with torch.device("meta"):

@@ -14,7 +14,11 @@ TOL = 1e-4
 CASES = {
     # name: (config overrides, moe_implementation, expert_in_one_shard)
     "q_lora_int-group_limited-yarn-dense1-shard4": (dict(), "shard", 4),
-    "q_lora_null-greedy-dense0-shard1": (dict(q_lora_rank=None, topk_method="greedy", first_k_dense_replace=0), "shard", 1),
+    "q_lora_null-greedy-dense0-shard1": (
+        dict(q_lora_rank=None, topk_method="greedy", first_k_dense_replace=0),
+        "shard",
+        1,
+    ),
     "q_lora_null-group_limited-dense1-all_in_one": (dict(q_lora_rank=None), "shard", 8),
     "greedy-dense1-shard2": (dict(topk_method="greedy"), "shard", 2),
     "no_rope_scaling-dense0-origin": (dict(rope_scaling=None, first_k_dense_replace=0), "origin", None),
@@ -84,4 +88,4 @@ def test_yarn_scaling_is_exercised():
     """The tiny config uses yarn with factor > 1, so the parity cases above cover mscale and ramp."""
     cfg = tiny_config()
     assert cfg.rope_scaling["type"] == "yarn" and cfg.rope_scaling["factor"] > 1
-    assert cfg.softmax_scale != cfg.qk_head_dim ** -0.5
+    assert cfg.softmax_scale != cfg.qk_head_dim**-0.5

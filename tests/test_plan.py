@@ -126,9 +126,18 @@ def test_suggestions_fit(zero3):
 
 # ---------------------------------------------------------------------------- pieces
 def test_auto_values_follow_the_hf_integration():
-    z = ZeroSettings.from_ds_config({"zero_optimization": {
-        "stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-        "stage3_param_persistence_threshold": "auto", "offload_optimizer": {"device": "cpu"}}}, hidden_size=5120)
+    z = ZeroSettings.from_ds_config(
+        {
+            "zero_optimization": {
+                "stage": 3,
+                "reduce_bucket_size": "auto",
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+                "offload_optimizer": {"device": "cpu"},
+            }
+        },
+        hidden_size=5120,
+    )
     assert (z.stage, z.offload_optimizer, z.offload_param) == (3, True, False)
     assert z.reduce_bucket_size == 5120**2
     assert z.prefetch_bucket_size == int(0.9 * 5120**2)
@@ -144,12 +153,15 @@ def test_shipped_zero3_config_is_stage3_on_gpu(zero3):
 _A, _B, _C = Unit("a", 10), Unit("b", 10), Unit("c", 10)
 
 
-@pytest.mark.parametrize("trace, bucket, max_live, reuse, expected", [
-    ([_A, _B, _C], 5, 100, 0, [20, 20, 10]),  # prefetch one unit ahead, release after use
-    ([_A, _B, _C], 5, 10, 0, [10, 10, 10]),  # max live parameters leaves no room to prefetch
-    ([_A, _B, _A], 0, 100, 100, [10, 20, 10]),  # `a` comes back within the reuse distance: kept
-    ([_A, _B, _A], 0, 100, 5, [10, 10, 10]),  # ... but not within 5 numel: released, gathered again
-])
+@pytest.mark.parametrize(
+    "trace, bucket, max_live, reuse, expected",
+    [
+        ([_A, _B, _C], 5, 100, 0, [20, 20, 10]),  # prefetch one unit ahead, release after use
+        ([_A, _B, _C], 5, 10, 0, [10, 10, 10]),  # max live parameters leaves no room to prefetch
+        ([_A, _B, _A], 0, 100, 100, [10, 20, 10]),  # `a` comes back within the reuse distance: kept
+        ([_A, _B, _A], 0, 100, 5, [10, 10, 10]),  # ... but not within 5 numel: released, gathered again
+    ],
+)
 def test_simulate_gathers(trace, bucket, max_live, reuse, expected):
     zero = ZeroSettings(prefetch_bucket_size=bucket, max_live_parameters=max_live, max_reuse_distance=reuse)
     assert simulate_gathers(trace, zero) == expected
@@ -160,13 +172,21 @@ def test_fp32_cpu_model_states_and_step():
     bytes per parameter over the world; the step adds the flattened gradient and, on CPU's
     single-tensor AdamW path, two denominator temporaries."""
     cfg = DeepseekV2Config.from_name("tiny")
-    zero = ZeroSettings.from_ds_config({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                                              "reduce_bucket_size": 1000}}, cfg.hidden_size)
+    zero = ZeroSettings.from_ds_config(
+        {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 1000}},
+        cfg.hidden_size,
+    )
     work = Workload(max_length=256, attention="sdpa", dtype="fp32", device="cpu", activation_checkpointing=False)
     mem = predict_memory(cfg, work, zero, world_size=2)
     P = count_params(cfg)
-    assert mem.phases["step"] == {"params": P * 4 / 2, "grads": P * 4 / 2, "optimizer_states": P * 12 / 2,
-                                  "reduce_bucket": 4000, "fp32_grad_copy": P * 4 / 2, "adam_temporaries": P * 8 / 2}
+    assert mem.phases["step"] == {
+        "params": P * 4 / 2,
+        "grads": P * 4 / 2,
+        "optimizer_states": P * 12 / 2,
+        "reduce_bucket": 4000,
+        "fp32_grad_copy": P * 4 / 2,
+        "adam_temporaries": P * 8 / 2,
+    }
     loss = mem.phases["loss"]
     assert loss["logits"] == 256 * cfg.vocab_size * 4 + 256 * 64 * 4 + cfg.vocab_size * 64 * 4  # chunked head
     assert "cuda_context_nccl" not in loss and "fragmentation" not in loss
@@ -181,8 +201,10 @@ def test_only_eager_attention_keeps_score_matrices():
     eager attention keeps an S x S fp32 softmax per head and its cast."""
     cfg = DeepseekV2Config.from_name("tiny")
     work = Workload(max_length=512, attention="sdpa", varlen=False, dtype="fp32", device="cpu")
-    layer = {a: predict_memory(cfg, dataclasses.replace(work, attention=a), ZeroSettings(), 2).phases["layer"]
-             for a in ATTENTIONS}
+    layer = {
+        a: predict_memory(cfg, dataclasses.replace(work, attention=a), ZeroSettings(), 2).phases["layer"]
+        for a in ATTENTIONS
+    }
     assert layer["sdpa"] == layer["flash"]
     assert layer["sdpa"]["attention_scores"] == 0
     assert layer["eager"]["attention_scores"] == cfg.num_attention_heads * 512 * 512 * 4
@@ -197,9 +219,21 @@ def test_recipes_resolve_to_named_sizes():
 # ---------------------------------------------------------------------------- against a real run
 # The tiny config widened until model states and activations dwarf allocator noise: 94M
 # parameters, ~1.7 GiB per rank at 1024 tokens, ~30 s on two CPU processes.  Vocabulary 512 kept.
-WIDE_TINY = dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256, kv_lora_rank=256,
-                 qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, expert_in_one_shard=4)
+WIDE_TINY = dict(
+    hidden_size=1024,
+    intermediate_size=2048,
+    moe_intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=256,
+    kv_lora_rank=256,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    n_routed_experts=16,
+    expert_in_one_shard=4,
+)
 MEASURED_LENGTH = 1024
 WORKER = Path(__file__).parent / "plan_measure_worker.py"
 
@@ -214,13 +248,30 @@ def test_prediction_matches_a_real_zero3_cpu_run(zero3, tmp_path):
     # then on freed tensors stay in the heap and RSS stops following live memory (+55% peak here).
     # Pinned at its default of 128 KiB, every tensor above it goes back to the OS when freed.
     env = cpu_env(tmp_path, MALLOC_MMAP_THRESHOLD_="131072")
-    check(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                          f"--master_port={free_port()}", str(WORKER), str(tmp_path), json.dumps(spec)],
-                         env=env, capture_output=True, text=True, timeout=300))
+    check(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                "--nnodes=1",
+                f"--master_port={free_port()}",
+                str(WORKER),
+                str(tmp_path),
+                json.dumps(spec),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    )
 
     cfg = DeepseekV2Config.from_name("tiny", **WIDE_TINY)
-    work = Workload(max_length=MEASURED_LENGTH, attention="sdpa", dtype="fp32", device="cpu",
-                    activation_checkpointing=False)
+    work = Workload(
+        max_length=MEASURED_LENGTH, attention="sdpa", dtype="fp32", device="cpu", activation_checkpointing=False
+    )
     mem = predict_memory(cfg, work, ZeroSettings.from_ds_config(zero3, cfg.hidden_size), world_size=2)
     loss, step = mem.phases["loss"], mem.phases["step"]
     predicted = {
@@ -241,8 +292,10 @@ def test_prediction_matches_a_real_zero3_cpu_run(zero3, tmp_path):
             "activations at loss": ph["forward2"]["end"] - states - r["gathered_numel_at_loss"][-1] * 4,
             "peak": max(p["peak"] for p in ph.values()),
         }
-        table = "\n".join(f"rank {rank} {k:20s} predicted {predicted[k] / 2**20:7.1f} MiB, measured "
-                          f"{measured[k] / 2**20:7.1f} MiB" for k in predicted)
+        table = "\n".join(
+            f"rank {rank} {k:20s} predicted {predicted[k] / 2**20:7.1f} MiB, measured {measured[k] / 2**20:7.1f} MiB"
+            for k in predicted
+        )
         for k in predicted:
             assert measured[k] == pytest.approx(predicted[k], rel=0.15), table
 
@@ -256,8 +309,15 @@ def test_cli_json(zero3):
     res = run(V2, "--gpus", "64", "--gpu-mem-gb", "80", "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    for key in ("fits", "per_gpu_gb", "breakdown", "tgs_estimate", "mfu_estimate",
-                "suggested_expert_in_one_shard", "suggested_sp"):
+    for key in (
+        "fits",
+        "per_gpu_gb",
+        "breakdown",
+        "tgs_estimate",
+        "mfu_estimate",
+        "suggested_expert_in_one_shard",
+        "suggested_sp",
+    ):
         assert key in out
     assert out["fits"] is True and out["nodes"] == 8
     assert out["per_gpu_gb"] == pytest.approx(sum(out["breakdown"].values()), abs=0.01)
@@ -286,16 +346,19 @@ def test_peak_tflops_override_scales_mfu(zero3):
     assert doubled["mfu_estimate"] < base["mfu_estimate"]
 
 
-@pytest.mark.parametrize("args, words", [
-    ([V2, "--gpus", "0", "--gpu-mem-gb", "80"], "--gpus"),
-    (["no_such_recipe", "--gpus", "8", "--gpu-mem-gb", "80"], "unknown recipe"),
-    ([V2, "--gpus", "8", "--gpu-mem-gb", "0"], "--gpu-mem-gb"),
-    ([V2, "--gpus", "8", "--gpu-mem-gb", "-80"], "--gpu-mem-gb"),
-    ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--expert-in-one-shard", "7"], "does not divide"),
-    ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--nodes", "3"], "do not divide"),
-    ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--attention", "eager"], "--no-varlen"),
-    ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--deepspeed", "no_such_config"], "unknown DeepSpeed config"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ([V2, "--gpus", "0", "--gpu-mem-gb", "80"], "--gpus"),
+        (["no_such_recipe", "--gpus", "8", "--gpu-mem-gb", "80"], "unknown recipe"),
+        ([V2, "--gpus", "8", "--gpu-mem-gb", "0"], "--gpu-mem-gb"),
+        ([V2, "--gpus", "8", "--gpu-mem-gb", "-80"], "--gpu-mem-gb"),
+        ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--expert-in-one-shard", "7"], "does not divide"),
+        ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--nodes", "3"], "do not divide"),
+        ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--attention", "eager"], "--no-varlen"),
+        ([V2, "--gpus", "64", "--gpu-mem-gb", "80", "--deepspeed", "no_such_config"], "unknown DeepSpeed config"),
+    ],
+)
 def test_cli_bad_input(args, words):
     res = run(*args)
     assert res.exit_code != 0
@@ -307,11 +370,27 @@ def test_cli_surface_is_pinned():
     """New options are a decision: update this list on purpose."""
     from moe_train.plan.command import plan
 
-    assert sorted(o for p in plan.params for o in p.opts + p.secondary_opts) == sorted([
-        "recipe", "--gpus", "--gpu-mem-gb", "--gpu", "--nodes", "--max-length", "--varlen", "--no-varlen",
-        "--moe-implementation", "--expert-in-one-shard", "--attention", "--deepspeed", "--peak-tflops", "--json",
-        "--model", "--search", "--ep",
-    ])
+    assert sorted(o for p in plan.params for o in p.opts + p.secondary_opts) == sorted(
+        [
+            "recipe",
+            "--gpus",
+            "--gpu-mem-gb",
+            "--gpu",
+            "--nodes",
+            "--max-length",
+            "--varlen",
+            "--no-varlen",
+            "--moe-implementation",
+            "--expert-in-one-shard",
+            "--attention",
+            "--deepspeed",
+            "--peak-tflops",
+            "--json",
+            "--model",
+            "--search",
+            "--ep",
+        ]
+    )
     assert all(p.help for p in plan.params if isinstance(p, click.Option))
 
 
@@ -336,7 +415,7 @@ def seed_predicted() -> list[float | None]:
 
 def test_seed_rows_within_25_percent(seed_predicted):
     table = "\n".join(f"{row} predicted {p}" for row, p in zip(SEED_TABLE, seed_predicted))
-    for (S, impl, varlen, tgs), p in zip(SEED_TABLE, seed_predicted):
+    for (*_, tgs), p in zip(SEED_TABLE, seed_predicted):
         if tgs is None:
             assert p is None, table  # the seed's OOM: HF eager at 16k without varlen
         else:

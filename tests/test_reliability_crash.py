@@ -36,8 +36,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from slurm_cluster import CATALOGUE, slurm_cluster, slurm_logs, torchx, torchx_env
+
 from tests.launch import check, cpu_env, free_port, metrics, summary, torchrun
 
 __all__ = ["slurm_cluster"]  # the fixture, imported for pytest
@@ -45,8 +45,17 @@ __all__ = ["slurm_cluster"]  # the fixture, imported for pytest
 pytestmark = pytest.mark.slow
 
 STEPS, SAVE_EVERY = 20, 5
-ARGS = ["tiny", "--deepspeed", "deepspeed_zero3", "--max-steps", str(STEPS), "--save-steps", str(SAVE_EVERY),
-        "--resume", "auto"]
+ARGS = [
+    "tiny",
+    "--deepspeed",
+    "deepspeed_zero3",
+    "--max-steps",
+    str(STEPS),
+    "--save-steps",
+    str(SAVE_EVERY),
+    "--resume",
+    "auto",
+]
 KILL_AFTER = 7  # a step between two checkpoints
 SHARD = "model-00001-of-00001.safetensors"
 
@@ -82,9 +91,24 @@ def start(work: Path, tmp: Path, name: str, torchrun_args=(), freeze=(), args=AR
         (hook_dir / "sitecustomize.py").write_text(FREEZE_HOOK)
         env["PYTHONPATH"] = os.pathsep.join(p for p in [str(hook_dir), env.get("PYTHONPATH", "")] if p)
         env["MOE_TEST_FREEZE"] = json.dumps(list(freeze))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *torchrun_args,
-           "-m", "moe_train.cli", "train", *args, "--work-dir", str(work), "--launcher", "pytorch"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--nnodes=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        *torchrun_args,
+        "-m",
+        "moe_train.cli",
+        "train",
+        *args,
+        "--work-dir",
+        str(work),
+        "--launcher",
+        "pytorch",
+    ]
     with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
 
@@ -179,8 +203,9 @@ def test_rank_killed_mid_training_is_restarted_and_resumes_exactly(reference, tm
     os.kill(old[1], signal.SIGKILL)
     killed_after = max(logged_steps(work))
     # Nothing changes on disk between the old workers' end and the new ones' start-up: read it then.
-    wait_for("old ranks gone", lambda: all(proc_state(pid) in (None, "Z") for pid in old.values()), p, tmp_path,
-             "crash")
+    wait_for(
+        "old ranks gone", lambda: all(proc_state(pid) in (None, "Z") for pid in old.values()), p, tmp_path, "crash"
+    )
     complete_at_kill = complete_steps(work)
     assert p.wait(timeout=300) == 0, logs(tmp_path, "crash")[-6000:]
 
@@ -200,8 +225,12 @@ def test_rank_killed_mid_training_is_restarted_and_resumes_exactly(reference, tm
 
 
 # ------------------------------------------------------------------ 3. crash during save or export
-RANK_FILES = ["master-rank{:05d}-of-00002.safetensors", "exp_avg-rank{:05d}-of-00002.safetensors",
-              "exp_avg_sq-rank{:05d}-of-00002.safetensors", "rng-rank{:05d}-of-00002.json"]
+RANK_FILES = [
+    "master-rank{:05d}-of-00002.safetensors",
+    "exp_avg-rank{:05d}-of-00002.safetensors",
+    "exp_avg_sq-rank{:05d}-of-00002.safetensors",
+    "rng-rank{:05d}-of-00002.json",
+]
 RANK0_EXTRA = ["state.json", "tokenizer"]  # rank 0 writes them after its own files
 
 
@@ -213,17 +242,28 @@ def test_kill_mid_checkpoint_and_mid_export_leave_nothing_marked_complete(refere
     work, hf = tmp_path / "run", tmp_path / "run" / "hf_model"
     step10 = work / "checkpoints" / f"step-{2 * SAVE_EVERY:08d}"
     frozen_save, frozen_export = tmp_path / "frozen-save", tmp_path / "frozen-export"
-    p = start(work, tmp_path, "faults", torchrun_args=["--max-restarts", "1"], freeze=[
-        dict(rank=1, event="open", path=str(step10 / RANK_FILES[0].format(1)), marker=str(frozen_save)),
-        dict(rank=0, event="open", path=str(hf / "config.json"), marker=str(frozen_export)),
-    ])
+    p = start(
+        work,
+        tmp_path,
+        "faults",
+        torchrun_args=["--max-restarts", "1"],
+        freeze=[
+            dict(rank=1, event="open", path=str(step10 / RANK_FILES[0].format(1)), marker=str(frozen_save)),
+            dict(rank=0, event="open", path=str(hf / "config.json"), marker=str(frozen_export)),
+        ],
+    )
 
     # 1. Rank 1 stops as it opens its first step-10 file; rank 0 writes its half of the
     #    checkpoint and waits for rank 1's confirmation (a collective) before COMPLETE.
     pid = wait_for("rank 1 stopped in the step-10 save", lambda: stopped(frozen_save), p, tmp_path, "faults")
     rank0 = [f.format(0) for f in RANK_FILES]
-    wait_for("rank 0's half written", lambda: all((step10 / f).exists() for f in rank0)
-             and (step10 / "tokenizer" / "tokenizer_config.json").exists(), p, tmp_path, "faults")
+    wait_for(
+        "rank 0's half written",
+        lambda: all((step10 / f).exists() for f in rank0) and (step10 / "tokenizer" / "tokenizer_config.json").exists(),
+        p,
+        tmp_path,
+        "faults",
+    )
     assert sorted(os.listdir(step10)) == sorted(rank0 + RANK0_EXTRA)  # no rank-1 file, no COMPLETE
     assert complete_steps(work) == [SAVE_EVERY]
     assert CheckpointManager(str(work), 0, 2).latest().endswith(f"step-{SAVE_EVERY:08d}")
@@ -259,8 +299,11 @@ def test_sigterm_to_torchrun_checkpoints_the_step_and_the_next_run_resumes(refer
     p.send_signal(signal.SIGTERM)  # to the agent, which forwards it to both workers
     assert p.wait(timeout=120) != 0  # torchrun dies of the signal (exit 1); its workers exit 143
     out = logs(tmp_path, "preempt")
-    stops = re.findall(r"moe-train: stop requested at step (\d+): checkpoint saved ([\d.]+)s after the signal, "
-                       r"within the 60s grace", out)
+    stops = re.findall(
+        r"moe-train: stop requested at step (\d+): checkpoint saved ([\d.]+)s after the signal, "
+        r"within the 60s grace",
+        out,
+    )
     assert len(stops) == 2 and stops[0][0] == stops[1][0], out[-6000:]  # each rank, the same step
     stop_step = int(stops[0][0])
     # the step in flight was finished and checkpointed, and nothing after it ran
@@ -320,14 +363,19 @@ class SlurmJob:
 
     def state(self) -> str:
         """PENDING, RUNNING, ... or '' once the job has left the queue."""
-        return subprocess.run(["squeue", "-h", "-j", self.id, "-o", "%T"], env=self.env, capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["squeue", "-h", "-j", self.id, "-o", "%T"], env=self.env, capture_output=True, text=True
+        ).stdout.strip()
 
     def sacct(self) -> list[dict]:
         """Every run (-D: a requeued job's earlier runs too) and its steps."""
-        out = subprocess.run(["sacct", "-D", "-j", self.id, "--parsable2", "-o",
-                              "JobID,State,ExitCode,DerivedExitCode,Start,End"], env=self.env, capture_output=True,
-                             text=True, check=True).stdout.splitlines()
+        out = subprocess.run(
+            ["sacct", "-D", "-j", self.id, "--parsable2", "-o", "JobID,State,ExitCode,DerivedExitCode,Start,End"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
         return [dict(zip(out[0].split("|"), line.split("|"))) for line in out[1:]]
 
     def wait(self, what: str, ready) -> None:
@@ -349,8 +397,13 @@ class SlurmJob:
         first_run = slurm_logs(self.log_dir)
         self.wait("the requeued run started", lambda: self.state() != "PENDING")
         waited = time.monotonic() - requeued_at
-        self.wait("the requeued run done", lambda: not self.state() and any(
-            r["JobID"] == self.id and r["State"] not in ("REQUEUED", "RUNNING") for r in self.sacct()))
+        self.wait(
+            "the requeued run done",
+            lambda: (
+                not self.state()
+                and any(r["JobID"] == self.id and r["State"] not in ("REQUEUED", "RUNNING") for r in self.sacct())
+            ),
+        )
         return first_run, waited
 
     def runs(self) -> list[dict]:
@@ -371,8 +424,13 @@ def assert_resumed_like_the_reference(reference: Path, work: Path, logs_: str) -
 
 def slurm_env(tmp: Path, cluster: dict) -> dict:
     # a JIT build killed half-way leaves a lock that hangs the next run: one extensions dir per test
-    return torchx_env(TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"), TOKENIZERS_PARALLELISM="false",
-                      DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **cluster)
+    return torchx_env(
+        TORCH_EXTENSIONS_DIR=str(tmp / "torch_extensions"),
+        TOKENIZERS_PARALLELISM="false",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        **cluster,
+    )
 
 
 @pytest.mark.xdist_group("slurm")  # the one Slurm dev cluster (tests/slurm_cluster.py)
@@ -386,16 +444,37 @@ def test_scancel_term_on_slurm_saves_and_torchx_requeues(slurm_cluster, referenc
     """
     env = slurm_env(tmp_path, slurm_cluster)
     work = tmp_path / "work"
-    p = torchx("run", "-s", "slurm", f"{CATALOGUE}:smoke", "-j", "1x2", "--work_dir", str(work), "--max_retries", "1",
-               "--", "--max-steps", str(STEPS), "--save-steps", "0", cwd=tmp_path, env=env)
+    p = torchx(
+        "run",
+        "-s",
+        "slurm",
+        f"{CATALOGUE}:smoke",
+        "-j",
+        "1x2",
+        "--work_dir",
+        str(work),
+        "--max_retries",
+        "1",
+        "--",
+        "--max-steps",
+        str(STEPS),
+        "--save-steps",
+        "0",
+        cwd=tmp_path,
+        env=env,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     job = SlurmJob(re.search(r"^slurm://[^/]+/(\d+)$", p.stdout, re.M).group(1), env, tmp_path)
     first_run, waited = job.stop_and_requeue(
-        work, lambda: subprocess.run(["scancel", "--signal=TERM", job.id], env=env, check=True))
+        work, lambda: subprocess.run(["scancel", "--signal=TERM", job.id], env=env, check=True)
+    )
 
     assert [r["State"] for r in job.runs()] == ["REQUEUED", "COMPLETED"], job.sacct()
-    stops = re.findall(r"moe-train: stop requested at step (\d+): checkpoint saved [\d.]+s after the signal, "
-                       r"within the 30s grace", first_run)
+    stops = re.findall(
+        r"moe-train: stop requested at step (\d+): checkpoint saved [\d.]+s after the signal, "
+        r"within the 30s grace",
+        first_run,
+    )
     assert len(stops) == 2 and stops[0] == stops[1], first_run[-6000:]  # both ranks, at the same step
     assert assert_resumed_like_the_reference(reference, work, first_run + slurm_logs(tmp_path)) == int(stops[0])
     print(f"TorchX job {job.id}: {job.sacct()}; requeued job waited {waited:.1f}s")
@@ -417,11 +496,11 @@ def test_slurm_requeue_of_srun_ranks_saves_within_killwait_and_exits_143(slurm_c
     work, log = tmp_path / "work", tmp_path / "slurm-job.out"
     script = tmp_path / "job.sh"
     script.write_text(SBATCH.format(log=log, work=work, steps=STEPS))
-    job_id = subprocess.run(["sbatch", "--parsable", str(script)], env=env, cwd=tmp_path, capture_output=True,
-                            text=True, check=True).stdout.strip()
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
     job = SlurmJob(job_id, env, tmp_path)
-    _, waited = job.stop_and_requeue(work, lambda: subprocess.run(["scontrol", "requeue", job.id], env=env,
-                                                                    check=True))
+    _, waited = job.stop_and_requeue(work, lambda: subprocess.run(["scontrol", "requeue", job.id], env=env, check=True))
 
     runs = job.runs()
     assert [r["State"] for r in runs] == ["REQUEUED", "COMPLETED"], job.sacct()

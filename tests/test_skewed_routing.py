@@ -19,8 +19,16 @@ pytestmark = pytest.mark.slow
 
 
 def run(layout: str, tmp_path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "tests.skew_worker", layout]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        "-m",
+        "tests.skew_worker",
+        layout,
+    ]
     return subprocess.run(cmd, env=cpu_env(tmp_path), capture_output=True, text=True, timeout=180)
 
 

@@ -29,8 +29,13 @@ def _het_nodes(job_id: str, env: dict, components: int = 2) -> list:
     """The node of each heterogeneous component of `job_id`, in component order."""
     deadline = time.monotonic() + 30  # slurmdbd records the components a moment after the job ends
     while True:
-        out = subprocess.run(["sacct", "-j", job_id, "-n", "--parsable2", "-o", "JobID,NodeList"], env=env,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-j", job_id, "-n", "--parsable2", "-o", "JobID,NodeList"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         rows = dict(line.split("|") for line in out.splitlines())
         nodes = [rows[k] for k in sorted(k for k in rows if re.fullmatch(rf"{job_id}\+\d+", k))]
         if len(nodes) == components or time.monotonic() > deadline:
@@ -53,8 +58,19 @@ def test_component_rendezvous_across_nodes(slurm_cluster, tmp_path):
     stub.write_text('#!/bin/sh\necho "rank=$RANK world=$WORLD_SIZE node=$SLURMD_NODENAME args=$*"\n')
     stub.chmod(0o755)
     env = torchx_env(PATH_PREPEND=str(stub.parent), **slurm_cluster)
-    p = torchx("run", "-s", "slurm", "--wait", f"{CATALOGUE}:smoke", "--work_dir", str(tmp_path / "work"),
-               "--rdzv_port", str(free_port()), cwd=tmp_path, env=env)
+    p = torchx(
+        "run",
+        "-s",
+        "slurm",
+        "--wait",
+        f"{CATALOGUE}:smoke",
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--rdzv_port",
+        str(free_port()),
+        cwd=tmp_path,
+        env=env,
+    )
     logs = slurm_logs(tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr + logs
     ranks = sorted(re.findall(r"rank=(\d) world=(\d) node=(node\d) args=train tiny --launcher pytorch", logs))
@@ -74,16 +90,29 @@ def _assert_hf_checkpoint(work_dir):
 
 def _trainer_env(tmp_path, **extra) -> dict:
     # a JIT build killed half-way leaves a lock that hangs the next run: one extensions dir per test
-    return torchx_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"), TOKENIZERS_PARALLELISM="false",
-                      **extra)
+    return torchx_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"), TOKENIZERS_PARALLELISM="false", **extra)
 
 
 @trainer_missing
 def test_smoke_on_slurm(slurm_cluster, tmp_path):
     env = _trainer_env(tmp_path, **slurm_cluster)
     work_dir = tmp_path / "work"
-    p = torchx("run", "-s", "slurm", "--wait", f"{CATALOGUE}:smoke", "-j", "2x1", "--work_dir", str(work_dir),
-               "--rdzv_port", str(free_port()), cwd=tmp_path, env=env, timeout=600)
+    p = torchx(
+        "run",
+        "-s",
+        "slurm",
+        "--wait",
+        f"{CATALOGUE}:smoke",
+        "-j",
+        "2x1",
+        "--work_dir",
+        str(work_dir),
+        "--rdzv_port",
+        str(free_port()),
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr + slurm_logs(tmp_path)
     assert "Job finished: SUCCEEDED" in p.stderr
     _assert_hf_checkpoint(work_dir)
@@ -92,8 +121,20 @@ def test_smoke_on_slurm(slurm_cluster, tmp_path):
 @trainer_missing
 def test_smoke_on_local_cwd(tmp_path):
     work_dir = tmp_path / "work"
-    p = torchx("run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}", f"{CATALOGUE}:smoke",
-               "--work_dir", str(work_dir), "--rdzv_port", str(free_port()), cwd=tmp_path, env=_trainer_env(tmp_path),
-               timeout=600)
+    p = torchx(
+        "run",
+        "-s",
+        "local_cwd",
+        "-cfg",
+        f"log_dir={tmp_path / 'logs'}",
+        f"{CATALOGUE}:smoke",
+        "--work_dir",
+        str(work_dir),
+        "--rdzv_port",
+        str(free_port()),
+        cwd=tmp_path,
+        env=_trainer_env(tmp_path),
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     _assert_hf_checkpoint(work_dir)

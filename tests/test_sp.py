@@ -28,10 +28,12 @@ IGNORE = -100
 
 def packed_batch() -> dict:
     """One row of 7 tokens, samples [0, 4) and [4, 7): odd, so --sp 2 and 3 both pad."""
-    pack = Pack(input_ids=torch.tensor([5, 6, 7, 8, 9, 10, 11], dtype=torch.int32),
-                labels=torch.tensor([IGNORE, 6, 7, 8, IGNORE, 10, 11], dtype=torch.int32),
-                position_ids=torch.tensor([0, 1, 2, 3, 0, 1, 2], dtype=torch.int32),
-                cu_seqlens=torch.tensor([0, 4, 7], dtype=torch.int32))
+    pack = Pack(
+        input_ids=torch.tensor([5, 6, 7, 8, 9, 10, 11], dtype=torch.int32),
+        labels=torch.tensor([IGNORE, 6, 7, 8, IGNORE, 10, 11], dtype=torch.int32),
+        position_ids=torch.tensor([0, 1, 2, 3, 0, 1, 2], dtype=torch.int32),
+        cu_seqlens=torch.tensor([0, 4, 7], dtype=torch.int32),
+    )
     return next(iter(PackedLoader([pack], shuffle=False)))
 
 
@@ -66,12 +68,12 @@ def test_exchange_layout_and_head_padding_give_full_attention():
     expected = attend(q, k, v)
 
     qkv = torch.cat([q, k, v], dim=-1)
-    send = [split_for_exchange(pad_heads(qkv[:, 3 * i:3 * i + 3], N), N, dim=2) for i in range(N)]
+    send = [split_for_exchange(pad_heads(qkv[:, 3 * i : 3 * i + 3], N), N, dim=2) for i in range(N)]
     # all_to_all_single: rank j receives piece j of every rank's buffer, in rank order
     heads = [join_after_exchange(torch.stack([send[i][j] for i in range(N)]), dim=1) for j in range(N)]
     padded = pad_heads(qkv, N)
     for j in range(N):  # the whole row, heads [2j, 2j+2) of the 6
-        assert torch.equal(heads[j], padded[:, :, 2 * j:2 * j + 2])
+        assert torch.equal(heads[j], padded[:, :, 2 * j : 2 * j + 2])
     outs = [attend(*h.split([D, D, V], dim=-1)) for h in heads]
     assert outs[2][:, :, 0:2].abs().max() == 0  # the two zero heads attend to zero values
     back = [split_for_exchange(o, N, dim=1) for o in outs]
@@ -172,18 +174,26 @@ def _records(work_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data_args,sp_args", [
-    # every row is 255 tokens: each is padded by one token to split in two
-    (["--max-length", "255"], []),
-    # one segment per row, rows of 255 and 256 tokens, and activation checkpointing (recomputed all-to-alls)
-    (["--no-varlen"], ["--cfg-options", "activation_checkpointing=True"]),
-], ids=["varlen-odd-length", "no-varlen-checkpointing"])
+@pytest.mark.parametrize(
+    "data_args,sp_args",
+    [
+        # every row is 255 tokens: each is padded by one token to split in two
+        (["--max-length", "255"], []),
+        # one segment per row, rows of 255 and 256 tokens, and activation checkpointing (recomputed all-to-alls)
+        (["--no-varlen"], ["--cfg-options", "activation_checkpointing=True"]),
+    ],
+    ids=["varlen-odd-length", "no-varlen-checkpointing"],
+)
 def test_sp2_matches_sp1(tmp_path, data_args, sp_args):
     """Same global batch: --sp 1 on 2 ranks (2 rows a step) vs one --sp 2 group with grad_accum 2."""
     common = ["tiny", "--deepspeed", "deepspeed_zero3", "--max-steps", "3", "--save-steps", "0", *data_args]
     check(torchrun([*common, "--work-dir", str(tmp_path / "sp1")], tmp_path))
-    check(torchrun([*common, "--work-dir", str(tmp_path / "sp2"), "--sp", "2", "--cfg-options", "grad_accum=2",
-                    *sp_args], tmp_path))
+    check(
+        torchrun(
+            [*common, "--work-dir", str(tmp_path / "sp2"), "--sp", "2", "--cfg-options", "grad_accum=2", *sp_args],
+            tmp_path,
+        )
+    )
     sp1, sp2 = summary(tmp_path / "sp1")["losses"], summary(tmp_path / "sp2")["losses"]
     assert len(sp1) == len(sp2) == 3
     # Step 1 runs the same weights on the same tokens: only summation order differs (measured: equal).
@@ -208,6 +218,7 @@ def test_sp_must_divide_the_world_size(tmp_path):
     proc = torchrun(["tiny", "--work-dir", str(tmp_path / "run"), "--sp", "3", "--no-export"], tmp_path)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert errors and all(line == "Error: --sp 3 does not divide the world size 2; use one of [1, 2]"
-                          for line in errors), proc.stderr[-2000:]
+    assert errors and all(
+        line == "Error: --sp 3 does not divide the world size 2; use one of [1, 2]" for line in errors
+    ), proc.stderr[-2000:]
     assert "moe_train/" not in proc.stderr  # no worker traceback (torchrun adds its own for the failed child)

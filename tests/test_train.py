@@ -25,8 +25,23 @@ def zero3_run(tmp_path_factory):
 
 
 def test_loss_decreases_and_metrics_are_recorded(zero3_run, tmp_path):
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(tmp_path / "long"),
-                    "--max-steps", "20", "--save-steps", "0", "--no-export"], tmp_path))
+    check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                str(tmp_path / "long"),
+                "--max-steps",
+                "20",
+                "--save-steps",
+                "0",
+                "--no-export",
+            ],
+            tmp_path,
+        )
+    )
     records = [m for m in metrics(tmp_path / "long") if "loss" in m]
     losses = [m["loss"] for m in records]
     assert len(losses) == 20
@@ -37,8 +52,25 @@ def test_loss_decreases_and_metrics_are_recorded(zero3_run, tmp_path):
 
 
 def test_shard_and_origin_give_the_same_losses(zero3_run, tmp_path):
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(tmp_path / "origin"),
-                    "--moe-implementation", "origin", "--max-steps", "6", "--save-steps", "0", "--no-export"], tmp_path))
+    check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                str(tmp_path / "origin"),
+                "--moe-implementation",
+                "origin",
+                "--max-steps",
+                "6",
+                "--save-steps",
+                "0",
+                "--no-export",
+            ],
+            tmp_path,
+        )
+    )
     shard, origin = summary(zero3_run)["losses"], summary(tmp_path / "origin")["losses"]
     assert len(shard) == len(origin) == 6
     # Same weights, same forward: step 1 agrees to rounding.  Later steps differ by gradient
@@ -49,8 +81,23 @@ def test_shard_and_origin_give_the_same_losses(zero3_run, tmp_path):
 
 
 def test_zero2_and_zero3_agree(zero3_run, tmp_path):
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero2", "--work-dir", str(tmp_path / "z2"),
-                    "--max-steps", "6", "--save-steps", "0", "--no-export"], tmp_path))
+    check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero2",
+                "--work-dir",
+                str(tmp_path / "z2"),
+                "--max-steps",
+                "6",
+                "--save-steps",
+                "0",
+                "--no-export",
+            ],
+            tmp_path,
+        )
+    )
     z3, z2 = summary(zero3_run)["losses"], summary(tmp_path / "z2")["losses"]
     assert abs(z3[0] - z2[0]) < 1e-6, (z3, z2)
     assert max(abs(a - b) for a, b in zip(z3, z2)) < 2e-3, (z3, z2)
@@ -59,11 +106,42 @@ def test_zero2_and_zero3_agree(zero3_run, tmp_path):
 def test_resume_is_exact(zero3_run, tmp_path):
     """3 steps, then a new process group resuming to 6: same losses and same final weights."""
     work = tmp_path / "resumed"
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(work), "--max-steps", "3",
-                    "--save-steps", "3", "--no-export"], tmp_path))
+    check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                str(work),
+                "--max-steps",
+                "3",
+                "--save-steps",
+                "3",
+                "--no-export",
+            ],
+            tmp_path,
+        )
+    )
     first = summary(work)["losses"]
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(work), "--max-steps", "6",
-                    "--save-steps", "3", "--resume", "auto"], tmp_path))
+    check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                str(work),
+                "--max-steps",
+                "6",
+                "--save-steps",
+                "3",
+                "--resume",
+                "auto",
+            ],
+            tmp_path,
+        )
+    )
     reference = summary(zero3_run)["losses"]
     assert first == reference[:3] and summary(work)["segment_losses"] == reference[3:]
     assert summary(work)["losses"] == reference and summary(work)["segments"] == 2  # the whole run
@@ -101,11 +179,27 @@ def test_checkpoints_are_kept_and_complete(zero3_run):
 
 
 def test_no_varlen_trains_with_a_file_url_work_dir(tmp_path):
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", f"file://{tmp_path / 'nv'}", "--no-varlen",
-                    "--max-steps", "3", "--save-steps", "3", "--no-export"], tmp_path))
+    check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                f"file://{tmp_path / 'nv'}",
+                "--no-varlen",
+                "--max-steps",
+                "3",
+                "--save-steps",
+                "3",
+                "--no-export",
+            ],
+            tmp_path,
+        )
+    )
     assert (tmp_path / "nv" / "checkpoints" / "step-00000003" / "COMPLETE").exists()
     losses = summary(tmp_path / "nv")["losses"]
-    assert len(losses) == 3 and all(l == l and l > 0 for l in losses)
+    assert len(losses) == 3 and all(loss == loss and loss > 0 for loss in losses)
 
 
 def test_s3_work_dir_export_and_no_secret_leaks(tmp_path, s3_server):
@@ -117,16 +211,28 @@ def test_s3_work_dir_export_and_no_secret_leaks(tmp_path, s3_server):
 
     secret = "moe-train-secret-7f3a9c1e"
     url = f"s3://{s3_server['bucket']}/train-run"
-    env = cpu_env(tmp_path, FSSPEC_S3_ENDPOINT_URL=s3_server["endpoint"], AWS_ACCESS_KEY_ID="AKIAMOETRAINTEST",
-                  AWS_SECRET_ACCESS_KEY=secret, AWS_DEFAULT_REGION="us-east-1")
-    proc = check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", url, "--max-steps", "2",
-                           "--save-steps", "2"], tmp_path, env=env))
+    env = cpu_env(
+        tmp_path,
+        FSSPEC_S3_ENDPOINT_URL=s3_server["endpoint"],
+        AWS_ACCESS_KEY_ID="AKIAMOETRAINTEST",
+        AWS_SECRET_ACCESS_KEY=secret,
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    proc = check(
+        torchrun(
+            ["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", url, "--max-steps", "2", "--save-steps", "2"],
+            tmp_path,
+            env=env,
+        )
+    )
     model = DeepseekV2ForCausalLM.from_pretrained(f"{url}/hf_model", **s3_server["storage_options"])
     assert model.config.num_hidden_layers == 3
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]})
     assert fs.exists(f"{url}/checkpoints/step-00000002/COMPLETE")
-    written = "".join(fs.cat(f"{url}/{name}").decode() for name in (
-        "metrics/segment-0001.jsonl", "summary.json", "recipe.json", "deepspeed.json"))
+    written = "".join(
+        fs.cat(f"{url}/{name}").decode()
+        for name in ("metrics/segment-0001.jsonl", "summary.json", "recipe.json", "deepspeed.json")
+    )
     for text in (proc.stdout, proc.stderr, written):
         assert secret not in text and "AKIAMOETRAINTEST" not in text
     # log lines: URLs with their scheme, rank 0 only, above the progress bar, no DeepSpeed per-run noise
@@ -169,9 +275,26 @@ def test_zero3_partitioned_load_and_gathered_export_round_trip(tmp_path):
     assets = Path(__file__).resolve().parents[1] / "moe_train" / "assets" / "tiny_tokenizer"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (src / name).write_bytes((assets / name).read_bytes())
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--model", str(src), "--work-dir", str(tmp_path / "w"),
-                    "--max-steps", "1", "--save-steps", "0", "--lr", "1e-30"],
-                   tmp_path))
+    check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--model",
+                str(src),
+                "--work-dir",
+                str(tmp_path / "w"),
+                "--max-steps",
+                "1",
+                "--save-steps",
+                "0",
+                "--lr",
+                "1e-30",
+            ],
+            tmp_path,
+        )
+    )
     original = load_file(src / "model.safetensors")
     exported = {}
     for f in sorted((tmp_path / "w" / "hf_model").glob("*.safetensors")):
@@ -186,14 +309,21 @@ def test_resume_is_exact_with_grad_accum_across_an_epoch_boundary(tmp_path):
     from safetensors.torch import load_file
 
     common = ["tiny", "--deepspeed", "deepspeed_zero3", "--epochs", "2", "--cfg-options", "grad_accum=2"]
-    check(torchrun([*common, "--work-dir", str(tmp_path / "straight"), "--max-steps", "24", "--save-steps", "0"],
-                   tmp_path))
+    check(
+        torchrun(
+            [*common, "--work-dir", str(tmp_path / "straight"), "--max-steps", "24", "--save-steps", "0"], tmp_path
+        )
+    )
     work = tmp_path / "cut"
-    check(torchrun([*common, "--work-dir", str(work), "--max-steps", "20", "--save-steps", "20", "--no-export"],
-                   tmp_path))
+    check(
+        torchrun([*common, "--work-dir", str(work), "--max-steps", "20", "--save-steps", "20", "--no-export"], tmp_path)
+    )
     first = summary(work)["losses"]
-    check(torchrun([*common, "--work-dir", str(work), "--max-steps", "24", "--save-steps", "0", "--resume", "auto"],
-                   tmp_path))
+    check(
+        torchrun(
+            [*common, "--work-dir", str(work), "--max-steps", "24", "--save-steps", "0", "--resume", "auto"], tmp_path
+        )
+    )
     straight = summary(tmp_path / "straight")["losses"]
     assert first == straight[:20] and summary(work)["losses"] == straight
     assert [m["epoch"] for m in metrics(tmp_path / "straight") if "loss" in m][-1] == 1  # crossed into epoch 2
@@ -216,11 +346,42 @@ def test_bf16_on_cpu_keeps_fp32_master_router_and_loss(tmp_path):
     from moe_train import DeepseekV2ForCausalLM
 
     work = tmp_path / "bf16"
-    proc = check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(work), "--max-steps", "10",
-                           "--save-steps", "0", "--cfg-options", "dtype=bf16"], tmp_path))
+    proc = check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                str(work),
+                "--max-steps",
+                "10",
+                "--save-steps",
+                "0",
+                "--cfg-options",
+                "dtype=bf16",
+            ],
+            tmp_path,
+        )
+    )
     assert "experts grouped_mm (torch.nn.functional.grouped_mm, torch.bfloat16 on cpu" in proc.stdout
-    check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(tmp_path / "fp32"), "--max-steps", "10",
-                    "--save-steps", "0", "--no-export"], tmp_path))
+    check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                str(tmp_path / "fp32"),
+                "--max-steps",
+                "10",
+                "--save-steps",
+                "0",
+                "--no-export",
+            ],
+            tmp_path,
+        )
+    )
     ours, ref = summary(work)["losses"], summary(tmp_path / "fp32")["losses"]
     assert len(ours) == len(ref) == 10
     assert all(abs(a - b) / b < 2e-2 for a, b in zip(ours, ref)), (ours, ref)
@@ -237,9 +398,27 @@ def test_bf16_on_cpu_keeps_fp32_master_router_and_loss(tmp_path):
 def test_one_epoch_trains_every_pack_once(tmp_path):
     """87 packs on 2 ranks x grad_accum 3: 15 steps, the last with 3 dummy micro-batches; the tokens
     trained over the epoch are exactly the dataset's."""
-    proc = check(torchrun(["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(tmp_path / "w"), "--epochs", "1",
-                           "--cfg-options", "grad_accum=3", "--cfg-options", "max_steps=None", "--save-steps", "0",
-                           "--no-export"], tmp_path))
+    proc = check(
+        torchrun(
+            [
+                "tiny",
+                "--deepspeed",
+                "deepspeed_zero3",
+                "--work-dir",
+                str(tmp_path / "w"),
+                "--epochs",
+                "1",
+                "--cfg-options",
+                "grad_accum=3",
+                "--cfg-options",
+                "max_steps=None",
+                "--save-steps",
+                "0",
+                "--no-export",
+            ],
+            tmp_path,
+        )
+    )
     assert "data: 87 packs, 15 steps per epoch, 3 micro-batches per step" in proc.stdout
     records = [m for m in metrics(tmp_path / "w") if "loss" in m]
     assert [m["step"] for m in records] == list(range(1, 16))

@@ -47,42 +47,132 @@ CHAT_TEMPLATE = (
 )
 
 WORDS = [
-    "apple", "river", "stone", "cloud", "table", "garden", "yellow", "window", "bread", "candle",
-    "forest", "silver", "mountain", "pencil", "orange", "bridge", "winter", "summer", "basket",
-    "rabbit", "button", "castle", "dragon", "engine", "feather", "guitar", "harbor", "island",
-    "jacket", "kettle", "ladder", "marble", "needle", "ocean", "planet", "quartz", "rocket",
-    "saddle", "tomato", "umbrella", "valley", "wagon", "zebra", "anchor", "blanket", "cactus",
-    "desert", "falcon", "glacier", "hammer", "lantern", "meadow", "pepper", "puzzle", "violin",
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "table",
+    "garden",
+    "yellow",
+    "window",
+    "bread",
+    "candle",
+    "forest",
+    "silver",
+    "mountain",
+    "pencil",
+    "orange",
+    "bridge",
+    "winter",
+    "summer",
+    "basket",
+    "rabbit",
+    "button",
+    "castle",
+    "dragon",
+    "engine",
+    "feather",
+    "guitar",
+    "harbor",
+    "island",
+    "jacket",
+    "kettle",
+    "ladder",
+    "marble",
+    "needle",
+    "ocean",
+    "planet",
+    "quartz",
+    "rocket",
+    "saddle",
+    "tomato",
+    "umbrella",
+    "valley",
+    "wagon",
+    "zebra",
+    "anchor",
+    "blanket",
+    "cactus",
+    "desert",
+    "falcon",
+    "glacier",
+    "hammer",
+    "lantern",
+    "meadow",
+    "pepper",
+    "puzzle",
+    "violin",
 ]
 ADJECTIVES = ["small", "bright", "quiet", "heavy", "green", "old", "happy", "cold", "tall", "soft"]
 NOUNS = ["cat", "dog", "bird", "child", "farmer", "teacher", "horse", "sailor", "baker", "fox"]
 VERBS = ["sees", "finds", "likes", "paints", "follows", "carries", "watches", "helps"]
 PLACES = ["near the river", "in the garden", "on the hill", "by the sea", "under the tree"]
 NUMBER_WORDS = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-    "nineteen", "twenty",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
 ]
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark", "early": "late",
-    "happy": "sad", "full": "empty", "open": "closed", "old": "new", "high": "low", "wet": "dry",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "up": "down",
+    "light": "dark",
+    "early": "late",
+    "happy": "sad",
+    "full": "empty",
+    "open": "closed",
+    "old": "new",
+    "high": "low",
+    "wet": "dry",
 }
 COLOURS = {
-    "grass": "green", "the sky on a clear day": "blue", "snow": "white", "coal": "black",
-    "a ripe banana": "yellow", "a ripe tomato": "red", "an orange": "orange", "milk": "white",
+    "grass": "green",
+    "the sky on a clear day": "blue",
+    "snow": "white",
+    "coal": "black",
+    "a ripe banana": "yellow",
+    "a ripe tomato": "red",
+    "an orange": "orange",
+    "milk": "white",
 }
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 # (unit, smaller unit, factor)
 UNITS = [
-    ("kilometres", "metres", 1000), ("metres", "centimetres", 100), ("kilograms", "grams", 1000),
-    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("litres", "millilitres", 1000),
-    ("days", "hours", 24), ("weeks", "days", 7),
+    ("kilometres", "metres", 1000),
+    ("metres", "centimetres", 100),
+    ("kilograms", "grams", 1000),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("litres", "millilitres", 1000),
+    ("days", "hours", 24),
+    ("weeks", "days", 7),
 ]
 
 
 def _sentence(rng: random.Random) -> str:
-    return (f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
-            f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(PLACES)}")
+    return (
+        f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
+        f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(PLACES)}"
+    )
 
 
 def _words(rng: random.Random, lo: int, hi: int) -> list[str]:
@@ -98,27 +188,39 @@ def arithmetic(rng: random.Random) -> dict:
 
 def reverse_words(rng: random.Random) -> dict:
     words = _words(rng, 3, 9)
-    return {"instruction": "Reverse the order of the words.", "input": " ".join(words),
-            "output": " ".join(reversed(words))}
+    return {
+        "instruction": "Reverse the order of the words.",
+        "input": " ".join(words),
+        "output": " ".join(reversed(words)),
+    }
 
 
 def sort_words(rng: random.Random) -> dict:
     words = _words(rng, 3, 12)
-    return {"instruction": "Sort these words alphabetically.", "input": ", ".join(words),
-            "output": ", ".join(sorted(words))}
+    return {
+        "instruction": "Sort these words alphabetically.",
+        "input": ", ".join(words),
+        "output": ", ".join(sorted(words)),
+    }
 
 
 def convert_units(rng: random.Random) -> dict:
     big, small, factor = rng.choice(UNITS)
     n = rng.randint(2, 40)
-    return {"instruction": f"Convert {n} {big} to {small}.", "input": "",
-            "output": f"{n} {big} is {n * factor} {small}."}
+    return {
+        "instruction": f"Convert {n} {big} to {small}.",
+        "input": "",
+        "output": f"{n} {big} is {n * factor} {small}.",
+    }
 
 
 def capitalise(rng: random.Random) -> dict:
     sentence = _sentence(rng)
-    return {"instruction": "Rewrite the sentence in capital letters.", "input": sentence,
-            "output": sentence.upper() + "."}
+    return {
+        "instruction": "Rewrite the sentence in capital letters.",
+        "input": sentence,
+        "output": sentence.upper() + ".",
+    }
 
 
 def count_letter(rng: random.Random) -> dict:
@@ -126,63 +228,92 @@ def count_letter(rng: random.Random) -> dict:
     letter = rng.choice(sorted(set(word)) + ["e", "a"])
     n = word.count(letter)
     times = "time" if n == 1 else "times"
-    return {"instruction": f"How many times does the letter '{letter}' appear in '{word}'?", "input": "",
-            "output": f"The letter '{letter}' appears {n} {times} in '{word}'."}
+    return {
+        "instruction": f"How many times does the letter '{letter}' appear in '{word}'?",
+        "input": "",
+        "output": f"The letter '{letter}' appears {n} {times} in '{word}'.",
+    }
 
 
 def count_words(rng: random.Random) -> dict:
     sentence = _sentence(rng)
-    return {"instruction": "Count the words in the sentence.", "input": sentence,
-            "output": f"The sentence has {len(sentence.split())} words."}
+    return {
+        "instruction": "Count the words in the sentence.",
+        "input": sentence,
+        "output": f"The sentence has {len(sentence.split())} words.",
+    }
 
 
 def parity(rng: random.Random) -> dict:
     n = rng.randint(1, 999)
-    return {"instruction": f"Is {n} even or odd?", "input": "",
-            "output": f"{n} is {'even' if n % 2 == 0 else 'odd'}."}
+    return {"instruction": f"Is {n} even or odd?", "input": "", "output": f"{n} is {'even' if n % 2 == 0 else 'odd'}."}
 
 
 def fact(rng: random.Random) -> dict:
     kind = rng.randrange(4)
     if kind == 0:
         word, opposite = rng.choice(sorted(OPPOSITES.items()))
-        return {"instruction": f"What is the opposite of '{word}'?", "input": "",
-                "output": f"The opposite of '{word}' is '{opposite}'."}
+        return {
+            "instruction": f"What is the opposite of '{word}'?",
+            "input": "",
+            "output": f"The opposite of '{word}' is '{opposite}'.",
+        }
     if kind == 1:
         thing, colour = rng.choice(sorted(COLOURS.items()))
         return {"instruction": f"What colour is {thing}?", "input": "", "output": f"{thing.capitalize()} is {colour}."}
     if kind == 2:
         i = rng.randrange(7)
-        return {"instruction": f"Which day comes after {WEEKDAYS[i]}?", "input": "",
-                "output": f"{WEEKDAYS[(i + 1) % 7]} comes after {WEEKDAYS[i]}."}
+        return {
+            "instruction": f"Which day comes after {WEEKDAYS[i]}?",
+            "input": "",
+            "output": f"{WEEKDAYS[(i + 1) % 7]} comes after {WEEKDAYS[i]}.",
+        }
     n = rng.randint(0, 20)
     return {"instruction": "Write the number in words.", "input": str(n), "output": NUMBER_WORDS[n] + "."}
 
 
 def spell(rng: random.Random) -> dict:
     words = _words(rng, 2, 6)
-    return {"instruction": "Spell each word letter by letter, one word per line.", "input": " ".join(words),
-            "output": "\n".join(f"{w}: {'-'.join(w)}" for w in words)}
+    return {
+        "instruction": "Spell each word letter by letter, one word per line.",
+        "input": " ".join(words),
+        "output": "\n".join(f"{w}: {'-'.join(w)}" for w in words),
+    }
 
 
 def times_table(rng: random.Random) -> dict:
     # Long records: 25 to 45 lines, several of them beyond 256 tokens.
     n, rows = rng.randint(2, 12), rng.randint(25, 45)
-    return {"instruction": f"Write the multiplication table of {n} from 1 to {rows}.", "input": "",
-            "output": "\n".join(f"{n} x {i} = {n * i}" for i in range(1, rows + 1))}
+    return {
+        "instruction": f"Write the multiplication table of {n} from 1 to {rows}.",
+        "input": "",
+        "output": "\n".join(f"{n} x {i} = {n * i}" for i in range(1, rows + 1)),
+    }
 
 
 def count_run(rng: random.Random) -> dict:
     start = rng.randint(1, 50)
     stop = start + rng.randint(10, 30)
-    return {"instruction": f"Count from {start} to {stop}, separated by commas.", "input": "",
-            "output": ", ".join(str(i) for i in range(start, stop + 1)) + "."}
+    return {
+        "instruction": f"Count from {start} to {stop}, separated by commas.",
+        "input": "",
+        "output": ", ".join(str(i) for i in range(start, stop + 1)) + ".",
+    }
 
 
 # (generator, weight): mostly short records, a few long ones.
 TASKS = [
-    (arithmetic, 12), (reverse_words, 8), (sort_words, 8), (convert_units, 8), (capitalise, 6),
-    (count_letter, 8), (count_words, 5), (parity, 6), (fact, 10), (spell, 6), (count_run, 5),
+    (arithmetic, 12),
+    (reverse_words, 8),
+    (sort_words, 8),
+    (convert_units, 8),
+    (capitalise, 6),
+    (count_letter, 8),
+    (count_words, 5),
+    (parity, 6),
+    (fact, 10),
+    (spell, 6),
+    (count_run, 5),
     (times_table, 2),
 ]
 
@@ -206,7 +337,9 @@ def build_tokenizer(texts: list[str], out_dir: Path) -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=[BOS, EOS], show_progress=False,
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[BOS, EOS],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer)
@@ -216,7 +349,9 @@ def build_tokenizer(texts: list[str], out_dir: Path) -> None:
         raise RuntimeError("special tokens must be ids 0 (bos) and 1 (eos)")
     # encode() prepends bos and adds no eos, as DeepSeek V2's tokenizer does.
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 0)],
+        single=f"{BOS} $A",
+        pair=f"{BOS} $A {BOS} $B",
+        special_tokens=[(BOS, 0)],
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))

@@ -18,15 +18,31 @@ from moe_train.models import families
 __all__ = ["load_pretrained", "save_pretrained"]
 
 
-def _from_pretrained(cls, path: str, moe_implementation: str = "shard", expert_in_one_shard: int | None = None,
-                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn_backend: str = "auto",
-                     **storage_options: Any):
+def _from_pretrained(
+    cls,
+    path: str,
+    moe_implementation: str = "shard",
+    expert_in_one_shard: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_backend: str = "auto",
+    **storage_options: Any,
+):
     """Load a checkpoint in the family's official HF layout from a local path or fsspec URL."""
-    model = load_pretrained(path, moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard,
-                            dtype=dtype, device=device, attn_backend=attn_backend, storage_options=storage_options)
+    model = load_pretrained(
+        path,
+        moe_implementation=moe_implementation,
+        expert_in_one_shard=expert_in_one_shard,
+        dtype=dtype,
+        device=device,
+        attn_backend=attn_backend,
+        storage_options=storage_options,
+    )
     if type(model) is not cls:  # exact: DeepseekV3ForCausalLM extends DeepseekV2ForCausalLM
-        raise ValueError(f"{path} holds a {type(model).__name__} checkpoint, not {cls.__name__}; use "
-                         "moe_train.checkpoint.load_pretrained for any family")
+        raise ValueError(
+            f"{path} holds a {type(model).__name__} checkpoint, not {cls.__name__}; use "
+            "moe_train.checkpoint.load_pretrained for any family"
+        )
     return model
 
 

@@ -24,8 +24,13 @@ from moe_train.storage import display, redact, resolve
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def export_checkpoint(checkpoint_url: str, out_url: str, dtype: str | None = None, max_shard_size: str = "5GB",
-                      log: Callable[[str], None] = print) -> None:
+def export_checkpoint(
+    checkpoint_url: str,
+    out_url: str,
+    dtype: str | None = None,
+    max_shard_size: str = "5GB",
+    log: Callable[[str], None] = print,
+) -> None:
     t0 = time.perf_counter()
     fs, path = resolve(checkpoint_url)
     ckpt = TrainingCheckpoint(fs, path)
@@ -51,13 +56,17 @@ def export_checkpoint(checkpoint_url: str, out_url: str, dtype: str | None = Non
             writer.write(key, full.view(shape).to(out_dtype))
         tokenizer = posixpath.join(path, TOKENIZER_DIR)
         has_tokenizer = any(name.startswith(TOKENIZER_DIR + "/") for name in ckpt.files)
-        writer.finish(cfg, fs.unstrip_protocol(tokenizer) if has_tokenizer else None,
-                      {"step": ckpt.step, "source": redact(fs.unstrip_protocol(path)),
-                       "recipe": ckpt.state["recipe"]["name"]})
+        writer.finish(
+            cfg,
+            fs.unstrip_protocol(tokenizer) if has_tokenizer else None,
+            {"step": ckpt.step, "source": redact(fs.unstrip_protocol(path)), "recipe": ckpt.state["recipe"]["name"]},
+        )
     except BaseException:
         writer.abort()
         raise
     finally:
         ckpt.close()
-    log(f"exported {display(fs, path)} (step {ckpt.step}, written by {ckpt.world} ranks) to {redact(out_url)} "
-        f"in {time.perf_counter() - t0:.1f}s")
+    log(
+        f"exported {display(fs, path)} (step {ckpt.step}, written by {ckpt.world} ranks) to {redact(out_url)} "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )

@@ -28,8 +28,13 @@ SCALE_SUFFIX = "_scale_inv"  # FP8 checkpoints: "{weight}_scale_inv" holds the w
 FP8_BLOCK = 128
 SINGLE = "model.safetensors"
 COMPLETE = "COMPLETE"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
 
 
 def _read_json(fs: Any, path: str, shown: str) -> Any:
@@ -43,8 +48,9 @@ def _read_json(fs: Any, path: str, shown: str) -> Any:
     except UnicodeDecodeError as e:
         raise ValueError(f"{shown}: not UTF-8 text ({e.reason} at byte {e.start}); fix the file") from None
     except (ValueError, RecursionError) as e:  # 4300+ digit integers, nesting too deep
-        raise ValueError(f"{shown}: unreadable JSON ({str(e).splitlines()[0] or type(e).__name__}); "
-                         "fix the file") from None
+        raise ValueError(
+            f"{shown}: unreadable JSON ({str(e).splitlines()[0] or type(e).__name__}); fix the file"
+        ) from None
 
 
 def read_config(url: str, storage_options: dict[str, Any] | None = None, **layout: Any) -> Any:
@@ -68,13 +74,23 @@ def _weight_map(index: Any, shown: str) -> dict[str, str]:
     """The index's key -> file map, every file a plain name inside the checkpoint directory."""
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{shown} has no weight_map (a JSON object of tensor name -> file name); re-export the "
-                         "checkpoint or remove the index next to a single model.safetensors")
+        raise ValueError(
+            f"{shown} has no weight_map (a JSON object of tensor name -> file name); re-export the "
+            "checkpoint or remove the index next to a single model.safetensors"
+        )
     for key, file in weight_map.items():
-        if (not isinstance(file, str) or not file.endswith(".safetensors") or posixpath.isabs(file)
-                or "\\" in file or posixpath.normpath(file) != file or file.split("/")[0] == ".."):
-            raise ValueError(f"{shown}: {key} points to {file!r}, outside the checkpoint directory; file names "
-                             "in weight_map must be .safetensors files next to the index")
+        if (
+            not isinstance(file, str)
+            or not file.endswith(".safetensors")
+            or posixpath.isabs(file)
+            or "\\" in file
+            or posixpath.normpath(file) != file
+            or file.split("/")[0] == ".."
+        ):
+            raise ValueError(
+                f"{shown}: {key} points to {file!r}, outside the checkpoint directory; file names "
+                "in weight_map must be .safetensors files next to the index"
+            )
     return weight_map
 
 
@@ -93,8 +109,9 @@ class HFCheckpoint:
         self._readers: dict[str, SafetensorsReader] = {}
         index = posixpath.join(self.root, INDEX)
         if self.fs.exists(index):
-            files: dict[str, str] = _weight_map(_read_json(self.fs, index, f"{redact(url).rstrip('/')}/{INDEX}"),
-                                                f"{redact(url).rstrip('/')}/{INDEX}")
+            files: dict[str, str] = _weight_map(
+                _read_json(self.fs, index, f"{redact(url).rstrip('/')}/{INDEX}"), f"{redact(url).rstrip('/')}/{INDEX}"
+            )
         elif self.fs.exists(posixpath.join(self.root, SINGLE)):
             self._readers[SINGLE] = SafetensorsReader(self.fs, posixpath.join(self.root, SINGLE))
             files = dict.fromkeys(self._readers[SINGLE].tensors, SINGLE)
@@ -140,14 +157,18 @@ class HFCheckpoint:
         """Elements [start, end) of FP8 weight ``key`` times its block scales, reading only the rows they span."""
         info, scale_key = self._reader(key).tensors[key], self.scales[key]
         if info.dtype != torch.float8_e4m3fn or len(info.shape) != 2:
-            raise ValueError(f"{self.url}: {key} has {scale_key} but is {info.dtype} {list(info.shape)}, not a 2-D "
-                             "float8_e4m3fn weight; the checkpoint is not in DeepSeek's block-FP8 format")
+            raise ValueError(
+                f"{self.url}: {key} has {scale_key} but is {info.dtype} {list(info.shape)}, not a 2-D "
+                "float8_e4m3fn weight; the checkpoint is not in DeepSeek's block-FP8 format"
+            )
         rows, cols = info.shape
         B = FP8_BLOCK
         scale_shape = (-(-rows // B), -(-cols // B))
         if tuple(self.shape(scale_key)) != scale_shape:
-            raise ValueError(f"{self.url}: {scale_key} has shape {list(self.shape(scale_key))}, expected "
-                             f"{list(scale_shape)} for {B} x {B} blocks of {list(info.shape)}")
+            raise ValueError(
+                f"{self.url}: {scale_key} has shape {list(self.shape(scale_key))}, expected "
+                f"{list(scale_shape)} for {B} x {B} blocks of {list(info.shape)}"
+            )
         whole = start == 0 and end is None
         end = rows * cols if end is None else end
         r0, r1 = start // cols, -(-end // cols)  # the rows the range touches
@@ -155,8 +176,8 @@ class HFCheckpoint:
         q = self._reader(key).read(key, r0 * cols, r1 * cols).view(r1 - r0, cols).float()
         n = scale_shape[1]
         scale = self._reader(scale_key).read(scale_key, b0 * n, b1 * n).view(b1 - b0, n).float()
-        scale = scale.repeat_interleave(B, dim=0)[r0 - b0 * B:r1 - b0 * B].repeat_interleave(B, dim=1)[:, :cols]
-        flat = (q * scale).reshape(-1)[start - r0 * cols:end - r0 * cols]
+        scale = scale.repeat_interleave(B, dim=0)[r0 - b0 * B : r1 - b0 * B].repeat_interleave(B, dim=1)[:, :cols]
+        flat = (q * scale).reshape(-1)[start - r0 * cols : end - r0 * cols]
         return flat.view(rows, cols) if whole else flat
 
 
@@ -164,11 +185,17 @@ def check_keys(expected: Iterable[str], found: Iterable[str], url: str) -> None:
     expected, found = set(expected), set(found)
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-        parts = ([f"missing {show(missing)}"] if missing else []) + ([f"unexpected {show(unexpected)}"] if unexpected else [])
-        raise ValueError(f"{url}: weights do not match config.json: {'; '.join(parts)}; "
-                         "check that the checkpoint and its config.json belong together")
+
+        parts = ([f"missing {show(missing)}"] if missing else []) + (
+            [f"unexpected {show(unexpected)}"] if unexpected else []
+        )
+        raise ValueError(
+            f"{url}: weights do not match config.json: {'; '.join(parts)}; "
+            "check that the checkpoint and its config.json belong together"
+        )
 
 
 def expected_hf_keys(model: torch.nn.Module) -> dict[str, tuple[Slot, tuple[int, ...]]]:
@@ -235,8 +262,10 @@ def load_into(model: torch.nn.Module, source: Any, partition: Callable[[torch.Te
             if slot.param in elsewhere:
                 continue
             if tuple(source.shape(key)) != shape:
-                raise ValueError(f"{source.url}: {key} has shape {list(source.shape(key))}, config.json implies "
-                                 f"{list(shape)}; the checkpoint does not match its config")
+                raise ValueError(
+                    f"{source.url}: {key} has shape {list(source.shape(key))}, config.json implies "
+                    f"{list(shape)}; the checkpoint does not match its config"
+                )
             param = params[slot.param]
             part = partition(param) if partition is not None else None
             if part is None:
@@ -246,15 +275,23 @@ def load_into(model: torch.nn.Module, source: Any, partition: Callable[[torch.Te
             s_start, s_end = slot.flat_range(shapes[slot.param])
             lo, hi = max(s_start, p_start), min(s_end, p_start + local.numel())
             if lo < hi:
-                local[lo - p_start:hi - p_start].copy_(source.read(key, lo - s_start, hi - s_start))
+                local[lo - p_start : hi - p_start].copy_(source.read(key, lo - s_start, hi - s_start))
 
 
-def load_pretrained(url: str, *, moe_implementation: str = "shard", expert_in_one_shard: int | None = None,
-                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", attn_backend: str = "auto",
-                    storage_options: dict[str, Any] | None = None) -> torch.nn.Module:
+def load_pretrained(
+    url: str,
+    *,
+    moe_implementation: str = "shard",
+    expert_in_one_shard: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_backend: str = "auto",
+    storage_options: dict[str, Any] | None = None,
+) -> torch.nn.Module:
     """The model of whatever registered family the checkpoint at ``url`` holds, weights loaded."""
-    cfg = read_config(url, storage_options, moe_implementation=moe_implementation,
-                      expert_in_one_shard=expert_in_one_shard)
+    cfg = read_config(
+        url, storage_options, moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard
+    )
     ckpt = HFCheckpoint(url, storage_options)
     with torch.device("meta"):
         model = spec_of(cfg).build(cfg, attn_backend=attn_backend)
@@ -271,22 +308,32 @@ class HFExportWriter:
     as transformers plans them (huggingface_hub): in order, a tensor above the limit in a file of its own.
     """
 
-    def __init__(self, url: str, tensors: list[PlannedTensor], max_shard_size: int | str = "5GB",
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        tensors: list[PlannedTensor],
+        max_shard_size: int | str = "5GB",
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.url = url
         self.fs, self.root = resolve(url, storage_options)
         by_key = {t.key: t for t in tensors}
         try:
-            split = split_state_dict_into_shards_factory(by_key, get_storage_size=lambda t: t.nbytes,
-                                                         filename_pattern="model{suffix}.safetensors",
-                                                         max_shard_size=max_shard_size)
+            split = split_state_dict_into_shards_factory(
+                by_key,
+                get_storage_size=lambda t: t.nbytes,
+                filename_pattern="model{suffix}.safetensors",
+                max_shard_size=max_shard_size,
+            )
         except ValueError:
-            raise ValueError(f"max_shard_size={max_shard_size!r} is not a size; use bytes or e.g. '5GB', "
-                             "'500MB'") from None
+            raise ValueError(
+                f"max_shard_size={max_shard_size!r} is not a size; use bytes or e.g. '5GB', '500MB'"
+            ) from None
         groups = list(split.filename_to_tensors.values())
         n = len(groups)
-        self.files = {f"model-{i + 1:05d}-of-{n:05d}.safetensors": [by_key[k] for k in keys]
-                      for i, keys in enumerate(groups)}
+        self.files = {
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors": [by_key[k] for k in keys] for i, keys in enumerate(groups)
+        }
         self.weight_map = {t.key: name for name, planned in self.files.items() for t in planned}
         self.total_size = sum(t.nbytes for t in tensors)
         self._open: dict[str, SafetensorsStreamWriter] = {}
@@ -309,8 +356,13 @@ class HFExportWriter:
             del self._open[name]
             self._done.add(name)
 
-    def finish(self, config: Any, tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None,
-               source_dir: str | None = None) -> None:
+    def finish(
+        self,
+        config: Any,
+        tokenizer_dir: str | None = None,
+        extra: dict[str, Any] | None = None,
+        source_dir: str | None = None,
+    ) -> None:
         if self._open or len(self._done) != len(self.files):
             raise RuntimeError(f"{self.url}: export finished before all tensors were written")
         if tokenizer_dir:
@@ -351,11 +403,20 @@ def is_complete(url: str, storage_options: dict[str, Any] | None = None) -> bool
 
 
 @torch.no_grad()
-def save_pretrained(model: torch.nn.Module, url: str, *, tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
-                    is_writer: bool = True, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None,
-                    tokenizer_dir: str | None = None, extra: dict[str, Any] | None = None,
-                    source_dir: str | None = None, carry_from: Any = None,
-                    storage_options: dict[str, Any] | None = None) -> list[str]:
+def save_pretrained(
+    model: torch.nn.Module,
+    url: str,
+    *,
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+    is_writer: bool = True,
+    max_shard_size: int | str = "5GB",
+    dtype: torch.dtype | None = None,
+    tokenizer_dir: str | None = None,
+    extra: dict[str, Any] | None = None,
+    source_dir: str | None = None,
+    carry_from: Any = None,
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
     """Stream ``model`` into the HF layout at ``url`` (per-expert keys; index and COMPLETE last).
 
     ``tensors`` yields (parameter name, full tensor) in ``named_parameters`` order; by default the
@@ -374,8 +435,9 @@ def save_pretrained(model: torch.nn.Module, url: str, *, tensors: Iterable[tuple
         dtypes = {canonical_name(name): p.dtype for name, p in [*model.named_parameters(), *persistent_buffers(model)]}
         planned = [PlannedTensor(k, dtype or dtypes[slot.param], shape) for k, (slot, shape) in expected.items()]
         export_dtype = dtype or max(set(dtypes.values()), key=list(dtypes.values()).count)
-        carried_dtypes = {k: export_dtype if k in getattr(carry_from, "scales", {}) else carry_from.dtype(k)
-                          for k in carried}
+        carried_dtypes = {
+            k: export_dtype if k in getattr(carry_from, "scales", {}) else carry_from.dtype(k) for k in carried
+        }
         planned += [PlannedTensor(k, carried_dtypes[k], tuple(carry_from.shape(k))) for k in carried]
         writer = HFExportWriter(url, planned, max_shard_size, storage_options)
     try:

@@ -18,9 +18,18 @@ import torch
 from fsspec.spec import AbstractBufferedFile
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 WRITE_BLOCK = 5 * 2**20
@@ -83,13 +92,19 @@ class SafetensorsReader:
             if not isinstance(v, dict) or set(v) != {"dtype", "shape", "data_offsets"}:
                 raise self._bad(f"{key}: expected dtype, shape and data_offsets")
             if v["dtype"] not in DTYPES:
-                raise ValueError(f"{self.path} holds tensors of dtype {v['dtype']!r}, which moe-train cannot read; "
-                                 "convert the checkpoint to bf16 or fp32")
+                raise ValueError(
+                    f"{self.path} holds tensors of dtype {v['dtype']!r}, which moe-train cannot read; "
+                    "convert the checkpoint to bf16 or fp32"
+                )
             shape, offsets = v["shape"], v["data_offsets"]
             if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
                 raise self._bad(f"{key}: shape {shape!r} is not a list of non-negative integers")
-            if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-                    or not 0 <= offsets[0] <= offsets[1]):
+            if (
+                not isinstance(offsets, list)
+                or len(offsets) != 2
+                or not all(type(o) is int for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]
+            ):
                 raise self._bad(f"{key}: data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
             dtype = DTYPES[v["dtype"]]
             if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
@@ -99,12 +114,16 @@ class SafetensorsReader:
         end = 0
         for begin, stop, key in sorted(spans):
             if begin != end:
-                raise self._bad(f"{key} starts at byte {begin} of the data, "
-                                f"{'overlapping the tensor before' if begin < end else f'leaving a gap after {end}'}")
+                raise self._bad(
+                    f"{key} starts at byte {begin} of the data, "
+                    f"{'overlapping the tensor before' if begin < end else f'leaving a gap after {end}'}"
+                )
             end = stop
         if 8 + n + end != file_size:
-            raise self._bad(f"the tensors end at byte {8 + n + end} but the file has {file_size} "
-                            f"({'truncated' if 8 + n + end > file_size else 'trailing bytes'})")
+            raise self._bad(
+                f"the tensors end at byte {8 + n + end} but the file has {file_size} "
+                f"({'truncated' if 8 + n + end > file_size else 'trailing bytes'})"
+            )
         return tensors
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
@@ -137,7 +156,11 @@ def header_bytes(tensors: list[PlannedTensor]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.key] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned
@@ -164,7 +187,9 @@ class SafetensorsStreamWriter:
         if expected is None or expected.key != key:
             raise RuntimeError(f"{self.path}: got {key} but the planned next tensor is {expected and expected.key}")
         if tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
-            raise RuntimeError(f"{key}: {tuple(tensor.shape)} {tensor.dtype} != planned {expected.shape} {expected.dtype}")
+            raise RuntimeError(
+                f"{key}: {tuple(tensor.shape)} {tensor.dtype} != planned {expected.shape} {expected.dtype}"
+            )
         self._pending.pop(0)
         if tensor.numel():
             self._f.write(tensor.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy().data)

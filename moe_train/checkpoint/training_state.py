@@ -75,8 +75,12 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     cuda = [s.numpy().tobytes().hex() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None
-    return {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state().numpy().tobytes().hex(), "cuda": cuda}
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().numpy().tobytes().hex(),
+        "cuda": cuda,
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -95,13 +99,17 @@ def read_json(fs: Any, path: str, size: int | None = None) -> Any:
     with fs.open(path, "rb") as f:
         raw = f.read(MAX_JSON_BYTES + 1)
     if len(raw) > MAX_JSON_BYTES or (size is not None and len(raw) != size):
-        raise ValueError(f"{display(fs, path)} has {len(raw)} bytes, expected {size or 'at most ' + str(MAX_JSON_BYTES)}"
-                         "; the checkpoint is damaged: resume from another one")
+        raise ValueError(
+            f"{display(fs, path)} has {len(raw)} bytes, expected {size or 'at most ' + str(MAX_JSON_BYTES)}"
+            "; the checkpoint is damaged: resume from another one"
+        )
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{display(fs, path)} is not JSON ({type(e).__name__}: {str(e)[:80]}); it is not a moe-train "
-                         "checkpoint file (nothing in it was run): resume from another checkpoint") from None
+        raise ValueError(
+            f"{display(fs, path)} is not JSON ({type(e).__name__}: {str(e)[:80]}); it is not a moe-train "
+            "checkpoint file (nothing in it was run): resume from another checkpoint"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -120,13 +128,17 @@ def read_entries(fs: Any, path: str, name: str, size: int) -> list[Entry]:
         head = f.read(8)
         (n,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
         if not 2 <= n <= min(size - 8, MAX_JSON_BYTES):
-            raise ValueError(f"{where} is not a safetensors file (header length {n} for a {size}-byte file); it is "
-                             "not a moe-train checkpoint file (nothing in it was run): resume from another checkpoint")
+            raise ValueError(
+                f"{where} is not a safetensors file (header length {n} for a {size}-byte file); it is "
+                "not a moe-train checkpoint file (nothing in it was run): resume from another checkpoint"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, ValueError):
-            raise ValueError(f"{where} has no JSON safetensors header; the checkpoint is damaged (nothing in it was "
-                             "run): resume from another checkpoint") from None
+            raise ValueError(
+                f"{where} has no JSON safetensors header; the checkpoint is damaged (nothing in it was "
+                "run): resume from another checkpoint"
+            ) from None
     header.pop("__metadata__", None)
     entries, spans = [], []
     for entry, info in header.items():
@@ -137,8 +149,10 @@ def read_entries(fs: Any, path: str, name: str, size: int) -> list[Entry]:
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"{where}: entry {entry!r} is not a 1-D F32 range inside the file; the checkpoint is "
-                             "damaged or truncated: resume from another checkpoint")
+            raise ValueError(
+                f"{where}: entry {entry!r} is not a 1-D F32 range inside the file; the checkpoint is "
+                "damaged or truncated: resume from another checkpoint"
+            )
         entries.append(Entry(key, int(start), int(start) + length, name, 8 + n + lo))
         spans.append((lo, hi))
     spans.sort()
@@ -157,31 +171,42 @@ class TrainingCheckpoint:
         self.fs, self.path = fs, path.rstrip("/")
         self.where = display(fs, self.path)
         if not fs.exists(posixpath.join(self.path, COMPLETE)):
-            raise ValueError(f"{self.where} is not a complete checkpoint (no {COMPLETE} inside); pass a step-N "
-                             "directory under <work_dir>/checkpoints or use --resume auto")
+            raise ValueError(
+                f"{self.where} is not a complete checkpoint (no {COMPLETE} inside); pass a step-N "
+                "directory under <work_dir>/checkpoints or use --resume auto"
+            )
         complete = read_json(fs, posixpath.join(self.path, COMPLETE))
         if not isinstance(complete, dict) or complete.get("format") != FORMAT:
-            raise ValueError(f"{self.where}/{COMPLETE} is not a {FORMAT} marker (a DeepSpeed checkpoint of an older "
-                             "moe-train?); resume from a checkpoint written by this version")
+            raise ValueError(
+                f"{self.where}/{COMPLETE} is not a {FORMAT} marker (a DeepSpeed checkpoint of an older "
+                "moe-train?); resume from a checkpoint written by this version"
+            )
         self.world, self.step = int(complete["world_size"]), int(complete["step"])
         self.files: dict[str, int] = {str(k): int(v) for k, v in complete["files"].items()}
         needed = {STATE, *(f for r in range(self.world) for f in rank_files(r, self.world))}
         if needed - set(self.files):
-            raise ValueError(f"{self.where}/{COMPLETE} does not list {sorted(needed - set(self.files))[:3]}; the "
-                             "checkpoint is incomplete: resume from another one")
+            raise ValueError(
+                f"{self.where}/{COMPLETE} does not list {sorted(needed - set(self.files))[:3]}; the "
+                "checkpoint is incomplete: resume from another one"
+            )
         fs.invalidate_cache(self.path)
-        found = {posixpath.relpath(p, self.path): int(info["size"])
-                 for p, info in fs.find(self.path, detail=True).items()}
+        found = {
+            posixpath.relpath(p, self.path): int(info["size"]) for p, info in fs.find(self.path, detail=True).items()
+        }
         for name, size in sorted(self.files.items()):
             if found.get(name) != size:
                 got = "missing" if name not in found else f"{found[name]} bytes"
-                raise ValueError(f"{self.where}: {name} is {got}, {COMPLETE} lists {size} bytes; the checkpoint is "
-                                 "truncated or was changed: resume from another one")
+                raise ValueError(
+                    f"{self.where}: {name} is {got}, {COMPLETE} lists {size} bytes; the checkpoint is "
+                    "truncated or was changed: resume from another one"
+                )
         self.state = read_json(fs, posixpath.join(self.path, STATE), self.files[STATE])
         recipe = self.state["recipe"]  # the run's expert layout: an export then orders tensors as the run's own
         self.config = spec_for(self.state["config"].get("model_type")).config(
-            self.state["config"], moe_implementation=recipe["moe_implementation"],
-            expert_in_one_shard=recipe["expert_in_one_shard"])
+            self.state["config"],
+            moe_implementation=recipe["moe_implementation"],
+            expert_in_one_shard=recipe["expert_in_one_shard"],
+        )
         self._readers: dict[str, Any] = {}
 
     def rng(self, rank: int) -> dict[str, Any]:
@@ -197,8 +222,10 @@ class TrainingCheckpoint:
                 by_key.setdefault(e.key, []).append(e)
         extra = sorted(set(by_key) - set(shapes))
         if extra:
-            raise ValueError(f"{self.where}: {kind} holds {extra[:3]}, which the model does not have; the checkpoint "
-                             "belongs to another model")
+            raise ValueError(
+                f"{self.where}: {kind} holds {extra[:3]}, which the model does not have; the checkpoint "
+                "belongs to another model"
+            )
         for key, shape in shapes.items():
             entries = sorted(by_key.get(key, []), key=lambda e: e.start)
             pos = 0
@@ -207,8 +234,10 @@ class TrainingCheckpoint:
                     break
                 pos = e.end
             if pos != math.prod(shape) or len(entries) != len({e.start for e in entries}):
-                raise ValueError(f"{self.where}: {kind} ranges of {key} do not cover its {math.prod(shape)} elements "
-                                 "exactly; the checkpoint is damaged: resume from another one")
+                raise ValueError(
+                    f"{self.where}: {kind} ranges of {key} do not cover its {math.prod(shape)} elements "
+                    "exactly; the checkpoint is damaged: resume from another one"
+                )
             by_key[key] = entries
         return by_key
 
@@ -227,7 +256,7 @@ class TrainingCheckpoint:
         for e in entries:
             lo, hi = max(start, e.start), min(end, e.end)
             if lo < hi:
-                out[lo - start:hi - start].copy_(self.read(e, lo, hi))
+                out[lo - start : hi - start].copy_(self.read(e, lo, hi))
 
     def load(self, owned: list[Any], cfg: Any, shapes: dict[str, tuple[int, ...]]) -> None:
         """Fill this rank's owned ranges (any world size, any expert layout) from the files that hold them.
@@ -245,8 +274,13 @@ class TrainingCheckpoint:
                         continue
                     begin, at = e.begin + 4 * (lo - e.start), offset + lo - start
                     last = pieces[-1] if pieces else None
-                    if last and last[0] == e.file and last[1] + last[2] == begin and last[3] is dest \
-                            and last[4] + last[2] // 4 == at:
+                    if (
+                        last
+                        and last[0] == e.file
+                        and last[1] + last[2] == begin
+                        and last[3] is dest
+                        and last[4] + last[2] // 4 == at
+                    ):
                         last[2] += 4 * (hi - lo)
                     else:
                         pieces.append([e.file, begin, 4 * (hi - lo), dest, at])
@@ -257,8 +291,9 @@ class TrainingCheckpoint:
                 f.seek(begin)
                 data = bytearray(f.read(nbytes))
                 if len(data) != nbytes:
-                    raise ValueError(f"{self.where}/{file} ended early; the checkpoint is truncated: resume from "
-                                     "another one")
+                    raise ValueError(
+                        f"{self.where}/{file} ended early; the checkpoint is truncated: resume from another one"
+                    )
                 dest.narrow(0, at, nbytes // 4).copy_(torch.frombuffer(data, dtype=torch.float32))
             self.close()
 
@@ -345,8 +380,9 @@ class CheckpointManager:
         return removed
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, owned: list[Any], cfg: Any, state: dict[str, Any],
-             tokenizer_dir: str | None, world: int) -> str:
+    def save(
+        self, step: int, owned: list[Any], cfg: Any, state: dict[str, Any], tokenizer_dir: str | None, world: int
+    ) -> str:
         """Every rank writes its ranges and RNG; rank 0 also state.json and the tokenizer, then, once
         every rank has confirmed its files and their sizes, COMPLETE.  A collective."""
         tag = f"step-{step:08d}"
@@ -371,9 +407,11 @@ class CheckpointManager:
         if not all_ok:
             if error is not None and error.errno is not None:
                 raise error  # this rank's own failure (a full disk, a lost store): the CLI names it in one line
-            raise ValueError(f"saving {display(self.fs, target)} failed on "
-                             f"{'this rank' if error else 'another rank'} ({error or 'see its log'}); free space or "
-                             "fix the store, then resume from the previous checkpoint") from error
+            raise ValueError(
+                f"saving {display(self.fs, target)} failed on "
+                f"{'this rank' if error else 'another rank'} ({error or 'see its log'}); free space or "
+                "fix the store, then resume from the previous checkpoint"
+            ) from error
         if self.rank == 0:
             self.fs.invalidate_cache(target)
             found = {posixpath.relpath(p, target): int(i["size"]) for p, i in self.fs.find(target, detail=True).items()}
@@ -381,12 +419,15 @@ class CheckpointManager:
             for r, rank_sizes in enumerate(reported):
                 for name, size in zip(rank_files(r, world), rank_sizes):
                     if found.get(name) != size:
-                        raise ValueError(f"{display(self.fs, target)}: rank {r} wrote {name} with {size} bytes but "
-                                         f"the store shows {found.get(name)}; check the store")
+                        raise ValueError(
+                            f"{display(self.fs, target)}: rank {r} wrote {name} with {size} bytes but "
+                            f"the store shows {found.get(name)}; check the store"
+                        )
                     files[name] = size
             files.update({n: s for n, s in found.items() if n == STATE or n.startswith(TOKENIZER_DIR + "/")})
-            self._put(posixpath.join(target, COMPLETE), {"format": FORMAT, "step": step, "world_size": world,
-                                                          "files": files})
+            self._put(
+                posixpath.join(target, COMPLETE), {"format": FORMAT, "step": step, "world_size": world, "files": files}
+            )
             self._prune()
         if dist.is_initialized():
             dist.barrier()
@@ -435,7 +476,7 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         complete = [path for _, path, done in self._steps() if done]
-        for path in complete[:-self.keep] if self.keep > 0 else []:
+        for path in complete[: -self.keep] if self.keep > 0 else []:
             self._remove(path)
 
     def _remove(self, path: str) -> None:
@@ -485,8 +526,10 @@ class CheckpointManager:
                 self._abandon_after(step, log)
                 return {"path": path, "here": True, "step": ckpt.step}
             if failures:
-                raise ValueError(f"no checkpoint in {display(self.fs, self.root)} verifies ({failures[-1]}); "
-                                 "pass --resume URL of a good one, or move the checkpoints dir aside to start afresh")
+                raise ValueError(
+                    f"no checkpoint in {display(self.fs, self.root)} verifies ({failures[-1]}); "
+                    "pass --resume URL of a good one, or move the checkpoints dir aside to start afresh"
+                )
             return {}
         fs, path = resolve(resume)
         ckpt = TrainingCheckpoint(fs, path)
@@ -505,8 +548,10 @@ class CheckpointManager:
             if self.fs.exists(marker):
                 self.fs.rm(marker)  # an interrupted move leaves nothing that looks complete
             self.fs.mv(path, posixpath.join(aside, posixpath.basename(path)), recursive=True)
-            log(f"[moe-train] moved {display(self.fs, path)} (newer than the resumed step {step}) to "
-                f"{display(self.fs, aside)}: that branch is abandoned")
+            log(
+                f"[moe-train] moved {display(self.fs, path)} (newer than the resumed step {step}) to "
+                f"{display(self.fs, aside)}: that branch is abandoned"
+            )
 
     def close(self) -> None:
         pass

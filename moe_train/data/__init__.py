@@ -9,6 +9,15 @@ from moe_train.data.packing import Pack, PackStats, pack
 from moe_train.data.templates import IGNORE_INDEX, TEMPLATES, encode_conversations, encode_messages
 
 __all__ = [
-    "DataError", "IGNORE_INDEX", "Pack", "PackStats", "PackedLoader", "TEMPLATES", "build_packed_dataset",
-    "encode_conversations", "encode_messages", "pack", "read_conversations",
+    "DataError",
+    "IGNORE_INDEX",
+    "Pack",
+    "PackStats",
+    "PackedLoader",
+    "TEMPLATES",
+    "build_packed_dataset",
+    "encode_conversations",
+    "encode_messages",
+    "pack",
+    "read_conversations",
 ]

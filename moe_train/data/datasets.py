@@ -71,7 +71,7 @@ def to_messages(record: Any, where: str) -> Messages:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise DataError(
-                    f"{where}: messages[{i}] must be {{\"role\": one of {'/'.join(ROLES)}, \"content\": string}}"
+                    f'{where}: messages[{i}] must be {{"role": one of {"/".join(ROLES)}, "content": string}}'
                 )
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: messages has no assistant turn, nothing to train; add one or remove the record")
@@ -104,8 +104,10 @@ def _check_text(messages: Messages, where: str) -> Messages:
         try:
             m["content"].encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": no tokenizer can encode it
-            raise DataError(f"{where}: messages[{i}] has a lone surrogate ({e.object[e.start]!r} at character "
-                            f"{e.start}), which is not text; fix or remove the record") from None
+            raise DataError(
+                f"{where}: messages[{i}] has a lone surrogate ({e.object[e.start]!r} at character "
+                f"{e.start}), which is not text; fix or remove the record"
+            ) from None
     return messages
 
 

@@ -37,8 +37,13 @@ from moe_train.data.templates import IGNORE_INDEX, encode_conversations
 
 
 def build_packed_dataset(
-    paths: list[str] | str, tokenizer, template: str = "deepseek_v2", max_length: int = 8192,
-    varlen: bool = True, too_long: str = "truncate", seed: int = 0,
+    paths: list[str] | str,
+    tokenizer,
+    template: str = "deepseek_v2",
+    max_length: int = 8192,
+    varlen: bool = True,
+    too_long: str = "truncate",
+    seed: int = 0,
 ) -> tuple[list[Pack], PackStats]:
     """Read, tokenize and pack the training data: what the trainer calls."""
     conversations = read_conversations(paths)
@@ -55,8 +60,15 @@ class PackedLoader:
     """Micro-batches of packs for one data-parallel rank; see the module docstring."""
 
     def __init__(
-        self, packs: list[Pack], dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True,
-        micro_batch_size: int = 1, pad_id: int = 0, grad_accum: int = 1,
+        self,
+        packs: list[Pack],
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        micro_batch_size: int = 1,
+        pad_id: int = 0,
+        grad_accum: int = 1,
     ):
         """``pad_id`` fills the dummy micro-batches (sequence parallelism pads its own slices)."""
         if not 0 <= dp_rank < dp_size:
@@ -128,14 +140,21 @@ class PackedLoader:
         last = self.micro_batches_per_epoch
         for s in range(self.step, last):
             first = (s * self.dp_size + self.dp_rank) * k
-            batch = self._batch([self.packs[i] for i in order[first:first + k]])  # [] past the end: a dummy
+            batch = self._batch([self.packs[i] for i in order[first : first + k]])  # [] past the end: a dummy
             self.epoch, self.step = (epoch + 1, 0) if s + 1 == last else (epoch, s + 1)
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "num_packs": len(self.packs), "dp_size": self.dp_size,
-                "micro_batch_size": self.micro_batch_size, "seed": self.seed, "shuffle": int(self.shuffle),
-                "grad_accum": self.grad_accum}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "num_packs": len(self.packs),
+            "dp_size": self.dp_size,
+            "micro_batch_size": self.micro_batch_size,
+            "seed": self.seed,
+            "shuffle": int(self.shuffle),
+            "grad_accum": self.grad_accum,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         mine = self.state_dict()

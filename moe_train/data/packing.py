@@ -63,11 +63,16 @@ class PackStats:
         return self.tokens / (self.packs * self.max_length) if self.packs else 0.0
 
     def __str__(self) -> str:
-        return (f"{self.samples} samples in {self.packs} packs of <= {self.max_length} tokens "
-                f"({self.tokens} tokens, {self.efficiency:.1%} full); "
-                f"{self.truncated} truncated, {self.dropped} dropped"
-                + (" (longer than max_length under too_long=drop, or no trained token left after truncation)"
-                   if self.dropped else ""))
+        return (
+            f"{self.samples} samples in {self.packs} packs of <= {self.max_length} tokens "
+            f"({self.tokens} tokens, {self.efficiency:.1%} full); "
+            f"{self.truncated} truncated, {self.dropped} dropped"
+            + (
+                " (longer than max_length under too_long=drop, or no trained token left after truncation)"
+                if self.dropped
+                else ""
+            )
+        )
 
 
 def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -105,7 +110,11 @@ def _build(samples: list[Sample], varlen: bool) -> Pack:
 
 
 def pack(
-    samples: list[Sample], max_length: int, varlen: bool = True, too_long: str = "truncate", seed: int = 0,
+    samples: list[Sample],
+    max_length: int,
+    varlen: bool = True,
+    too_long: str = "truncate",
+    seed: int = 0,
 ) -> tuple[list[Pack], PackStats]:
     """Pack (input_ids, labels) samples into sequences of at most ``max_length`` tokens.
 
@@ -136,6 +145,12 @@ def pack(
     lengths = np.array([len(kept[i][0]) for i in order], dtype=np.int64)
     bins = _best_fit_decreasing(lengths, max_length)
     packs = [_build([kept[j] for j in sorted(order[i] for i in b)], varlen) for b in bins]
-    stats = PackStats(samples=len(kept), packs=len(packs), tokens=int(lengths.sum()), truncated=truncated,
-                      dropped=dropped, max_length=max_length)
+    stats = PackStats(
+        samples=len(kept),
+        packs=len(packs),
+        tokens=int(lengths.sum()),
+        truncated=truncated,
+        dropped=dropped,
+        max_length=max_length,
+    )
     return packs, stats

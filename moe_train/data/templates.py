@@ -77,8 +77,10 @@ def _render_moonshot(default_system: str) -> Callable[[Messages, str, str], list
             if role in ("system", "user"):
                 segments.append(Segment(f"<|im_{role}|>{role}<|im_middle|>{content}<|im_end|>", False))
             elif role == "assistant":
-                segments += [Segment("<|im_assistant|>assistant<|im_middle|>", False),
-                             Segment(content + "<|im_end|>", True)]
+                segments += [
+                    Segment("<|im_assistant|>assistant<|im_middle|>", False),
+                    Segment(content + "<|im_end|>", True),
+                ]
             else:
                 raise ValueError(f"unknown role {role!r}; use system, user or assistant")
         return segments
@@ -111,7 +113,10 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
 
 
 def encode_conversations(
-    tokenizer, conversations: list[Messages], template: str = "deepseek_v2", batch_size: int = 1024,
+    tokenizer,
+    conversations: list[Messages],
+    template: str = "deepseek_v2",
+    batch_size: int = 1024,
 ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) for each conversation; tokenizes in batches (the Rust tokenizer is parallel)."""
     if not getattr(tokenizer, "is_fast", False):
@@ -130,9 +135,10 @@ def encode_conversations(
         spans.append(trained)
     out = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], add_special_tokens=False, return_offsets_mapping=True)
-        for ids, offsets, trained, text in zip(enc["input_ids"], enc["offset_mapping"], spans[i:i + batch_size],
-                                               texts[i:i + batch_size], strict=True):
+        enc = tokenizer(texts[i : i + batch_size], add_special_tokens=False, return_offsets_mapping=True)
+        for ids, offsets, trained, text in zip(
+            enc["input_ids"], enc["offset_mapping"], spans[i : i + batch_size], texts[i : i + batch_size], strict=True
+        ):
             # Kimi K2 and Moonlight templates write no bos; the others must find it read as one token.
             if text.startswith(tokenizer.bos_token) and ids[0] != tokenizer.bos_token_id:
                 raise ValueError(f"the tokenizer does not read {tokenizer.bos_token!r} as its bos token")

@@ -25,14 +25,22 @@ from typing import Any
 CONFIG_DIR = resources.files("moe_train") / "configs"
 ZERO_STAGES = (0, 1, 2, 3)
 # Keys the trainer decides: an explicit value in the JSON must agree with the recipe.
-_TRAINER_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "gradient_clipping", "bf16.enabled")
+_TRAINER_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16.enabled",
+)
 
 
 def shipped_configs() -> list[str]:
     """Names of the configs in ``moe_train/configs`` (``deepspeed_zero3`` ...)."""
-    return sorted(f.name.removesuffix(".json") for f in CONFIG_DIR.iterdir()
-                  if f.name.startswith("deepspeed_") and f.name.endswith(".json"))
+    return sorted(
+        f.name.removesuffix(".json")
+        for f in CONFIG_DIR.iterdir()
+        if f.name.startswith("deepspeed_") and f.name.endswith(".json")
+    )
 
 
 def load_deepspeed_config(name_or_path: str) -> dict[str, Any]:
@@ -43,8 +51,9 @@ def load_deepspeed_config(name_or_path: str) -> dict[str, Any]:
     elif name_or_path.endswith(".json") or "/" in name_or_path:
         source = Path(name_or_path)
     else:
-        raise ValueError(f"unknown DeepSpeed config {name_or_path!r}; shipped: {', '.join(names)} "
-                         "(or give the path of a .json file)")
+        raise ValueError(
+            f"unknown DeepSpeed config {name_or_path!r}; shipped: {', '.join(names)} (or give the path of a .json file)"
+        )
     try:
         text = source.read_text()
     except OSError as err:
@@ -57,12 +66,13 @@ def load_deepspeed_config(name_or_path: str) -> dict[str, Any]:
         raise ValueError(f"DeepSpeed config {source} must hold a JSON object, not {type(cfg).__name__}")
     zero = cfg.get("zero_optimization")
     if not isinstance(zero, dict):
-        raise ValueError(f"DeepSpeed config {source} has no zero_optimization section; "
-                         "add one with \"stage\": 2 or 3")
+        raise ValueError(f'DeepSpeed config {source} has no zero_optimization section; add one with "stage": 2 or 3')
     stage = zero.get("stage")
     if type(stage) is not int or stage not in ZERO_STAGES:
-        raise ValueError(f"DeepSpeed config {source}: zero_optimization.stage must be one of "
-                         f"{', '.join(map(str, ZERO_STAGES))}, got {stage!r}")
+        raise ValueError(
+            f"DeepSpeed config {source}: zero_optimization.stage must be one of "
+            f"{', '.join(map(str, ZERO_STAGES))}, got {stage!r}"
+        )
     return cfg
 
 
@@ -75,8 +85,16 @@ def auto_buckets(hidden_size: int) -> dict[str, int]:
     }
 
 
-def fill_auto(cfg: dict[str, Any], *, micro_batch_size: int, grad_accum: int, world_size: int,
-              grad_clip: float | None, bf16: bool, hidden_size: int) -> dict[str, Any]:
+def fill_auto(
+    cfg: dict[str, Any],
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float | None,
+    bf16: bool,
+    hidden_size: int,
+) -> dict[str, Any]:
     """A copy of ``cfg`` with every "auto" replaced by the trainer's value.
 
     Raises ValueError naming any "auto" it has no value for, and any explicit batch size, clipping
@@ -109,11 +127,14 @@ def fill_auto(cfg: dict[str, Any], *, micro_batch_size: int, grad_accum: int, wo
 
     visit(filled, "")
     if unfilled:
-        raise ValueError(f"cannot fill \"auto\" for {', '.join(unfilled)} in the DeepSpeed config; "
-                         "give a value there instead")
+        raise ValueError(
+            f'cannot fill "auto" for {", ".join(unfilled)} in the DeepSpeed config; give a value there instead'
+        )
     if conflicts:
-        raise ValueError(f"DeepSpeed config disagrees with the recipe on {'; '.join(conflicts)}; "
-                         "set these to \"auto\" or change the recipe")
+        raise ValueError(
+            f"DeepSpeed config disagrees with the recipe on {'; '.join(conflicts)}; "
+            'set these to "auto" or change the recipe'
+        )
     return filled
 
 

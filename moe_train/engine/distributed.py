@@ -85,24 +85,35 @@ def launch_env(launcher: str, environ: Mapping[str, str] = os.environ) -> Launch
     """Read rank, world size and rendezvous address for ``launcher`` from ``environ``."""
     if launcher == "none":
         if environ.get("WORLD_SIZE", "1") not in ("", "1"):
-            raise ValueError(f"--launcher none but WORLD_SIZE={environ['WORLD_SIZE']} (started by torchrun?); "
-                             "use --launcher pytorch")
+            raise ValueError(
+                f"--launcher none but WORLD_SIZE={environ['WORLD_SIZE']} (started by torchrun?); use --launcher pytorch"
+            )
         return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr=None, master_port=None)
     if launcher == "pytorch":
         missing = _missing(environ, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
         if missing:
             raise ValueError(f"--launcher pytorch but {_are(missing)}; run under torchrun or use --launcher none")
-        env = LaunchEnv(rank=_int(environ, "RANK"), world_size=_int(environ, "WORLD_SIZE"),
-                        local_rank=_int(environ, "LOCAL_RANK"), master_addr=environ["MASTER_ADDR"],
-                        master_port=_int(environ, "MASTER_PORT"))
+        env = LaunchEnv(
+            rank=_int(environ, "RANK"),
+            world_size=_int(environ, "WORLD_SIZE"),
+            local_rank=_int(environ, "LOCAL_RANK"),
+            master_addr=environ["MASTER_ADDR"],
+            master_port=_int(environ, "MASTER_PORT"),
+        )
     elif launcher == "slurm":
         missing = _missing(environ, ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
         if missing:
-            raise ValueError(f"--launcher slurm but {_are(missing)}; run under srun (one task per GPU) "
-                             "or use --launcher pytorch under torchrun")
-        env = LaunchEnv(rank=_int(environ, "SLURM_PROCID"), world_size=_int(environ, "SLURM_NTASKS"),
-                        local_rank=_int(environ, "SLURM_LOCALID"), master_addr=_slurm_master_addr(environ),
-                        master_port=_slurm_master_port(environ))
+            raise ValueError(
+                f"--launcher slurm but {_are(missing)}; run under srun (one task per GPU) "
+                "or use --launcher pytorch under torchrun"
+            )
+        env = LaunchEnv(
+            rank=_int(environ, "SLURM_PROCID"),
+            world_size=_int(environ, "SLURM_NTASKS"),
+            local_rank=_int(environ, "SLURM_LOCALID"),
+            master_addr=_slurm_master_addr(environ),
+            master_port=_slurm_master_port(environ),
+        )
     else:
         raise ValueError(f"unknown launcher {launcher!r}; use one of {', '.join(LAUNCHERS)}")
     if not 0 <= env.rank < env.world_size:
@@ -134,8 +145,9 @@ def first_host(nodelist: str) -> str:
     """First host of a Slurm node list: ``scontrol show hostnames`` if present, else our parser."""
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                                 text=True, check=True, timeout=30).stdout.split()
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+            ).stdout.split()
             if out:
                 return out[0]
         except (OSError, subprocess.SubprocessError):
@@ -157,7 +169,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
         expansions = [""]
         pos = 0
         for group in _GROUP.finditer(pattern):
-            prefix = pattern[pos:group.start()]
+            prefix = pattern[pos : group.start()]
             expansions = [e + prefix + n for e in expansions for n in _expand_ranges(group.group(1), nodelist)]
             pos = group.end()
         rest = pattern[pos:]
@@ -234,8 +246,11 @@ def watch_parent(poll_s: float = ORPHAN_POLL_S) -> threading.Thread:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        os.write(2, f"[moe-train] rank {os.environ.get('RANK', '?')}: launcher (pid {parent}) is gone; "
-                    "exiting so no orphan writes into the work dir\n".encode())
+        os.write(
+            2,
+            f"[moe-train] rank {os.environ.get('RANK', '?')}: launcher (pid {parent}) is gone; "
+            "exiting so no orphan writes into the work dir\n".encode(),
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
     thread = threading.Thread(target=watch, name="moe-train-orphan-watch", daemon=True)
@@ -283,11 +298,13 @@ def init_distributed(launcher: str, timeout: timedelta = DEFAULT_TIMEOUT) -> Dis
         # fail with "Connection refused".  Keying our group by the round closes that.
         store = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
         store = dist.PrefixStore(f"moe-train/round-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                **kwargs)
+        dist.init_process_group(
+            backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+        )
     else:
-        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=timeout, **kwargs)
+        dist.init_process_group(
+            backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+        )
 
     import deepspeed
     import deepspeed.ops
@@ -295,8 +312,7 @@ def init_distributed(launcher: str, timeout: timedelta = DEFAULT_TIMEOUT) -> Dis
     if not cuda:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see the module docstring
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-    return DistInfo(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, backend=backend,
-                    device=device)
+    return DistInfo(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, backend=backend, device=device)
 
 
 def destroy_distributed() -> None:

@@ -37,9 +37,13 @@ class Kernels:
         return out
 
     def line(self) -> str:
-        versions = ", ".join(f"{name} {_version(name)}" for name in ("torch", "deepspeed", "transformers", "flash-attn"))
-        return (f"kernels: attention {self.attention[0]} ({self.attention[1]}); experts {self.experts[0]} "
-                f"({self.experts[1]}); {str(self.dtype).removeprefix('torch.')} on {self.device}; {versions}")
+        versions = ", ".join(
+            f"{name} {_version(name)}" for name in ("torch", "deepspeed", "transformers", "flash-attn")
+        )
+        return (
+            f"kernels: attention {self.attention[0]} ({self.attention[1]}); experts {self.experts[0]} "
+            f"({self.experts[1]}); {str(self.dtype).removeprefix('torch.')} on {self.device}; {versions}"
+        )
 
 
 def _version(dist: str) -> str:

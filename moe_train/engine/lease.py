@@ -40,7 +40,16 @@ HEARTBEAT_S = 15.0
 STALE_S = 120.0  # 8 missed heartbeats: longer than any pause of a healthy rank 0 between two writes
 EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: another job took the work dir over
 # What a run leaves in its work dir; any of these means the work dir holds a run.
-RUN_FILES = ("metrics", "metrics.jsonl", "summary.json", "recipe.json", "deepspeed.json", "checkpoints", "hf_model", "tb")
+RUN_FILES = (
+    "metrics",
+    "metrics.jsonl",
+    "summary.json",
+    "recipe.json",
+    "deepspeed.json",
+    "checkpoints",
+    "hf_model",
+    "tb",
+)
 PREVIOUS_DIR = "previous"
 
 

@@ -39,8 +39,13 @@ def active_matmul_params(cfg: Any) -> int:
 
 def step_flops(cfg: Any, sample_lengths: list[int]) -> float:
     tokens = sum(sample_lengths)
-    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * sum(
-        s * s / 2 for s in sample_lengths)
+    attn = (
+        6
+        * cfg.num_hidden_layers
+        * cfg.num_attention_heads
+        * (cfg.qk_head_dim + cfg.v_head_dim)
+        * sum(s * s / 2 for s in sample_lengths)
+    )
     return 6 * active_matmul_params(cfg) * tokens + attn
 
 
@@ -62,8 +67,10 @@ def expert_load_stats(load_LE: torch.Tensor) -> list[dict[str, float]]:
     load = load_LE.float()
     mean = load.mean(dim=1).clamp(min=1e-9)
     cv = load.std(dim=1, unbiased=False) / mean
-    return [{"min": int(a), "max": int(b), "mean": round(float(m), 2), "cv": round(float(c), 4)}
-            for a, b, m, c in zip(load.min(dim=1).values, load.max(dim=1).values, mean, cv, strict=True)]
+    return [
+        {"min": int(a), "max": int(b), "mean": round(float(m), 2), "cv": round(float(c), 4)}
+        for a, b, m, c in zip(load.min(dim=1).values, load.max(dim=1).values, mean, cv, strict=True)
+    ]
 
 
 def peak_memory_gb() -> float:
@@ -149,8 +156,9 @@ class _Mirror:
     be visible only at the end of the run, and lost with it on SIGKILL.  Failed uploads are retried
     with backoff; an upload that has not finished after ``stall_s`` is logged once."""
 
-    def __init__(self, fs: Any, pairs: Any, interval: float = FLUSH_S, stall_s: float = STALL_S,
-                 log: Any = print) -> None:
+    def __init__(
+        self, fs: Any, pairs: Any, interval: float = FLUSH_S, stall_s: float = STALL_S, log: Any = print
+    ) -> None:
         self.fs, self.pairs, self.interval, self.stall_s, self.log = fs, pairs, interval, stall_s, log
         self._seen: dict[str, tuple[int, int]] = {}
         self._busy: tuple[str, float] | None = None
@@ -183,10 +191,15 @@ class _Mirror:
                 self.fs.pipe_file(remote, data)
                 return
             except Exception as e:  # noqa: BLE001 - any store error: retry, then keep training
-                wait = min(2.0 ** attempt, 30.0)
-                self.log(f"metrics upload to {display(self.fs, remote)} failed ({type(e).__name__}: {e}); "
-                         + (f"retry {attempt}/{attempts - 1} in {wait:.0f}s" if attempt < attempts else
-                            "giving up until the next record"))
+                wait = min(2.0**attempt, 30.0)
+                self.log(
+                    f"metrics upload to {display(self.fs, remote)} failed ({type(e).__name__}: {e}); "
+                    + (
+                        f"retry {attempt}/{attempts - 1} in {wait:.0f}s"
+                        if attempt < attempts
+                        else "giving up until the next record"
+                    )
+                )
                 if attempt < attempts and not self._stop.wait(wait):
                     continue
                 return
@@ -197,8 +210,10 @@ class _Mirror:
         busy = self._busy
         if busy and not self._warned and time.monotonic() - busy[1] > self.stall_s:
             self._warned = True
-            self.log(f"metrics upload to {display(self.fs, busy[0])} has not finished after {self.stall_s:.0f}s; "
-                     "the object store may be stalled (training goes on, the upload retries)")
+            self.log(
+                f"metrics upload to {display(self.fs, busy[0])} has not finished after {self.stall_s:.0f}s; "
+                "the object store may be stalled (training goes on, the upload retries)"
+            )
 
     def close(self, timeout: float = 120.0) -> None:
         self._stop.set()
@@ -207,8 +222,10 @@ class _Mirror:
         done.start()
         done.join(timeout)
         if done.is_alive():
-            self.log(f"the last metrics upload did not finish within {timeout:.0f}s; the work dir's metrics may "
-                     "miss the final records")
+            self.log(
+                f"the last metrics upload did not finish within {timeout:.0f}s; the work dir's metrics may "
+                "miss the final records"
+            )
 
 
 class MetricsWriter:
@@ -222,16 +239,30 @@ class MetricsWriter:
     records go to a local spool that `_Mirror` uploads within ``FLUSH_S`` seconds (TensorBoard too).
     """
 
-    def __init__(self, fs: Any, root: str, resumed_from: int = 0, tensorboard: bool = True,
-                 log: Any = print, flush_s: float = FLUSH_S, header: dict[str, Any] | None = None,
-                 stall_s: float = STALL_S) -> None:
+    def __init__(
+        self,
+        fs: Any,
+        root: str,
+        resumed_from: int = 0,
+        tensorboard: bool = True,
+        log: Any = print,
+        flush_s: float = FLUSH_S,
+        header: dict[str, Any] | None = None,
+        stall_s: float = STALL_S,
+    ) -> None:
         self.fs, self.root = fs, root
         previous = read_metrics(fs, root)
         kept = [r for r in previous if r.get("step", 0) <= resumed_from and "elapsed" in r]
         self._base = kept[-1]["elapsed"] if kept else 0.0
         self._t0 = time.monotonic()
-        number = 1 + max([int(re.findall(r"\d+", posixpath.basename(p))[0]) for p in segment_paths(fs, root)
-                          if p.endswith(".jsonl") and "segment-" in p] or [0])
+        number = 1 + max(
+            [
+                int(re.findall(r"\d+", posixpath.basename(p))[0])
+                for p in segment_paths(fs, root)
+                if p.endswith(".jsonl") and "segment-" in p
+            ]
+            or [0]
+        )
         self.path = posixpath.join(root, SEGMENTS, f"segment-{number:04d}.jsonl")
         self._mirror = None
         tb_dir = posixpath.join(root, "tb")
@@ -265,8 +296,11 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         # standard JSON: a non-finite figure (a diverged step) is written as null
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        record = {**record, "time": round(time.time(), 3),
-                  "elapsed": round(self._base + time.monotonic() - self._t0, 3)}
+        record = {
+            **record,
+            "time": round(time.time(), 3),
+            "elapsed": round(self._base + time.monotonic() - self._t0, 3),
+        }
         self._f.write(json.dumps(record, allow_nan=False) + "\n")
         self._f.flush()
         if self._tb is not None and "step" in record:

@@ -75,9 +75,14 @@ class StopFlag:
         if self.signum is None:
             self.signum, self.at = signum, time.monotonic()
             _say(f"{name}: saving a checkpoint after the current step, within the {self.grace:g}s grace")
-            self._timer = threading.Timer(self.grace, _say, [
-                f"the {self.grace:g}s grace after {name} is over and the checkpoint is not saved yet; if the "
-                "scheduler kills the job now, the next run resumes from the previous complete checkpoint"])
+            self._timer = threading.Timer(
+                self.grace,
+                _say,
+                [
+                    f"the {self.grace:g}s grace after {name} is over and the checkpoint is not saved yet; if the "
+                    "scheduler kills the job now, the next run resumes from the previous complete checkpoint"
+                ],
+            )
             self._timer.daemon = True
             self._timer.start()
         elif signum == self.signum and self.seconds_since() >= REPEAT_S:
@@ -102,9 +107,11 @@ class StopFlag:
         if self.at is None:  # another rank was signalled
             timing = "checkpoint saved"
         elif took > self.grace:
-            timing = (f"checkpoint saved {took:.1f}s after the signal, later than the {self.grace:g}s grace: "
-                      "give the job a longer grace (Slurm KillWait/GraceTime or --signal=USR1@SECONDS, "
-                      "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout) and --preempt-grace")
+            timing = (
+                f"checkpoint saved {took:.1f}s after the signal, later than the {self.grace:g}s grace: "
+                "give the job a longer grace (Slurm KillWait/GraceTime or --signal=USR1@SECONDS, "
+                "Kubernetes terminationGracePeriodSeconds, torchrun --shutdown-timeout) and --preempt-grace"
+            )
         else:
             timing = f"checkpoint saved {took:.1f}s after the signal, within the {self.grace:g}s grace"
         return StopRequested(f"stop requested at step {step}: {timing}; resume with --resume auto")

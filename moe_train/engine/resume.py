@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from moe_train.checkpoint.hf_layout import persistent_buffers
-from moe_train.models.common.key_map import canonical_name
 from moe_train.checkpoint.training_state import TrainingCheckpoint, set_rng_state
+from moe_train.models.common.key_map import canonical_name
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
 from moe_train.storage import redact
@@ -37,8 +37,16 @@ FIXED = ("template", "max_length", "varlen", "too_long", "shuffle", "seed", "epo
 # Recipe fields that may change on resume; applied from the resumed step and logged.
 TUNABLE = ("lr", "betas", "weight_decay", "max_grad_norm", "max_steps", "save_steps", "save_total_limit")
 # How the same run is laid out: re-partitioned on resume (the global batch is checked apart).
-LAYOUT = ("moe_implementation", "expert_in_one_shard", "sp", "grad_accum", "micro_batch_size", "deepspeed", "dtype",
-          "activation_checkpointing")
+LAYOUT = (
+    "moe_implementation",
+    "expert_in_one_shard",
+    "sp",
+    "grad_accum",
+    "micro_batch_size",
+    "deepspeed",
+    "dtype",
+    "activation_checkpointing",
+)
 
 
 def recipe_record(r: Recipe) -> dict[str, Any]:
@@ -65,17 +73,25 @@ def data_fingerprint(data_urls: list[str], packs: list[Any]) -> dict[str, Any]:
     return {"files": files, "packs": len(packs), "sha256": h.hexdigest()}
 
 
-def plan(ckpt: TrainingCheckpoint, r: Recipe, world: int, allow_batch_change: bool, log: Callable[[str], None],
-         deepspeed: str) -> Recipe:
+def plan(
+    ckpt: TrainingCheckpoint,
+    r: Recipe,
+    world: int,
+    allow_batch_change: bool,
+    log: Callable[[str], None],
+    deepspeed: str,
+) -> Recipe:
     """The recipe to resume ``ckpt`` with: refused (one line) if it changes the run, else with
     ``grad_accum`` adjusted to keep the global batch on this world size, every change logged."""
     saved, state, step = ckpt.state["recipe"], ckpt.state, ckpt.step
     now = {**recipe_record(r), "deepspeed": deepspeed}
     for key in FIXED:
         if saved[key] != now[key]:
-            raise ValueError(f"{key} was {saved[key]!r} in the checkpoint and is {now[key]!r} now; {key} defines the "
-                             f"run and cannot change on resume: pass --cfg-options {key}={saved[key]!r} or start a "
-                             "new --work-dir")
+            raise ValueError(
+                f"{key} was {saved[key]!r} in the checkpoint and is {now[key]!r} now; {key} defines the "
+                f"run and cannot change on resume: pass --cfg-options {key}={saved[key]!r} or start a "
+                "new --work-dir"
+            )
     dp = world // r.sp
     packs = state["dp_size"] * state["grad_accum"] * state["micro_batch_size"]
     accum = r.grad_accum
@@ -86,22 +102,29 @@ def plan(ckpt: TrainingCheckpoint, r: Recipe, world: int, allow_batch_change: bo
             r = r.replace(grad_accum=accum)
     if dp * r.grad_accum * r.micro_batch_size != packs:
         if not allow_batch_change:
-            raise ValueError(f"the checkpoint's global batch is {packs} packs per step ({state['dp_size']} "
-                             f"data-parallel ranks x grad_accum {state['grad_accum']} x micro batch "
-                             f"{state['micro_batch_size']}); {dp} data-parallel ranks cannot keep it (grad_accum "
-                             f"would be {packs}/{dp * r.micro_batch_size}): use a world size dividing {packs}, set "
-                             "--cfg-options grad_accum=N, or pass --allow-batch-change to train on with "
-                             f"{dp * r.grad_accum * r.micro_batch_size} packs per step")
-        log(f"global batch {packs} -> {dp * r.grad_accum * r.micro_batch_size} packs per step from step {step + 1} "
-            "(--allow-batch-change)")
+            raise ValueError(
+                f"the checkpoint's global batch is {packs} packs per step ({state['dp_size']} "
+                f"data-parallel ranks x grad_accum {state['grad_accum']} x micro batch "
+                f"{state['micro_batch_size']}); {dp} data-parallel ranks cannot keep it (grad_accum "
+                f"would be {packs}/{dp * r.micro_batch_size}): use a world size dividing {packs}, set "
+                "--cfg-options grad_accum=N, or pass --allow-batch-change to train on with "
+                f"{dp * r.grad_accum * r.micro_batch_size} packs per step"
+            )
+        log(
+            f"global batch {packs} -> {dp * r.grad_accum * r.micro_batch_size} packs per step from step {step + 1} "
+            "(--allow-batch-change)"
+        )
     now = {**recipe_record(r), "deepspeed": deepspeed}
     for key in TUNABLE:
         if saved[key] != now[key]:
             log(f"{key} {_show(saved[key])} -> {_show(now[key])} from step {step + 1}")
     layout = [f"{key} {_show(saved[key])} -> {_show(now[key])}" for key in LAYOUT if saved[key] != now[key]]
     if state["world_size"] != world or layout:
-        log(f"re-partitioned from step {step}: world size {state['world_size']} -> {world}"
-            + "".join(f", {x}" for x in layout) + f"; global batch {dp * r.grad_accum * r.micro_batch_size} packs")
+        log(
+            f"re-partitioned from step {step}: world size {state['world_size']} -> {world}"
+            + "".join(f", {x}" for x in layout)
+            + f"; global batch {dp * r.grad_accum * r.micro_batch_size} packs"
+        )
     return r
 
 
@@ -114,16 +137,21 @@ def check_model_and_data(ckpt: TrainingCheckpoint, cfg: Any, fingerprint: dict[s
     saved, now = ckpt.state["config"], cfg.to_hf_dict()
     for key in sorted((set(saved) | set(now)) - {"torch_dtype"}):
         if saved.get(key) != now.get(key):
-            raise ValueError(f"model config field {key} was {saved.get(key)!r} in the checkpoint and is "
-                             f"{now.get(key)!r} now; resume with the checkpoint's model (--model / recipe)")
+            raise ValueError(
+                f"model config field {key} was {saved.get(key)!r} in the checkpoint and is "
+                f"{now.get(key)!r} now; resume with the checkpoint's model (--model / recipe)"
+            )
     before = ckpt.state["data"]
     if before["sha256"] != fingerprint["sha256"] or before["packs"] != fingerprint["packs"]:
         changed = [f"{a[0]} {a[1]} -> {b[1]} bytes" for a, b in zip(before["files"], fingerprint["files"]) if a != b]
         if len(before["files"]) != len(fingerprint["files"]):
             changed.append(f"{len(before['files'])} -> {len(fingerprint['files'])} files")
-        raise ValueError(f"data differs from the checkpoint's ({before['packs']} -> {fingerprint['packs']} packs"
-                         + (f"; {changed[0]}" if changed else "; same files, other content") + "); resume with the "
-                         "same --data, tokenizer and max_length, or start a new --work-dir")
+        raise ValueError(
+            f"data differs from the checkpoint's ({before['packs']} -> {fingerprint['packs']} packs"
+            + (f"; {changed[0]}" if changed else "; same files, other content")
+            + "); resume with the "
+            "same --data, tokenizer and max_length, or start a new --work-dir"
+        )
 
 
 def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
@@ -132,13 +160,25 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
 
     r, sched = job.recipe, job.scheduler
     return {
-        "format": FORMAT, "step": step, "optimizer_step": zero3.optimizer_step_count(job.engine),
-        "world_size": job.world, "dp_size": job.world // r.sp, "sp": r.sp, "grad_accum": r.grad_accum,
-        "micro_batch_size": r.micro_batch_size, "loader": job.loader.state_dict(),
-        "scheduler": {"last_epoch": sched.last_epoch, "step_count": sched._step_count,
-                      "base_lrs": list(sched.base_lrs), "last_lr": list(sched.get_last_lr())},
-        "recipe": {**recipe_record(r), "deepspeed": job.tc.deepspeed or job.recipe.deepspeed}, "config": job.cfg.to_hf_dict(
-            torch_dtype=str(next(job.engine.module.parameters()).dtype).removeprefix("torch.")),
+        "format": FORMAT,
+        "step": step,
+        "optimizer_step": zero3.optimizer_step_count(job.engine),
+        "world_size": job.world,
+        "dp_size": job.world // r.sp,
+        "sp": r.sp,
+        "grad_accum": r.grad_accum,
+        "micro_batch_size": r.micro_batch_size,
+        "loader": job.loader.state_dict(),
+        "scheduler": {
+            "last_epoch": sched.last_epoch,
+            "step_count": sched._step_count,
+            "base_lrs": list(sched.base_lrs),
+            "last_lr": list(sched.get_last_lr()),
+        },
+        "recipe": {**recipe_record(r), "deepspeed": job.tc.deepspeed or job.recipe.deepspeed},
+        "config": job.cfg.to_hf_dict(
+            torch_dtype=str(next(job.engine.module.parameters()).dtype).removeprefix("torch.")
+        ),
         "data": job.data_fingerprint,
         # Persistent buffers (DeepSeek V3's correction bias): small, whole on every rank, fp32 exact in JSON.
         "buffers": {canonical_name(name): buf.float().tolist() for name, buf in persistent_buffers(job.engine.module)},
@@ -146,8 +186,17 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def load(ckpt: TrainingCheckpoint, engine: Any, scheduler: Any, loader: Any, r: Recipe,
-         shapes: dict[str, tuple[int, ...]], cfg: Any, rank: int, world: int) -> int:
+def load(
+    ckpt: TrainingCheckpoint,
+    engine: Any,
+    scheduler: Any,
+    loader: Any,
+    r: Recipe,
+    shapes: dict[str, tuple[int, ...]],
+    cfg: Any,
+    rank: int,
+    world: int,
+) -> int:
     """Every rank fills the partitions it now owns from the checkpoint; returns the step resumed at."""
     state = ckpt.state
     zero3.begin_load(engine)
@@ -157,8 +206,10 @@ def load(ckpt: TrainingCheckpoint, engine: Any, scheduler: Any, loader: Any, r: 
     for name, buf in persistent_buffers(engine.module):
         saved = state.get("buffers", {}).get(canonical_name(name))
         if saved is None:
-            raise ValueError(f"{ckpt.where} has no value for the buffer {canonical_name(name)}; resume from a "
-                             "checkpoint of this model family")
+            raise ValueError(
+                f"{ckpt.where} has no value for the buffer {canonical_name(name)}; resume from a "
+                "checkpoint of this model family"
+            )
         buf.copy_(torch.tensor(saved, dtype=torch.float32).view_as(buf))
 
     # The LR schedule continues at its step; a new peak lr scales it from here on.
@@ -176,10 +227,19 @@ def load(ckpt: TrainingCheckpoint, engine: Any, scheduler: Any, loader: Any, r: 
     packs = saved["step"] * saved["dp_size"] * saved["micro_batch_size"]
     per_step = loader.dp_size * loader.micro_batch_size
     if packs % per_step:
-        raise ValueError(f"the checkpoint stopped {packs} packs into epoch {saved['epoch']}, inside a micro-batch of "
-                         f"{per_step} packs of this layout; resume on {saved['dp_size']} data-parallel ranks")
-    loader.load_state_dict({**saved, "step": packs // per_step, "dp_size": loader.dp_size,
-                            "micro_batch_size": loader.micro_batch_size, "grad_accum": loader.grad_accum})
+        raise ValueError(
+            f"the checkpoint stopped {packs} packs into epoch {saved['epoch']}, inside a micro-batch of "
+            f"{per_step} packs of this layout; resume on {saved['dp_size']} data-parallel ranks"
+        )
+    loader.load_state_dict(
+        {
+            **saved,
+            "step": packs // per_step,
+            "dp_size": loader.dp_size,
+            "micro_batch_size": loader.micro_batch_size,
+            "grad_accum": loader.grad_accum,
+        }
+    )
     # RNG: a rank's own stream when the world is the same; else the stream of the rank with its index modulo.
     set_rng_state(ckpt.rng(rank % ckpt.world))
     return ckpt.step

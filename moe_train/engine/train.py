@@ -38,12 +38,18 @@ import torch.distributed as dist
 from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
 from moe_train.engine import kernels
-from moe_train.engine.divergence import DivergenceGuard, Diverged, finite_or_none
+from moe_train.engine.divergence import Diverged, DivergenceGuard, finite_or_none
 from moe_train.engine.lease import own_work_dir
-from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.engine.metrics import (
-    MetricsWriter, expert_load_stats, peak_memory_gb, peak_tflops, read_metrics, step_flops, summarize,
+    MetricsWriter,
+    expert_load_stats,
+    peak_memory_gb,
+    peak_tflops,
+    read_metrics,
+    step_flops,
+    summarize,
 )
+from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.models import spec_for, spec_of
 from moe_train.models.common.loss import shift_labels
 from moe_train.parallel import expert, zero3
@@ -116,8 +122,9 @@ def check_work_dir(url: str, rank: int) -> Any:
             f.write("ok")
         fs.rm(probe)
     except (OSError, PermissionError) as e:
-        raise ValueError(f"work dir {url} is not writable ({type(e).__name__}: {e}); "
-                         "pass a writable --work-dir") from None
+        raise ValueError(
+            f"work dir {url} is not writable ({type(e).__name__}: {e}); pass a writable --work-dir"
+        ) from None
     return fs, root
 
 
@@ -128,12 +135,15 @@ def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
     is given without ``--tokenizer``, so a model brings its own tokenizer."""
     src = recipe.tokenizer or model_url
     if src is None:
-        raise ValueError(f"recipe {recipe.name} names no tokenizer or model; pass --model PATH|URL or "
-                         "--tokenizer PATH|URL")
+        raise ValueError(
+            f"recipe {recipe.name} names no tokenizer or model; pass --model PATH|URL or --tokenizer PATH|URL"
+        )
     fs, root = resolve(src)
     if not fs.exists(posixpath.join(root, "tokenizer.json")) and not fs.exists(posixpath.join(root, "tokenizer.model")):
-        raise FileNotFoundError(f"no tokenizer (tokenizer.json or tokenizer.model) in {redact(src)}; put the "
-                                "tokenizer files next to the model or pass --tokenizer PATH|URL")
+        raise FileNotFoundError(
+            f"no tokenizer (tokenizer.json or tokenizer.model) in {redact(src)}; put the "
+            "tokenizer files next to the model or pass --tokenizer PATH|URL"
+        )
     if is_local(fs):
         return root
     tmp = tempfile.mkdtemp(prefix="moe-train-tokenizer-")
@@ -151,16 +161,26 @@ def check_tokenizer(cfg: Any, tokenizer: Any, source: str) -> None:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         ours, theirs = getattr(cfg, name), getattr(tokenizer, name)
         if ours is not None and not 0 <= ours < cfg.vocab_size:
-            raise ValueError(f"config.json {name}={ours} is outside the vocabulary (vocab_size {cfg.vocab_size}); "
-                             f"set {name} to the tokenizer's id ({theirs})")
+            raise ValueError(
+                f"config.json {name}={ours} is outside the vocabulary (vocab_size {cfg.vocab_size}); "
+                f"set {name} to the tokenizer's id ({theirs})"
+            )
         if name != "pad_token_id" and ours is not None and theirs is not None and ours != theirs:
             token = getattr(tokenizer, name.replace("_id", ""))
             raise ValueError(f"config.json {name}={ours} but {where} has {token!r} = {theirs}; {fix}")
 
 
-def build_model(cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device,
-                model_url: str | None, seed: int, activation_checkpointing: bool,
-                load_weights: bool = True, ep: expert.EPGroups | None = None) -> torch.nn.Module:
+def build_model(
+    cfg: Any,
+    ds_config: dict[str, Any],
+    dtype: torch.dtype,
+    device: torch.device,
+    model_url: str | None,
+    seed: int,
+    activation_checkpointing: bool,
+    load_weights: bool = True,
+    ep: expert.EPGroups | None = None,
+) -> torch.nn.Module:
     """The model partitioned from the start (ZeRO-3), its partitions filled from the source (unless a
     training checkpoint is about to overwrite them); with ``ep``, each rank's routed experts are its EP
     rank's (``moe_train/parallel/expert.py``)."""
@@ -235,47 +255,90 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
     dp = world // r.sp
     eval_packs = None
     if r.eval_data:
-        eval_packs, eval_stats = build_packed_dataset(r.eval_data, tokenizer, r.template, r.max_length, r.varlen,
-                                                      r.too_long, r.seed)
+        eval_packs, eval_stats = build_packed_dataset(
+            r.eval_data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed
+        )
         _log(rank, f"eval data: {eval_stats}")
     elif r.eval_fraction > 0:
         if not 0 < r.eval_fraction < 1 or len(packs) < 2:
-            raise ValueError(f"eval_fraction={r.eval_fraction} must be in (0, 1) with at least 2 packs; "
-                             "pass --eval-fraction 0.05 or --eval-data PATH")
-        held = sorted(np.random.default_rng([r.seed, 1]).permutation(len(packs))[
-            :max(1, round(r.eval_fraction * len(packs)))].tolist())
+            raise ValueError(
+                f"eval_fraction={r.eval_fraction} must be in (0, 1) with at least 2 packs; "
+                "pass --eval-fraction 0.05 or --eval-data PATH"
+            )
+        held = sorted(
+            np.random.default_rng([r.seed, 1])
+            .permutation(len(packs))[: max(1, round(r.eval_fraction * len(packs)))]
+            .tolist()
+        )
         eval_packs = [packs[i] for i in held]
         keep = set(held)
         packs = [p for i, p in enumerate(packs) if i not in keep]
         _log(rank, f"eval data: {len(eval_packs)} of the packs held out (eval_fraction={r.eval_fraction})")
     eval_loader = None
     if eval_packs:  # every rank runs the same number of eval forwards (dummies where packs run out)
-        eval_loader = PackedLoader(eval_packs, dp_rank=rank // r.sp, dp_size=dp, shuffle=False,
-                                   micro_batch_size=r.micro_batch_size, pad_id=pad_id)
-    loader = PackedLoader(packs, dp_rank=rank // r.sp, dp_size=dp, seed=r.seed, shuffle=r.shuffle,
-                          micro_batch_size=r.micro_batch_size, pad_id=pad_id, grad_accum=r.grad_accum)
+        eval_loader = PackedLoader(
+            eval_packs,
+            dp_rank=rank // r.sp,
+            dp_size=dp,
+            shuffle=False,
+            micro_batch_size=r.micro_batch_size,
+            pad_id=pad_id,
+        )
+    loader = PackedLoader(
+        packs,
+        dp_rank=rank // r.sp,
+        dp_size=dp,
+        seed=r.seed,
+        shuffle=r.shuffle,
+        micro_batch_size=r.micro_batch_size,
+        pad_id=pad_id,
+        grad_accum=r.grad_accum,
+    )
     _log(rank, f"data: {stats}")
-    _log(rank, f"data: {len(packs)} packs, {loader.steps_per_epoch} steps per epoch, {r.grad_accum} micro-batches "
-               f"per step on each of {dp} data-parallel ranks ({r.micro_batch_size} packs each); every pack once "
-               "per epoch" + (f", the last step's {loader.dummies_per_epoch} empty pack slots run as dummies"
-                              if loader.dummies_per_epoch else ""))
+    _log(
+        rank,
+        f"data: {len(packs)} packs, {loader.steps_per_epoch} steps per epoch, {r.grad_accum} micro-batches "
+        f"per step on each of {dp} data-parallel ranks ({r.micro_batch_size} packs each); every pack once "
+        "per epoch"
+        + (
+            f", the last step's {loader.dummies_per_epoch} empty pack slots run as dummies"
+            if loader.dummies_per_epoch
+            else ""
+        ),
+    )
     return Data(loader, tokenizer_dir, pad_id, loader.steps_per_epoch, eval_loader)
 
 
-def build_engine(r: Recipe, cfg: Any, ds_config: dict[str, Any], dtype: torch.dtype,
-                 device: torch.device, world: int, schedule_steps: int, load_weights: bool = True,
-                 ep: expert.EPGroups | None = None) -> tuple[Any, Any]:
+def build_engine(
+    r: Recipe,
+    cfg: Any,
+    ds_config: dict[str, Any],
+    dtype: torch.dtype,
+    device: torch.device,
+    world: int,
+    schedule_steps: int,
+    load_weights: bool = True,
+    ep: expert.EPGroups | None = None,
+) -> tuple[Any, Any]:
     """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
     from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
 
-    ds_config = fill_auto(ds_config, micro_batch_size=1, grad_accum=r.grad_accum, world_size=world,
-                          grad_clip=r.max_grad_norm, bf16=dtype == torch.bfloat16, hidden_size=cfg.hidden_size)
+    ds_config = fill_auto(
+        ds_config,
+        micro_batch_size=1,
+        grad_accum=r.grad_accum,
+        world_size=world,
+        grad_clip=r.max_grad_norm,
+        bf16=dtype == torch.bfloat16,
+        hidden_size=cfg.hidden_size,
+    )
     model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights, ep)
     if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
-                                     adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(
+            model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay, adamw_mode=True
+        )
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, r.warmup_ratio, r.min_lr_ratio))
@@ -290,15 +353,15 @@ def resume_state(job: "Job", resume: TrainingCheckpoint | None) -> int:
     if not resume:
         return 0
     shapes = parameter_shapes(job.engine.module)
-    step = resuming.load(resume, job.engine, job.scheduler, job.loader, job.recipe, shapes, job.cfg, job.rank,
-                         job.world)
+    step = resuming.load(
+        resume, job.engine, job.scheduler, job.loader, job.recipe, shapes, job.cfg, job.rank, job.world
+    )
     _log(job.rank, f"resumed from {resume.where} at step {step}")
     return step
 
 
 def setup(tc: TrainConfig) -> Job:
     """Process group, data, model (partitioned from the start), DeepSpeed engine, resume."""
-    from moe_train.engine import resume as resuming
     from moe_train.engine.deepspeed_config import load_deepspeed_config
     from moe_train.engine.distributed import init_distributed
     from moe_train.parallel import SequenceParallel
@@ -306,8 +369,8 @@ def setup(tc: TrainConfig) -> Job:
     r = tc.recipe
     ds_config = load_deepspeed_config(tc.deepspeed or r.deepspeed)  # bad configs fail before any process group
     info = init_distributed(tc.launcher)
-    rank, world, device = info.rank, info.world_size, info.device
-    # bf16 also on CPU when the recipe asks (DeepSpeed's bf16 ZeRO-3 runs on gloo): the GPU's dtype logic, testable here.
+    # bf16 also on CPU when the recipe asks (DeepSpeed's bf16 ZeRO-3 runs on gloo): the GPU's dtype logic,
+    # testable here.
     dtype = torch.bfloat16 if r.dtype == "bf16" else torch.float32
     # Groups of r.sp consecutive ranks share each packed row (raises if r.sp does not divide the world).
     seq = SequenceParallel(r.sp) if r.sp != 1 else None
@@ -322,8 +385,16 @@ def setup(tc: TrainConfig) -> Job:
         raise
 
 
-def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: torch.dtype, seq: Any, fs: Any,
-                 work_root: str, lease: Any) -> Job:
+def _setup_owned(
+    tc: TrainConfig,
+    info: Any,
+    ds_config: dict[str, Any],
+    dtype: torch.dtype,
+    seq: Any,
+    fs: Any,
+    work_root: str,
+    lease: Any,
+) -> Job:
     """The rest of `setup`, once this job owns the work dir (so removing stale files is safe)."""
     from moe_train.engine import resume as resuming
 
@@ -333,8 +404,9 @@ def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: t
     # Rank 0 picks the resume point and broadcasts it; every rank verifies the files it names.
     resume = ckpt.resolve(tc.resume, log=lambda msg: _log(rank, msg.removeprefix("[moe-train] ")))
     if resume is not None:
-        r = resuming.plan(resume, r, world, tc.allow_batch_change, lambda msg: _log(rank, msg),
-                          tc.deepspeed or r.deepspeed)
+        r = resuming.plan(
+            resume, r, world, tc.allow_batch_change, lambda msg: _log(rank, msg), tc.deepspeed or r.deepspeed
+        )
         tc = dataclasses.replace(tc, recipe=r)
 
     for url, what in [(r.model, "--model"), (r.tokenizer, "--tokenizer")]:
@@ -357,12 +429,32 @@ def _setup_owned(tc: TrainConfig, info: Any, ds_config: dict[str, Any], dtype: t
     # resumed follows exactly the schedule of an uninterrupted one.
     schedule_steps = data.steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
-    engine, scheduler = build_engine(r, cfg, ds_config, dtype, device, world, schedule_steps,
-                                     load_weights=resume is None, ep=ep)
+    engine, scheduler = build_engine(
+        r, cfg, ds_config, dtype, device, world, schedule_steps, load_weights=resume is None, ep=ep
+    )
     if seq is not None:
         seq.apply(engine.module, spec_of(cfg))
-    job = Job(tc, rank, world, device, cfg, engine, scheduler, data.loader, seq, ckpt, fingerprint, fs, work_root,
-              data.tokenizer_dir, 0, total_steps, lease, data.eval_loader, ep)
+    job = Job(
+        tc,
+        rank,
+        world,
+        device,
+        cfg,
+        engine,
+        scheduler,
+        data.loader,
+        seq,
+        ckpt,
+        fingerprint,
+        fs,
+        work_root,
+        data.tokenizer_dir,
+        0,
+        total_steps,
+        lease,
+        data.eval_loader,
+        ep,
+    )
     job.step = resume_state(job, resume)
     # Only now, with every input checked and the work dir ours: a start that fails changes nothing.
     if rank == 0:
@@ -376,9 +468,14 @@ def forward(engine: Any, b: dict[str, Any], device: torch.device) -> Any:
     over the batch's targets, from the chunked LM head: no (T, V) logits are built."""
     segment_ids = b.get("segment_ids")
     targets = b["targets"] if "targets" in b else shift_labels(b["labels"])
-    return engine(b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
-                  cu_seqlens=b["cu_seqlens"].to(device), max_seqlen=b["max_seqlen"],
-                  segment_ids=None if segment_ids is None else segment_ids.to(device), targets=targets.to(device))
+    return engine(
+        b["input_ids"].to(device),
+        position_ids=b["position_ids"].to(device),
+        cu_seqlens=b["cu_seqlens"].to(device),
+        max_seqlen=b["max_seqlen"],
+        segment_ids=None if segment_ids is None else segment_ids.to(device),
+        targets=targets.to(device),
+    )
 
 
 def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
@@ -386,9 +483,13 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
     r, engine, device, seq = job.recipe, job.engine, job.device, job.seq
     t0 = time.perf_counter()
     real = [b.get("num_packs", 1) > 0 for b in micro]  # dummies (the end of an epoch) train nothing
-    counts = torch.tensor([float(sum(b["num_loss_tokens"] for b in micro)),
-                           float(sum(b["input_ids"].numel() for b, ok in zip(micro, real) if ok)),
-                           float(sum(real))])
+    counts = torch.tensor(
+        [
+            float(sum(b["num_loss_tokens"] for b in micro)),
+            float(sum(b["input_ids"].numel() for b, ok in zip(micro, real) if ok)),
+            float(sum(real)),
+        ]
+    )
     dist.all_reduce(counts)
     counts[:2] /= r.sp  # the ranks of a sequence-parallel group hold the same rows
     global_tokens = max(counts[0].item(), 1.0)
@@ -427,10 +528,17 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
             balance = after_step(engine.module, load, r.bias_update_rate)
         load = load.cpu()
     reduced = reduced.cpu()
-    return {"loss": reduced[0].item() / global_tokens, "aux_loss": reduced[1].item(),
-            "dummies": int(round(job.world * r.grad_accum - counts[2].item())),
-            "tokens": counts[1].item(), "loss_tokens": global_tokens, "expert_load": load, "lengths": lengths,
-            "seconds": time.perf_counter() - t0, "balance": balance}
+    return {
+        "loss": reduced[0].item() / global_tokens,
+        "aux_loss": reduced[1].item(),
+        "dummies": int(round(job.world * r.grad_accum - counts[2].item())),
+        "tokens": counts[1].item(),
+        "loss_tokens": global_tokens,
+        "expert_load": load,
+        "lengths": lengths,
+        "seconds": time.perf_counter() - t0,
+        "balance": balance,
+    }
 
 
 def evaluate(job: Job) -> dict[str, Any]:
@@ -450,12 +558,17 @@ def evaluate(job: Job) -> dict[str, Any]:
     reduced = torch.stack([ce.float(), tokens.float()])
     dist.all_reduce(reduced)
     ce_sum, n = reduced.cpu().tolist()
-    return {"event": "eval", "val_loss": round(ce_sum / max(n, 1.0), 6), "val_tokens": int(n),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "event": "eval",
+        "val_loss": round(ce_sum / max(n, 1.0), 6),
+        "val_tokens": int(n),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def write_run_config(job: Job) -> None:
     """The resolved recipe and DeepSpeed config next to the run (URLs redacted), rewritten by each segment."""
+
     def clean(v: Any) -> Any:
         if isinstance(v, str):
             return redact(v)
@@ -465,8 +578,10 @@ def write_run_config(job: Job) -> None:
             return {k: clean(x) for k, x in v.items()}
         return v
 
-    files = {"recipe.json": clean(dataclasses.asdict(job.recipe)),
-             "deepspeed.json": clean(getattr(job.engine, "config", None) or {})}
+    files = {
+        "recipe.json": clean(dataclasses.asdict(job.recipe)),
+        "deepspeed.json": clean(getattr(job.engine, "config", None) or {}),
+    }
     for name, content in files.items():
         with job.fs.open(posixpath.join(job.work_root, name), "w") as f:
             json.dump(content, f, indent=2, default=str)
@@ -478,12 +593,19 @@ def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> d
     flops = step_flops(job.cfg, s["lengths"]) * (world // job.recipe.sp)  # every group ran a similar mix
     norm = job.engine.get_global_grad_norm()
     return {
-        "step": step, "loss": s["loss"], "aux_loss": round(s["aux_loss"], 8),
-        "lr": job.scheduler.get_last_lr()[0], "grad_norm": None if norm is None else round(float(norm), 6),
-        "tgs": round(s["tokens"] / dt / world, 2), "tflops_per_gpu": round(flops / dt / world / 1e12, 6),
+        "step": step,
+        "loss": s["loss"],
+        "aux_loss": round(s["aux_loss"], 8),
+        "lr": job.scheduler.get_last_lr()[0],
+        "grad_norm": None if norm is None else round(float(norm), 6),
+        "tgs": round(s["tokens"] / dt / world, 2),
+        "tflops_per_gpu": round(flops / dt / world / 1e12, 6),
         "mfu": round(flops / dt / world / (peak * 1e12), 4) if peak else None,
-        "tokens": int(s["tokens"]), "loss_tokens": int(s["loss_tokens"]), "step_time": round(dt, 4),
-        "peak_mem_gb": round(peak_memory_gb(), 3), "epoch": job.loader.epoch,
+        "tokens": int(s["tokens"]),
+        "loss_tokens": int(s["loss_tokens"]),
+        "step_time": round(dt, 4),
+        "peak_mem_gb": round(peak_memory_gb(), 3),
+        "epoch": job.loader.epoch,
         "expert_load": expert_load_stats(s["expert_load"]) if s["expert_load"] is not None else [],
         "dummies": s.get("dummies", 0),
         **s.get("balance", {}),
@@ -507,21 +629,39 @@ def export(job: Job, step: int) -> dict[str, Any]:
     else:  # each expert from its owner; one dtype for the experts this rank does not hold
         tensors, dtype = expert.gathered_parameters(module, job.ep), next(module.parameters()).dtype
     with PeakRSS() as rss:
-        carried = save_pretrained(module, url, tensors=tensors, is_writer=job.rank == 0, dtype=dtype,
-                                  tokenizer_dir=job.tokenizer_dir, extra=extra, carry_from=carry_from)
+        carried = save_pretrained(
+            module,
+            url,
+            tensors=tensors,
+            is_writer=job.rank == 0,
+            dtype=dtype,
+            tokenizer_dir=job.tokenizer_dir,
+            extra=extra,
+            carry_from=carry_from,
+        )
     if carried:
-        _log(job.rank, f"copied {len(carried)} tensors of the MTP layers unchanged (not trained) from "
-                       f"{redact(source)} into the export")
+        _log(
+            job.rank,
+            f"copied {len(carried)} tensors of the MTP layers unchanged (not trained) from "
+            f"{redact(source)} into the export",
+        )
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(math.prod(zero3.full_shape(p)) * p.element_size() for p in module.parameters())
     if job.ep is not None:  # this rank holds E/N of the routed experts: size the whole model
         from moe_train.checkpoint.hf_layout import reference_shapes
 
         model_bytes = sum(map(math.prod, reference_shapes(module).values())) * next(module.parameters()).element_size()
-    out = {"hf_model": redact(url), "export_seconds": time.perf_counter() - t0,
-           "export_peak_rss_delta_mb": rss.peak_delta / 2**20, "model_mb": model_bytes / 2**20}
-    _log(job.rank, f"exported HF checkpoint to {redact(url)} in {out['export_seconds']:.1f}s; writer peak RSS "
-                   f"+{out['export_peak_rss_delta_mb']:.1f} MiB for a {out['model_mb']:.1f} MiB model")
+    out = {
+        "hf_model": redact(url),
+        "export_seconds": time.perf_counter() - t0,
+        "export_peak_rss_delta_mb": rss.peak_delta / 2**20,
+        "model_mb": model_bytes / 2**20,
+    }
+    _log(
+        job.rank,
+        f"exported HF checkpoint to {redact(url)} in {out['export_seconds']:.1f}s; writer peak RSS "
+        f"+{out['export_peak_rss_delta_mb']:.1f} MiB for a {out['model_mb']:.1f} MiB model",
+    )
     return out
 
 
@@ -545,10 +685,14 @@ def _train(job: Job) -> dict[str, Any]:
     if rank == 0:
         import deepspeed
 
-        hardware = {"world_size": job.world, "sp": r.sp, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                    "device": torch.cuda.get_device_name() if job.device.type == "cuda" else job.device.type}
-        metrics = MetricsWriter(job.fs, job.work_root, resumed_from=job.step, log=lambda m: _log(0, m),
-                                header=hardware)
+        hardware = {
+            "world_size": job.world,
+            "sp": r.sp,
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "device": torch.cuda.get_device_name() if job.device.type == "cuda" else job.device.type,
+        }
+        metrics = MetricsWriter(job.fs, job.work_root, resumed_from=job.step, log=lambda m: _log(0, m), header=hardware)
         write_run_config(job)
     peak = peak_tflops(tc.peak_tflops)
 
@@ -581,8 +725,9 @@ def _train(job: Job) -> dict[str, Any]:
                 if metrics is not None:
                     metrics.write(finite_or_none(step_record(job, step, result, peak)))  # no Infinity in the JSON
                 try:
-                    note = guard.check(step, result["loss"], job.engine.get_global_grad_norm(),
-                                       job.engine.skipped_steps)
+                    note = guard.check(
+                        step, result["loss"], job.engine.get_global_grad_norm(), job.engine.skipped_steps
+                    )
                 except Diverged as e:
                     if metrics is not None:
                         metrics.write({"step": step, "event": "diverged", "reason": str(e)})
@@ -598,8 +743,14 @@ def _train(job: Job) -> dict[str, Any]:
                 stop_now = stop.agreed()
                 if (r.save_steps and step % r.save_steps == 0 and guard.healthy) or stop_now:
                     with stall_notice(f"checkpoint of step {step} to {redact(tc.work_dir)}", lambda m: _log(rank, m)):
-                        path = job.ckpt.save(step, zero3.optimizer_ranges(job.engine, create_state=True), job.cfg,
-                                             checkpoint_state(job, step), job.tokenizer_dir, job.world)
+                        path = job.ckpt.save(
+                            step,
+                            zero3.optimizer_ranges(job.engine, create_state=True),
+                            job.cfg,
+                            checkpoint_state(job, step),
+                            job.tokenizer_dir,
+                            job.world,
+                        )
                     _log(rank, f"saved checkpoint {display(job.ckpt.fs, path)}")
                 if stop_now:
                     raise stop.requested(step)
@@ -614,14 +765,19 @@ def _train(job: Job) -> dict[str, Any]:
         with stall_notice(f"export to {redact(tc.work_dir)}/hf_model", lambda m: _log(rank, m)):
             summary.update(redact_all(export(job, step)))
         if metrics is not None:
-            metrics.write({"step": step, "event": "export", "hf_model": summary["hf_model"],
-                           "export_peak_rss_delta_mb": round(summary["export_peak_rss_delta_mb"], 2),
-                           "model_mb": round(summary["model_mb"], 2)})
+            metrics.write(
+                {
+                    "step": step,
+                    "event": "export",
+                    "hf_model": summary["hf_model"],
+                    "export_peak_rss_delta_mb": round(summary["export_peak_rss_delta_mb"], 2),
+                    "model_mb": round(summary["model_mb"], 2),
+                }
+            )
     if metrics is not None:
         metrics.close()
         # The whole run, all segments; `summary["segment_losses"]`: this segment's alone.
-        run = {**summary, **summarize(read_metrics(job.fs, job.work_root, segments=True)),
-               "segment_losses": losses}
+        run = {**summary, **summarize(read_metrics(job.fs, job.work_root, segments=True)), "segment_losses": losses}
         with job.fs.open(posixpath.join(job.work_root, "summary.json"), "w") as f:
             json.dump(run, f, indent=2)
     job.ckpt.close()

@@ -30,9 +30,13 @@ class SeededInit:
         self.shapes = {k: shape for k, (_, shape) in expected_hf_keys(model).items()}
         with torch.device("meta"):
             reference = spec.build(model.config)
-        self.ones = {key for module_name, module in reference.named_modules() if isinstance(module, spec.norm_types)
-                     for name, _ in module.named_parameters(prefix=module_name)
-                     for key, _ in spec.ours_to_hf(name, model.config)}
+        self.ones = {
+            key
+            for module_name, module in reference.named_modules()
+            if isinstance(module, spec.norm_types)
+            for name, _ in module.named_parameters(prefix=module_name)
+            for key, _ in spec.ours_to_hf(name, model.config)
+        }
         self.weight_map = dict.fromkeys(self.shapes, "seeded")
         self.url = f"seeded-init(seed={seed})"
 
@@ -54,8 +58,9 @@ class SeededInit:
         return full if start == 0 and end is None else full.reshape(-1)[start:end]
 
 
-def open_source(model: torch.nn.Module, model_url: str | None, seed: int,
-                storage_options: dict[str, Any] | None = None) -> Any:
+def open_source(
+    model: torch.nn.Module, model_url: str | None, seed: int, storage_options: dict[str, Any] | None = None
+) -> Any:
     """The initial weights of ``model``: the checkpoint at ``model_url``, or seeded ones."""
     if model_url is None:
         return SeededInit(model, seed)

@@ -108,8 +108,14 @@ class UlyssesAttention(nn.Module):
         super().__init__()
         self.inner, self.group = inner, group
 
-    def forward(self, q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHV: torch.Tensor,
-                cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> torch.Tensor:
+    def forward(
+        self,
+        q_BTHD: torch.Tensor,
+        k_BTHD: torch.Tensor,
+        v_BTHV: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+    ) -> torch.Tensor:
         H, D, V = q_BTHD.shape[2], q_BTHD.shape[3], v_BTHV.shape[3]
         if k_BTHD.shape[2] == H:  # one buffer, one exchange
             qkv = _exchange_heads(torch.cat([q_BTHD, k_BTHD, v_BTHV], dim=-1), self.group)  # (B, T, Hp/N, 2D+V)
@@ -117,8 +123,10 @@ class UlyssesAttention(nn.Module):
         else:  # GQA: q and k/v heads are exchanged separately; each rank's q heads must keep their k/v heads
             n, Hk = dist.get_world_size(self.group), k_BTHD.shape[2]
             if Hk % n or H % Hk:
-                raise ValueError(f"sequence parallelism over {n} ranks needs the {Hk} k/v heads to be a multiple of "
-                                 f"{n} (and to divide the {H} q heads); use --sp among the divisors of {Hk}")
+                raise ValueError(
+                    f"sequence parallelism over {n} ranks needs the {Hk} k/v heads to be a multiple of "
+                    f"{n} (and to divide the {H} q heads); use --sp among the divisors of {Hk}"
+                )
             q = _exchange_heads(q_BTHD, self.group)
             k, v = _exchange_heads(torch.cat([k_BTHD, v_BTHV], dim=-1), self.group).split([D, V], dim=-1)
         out = self.inner(q, k, v, cu_seqlens, max_seqlen)  # (B, T, Hp/N, V)

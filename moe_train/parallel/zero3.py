@@ -27,8 +27,9 @@ def is_zero3(ds_config: dict[str, Any]) -> bool:
     return ds_config.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-def build(factory: Callable[[], nn.Module], ds_config: dict[str, Any], dtype: torch.dtype,
-          device: torch.device) -> nn.Module:
+def build(
+    factory: Callable[[], nn.Module], ds_config: dict[str, Any], dtype: torch.dtype, device: torch.device
+) -> nn.Module:
     """``factory()`` partitioned from the start under ZeRO-3, else materialised on ``device``."""
     import deepspeed
 
@@ -41,8 +42,10 @@ def build(factory: Callable[[], nn.Module], ds_config: dict[str, Any], dtype: to
         return model.to(device=device, dtype=dtype)
     wrong = {p.ds_tensor.dtype for p in model.parameters()} - {dtype}
     if wrong:
-        raise ValueError(f"ZeRO-3 partitions are {sorted(map(str, wrong))}, expected {dtype}; set the DeepSpeed "
-                         'config\'s "bf16": {"enabled": "auto"} (or match the recipe\'s dtype)')
+        raise ValueError(
+            f"ZeRO-3 partitions are {sorted(map(str, wrong))}, expected {dtype}; set the DeepSpeed "
+            'config\'s "bf16": {"enabled": "auto"} (or match the recipe\'s dtype)'
+        )
     return model
 
 
@@ -89,13 +92,15 @@ def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
         layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-               ds_config: dict[str, Any]) -> tuple[Any, Any]:
+def initialize(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ds_config: dict[str, Any]
+) -> tuple[Any, Any]:
     """The DeepSpeed engine and its scheduler (the process group already exists)."""
     import deepspeed
 
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=ds_config, dist_init_required=False)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
     return engine, scheduler
 
 
@@ -123,14 +128,18 @@ class OwnedRange:
 def _zero_optimizer(engine: Any) -> Any:
     opt = engine.optimizer
     if not hasattr(opt, "fp32_partitioned_groups_flat") and not hasattr(opt, "single_partition_of_fp32_groups"):
-        raise ValueError("training checkpoints need a ZeRO-2 or ZeRO-3 DeepSpeed config (got a plain optimizer); "
-                         "use --deepspeed deepspeed_zero3 or --save-steps 0")
+        raise ValueError(
+            "training checkpoints need a ZeRO-2 or ZeRO-3 DeepSpeed config (got a plain optimizer); "
+            "use --deepspeed deepspeed_zero3 or --save-steps 0"
+        )
     if getattr(opt, "swap_optimizer", False) or getattr(opt, "params_in_nvme_and_cpu", False):
         raise ValueError("training checkpoints do not support NVMe offload; offload to cpu or use --save-steps 0")
     inner = opt.optimizer
     if any(g.get("amsgrad") for g in inner.param_groups) or not hasattr(inner, "state"):
-        raise ValueError(f"training checkpoints hold Adam/AdamW state only, not {type(inner).__name__} "
-                         "(or amsgrad); use the trainer's AdamW")
+        raise ValueError(
+            f"training checkpoints hold Adam/AdamW state only, not {type(inner).__name__} "
+            "(or amsgrad); use the trainer's AdamW"
+        )
     return opt
 
 

@@ -21,8 +21,16 @@ from moe_train.recipes import Recipe, get_recipe
 from moe_train.storage import resolve
 
 __all__ = [
-    "Plan", "Workload", "ZeroSettings", "build_plan", "load_deepspeed_config", "model_config",
-    "predict_memory", "predict_speed", "suggest_expert_in_one_shard", "suggest_sp",
+    "Plan",
+    "Workload",
+    "ZeroSettings",
+    "build_plan",
+    "load_deepspeed_config",
+    "model_config",
+    "predict_memory",
+    "predict_speed",
+    "suggest_expert_in_one_shard",
+    "suggest_sp",
 ]
 
 # HF checkpoints a recipe may name, and the named size each one has (in whichever family has that size).
@@ -67,15 +75,19 @@ def read_model_config(path_or_url: str, **layout: Any) -> Any:
 def model_config(recipe: Recipe, **layout: Any) -> Any:
     """The model a recipe trains: a named size, a known HF id, or a config.json / HF directory
     (local or a URL)."""
-    layout = {"moe_implementation": recipe.moe_implementation, "expert_in_one_shard": recipe.expert_in_one_shard,
-              **layout}
+    layout = {
+        "moe_implementation": recipe.moe_implementation,
+        "expert_in_one_shard": recipe.expert_in_one_shard,
+        **layout,
+    }
     if recipe.model_size:
         return spec_for(recipe.family).named_config(recipe.model_size, **layout)
     size = HF_MODEL_SIZES.get((recipe.model or "").removeprefix("hf://"))
     if size:  # the size of a known HF id, in whichever family has it
         return next(s for s in families() if size in s.hub_ids).named_config(size, **layout)
-    if recipe.model and (recipe.model.endswith(".json") or "://" in recipe.model
-                         or (Path(recipe.model) / "config.json").is_file()):
+    if recipe.model and (
+        recipe.model.endswith(".json") or "://" in recipe.model or (Path(recipe.model) / "config.json").is_file()
+    ):
         return read_model_config(recipe.model, **layout)
     raise ValueError(
         f"cannot size model {recipe.model!r} of recipe {recipe.name!r}: use a named size "
@@ -91,8 +103,9 @@ def seed_row_inputs(max_length: int, moe_implementation: str, varlen: bool):
     """(model, workload, ZeRO settings, grad_accum) of one row of XTuner's table: the 236B recipe
     on 128 A100 with the row's length, layout and varlen; HF rows run flash attention, except 16k
     without varlen, which is HF eager."""
-    recipe = get_recipe(SEED_RECIPE).replace(max_length=max_length, moe_implementation=moe_implementation,
-                                             varlen=varlen)
+    recipe = get_recipe(SEED_RECIPE).replace(
+        max_length=max_length, moe_implementation=moe_implementation, varlen=varlen
+    )
     attention = "eager" if moe_implementation == "origin" and not varlen and max_length > 8192 else "flash"
     cfg = model_config(recipe)
     zero = ZeroSettings.from_ds_config(load_deepspeed_config(recipe.deepspeed), cfg.hidden_size)
@@ -102,9 +115,14 @@ def seed_row_inputs(max_length: int, moe_implementation: str, varlen: bool):
 def workload(recipe: Recipe, attention: str = "flash") -> Workload:
     """What one GPU computes per micro step under ``recipe``."""
     return Workload(
-        max_length=recipe.max_length, micro_batch_size=recipe.micro_batch_size, varlen=recipe.varlen,
-        attention=attention, activation_checkpointing=recipe.activation_checkpointing,
-        dtype=recipe.dtype, sp=recipe.sp, device="cuda",  # the trainer runs fp32 recipes (tiny) in fp32 on GPU too
+        max_length=recipe.max_length,
+        micro_batch_size=recipe.micro_batch_size,
+        varlen=recipe.varlen,
+        attention=attention,
+        activation_checkpointing=recipe.activation_checkpointing,
+        dtype=recipe.dtype,
+        sp=recipe.sp,
+        device="cuda",  # the trainer runs fp32 recipes (tiny) in fp32 on GPU too
     )
 
 
@@ -113,8 +131,15 @@ def _fits(mem: MemoryEstimate, gpu_mem_gb: float) -> bool:
 
 
 def suggest_expert_in_one_shard(
-    cfg: Any, work: Workload, zero: ZeroSettings, gpus: int, nodes: int, device: Device,
-    gpu_mem_gb: float, grad_accum: int = 1, peak_tflops: float | None = None,
+    cfg: Any,
+    work: Workload,
+    zero: ZeroSettings,
+    gpus: int,
+    nodes: int,
+    device: Device,
+    gpu_mem_gb: float,
+    grad_accum: int = 1,
+    peak_tflops: float | None = None,
 ) -> int | None:
     """The smallest divisor of the expert count whose predicted step time is within 2% of the
     fastest shard size that fits.  Bigger shards mean fewer, larger all-gathers (less latency)
@@ -150,8 +175,10 @@ def suggest_sp(cfg: Any, work: Workload, zero: ZeroSettings, gpus: int, gpu_mem_
 def calibration_warnings(device: Device) -> list[str]:
     if device.calibration.calibrated:
         return []
-    return [f"{device.name} speed: {device.calibration.source}; only A100 is fitted on a published table "
-            "(XTuner's), so treat TGS and MFU as rough"]
+    return [
+        f"{device.name} speed: {device.calibration.source}; only A100 is fitted on a published table "
+        "(XTuner's), so treat TGS and MFU as rough"
+    ]
 
 
 @dataclass
@@ -184,11 +211,12 @@ class Plan:
         """What the reader must not miss: thin headroom, and constants that were never fitted."""
         out = []
         if self.fits and self.headroom_gb < HEADROOM_WARNING * self.gpu_mem_gb:
-            out.append(f"headroom {self.headroom_gb:.1f} GB is under {HEADROOM_WARNING:.0%} of the "
-                       f"{self.gpu_mem_gb:g} GB GPU: fragmentation or a step that differs from the model can "
-                       "run out of memory; use more GPUs, a smaller expert_in_one_shard or a shorter max_length")
+            out.append(
+                f"headroom {self.headroom_gb:.1f} GB is under {HEADROOM_WARNING:.0%} of the "
+                f"{self.gpu_mem_gb:g} GB GPU: fragmentation or a step that differs from the model can "
+                "run out of memory; use more GPUs, a smaller expert_in_one_shard or a shorter max_length"
+            )
         return out + calibration_warnings(self.device)
-
 
     def to_dict(self) -> dict[str, Any]:
         mem = self.memory
@@ -229,8 +257,14 @@ class Plan:
 
 
 def build_plan(
-    recipe: Recipe, gpus: int, gpu_mem_gb: float, nodes: int = 1, device: str = "a100",
-    ds_config: dict[str, Any] | None = None, deepspeed: str | None = None, attention: str = "flash",
+    recipe: Recipe,
+    gpus: int,
+    gpu_mem_gb: float,
+    nodes: int = 1,
+    device: str = "a100",
+    ds_config: dict[str, Any] | None = None,
+    deepspeed: str | None = None,
+    attention: str = "flash",
     peak_tflops: float | None = None,
 ) -> Plan:
     """Plan ``recipe`` (already carrying any overrides: max_length, varlen, layout) on ``gpus``."""
@@ -243,9 +277,20 @@ def build_plan(
     mem = predict_memory(cfg, work, zero, gpus)
     speed = predict_speed(cfg, work, zero, gpus, nodes, dev, recipe.grad_accum, peak_tflops)
     return Plan(
-        recipe=recipe.name, gpus=gpus, nodes=nodes, gpu_mem_gb=gpu_mem_gb, device=dev, model=cfg, work=work,
-        zero=zero, deepspeed=deepspeed, memory=mem, speed=speed, peak_tflops=peak_tflops or dev.peak_tflops,
+        recipe=recipe.name,
+        gpus=gpus,
+        nodes=nodes,
+        gpu_mem_gb=gpu_mem_gb,
+        device=dev,
+        model=cfg,
+        work=work,
+        zero=zero,
+        deepspeed=deepspeed,
+        memory=mem,
+        speed=speed,
+        peak_tflops=peak_tflops or dev.peak_tflops,
         suggested_expert_in_one_shard=suggest_expert_in_one_shard(
-            cfg, work, zero, gpus, nodes, dev, gpu_mem_gb, recipe.grad_accum, peak_tflops),
+            cfg, work, zero, gpus, nodes, dev, gpu_mem_gb, recipe.grad_accum, peak_tflops
+        ),
         suggested_sp=suggest_sp(cfg, work, zero, gpus, gpu_mem_gb),
     )

@@ -50,8 +50,12 @@ class Calibration:
 # pinned at HDR's 23 GB/s put it at 5.7 us.  Eager attention (only the seed's OOM row) takes the
 # GEMM efficiency.
 A100 = Calibration(
-    gemm_efficiency=0.110, flash_efficiency=0.585, eager_efficiency=0.110, ring_step_latency_s=6e-6,
-    hook_s=1.1e-7, calibrated=True,
+    gemm_efficiency=0.110,
+    flash_efficiency=0.585,
+    eager_efficiency=0.110,
+    ring_step_latency_s=6e-6,
+    hook_s=1.1e-7,
+    calibrated=True,
     source="fitted on XTuner's DeepSeek-V2 236B table, 128 x A100-80G (README: Planner)",
 )
 # Effective per-GPU bandwidth of a collective between nodes of the seed's cluster (fitted with the
@@ -71,14 +75,20 @@ SEED_LEAVE_ONE_OUT: dict[int, dict[str, float]] = {
     7: {"gemm_efficiency": 0.0925, "flash_efficiency": 0.915, "hook_s": 1.52e-8, "network_gbps": 33.4},
 }
 # No table to fit on: the A100 constants, flagged.
-UNCALIBRATED_GPU = dataclasses.replace(A100, calibrated=False,
-                                       source="the A100 constants: H100/H200 constants are not calibrated")
+UNCALIBRATED_GPU = dataclasses.replace(
+    A100, calibrated=False, source="the A100 constants: H100/H200 constants are not calibrated"
+)
 
 # The seed's table: (max_length, moe_implementation, varlen, TGS or None for OOM).  HF rows run
 # flash attention except 16k without varlen, which is HF eager.
 SEED_TABLE = [
-    (8192, "origin", False, 60), (8192, "shard", False, 120), (8192, "origin", True, 60), (8192, "shard", True, 130),
-    (16384, "origin", False, None), (16384, "shard", False, 148), (16384, "origin", True, 95),
+    (8192, "origin", False, 60),
+    (8192, "shard", False, 120),
+    (8192, "origin", True, 60),
+    (8192, "shard", True, 130),
+    (16384, "origin", False, None),
+    (16384, "shard", False, 148),
+    (16384, "origin", True, 95),
     (16384, "shard", True, 180),
 ]
 # What the previous speed model (max(compute, comm), no hooks) predicted for those rows.
@@ -104,9 +114,12 @@ def cpu_calibration() -> tuple[Calibration, dict[str, float]]:
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     alpha = max(my - slope * mx, 0.0)
     cal = Calibration(
-        gemm_efficiency=m["fitted"]["gemm_efficiency"], flash_efficiency=m["fitted"]["gemm_efficiency"],
-        eager_efficiency=m["fitted"]["gemm_efficiency"], ring_step_latency_s=alpha / (world - 1),
-        hook_s=m["fitted"]["hook_s"], calibrated=True,
+        gemm_efficiency=m["fitted"]["gemm_efficiency"],
+        flash_efficiency=m["fitted"]["gemm_efficiency"],
+        eager_efficiency=m["fitted"]["gemm_efficiency"],
+        ring_step_latency_s=alpha / (world - 1),
+        hook_s=m["fitted"]["hook_s"],
+        calibrated=True,
         source="measured on 2 CPU ranks on gloo (moe_train/plan/cpu_measurements.json)",
     )
     # memory_gbps: the optimizer step's bandwidth, assumed (a few ms of a P2 step)

@@ -21,38 +21,107 @@ SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "t
 @click.command()
 @click.argument("recipe")
 @click.option("--gpus", type=click.IntRange(min=1), required=True, help="Total number of GPUs (the ZeRO world size).")
-@click.option("--gpu-mem-gb", type=click.FloatRange(min=0, min_open=True), required=True,
-              help="Memory of one GPU in GB (GiB, as nvidia-smi reports), e.g. 80 for an A100-80GB.")
-@click.option("--gpu", "gpu", type=click.Choice(sorted(DEVICES)), default="a100", show_default=True,
-              help="GPU model: sets the peak TFLOP/s and the interconnect bandwidths of the speed estimate.")
-@click.option("--nodes", type=click.IntRange(min=1), default=None,
-              help="Number of nodes; must divide --gpus.  [default: --gpus / 8 rounded up]")
-@click.option("--max-length", type=click.IntRange(min=1), default=None,
-              help="Tokens per packed sequence.  [default: the recipe's]")
-@click.option("--varlen/--no-varlen", default=None,
-              help="Attend within each packed sample (cu_seqlens) or over the whole sequence.  [default: the recipe's]")
-@click.option("--moe-implementation", type=click.Choice(["shard", "origin"]), default=None,
-              help="Routed experts stacked in shards, or one module per expert (HF layout).  [default: the recipe's]")
-@click.option("--expert-in-one-shard", type=click.IntRange(min=1), default=None,
-              help="Experts per shard; must divide the routed expert count.  [default: the recipe's]")
-@click.option("--attention", type=click.Choice(ATTENTIONS), default="flash", show_default=True,
-              help="flash/sdpa never build S x S tensors; eager (the HF path) keeps fp32 S x S scores per head "
-                   "and a 4D mask, and needs --no-varlen.")
-@click.option("--deepspeed", default=None,
-              help="DeepSpeed config: a shipped name (deepspeed_zero3, ...) or a JSON path.  [default: the recipe's]")
-@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Peak dense bf16 TFLOP/s of one GPU.  [default: from --gpu: A100 312, H100 989, H200 989]")
-@click.option("--model", "model_path", default=None, metavar="PATH|URL",
-              help="Plan this DeepSeek V2 model instead of the recipe's: a config.json or an HF checkpoint "
-                   "directory, local or an fsspec URL (s3://...).")
-@click.option("--search", is_flag=True,
-              help="Sweep expert layout, SP degree, max_length, activation checkpointing and offload; print the "
-                   "fastest configurations that fit and what was pruned.")
-@click.option("--ep", type=click.IntRange(min=1), default=None,
-              help="Also estimate expert parallelism of this degree against ZeRO-3, and suggest a degree.")
+@click.option(
+    "--gpu-mem-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    required=True,
+    help="Memory of one GPU in GB (GiB, as nvidia-smi reports), e.g. 80 for an A100-80GB.",
+)
+@click.option(
+    "--gpu",
+    "gpu",
+    type=click.Choice(sorted(DEVICES)),
+    default="a100",
+    show_default=True,
+    help="GPU model: sets the peak TFLOP/s and the interconnect bandwidths of the speed estimate.",
+)
+@click.option(
+    "--nodes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of nodes; must divide --gpus.  [default: --gpus / 8 rounded up]",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens per packed sequence.  [default: the recipe's]",
+)
+@click.option(
+    "--varlen/--no-varlen",
+    default=None,
+    help="Attend within each packed sample (cu_seqlens) or over the whole sequence.  [default: the recipe's]",
+)
+@click.option(
+    "--moe-implementation",
+    type=click.Choice(["shard", "origin"]),
+    default=None,
+    help="Routed experts stacked in shards, or one module per expert (HF layout).  [default: the recipe's]",
+)
+@click.option(
+    "--expert-in-one-shard",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Experts per shard; must divide the routed expert count.  [default: the recipe's]",
+)
+@click.option(
+    "--attention",
+    type=click.Choice(ATTENTIONS),
+    default="flash",
+    show_default=True,
+    help="flash/sdpa never build S x S tensors; eager (the HF path) keeps fp32 S x S scores per head "
+    "and a 4D mask, and needs --no-varlen.",
+)
+@click.option(
+    "--deepspeed",
+    default=None,
+    help="DeepSpeed config: a shipped name (deepspeed_zero3, ...) or a JSON path.  [default: the recipe's]",
+)
+@click.option(
+    "--peak-tflops",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Peak dense bf16 TFLOP/s of one GPU.  [default: from --gpu: A100 312, H100 989, H200 989]",
+)
+@click.option(
+    "--model",
+    "model_path",
+    default=None,
+    metavar="PATH|URL",
+    help="Plan this DeepSeek V2 model instead of the recipe's: a config.json or an HF checkpoint "
+    "directory, local or an fsspec URL (s3://...).",
+)
+@click.option(
+    "--search",
+    is_flag=True,
+    help="Sweep expert layout, SP degree, max_length, activation checkpointing and offload; print the "
+    "fastest configurations that fit and what was pruned.",
+)
+@click.option(
+    "--ep",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Also estimate expert parallelism of this degree against ZeRO-3, and suggest a degree.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
-def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implementation, expert_in_one_shard,
-         attention, deepspeed, peak_tflops, model_path, search, ep, as_json) -> None:
+def plan(
+    recipe,
+    gpus,
+    gpu_mem_gb,
+    gpu,
+    nodes,
+    max_length,
+    varlen,
+    moe_implementation,
+    expert_in_one_shard,
+    attention,
+    deepspeed,
+    peak_tflops,
+    model_path,
+    search,
+    ep,
+    as_json,
+) -> None:
     """Estimate per-GPU memory, fit, step time, TGS and MFU of RECIPE on --gpus GPUs (estimates, not measurements)."""
     try:
         r = get_recipe(recipe)
@@ -64,8 +133,16 @@ def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implement
         nodes = math.ceil(gpus / GPUS_PER_NODE)
     if gpus % nodes:
         raise click.BadParameter(f"{nodes} nodes do not divide {gpus} GPUs evenly; pass --nodes", param_hint="--nodes")
-    overrides = {k: v for k, v in dict(max_length=max_length, varlen=varlen, moe_implementation=moe_implementation,
-                                       expert_in_one_shard=expert_in_one_shard).items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(
+            max_length=max_length,
+            varlen=varlen,
+            moe_implementation=moe_implementation,
+            expert_in_one_shard=expert_in_one_shard,
+        ).items()
+        if v is not None
+    }
     r = r.replace(**overrides)
     try:
         model_config(r)
@@ -77,8 +154,16 @@ def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implement
     if attention == "eager" and r.varlen:
         raise click.UsageError("--attention eager takes a 4D mask, not cu_seqlens: add --no-varlen")
     try:
-        p = build_plan(r, gpus, gpu_mem_gb, nodes=nodes, device=gpu, deepspeed=deepspeed, attention=attention,
-                       peak_tflops=peak_tflops)
+        p = build_plan(
+            r,
+            gpus,
+            gpu_mem_gb,
+            nodes=nodes,
+            device=gpu,
+            deepspeed=deepspeed,
+            attention=attention,
+            peak_tflops=peak_tflops,
+        )
     except FileNotFoundError as e:
         raise click.BadParameter(str(e), param_hint="--deepspeed") from None
     except ValueError as e:
@@ -97,9 +182,19 @@ def plan(recipe, gpus, gpu_mem_gb, gpu, nodes, max_length, varlen, moe_implement
         return
     found = run_search(p, r.grad_accum)
     if as_json:
-        click.echo(json.dumps({**found.to_dict(), "recipe": p.recipe, "gpus": p.gpus, "gpu": p.device.name,
-                               "gpu_mem_gb": p.gpu_mem_gb, "reference": reference(p),
-                               "warnings": calibration_warnings(p.device)}))
+        click.echo(
+            json.dumps(
+                {
+                    **found.to_dict(),
+                    "recipe": p.recipe,
+                    "gpus": p.gpus,
+                    "gpu": p.device.name,
+                    "gpu_mem_gb": p.gpu_mem_gb,
+                    "reference": reference(p),
+                    "warnings": calibration_warnings(p.device),
+                }
+            )
+        )
     else:
         click.echo(search_report(p, found))
 
@@ -130,16 +225,22 @@ def search_report(p: Plan, found: SearchResult) -> str:
         lines.append(f"  {'#':>2s}  {'configuration':78s} {'GB':>6s} {'TGS':>7s} {'MFU':>6s}  bottleneck")
         for i, r in enumerate(found.best, 1):
             thin = "!" if r.headroom_gb < HEADROOM_WARNING * p.gpu_mem_gb else " "
-            lines.append(f"  {i:2d}  {r.candidate.label():78s} {r.per_gpu_gb:6.1f}{thin}{r.tgs:7.1f} {r.mfu:6.1%}  "
-                         f"{r.bound}")
+            lines.append(
+                f"  {i:2d}  {r.candidate.label():78s} {r.per_gpu_gb:6.1f}{thin}{r.tgs:7.1f} {r.mfu:6.1%}  {r.bound}"
+            )
     ref = reference(p)
     if ref and found.best:
-        lines += ["", f"XTuner (the seed) measured on 128 x A100-80G: {ref['tgs_8k']} TGS at 8k (shard), "
-                      f"{ref['tgs_16k_varlen']} TGS at 16k varlen; the best here is predicted at "
-                      f"{found.best[0].tgs:.0f} TGS"]
+        lines += [
+            "",
+            f"XTuner (the seed) measured on 128 x A100-80G: {ref['tgs_8k']} TGS at 8k (shard), "
+            f"{ref['tgs_16k_varlen']} TGS at 16k varlen; the best here is predicted at "
+            f"{found.best[0].tgs:.0f} TGS",
+        ]
     if any(r.headroom_gb < HEADROOM_WARNING * p.gpu_mem_gb for r in found.best):
-        lines.append(f"warning: configurations marked ! have under {HEADROOM_WARNING:.0%} of the GPU's memory "
-                     "free: fragmentation or a longer sample can run out of memory")
+        lines.append(
+            f"warning: configurations marked ! have under {HEADROOM_WARNING:.0%} of the GPU's memory "
+            "free: fragmentation or a longer sample can run out of memory"
+        )
     lines += [f"warning: {w}" for w in calibration_warnings(p.device)]
     return "\n".join(lines)
 
@@ -147,8 +248,9 @@ def search_report(p: Plan, found: SearchResult) -> str:
 def report(p: Plan) -> str:
     cfg, w, z, mem, s = p.model, p.work, p.zero, p.memory, p.speed
     cal = p.device.calibration
-    layout = (f"{cfg.shard_size} experts per shard" if cfg.moe_implementation == "shard"
-              else "one module per expert (origin)")
+    layout = (
+        f"{cfg.shard_size} experts per shard" if cfg.moe_implementation == "shard" else "one module per expert (origin)"
+    )
     offload = [n for n, on in (("optimizer", z.offload_optimizer), ("params", z.offload_param)) if on]
     lines = [
         f"plan (an estimate): {p.recipe} on {p.gpus} x {p.device.name} {p.gpu_mem_gb:g} GB, {p.nodes} node(s), "
@@ -163,13 +265,18 @@ def report(p: Plan) -> str:
     ]
     phases = list(mem.phases)
     overheads = ["fragmentation", "cuda_context_nccl"]
-    terms = [t for t in dict.fromkeys(t for terms in mem.phases.values() for t in terms)
-             if t not in overheads and any(terms.get(t) for terms in mem.phases.values())]
+    terms = [
+        t
+        for t in dict.fromkeys(t for terms in mem.phases.values() for t in terms)
+        if t not in overheads and any(terms.get(t) for terms in mem.phases.values())
+    ]
     terms += [t for t in overheads if t in mem.phases[mem.peak_phase]]
     lines.append(f"  {'':28s}" + "".join(f"{ph + ('*' if ph == mem.peak_phase else ''):>9s}" for ph in phases))
     for t in terms:
-        lines.append(f"  {t:28s}" + "".join(
-            f"{mem.phases[ph][t] / 2**30:9.2f}" if t in mem.phases[ph] else f"{'-':>9s}" for ph in phases))
+        lines.append(
+            f"  {t:28s}"
+            + "".join(f"{mem.phases[ph][t] / 2**30:9.2f}" if t in mem.phases[ph] else f"{'-':>9s}" for ph in phases)
+        )
     lines.append(f"  {'total':28s}" + "".join(f"{mem.totals[ph] / 2**30:9.2f}" for ph in phases))
     lines.append("  phases: loss = end of forward with logits; layer = backward of one MoE layer; step = optimizer")
     if mem.cpu_bytes:
@@ -192,11 +299,18 @@ def report(p: Plan) -> str:
         f"  step ({w.tokens_per_rank} x grad_accum tokens per GPU): {s.step_s:.1f} s, "
         f"TGS {s.tgs:.1f} tokens/GPU/s, MFU {s.mfu:.1%}",
         "",
-        "suggested expert_in_one_shard: " + (
+        "suggested expert_in_one_shard: "
+        + (
             f"{p.suggested_expert_in_one_shard} (the smallest shard within 2% of the fastest that fits)"
-            if p.suggested_expert_in_one_shard else "none fits with these settings"),
-        "suggested sp: " + (f"{p.suggested_sp} (the smallest Ulysses degree that fits)"
-                            if p.suggested_sp else "none fits with these settings"),
+            if p.suggested_expert_in_one_shard
+            else "none fits with these settings"
+        ),
+        "suggested sp: "
+        + (
+            f"{p.suggested_sp} (the smallest Ulysses degree that fits)"
+            if p.suggested_sp
+            else "none fits with these settings"
+        ),
     ]
     lines += [f"warning: {w}" for w in p.warnings]
     return "\n".join(lines)

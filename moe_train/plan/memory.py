@@ -37,7 +37,6 @@ import torch
 
 from moe_train.engine.deepspeed_config import auto_buckets, offloads
 from moe_train.models.common.loss import chunk_tokens
-from moe_train.engine.metrics import active_matmul_params  # the FLOP count the trainer reports
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 
 GiB = 2**30
@@ -144,8 +143,11 @@ def layer_units(cfg: DeepseekV2Config, i: int) -> list[Unit]:
     if cfg.q_lora_rank is None:
         u.append(Unit("q_proj", D * H * cfg.qk_head_dim))
     else:
-        u += [Unit("q_a_proj", D * cfg.q_lora_rank), Unit("q_a_layernorm", cfg.q_lora_rank),
-              Unit("q_b_proj", cfg.q_lora_rank * H * cfg.qk_head_dim)]
+        u += [
+            Unit("q_a_proj", D * cfg.q_lora_rank),
+            Unit("q_a_layernorm", cfg.q_lora_rank),
+            Unit("q_b_proj", cfg.q_lora_rank * H * cfg.qk_head_dim),
+        ]
     u += [
         Unit("kv_a_proj_with_mqa", D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)),
         Unit("kv_a_layernorm", cfg.kv_lora_rank),
@@ -264,8 +266,9 @@ def step_trace(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> Ste
     embed, layers, head = model_units(cfg)
 
     def traced(units: list[Unit], tag: str) -> list[Unit]:
-        return [dataclasses.replace(u, name=f"{tag}.{u.name}") for u in units
-                if u.numel >= zero.param_persistence_threshold]
+        return [
+            dataclasses.replace(u, name=f"{tag}.{u.name}") for u in units if u.numel >= zero.param_persistence_threshold
+        ]
 
     emb, lm = traced([embed], "embed"), traced(head, "head")
     per_layer = [traced(layer, str(i)) for i, layer in enumerate(layers)]
@@ -393,7 +396,7 @@ def attention_mask_bytes(work: Workload) -> float:
     take cu_seqlens (varlen) or is_causal and build none.  With SP the mask covers the full S."""
     if work.attention != "eager":
         return 0.0
-    return work.micro_batch_size * work.max_length ** 2 * work.bytes
+    return work.micro_batch_size * work.max_length**2 * work.bytes
 
 
 def logits_bytes(cfg: DeepseekV2Config, work: Workload) -> float:
@@ -480,13 +483,19 @@ def predict_memory(model: DeepseekV2Config, work: Workload, zero: ZeroSettings, 
 
     if work.activation_checkpointing:
         kept = L * T * model.hidden_size * b  # each layer's input
-        recompute = {"layer_recompute": top["attention"] + top["mlp"], "attention_scores": top["attention_scores"],
-                     "moe_dispatch": top["moe_dispatch"]}
+        recompute = {
+            "layer_recompute": top["attention"] + top["mlp"],
+            "attention_scores": top["attention_scores"],
+            "moe_dispatch": top["moe_dispatch"],
+        }
     else:
         kept = sum(saved(a) for a in acts)
         recompute = {}
-    in_flight = {"backward_transients": max(top["mlp_grad_transients"],
-                                            top["attention_grad_transients"] - top["mlp"] - top["moe_dispatch"])}
+    in_flight = {
+        "backward_transients": max(
+            top["mlp_grad_transients"], top["attention_grad_transients"] - top["mlp"] - top["moe_dispatch"]
+        )
+    }
 
     # ZeRO-3: the gathered weights and the full-size gradient in flight.
     if zero.stage >= 3:
@@ -499,8 +508,13 @@ def predict_memory(model: DeepseekV2Config, work: Workload, zero: ZeroSettings, 
     mask = attention_mask_bytes(work)
     act_key = "checkpointed_inputs" if work.activation_checkpointing else "saved_activations"
     phases = {
-        "loss": {**static, **gathered_loss, act_key: kept + head_activations(model, work), "attention_mask": mask,
-                 "logits": logits_bytes(model, work)},
+        "loss": {
+            **static,
+            **gathered_loss,
+            act_key: kept + head_activations(model, work),
+            "attention_mask": mask,
+            "logits": logits_bytes(model, work),
+        },
         "layer": {**static, **gathered_layer, act_key: kept, "attention_mask": mask, **recompute, **in_flight},
         "step": {**static},
     }

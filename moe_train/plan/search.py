@@ -43,8 +43,10 @@ class Candidate:
 
     def label(self) -> str:
         layout = "origin" if self.moe_implementation == "origin" else f"shard {self.expert_in_one_shard}"
-        return (f"{layout}, ep {self.ep}, sp {self.sp}, max_length {self.max_length}, "
-                f"checkpointing {'on' if self.activation_checkpointing else 'off'}, offload {self.offload}")
+        return (
+            f"{layout}, ep {self.ep}, sp {self.sp}, max_length {self.max_length}, "
+            f"checkpointing {'on' if self.activation_checkpointing else 'off'}, offload {self.offload}"
+        )
 
 
 @dataclass
@@ -57,9 +59,14 @@ class Ranked:
     bound: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.candidate), "per_gpu_gb": round(self.per_gpu_gb, 2),
-                "headroom_gb": round(self.headroom_gb, 2), "tgs": round(self.tgs, 1), "mfu": round(self.mfu, 4),
-                "bound": self.bound}
+        return {
+            **dataclasses.asdict(self.candidate),
+            "per_gpu_gb": round(self.per_gpu_gb, 2),
+            "headroom_gb": round(self.headroom_gb, 2),
+            "tgs": round(self.tgs, 1),
+            "mfu": round(self.mfu, 4),
+            "bound": self.bound,
+        }
 
 
 @dataclass
@@ -70,13 +77,18 @@ class SearchResult:
     best: list[Ranked]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"space": self.space, "pruned": self.pruned, "timed": self.timed,
-                "best": [r.to_dict() for r in self.best]}
+        return {
+            "space": self.space,
+            "pruned": self.pruned,
+            "timed": self.timed,
+            "best": [r.to_dict() for r in self.best],
+        }
 
 
 def _zero(zero: ZeroSettings, offload: str) -> ZeroSettings:
-    return dataclasses.replace(zero, stage=3, offload_optimizer=offload != "none",
-                               offload_param=offload == "optimizer+params")
+    return dataclasses.replace(
+        zero, stage=3, offload_optimizer=offload != "none", offload_param=offload == "optimizer+params"
+    )
 
 
 def _layouts(cfg: DeepseekV2Config) -> list[tuple[str, int | None]]:
@@ -84,8 +96,18 @@ def _layouts(cfg: DeepseekV2Config) -> list[tuple[str, int | None]]:
     return [("origin", None)] + [("shard", d) for d in range(1, E + 1) if E % d == 0]
 
 
-def search(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int, nodes: int, device: Device,
-           gpu_mem_gb: float, grad_accum: int = 1, peak_tflops: float | None = None, top: int = 5) -> SearchResult:
+def search(
+    cfg: DeepseekV2Config,
+    work: Workload,
+    zero: ZeroSettings,
+    gpus: int,
+    nodes: int,
+    device: Device,
+    gpu_mem_gb: float,
+    grad_accum: int = 1,
+    peak_tflops: float | None = None,
+    top: int = 5,
+) -> SearchResult:
     """Rank the configurations of the module docstring that fit; ``work`` gives the fixed settings
     (varlen, attention, dtype, micro batch)."""
     sps = [d for d in range(1, gpus + 1) if gpus % d == 0]
@@ -94,13 +116,17 @@ def search(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int,
     pruned = {"invalid": 0, "model states exceed the GPU": 0, "dominated": 0, "does not fit": 0}
     # Model states alone per offload setting (a bound that needs no trace): weights, grads, optimizer.
     P = count_params(cfg)
-    states_gb = {"none": P * (2 * work.bytes + 12) / gpus / 2**30, "optimizer": P * work.bytes / gpus / 2**30,
-                 "optimizer+params": 0.0}
+    states_gb = {
+        "none": P * (2 * work.bytes + 12) / gpus / 2**30,
+        "optimizer": P * work.bytes / gpus / 2**30,
+        "optimizer+params": 0.0,
+    }
     fits: dict[tuple, bool] = {}
     ranked = []
     # Order: cheapest settings first, so a dominated one can be recognised when it comes.
     for (impl, shard), ep, sp, S, ac, offload in sorted(
-            space, key=lambda c: (c[0][0], c[0][1] or 0, c[3], OFFLOADS.index(c[5]), c[4], c[2])):
+        space, key=lambda c: (c[0][0], c[0][1] or 0, c[3], OFFLOADS.index(c[5]), c[4], c[2])
+    ):
         tokens = S * work.micro_batch_size
         if cfg.num_attention_heads % sp or tokens % sp:
             pruned["invalid"] += 1
@@ -109,8 +135,11 @@ def search(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int,
             pruned["model states exceed the GPU"] += 1
             continue
         key = (impl, shard, ep, S)
-        cheaper = [(sp2, ac2, off2) for (sp2, ac2, off2) in fits.get(key, ())
-                   if sp2 <= sp and (ac2 <= ac) and OFFLOADS.index(off2) <= OFFLOADS.index(offload)]
+        cheaper = [
+            (sp2, ac2, off2)
+            for (sp2, ac2, off2) in fits.get(key, ())
+            if sp2 <= sp and (ac2 <= ac) and OFFLOADS.index(off2) <= OFFLOADS.index(offload)
+        ]
         if cheaper:
             pruned["dominated"] += 1
             continue
@@ -123,7 +152,15 @@ def search(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int,
             continue
         fits.setdefault(key, []).append((sp, ac, offload))
         s = predict_speed(c, w, z, gpus, nodes, device, grad_accum, peak_tflops)
-        ranked.append(Ranked(Candidate(impl, shard, ep, sp, S, ac, offload), mem.per_gpu_gb,
-                             gpu_mem_gb - mem.per_gpu_gb, s.tgs, s.mfu, s.bound))
+        ranked.append(
+            Ranked(
+                Candidate(impl, shard, ep, sp, S, ac, offload),
+                mem.per_gpu_gb,
+                gpu_mem_gb - mem.per_gpu_gb,
+                s.tgs,
+                s.mfu,
+                s.bound,
+            )
+        )
     ranked.sort(key=lambda r: -r.tgs)
     return SearchResult(space=len(space), pruned=pruned, timed=len(ranked), best=ranked[:top])

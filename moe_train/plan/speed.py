@@ -62,10 +62,22 @@ class Device:
 
 DEVICES = {
     "a100": Device("A100", peak_tflops=312, hbm_gbps=2039, nvlink_gbps=240, network_gbps=calibration.SEED_NETWORK_GBPS),
-    "h100": Device("H100", peak_tflops=989, hbm_gbps=3350, nvlink_gbps=370, network_gbps=45,  # NDR 400 Gb/s
-                   calibration=calibration.UNCALIBRATED_GPU),
-    "h200": Device("H200", peak_tflops=989, hbm_gbps=4800, nvlink_gbps=370, network_gbps=45,
-                   calibration=calibration.UNCALIBRATED_GPU),
+    "h100": Device(
+        "H100",
+        peak_tflops=989,
+        hbm_gbps=3350,
+        nvlink_gbps=370,
+        network_gbps=45,  # NDR 400 Gb/s
+        calibration=calibration.UNCALIBRATED_GPU,
+    ),
+    "h200": Device(
+        "H200",
+        peak_tflops=989,
+        hbm_gbps=4800,
+        nvlink_gbps=370,
+        network_gbps=45,
+        calibration=calibration.UNCALIBRATED_GPU,
+    ),
 }
 
 
@@ -159,8 +171,9 @@ def _schedule(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> tupl
     return _SCHEDULES[key]
 
 
-def _zero3_timeline(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, N: int, bw: float,
-                    device: Device, peak: float) -> _Timeline:
+def _zero3_timeline(
+    cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, N: int, bw: float, device: Device, peak: float
+) -> _Timeline:
     """One micro step of ZeRO-3 on the two streams of the module docstring."""
     cal = device.calibration
     b, T = work.bytes, work.tokens_per_rank
@@ -209,14 +222,16 @@ def _zero3_timeline(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, N
     return out
 
 
-def _zero3_micro_step(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, N: int, bw: float,
-                      device: Device, peak: float) -> _Timeline:
+def _zero3_micro_step(
+    cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, N: int, bw: float, device: Device, peak: float
+) -> _Timeline:
     """The timeline of the whole depth, extrapolated from two and three MoE layers (periodic trace)."""
     k = cfg.first_k_dense_replace
     if cfg.num_hidden_layers <= k + 3 or cfg.moe_layer_freq != 1:
         return _zero3_timeline(cfg, work, zero, N, bw, device, peak)
-    short, longer = (_zero3_timeline(cfg.replace(num_hidden_layers=k + d), work, zero, N, bw, device, peak)
-                     for d in (2, 3))
+    short, longer = (
+        _zero3_timeline(cfg.replace(num_hidden_layers=k + d), work, zero, N, bw, device, peak) for d in (2, 3)
+    )
     extra = cfg.num_hidden_layers - k - 3
     whole = _Timeline()
     for f in ("time_s", "compute_s", "comm_s", "hooks_s", "comm_bytes", "collectives"):
@@ -225,8 +240,14 @@ def _zero3_micro_step(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings,
 
 
 def predict_speed(
-    cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, gpus: int, nodes: int, device: Device,
-    grad_accum: int = 1, peak_tflops: float | None = None,
+    cfg: DeepseekV2Config,
+    work: Workload,
+    zero: ZeroSettings,
+    gpus: int,
+    nodes: int,
+    device: Device,
+    grad_accum: int = 1,
+    peak_tflops: float | None = None,
 ) -> SpeedEstimate:
     peak = (peak_tflops or device.peak_tflops) * 1e12
     cal = device.calibration
@@ -271,7 +292,16 @@ def predict_speed(
     step = grad_accum * micro + optimizer
     tgs = grad_accum * T / step
     return SpeedEstimate(
-        model_flops_per_token=model_flops, hardware_flops_per_token=hw_flops, compute_s=t.compute_s,
-        comm_s=t.comm_s, exposed_comm_s=exposed, hooks_s=t.hooks_s, comm_bytes=t.comm_bytes,
-        collectives=round(t.collectives), optimizer_s=optimizer, step_s=step, tgs=tgs, mfu=tgs * model_flops / peak,
+        model_flops_per_token=model_flops,
+        hardware_flops_per_token=hw_flops,
+        compute_s=t.compute_s,
+        comm_s=t.comm_s,
+        exposed_comm_s=exposed,
+        hooks_s=t.hooks_s,
+        comm_bytes=t.comm_bytes,
+        collectives=round(t.collectives),
+        optimizer_s=optimizer,
+        step_s=step,
+        tgs=tgs,
+        mfu=tgs * model_flops / peak,
     )

@@ -43,8 +43,9 @@ def amend(job: dict[str, Any], secret: str | None, shm_size: str | None) -> None
                 volume.empty_dir.size_limit = size
 
 
-def dryrun(component: str, component_args: list[str], scheduler_args: str, secret: str | None,
-           shm_size: str | None) -> tuple[Any, AppDryRunInfo]:
+def dryrun(
+    component: str, component_args: list[str], scheduler_args: str, secret: str | None, shm_size: str | None
+) -> tuple[Any, AppDryRunInfo]:
     """The amended request, and the runner to submit it with (a context manager)."""
     runner = get_runner(component_defaults=config.load_sections(prefix="component"))
     cfg = runner.scheduler_run_opts(SCHEDULER).cfg_from_str(scheduler_args)
@@ -57,8 +58,11 @@ def dryrun(component: str, component_args: list[str], scheduler_args: str, secre
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dryrun", action="store_true", help="print the Volcano Job instead of submitting it")
-    parser.add_argument("--secret", default="moe-train-storage",
-                        help="Secret whose keys become every container's env (empty: none, e.g. with workload identity)")
+    parser.add_argument(
+        "--secret",
+        default="moe-train-storage",
+        help="Secret whose keys become every container's env (empty: none, e.g. with workload identity)",
+    )
     parser.add_argument("--shm-size", help="sizeLimit of /dev/shm (e.g. 64Gi); default: half the memory limit")
     parser.add_argument("-cfg", "--scheduler_args", default="", help="kubernetes run options, as for torchx run")
     parser.add_argument("component", help="e.g. components.py:deepseek_v2_full or moe_train.deepseek_v2_full")

@@ -40,6 +40,7 @@ def varlen_kernel():
         return flash_attn_varlen_func
     return torch_varlen_as_flash if _torch_has_varlen() else None
 
+
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa")
 
 
@@ -47,8 +48,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; use one of {list(ATTENTION_BACKENDS)}")
     if backend == "flash" and varlen_kernel() is None:
-        raise ValueError("attention backend 'flash' needs flash-attn or torch.nn.attention.varlen; install the 'gpu' "
-                         "extra or use 'sdpa'")
+        raise ValueError(
+            "attention backend 'flash' needs flash-attn or torch.nn.attention.varlen; install the 'gpu' "
+            "extra or use 'sdpa'"
+        )
     if backend == "auto":
         return "flash" if varlen_kernel() is not None and device.type == "cuda" else "sdpa"
     return backend
@@ -61,14 +64,20 @@ def attention_kernel(backend: str, device: torch.device) -> tuple[str, str]:
             return "flash-varlen", "flash_attn.flash_attn_varlen_func (v padded to the q/k head dim)"
         return "torch-varlen", "torch.nn.attention.varlen.varlen_attn (flash-attn not installed)"
     if device.type == "cuda":
-        return "sdpa-per-sample", ("neither flash-attn (extra 'gpu') nor torch.nn.attention.varlen: one SDPA call "
-                                   "per packed sample")
+        return "sdpa-per-sample", (
+            "neither flash-attn (extra 'gpu') nor torch.nn.attention.varlen: one SDPA call per packed sample"
+        )
     return "sdpa-per-sample", "exact per-sample SDPA on CPU"
 
 
 def varlen_attention(
-    q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHV: torch.Tensor,
-    cu_seqlens: torch.Tensor | None, max_seqlen: int | None, scale: float, backend: str,
+    q_BTHD: torch.Tensor,
+    k_BTHD: torch.Tensor,
+    v_BTHV: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int | None,
+    scale: float,
+    backend: str,
 ) -> torch.Tensor:
     """Causal attention restricted to each packed sample; returns (B, T, H, V)."""
     B, T, H, D = q_BTHD.shape
@@ -82,8 +91,15 @@ def varlen_attention(
     v_pad = F.pad(v_BTHV, (0, D - V)) if V < D else v_BTHV
     if resolve_backend(backend, q_BTHD.device) == "flash":
         out = varlen_kernel()(
-            q_BTHD.reshape(B * T, H, D), k_BTHD.reshape(B * T, H, D), v_pad.reshape(B * T, H, D),
-            cu_seqlens, cu_seqlens, max_seqlen or T, max_seqlen or T, softmax_scale=scale, causal=True,
+            q_BTHD.reshape(B * T, H, D),
+            k_BTHD.reshape(B * T, H, D),
+            v_pad.reshape(B * T, H, D),
+            cu_seqlens,
+            cu_seqlens,
+            max_seqlen or T,
+            max_seqlen or T,
+            softmax_scale=scale,
+            causal=True,
         )
         return out[..., :V].reshape(B, T, H, V)
     # Exact fallback: causal SDPA on each sample (no T x T mask across samples is ever built);
@@ -105,6 +121,12 @@ class VarlenAttention(nn.Module):
         super().__init__()
         self.softmax_scale, self.backend = softmax_scale, backend
 
-    def forward(self, q_BTHD: torch.Tensor, k_BTHD: torch.Tensor, v_BTHV: torch.Tensor,
-                cu_seqlens: torch.Tensor | None, max_seqlen: int | None) -> torch.Tensor:
+    def forward(
+        self,
+        q_BTHD: torch.Tensor,
+        k_BTHD: torch.Tensor,
+        v_BTHV: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+        max_seqlen: int | None,
+    ) -> torch.Tensor:
         return varlen_attention(q_BTHD, k_BTHD, v_BTHV, cu_seqlens, max_seqlen, self.softmax_scale, self.backend)

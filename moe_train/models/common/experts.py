@@ -63,8 +63,11 @@ def expert_kernel(device_type: str, dtype: torch.dtype, hidden_size: int, interm
     allowed = (torch.bfloat16,) if device_type == "cuda" else (torch.float32, torch.bfloat16)
     if dtype not in allowed:
         return "loop", f"grouped_mm on {device_type} takes {[str(d) for d in allowed]}, not {dtype}; train in bf16"
-    padded = [f"{name}={n}" for name, n in (("hidden_size", hidden_size), ("moe_intermediate_size", intermediate_size))
-              if padded_size(n, dtype) != n]
+    padded = [
+        f"{name}={n}"
+        for name, n in (("hidden_size", hidden_size), ("moe_intermediate_size", intermediate_size))
+        if padded_size(n, dtype) != n
+    ]
     why = f"torch.nn.functional.grouped_mm, {dtype} on {device_type}"
     return "grouped_mm", why + (f"; {', '.join(padded)} zero-padded to 16-byte rows per call" if padded else "")
 
@@ -75,7 +78,7 @@ def _grouped_mm(x_AI: torch.Tensor, w_SIO: torch.Tensor, counts_S: torch.Tensor)
     out = x_AI.new_empty(x_AI.shape[0], w_SIO.shape[2])
     start = 0
     for s, n in enumerate(counts_S.tolist()):
-        torch.mm(x_AI[start:start + n], w_SIO[s], out=out[start:start + n])
+        torch.mm(x_AI[start : start + n], w_SIO[s], out=out[start : start + n])
         start += n
     return out
 
@@ -89,7 +92,7 @@ def _grouped_weight_grad(grad_AO: torch.Tensor, x_AI: torch.Tensor, counts_S: to
     start = 0
     for s, n in enumerate(counts_S.tolist()):
         if n:
-            torch.mm(gT[:, start:start + n], x_AI[start:start + n], out=out[s])
+            torch.mm(gT[:, start : start + n], x_AI[start : start + n], out=out[s])
         start += n
     return out
 
@@ -138,10 +141,10 @@ class ExpertShard(nn.Module):
 class ShardedExperts(nn.ModuleList):
     """E/S shards; parameter names `{shard}.gate_up_proj`, `{shard}.down_proj`."""
 
-    def __init__(self, num_experts: int, shard_size: int, hidden_size: int, intermediate_size: int,
-                 std: float) -> None:
-        super().__init__(ExpertShard(shard_size, hidden_size, intermediate_size, std)
-                         for _ in range(num_experts // shard_size))
+    def __init__(self, num_experts: int, shard_size: int, hidden_size: int, intermediate_size: int, std: float) -> None:
+        super().__init__(
+            ExpertShard(shard_size, hidden_size, intermediate_size, std) for _ in range(num_experts // shard_size)
+        )
         self.shard_size = shard_size
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -162,15 +165,17 @@ class PerExpertModules(nn.ModuleList):
         return torch.cat([expert(x) for expert, x in zip(self, x_AD.split(counts_E.tolist()))])
 
 
-def routed_experts(implementation: str, num_experts: int, shard_size: int, hidden_size: int,
-                   intermediate_size: int, std: float) -> nn.Module:
+def routed_experts(
+    implementation: str, num_experts: int, shard_size: int, hidden_size: int, intermediate_size: int, std: float
+) -> nn.Module:
     if implementation == "shard":
         return ShardedExperts(num_experts, shard_size, hidden_size, intermediate_size, std)
     return PerExpertModules(num_experts, hidden_size, intermediate_size, std)
 
 
-def dispatch_and_combine(experts: nn.Module, x_TD: torch.Tensor, weight_TK: torch.Tensor, index_TK: torch.Tensor,
-                         num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dispatch_and_combine(
+    experts: nn.Module, x_TD: torch.Tensor, weight_TK: torch.Tensor, index_TK: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token through its K experts, weighted and summed; returns (out (T, D), tokens per expert (E,)).
 
     The T*K assignments are sorted by expert once, so every expert reads a contiguous block.
@@ -188,8 +193,13 @@ def dispatch_and_combine(experts: nn.Module, x_TD: torch.Tensor, weight_TK: torc
     return out_TD, counts_E
 
 
-def balance_loss(scores_TE: torch.Tensor, index_TK: torch.Tensor, segment_T: torch.Tensor, alpha: float,
-                 group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def balance_loss(
+    scores_TE: torch.Tensor,
+    index_TK: torch.Tensor,
+    segment_T: torch.Tensor,
+    alpha: float,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
     """DeepSeek's auxiliary balance loss: alpha * mean over sequences of sum_e f_e * P_e.
 
     f_e is the fraction of a sequence's assignments routed to expert e (scaled so uniform routing
@@ -210,8 +220,11 @@ def balance_loss(scores_TE: torch.Tensor, index_TK: torch.Tensor, segment_T: tor
     n_seg = max(int(n_seg), 1)
     T = segment_T.numel()
     counts = torch.zeros(n_seg, E + 1, device=scores_TE.device)  # hits per expert, then tokens
-    counts.index_put_((segment_T[:, None].expand(T, K).reshape(-1), index_TK.reshape(-1)),
-                      torch.ones(T * K, device=scores_TE.device), accumulate=True)
+    counts.index_put_(
+        (segment_T[:, None].expand(T, K).reshape(-1), index_TK.reshape(-1)),
+        torch.ones(T * K, device=scores_TE.device),
+        accumulate=True,
+    )
     counts[:, E].index_add_(0, segment_T, torch.ones(T, device=scores_TE.device))
     size = 1
     if group is not None:

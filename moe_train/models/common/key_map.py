@@ -39,7 +39,7 @@ class Slot:
         if self.half is None:
             return t
         n = t.shape[0] // 2
-        return t[self.half * n:(self.half + 1) * n]
+        return t[self.half * n : (self.half + 1) * n]
 
     def shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The HF tensor's shape, given our parameter's full shape."""
@@ -87,5 +87,7 @@ class KeyMap:
                 return out
         if any(p.match(name) for p in self._same):
             return [(name, Slot(name))]
-        raise ValueError(f"parameter {name!r} has no key in the {self.family} HF key map; add it to the family's "
-                         "state_dict_adapter.py")
+        raise ValueError(
+            f"parameter {name!r} has no key in the {self.family} HF key map; add it to the family's "
+            "state_dict_adapter.py"
+        )

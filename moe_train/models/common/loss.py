@@ -41,8 +41,9 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Cross entropy in fp32 of logits (..., V) against already shifted ``targets`` (...)."""
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+    return F.cross_entropy(
+        logits.float().flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -63,8 +63,10 @@ def register(spec: ModelSpec) -> ModelSpec:
 def spec_for(model_type: str | None) -> ModelSpec:
     """The family that reads config.json files of ``model_type``."""
     if model_type not in _REGISTRY:
-        raise ValueError(f"config.json has model_type={model_type!r}, which moe-train does not train; supported: "
-                         f"{', '.join(sorted(_REGISTRY))} (point --model at such a checkpoint directory)")
+        raise ValueError(
+            f"config.json has model_type={model_type!r}, which moe-train does not train; supported: "
+            f"{', '.join(sorted(_REGISTRY))} (point --model at such a checkpoint directory)"
+        )
     return _REGISTRY[model_type]
 
 
@@ -105,8 +107,12 @@ def _param_counts(family: str, cfg_json: str) -> ParamCounts:
     with torch.device("meta"):
         model = spec.build(cfg)
     total = sum(p.numel() for p in model.parameters())
-    not_matmul = sum(p.numel() for m in model.modules() if isinstance(m, (nn.Embedding, *spec.norm_types))
-                     for p in m.parameters(recurse=False))
+    not_matmul = sum(
+        p.numel()
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, *spec.norm_types))
+        for p in m.parameters(recurse=False)
+    )
     routed = 0.0
     for module in model.modules():
         if isinstance(module, spec.moe_types):

@@ -8,18 +8,20 @@ from moe_train.models.deepseek_v2.model import CausalLMOutput, DeepseekV2ForCaus
 from moe_train.models.deepseek_v2.moe import MoE
 from moe_train.models.deepseek_v2.state_dict_adapter import ours_to_hf
 
-SPEC = register(ModelSpec(
-    name="deepseek_v2",
-    model_types=("deepseek_v2",),
-    config_cls=DeepseekV2Config,
-    model_cls=DeepseekV2ForCausalLM,
-    ours_to_hf=ours_to_hf,
-    hub_ids=HUB_IDS,
-    chat_template="deepseek_v2",
-    attention_types=(MLAttention,),
-    moe_types=(MoE,),
-    norm_types=(RMSNorm,),
-    layers=lambda model: model.model.layers,
-))
+SPEC = register(
+    ModelSpec(
+        name="deepseek_v2",
+        model_types=("deepseek_v2",),
+        config_cls=DeepseekV2Config,
+        model_cls=DeepseekV2ForCausalLM,
+        ours_to_hf=ours_to_hf,
+        hub_ids=HUB_IDS,
+        chat_template="deepseek_v2",
+        attention_types=(MLAttention,),
+        moe_types=(MoE,),
+        norm_types=(RMSNorm,),
+        layers=lambda model: model.model.layers,
+    )
+)
 
 __all__ = ["NAMED_SIZES", "SPEC", "CausalLMOutput", "DeepseekV2Config", "DeepseekV2ForCausalLM"]

@@ -17,6 +17,7 @@ from moe_train.models.common.norm import RMSNorm
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from moe_train.models.deepseek_v2.rope import apply_rope
 
+
 class MLAttention(nn.Module):
     def __init__(self, cfg: DeepseekV2Config, attn_backend: str = "auto") -> None:
         super().__init__()
@@ -35,8 +36,12 @@ class MLAttention(nn.Module):
         self.inner_attention = VarlenAttention(cfg.softmax_scale, attn_backend)
 
     def forward(
-        self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x_BTD.shape

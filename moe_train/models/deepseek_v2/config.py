@@ -20,8 +20,15 @@ TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 # Keys of a source config.json that stop describing the weights once we write them: the dtype is
 # the export's own, and exported weights are never quantised.
-_REWRITTEN_HF_KEYS = {"torch_dtype", "dtype", "quantization_config", "transformers_version", "rope_parameters",
-                      "model_type"}
+_REWRITTEN_HF_KEYS = {
+    "torch_dtype",
+    "dtype",
+    "quantization_config",
+    "transformers_version",
+    "rope_parameters",
+    "model_type",
+}
+
 
 @dataclass
 class DeepseekV2Config:
@@ -104,7 +111,7 @@ class DeepseekV2Config:
 
     @property
     def softmax_scale(self) -> float:
-        scale = self.qk_head_dim ** -0.5
+        scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling or {}
         if rs.get("mscale_all_dim"):
             m = yarn_get_mscale(rs["factor"], rs["mscale_all_dim"])
@@ -119,8 +126,10 @@ class DeepseekV2Config:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and value >= self.vocab_size:
-                raise ValueError(f"config field {name}={value} is not below vocab_size={self.vocab_size}; "
-                                 "fix the token id or the vocabulary size")
+                raise ValueError(
+                    f"config field {name}={value} is not below vocab_size={self.vocab_size}; "
+                    "fix the token id or the vocabulary size"
+                )
         if self.moe_implementation not in MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"moe_implementation={self.moe_implementation!r} is unknown; use one of {list(MOE_IMPLEMENTATIONS)}"
@@ -128,16 +137,23 @@ class DeepseekV2Config:
         if self.topk_method not in self.TOPK_METHODS:
             raise ValueError(f"topk_method={self.topk_method!r} is unknown; use one of {list(self.TOPK_METHODS)}")
         if self.scoring_func not in self.SCORING_FUNCS:
-            raise ValueError(f"scoring_func={self.scoring_func!r} is not supported; {self.FAMILY} uses "
-                             f"{' or '.join(map(repr, self.SCORING_FUNCS))}")
+            raise ValueError(
+                f"scoring_func={self.scoring_func!r} is not supported; {self.FAMILY} uses "
+                f"{' or '.join(map(repr, self.SCORING_FUNCS))}"
+            )
         # Fields DeepSeek's code defines but we do not implement: refused rather than ignored.
-        unsupported = {"hidden_act": (self.hidden_act, "silu"), "attention_dropout": (self.attention_dropout, 0.0),
-                       "tie_word_embeddings": (self.tie_word_embeddings, False),
-                       "pretraining_tp": (self.pretraining_tp, 1)}
+        unsupported = {
+            "hidden_act": (self.hidden_act, "silu"),
+            "attention_dropout": (self.attention_dropout, 0.0),
+            "tie_word_embeddings": (self.tie_word_embeddings, False),
+            "pretraining_tp": (self.pretraining_tp, 1),
+        }
         for name, (value, supported) in unsupported.items():
             if value != supported:
-                raise ValueError(f"{name}={value!r} is not supported by moe-train's {self.FAMILY}; set it to "
-                                 f"{supported!r} in config.json (every released {self.FAMILY} checkpoint does)")
+                raise ValueError(
+                    f"{name}={value!r} is not supported by moe-train's {self.FAMILY}; set it to "
+                    f"{supported!r} in config.json (every released {self.FAMILY} checkpoint does)"
+                )
         if self.n_routed_experts is None:
             return
         if self.expert_in_one_shard is not None:
@@ -169,8 +185,9 @@ class DeepseekV2Config:
     def from_hf_dict(cls, d: dict[str, Any], **layout: Any) -> "DeepseekV2Config":
         """Build from a ``config.json`` dict: DeepSeek remote-code format or transformers 5 format."""
         if not isinstance(d, dict):
-            raise ValueError(f"config.json holds a JSON {type(d).__name__}, not an object; use a DeepSeek V2 "
-                             "config.json")
+            raise ValueError(
+                f"config.json holds a JSON {type(d).__name__}, not an object; use a DeepSeek V2 config.json"
+            )
         model_type = d.get("model_type")
         if model_type not in cls.MODEL_TYPES:
             raise ValueError(
@@ -202,8 +219,13 @@ class DeepseekV2Config:
             rs = dict(d["rope_scaling"])
             rs.setdefault("type", rs.pop("rope_type", "yarn"))
             d["rope_scaling"] = rs
-        return {"architectures": ["DeepseekV2ForCausalLM"], **self.source_fields, "model_type": "deepseek_v2", **d,
-                "torch_dtype": torch_dtype}
+        return {
+            "architectures": ["DeepseekV2ForCausalLM"],
+            **self.source_fields,
+            "model_type": "deepseek_v2",
+            **d,
+            "torch_dtype": torch_dtype,
+        }
 
     @classmethod
     def from_json_file(cls, path: str, **layout: Any) -> "DeepseekV2Config":
@@ -220,9 +242,20 @@ class DeepseekV2Config:
 
 # Fields whose smallest value is not 1, and the largest sizes that are not a typo (a vocabulary of
 # 2**22 is 8x the largest in use; anything bigger would allocate the embedding before failing).
-_MIN = {"first_k_dense_replace": 0, "n_shared_experts": 0, "num_nextn_predict_layers": 0, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0,
-        "routed_scaling_factor": 0.0, "aux_loss_alpha": 0.0, "initializer_range": 0.0, "attention_dropout": 0.0,
-        "rms_norm_eps": 0.0, "rope_theta": 0.0}
+_MIN = {
+    "first_k_dense_replace": 0,
+    "n_shared_experts": 0,
+    "num_nextn_predict_layers": 0,
+    "pad_token_id": 0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "routed_scaling_factor": 0.0,
+    "aux_loss_alpha": 0.0,
+    "initializer_range": 0.0,
+    "attention_dropout": 0.0,
+    "rms_norm_eps": 0.0,
+    "rope_theta": 0.0,
+}
 _OPEN_MIN = {"routed_scaling_factor", "rms_norm_eps", "rope_theta"}  # must be above their minimum
 _MAX = {"vocab_size": 2**22, "attention_dropout": 1.0, "rope_theta": 1e9, "max_position_embeddings": 2**24}
 _DEFAULT_MAX = 2**20
@@ -274,8 +307,13 @@ def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
 
 
 _YARN_40X = {
-    "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-    "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707,
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
 }
 
 # The Hugging Face model of each named size (the chat variants share the base's shapes).
@@ -288,36 +326,102 @@ HUB_IDS: dict[str, str | None] = {
 NAMED_SIZES: dict[str, dict[str, Any]] = {
     # deepseek-ai/DeepSeek-V2 and -V2-Chat (236B total, 21B active).
     "deepseek-v2": dict(
-        vocab_size=102400, hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
-        num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128, n_shared_experts=2,
-        n_routed_experts=160, routed_scaling_factor=16.0, kv_lora_rank=512, q_lora_rank=1536,
-        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="group_limited_greedy",
-        n_group=8, topk_group=3, num_experts_per_tok=6, first_k_dense_replace=1, norm_topk_prob=False,
-        aux_loss_alpha=0.003, seq_aux=True, max_position_embeddings=163840, initializer_range=0.006,
+        vocab_size=102400,
+        hidden_size=5120,
+        intermediate_size=12288,
+        moe_intermediate_size=1536,
+        num_hidden_layers=60,
+        num_attention_heads=128,
+        num_key_value_heads=128,
+        n_shared_experts=2,
+        n_routed_experts=160,
+        routed_scaling_factor=16.0,
+        kv_lora_rank=512,
+        q_lora_rank=1536,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        topk_method="group_limited_greedy",
+        n_group=8,
+        topk_group=3,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        norm_topk_prob=False,
+        aux_loss_alpha=0.003,
+        seq_aux=True,
+        max_position_embeddings=163840,
+        initializer_range=0.006,
         rope_scaling=dict(_YARN_40X),
     ),
     # deepseek-ai/DeepSeek-V2-Lite and -Lite-Chat (15.7B total, 2.4B active).
     "deepseek-v2-lite": dict(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
-        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
-        n_routed_experts=64, routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None,
-        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, topk_method="greedy",
-        n_group=1, topk_group=1, num_experts_per_tok=6, first_k_dense_replace=1, norm_topk_prob=False,
-        aux_loss_alpha=0.001, seq_aux=True, max_position_embeddings=163840, initializer_range=0.02,
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        n_shared_experts=2,
+        n_routed_experts=64,
+        routed_scaling_factor=1.0,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        qk_nope_head_dim=128,
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        norm_topk_prob=False,
+        aux_loss_alpha=0.001,
+        seq_aux=True,
+        max_position_embeddings=163840,
+        initializer_range=0.02,
         rope_scaling=dict(_YARN_40X),
     ),
     # The one debug size used by every test, the smoke run and the quick benchmarks.  Its
     # vocabulary is the tokenizer shipped in moe_train/assets/tiny_tokenizer.
     "tiny": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
-        n_routed_experts=8, routed_scaling_factor=1.0, kv_lora_rank=16, q_lora_rank=24,
-        qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16, topk_method="group_limited_greedy",
-        n_group=4, topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1, norm_topk_prob=False,
-        aux_loss_alpha=0.001, seq_aux=True, max_position_embeddings=2048, initializer_range=0.02,
-        bos_token_id=0, eos_token_id=1, pad_token_id=None,
-        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 512,
-                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        routed_scaling_factor=1.0,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        qk_nope_head_dim=16,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        norm_topk_prob=False,
+        aux_loss_alpha=0.001,
+        seq_aux=True,
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=None,
+        rope_scaling={
+            "type": "yarn",
+            "factor": 4,
+            "original_max_position_embeddings": 512,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "mscale": 0.707,
+            "mscale_all_dim": 0.707,
+        },
         expert_in_one_shard=4,
     ),
 }

@@ -37,8 +37,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLAttention(cfg, attn_backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
-        self.mlp = moe_cls(cfg) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size,
-                                                            cfg.initializer_range)
+        self.mlp = (
+            moe_cls(cfg) if self.is_moe else SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range)
+        )
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, segment_T):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
@@ -55,8 +56,7 @@ class DeepseekV2Model(nn.Module):
         # padding_idx as DeepSeek's code: that row gets no gradient (null in the official configs).
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         nn.init.normal_(self.embed_tokens.weight, std=cfg.initializer_range)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_backend, moe_cls)
-                                    for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_backend, moe_cls) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 

@@ -53,16 +53,24 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = self.router_cls(cfg)
-        self.experts = routed_experts(cfg.moe_implementation, cfg.n_routed_experts, cfg.shard_size, cfg.hidden_size,
-                                      cfg.moe_intermediate_size, cfg.initializer_range)
+        self.experts = routed_experts(
+            cfg.moe_implementation,
+            cfg.n_routed_experts,
+            cfg.shard_size,
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+            cfg.initializer_range,
+        )
         if cfg.n_shared_experts:
-            self.shared_experts = SwiGLUMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
-                                            cfg.initializer_range)
+            self.shared_experts = SwiGLUMLP(
+                cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.initializer_range
+            )
         # Sequence parallelism sets the group whose ranks share each row, for the balance loss.
         self.balance_group: dist.ProcessGroup | None = None
 
-    def forward(self, x_BTD: torch.Tensor, segment_T: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def forward(
+        self, x_BTD: torch.Tensor, segment_T: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``segment_T``: each token's sequence (-1: padding; default: its row).  Returns output
         (B, T, D), the balance loss (training only) and tokens per expert (E,) over the real tokens."""
         cfg = self.cfg

@@ -13,7 +13,7 @@ def _inv_freq(cfg: DeepseekV2Config, device: torch.device) -> tuple[torch.Tensor
     """Inverse frequencies (rope_dim/2,) and the scale applied to cos/sin."""
     dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
-    extrapolated = 1.0 / base ** exponents
+    extrapolated = 1.0 / base**exponents
     rs = cfg.rope_scaling
     if not rs:
         return extrapolated, 1.0
@@ -47,7 +47,9 @@ def rope_cos_sin(cfg: DeepseekV2Config, position_ids: torch.Tensor) -> tuple[tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim; x is (B, T, heads, rope_dim), cos/sin (B, T, rope_dim/2)."""
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim.
+
+    x is (B, T, heads, rope_dim), cos/sin (B, T, rope_dim/2)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
