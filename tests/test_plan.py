@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from moe_train.cli import main
+from moe_train.engine.metrics import active_matmul_params
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from moe_train.plan import (
     build_plan,
@@ -41,7 +42,6 @@ from moe_train.plan.memory import (
     Unit,
     Workload,
     ZeroSettings,
-    active_matmul_params,
     count_params,
     predict_memory,
     simulate_gathers,

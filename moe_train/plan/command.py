@@ -7,8 +7,9 @@ import math
 
 import click
 
+from moe_train.engine.metrics import active_matmul_params
 from moe_train.plan import HEADROOM_WARNING, Plan, build_plan, calibration_warnings, model_config
-from moe_train.plan.memory import ATTENTIONS, active_matmul_params, count_params
+from moe_train.plan.memory import ATTENTIONS, count_params
 from moe_train.plan.search import SearchResult, search
 from moe_train.plan.speed import DEVICES, attention_keys
 from moe_train.recipes import get_recipe

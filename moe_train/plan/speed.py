@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from moe_train.engine.metrics import active_matmul_params
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from moe_train.plan import calibration
 from moe_train.plan.calibration import Calibration
@@ -37,7 +38,6 @@ from moe_train.plan.memory import (
     Unit,
     Workload,
     ZeroSettings,
-    active_matmul_params,
     gather_schedule,
     model_units,
     step_trace,
