@@ -25,7 +25,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import Result, table
+from bench.common import Result, cpu_ranks_env, table, torchrun_module
 from bench.zero3 import MODES, REFERENCE_SHARD, batch, model_config
 
 REPEATS = {"test": 1, "quick": 3, "full": 5}
@@ -161,32 +160,11 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
 
 
 def launch(mode: str, nproc: int = 2, timeout: int = 1200) -> list[dict]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="bench-checkpoint-") as tmp:
         work = os.path.join(tmp, "work")
-        env = dict(
-            os.environ,
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-            TORCH_EXTENSIONS_DIR=os.path.join(tmp, "torch_extensions"),
-        )
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
-        )
+        env = cpu_ranks_env(tmp)
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--nnodes=1",
-            f"--master_port={port}",
-            "-m",
-            "bench.checkpoint",
+            *torchrun_module("bench.checkpoint", nproc),
             "--worker",
             "--mode",
             mode,

@@ -144,3 +144,38 @@ def moto_s3():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_ranks_env(tmp: str) -> dict[str, str]:
+    """The environment of benchmark ranks on CPU: gloo, one thread each, this checkout importable, and a
+    private extensions dir (a killed JIT build leaves a lock that hangs the next one)."""
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        TORCH_EXTENSIONS_DIR=os.path.join(tmp, "torch_extensions"),
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
+
+
+def torchrun_module(module: str, nproc: int) -> list[str]:
+    """``python -m torch.distributed.run`` of ``python -m module`` on ``nproc`` local ranks, on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        f"--master_port={free_port()}",
+        "-m",
+        module,
+    ]

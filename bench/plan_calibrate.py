@@ -22,10 +22,11 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.common import torchrun_module
 
 SWEEP_NUMEL = [2**8, 2**12, 2**15, 2**18, 2**20]
 OUT = Path(__file__).resolve().parent.parent / "moe_train" / "plan" / "cpu_measurements.json"
@@ -71,21 +72,10 @@ def run_sweep(nproc: int = 2) -> list[dict]:
         env["PYTHONPATH"] = os.pathsep.join(
             filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
         )
-        import socket
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc_per_node={nproc}",
-                "--nnodes=1",
-                f"--master_port={port}",
-                "-m",
-                "bench.plan_calibrate",
+                *torchrun_module("bench.plan_calibrate", nproc),
                 "--worker",
                 "--out",
                 out,

@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import Result, table
+from bench.common import Result, cpu_ranks_env, table, torchrun_module
 
 WRAPPED = (
     "all_gather_single",
@@ -283,32 +282,11 @@ def worker(mode: str, out_path: str) -> None:
 
 def launch(mode: str, nproc: int = 2, timeout: int = 900) -> list[dict]:
     """Run the worker on `nproc` CPU ranks under torchrun; returns rank 0's records."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="bench-zero3-") as tmp:
         out = os.path.join(tmp, "records.json")
-        env = dict(
-            os.environ,
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-            TORCH_EXTENSIONS_DIR=os.path.join(tmp, "torch_extensions"),
-        )
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")])
-        )
+        env = cpu_ranks_env(tmp)
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--nnodes=1",
-            f"--master_port={port}",
-            "-m",
-            "bench.zero3",
+            *torchrun_module("bench.zero3", nproc),
             "--worker",
             "--mode",
             mode,

@@ -30,15 +30,9 @@ def cpu_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(
-    args: list[str],
-    tmp: Path,
-    nproc: int = 2,
-    timeout: int = 300,
-    env: dict | None = None,
-    torchrun_args: list[str] | None = None,
-) -> subprocess.CompletedProcess:
-    cmd = [
+def torchrun_cmd(args: list[str], nproc: int = 2, torchrun_args: list[str] | None = None) -> list[str]:
+    """The command line of ``moe-train train ARGS`` under torchrun on this machine, on a free port."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -53,6 +47,17 @@ def torchrun(
         "--launcher",
         "pytorch",
     ]
+
+
+def torchrun(
+    args: list[str],
+    tmp: Path,
+    nproc: int = 2,
+    timeout: int = 300,
+    env: dict | None = None,
+    torchrun_args: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    cmd = torchrun_cmd(args, nproc, torchrun_args)
     return subprocess.run(cmd, env=env or cpu_env(tmp), capture_output=True, text=True, timeout=timeout)
 
 

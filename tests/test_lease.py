@@ -15,7 +15,7 @@ import fsspec
 import pytest
 
 from moe_train.engine.lease import STALE_S, Lease, _create_exclusive, own_work_dir
-from tests.launch import check, cpu_env, free_port, metrics, torchrun
+from tests.launch import check, cpu_env, metrics, torchrun, torchrun_cmd
 
 
 def lease_for(fs, root: str, job: str) -> Lease:
@@ -161,26 +161,7 @@ def rank_pids(agent: int) -> list[int]:
 @pytest.mark.slow
 def test_second_run_on_a_live_work_dir_is_refused_and_the_first_completes_untouched(tmp_path):
     work = tmp_path / "work"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        f"--master_port={free_port()}",
-        "-m",
-        "moe_train.cli",
-        "train",
-        *ARGS,
-        "--work-dir",
-        str(work),
-        "--launcher",
-        "pytorch",
-        "--max-steps",
-        "12",
-        "--save-steps",
-        "6",
-    ]
+    cmd = torchrun_cmd([*ARGS, "--work-dir", str(work), "--max-steps", "12", "--save-steps", "6"])
     with open(tmp_path / "a.err", "w") as err:
         first = subprocess.Popen(cmd, env=cpu_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err)
     try:

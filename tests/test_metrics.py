@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 from moe_train.engine.metrics import MetricsWriter, read_metrics, summarize
-from tests.launch import check, cpu_env, free_port, metrics, torchrun
+from tests.launch import check, cpu_env, metrics, torchrun, torchrun_cmd
 
 ASSETS = Path(__file__).resolve().parents[1] / "moe_train" / "assets"
 
@@ -93,29 +92,20 @@ def test_s3_metrics_are_live_mid_run_and_survive_sigkill(s3_server, tmp_path):
 
     url = f"s3://{s3_server['bucket']}/killed-{tmp_path.name}"
     env = cpu_env(tmp_path, FSSPEC_S3_ENDPOINT_URL=s3_server["endpoint"])
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        f"--master_port={free_port()}",
-        "-m",
-        "moe_train.cli",
-        "train",
-        "tiny",
-        "--launcher",
-        "pytorch",
-        "--work-dir",
-        url,
-        "--epochs",
-        "3",
-        "--cfg-options",
-        "max_steps=None",
-        "--save-steps",
-        "0",
-        "--no-export",
-    ]
+    cmd = torchrun_cmd(
+        [
+            "tiny",
+            "--work-dir",
+            url,
+            "--epochs",
+            "3",
+            "--cfg-options",
+            "max_steps=None",
+            "--save-steps",
+            "0",
+            "--no-export",
+        ]
+    )
     log = open(tmp_path / "log.txt", "w")  # noqa: SIM115
     p = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]})

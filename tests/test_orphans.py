@@ -11,31 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import cpu_env, free_port
+from tests.launch import cpu_env, torchrun_cmd
 from tests.test_lease import rank_pids
 
 ARGS = ["tiny", "--deepspeed", "deepspeed_zero3"]
 
 
 def start(tmp: Path, work: Path, *args: str, torchrun_args=()) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
-        f"--master_port={free_port()}",
-        *torchrun_args,
-        "-m",
-        "moe_train.cli",
-        "train",
-        *ARGS,
-        "--work-dir",
-        str(work),
-        "--launcher",
-        "pytorch",
-        *args,
-    ]
+    cmd = torchrun_cmd([*ARGS, "--work-dir", str(work), *args], torchrun_args=list(torchrun_args))
     with open(tmp / "run.err", "w") as err:  # its own session: a signal to its group is a Ctrl-C in its terminal
         return subprocess.Popen(cmd, env=cpu_env(tmp), stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
