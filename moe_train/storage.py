@@ -8,6 +8,7 @@ formats a URL for humans (log lines, errors, metrics, summaries).
 
 from __future__ import annotations
 
+import copy
 import contextlib
 import re
 import threading
@@ -34,7 +35,8 @@ def resolve(url: str, storage_options: dict[str, Any] | None = None) -> tuple[An
     ``S3_CONFIG``'s timeouts and retries unless ``storage_options`` sets ``config_kwargs``."""
     options = dict(storage_options or {})
     if url.startswith(("s3://", "s3a://")):
-        options.setdefault("config_kwargs", S3_CONFIG)
+        # a copy: botocore rewrites the retries dict it is given (max_attempts -> total_max_attempts)
+        options.setdefault("config_kwargs", copy.deepcopy(S3_CONFIG))
     try:
         fs, root = fsspec.core.url_to_fs(url, **options)
     except ValueError as e:  # fsspec: "Protocol not known: x"
