@@ -8,8 +8,8 @@ formats a URL for humans (log lines, errors, metrics, summaries).
 
 from __future__ import annotations
 
-import copy
 import contextlib
+import copy
 import re
 import threading
 from collections.abc import Callable, Iterator
