@@ -102,12 +102,18 @@ def plan(
             r = r.replace(grad_accum=accum)
     if dp * r.grad_accum * r.micro_batch_size != packs:
         if not allow_batch_change:
+            per = dp * r.micro_batch_size
+            how = (
+                f"{dp} data-parallel ranks keep it with grad_accum {packs // per}, not {r.grad_accum}: pass "
+                f"--cfg-options grad_accum={packs // per}"
+                if packs % per == 0
+                else f"{dp} data-parallel ranks cannot keep it (grad_accum would be {packs}/{per}): use a world size "
+                f"dividing {packs}"
+            )
             raise ValueError(
                 f"the checkpoint's global batch is {packs} packs per step ({state['dp_size']} "
                 f"data-parallel ranks x grad_accum {state['grad_accum']} x micro batch "
-                f"{state['micro_batch_size']}); {dp} data-parallel ranks cannot keep it (grad_accum "
-                f"would be {packs}/{dp * r.micro_batch_size}): use a world size dividing {packs}, set "
-                "--cfg-options grad_accum=N, or pass --allow-batch-change to train on with "
+                f"{state['micro_batch_size']}); {how}, or pass --allow-batch-change to train on with "
                 f"{dp * r.grad_accum * r.micro_batch_size} packs per step"
             )
         log(
