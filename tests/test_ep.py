@@ -351,4 +351,4 @@ def test_plan_ep_prints_the_estimate_against_zero3():
     assert "suggested ep: 8" in out.output
     bad = CliRunner().invoke(main, [*args, "--ep", "3"])
     assert bad.exit_code != 0
-    assert "--ep 3 must divide the GPUs (128) and the routed experts (160)" in bad.output
+    assert "--ep 3 does not divide the world size 128; use one of [1, 2, 4, 8, 16, 32]" in bad.output

@@ -63,9 +63,19 @@ def check(ep: int, world: int, cfg: Any, ds_config: dict[str, Any], sp: int) -> 
     """Raise ValueError (one line, with the valid values) for settings EP cannot run with."""
     if ep == 1:
         return
-    if world % ep:
-        raise ValueError(f"--ep {ep} does not divide the world size {world}; use one of {_divisors(world)}")
+    check_settings(ep, world, cfg, ds_config, sp)
+    check_deepspeed()
+
+
+def check_settings(ep: int, world: int, cfg: Any, ds_config: dict[str, Any], sp: int) -> None:
+    """``check`` without the DeepSpeed version: what the planner's search prunes by."""
+    if ep == 1:
+        return
     E = cfg.n_routed_experts
+    if world % ep:  # the valid degrees also divide the experts
+        raise ValueError(
+            f"--ep {ep} does not divide the world size {world}; use one of {_divisors(math.gcd(E, world))}"
+        )
     if E % ep:
         valid = [d for d in _divisors(math.gcd(E, world))]
         raise ValueError(f"--ep {ep} does not divide the {E} routed experts; use one of {valid}")
@@ -99,7 +109,6 @@ def check(ep: int, world: int, cfg: Any, ds_config: dict[str, Any], sp: int) -> 
             "--ep is not supported with zero_hpz_partition_size > 1 or zero_quantized_gradients; "
             "remove them from the DeepSpeed config or use --ep 1"
         )
-    check_deepspeed()
 
 
 def check_deepspeed() -> None:

@@ -95,7 +95,7 @@ SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "t
 @click.option(
     "--search",
     is_flag=True,
-    help="Sweep expert layout, SP degree, max_length, activation checkpointing and offload; print the "
+    help="Sweep expert layout, EP degree, SP degree, max_length, activation checkpointing and offload; print the "
     "fastest configurations that fit and what was pruned.",
 )
 @click.option(
@@ -211,24 +211,38 @@ def reference(p: Plan) -> dict | None:
     return {k: v for k, v in ref.items() if k != "model_shape"} if same and p.device.name == "A100" else None
 
 
+def _tgs(tgs: float) -> str:
+    """Seven columns whatever the size (a tiny model reaches millions)."""
+    return f"{tgs:7.1f}" if tgs < 1e5 else f"{tgs:7.1e}"
+
+
 def search_report(p: Plan, found: SearchResult) -> str:
     pruned = ", ".join(f"{n} {why}" for why, n in found.pruned.items())
     lines = [
         f"search (estimates): {p.recipe} on {p.gpus} x {p.device.name} {p.gpu_mem_gb:g} GB, {p.nodes} node(s), "
         f"{'varlen' if p.work.varlen else 'no varlen'}, {p.work.attention} attention",
-        f"space: {found.space} configurations (layout x ep x sp x max_length x checkpointing x offload; ep is 1 "
-        f"until expert parallelism exists); pruned {pruned}; timed {found.timed}",
+        f"space: {found.space} configurations (layout x ep x sp x max_length x checkpointing x offload); "
+        f"pruned {pruned}; timed {found.timed}",
         "",
     ]
     if not found.best:
         lines.append("nothing fits: more GPUs, or a GPU with more memory")
     else:
-        lines.append(f"  {'#':>2s}  {'configuration':78s} {'GB':>6s} {'TGS':>7s} {'MFU':>6s}  bottleneck")
+        lines.append(
+            f"  {'#':>2s}  {'configuration':78s} {'GB':>6s} {'TGS':>7s} {'MFU':>6s} {'comm s':>7s}  bottleneck"
+        )
         for i, r in enumerate(found.best, 1):
             thin = "!" if r.headroom_gb < HEADROOM_WARNING * p.gpu_mem_gb else " "
             lines.append(
-                f"  {i:2d}  {r.candidate.label():78s} {r.per_gpu_gb:6.1f}{thin}{r.tgs:7.1f} {r.mfu:6.1%}  {r.bound}"
+                f"  {i:2d}  {r.candidate.label():78s} {r.per_gpu_gb:6.1f}{thin}{_tgs(r.tgs)} {r.mfu:6.1%} "
+                f"{r.comm_s:7.2f}  {r.bound}"
             )
+        if any(r.candidate.ep > 1 for r in found.best):
+            lines += [
+                "  GB with ep > 1 includes the worst-case dispatch of a skewed batch (dropless all-to-all)",
+                "  ep > 1 is not fitted on a GPU measurement: its all-to-all takes the data-sheet links, and "
+                "once compute-bound its TGS is capped by the GEMM efficiency fitted on the seed's ZeRO-3 table",
+            ]
     ref = reference(p)
     if ref and found.best:
         lines += [

@@ -9,9 +9,10 @@
   share (N-1)/N leaves the rank, over NVLink while N <= GPUs per node, else over the network.
   Passes: forward and backward, plus the recompute with activation checkpointing.  Three calls per
   layer and pass (counts, rows, outputs).  A simple term; the planner issue calibrates it.
-- Memory: the partitions are the same bytes per rank (E/N experts over M ranks = E/world experts'
-  worth); the expert gather buffer shrinks to local shards; the dispatch buffers are the rows a rank
-  receives per MoE layer: T*K*D balanced, N*T*min(K, E/N)*D under worst-case skew (dropless).
+- Memory (``memory.predict_memory(..., ep)``): the partitions are the same bytes per rank (E/N
+  experts over M ranks = E/world experts' worth); the expert gather buffer shrinks to local shards;
+  the dispatch buffers are the rows a rank receives per MoE layer: T*K*D balanced, N*T*min(K, E/N)*D
+  under worst-case skew (dropless), which the verdict assumes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import dataclasses
 from typing import Any
 
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.plan.memory import Workload, ZeroSettings, model_units
+from moe_train.parallel.expert import check_settings
+from moe_train.plan.memory import Workload, ZeroSettings, dispatch_rows, model_units, predict_memory
 from moe_train.plan.speed import Device, SpeedEstimate, predict_speed
 
 
@@ -40,9 +42,23 @@ def _is_expert(name: str) -> bool:
 
 def dispatch_buffer_bytes(cfg: DeepseekV2Config, work: Workload, ep: int) -> dict[str, int]:
     """Bytes of the rows one rank receives for one MoE layer: balanced routing and worst-case skew."""
-    T, K, D = work.tokens_per_rank, cfg.num_experts_per_tok, cfg.hidden_size
-    local = cfg.n_routed_experts // ep
-    return {"balanced": T * K * D * work.bytes, "worst_case": ep * T * min(K, local) * D * work.bytes}
+    return {k: rows * cfg.hidden_size * work.bytes for k, rows in dispatch_rows(cfg, work, ep).items()}
+
+
+def ep_problem(cfg: DeepseekV2Config, ep: int, gpus: int, sp: int, zero: ZeroSettings) -> str | None:
+    """The trainer's refusal of this EP setting, or None; the ZeRO settings as a DeepSpeed config."""
+    ds = {
+        "zero_optimization": {
+            "stage": zero.stage,
+            "offload_param": {"device": "cpu" if zero.offload_param else "none"},
+            "offload_optimizer": {"device": "cpu" if zero.offload_optimizer else "none"},
+        }
+    }
+    try:
+        check_settings(ep, gpus, cfg, ds, sp)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def predict_speed_ep(
@@ -127,12 +143,17 @@ def suggest_ep(
     device: Device,
     grad_accum: int = 1,
     peak_tflops: float | None = None,
+    gpu_mem_gb: float | None = None,
 ) -> dict[str, Any]:
-    """The EP degree with the highest predicted TGS among those the run allows, and every estimate."""
+    """The EP degree with the highest predicted TGS among those the run allows (and, given
+    ``gpu_mem_gb``, that fit under worst-case skew; ep 1 is always estimated), and every estimate."""
     options = [
         n
         for n in range(1, gpus + 1)
-        if gpus % n == 0 and cfg.n_routed_experts % n == 0 and (cfg.n_routed_experts // n) % cfg.shard_size == 0
+        if gpus % n == 0
+        and cfg.n_routed_experts % n == 0
+        and (cfg.n_routed_experts // n) % cfg.shard_size == 0
+        and (n == 1 or gpu_mem_gb is None or predict_memory(cfg, work, zero, gpus, n).per_gpu_gb <= gpu_mem_gb)
     ]
     estimates = {n: predict_speed_ep(cfg, work, zero, gpus, nodes, device, n, grad_accum, peak_tflops) for n in options}
     # Ties (compute-bound) go to the degree with the least communication: more headroom.
@@ -143,21 +164,29 @@ def suggest_ep(
 def ep_report(p: Any, ep: int, grad_accum: int) -> tuple[str, dict[str, Any]]:
     """The ``moe-train plan --ep N`` section (text, JSON) for a ``Plan``: --ep N against ZeRO-3 and the
     suggested degree."""
+    problem = ep_problem(p.model, ep, p.gpus, p.work.sp, p.zero)
+    if problem:
+        raise ValueError(problem)
     args = (p.model, p.work, p.zero, p.gpus, p.nodes, p.device)
     est = predict_speed_ep(*args, ep, grad_accum, p.peak_tflops)
     z3 = predict_speed_ep(*args, 1, grad_accum, p.peak_tflops)
-    best = suggest_ep(*args, grad_accum, p.peak_tflops)
+    best = suggest_ep(*args, grad_accum, p.peak_tflops, p.gpu_mem_gb)
     buffers = dispatch_buffer_bytes(p.model, p.work, ep)
+    mem = predict_memory(p.model, p.work, p.zero, p.gpus, ep)
+    fits = mem.per_gpu_gb <= p.gpu_mem_gb
     lines = [
         "",
         f"expert parallel --ep {ep} (estimate; all-to-all over "
         f"{'NVLink' if ep <= p.gpus // p.nodes else 'the network'})",
+        f"  memory per GPU: {mem.per_gpu_gb:.1f} GB of {p.gpu_mem_gb:g} GB with worst-case routing skew: "
+        + ("fits" if fits else "DOES NOT FIT")
+        + f" (ep 1: {p.memory.per_gpu_gb:.1f} GB)",
         f"  per micro step: compute {est.compute_s:.2f} s, communication {est.comm_s:.2f} s "
         f"({est.comm_bytes / 1e9:.0f} GB in {est.collectives} collectives per GPU): {est.bound}-bound",
         f"  TGS {est.tgs:.1f} against {z3.tgs:.1f} with ZeRO-3 alone ({est.tgs / z3.tgs:.2f}x), MFU {est.mfu:.1%}",
         f"  dispatch buffer per MoE layer: {buffers['balanced'] / 2**30:.2f} GB balanced, "
         f"{buffers['worst_case'] / 2**30:.2f} GB worst-case skew (dropless)",
-        f"suggested ep: {best['ep']} (TGS {best['estimates'][best['ep']].tgs:.1f}; of "
+        f"suggested ep: {best['ep']} (fits; TGS {best['estimates'][best['ep']].tgs:.1f}; of "
         + ", ".join(f"{n}: {e.tgs:.0f}" for n, e in best["estimates"].items())
         + ")",
     ]
@@ -168,6 +197,8 @@ def ep_report(p: Any, ep: int, grad_accum: int) -> tuple[str, dict[str, Any]]:
         "comm_s": est.comm_s,
         "compute_s": est.compute_s,
         "dispatch_buffer_bytes": buffers,
+        "per_gpu_gb": mem.per_gpu_gb,
+        "fits": fits,
         "suggested_ep": best["ep"],
     }
     return "\n".join(lines), data

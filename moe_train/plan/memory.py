@@ -259,15 +259,26 @@ class StepTrace:
     top_layer: list[Unit]  # the traced units of the top layer
 
 
-def step_trace(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> StepTrace:
+def _local(u: Unit, cfg: DeepseekV2Config, ep: int) -> bool:
+    """Whether rank 0 of an EP group of ``ep`` holds unit ``u``: every unit but the routed-expert
+    shards outside its E/ep experts (``--ep`` needs the shard layout)."""
+    if ep == 1 or not u.name.startswith("experts."):
+        return True
+    return int(u.name.split(".")[1]) < cfg.num_shards // ep
+
+
+def step_trace(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, ep: int = 1) -> StepTrace:
     """The module trace of a whole step: the forward, lm_head's backward, then each layer's
     backward from the top (a recompute of the layer first with activation checkpointing), the
-    embedding last.  Units under the persistence threshold are not traced."""
+    embedding last.  Units under the persistence threshold are not traced; with expert
+    parallelism (``ep`` > 1) a rank traces only its own expert shards."""
     embed, layers, head = model_units(cfg)
 
     def traced(units: list[Unit], tag: str) -> list[Unit]:
         return [
-            dataclasses.replace(u, name=f"{tag}.{u.name}") for u in units if u.numel >= zero.param_persistence_threshold
+            dataclasses.replace(u, name=f"{tag}.{u.name}")
+            for u in units
+            if u.numel >= zero.param_persistence_threshold and _local(u, cfg, ep)
         ]
 
     emb, lm = traced([embed], "embed"), traced(head, "head")
@@ -289,25 +300,25 @@ def step_trace(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> Ste
     return StepTrace(units, passes, loss, top, lm, per_layer[-1])
 
 
-def _gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> dict[str, dict[str, int]]:
+def _gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, ep: int = 1) -> dict[str, dict[str, int]]:
     """Peak gathered parameter numel around the loss and in the backward of the top layer, and the
     largest full-size gradient in flight there, replaying the module trace of a whole step
     (``step_trace``).  With a reuse distance larger than the model, every weight gathered in the
     forward stays gathered until its backward.  Cached: it depends on the model, the ZeRO settings
     and activation checkpointing only, and ``--search`` asks for it many times."""
-    key = (repr(cfg), work.activation_checkpointing, zero)
+    key = (repr(cfg), work.activation_checkpointing, zero, ep)
     if key not in _GATHERED:
         if len(_GATHERED) > 64:
             _GATHERED.clear()
-        _GATHERED[key] = _replay_gathered(cfg, work, zero)
+        _GATHERED[key] = _replay_gathered(cfg, work, zero, ep)
     return _GATHERED[key]
 
 
 _GATHERED: dict[tuple, dict[str, dict[str, int]]] = {}
 
 
-def _replay_gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> dict[str, dict[str, int]]:
-    t = step_trace(cfg, work, zero)
+def _replay_gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, ep: int) -> dict[str, dict[str, int]]:
+    t = step_trace(cfg, work, zero, ep)
     live = simulate_gathers(t.units, zero)
     return {
         "loss": {"params": max(live[t.loss], default=0), "grads": max((u.numel for u in t.head), default=0)},
@@ -438,12 +449,30 @@ class MemoryEstimate:
         return {k: v / GiB for k, v in self.phases[phase or self.peak_phase].items()}
 
 
-def predict_memory(model: DeepseekV2Config, work: Workload, zero: ZeroSettings, world_size: int) -> MemoryEstimate:
-    """Peak bytes on one rank of a ``world_size`` ZeRO run; see the module docstring."""
+def dispatch_rows(cfg: DeepseekV2Config, work: Workload, ep: int) -> dict[str, int]:
+    """Token rows one rank's experts receive for one MoE layer under expert parallelism: T*K with
+    balanced routing; N*T*min(K, E/N) under the worst skew a dropless all-to-all allows (every
+    token of the N ranks of the group sends every expert it can to this rank's E/N)."""
+    T, K = work.tokens_per_rank, cfg.num_experts_per_tok
+    return {"balanced": T * K, "worst_case": ep * T * min(K, cfg.n_routed_experts // ep)}
+
+
+def predict_memory(
+    model: DeepseekV2Config, work: Workload, zero: ZeroSettings, world_size: int, ep: int = 1
+) -> MemoryEstimate:
+    """Peak bytes on one rank of a ``world_size`` ZeRO run; see the module docstring.
+
+    ``ep`` > 1 (expert parallelism): the partitions hold the same bytes per rank (E/N experts
+    over world/N ranks), ZeRO-3 gathers only the rank's own expert shards, and the backward of
+    the top layer also holds the worst-case dispatch (``dispatch_rows``) beyond the balanced rows
+    the activation terms count: the received rows, the expert outputs and the GEMM intermediates,
+    so that a skewed batch cannot run out of memory where a balanced one fits."""
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
     if world_size % work.sp:
         raise ValueError(f"sp={work.sp} must divide world_size={world_size}")
+    if world_size % ep or model.n_routed_experts % ep or (ep > 1 and model.num_shards % ep):
+        raise ValueError(f"ep={ep} must divide world_size={world_size} and the expert shards ({model.num_shards})")
     b = work.bytes
     P = count_params(model)
     embed, layers, head = model_units(model)
@@ -499,7 +528,7 @@ def predict_memory(model: DeepseekV2Config, work: Workload, zero: ZeroSettings, 
 
     # ZeRO-3: the gathered weights and the full-size gradient in flight.
     if zero.stage >= 3:
-        g = _gathered(model, work, zero)
+        g = _gathered(model, work, zero, ep)
         gathered_loss = {"gathered_params": g["loss"]["params"] * b, "gathered_grads": g["loss"]["grads"] * b}
         gathered_layer = {"gathered_params": g["layer"]["params"] * b, "gathered_grads": g["layer"]["grads"] * b}
     else:
@@ -518,6 +547,10 @@ def predict_memory(model: DeepseekV2Config, work: Workload, zero: ZeroSettings, 
         "layer": {**static, **gathered_layer, act_key: kept, "attention_mask": mask, **recompute, **in_flight},
         "step": {**static},
     }
+    if ep > 1:
+        rows = dispatch_rows(model, work, ep)
+        per_row = (3 * model.hidden_size + 4 * model.moe_intermediate_size) * b
+        phases["layer"]["ep_dispatch_skew"] = (rows["worst_case"] - rows["balanced"]) * per_row
     # Optimizer step, one ZeRO sub-group (ZeRO-3) or partition (ZeRO-1/2) at a time: its
     # gradients flattened into one fp32 tensor, and torch AdamW's temporaries for the update
     # denominator: one with the CUDA foreach kernels, two on CPU's single-tensor path

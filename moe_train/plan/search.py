@@ -1,18 +1,20 @@
 """``moe-train plan --search``: the fastest configurations of a recipe that fit, by the planner's models.
 
 The space: expert layout (``origin`` or shards of every divisor of the expert count), expert
-parallel degree (only 1 until ``--ep`` exists: the dimension is here so it slots in), Ulysses SP
-degree, tokens per micro step (max_length), activation checkpointing, and ZeRO-3 offload (none,
-optimizer, optimizer + params).  Pruned before any speed estimate, and counted:
+parallel degree (every common divisor of the GPUs and the experts), Ulysses SP degree, tokens per
+micro step (max_length), activation checkpointing, and ZeRO-3 offload (none, optimizer,
+optimizer + params).  Pruned before any speed estimate, and counted:
 
-* invalid: SP must divide the GPUs, the heads and the tokens of a micro step;
+* invalid: SP must divide the GPUs, the heads and the tokens of a micro step; EP > 1 must pass
+  the trainer's own check (``parallel.expert.check_settings``: shard layout with the shard size
+  dividing the experts per rank, no SP, no offload);
 * model states: the partitioned weights, gradients and optimizer states alone exceed the GPU;
 * dominated: a cheaper setting of the same configuration already fits, and costs no speed to
   use: a smaller SP degree (SP only shrinks the tokens each GPU amortises its gathers over),
   activation checkpointing off (it saves a recompute), less offload (the host is slower);
-* does not fit: the memory model's peak exceeds the GPU.
+* does not fit: the memory model's peak exceeds the GPU (with EP, under worst-case routing skew).
 
-The rest are timed and ranked by TGS.
+The rest are timed and ranked by TGS, ties by communication time, then memory.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
+from moe_train.plan.expert import ep_problem, predict_speed_ep
 from moe_train.plan.memory import Workload, ZeroSettings, count_params, predict_memory
-from moe_train.plan.speed import Device, predict_speed
+from moe_train.plan.speed import Device
 
 MAX_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-EP_DEGREES = (1,)  # expert parallelism does not exist yet: the search takes its degrees from here
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Ranked:
     tgs: float
     mfu: float
     bound: str
+    comm_s: float  # communication per micro step: the tie-break between compute-bound candidates
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +69,7 @@ class Ranked:
             "tgs": round(self.tgs, 1),
             "mfu": round(self.mfu, 4),
             "bound": self.bound,
+            "comm_s": round(self.comm_s, 3),
         }
 
 
@@ -96,6 +100,10 @@ def _layouts(cfg: DeepseekV2Config) -> list[tuple[str, int | None]]:
     return [("origin", None)] + [("shard", d) for d in range(1, E + 1) if E % d == 0]
 
 
+def _ep_degrees(cfg: DeepseekV2Config, gpus: int) -> list[int]:
+    return [n for n in range(1, gpus + 1) if gpus % n == 0 and cfg.n_routed_experts % n == 0]
+
+
 def search(
     cfg: DeepseekV2Config,
     work: Workload,
@@ -112,7 +120,7 @@ def search(
     (varlen, attention, dtype, micro batch)."""
     sps = [d for d in range(1, gpus + 1) if gpus % d == 0]
     layouts = _layouts(cfg)
-    space = list(itertools.product(layouts, EP_DEGREES, sps, MAX_LENGTHS, (False, True), OFFLOADS))
+    space = list(itertools.product(layouts, _ep_degrees(cfg, gpus), sps, MAX_LENGTHS, (False, True), OFFLOADS))
     pruned = {"invalid": 0, "model states exceed the GPU": 0, "dominated": 0, "does not fit": 0}
     # Model states alone per offload setting (a bound that needs no trace): weights, grads, optimizer.
     P = count_params(cfg)
@@ -125,10 +133,12 @@ def search(
     ranked = []
     # Order: cheapest settings first, so a dominated one can be recognised when it comes.
     for (impl, shard), ep, sp, S, ac, offload in sorted(
-        space, key=lambda c: (c[0][0], c[0][1] or 0, c[3], OFFLOADS.index(c[5]), c[4], c[2])
+        space, key=lambda c: (c[0][0], c[0][1] or 0, c[1], c[3], OFFLOADS.index(c[5]), c[4], c[2])
     ):
         tokens = S * work.micro_batch_size
-        if cfg.num_attention_heads % sp or tokens % sp:
+        c = cfg.replace(moe_implementation=impl, expert_in_one_shard=shard)
+        z = _zero(zero, offload)
+        if cfg.num_attention_heads % sp or tokens % sp or ep_problem(c, ep, gpus, sp, z):
             pruned["invalid"] += 1
             continue
         if states_gb[offload] > gpu_mem_gb:
@@ -143,15 +153,13 @@ def search(
         if cheaper:
             pruned["dominated"] += 1
             continue
-        c = cfg.replace(moe_implementation=impl, expert_in_one_shard=shard)
         w = dataclasses.replace(work, max_length=S, sp=sp, activation_checkpointing=ac)
-        z = _zero(zero, offload)
-        mem = predict_memory(c, w, z, gpus)
+        mem = predict_memory(c, w, z, gpus, ep)
         if mem.per_gpu_gb > gpu_mem_gb:
             pruned["does not fit"] += 1
             continue
         fits.setdefault(key, []).append((sp, ac, offload))
-        s = predict_speed(c, w, z, gpus, nodes, device, grad_accum, peak_tflops)
+        s = predict_speed_ep(c, w, z, gpus, nodes, device, ep, grad_accum, peak_tflops)
         ranked.append(
             Ranked(
                 Candidate(impl, shard, ep, sp, S, ac, offload),
@@ -160,7 +168,10 @@ def search(
                 s.tgs,
                 s.mfu,
                 s.bound,
+                s.comm_s,
             )
         )
-    ranked.sort(key=lambda r: -r.tgs)
+    # Compute-bound candidates tie on TGS: the one with less communication to hide has the margin
+    # (a slower network, a skewed batch), then the one with more memory free.
+    ranked.sort(key=lambda r: (-round(r.tgs, 1), r.comm_s, r.per_gpu_gb))
     return SearchResult(space=len(space), pruned=pruned, timed=len(ranked), best=ranked[:top])
