@@ -210,7 +210,7 @@ def _assert_same_training(ep1: Path, ep2: Path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ep")
-    check(torchrun([*COMMON, "--work-dir", str(tmp / "ep1"), "--max-steps", "4", "--save-steps", "0"], tmp))
+    check(torchrun([*COMMON, "--work-dir", str(tmp / "ep1"), "--max-steps", "4", "--save-steps", "2"], tmp))
     check(
         torchrun([*COMMON, "--work-dir", str(tmp / "ep2"), "--max-steps", "4", "--save-steps", "2", "--ep", "2"], tmp)
     )
@@ -269,6 +269,30 @@ def test_resume_with_the_same_ep_is_exact(runs, tmp_path):
     assert first + summary(work)["segment_losses"] == summary(work)["losses"] == summary(runs / "ep2")["losses"]
     a, b = _weights(runs / "ep2" / "hf_model"), _weights(work / "hf_model")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source,ep", [("ep2", "1"), ("ep1", "2")])
+def test_resume_onto_another_ep_degree_continues_the_run(runs, tmp_path, source, ep):
+    """The checkpoint is keyed by HF names and element ranges, not by who held what: an EP 2 run
+    resumes as EP 1 and back, every rank reading only the ranges of what it now owns."""
+    import shutil
+
+    work = tmp_path / "resumed"
+    shutil.copytree(runs / source, work)
+    shutil.rmtree(work / "checkpoints" / "step-00000004")  # resume from step 2
+    shutil.rmtree(work / "hf_model", ignore_errors=True)
+    proc = torchrun(
+        [*COMMON, "--work-dir", str(work), "--max-steps", "4", "--save-steps", "0", "--ep", ep, "--resume", "auto"],
+        tmp_path,
+    )
+    check(proc)
+    assert f"re-partitioned from step 2: ep {3 - int(ep)} -> {ep}; global batch 2 packs" in proc.stdout
+    resumed, reference = summary(work)["segment_losses"], summary(runs / source)["losses"][2:]
+    assert len(resumed) == 2 and abs(resumed[0] - reference[0]) < 1e-6, (resumed, reference)
+    assert max(abs(a - b) for a, b in zip(resumed, reference, strict=True)) < 2e-3
+    a, b = _weights(runs / source / "hf_model"), _weights(work / "hf_model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ LAYOUT = (
     "deepspeed",
     "dtype",
     "activation_checkpointing",
+    "ep",
 )
 
 
@@ -124,11 +125,13 @@ def plan(
     for key in TUNABLE:
         if saved[key] != now[key]:
             log(f"{key} {_show(saved[key])} -> {_show(now[key])} from step {step + 1}")
-    layout = [f"{key} {_show(saved[key])} -> {_show(now[key])}" for key in LAYOUT if saved[key] != now[key]]
-    if state["world_size"] != world or layout:
+    layout = [f"{key} {_show(saved.get(key))} -> {_show(now[key])}" for key in LAYOUT if saved.get(key) != now[key]]
+    if state["world_size"] != world:
+        layout.insert(0, f"world size {state['world_size']} -> {world}")
+    if layout:
         log(
-            f"re-partitioned from step {step}: world size {state['world_size']} -> {world}"
-            + "".join(f", {x}" for x in layout)
+            f"re-partitioned from step {step}: "
+            + ", ".join(layout)
             + f"; global batch {dp * r.grad_accum * r.micro_batch_size} packs"
         )
     return r
