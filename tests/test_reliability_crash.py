@@ -511,3 +511,130 @@ def test_slurm_requeue_of_srun_ranks_saves_within_killwait_and_exits_143(slurm_c
     assert "SIGTERM: saving a checkpoint after the current step, within the 5s grace" in logs_
     assert_resumed_like_the_reference(reference, work, logs_)
     print(f"sbatch job {job.id}: {job.sacct()}; requeued job waited {waited:.1f}s")
+
+
+# ------------------------------------------------------------------------------- 5. resized jobs
+def assert_resized_continuation(reference: Path, work: Path, out: str, old: int, new: int) -> int:
+    """Steps 1..STEPS logged once each: up to the resumed checkpoint the reference's, bit for bit; after it,
+    on ``new`` ranks with grad_accum 2/new (the same global batch), the first within 1e-6 and the rest within
+    2e-3 (another summation order).  The export loads in transformers.  Returns the step resumed at."""
+    from transformers import AutoModelForCausalLM
+
+    resumed = int(re.search(r"resumed from \S+/step-(\d+) at step", out).group(1))
+    assert (
+        f"re-partitioned from step {resumed}: world size {old} -> {new}, grad_accum {2 // old} -> {2 // new}; "
+        "global batch 2 packs"
+    ) in out, out[-6000:]
+    records = [(m["step"], m["loss"]) for m in metrics(work) if "loss" in m]
+    assert [s for s, _ in records] == list(range(1, STEPS + 1)), records
+    ref = losses_by_step(reference)
+    assert all(loss == ref[s] for s, loss in records if s <= resumed), (records, ref)
+    after = [(loss, ref[s]) for s, loss in records if s > resumed]
+    assert after and abs(after[0][0] - after[0][1]) < 1e-6, after
+    assert max(abs(a - b) for a, b in after) < 2e-3, after
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    logits = [AutoModelForCausalLM.from_pretrained(d / "hf_model").eval()(ids).logits for d in (work, reference)]
+    assert torch.isfinite(logits[0]).all() and (logits[0] - logits[1]).abs().max() < 1e-2
+    return resumed
+
+
+def test_elastic_torchrun_loses_an_agent_and_continues_on_the_rest(reference, tmp_path):
+    """Two torchrun agents (``--nnodes 1:2``, one rank each) on one c10d rendezvous; SIGKILL of one agent
+    mid-run (its rank follows it: PR_SET_PDEATHSIG).  The other agent's rank fails in its next collective,
+    the agent restarts it (``--max-restarts 1``), the rendezvous closes with the one node left, and
+    ``--resume auto`` continues from the last checkpoint on 1 rank, grad_accum 1 -> 2."""
+    work, port = tmp_path / "run", free_port()
+    conf = "last_call_timeout=5"  # how long a new round waits for more agents once it has the minimum
+
+    def agent(name: str, is_host: int) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1:2",
+            "--nproc_per_node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=elastic-test",
+            f"--rdzv-conf=is_host={is_host},{conf}",
+            "--max-restarts=1",
+            "-m",
+            "moe_train.cli",
+            "train",
+            *ARGS,
+            "--work-dir",
+            str(work),
+            "--launcher",
+            "pytorch",
+        ]
+        with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
+            return subprocess.Popen(cmd, env=cpu_env(tmp_path), stdout=out, stderr=err)
+
+    survivor = agent("survivor", 1)
+    lost = agent("lost", 0)
+    try:
+        wait_for(f"step {KILL_AFTER} logged", lambda: KILL_AFTER in logged_steps(work), survivor, tmp_path, "survivor")
+        lost.kill()
+        assert lost.wait(timeout=30) == -signal.SIGKILL
+        assert survivor.wait(timeout=300) == 0, logs(tmp_path, "survivor")[-6000:]
+    finally:
+        for p in (survivor, lost):
+            if p.poll() is None:
+                p.kill()
+    out = logs(tmp_path, "survivor")
+    resumed = assert_resized_continuation(reference, work, out, old=2, new=1)
+    assert SAVE_EVERY <= resumed < STEPS
+    assert segment_worlds(work) == [(0, 2), (resumed, 1)]
+
+
+def segment_worlds(work: Path) -> list[tuple[int, int]]:
+    """(step resumed from, world size) of each segment of the run, from the metrics' segment headers."""
+    heads = [json.loads(f.read_text().splitlines()[0]) for f in sorted((work / "metrics").glob("segment-*.jsonl"))]
+    return [(h["resumed_from"], h["world_size"]) for h in heads]
+
+
+@pytest.mark.xdist_group("slurm")  # the one Slurm dev cluster (tests/slurm_cluster.py)
+def test_slurm_resubmission_at_another_size_resumes_on_the_same_work_dir(slurm_cluster, reference, tmp_path):
+    """A requeue keeps the node count (and torchx 0.7.0's Slurm scheduler ignores min_replicas), so a
+    resize is a new submission on the same work dir: the smoke component at ``-j 2x1`` (two nodes, one
+    rank each) stops at step 10, then at ``-j 1x1`` with the component's ``resume=auto`` it continues on
+    one rank, grad_accum 1 -> 2, to step 20."""
+    env = slurm_env(tmp_path, slurm_cluster)
+    work = tmp_path / "work"
+
+    def submit(j: str, steps: int, name: str) -> str:
+        log_dir = tmp_path / name
+        log_dir.mkdir()
+        p = torchx(
+            "run",
+            "-s",
+            "slurm",
+            "--wait",
+            f"{CATALOGUE}:smoke",
+            "-j",
+            j,
+            "--deepspeed",
+            "deepspeed_zero3",
+            "--work_dir",
+            str(work),
+            "--rdzv_port",
+            str(free_port()),
+            "--",
+            "--max-steps",
+            str(steps),
+            "--save-steps",
+            str(SAVE_EVERY),
+            cwd=log_dir,
+            env=env,
+            timeout=600,
+        )
+        out = p.stdout + p.stderr + slurm_logs(log_dir)
+        assert p.returncode == 0 and "Job finished: SUCCEEDED" in p.stderr, out[-6000:]
+        return out
+
+    submit("2x1", STEPS // 2, "first")
+    assert segment_worlds(work) == [(0, 2)] and complete_steps(work)[-1] == STEPS // 2
+    out = submit("1x1", STEPS, "second")
+    assert f"max_steps 10 -> {STEPS} from step 11" in out
+    assert assert_resized_continuation(reference, work, out, old=2, new=1) == STEPS // 2
+    assert segment_worlds(work) == [(0, 2), (STEPS // 2, 1)]
