@@ -149,6 +149,9 @@ def _torchrun_app(
         endpoint = f"${{{macros.rank0_env}:=localhost}}:{rdzv_port}"
         is_host = f"$(({macros.replica_id} == 0))"
     nnodes = f"{min_nodes}:{max_nodes}" if min_nodes != max_nodes else str(max_nodes)
+    # Elastic: when a node is lost, the agents left restart their ranks in a new rendezvous round, which
+    # resume on the smaller world (--resume auto).  Without restarts they would just exit.
+    restarts = f"--max-restarts {max_nodes - min_nodes} " if min_nodes != max_nodes else ""
     # Unquoted on purpose: macros are filled in by the scheduler, the $ expressions by bash on the node.
     rdzv = f"--rdzv-backend c10d --rdzv-id {macros.app_id} --rdzv-endpoint {endpoint} --rdzv-conf is_host={is_host}"
     # SIGUSR1 too (`sbatch --signal=USR1@120`): torchrun forwards it to the ranks, which save and exit.
@@ -157,7 +160,7 @@ def _torchrun_app(
     # successful run, so the other agents close the rendezvous before the store goes (no TCPStore trace).
     host_env = f"MOE_TRAIN_STORE_HOST={is_host} " if max_nodes > 1 else ""
     command = (
-        f"{host_env}torchrun --nnodes {nnodes} --nproc-per-node {nproc} {rdzv} {signals} --tee 3 "
+        f"{host_env}torchrun --nnodes {nnodes} --nproc-per-node {nproc} {restarts}{rdzv} {signals} --tee 3 "
         f"--no-python {shlex.join(trainer)}"
     )
     return specs.AppDef(
