@@ -51,6 +51,30 @@ def torchx(*args: str, cwd: Path, env: dict, timeout: float = 120) -> subprocess
     )
 
 
+def smoke_on_slurm(
+    *args: str, work_dir: Path, cwd: Path, env: dict, j: str = "2x1", timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """``torchx run -s slurm --wait`` of the smoke component on its own rendezvous port; ``args`` are
+    further component parameters, then ``--`` and trainer options."""
+    return torchx(
+        "run",
+        "-s",
+        "slurm",
+        "--wait",
+        f"{CATALOGUE}:smoke",
+        "-j",
+        j,
+        "--work_dir",
+        str(work_dir),
+        "--rdzv_port",
+        str(free_port()),
+        *args,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """Install (apt-get, once per machine) and start the two-node dev cluster; yield its env.

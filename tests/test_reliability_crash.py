@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_cluster import CATALOGUE, slurm_cluster, slurm_logs, torchx, torchx_env
+from slurm_cluster import CATALOGUE, slurm_cluster, slurm_logs, smoke_on_slurm, torchx, torchx_env
 
 from tests.launch import check, cpu_env, free_port, metrics, summary, torchrun
 
@@ -82,8 +82,11 @@ _install()
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def start(work: Path, tmp: Path, name: str, torchrun_args=(), freeze=(), args=ARGS) -> subprocess.Popen:
-    """torchrun in the background; its output goes to tmp/name.out and tmp/name.err."""
+def start(
+    work: Path, tmp: Path, name: str, torchrun_args=(), freeze=(), args=ARGS, nnodes="1", nproc=2, endpoint=None
+) -> subprocess.Popen:
+    """torchrun in the background (one agent: ``nnodes`` and the rendezvous ``endpoint`` say which job it
+    joins); its output goes to tmp/name.out and tmp/name.err."""
     env = cpu_env(tmp)
     if freeze:
         hook_dir = tmp / "freeze_hook"
@@ -95,10 +98,10 @@ def start(work: Path, tmp: Path, name: str, torchrun_args=(), freeze=(), args=AR
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        f"--nnodes={nnodes}",
         "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        f"--rdzv-endpoint={endpoint or f'127.0.0.1:{free_port()}'}",
         *torchrun_args,
         "-m",
         "moe_train.cli",
@@ -547,28 +550,8 @@ def test_elastic_torchrun_loses_an_agent_and_continues_on_the_rest(reference, tm
     conf = "last_call_timeout=5"  # how long a new round waits for more agents once it has the minimum
 
     def agent(name: str, is_host: int) -> subprocess.Popen:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes=1:2",
-            "--nproc_per_node=1",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}",
-            "--rdzv-id=elastic-test",
-            f"--rdzv-conf=is_host={is_host},{conf}",
-            "--max-restarts=1",
-            "-m",
-            "moe_train.cli",
-            "train",
-            *ARGS,
-            "--work-dir",
-            str(work),
-            "--launcher",
-            "pytorch",
-        ]
-        with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
-            return subprocess.Popen(cmd, env=cpu_env(tmp_path), stdout=out, stderr=err)
+        rdzv = ["--rdzv-id=elastic-test", f"--rdzv-conf=is_host={is_host},{conf}", "--max-restarts=1"]
+        return start(work, tmp_path, name, rdzv, nnodes="1:2", nproc=1, endpoint=f"127.0.0.1:{port}")
 
     survivor = agent("survivor", 1)
     lost = agent("lost", 0)
@@ -605,29 +588,8 @@ def test_slurm_resubmission_at_another_size_resumes_on_the_same_work_dir(slurm_c
     def submit(j: str, steps: int, name: str) -> str:
         log_dir = tmp_path / name
         log_dir.mkdir()
-        p = torchx(
-            "run",
-            "-s",
-            "slurm",
-            "--wait",
-            f"{CATALOGUE}:smoke",
-            "-j",
-            j,
-            "--deepspeed",
-            "deepspeed_zero3",
-            "--work_dir",
-            str(work),
-            "--rdzv_port",
-            str(free_port()),
-            "--",
-            "--max-steps",
-            str(steps),
-            "--save-steps",
-            str(SAVE_EVERY),
-            cwd=log_dir,
-            env=env,
-            timeout=600,
-        )
+        trainer = ["--", "--max-steps", str(steps), "--save-steps", str(SAVE_EVERY)]
+        p = smoke_on_slurm("--deepspeed", "deepspeed_zero3", *trainer, work_dir=work, cwd=log_dir, env=env, j=j)
         out = p.stdout + p.stderr + slurm_logs(log_dir)
         assert p.returncode == 0 and "Job finished: SUCCEEDED" in p.stderr, out[-6000:]
         return out

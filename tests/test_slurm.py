@@ -9,7 +9,16 @@ import subprocess
 import time
 
 import pytest
-from slurm_cluster import CATALOGUE, free_port, slurm_cluster, slurm_logs, torchx, torchx_env, trainer_ready
+from slurm_cluster import (
+    CATALOGUE,
+    free_port,
+    slurm_cluster,
+    slurm_logs,
+    smoke_on_slurm,
+    torchx,
+    torchx_env,
+    trainer_ready,
+)
 
 __all__ = ["slurm_cluster"]  # the fixture, imported for pytest
 
@@ -58,19 +67,7 @@ def test_component_rendezvous_across_nodes(slurm_cluster, tmp_path):
     stub.write_text('#!/bin/sh\necho "rank=$RANK world=$WORLD_SIZE node=$SLURMD_NODENAME args=$*"\n')
     stub.chmod(0o755)
     env = torchx_env(PATH_PREPEND=str(stub.parent), **slurm_cluster)
-    p = torchx(
-        "run",
-        "-s",
-        "slurm",
-        "--wait",
-        f"{CATALOGUE}:smoke",
-        "--work_dir",
-        str(tmp_path / "work"),
-        "--rdzv_port",
-        str(free_port()),
-        cwd=tmp_path,
-        env=env,
-    )
+    p = smoke_on_slurm(work_dir=tmp_path / "work", cwd=tmp_path, env=env, timeout=120)
     logs = slurm_logs(tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr + logs
     ranks = sorted(re.findall(r"rank=(\d) world=(\d) node=(node\d) args=train tiny --launcher pytorch", logs))
@@ -97,22 +94,7 @@ def _trainer_env(tmp_path, **extra) -> dict:
 def test_smoke_on_slurm(slurm_cluster, tmp_path):
     env = _trainer_env(tmp_path, **slurm_cluster)
     work_dir = tmp_path / "work"
-    p = torchx(
-        "run",
-        "-s",
-        "slurm",
-        "--wait",
-        f"{CATALOGUE}:smoke",
-        "-j",
-        "2x1",
-        "--work_dir",
-        str(work_dir),
-        "--rdzv_port",
-        str(free_port()),
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
+    p = smoke_on_slurm(work_dir=work_dir, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stdout + p.stderr + slurm_logs(tmp_path)
     assert "Job finished: SUCCEEDED" in p.stderr
     _assert_hf_checkpoint(work_dir)
