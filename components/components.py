@@ -156,11 +156,11 @@ def _torchrun_app(
     rdzv = f"--rdzv-backend c10d --rdzv-id {macros.app_id} --rdzv-endpoint {endpoint} --rdzv-conf is_host={is_host}"
     # SIGUSR1 too (`sbatch --signal=USR1@120`): torchrun forwards it to the ranks, which save and exit.
     signals = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-    # MOE_TRAIN_STORE_HOST: the trainer on the node hosting the rendezvous store waits a moment after a
-    # successful run, so the other agents close the rendezvous before the store goes (no TCPStore trace).
-    host_env = f"MOE_TRAIN_STORE_HOST={is_host} " if max_nodes > 1 else ""
+    # moe-train-torchrun is torchrun, except that on the node hosting the rendezvous store the store
+    # stays up until every agent has closed the rendezvous (see moe_train/engine/torchrun.py).
+    launcher = "moe-train-torchrun" if max_nodes > 1 else "torchrun"
     command = (
-        f"{host_env}torchrun --nnodes {nnodes} --nproc-per-node {nproc} {restarts}{rdzv} {signals} --tee 3 "
+        f"{launcher} --nnodes {nnodes} --nproc-per-node {nproc} {restarts}{rdzv} {signals} --tee 3 "
         f"--no-python {shlex.join(trainer)}"
     )
     return specs.AppDef(

@@ -310,7 +310,7 @@ def train(
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)
     recipe = recipe.replace(**overrides)
 
-    from moe_train.engine.distributed import destroy_distributed, hard_exit, linger_as_store_host
+    from moe_train.engine.distributed import destroy_distributed, hard_exit
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
     from moe_train.engine.train import TrainConfig
     from moe_train.engine.train import train as run
@@ -332,7 +332,6 @@ def train(
     try:
         run(tc)
         destroy_distributed()
-        linger_as_store_host()
     except StopRequested as e:
         click.echo(f"moe-train: {redact(str(e))}", err=True)
         code = EXIT_PREEMPTED

@@ -133,7 +133,7 @@ def test_slurm_dryrun_deepseek_v2_full():
         assert replica.args == [
             "-c",
             (
-                f"MOE_TRAIN_STORE_HOST=$(({i} == 0)) torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d"
+                "moe-train-torchrun --nnodes 8 --nproc-per-node 8 --rdzv-backend c10d"
                 " --rdzv-id ${app_id}"
                 " --rdzv-endpoint ${SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}:29500"
                 f" --rdzv-conf is_host=$(({i} == 0))"
@@ -251,7 +251,7 @@ def test_local_cwd_dryrun_smoke():
     for i, replica in enumerate(replicas):
         assert replica.env["DS_ACCELERATOR"] == "cpu"
         command = replica.args[2]
-        assert command.startswith(f"MOE_TRAIN_STORE_HOST=$(({i} == 0)) torchrun --nnodes 2 --nproc-per-node 1 ")
+        assert command.startswith("moe-train-torchrun --nnodes 2 --nproc-per-node 1 ")
         port = re.search(r"--rdzv-endpoint \$\{TORCHX_RANK0_HOST:=localhost\}:(\d+) ", command).group(1)
         assert int(port) != 29500 and f"--rdzv-conf is_host=$(({i} == 0))" in command  # a free port
         assert trainer_cmd(command) == [

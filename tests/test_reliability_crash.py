@@ -83,7 +83,16 @@ _install()
 
 # ----------------------------------------------------------------------------------------- helpers
 def start(
-    work: Path, tmp: Path, name: str, torchrun_args=(), freeze=(), args=ARGS, nnodes="1", nproc=2, endpoint=None
+    work: Path,
+    tmp: Path,
+    name: str,
+    torchrun_args=(),
+    freeze=(),
+    args=ARGS,
+    nnodes="1",
+    nproc=2,
+    endpoint=None,
+    launcher="torch.distributed.run",
 ) -> subprocess.Popen:
     """torchrun in the background (one agent: ``nnodes`` and the rendezvous ``endpoint`` say which job it
     joins); its output goes to tmp/name.out and tmp/name.err."""
@@ -97,7 +106,7 @@ def start(
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        launcher,
         f"--nproc_per_node={nproc}",
         f"--nnodes={nnodes}",
         "--rdzv-backend=c10d",
@@ -541,6 +550,9 @@ def assert_resized_continuation(reference: Path, work: Path, out: str, old: int,
     return resumed
 
 
+LAUNCHER = "moe_train.engine.torchrun"
+
+
 def test_elastic_torchrun_loses_an_agent_and_continues_on_the_rest(reference, tmp_path):
     """Two torchrun agents (``--nnodes 1:2``, one rank each) on one c10d rendezvous; SIGKILL of one agent
     mid-run (its rank follows it: PR_SET_PDEATHSIG).  The other agent's rank fails in its next collective,
@@ -551,7 +563,8 @@ def test_elastic_torchrun_loses_an_agent_and_continues_on_the_rest(reference, tm
 
     def agent(name: str, is_host: int) -> subprocess.Popen:
         rdzv = ["--rdzv-id=elastic-test", f"--rdzv-conf=is_host={is_host},{conf}", "--max-restarts=1"]
-        return start(work, tmp_path, name, rdzv, nnodes="1:2", nproc=1, endpoint=f"127.0.0.1:{port}")
+        # as the TorchX components launch a multi-node job: moe-train-torchrun, the store outliving the agents
+        return start(work, tmp_path, name, rdzv, nnodes="1:2", nproc=1, endpoint=f"127.0.0.1:{port}", launcher=LAUNCHER)
 
     survivor = agent("survivor", 1)
     lost = agent("lost", 0)
@@ -565,6 +578,8 @@ def test_elastic_torchrun_loses_an_agent_and_continues_on_the_rest(reference, tm
             if p.poll() is None:
                 p.kill()
     out = logs(tmp_path, "survivor")
+    assert "1 agent(s) did not finish" in out  # the store host waited for the lost agent, then gave up on it
+    assert "recvVector failed" not in out
     resumed = assert_resized_continuation(reference, work, out, old=2, new=1)
     assert SAVE_EVERY <= resumed < STEPS
     assert segment_worlds(work) == [(0, 2), (resumed, 1)]

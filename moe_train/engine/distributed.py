@@ -322,18 +322,6 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def linger_as_store_host(seconds: float = 10.0) -> None:
-    """On the node whose torchrun agent hosts the rendezvous store (``MOE_TRAIN_STORE_HOST=1``, set by
-    the TorchX components for multi-node jobs), local rank 0 waits a moment after a successful run:
-    the other nodes' agents close the rendezvous on that store as they exit, and would print a
-    C++ ``TCPStore recvVector failed`` trace if it were already gone."""
-    import os
-    import time
-
-    if os.environ.get("MOE_TRAIN_STORE_HOST") == "1" and os.environ.get("LOCAL_RANK", "0") == "0":
-        time.sleep(seconds)
-
-
 def hard_exit(code: int = 0) -> NoReturn:
     """Flush output and end the process without Python's interpreter shutdown.
 
