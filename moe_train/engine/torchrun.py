@@ -29,34 +29,18 @@ def _rdzv_conf(text: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in text.split(",") if "=" in kv)
 
 
-def _with_conf(argv: list[str], conf: dict[str, str]) -> list[str]:
-    """argv with its ``--rdzv-conf``/``--rdzv_conf`` value replaced (both spellings, both forms)."""
-    value = ",".join(f"{k}={v}" for k, v in conf.items())
-    out, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        name = arg.split("=", 1)[0]
-        if name in ("--rdzv-conf", "--rdzv_conf"):
-            out.append(f"{name}={value}")
-            skip = "=" not in arg and i + 1 < len(argv)
-        else:
-            out.append(arg)
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
     from torch.distributed import run as torch_run
+    from torch.distributed.elastic.multiprocessing.errors import record
     from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = torch_run.parse_args(argv)
+    args = torch_run.parse_args(sys.argv[1:] if argv is None else argv)
+    run = record(torch_run.run)  # what torchrun's own main is: run(args) with its error file and summary
     conf = _rdzv_conf(args.rdzv_conf)
     _, max_nodes = torch_run.parse_min_max_nnodes(args.nnodes)
     if args.standalone or args.rdzv_backend != "c10d" or "is_host" not in conf or max_nodes == 1:
-        torch_run.main(argv)
+        run(args)
         return
 
     is_host = conf["is_host"].strip().lower() in ("1", "true", "yes", "y")
@@ -67,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     agents, exited = f"moe-train-torchrun/{args.rdzv_id}/agents", f"moe-train-torchrun/{args.rdzv_id}/exited"
     store.add(agents, 1)
     try:
-        torch_run.main(_with_conf(argv, {**conf, "is_host": "0"}))
+        args.rdzv_conf = ",".join(f"{k}={v}" for k, v in {**conf, "is_host": "0"}.items())
+        run(args)
     finally:
         try:
             store.add(exited, 1)
