@@ -81,6 +81,7 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     from moe_train.engine.train import build_model
     from moe_train.models.common.loss import causal_lm_loss
     from moe_train.parallel import zero3
+    from moe_train.run_dir import RunDir
 
     ds_config = fill_auto(
         load_deepspeed_config("deepspeed_zero3"),
@@ -102,7 +103,7 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     engine.step()
 
     shapes = {k: s for k, (_, s) in expected_hf_keys(engine.module).items()}
-    manager = CheckpointManager(work, rank, keep=0)
+    manager = CheckpointManager(RunDir(work), rank, keep=0)
     native_dir = os.path.join(work, "native")
     largest = max(p.ds_tensor.numel() * 4 for p in engine.module.parameters())
 

@@ -47,6 +47,7 @@ from fsspec.spec import AbstractBufferedFile
 from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files
 from moe_train.checkpoint.safetensors_io import WRITE_BLOCK, PlannedTensor, header_bytes
 from moe_train.models import spec_for, spec_of
+from moe_train.run_dir import RunDir
 from moe_train.storage import display, is_local, resolve
 
 FORMAT = "moe-train-checkpoint/1"
@@ -347,12 +348,11 @@ def _all_ok(ok: bool, sizes: list[int]) -> tuple[bool, list[list[int]]]:
 
 
 class CheckpointManager:
-    """Saving, listing, verifying and resolving the checkpoints of one work dir."""
+    """Saving, listing, verifying and resolving the checkpoints of one work dir (``run.checkpoints``);
+    every write goes through the run directory."""
 
-    def __init__(self, work_dir: str, rank: int, keep: int, storage_options: dict[str, Any] | None = None) -> None:
-        self.fs, root = resolve(work_dir, storage_options)
-        self.url = work_dir.rstrip("/")
-        self.root = posixpath.join(root, "checkpoints")
+    def __init__(self, run: RunDir, rank: int, keep: int) -> None:
+        self.run, self.fs, self.root = run, run.fs, run.checkpoints
         self.rank, self.keep = rank, keep
         self.local = is_local(self.fs)
 
@@ -376,7 +376,7 @@ class CheckpointManager:
         """Rank 0, at start-up: partial checkpoints of a crashed run are deleted."""
         removed = [path for _, path, done in self._steps() if not done]
         for path in removed:
-            self.fs.rm(path, recursive=True)
+            self.run.remove(path, recursive=True)
         return removed
 
     # ------------------------------------------------------------------ save
@@ -390,7 +390,7 @@ class CheckpointManager:
         if self.rank == 0:
             if self.fs.exists(target):  # a leftover of an earlier run: never half-overwritten
                 self._remove(target)
-            self.fs.makedirs(target, exist_ok=True)
+            self.run.makedirs(target)
         if dist.is_initialized():
             dist.barrier()
         ok, sizes, error = True, [], None
@@ -399,7 +399,7 @@ class CheckpointManager:
             if self.rank == 0:
                 self._put(posixpath.join(target, STATE), state)
                 if tokenizer_dir:
-                    self.fs.makedirs(posixpath.join(target, TOKENIZER_DIR), exist_ok=True)
+                    self.run.makedirs(posixpath.join(target, TOKENIZER_DIR))
                     copy_files(tokenizer_dir, self.fs, posixpath.join(target, TOKENIZER_DIR), TOKENIZER_FILES)
         except OSError as e:
             ok, sizes, error = False, [0] * len(rank_files(0, 1)), e
@@ -448,7 +448,7 @@ class CheckpointManager:
         for kind in KINDS:
             path = posixpath.join(target, tensor_file(kind, self.rank, world))
             # Object stores upload in parts of WRITE_BLOCK: that bounds the buffer whatever the file size.
-            f = self.fs.open(path, "wb", block_size=WRITE_BLOCK)
+            f = self.run.open(path, "wb", block_size=WRITE_BLOCK)
             try:
                 f.write(header_bytes(plan))
                 for o, lo, hi in runs:
@@ -471,8 +471,7 @@ class CheckpointManager:
         return sizes
 
     def _put(self, path: str, obj: Any) -> None:
-        with self.fs.open(path, "w") as f:
-            json.dump(obj, f)
+        self.run.put_json(path, obj)
 
     def _prune(self) -> None:
         complete = [path for _, path, done in self._steps() if done]
@@ -482,8 +481,8 @@ class CheckpointManager:
     def _remove(self, path: str) -> None:
         marker = posixpath.join(path, COMPLETE)
         if self.fs.exists(marker):
-            self.fs.rm(marker)  # first, so that a crash mid-delete leaves an incomplete checkpoint
-        self.fs.rm(path, recursive=True)
+            self.run.remove(marker)  # first, so that a crash mid-delete leaves an incomplete checkpoint
+        self.run.remove(path, recursive=True)
 
     # ------------------------------------------------------------------ resume point: rank 0 decides
     def resolve(self, resume: str | None, log: Any = print) -> TrainingCheckpoint | None:
@@ -542,12 +541,12 @@ class CheckpointManager:
         if not newer:
             return
         aside = posixpath.join(self.root, "abandoned-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        self.fs.makedirs(aside, exist_ok=True)
+        self.run.makedirs(aside)
         for path in newer:
             marker = posixpath.join(path, COMPLETE)
             if self.fs.exists(marker):
-                self.fs.rm(marker)  # an interrupted move leaves nothing that looks complete
-            self.fs.mv(path, posixpath.join(aside, posixpath.basename(path)), recursive=True)
+                self.run.remove(marker)  # an interrupted move leaves nothing that looks complete
+            self.run.move(path, posixpath.join(aside, posixpath.basename(path)))
             log(
                 f"[moe-train] moved {display(self.fs, path)} (newer than the resumed step {step}) to "
                 f"{display(self.fs, aside)}: that branch is abandoned"

@@ -18,7 +18,6 @@ position is kept in packs, so a loader on another data-parallel size continues a
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ from moe_train.checkpoint.training_state import TrainingCheckpoint, set_rng_stat
 from moe_train.models.common.key_map import canonical_name
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
+from moe_train.run_dir import recipe_record
 from moe_train.storage import redact
 
 # Recipe fields that define the run: a change is refused (the model and data are checked apart).
@@ -48,17 +48,6 @@ LAYOUT = (
     "activation_checkpointing",
     "ep",
 )
-
-
-def recipe_record(r: Recipe) -> dict[str, Any]:
-    """The recipe as JSON with URL credentials redacted."""
-    d = dataclasses.asdict(r)
-    for key in ("model", "tokenizer"):
-        if d[key]:
-            d[key] = redact(d[key])
-    d["data"] = [redact(u) for u in d["data"]]
-    d["betas"] = list(d["betas"])
-    return d
 
 
 def data_fingerprint(data_urls: list[str], packs: list[Any]) -> dict[str, Any]:

@@ -18,12 +18,9 @@ same formula and DeepSpeed's average over the whole world then stay exact:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import posixpath
-import socket
 import sys
 import tempfile
 import time
@@ -54,6 +51,7 @@ from moe_train.models import spec_for, spec_of
 from moe_train.models.common.loss import shift_labels
 from moe_train.parallel import expert, zero3
 from moe_train.recipes import Recipe
+from moe_train.run_dir import RunDir
 from moe_train.storage import display, is_local, probe, redact, redact_all, resolve, stall_notice
 
 
@@ -110,22 +108,6 @@ def quiet_deepspeed() -> None:
     from deepspeed.utils import logger
 
     logger.addFilter(_UNSEEN_OUTPUT)  # once: a filter already there is not added again
-
-
-def check_work_dir(url: str, rank: int) -> Any:
-    """Fail early, on every rank, if the work dir cannot be written."""
-    fs, root = resolve(url)
-    probe = posixpath.join(root, f".write-probe-{socket.gethostname()}-{os.getpid()}")  # never another run's
-    try:
-        fs.makedirs(root, exist_ok=True)
-        with fs.open(probe, "w") as f:
-            f.write("ok")
-        fs.rm(probe)
-    except (OSError, PermissionError) as e:
-        raise ValueError(
-            f"work dir {url} is not writable ({type(e).__name__}: {e}); pass a writable --work-dir"
-        ) from None
-    return fs, root
 
 
 def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
@@ -214,8 +196,7 @@ class Job:
     seq: Any  # SequenceParallel, or None for --sp 1
     ckpt: CheckpointManager
     data_fingerprint: dict[str, Any]
-    fs: Any
-    work_root: str
+    run: RunDir
     tokenizer_dir: str
     step: int
     total_steps: int
@@ -376,10 +357,11 @@ def setup(tc: TrainConfig) -> Job:
     seq = SequenceParallel(r.sp) if r.sp != 1 else None
     torch.manual_seed(r.seed)
 
-    fs, work_root = check_work_dir(tc.work_dir, info.rank)
-    lease = own_work_dir(fs, work_root, info.rank, tc.resume, tc.overwrite, log=lambda m: _log(info.rank, m))
+    run = RunDir(tc.work_dir)
+    run.check_writable()
+    lease = own_work_dir(run, info.rank, tc.resume, tc.overwrite, log=lambda m: _log(info.rank, m))
     try:
-        return _setup_owned(tc, info, ds_config, dtype, seq, fs, work_root, lease)
+        return _setup_owned(tc, info, ds_config, dtype, seq, run, lease)
     except BaseException:
         lease.release()
         raise
@@ -391,8 +373,7 @@ def _setup_owned(
     ds_config: dict[str, Any],
     dtype: torch.dtype,
     seq: Any,
-    fs: Any,
-    work_root: str,
+    run: RunDir,
     lease: Any,
 ) -> Job:
     """The rest of `setup`, once this job owns the work dir (so removing stale files is safe)."""
@@ -400,7 +381,7 @@ def _setup_owned(
 
     r = tc.recipe
     rank, world, device = info.rank, info.world_size, info.device
-    ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
+    ckpt = CheckpointManager(run, rank, r.save_total_limit)
     # Rank 0 picks the resume point and broadcasts it; every rank verifies the files it names.
     resume = ckpt.resolve(tc.resume, log=lambda msg: _log(rank, msg.removeprefix("[moe-train] ")))
     if resume is not None:
@@ -446,8 +427,7 @@ def _setup_owned(
         seq,
         ckpt,
         fingerprint,
-        fs,
-        work_root,
+        run,
         data.tokenizer_dir,
         0,
         total_steps,
@@ -566,27 +546,6 @@ def evaluate(job: Job) -> dict[str, Any]:
     }
 
 
-def write_run_config(job: Job) -> None:
-    """The resolved recipe and DeepSpeed config next to the run (URLs redacted), rewritten by each segment."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, str):
-            return redact(v)
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        return v
-
-    files = {
-        "recipe.json": clean(dataclasses.asdict(job.recipe)),
-        "deepspeed.json": clean(getattr(job.engine, "config", None) or {}),
-    }
-    for name, content in files.items():
-        with job.fs.open(posixpath.join(job.work_root, name), "w") as f:
-            json.dump(content, f, indent=2, default=str)
-
-
 def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> dict[str, Any]:
     """The metrics record of one step (see moe_train/engine/metrics.py for the FLOP count)."""
     dt, world = s["seconds"], job.world
@@ -617,7 +576,7 @@ def export(job: Job, step: int) -> dict[str, Any]:
     from moe_train.checkpoint.hf_layout import HFCheckpoint, save_pretrained
     from moe_train.engine.memory import PeakRSS
 
-    url = posixpath.join(job.tc.work_dir.rstrip("/"), "hf_model")
+    url = job.run.hf_model_url
     module = job.engine.module
     source = job.recipe.model
     # Keys the family carries untrained (DeepSeek V3's MTP layers) are copied from the source checkpoint.
@@ -692,8 +651,9 @@ def _train(job: Job) -> dict[str, Any]:
             "deepspeed": deepspeed.__version__,
             "device": torch.cuda.get_device_name() if job.device.type == "cuda" else job.device.type,
         }
-        metrics = MetricsWriter(job.fs, job.work_root, resumed_from=job.step, log=lambda m: _log(0, m), header=hardware)
-        write_run_config(job)
+        metrics = MetricsWriter(job.run, resumed_from=job.step, log=lambda m: _log(0, m), header=hardware)
+        # rewritten by each segment
+        job.run.write_run_config(job.recipe, getattr(job.engine, "config", None) or {})
     peak = peak_tflops(tc.peak_tflops)
 
     def run_eval(at: int) -> None:
@@ -742,7 +702,7 @@ def _train(job: Job) -> dict[str, Any]:
                     run_eval(step)
                 stop_now = stop.agreed()
                 if (r.save_steps and step % r.save_steps == 0 and guard.healthy) or stop_now:
-                    with stall_notice(f"checkpoint of step {step} to {redact(tc.work_dir)}", lambda m: _log(rank, m)):
+                    with stall_notice(f"checkpoint of step {step} to {job.run.where}", lambda m: _log(rank, m)):
                         path = job.ckpt.save(
                             step,
                             zero3.optimizer_ranges(job.engine, create_state=True),
@@ -760,9 +720,9 @@ def _train(job: Job) -> dict[str, Any]:
 
     if job.eval_loader is not None and not (r.eval_steps and step % r.eval_steps == 0):
         run_eval(step)  # the final model's validation loss
-    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": redact(tc.work_dir)}
+    summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": redact(job.run.url)}
     if tc.export:
-        with stall_notice(f"export to {redact(tc.work_dir)}/hf_model", lambda m: _log(rank, m)):
+        with stall_notice(f"export to {job.run.display(job.run.hf_model)}", lambda m: _log(rank, m)):
             summary.update(redact_all(export(job, step)))
         if metrics is not None:
             metrics.write(
@@ -777,8 +737,7 @@ def _train(job: Job) -> dict[str, Any]:
     if metrics is not None:
         metrics.close()
         # The whole run, all segments; `summary["segment_losses"]`: this segment's alone.
-        run = {**summary, **summarize(read_metrics(job.fs, job.work_root, segments=True)), "segment_losses": losses}
-        with job.fs.open(posixpath.join(job.work_root, "summary.json"), "w") as f:
-            json.dump(run, f, indent=2)
+        run = {**summary, **summarize(read_metrics(job.run, segments=True)), "segment_losses": losses}
+        job.run.put_json(job.run.summary, run, indent=2)
     job.ckpt.close()
     return summary
