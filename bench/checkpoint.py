@@ -78,7 +78,7 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
     from moe_train.engine.memory import PeakRSS
-    from moe_train.engine.train import build_model
+    from moe_train.engine.model import build_model
     from moe_train.models.common.loss import causal_lm_loss
     from moe_train.parallel import zero3
     from moe_train.run_dir import RunDir

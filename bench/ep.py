@@ -116,7 +116,7 @@ def _ours(cfg, ds, ep: int, source: str | None):
     """moe-train's model partitioned as the trainer builds it, in a DeepSpeed engine."""
     import deepspeed
 
-    from moe_train.engine.train import build_model
+    from moe_train.engine.model import build_model
     from moe_train.parallel import expert
 
     groups = expert.create_groups(ep) if ep > 1 else None

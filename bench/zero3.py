@@ -187,7 +187,7 @@ def run_variant(
     import deepspeed
 
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
-    from moe_train.engine.train import build_model
+    from moe_train.engine.model import build_model
     from moe_train.models.common.loss import causal_lm_loss
     from moe_train.models.deepseek_v2.moe import MoE
 

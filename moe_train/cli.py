@@ -312,7 +312,7 @@ def train(
 
     from moe_train.engine.distributed import destroy_distributed, hard_exit
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
-    from moe_train.engine.train import TrainConfig
+    from moe_train.engine.setup import TrainConfig
     from moe_train.engine.train import train as run
     from moe_train.storage import redact
 

@@ -16,7 +16,7 @@ import torch
 
 from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
 from moe_train.engine.distributed import destroy_distributed, hard_exit, init_distributed
-from moe_train.engine.train import build_model
+from moe_train.engine.model import build_model
 from moe_train.models.common.experts import PerExpertModules
 from moe_train.models.deepseek_v2 import DeepseekV2Config
 from moe_train.models.deepseek_v2.moe import Router

@@ -47,7 +47,7 @@ _WRAPPED = textwrap.dedent("""
     import json, sys, torch, warnings
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
     from moe_train.engine.distributed import hard_exit, init_distributed
-    from moe_train.engine.train import build_model
+    from moe_train.engine.model import build_model
     from moe_train.checkpoint.hf_layout import expected_hf_keys, save_pretrained
     from moe_train.models.deepseek_v2 import DeepseekV2Config
     from moe_train.parallel import zero3

@@ -166,7 +166,7 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
         "sp": r.sp,
         "grad_accum": r.grad_accum,
         "micro_batch_size": r.micro_batch_size,
-        "loader": job.loader.state_dict(),
+        "loader": job.data.loader.state_dict(),
         "scheduler": {
             "last_epoch": sched.last_epoch,
             "step_count": sched._step_count,
@@ -177,7 +177,7 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
         "config": job.cfg.to_hf_dict(
             torch_dtype=str(next(job.engine.module.parameters()).dtype).removeprefix("torch.")
         ),
-        "data": job.data_fingerprint,
+        "data": job.fingerprint,
         # Persistent buffers (DeepSeek V3's correction bias): small, whole on every rank, fp32 exact in JSON.
         "buffers": {canonical_name(name): buf.float().tolist() for name, buf in persistent_buffers(job.engine.module)},
     }

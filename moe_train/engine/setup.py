@@ -1,0 +1,173 @@
+"""Start-up: process group, work dir and its lease, resume point, model config, data, DeepSpeed
+engine, each checked before anything in the work dir changes; the result is a `Job`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moe_train.checkpoint.hf_layout import read_config
+from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
+from moe_train.engine import kernels
+from moe_train.engine import resume as resuming
+from moe_train.engine.lease import Lease, NoLease, own_work_dir
+from moe_train.engine.loaders import Data, build_data
+from moe_train.engine.log import log
+from moe_train.engine.model import build_engine
+from moe_train.engine.preemption import DEFAULT_GRACE_S
+from moe_train.models import spec_for, spec_of
+from moe_train.parallel import expert
+from moe_train.recipes import Recipe
+from moe_train.run_dir import RunDir
+from moe_train.storage import probe
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A training job: the recipe, and how and where it runs."""
+
+    recipe: Recipe
+    work_dir: str
+    deepspeed: str | None = None  # None: the recipe's
+    launcher: str = "none"
+    resume: str | None = None
+    peak_tflops: float | None = None
+    export: bool = True
+    preempt_grace: float = DEFAULT_GRACE_S  # seconds between a stop signal and SIGKILL
+    progress: bool = True
+    overwrite: bool = False  # move an earlier run in the work dir aside (engine/lease.py)
+    allow_batch_change: bool = False  # resume with another global batch (packs per step) than the checkpoint's
+
+
+@dataclass(kw_only=True)
+class Job:
+    """What the loop needs, built once by `setup`."""
+
+    tc: TrainConfig
+    run: RunDir
+    lease: Lease | NoLease  # rank 0 owns the work dir until the run ends
+    ckpt: CheckpointManager
+    rank: int
+    world: int
+    device: torch.device
+    cfg: Any  # the model family's config
+    engine: Any
+    scheduler: Any
+    data: Data
+    fingerprint: dict[str, Any]  # of the training data, checked on resume
+    seq: Any = None  # SequenceParallel for --sp N > 1
+    ep: Any = None  # expert.EPGroups for --ep N > 1
+    step: int = 0  # where the loop starts: the resumed step, or 0
+    total_steps: int
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.tc.recipe
+
+
+def setup(tc: TrainConfig) -> Job:
+    """Process group, data, model (partitioned from the start), DeepSpeed engine, resume."""
+    from moe_train.engine.deepspeed_config import load_deepspeed_config
+    from moe_train.engine.distributed import init_distributed
+    from moe_train.parallel import SequenceParallel
+
+    r = tc.recipe
+    ds_config = load_deepspeed_config(tc.deepspeed or r.deepspeed)  # bad configs fail before any process group
+    info = init_distributed(tc.launcher)
+    # Groups of r.sp consecutive ranks share each packed row (raises if r.sp does not divide the world).
+    seq = SequenceParallel(r.sp) if r.sp != 1 else None
+    torch.manual_seed(r.seed)
+
+    run = RunDir(tc.work_dir)
+    run.check_writable()
+    lease = own_work_dir(run, info.rank, tc.resume, tc.overwrite, log=lambda m: log(info.rank, m))
+    try:
+        return _setup_owned(tc, info=info, ds_config=ds_config, seq=seq, run=run, lease=lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _setup_owned(
+    tc: TrainConfig, *, info: Any, ds_config: dict[str, Any], seq: Any, run: RunDir, lease: Lease | NoLease
+) -> Job:
+    """The rest of `setup`, once this job owns the work dir (so removing stale files is safe)."""
+    r = tc.recipe
+    rank, world, device = info.rank, info.world_size, info.device
+    # bf16 also on CPU when the recipe asks (DeepSpeed's bf16 ZeRO-3 runs on gloo): the GPU's dtype logic,
+    # testable here.
+    dtype = torch.bfloat16 if r.dtype == "bf16" else torch.float32
+    ckpt = CheckpointManager(run, rank, r.save_total_limit)
+    # Rank 0 picks the resume point and broadcasts it; every rank verifies the files it names.
+    resume = ckpt.resolve(tc.resume, log=lambda msg: log(rank, msg.removeprefix("[moe-train] ")))
+    if resume is not None:
+        r = resuming.plan(
+            resume, r, world, tc.allow_batch_change, lambda msg: log(rank, msg), tc.deepspeed or r.deepspeed
+        )
+        tc = dataclasses.replace(tc, recipe=r)
+
+    for url, what in [(r.model, "--model"), (r.tokenizer, "--tokenizer")]:
+        if url:
+            probe(url, what)
+    layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
+    cfg = read_config(r.model, **layout) if r.model else spec_for(r.family).named_config(r.model_size, **layout)
+    found = kernels.kernels(cfg, dtype, device)
+    log(rank, found.line())
+    warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
+    if warning:
+        log(rank, warning)
+    expert.check(r.ep, world, cfg, ds_config, r.sp)
+    ep = expert.create_groups(r.ep) if r.ep != 1 else None
+    data = build_data(r, rank, world, cfg)  # checks the tokenizer against the model (check_tokenizer)
+    fingerprint = resuming.data_fingerprint(r.data, data.loader.packs)
+    if resume is not None:
+        resuming.check_model_and_data(resume, cfg, fingerprint)
+    # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
+    # resumed follows exactly the schedule of an uninterrupted one.
+    schedule_steps = data.steps_per_epoch * r.epochs
+    total_steps = min(r.max_steps or schedule_steps, schedule_steps)
+    engine, scheduler = build_engine(
+        r, cfg, ds_config, dtype, device, world, schedule_steps, load_weights=resume is None, ep=ep
+    )
+    if seq is not None:
+        seq.apply(engine.module, spec_of(cfg))
+    job = Job(
+        tc=tc,
+        run=run,
+        lease=lease,
+        ckpt=ckpt,
+        rank=rank,
+        world=world,
+        device=device,
+        cfg=cfg,
+        engine=engine,
+        scheduler=scheduler,
+        data=data,
+        fingerprint=fingerprint,
+        seq=seq,
+        ep=ep,
+        total_steps=total_steps,
+    )
+    job.step = resume_state(job, resume)
+    # Only now, with every input checked and the work dir ours: a start that fails changes nothing.
+    if rank == 0:
+        for path in ckpt.remove_incomplete():
+            log(rank, f"removed incomplete checkpoint {run.display(path)}")
+    return job
+
+
+def resume_state(job: Job, resume: TrainingCheckpoint | None) -> int:
+    """Load the resume point into the engine and loader; the step to continue from (0: a fresh start)."""
+    from moe_train.checkpoint.hf_layout import parameter_shapes
+
+    if not resume:
+        return 0
+    shapes = parameter_shapes(job.engine.module)
+    step = resuming.load(
+        resume, job.engine, job.scheduler, job.data.loader, job.recipe, shapes, job.cfg, job.rank, job.world
+    )
+    log(job.rank, f"resumed from {resume.where} at step {step}")
+    return step
