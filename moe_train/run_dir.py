@@ -118,9 +118,13 @@ class RunDir:
         return self._path("previous")
 
     # ------------------------------------------------------------------ start-up checks
+    def probe(self, name: str) -> str:
+        """A hidden start-up probe file, ``.{name}``, which no run keeps."""
+        return self._path(f".{name}")
+
     def check_writable(self) -> None:
         """Fail early, on every rank, if the work dir cannot be written."""
-        probe = self._path(f".write-probe-{socket.gethostname()}-{os.getpid()}")  # never another run's
+        probe = self.probe(f"write-probe-{socket.gethostname()}-{os.getpid()}")  # never another run's
         try:
             self.fs.makedirs(self.root, exist_ok=True)
             with self.fs.open(probe, "w") as f:

@@ -18,6 +18,7 @@ from moe_train.engine.loaders import Data, build_data
 from moe_train.engine.log import log
 from moe_train.engine.model import build_engine
 from moe_train.engine.preemption import DEFAULT_GRACE_S
+from moe_train.engine.work_dir import check_outlives_pod, check_shared
 from moe_train.models import spec_for, spec_of
 from moe_train.parallel import expert
 from moe_train.recipes import Recipe
@@ -83,6 +84,8 @@ def setup(tc: TrainConfig) -> Job:
 
     run = RunDir(tc.work_dir)
     run.check_writable()
+    check_outlives_pod(run)
+    check_shared(run, info.rank, info.world_size)
     lease = own_work_dir(run, info.rank, tc.resume, tc.overwrite, log=lambda m: log(info.rank, m))
     try:
         return _setup_owned(tc, info=info, ds_config=ds_config, seq=seq, run=run, lease=lease)
@@ -103,6 +106,8 @@ def _setup_owned(
     ckpt = CheckpointManager(run, rank, r.save_total_limit)
     # Rank 0 picks the resume point and broadcasts it; every rank verifies the files it names.
     resume = ckpt.resolve(tc.resume, log=lambda msg: log(rank, msg.removeprefix("[moe-train] ")))
+    if resume is None and tc.resume == "auto":
+        refuse_finished_without_checkpoint(run)
     if resume is not None:
         r = resuming.plan(
             resume, r, world, tc.allow_batch_change, lambda msg: log(rank, msg), tc.deepspeed or r.deepspeed
@@ -157,6 +162,22 @@ def _setup_owned(
         for path in ckpt.remove_incomplete():
             log(rank, f"removed incomplete checkpoint {run.display(path)}")
     return job
+
+
+def refuse_finished_without_checkpoint(run: RunDir) -> None:
+    """``--resume auto`` on a run that ended (summary.json) but left no checkpoint would silently start over.
+    A run killed before its first save has no summary and starts from scratch, so requeues never crash-loop."""
+    if not run.fs.exists(run.summary):
+        return
+    try:
+        steps = run.read_json(run.summary).get("steps", "?")
+    except (ValueError, AttributeError):
+        steps = "?"
+    raise ValueError(
+        f"work dir {run.where} holds a run that ended at step {steps} (summary.json) but no training "
+        "checkpoint to resume from (it ran with --save-steps 0?); pass --overwrite to start again (the earlier "
+        "run is moved into previous/), or --resume with a checkpoint URL"
+    )
 
 
 def resume_state(job: Job, resume: TrainingCheckpoint | None) -> int:

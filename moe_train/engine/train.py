@@ -16,7 +16,7 @@ from moe_train.engine.divergence import Diverged, DivergenceGuard, finite_or_non
 from moe_train.engine.log import log
 from moe_train.engine.metrics import MetricsWriter, peak_tflops, read_metrics, summarize
 from moe_train.engine.model import quiet_deepspeed
-from moe_train.engine.preemption import StopFlag
+from moe_train.engine.preemption import StopFlag, catch_early_warning
 from moe_train.engine.setup import Job, TrainConfig, setup
 from moe_train.engine.step import evaluate, run_step, step_record
 from moe_train.models import spec_of
@@ -29,6 +29,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     # DeepSpeed calls c10d functions that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     quiet_deepspeed()
+    catch_early_warning()
     job = setup(tc)
     try:
         return _train(job)
@@ -120,7 +121,9 @@ def _train(job: Job) -> dict[str, Any]:
                 if job.data.eval_loader is not None and r.eval_steps and step % r.eval_steps == 0:
                     run_eval(step)
                 stop_now = stop.agreed()
-                if (r.save_steps and step % r.save_steps == 0 and guard.healthy) or stop_now:
+                # The run's last step is saved too (max_steps, end of data): no run ends without its state.
+                due = step % r.save_steps == 0 or step == job.total_steps if r.save_steps else False
+                if (due and guard.healthy) or stop_now:
                     _save(job, step)
                 if stop_now:
                     raise stop.requested(step)
@@ -132,6 +135,8 @@ def _train(job: Job) -> dict[str, Any]:
         run_eval(step)  # the final model's validation loss
     summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": redact(job.run.url)}
     if tc.export:
+        if not r.save_steps:
+            log(rank, "no training checkpoint (--save-steps 0): the export below is this run's only state")
         with stall_notice(f"export to {job.run.display(job.run.hf_model)}", lambda m: log(rank, m)):
             summary.update(redact_all(export(job, step)))
         if metrics is not None:
