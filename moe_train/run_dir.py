@@ -22,7 +22,6 @@ check that must come before each of them (the lease's fencing) has one place to 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import posixpath
@@ -30,7 +29,6 @@ import socket
 from datetime import datetime, timezone
 from typing import Any
 
-from moe_train.recipes import Recipe
 from moe_train.storage import display, redact_all, resolve
 
 # What a run leaves in its work dir: any of these means the work dir holds a run.
@@ -181,14 +179,7 @@ class RunDir:
     def move(self, src: str, dst: str) -> None:
         self.fs.mv(src, dst, recursive=True)
 
-    def write_run_config(self, recipe: Recipe, deepspeed: dict[str, Any]) -> None:
-        """The resolved recipe and DeepSpeed config next to the run, URLs redacted."""
-        self.put_json(self.recipe, recipe_record(recipe), indent=2)
+    def write_run_config(self, recipe: dict[str, Any], deepspeed: dict[str, Any]) -> None:
+        """The resolved recipe (its `recipe_record`) and DeepSpeed config next to the run, URLs redacted."""
+        self.put_json(self.recipe, recipe, indent=2)
         self.put_json(self.deepspeed, redact_all(deepspeed), indent=2)
-
-
-def recipe_record(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as a run stores it (recipe.json, each checkpoint's state.json): JSON types, every
-    string redacted (URL user-info and secret query parameters, in any field)."""
-    record = redact_all(dataclasses.asdict(recipe))
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in record.items()}

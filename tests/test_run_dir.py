@@ -6,8 +6,8 @@ import ast
 import posixpath
 from pathlib import Path
 
-from moe_train.recipes import get_recipe
-from moe_train.run_dir import RUN_FILES, RunDir, recipe_record
+from moe_train.recipes import get_recipe, recipe_record
+from moe_train.run_dir import RUN_FILES, RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moe_train"
 PATHS = ("checkpoints", "metrics", "legacy_metrics", "tb", "recipe", "deepspeed", "summary", "hf_model", "lease")

@@ -28,8 +28,7 @@ from moe_train.checkpoint.hf_layout import persistent_buffers
 from moe_train.checkpoint.training_state import TrainingCheckpoint, set_rng_state
 from moe_train.models.common.key_map import canonical_name
 from moe_train.parallel import zero3
-from moe_train.recipes import Recipe
-from moe_train.run_dir import recipe_record
+from moe_train.recipes import Recipe, recipe_record
 from moe_train.storage import redact
 
 # Recipe fields that define the run: a change is refused (the model and data are checked apart).
@@ -69,12 +68,11 @@ def plan(
     world: int,
     allow_batch_change: bool,
     log: Callable[[str], None],
-    deepspeed: str,
 ) -> Recipe:
     """The recipe to resume ``ckpt`` with: refused (one line) if it changes the run, else with
     ``grad_accum`` adjusted to keep the global batch on this world size, every change logged."""
     saved, state, step = ckpt.state["recipe"], ckpt.state, ckpt.step
-    now = {**recipe_record(r), "deepspeed": deepspeed}
+    now = recipe_record(r)
     for key in FIXED:
         if saved[key] != now[key]:
             raise ValueError(
@@ -110,7 +108,7 @@ def plan(
             f"global batch {packs} -> {dp * r.grad_accum * r.micro_batch_size} packs per step from step {step + 1} "
             "(--allow-batch-change)"
         )
-    now = {**recipe_record(r), "deepspeed": deepspeed}
+    now = recipe_record(r)
     for key in TUNABLE:
         if saved[key] != now[key]:
             log(f"{key} {_show(saved[key])} -> {_show(now[key])} from step {step + 1}")
@@ -173,7 +171,7 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
             "base_lrs": list(sched.base_lrs),
             "last_lr": list(sched.get_last_lr()),
         },
-        "recipe": {**recipe_record(r), "deepspeed": job.tc.deepspeed or job.recipe.deepspeed},
+        "recipe": recipe_record(r),
         "config": job.cfg.to_hf_dict(
             torch_dtype=str(next(job.engine.module.parameters()).dtype).removeprefix("torch.")
         ),

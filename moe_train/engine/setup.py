@@ -23,7 +23,7 @@ from moe_train.models import spec_for, spec_of
 from moe_train.parallel import expert
 from moe_train.recipes import Recipe
 from moe_train.run_dir import RunDir
-from moe_train.storage import probe
+from moe_train.storage import probe, redact
 
 
 @dataclass(kw_only=True)
@@ -32,7 +32,6 @@ class TrainConfig:
 
     recipe: Recipe
     work_dir: str
-    deepspeed: str | None = None  # None: the recipe's
     launcher: str = "none"
     resume: str | None = None
     peak_tflops: float | None = None
@@ -76,7 +75,7 @@ def setup(tc: TrainConfig) -> Job:
     from moe_train.parallel import SequenceParallel
 
     r = tc.recipe
-    ds_config = load_deepspeed_config(tc.deepspeed or r.deepspeed)  # bad configs fail before any process group
+    ds_config = load_deepspeed_config(r.deepspeed)  # bad configs fail before any process group
     info = init_distributed(tc.launcher)
     # Groups of r.sp consecutive ranks share each packed row (raises if r.sp does not divide the world).
     seq = SequenceParallel(r.sp) if r.sp != 1 else None
@@ -109,9 +108,7 @@ def _setup_owned(
     if resume is None and tc.resume == "auto":
         refuse_finished_without_checkpoint(run)
     if resume is not None:
-        r = resuming.plan(
-            resume, r, world, tc.allow_batch_change, lambda msg: log(rank, msg), tc.deepspeed or r.deepspeed
-        )
+        r = resuming.plan(resume, r, world, tc.allow_batch_change, lambda msg: log(rank, msg))
         tc = dataclasses.replace(tc, recipe=r)
 
     for url, what in [(r.model, "--model"), (r.tokenizer, "--tokenizer")]:
@@ -174,7 +171,7 @@ def refuse_finished_without_checkpoint(run: RunDir) -> None:
     except (ValueError, AttributeError):
         steps = "?"
     raise ValueError(
-        f"work dir {run.where} holds a run that ended at step {steps} (summary.json) but no training "
+        f"work dir {redact(run.url)} holds a run that ended at step {steps} (summary.json) but no training "
         "checkpoint to resume from (it ran with --save-steps 0?); pass --overwrite to start again (the earlier "
         "run is moved into previous/), or --resume with a checkpoint URL"
     )

@@ -21,6 +21,7 @@ from moe_train.engine.setup import Job, TrainConfig, setup
 from moe_train.engine.step import evaluate, run_step, step_record
 from moe_train.models import spec_of
 from moe_train.parallel import expert, zero3
+from moe_train.recipes import recipe_record
 from moe_train.storage import redact, redact_all, stall_notice
 
 
@@ -51,7 +52,7 @@ def _metrics_writer(job: Job) -> MetricsWriter | None:
         "device": torch.cuda.get_device_name() if job.device.type == "cuda" else job.device.type,
     }
     metrics = MetricsWriter(job.run, resumed_from=job.step, log=lambda m: log(0, m), header=hardware)
-    job.run.write_run_config(job.recipe, getattr(job.engine, "config", None) or {})
+    job.run.write_run_config(recipe_record(job.recipe), getattr(job.engine, "config", None) or {})
     return metrics
 
 

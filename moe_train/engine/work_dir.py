@@ -18,7 +18,7 @@ import uuid
 import torch.distributed as dist
 
 from moe_train.run_dir import RunDir
-from moe_train.storage import is_local
+from moe_train.storage import is_local, redact
 
 _POD_FIX = (
     "pass --work_dir s3://BUCKET/runs/NAME (an object store), or mount a persistent volume and put the work "
@@ -47,7 +47,7 @@ def check_outlives_pod(run: RunDir, environ: dict[str, str] | None = None) -> No
         return
     if mount_point(run.root) == "/":
         raise ValueError(
-            f"work dir {run.where} is on the container's own file system, which is lost with the pod and not "
+            f"work dir {redact(run.url)} is on the container's own file system, which is lost with the pod and not "
             f"shared with the other pods; {_POD_FIX}"
         )
 
@@ -73,7 +73,7 @@ def check_shared(run: RunDir, rank: int, world: int) -> None:
     if blind:
         who = ", ".join(f"rank {r} on {host}" for r, host in blind[:4]) + (" ..." if len(blind) > 4 else "")
         raise ValueError(
-            f"work dir {run.where} is not the same directory on every node: {who} cannot see the file "
+            f"work dir {redact(run.url)} is not the same directory on every node: {who} cannot see the file "
             f"rank 0 ({seen[0][1]}) wrote into it; pass a --work-dir every node shares (an absolute path on a "
             "shared file system) or an object-store URL (s3://...)"
         )

@@ -263,14 +263,12 @@ def build_plan(
     nodes: int = 1,
     device: str = "a100",
     ds_config: dict[str, Any] | None = None,
-    deepspeed: str | None = None,
     attention: str = "flash",
     peak_tflops: float | None = None,
 ) -> Plan:
-    """Plan ``recipe`` (already carrying any overrides: max_length, varlen, layout) on ``gpus``."""
+    """Plan ``recipe`` (already carrying any overrides: max_length, varlen, layout, DeepSpeed config) on ``gpus``."""
     cfg = model_config(recipe)
-    deepspeed = deepspeed or recipe.deepspeed
-    ds = ds_config if ds_config is not None else load_deepspeed_config(deepspeed)
+    ds = ds_config if ds_config is not None else load_deepspeed_config(recipe.deepspeed)
     zero = ZeroSettings.from_ds_config(ds, cfg.hidden_size)
     work = workload(recipe, attention)
     dev = DEVICES[device]
@@ -285,7 +283,7 @@ def build_plan(
         model=cfg,
         work=work,
         zero=zero,
-        deepspeed=deepspeed,
+        deepspeed=recipe.deepspeed,
         memory=mem,
         speed=speed,
         peak_tflops=peak_tflops or dev.peak_tflops,
