@@ -139,6 +139,13 @@ def test_train_options_are_the_recipe_fields_they_name():
     assert tuple(impl.type.choices) == MOE_IMPLEMENTATIONS
 
 
+def test_the_deepspeed_field_names_the_shipped_configs():
+    from moe_train.engine.deepspeed_config import shipped_configs
+    from moe_train.recipes.recipe import SHIPPED_DEEPSPEED
+
+    assert SHIPPED_DEEPSPEED.split(", ") == shipped_configs()
+
+
 def test_plan_options_named_after_recipe_fields_are_those_fields():
     from moe_train.plan.command import PLAN_FIELDS, plan
 

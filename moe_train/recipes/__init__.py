@@ -29,4 +29,9 @@ __all__ = [
 
 def recipe_by_name_or_file(name: str) -> Recipe:
     """A built-in recipe by name, or the recipe in a YAML file (a path or URL ending in .yaml or .yml)."""
-    return load_recipe(name) if is_recipe_file(name) else get_recipe(name)
+    if is_recipe_file(name):
+        return load_recipe(name)
+    try:
+        return get_recipe(name)
+    except ValueError as e:
+        raise ValueError(f"{e}, or the path of a recipe file (.yaml)") from None

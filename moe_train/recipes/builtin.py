@@ -125,8 +125,5 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(
-            f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (see `moe-train recipes`), or "
-            "the path of a recipe file (.yaml)"
-        )
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (see `moe-train recipes`)")
     return RECIPES[name]

@@ -20,16 +20,17 @@ from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
 from moe_train.storage import redact_all
 
 DTYPES = ("bf16", "fp32")  # bf16: bf16 weights, fp32 master copy, router and loss; fp32: everything fp32
+# moe_train/configs (engine/deepspeed_config.py lists them; tests/test_cli.py holds the two equal)
 SHIPPED_DEEPSPEED = "deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload"
 
 
 def knob(
     default: Any = MISSING,
     *,
-    help: str,  # noqa: A002 - click's word for it
+    help: str,
     choices: tuple[Any, ...] | None = None,
-    min: float | None = None,  # noqa: A002
-    max: float | None = None,  # noqa: A002
+    min: float | None = None,
+    max: float | None = None,
     min_open: bool = False,
     max_open: bool = False,
     off_flag: str | None = None,
