@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from moe_train.checkpoint.hf_layout import INDEX, HFCheckpoint, read_config
 from moe_train.checkpoint.safetensors_io import SafetensorsReader
 from moe_train.cli import expected_failure
-from moe_train.data.datasets import DataError, read_conversations, to_messages
+from moe_train.data.formats import read_conversations, to_messages
+from moe_train.data.sources import DataError
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from tests.conftest import tiny_config
 
