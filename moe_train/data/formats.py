@@ -11,9 +11,9 @@ alpaca     ``instruction``, ``output``,           user = instruction (+ ``"\\n\\
 text       ``text``                               the text, every token trained (continued pre-training)
 =========  =====================================  ==================================================
 
-The format is detected per source from its columns, in the order above (tatsu-lab/alpaca's ``text``
-column holds the rendered prompt: with instruction and output present it is alpaca), or given with
-``--data-format``.  ``--columns instruction=question,output=answer`` reads a field from a column of
+The format is detected per source from the fields its first row has, in the order above (tatsu-lab/
+alpaca's ``text`` column holds the rendered prompt: with instruction and output there it is alpaca), or
+given with ``--data-format``.  ``--columns instruction=question,output=answer`` reads a field from a column of
 another name.  A row of another format than its source's (a JSON Lines file that mixes them) is refused
 with one line naming it.
 """
@@ -70,23 +70,17 @@ def parse_columns(text: str | dict[str, str] | None) -> dict[str, str]:
     return columns
 
 
-def detect(present: set[str], data_format: str | None, shown: str) -> str:
-    """The format of a source with the (mapped) fields ``present``: ``data_format`` if given (its fields
-    checked), the one format whose fields are there, or "" when none or several are."""
-    if data_format:
-        if data_format not in FORMATS:
-            raise ValueError(f"--data-format {data_format!r} is not one of {', '.join(FORMATS)}")
-        missing = [f for f in _REQUIRED[data_format] if f not in present]
-        if missing:
-            raise DataError(
-                f"{shown}: --data-format {data_format} needs the column(s) {', '.join(missing)}; map yours with "
-                f"--columns {missing[0]}=COLUMN"
-            )
-        return data_format
-    found = [fmt for fmt in FORMATS if all(f in present for f in _REQUIRED[fmt])]
-    if found == ["alpaca", "text"]:  # tatsu-lab/alpaca: its text column is the rendered prompt
-        return "alpaca"
-    return found[0] if len(found) == 1 else ""
+def check_format(present: set[str], data_format: str, shown: str) -> str:
+    """``--data-format``, its fields checked against those a source has (``present``, mapped)."""
+    if data_format not in FORMATS:
+        raise ValueError(f"--data-format {data_format!r} is not one of {', '.join(FORMATS)}")
+    missing = [f for f in _REQUIRED[data_format] if f not in present]
+    if missing:
+        raise DataError(
+            f"{shown}: --data-format {data_format} needs the column(s) {', '.join(missing)}; map yours with "
+            f"--columns {missing[0]}=COLUMN"
+        )
+    return data_format
 
 
 def _format_of(record: dict[str, Any]) -> str:
@@ -192,10 +186,9 @@ def read_samples(
     for batch in read_batches(src, batch_size):
         n = len(next(iter(batch.values()), []))
         fields = [f for f in ALL_FIELDS if columns.get(f, f) in batch]
-        if fmt is None:  # the columns name the format; where they name several (mixed JSON Lines), the first row
-            fmt = detect(set(fields), data_format, src.shown) or _format_of(
-                {f: batch[columns.get(f, f)][0] for f in fields}
-            )
+        if fmt is None:  # the first row's fields (precedence as in FORMATS: tatsu-lab/alpaca's text is its prompt)
+            first = {f: batch[columns.get(f, f)][0] for f in fields}
+            fmt = check_format(set(fields), data_format, src.shown) if data_format else _format_of(first)
             if not fmt:
                 raise DataError(
                     f"{src.where(0)}: record has neither instruction/output nor messages; {HINT} "
