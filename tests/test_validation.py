@@ -268,4 +268,7 @@ def test_a_full_disk_is_one_line_and_nothing_is_marked_complete(tmp_path, small_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
     assert errors[0].startswith(f"Error: no space left in the work dir {work} (") and "Traceback" not in proc.stderr
-    assert not list(work.rglob("COMPLETE")) and not (work / "lease").exists()
+    # the data cache, written before the disk filled, is complete; no checkpoint or export is, and no
+    # partial cache entry is left
+    assert not [p for p in work.rglob("COMPLETE") if "data_cache" not in p.parts] and not (work / "lease").exists()
+    assert not list(work.glob("data_cache/.*tmp*"))

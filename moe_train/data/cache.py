@@ -315,6 +315,7 @@ def open_or_build(root: str, key: str, build: Callable[[str], None], log: Callab
         return entry
     if complete(entry):  # another job built it meanwhile
         return entry
+    _sweep(root, key)
     heartbeat = _Heartbeat(beat)
     tmp = os.path.join(root, f".{key}.tmp-{attempt}")
     try:
@@ -327,13 +328,33 @@ def open_or_build(root: str, key: str, build: Callable[[str], None], log: Callab
         except OSError:  # a concurrent job's entry is there: the same content
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException as e:
-        with open(failed, "w") as f:
-            f.write(str(e).splitlines()[0] if isinstance(e, ValueError) and str(e) else f"{type(e).__name__}: {e}")
         shutil.rmtree(tmp, ignore_errors=True)
+        try:  # the waiting ranks stop with the same line
+            with open(failed, "w") as f:
+                f.write(str(e).splitlines()[0] if isinstance(e, ValueError) and str(e) else f"{type(e).__name__}: {e}")
+        except OSError:
+            pass  # a full disk: they see the heartbeat stop
         raise
     finally:
         heartbeat.close()
     return entry
+
+
+def _sweep(root: str, key: str) -> None:
+    """Remove what earlier builders of ``key`` left (killed ones: a partial entry and a still heartbeat)."""
+    for name in os.listdir(root):
+        if name.startswith(f".{key}.failed-"):
+            os.remove(os.path.join(root, name))
+        elif name.startswith(f".{key}.tmp-"):
+            beat = os.path.join(root, name.replace(".tmp-", ".building-"))
+            try:
+                alive = time.time() - os.stat(beat).st_mtime < STALE_S
+            except OSError:
+                alive = False
+            if not alive:  # a concurrent job's build beats; this one's builder is gone
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                if os.path.exists(beat):
+                    os.remove(beat)
 
 
 def _wait(entry: str, failed: str, beat: str, builder: int) -> None:
