@@ -122,7 +122,16 @@ CASES = {
     "cfg-option-bad-literal": (["--cfg-options", "grad_accum=four"], ["grad_accum", "literal"]),
     "shard-size-not-divisor": (["--expert-in-one-shard", "3"], ["expert_in_one_shard=3", "use one of [1, 2, 4, 8]"]),
     "full-recipe-without-data": (
-        ["train", "deepseek_v2_lite_chat_full_alpaca_e3", "--model", "{root}/model", "--resume", "auto"],
+        [
+            "train",
+            "deepseek_v2_lite_chat_full_alpaca_e3",
+            "--model",
+            "{root}/model",
+            "--resume",
+            "auto",
+            "--cfg-options",
+            "data=[]",
+        ],
         ["has no data", "--data"],
     ),
     # CLI

@@ -105,8 +105,11 @@ def test_alpaca_records_become_messages_and_a_mixed_file_is_refused(tmp_path):
     assert convs[2][1] == {"role": "assistant", "content": "bye"}
     assert read_conversations(write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])) == [CHAT]
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [*records, {"messages": CHAT}])
-    with pytest.raises(DataError, match=r"mixed.jsonl:4: this messages record differs from the source's first, which "
-                       r"is alpaca; keep one format per file"):
+    with pytest.raises(
+        DataError,
+        match=r"mixed.jsonl:4: this messages record differs from the source's first, which "
+        r"is alpaca; keep one format per file",
+    ):
         read_conversations(mixed)
 
 

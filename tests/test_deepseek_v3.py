@@ -515,6 +515,31 @@ def test_zero3_run_trains_balances_and_exports(v3_run):
     assert summary(v3_run)["losses"][0] != summary(v3_run)["losses"][-1]
 
 
+@pytest.mark.slow
+def test_the_export_ships_the_template_trained_with(v3_run):
+    """tiny_v3 trains with the deepseek_v3 template, not its tokenizer's own (V2-style) one: the exported
+    tokenizer (and each checkpoint's) renders exactly the token ids training saw."""
+    from transformers import AutoTokenizer
+
+    from moe_train.assets.build_tiny_assets import CHAT_TEMPLATE
+    from moe_train.data import encode_messages
+
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+    ]
+    source = AutoTokenizer.from_pretrained(str(Path(__file__).parents[1] / "moe_train" / "assets" / "tiny_tokenizer"))
+    assert source.chat_template == CHAT_TEMPLATE  # the tokenizer's own differs from what trains
+    trained, _ = encode_messages(source, chat, "deepseek_v3")
+    assert source.apply_chat_template(chat)["input_ids"] != trained
+    for where in (v3_run / "hf_model", next((v3_run / "checkpoints").glob("step-*")) / "tokenizer"):
+        shipped = AutoTokenizer.from_pretrained(str(where))
+        assert shipped.apply_chat_template(chat)["input_ids"] == trained, where
+        prompt = shipped.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
+        assert prompt.endswith("<｜User｜>What is 2 + 3?<｜Assistant｜>")
+
+
 GOLDEN = Path(__file__).parent / "golden" / "tiny_v3_zero3_2ranks.json"
 
 
