@@ -210,7 +210,9 @@ def render(template: ChatTemplate, samples: list[Sample], tokenizer: Any, wheres
             continue
         text, span = next(rendered)
         if not span:
-            raise DataError(f"{_where(where)}: the chat template renders no assistant reply, nothing to train; fix the record")
+            raise DataError(
+                f"{_where(where)}: the chat template renders no assistant reply, nothing to train; fix the record"
+            )
         out.append((text, sorted(span)))
     return out
 
