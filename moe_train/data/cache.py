@@ -38,6 +38,7 @@ import torch
 
 from moe_train.data.packing import Pack, PackStats, check_options, keep, plan_packs, positions
 from moe_train.data.sources import DataError
+from moe_train.storage import redact
 
 FORMAT = 1  # bump when the entry's layout or the packing changes
 COMPLETE = "COMPLETE"
@@ -329,11 +330,12 @@ def open_or_build(root: str, key: str, build: Callable[[str], None], log: Callab
             shutil.rmtree(tmp, ignore_errors=True)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        try:  # the waiting ranks stop with the same line
-            with open(failed, "w") as f:
-                f.write(str(e).splitlines()[0] if isinstance(e, ValueError) and str(e) else f"{type(e).__name__}: {e}")
-        except OSError:
-            pass  # a full disk: they see the heartbeat stop
+        if _rank_world()[1] > 1:  # the waiting ranks stop with the same line
+            try:
+                with open(failed, "w") as f:
+                    f.write(redact(str(e).splitlines()[0] if isinstance(e, ValueError) and str(e) else repr(e)))
+            except OSError:
+                pass  # a full disk: they see the heartbeat stop
         raise
     finally:
         heartbeat.close()
