@@ -116,6 +116,17 @@ def test_a_changed_file_gets_a_new_entry_and_the_fingerprint_sees_the_content(tm
     data.write_text("".join(lines[1:101]))  # other content
     c, _ = build_packed_dataset(str(data), tokenizer, max_length=256, cache_dir=str(tmp_path / "c"))
     assert data_fingerprint(c)["sha256"] != data_fingerprint(a)["sha256"]
+    # what a resume checks against the checkpoint's record: the same packs pass, other content is refused
+    from types import SimpleNamespace
+
+    from moe_train.engine.resume import check_model_and_data
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config()
+    saved = SimpleNamespace(state={"config": cfg.to_hf_dict(), "data": json.loads(json.dumps(data_fingerprint(a)))})
+    check_model_and_data(saved, cfg, data_fingerprint(b))
+    with pytest.raises(ValueError, match=r"data differs from the checkpoint's \(\d+ -> \d+ packs; .*d.jsonl"):
+        check_model_and_data(saved, cfg, data_fingerprint(c))
     held = c.select([2, 0])
     assert held[0].input_ids.tolist() == c[2].input_ids.tolist() and held.sha256() != c.sha256()
     # the entry carries the tokenizer files with the template trained with
