@@ -7,9 +7,9 @@ The dataset is alpaca-shaped (instruction, input, output, text), generated from 
 words at alpaca's length mix, written as Parquet for the cache and as JSONL for the baseline (the only
 form today's reader takes).  The baseline is the ``moe_train`` package of ``--baseline-ref``, exported
 with ``git archive`` into a temporary directory and imported from there.  Each variant runs as two real
-processes on a gloo group; per rank it records the seconds from the group's start to its loader and
-resume fingerprint being ready, and the resident memory (VmRSS) that setup added, at its end and at its
-peak (VmHWM).  Variants: ``today`` (baseline), ``first`` (the cache is built), ``cached`` (a requeue:
+processes on a gloo group; per rank it records the seconds (wall and CPU) from the group's start to
+its loader and resume fingerprint being ready, and the resident memory (VmRSS) that setup added, at
+its end and at its peak (VmHWM).  Variants: ``today`` (baseline), ``first`` (the cache is built), ``cached`` (a requeue:
 the entry exists).  The tokenizer is the shipped tiny one; max_length 2048, as the alpaca recipes.
 """
 
@@ -82,7 +82,7 @@ def worker(variant: str, data: str, cache_dir: str, out: str) -> None:
     rank = dist.get_rank()
     rss0 = _status("VmRSS")  # after the imports: what follows is the data's
     dist.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
     if variant == "today":
         packs, _ = build_packed_dataset([data], tokenizer, "deepseek_v2", MAX_LENGTH)
@@ -92,10 +92,11 @@ def worker(variant: str, data: str, cache_dir: str, out: str) -> None:
         packs, _ = build_packed_dataset(data, tokenizer, "deepseek_v2", MAX_LENGTH, cache_dir=cache_dir)
         loader = PackedLoader(packs, dp_rank=rank, dp_size=2)
         fingerprint = data_fingerprint(loader.packs)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     dist.barrier()
     result = {
         "seconds": seconds,
+        "cpu_s": cpu,
         "rss_mb": (_status("VmRSS") - rss0) / 2**20,
         "peak_mb": (_status("VmHWM") - rss0) / 2**20,
         "packs": fingerprint["packs"],
@@ -157,11 +158,12 @@ def main() -> None:
             "cache: cached rerun": run("cached", parquet, str(tmp / "cache"), ours, tmp),
         }
     print(f"{args.samples} alpaca-shaped samples, max_length {MAX_LENGTH}, 2 ranks (gloo)")
-    print(f"{'variant':32s} {'start-up s (max rank)':>22s} {'RSS added MiB r0/r1':>22s} {'peak MiB r0/r1':>18s} packs")
+    print("| variant | start-up s (slower rank) | CPU s r0 / r1 | RSS added MiB r0 / r1 | peak MiB r0 / r1 | packs |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, (a, b) in results.items():
         print(
-            f"{name:32s} {max(a['seconds'], b['seconds']):22.2f} {a['rss_mb']:10.1f}/{b['rss_mb']:<11.1f} "
-            f"{a['peak_mb']:8.1f}/{b['peak_mb']:<9.1f} {a['packs']}"
+            f"| {name} | {max(a['seconds'], b['seconds']):.2f} | {a['cpu_s']:.1f} / {b['cpu_s']:.1f} | "
+            f"{a['rss_mb']:.1f} / {b['rss_mb']:.1f} | {a['peak_mb']:.1f} / {b['peak_mb']:.1f} | {a['packs']} |"
         )
 
 

@@ -59,6 +59,10 @@ def test_train_cli_surface_is_pinned():
             "--work-dir",
             "--model",
             "--data",
+            "--data-format",
+            "--columns",
+            "--template",
+            "--data-cache",
             "--max-length",
             "--varlen",
             "--no-varlen",
@@ -104,6 +108,7 @@ _RUN_OPTIONS = {
     "overwrite",
     "debug",
     "allow_batch_change",
+    "data_cache",
 }
 
 

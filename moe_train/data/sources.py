@@ -1,5 +1,5 @@
-"""Where training data comes from, read with Hugging Face ``datasets`` (streamed: nothing of it is
-written to datasets' own cache, which could otherwise keep a URL's credentials on disk).
+"""Where training data comes from, read with Hugging Face ``datasets``, streamed: no copy of the data
+goes to datasets' own cache, whose metadata would otherwise keep a URL's credentials on disk.
 
 A ``--data`` entry is one of:
 
@@ -61,7 +61,7 @@ class Source:
         """What names this input's content, for the cache key and the resume check: a file's size and
         modification stamp, or a Hub dataset's commit (asked of the Hub unless the revision is one)."""
         if self.builder == "hub":
-            return [self.shown, self.subset, self.split, hub_commit(self)]
+            return [self.shown, hub_commit(self), self.subset, self.split]
         info = self.fs.info(self.path)
         stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "last_commit") if k in info), None)
         return [self.shown, int(info.get("size") or 0), str(stamp)]

@@ -79,7 +79,8 @@ def plan(
     saved, state, step = ckpt.state["recipe"], ckpt.state, ckpt.step
     now = {**recipe_record(r), "deepspeed": deepspeed}
     for key in FIXED:
-        if saved.get(key) != now[key] and not (key == "template" and now[key] is None):  # None: the tokenizer's
+        # template None: the tokenizer's or family's, resolved at start-up; the packs' digest covers it
+        if saved.get(key) != now[key] and not (key == "template" and now[key] is None):
             raise ValueError(
                 f"{key} was {saved[key]!r} in the checkpoint and is {now[key]!r} now; {key} defines the "
                 f"run and cannot change on resume: pass --cfg-options {key}={saved[key]!r} or start a "
