@@ -443,13 +443,19 @@ def test_fp8_partitioned_load_reads_element_ranges(tmp_path):
 
 # ------------------------------------------------------------------------------------------ templates
 def test_chat_templates_of_the_family():
-    from moe_train.data.templates import get_template
+    from types import SimpleNamespace
+
+    from moe_train.data.templates import named_template
+    from moe_train.data.templates import render as render_template
 
     chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    tokens = SimpleNamespace(
+        bos_token="<bos>", eos_token="<eos>", special_tokens_map={"bos_token": "<bos>", "eos_token": "<eos>"}
+    )
 
     def render(name, messages):
-        segments = get_template(name)(messages, "<bos>", "<eos>")
-        return "".join(s.text for s in segments), [s.text for s in segments if s.trained]
+        ((text, spans),) = render_template(named_template(name), [messages], tokens, ["x"])
+        return text, [text[a:b] for a, b in spans]
 
     assert render("deepseek_v3", [{"role": "system", "content": "Be brief."}, *chat]) == (
         "<bos>Be brief.<｜User｜>Hi?<｜Assistant｜>Hello.<eos>",

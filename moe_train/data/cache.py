@@ -30,7 +30,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -227,6 +227,9 @@ class PackedDataset:
             positions(cu),
             cu,
         )
+
+    def __iter__(self) -> Iterator[Pack]:
+        return (self[i] for i in range(len(self)))
 
     def select(self, index: Sequence[int]) -> "PackedDataset":
         return PackedDataset(self.entry, self.index[np.asarray(index, dtype=np.int64)], self._map)
