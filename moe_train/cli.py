@@ -40,7 +40,8 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
         raise click.BadParameter(
             f"{item!r}: expected key=value with key one of {sorted(set(fields) - {'name'})}", param_hint="--cfg-options"
         )
-    textual = "str" in str(typing.get_type_hints(Recipe)[key])  # str or str | None: a bare word is text
+    hint = typing.get_type_hints(Recipe)[key]
+    textual = hint is str or hint == (str | None)  # a bare word is text (not for list[str] or dict[str, str])
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
