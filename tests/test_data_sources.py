@@ -230,3 +230,15 @@ def test_the_hub_offline_or_unreachable_is_one_line(monkeypatch):
     line = str(e.value)
     assert "\n" not in line and "hf://datasets/tatsu-lab/alpaca" in line and "HF_HUB_OFFLINE" in line
     assert "hf download tatsu-lab/alpaca --repo-type dataset --local-dir DIR" in line and "--data DIR" in line
+
+
+def test_deep_json_never_reaches_pyarrow_which_would_crash(tmp_path):
+    """50,000 nested arrays inside a record overflow pyarrow's C stack (a segfault, no message): such a file
+    is read by Python's parser first, which refuses it with one line; brackets inside strings pass."""
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"instruction": "a", "output": ' + "[" * 50000 + "]" * 50000 + "}\n")
+    with pytest.raises(DataError, match=r"deep.jsonl:1: JSON nested too deeply to read"):
+        read_conversations(str(deep))
+    text = tmp_path / "brackets.jsonl"
+    text.write_text(json.dumps({"instruction": "[" * 2000, "output": "{" * 2000}) + "\n")
+    assert read_conversations(str(text))[0][1]["content"] == "{" * 2000

@@ -216,6 +216,12 @@ def _open(src: Source) -> Any:
 def read_batches(src: Source, batch_size: int = 1000) -> Iterator[dict[str, list[Any]]]:
     """The source's rows, ``batch_size`` at a time, as columns; any way reading fails is one DataError
     (JSON is re-read with Python's parser for today's messages naming the line)."""
+    if src.builder == "json" and _maybe_too_deep(src):  # pyarrow's JSON parser overflows the C stack on these
+        from moe_train.data.formats import locate_json_error
+
+        problem = locate_json_error(src)
+        if problem:
+            raise DataError(problem)
     try:
         for batch in _open(src).iter(batch_size=batch_size):
             yield batch
@@ -227,6 +233,26 @@ def read_batches(src: Source, batch_size: int = 1000) -> Iterator[dict[str, list
         raise DataError(_read_error(src, e)) from None
     except Exception as e:  # noqa: BLE001 - pyarrow, datasets and the filesystem each raise their own
         raise DataError(_read_error(src, e)) from None
+
+
+MAX_DEPTH = 512  # deeper JSON is read by Python's parser first, which refuses more than ~1000 levels
+
+
+def _maybe_too_deep(src: Source, chunk: int = 1 << 24) -> bool:
+    """Whether the file's brackets nest deeper than MAX_DEPTH (those inside strings counted too: a
+    false alarm only costs a read with Python's parser)."""
+    import numpy as np
+
+    step = np.zeros(256, dtype=np.int8)
+    step[list(b"[{")], step[list(b"]}")] = 1, -1
+    depth = 0
+    with src.fs.open(src.path, "rb") as f:
+        while block := f.read(chunk):
+            running = np.cumsum(step[np.frombuffer(block, dtype=np.uint8)], dtype=np.int64) + depth
+            if len(running) and running.max() > MAX_DEPTH:
+                return True
+            depth = int(running[-1]) if len(running) else depth
+    return False
 
 
 def _read_error(src: Source, e: BaseException) -> str:
