@@ -147,6 +147,21 @@ def test_overwritten_bytes_are_found_where_they_are_read_and_export_is_one_line(
         TrainingCheckpoint(LOCAL, str(step_dir(work, 2))).ranges("master", {})
 
 
+def test_entries_above_the_read_buffer_stream_in_pieces_and_are_checked_whole(run, tmp_path, monkeypatch):
+    """With a 4 KiB buffer most entries are read in pieces (the path of real models' MiB entries): the
+    tensors read are the same, and an overwrite is still found."""
+    from moe_train.checkpoint import training_state
+
+    work = copy_run(run, tmp_path)
+    whole = all_tensors(TrainingCheckpoint(LOCAL, str(step_dir(work, 3))))
+    monkeypatch.setattr(training_state, "CHUNK", 4096)
+    pieces = all_tensors(TrainingCheckpoint(LOCAL, str(step_dir(work, 3))))
+    assert whole.keys() == pieces.keys() and all(torch.equal(whole[k], pieces[k]) for k in whole)
+    overwrite_middle(step_dir(work, 3) / MASTER)
+    with pytest.raises(ValueError, match=r"the range .*@\d+ \(\d+ values\) does not match its digest"):
+        all_tensors(TrainingCheckpoint(LOCAL, str(step_dir(work, 3))))
+
+
 # ------------------------------------------------------------------------------------ 2. fallback
 DAMAGES = {
     "state.json step 3 -> 9 (same length)": lambda d: (d / "state.json").write_bytes(
