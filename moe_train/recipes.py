@@ -7,6 +7,7 @@ single fields (``--lr``, ``--max-length`` ...) or any field with ``--cfg-options
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -194,3 +195,44 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (see `moe-train recipes`)")
     return RECIPES[name]
+
+
+# The TorchX catalogue (components/components.py) imports nothing but TorchX, yet shows the recipe's model
+# and data in the job it describes: it keeps a copy of these facts, which `python -m moe_train.recipes`
+# rewrites and tests/test_launch.py holds equal to the recipes.
+FACTS_BEGIN = "# BEGIN recipe facts"
+FACTS_END = "# END recipe facts"
+
+
+def component_facts() -> dict[str, dict[str, Any]]:
+    """Model and data of every recipe that names a checkpoint (the full-size ones)."""
+    return {name: {"model": r.model, "data": list(r.data)} for name, r in sorted(RECIPES.items()) if r.model}
+
+
+def facts_block() -> str:
+    lines = [
+        f"{FACTS_BEGIN}: generated from moe_train/recipes.py by `python -m moe_train.recipes`; a test keeps it "
+        "current.",
+        "_RECIPE_FACTS: Dict[str, Dict[str, object]] = {",
+    ]
+    lines += [f"    {json.dumps(name)}: {json.dumps(facts)}," for name, facts in component_facts().items()]
+    return "\n".join([*lines, "}", FACTS_END])
+
+
+def write_facts(path: str) -> bool:
+    """Rewrite the facts block of the catalogue at ``path``; True when it changed."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.index(FACTS_BEGIN), text.index(FACTS_END) + len(FACTS_END)
+    new = text[:start] + facts_block() + text[end:]
+    if new != text:
+        with open(path, "w") as f:
+            f.write(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import pathlib
+
+    catalogue = pathlib.Path(__file__).resolve().parents[1] / "components" / "components.py"
+    print(f"{catalogue}: {'updated' if write_facts(str(catalogue)) else 'already current'}")

@@ -49,7 +49,8 @@ from moe_train.engine.metrics import (
     step_flops,
     summarize,
 )
-from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
+from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag, catch_early_warning
+from moe_train.engine.work_dir import check_outlives_pod, check_shared
 from moe_train.models import spec_for, spec_of
 from moe_train.models.common.loss import shift_labels
 from moe_train.parallel import expert, zero3
@@ -126,6 +127,23 @@ def check_work_dir(url: str, rank: int) -> Any:
             f"work dir {url} is not writable ({type(e).__name__}: {e}); pass a writable --work-dir"
         ) from None
     return fs, root
+
+
+def refuse_finished_without_checkpoint(fs: Any, root: str, url: str) -> None:
+    """``--resume auto`` on a run that ended (summary.json) but left no checkpoint would silently start over.
+    A run killed before its first save has no summary and starts from scratch, so requeues never crash-loop."""
+    summary = posixpath.join(root, "summary.json")
+    if not fs.exists(summary):
+        return
+    try:
+        steps = json.loads(fs.cat_file(summary)).get("steps", "?")
+    except (ValueError, AttributeError):
+        steps = "?"
+    raise ValueError(
+        f"work dir {redact(url)} holds a run that ended at step {steps} (summary.json) but no training "
+        "checkpoint to resume from (it ran with --save-steps 0?); pass --overwrite to start again (the earlier "
+        "run is moved into previous/), or --resume with a checkpoint URL"
+    )
 
 
 def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
@@ -375,6 +393,8 @@ def setup(tc: TrainConfig) -> Job:
     torch.manual_seed(r.seed)
 
     fs, work_root = check_work_dir(tc.work_dir, info.rank)
+    check_outlives_pod(fs, work_root, redact(tc.work_dir))
+    check_shared(fs, work_root, redact(tc.work_dir), info.rank, info.world_size)
     lease = own_work_dir(fs, work_root, info.rank, tc.resume, tc.overwrite, log=lambda m: _log(info.rank, m))
     try:
         return _setup_owned(tc, info, ds_config, dtype, seq, fs, work_root, lease)
@@ -401,6 +421,8 @@ def _setup_owned(
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
     # Rank 0 picks the resume point and broadcasts it; every rank verifies the files it names.
     resume = ckpt.resolve(tc.resume, log=lambda msg: _log(rank, msg.removeprefix("[moe-train] ")))
+    if resume is None and tc.resume == "auto":
+        refuse_finished_without_checkpoint(fs, work_root, tc.work_dir)
     if resume is not None:
         r = resuming.plan(
             resume, r, world, tc.allow_batch_change, lambda msg: _log(rank, msg), tc.deepspeed or r.deepspeed
@@ -670,6 +692,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     # DeepSpeed calls c10d functions that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     quiet_deepspeed()
+    catch_early_warning()
     job = setup(tc)
     try:
         return _train(job)
@@ -741,7 +764,9 @@ def _train(job: Job) -> dict[str, Any]:
                 if job.eval_loader is not None and r.eval_steps and step % r.eval_steps == 0:
                     run_eval(step)
                 stop_now = stop.agreed()
-                if (r.save_steps and step % r.save_steps == 0 and guard.healthy) or stop_now:
+                # The run's last step is saved too (max_steps, end of data): no run ends without its state.
+                due = step % r.save_steps == 0 or step == job.total_steps if r.save_steps else False
+                if (due and guard.healthy) or stop_now:
                     with stall_notice(f"checkpoint of step {step} to {redact(tc.work_dir)}", lambda m: _log(rank, m)):
                         path = job.ckpt.save(
                             step,
@@ -762,6 +787,8 @@ def _train(job: Job) -> dict[str, Any]:
         run_eval(step)  # the final model's validation loss
     summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": redact(tc.work_dir)}
     if tc.export:
+        if not r.save_steps:
+            _log(rank, "no training checkpoint (--save-steps 0): the export below is this run's only state")
         with stall_notice(f"export to {redact(tc.work_dir)}/hf_model", lambda m: _log(rank, m)):
             summary.update(redact_all(export(job, step)))
         if metrics is not None:
