@@ -185,7 +185,7 @@ def _read_exactly(f: Any, view: memoryview) -> int:
     return got
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # each entry is one object: hashed by identity, cheaply
 class Entry:
     key: str  # HF tensor
     start: int  # first element in the HF tensor's flattening
@@ -367,39 +367,81 @@ class TrainingCheckpoint:
         return by_key
 
     def _stream(self, file: str, wanted: dict[Entry, list[tuple[int, int, torch.Tensor, int]]]) -> None:
-        """Read every entry of ``wanted`` (all in ``file``) whole, in file order and in CHUNK pieces,
-        copying its elements [lo, hi) to ``dest[at:]`` for each (lo, hi, dest, at), and check its digest.
+        """Read every entry of ``wanted`` (all in ``file``) whole, check its digest, and copy its elements
+        [lo, hi) to ``dest[at:]`` for each (lo, hi, dest, at) of it.
 
-        A range is read once; what fails its digest has been copied already, so the caller discards
-        the destination (a failed resume falls back and loads all of another checkpoint)."""
+        Entries that follow each other in the file are read with one request into one CHUNK buffer and
+        checked before anything is copied, the copies merged where the destination is contiguous too
+        (a parameter's entries, typically).  An entry above CHUNK is streamed in CHUNK pieces, each
+        copied as it comes: when its digest then fails, the caller discards the destination (a failed
+        resume falls back and loads all of another checkpoint).  A range is read once."""
         if file not in self._readers:
             self._readers[file] = self.fs.open(posixpath.join(self.path, file), "rb")
-        f, buf = self._readers[file], self._buffer
+        f = self._readers[file]
+        batch: list[Entry] = []
         for e in sorted(wanted, key=lambda e: e.begin):
-            if f.tell() != e.begin:
-                f.seek(e.begin)
-            h = hasher() if e.digest is not None else None
-            first = e.start
-            while first < e.end:
-                n = min(CHUNK // 4, e.end - first)
-                view = memoryview(buf)[: 4 * n]
-                if _read_exactly(f, view) != 4 * n:
-                    raise ValueError(
-                        f"{self.where}/{file} ended early; the checkpoint is truncated: resume from another one"
-                    )
-                if h is not None:
-                    h.update(view)
-                values = torch.frombuffer(buf, dtype=torch.float32, count=n)
-                for lo, hi, dest, at in wanted[e]:
-                    a, b = max(lo, first), min(hi, first + n)
-                    if a < b:
-                        dest.narrow(0, at + a - lo, b - a).copy_(values[a - first : b - first])
-                first += n
-            if h is not None and h.hexdigest() != e.digest:
-                raise ValueError(
-                    f"{self.where}/{file}: the range {e.key}@{e.start} ({e.end - e.start} values) does not "
-                    f"match its digest in {COMPLETE}; {DAMAGED}"
-                )
+            if batch and (
+                e.begin != batch[-1].begin + 4 * (batch[-1].end - batch[-1].start)
+                or e.begin + 4 * (e.end - e.start) - batch[0].begin > CHUNK
+            ):
+                self._read_batch(f, file, batch, wanted)
+                batch = []
+            if 4 * (e.end - e.start) > CHUNK:
+                self._read_large(f, file, e, wanted[e])
+            else:
+                batch.append(e)
+        if batch:
+            self._read_batch(f, file, batch, wanted)
+
+    def _read_at(self, f: Any, file: str, begin: int, view: memoryview) -> None:
+        if f.tell() != begin:
+            f.seek(begin)
+        if _read_exactly(f, view) != len(view):
+            raise ValueError(f"{self.where}/{file} ended early; the checkpoint is truncated: resume from another one")
+
+    def _damaged(self, file: str, e: Entry) -> ValueError:
+        return ValueError(
+            f"{self.where}/{file}: the range {e.key}@{e.start} ({e.end - e.start} values) does not match its "
+            f"digest in {COMPLETE}; {DAMAGED}"
+        )
+
+    def _read_batch(self, f: Any, file: str, batch: list[Entry], wanted: dict[Entry, list[Any]]) -> None:
+        begin = batch[0].begin
+        view = memoryview(self._buffer)[: batch[-1].begin + 4 * (batch[-1].end - batch[-1].start) - begin]
+        self._read_at(f, file, begin, view)
+        values = torch.frombuffer(self._buffer, dtype=torch.float32, count=len(view) // 4)
+        copies: list[list[Any]] = []  # [destination, at, first value in the buffer, count]
+        for e in batch:
+            first = (e.begin - begin) // 4
+            if e.digest is not None and digest(view[4 * first : 4 * (first + e.end - e.start)]) != e.digest:
+                raise self._damaged(file, e)
+            for lo, hi, dest, at in wanted[e]:
+                src, n = first + lo - e.start, hi - lo
+                last = copies[-1] if copies else None
+                if last and last[0] is dest and last[1] + last[3] == at and last[2] + last[3] == src:
+                    last[3] += n
+                else:
+                    copies.append([dest, at, src, n])
+        for dest, at, src, n in copies:
+            dest.narrow(0, at, n).copy_(values[src : src + n])
+
+    def _read_large(self, f: Any, file: str, e: Entry, wanted: list[Any]) -> None:
+        h = hasher() if e.digest is not None else None
+        first = e.start
+        while first < e.end:
+            n = min(CHUNK // 4, e.end - first)
+            view = memoryview(self._buffer)[: 4 * n]
+            self._read_at(f, file, e.begin + 4 * (first - e.start), view)
+            if h is not None:
+                h.update(view)
+            values = torch.frombuffer(self._buffer, dtype=torch.float32, count=n)
+            for lo, hi, dest, at in wanted:
+                a, b = max(lo, first), min(hi, first + n)
+                if a < b:
+                    dest.narrow(0, at + a - lo, b - a).copy_(values[a - first : b - first])
+            first += n
+        if h is not None and h.hexdigest() != e.digest:
+            raise self._damaged(file, e)
 
     def read_into(self, entries: list[Entry], start: int, out: torch.Tensor) -> None:
         """Fill ``out`` with the HF tensor's elements [start, start + out.numel()) from ``entries``."""
