@@ -457,11 +457,15 @@ def export_command(checkpoint_url: str, out_url: str, dtype: str | None, max_sha
 
     One process, streamed (one HF tensor in memory at a time), whatever world size wrote it."""
     from moe_train.checkpoint.export import export_checkpoint
+    from moe_train.storage import redact
 
     try:
         export_checkpoint(checkpoint_url, out_url, dtype=dtype, max_shard_size=max_shard_size, log=click.echo)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+    except Exception as e:
+        line = expected_failure(e)  # bad input, a full disk, an unreachable store; None for a bug
+        if line is None:
+            raise
+        click.echo(f"Error: {redact(line)}", err=True)
         sys.exit(1)
 
 

@@ -1,5 +1,6 @@
 """Validated inputs, in-process: safetensors headers, index.json, config.json fields, data records, and
-the CLI's one-line errors; hypothesis fuzzes config.json and data records (derandomised, capped).
+the CLI's one-line errors; hypothesis fuzzes config.json, HF safetensors headers and data records
+(derandomised, capped; tests/test_checkpoint_integrity.py fuzzes training checkpoints with these settings).
 The end-to-end cases (a real CLI process, the work dir unchanged) are in tests/test_bad_input.py."""
 
 from __future__ import annotations
@@ -161,6 +162,65 @@ def test_fuzzed_config_json_builds_or_fails_with_one_line(changes):
         assert str(e) and "\n" not in str(e)
         return
     assert cfg.hidden_size >= 1 and cfg.moe_layer_freq >= 1
+
+
+# ------------------------------------------------------------------------------------ HF weight headers
+@pytest.fixture(scope="module")
+def hf_tiny(tmp_path_factory):
+    """A real HF checkpoint (transformers wrote it), the model on meta, and its tensors."""
+    from safetensors.torch import load_file
+
+    from moe_train import DeepseekV2ForCausalLM
+    from tests.conftest import hf_reference
+
+    d = tmp_path_factory.mktemp("hf") / "hf"
+    hf_reference(tiny_config()).save_pretrained(d)
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(tiny_config())
+    return d, model, load_file(d / "model.safetensors")
+
+
+@FUZZ
+@given(st.data())
+def test_fuzzed_hf_headers_are_refused_in_one_line_or_read_exactly(hf_tiny, data):
+    """One field of one entry of a real model.safetensors header replaced (a dtype, a shape, offsets, any
+    JSON), or a byte of the header changed: the loader's checks (reader, then shapes and dtypes against
+    config.json, all before allocation) refuse it in one line, or every tensor reads exactly as written."""
+    from moe_train.checkpoint.hf_layout import check_source
+
+    d, model, tensors = hf_tiny
+    path = d / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    if data.draw(st.booleans()):
+        header = json.loads(raw[8 : 8 + n])
+        key = data.draw(st.sampled_from(sorted(header)))
+        values = {
+            "dtype": st.sampled_from(["I32", "U8", "F16", "BF16", "F64", "I64", "F8_E4M3", "Q4"]),
+            "shape": st.lists(st.integers(-1, 5000), max_size=3),
+            "data_offsets": st.lists(st.integers(-10, 2**20), min_size=2, max_size=2),
+        }
+        field = data.draw(st.sampled_from([*values, None]))
+        if key == "__metadata__" or field is None:
+            header[key] = data.draw(JSON)
+        else:
+            header[key][field] = data.draw(values[field] | JSON)
+        text = json.dumps(header).encode()
+        mutated = struct.pack("<Q", len(text)) + text + raw[8 + n :]
+    else:
+        at = data.draw(st.integers(0, 8 + n - 1))
+        mutated = raw[:at] + bytes([data.draw(st.integers(0, 255))]) + raw[at + 1 :]
+    try:
+        path.write_bytes(mutated)
+        source = HFCheckpoint(str(d))
+        check_source(model, source)
+        read = {k: source.read(k) for k in tensors}
+    except ValueError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    finally:
+        path.write_bytes(raw)
+    assert all(torch.equal(read[k], v) for k, v in tensors.items())
 
 
 # ------------------------------------------------------------------------------------ data records

@@ -25,28 +25,18 @@ from typing import Any
 import torch
 
 from moe_train.checkpoint.hf_layout import persistent_buffers
-from moe_train.checkpoint.training_state import TrainingCheckpoint, set_rng_state
+from moe_train.checkpoint.training_state import (
+    FIXED,
+    LAYOUT,
+    TUNABLE,
+    TrainingCheckpoint,
+    first_error,
+    set_rng_state,
+)
 from moe_train.models.common.key_map import canonical_name
 from moe_train.parallel import zero3
 from moe_train.recipes import Recipe
 from moe_train.storage import redact
-
-# Recipe fields that define the run: a change is refused (the model and data are checked apart).
-FIXED = ("template", "max_length", "varlen", "too_long", "shuffle", "seed", "epochs", "warmup_ratio", "min_lr_ratio")
-# Recipe fields that may change on resume; applied from the resumed step and logged.
-TUNABLE = ("lr", "betas", "weight_decay", "max_grad_norm", "max_steps", "save_steps", "save_total_limit")
-# How the same run is laid out: re-partitioned on resume (the global batch is checked apart).
-LAYOUT = (
-    "moe_implementation",
-    "expert_in_one_shard",
-    "sp",
-    "grad_accum",
-    "micro_batch_size",
-    "deepspeed",
-    "dtype",
-    "activation_checkpointing",
-    "ep",
-)
 
 
 def recipe_record(r: Recipe) -> dict[str, Any]:
@@ -188,34 +178,53 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def load(
-    ckpt: TrainingCheckpoint,
-    engine: Any,
-    scheduler: Any,
-    loader: Any,
-    r: Recipe,
-    shapes: dict[str, tuple[int, ...]],
-    cfg: Any,
-    rank: int,
-    world: int,
-) -> int:
-    """Every rank fills the partitions it now owns from the checkpoint; returns the step resumed at."""
-    state = ckpt.state
+def load(ckpt: TrainingCheckpoint, job: Any, shapes: dict[str, tuple[int, ...]], log: Callable[[str], None]) -> Any:
+    """Every rank fills the partitions it now owns from the checkpoint; returns the checkpoint loaded.
+
+    Each rank checks the digests of what it reads.  When any rank finds damage, every rank learns it;
+    with ``--resume auto`` the checkpoint is moved aside and the newest intact one is loaded instead,
+    provided it resumes the same run layout the engine was built for (else one line: run again)."""
+    engine, rank = job.engine, job.rank
     zero3.begin_load(engine)
-    ckpt.load(zero3.optimizer_ranges(engine, create_state=True), cfg, shapes)
+    while True:
+        error, rng = None, None
+        try:
+            ckpt.load(zero3.optimizer_ranges(engine, create_state=True), job.cfg, shapes)
+            # RNG: a rank's own stream when the world is the same; else the stream of the rank with its index modulo.
+            rng = ckpt.rng(rank % ckpt.world)
+        except ValueError as e:
+            error = str(e)
+        finally:
+            ckpt.close()
+        reason = first_error(error)
+        if reason is None:
+            break
+        failed = ckpt
+        ckpt = job.ckpt.fall_back(failed, reason, auto=job.tc.resume == "auto", log=log)
+        deepspeed = job.tc.deepspeed or job.recipe.deepspeed
+        again = plan(ckpt, job.recipe, job.world, job.tc.allow_batch_change, log, deepspeed)
+        if again != job.recipe:
+            raise ValueError(
+                f"{failed.where} is damaged and was moved aside; the newest intact checkpoint, "
+                f"{ckpt.where}, resumes with another layout than this start planned: run again with "
+                "--resume auto"
+            )
+        check_model_and_data(ckpt, job.cfg, job.data_fingerprint)
+    state = ckpt.state
     zero3.set_optimizer_step_count(engine, state["optimizer_step"])
     zero3.finish_load(engine)
     for name, buf in persistent_buffers(engine.module):
         saved = state.get("buffers", {}).get(canonical_name(name))
-        if saved is None:
+        if saved is None or len(saved) != buf.numel():
             raise ValueError(
-                f"{ckpt.where} has no value for the buffer {canonical_name(name)}; resume from a "
-                "checkpoint of this model family"
+                f"{ckpt.where} has no value of {buf.numel()} numbers for the buffer {canonical_name(name)}; "
+                "resume from a checkpoint of this model family"
             )
         buf.copy_(torch.tensor(saved, dtype=torch.float32).view_as(buf))
 
     # The LR schedule continues at its step; a new peak lr scales it from here on.
     s = state["scheduler"]
+    scheduler, loader, r = job.scheduler, job.loader, job.recipe
     scheduler.last_epoch, scheduler._step_count = s["last_epoch"], s["step_count"]
     scheduler.base_lrs = [r.lr] * len(scheduler.base_lrs)
     lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
@@ -242,6 +251,5 @@ def load(
             "grad_accum": loader.grad_accum,
         }
     )
-    # RNG: a rank's own stream when the world is the same; else the stream of the rank with its index modulo.
-    set_rng_state(ckpt.rng(rank % ckpt.world))
-    return ckpt.step
+    set_rng_state(rng)
+    return ckpt

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files, read_config
+from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, check_checkpoint, copy_files, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
 from moe_train.engine import kernels
 from moe_train.engine.divergence import Diverged, DivergenceGuard, finite_or_none
@@ -397,11 +397,9 @@ def resume_state(job: "Job", resume: TrainingCheckpoint | None) -> int:
     if not resume:
         return 0
     shapes = parameter_shapes(job.engine.module)
-    step = resuming.load(
-        resume, job.engine, job.scheduler, job.loader, job.recipe, shapes, job.cfg, job.rank, job.world
-    )
-    _log(job.rank, f"resumed from {resume.where} at step {step}")
-    return step
+    resume = resuming.load(resume, job, shapes, log=lambda msg: _log(job.rank, msg.removeprefix("[moe-train] ")))
+    _log(job.rank, f"resumed from {resume.where} at step {resume.step}")
+    return resume.step
 
 
 def setup(tc: TrainConfig) -> Job:
@@ -462,6 +460,8 @@ def _setup_owned(
             probe(url, what)
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else spec_for(r.family).named_config(r.model_size, **layout)
+    if r.model and resume is None:
+        check_checkpoint(cfg, r.model)  # every header against the config, before anything is allocated
     found = kernels.kernels(cfg, dtype, device)
     _log(rank, found.line())
     warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
