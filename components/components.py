@@ -99,11 +99,26 @@ def _check_no_credentials(env: Dict[str, str], args: List[str]) -> None:
 
 # BEGIN recipe facts: generated from moe_train/recipes.py by `python -m moe_train.recipes`; a test keeps it current.
 _RECIPE_FACTS: Dict[str, Dict[str, object]] = {
-    "deepseek_v2_chat_full_alpaca_e3": {"model": "hf://deepseek-ai/DeepSeek-V2-Chat", "data": []},
-    "deepseek_v2_chat_full_alpaca_e3_32k_varlen": {"model": "hf://deepseek-ai/DeepSeek-V2-Chat", "data": []},
-    "deepseek_v2_lite_chat_full_alpaca_e3": {"model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat", "data": []},
-    "deepseek_v3_full_alpaca_e3": {"model": "hf://deepseek-ai/DeepSeek-V3", "data": []},
-    "moonlight_16b_full_alpaca_e3": {"model": "hf://moonshotai/Moonlight-16B-A3B-Instruct", "data": []},
+    "deepseek_v2_chat_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v2_chat_full_alpaca_e3_32k_varlen": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v2_lite_chat_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v3_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V3",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "moonlight_16b_full_alpaca_e3": {
+        "model": "hf://moonshotai/Moonlight-16B-A3B-Instruct",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
 }
 # END recipe facts
 

@@ -12,6 +12,8 @@ import typing
 
 import click
 
+from moe_train.data.formats import FORMATS, parse_columns
+from moe_train.data.templates import TEMPLATES
 from moe_train.engine import errors
 from moe_train.engine.distributed import LAUNCHERS
 from moe_train.engine.preemption import DEFAULT_GRACE_S
@@ -51,7 +53,8 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
         raise click.BadParameter(
             f"{item!r}: expected key=value with key one of {sorted(set(fields) - {'name'})}", param_hint="--cfg-options"
         )
-    textual = "str" in str(typing.get_type_hints(Recipe)[key])  # str or str | None: a bare word is text
+    hint = typing.get_type_hints(Recipe)[key]
+    textual = hint is str or hint == (str | None)  # a bare word is text (not for list[str] or dict[str, str])
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -151,7 +154,35 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
     "--tokenizer", default=None, help="Tokenizer directory or URL. Default: the --model's own, else the recipe's."
 )
 @click.option(
-    "--data", multiple=True, help="Training data: alpaca JSON/JSONL or messages JSONL, path or URL. Repeatable."
+    "--data",
+    multiple=True,
+    help="Training data: a file, directory, glob or URL of JSON, JSONL, Parquet, CSV or Arrow, or a Hub dataset "
+    "hf://datasets/ORG/NAME[@REV][?subset=NAME&split=NAME]. Repeatable.",
+)
+@click.option(
+    "--data-format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Record format of the data (default: detected per file from its columns).",
+)
+@click.option(
+    "--columns",
+    default=None,
+    metavar="FIELD=COLUMN,...",
+    help="Read fields from columns of other names, e.g. instruction=question,output=answer.",
+)
+@click.option(
+    "--template",
+    type=click.Choice(sorted(TEMPLATES)),
+    default=None,
+    help="Chat template (default: the recipe's, else the tokenizer's own, else the model family's).",
+)
+@click.option(
+    "--data-cache",
+    default=None,
+    metavar="DIR",
+    help="Local directory for the tokenized data (default: WORK_DIR/data_cache; ~/.cache/moe-train/data for a "
+    "work dir on an object store). Node-local storage: each node tokenizes once; shared: rank 0 does.",
 )
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per packed sequence.")
 @click.option(
@@ -265,6 +296,10 @@ def train(
     model,
     tokenizer,
     data,
+    data_format,
+    columns,
+    template,
+    data_cache,
     max_length,
     varlen,
     sp,
@@ -299,6 +334,8 @@ def train(
         for k, v in dict(
             model=model,
             data=list(data) or None,
+            data_format=data_format,
+            template=template,
             max_length=max_length,
             varlen=varlen,
             sp=sp,
@@ -322,6 +359,11 @@ def train(
         overrides["tokenizer"] = tokenizer  # a model brings its own tokenizer unless --tokenizer says otherwise
     elif tokenizer is not None:
         overrides["tokenizer"] = tokenizer
+    if columns is not None:
+        try:
+            overrides["columns"] = parse_columns(columns)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--columns") from None
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)
     recipe = recipe.replace(**overrides)
     if launcher == "pytorch" and os.environ.get("NPROC_PER_NODE") and "LOCAL_RANK" not in os.environ:
@@ -344,6 +386,7 @@ def train(
         preempt_grace=preempt_grace,
         overwrite=overwrite,
         allow_batch_change=allow_batch_change,
+        data_cache=data_cache,
     )
     code = 0
     try:

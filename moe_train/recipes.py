@@ -28,9 +28,13 @@ class Recipe:
     tokenizer: str | None = None  # defaults to the model directory
     moe_implementation: str = "shard"
     expert_in_one_shard: int | None = None
-    # Data: alpaca JSON/JSONL or messages JSONL paths/URLs; the full-size recipes leave it to --data.
+    # Data: paths, URLs or Hub datasets (hf://datasets/ORG/NAME[@REV][?subset=..&split=..]) of alpaca,
+    # messages, ShareGPT or text records in JSON, JSONL, Parquet, CSV or Arrow (moe_train/data/sources.py).
     data: list[str] = field(default_factory=list)
-    template: str = "deepseek_v2"
+    data_format: str | None = None  # alpaca, messages, sharegpt or text; None: detected per source from its columns
+    columns: dict[str, str] = field(default_factory=dict)  # a field's column of another name, e.g. {"output": "answer"}
+    # Chat template (moe_train/data/templates.py): a shipped name; None: the tokenizer's own, else the family's.
+    template: str | None = None
     max_length: int = 8192
     varlen: bool = True
     too_long: str = "truncate"  # or "drop": what to do with a sample longer than max_length
@@ -78,8 +82,10 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
+ALPACA = "hf://datasets/tatsu-lab/alpaca"  # the seed's data (XTuner's alpaca config): Parquet on the Hub
+
 _V2_CHAT_ALPACA = dict(
-    data=[],
+    data=[ALPACA],
     template="deepseek_v2",
     lr=1e-5,
     betas=(0.9, 0.999),
@@ -153,7 +159,7 @@ RECIPES: dict[str, Recipe] = {
             moe_implementation="shard",
             expert_in_one_shard=4,
             data=[str(ASSETS / "alpaca_sample.jsonl")],
-            template="deepseek_v3",
+            template="deepseek_v3",  # not the tokenizer's own (V2-style): the export ships this one
             max_length=256,
             varlen=True,
             lr=3e-3,
@@ -215,7 +221,12 @@ def facts_block() -> str:
         "current.",
         "_RECIPE_FACTS: Dict[str, Dict[str, object]] = {",
     ]
-    lines += [f"    {json.dumps(name)}: {json.dumps(facts)}," for name, facts in component_facts().items()]
+    for name, facts in component_facts().items():  # one key a line, trailing commas: as ruff formats it
+        lines += [
+            f"    {json.dumps(name)}: {{",
+            *(f"        {json.dumps(k)}: {json.dumps(v)}," for k, v in facts.items()),
+        ]
+        lines.append("    },")
     return "\n".join([*lines, "}", FACTS_END])
 
 

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from moe_train.checkpoint.hf_layout import INDEX, HFCheckpoint, read_config
 from moe_train.checkpoint.safetensors_io import SafetensorsReader
 from moe_train.cli import expected_failure
-from moe_train.data.datasets import DataError, read_conversations, to_messages
+from moe_train.data.formats import read_conversations, to_messages
+from moe_train.data.sources import DataError
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from tests.conftest import tiny_config
 
@@ -227,7 +228,8 @@ def test_fuzzed_hf_headers_are_refused_in_one_line_or_read_exactly(hf_tiny, data
     "text, message",
     [
         ('{"instruction": "a", "output": "' + "\\ud800" + '"}\n', "t.jsonl:1: messages[1] has a lone surrogate"),
-        ('{"instruction": "a", "output": "b", "n": ' + "7" * 5000 + "}\n", "t.jsonl:1: unreadable JSON value (Exceeds"),
+        # pyarrow reads a 5000-digit integer as a float: not the string an output must be
+        ('{"instruction": "a", "output": ' + "7" * 5000 + "}\n", "t.jsonl:1: alpaca instruction, input and output"),
         ("[" * 100000 + "]" * 100000 + "\n", "t.jsonl: JSON nested too deeply to read"),
         ('{"instruction": "a", "output": "b"}\n{"instruction": 1, "output": "b"}\n', "t.jsonl:2: alpaca instruction"),
     ],
@@ -326,4 +328,7 @@ def test_a_full_disk_is_one_line_and_nothing_is_marked_complete(tmp_path, small_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
     assert errors[0].startswith(f"Error: no space left in the work dir {work} (") and "Traceback" not in proc.stderr
-    assert not list(work.rglob("COMPLETE")) and not (work / "lease").exists()
+    # the data cache, written before the disk filled, is complete; no checkpoint or export is, and no
+    # partial cache entry is left
+    assert not [p for p in work.rglob("COMPLETE") if "data_cache" not in p.parts] and not (work / "lease").exists()
+    assert not list(work.glob("data_cache/.*tmp*"))

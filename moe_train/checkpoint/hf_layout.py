@@ -33,6 +33,7 @@ COMPLETE = "COMPLETE"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",  # where transformers 5 keeps the chat template (the one trained with)
     "special_tokens_map.json",
     "tokenizer.model",
     "generation_config.json",

@@ -19,7 +19,6 @@ position is kept in packs, so a loader on another data-parallel size continues a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -51,17 +50,10 @@ def recipe_record(r: Recipe) -> dict[str, Any]:
     return d
 
 
-def data_fingerprint(data_urls: list[str], packs: list[Any]) -> dict[str, Any]:
-    """File list with sizes and a SHA-256 over the packs' tokens, labels and boundaries."""
-    from moe_train.data.datasets import resolve_files
-
-    files = [[redact(fs.unstrip_protocol(path)), int(fs.size(path))] for fs, path in resolve_files(data_urls)]
-    h = hashlib.sha256()
-    for p in packs:
-        for t in (p.input_ids, p.labels, p.cu_seqlens):
-            h.update(t.contiguous().numpy().tobytes())
-            h.update(b"|")
-    return {"files": files, "packs": len(packs), "sha256": h.hexdigest()}
+def data_fingerprint(packs: Any) -> dict[str, Any]:
+    """The training data's inputs (name, size or commit) and a SHA-256 over its packs' digests (the
+    cache computed each pack's over its tokens, labels and boundaries when it tokenized them)."""
+    return {"files": [i[:2] for i in packs.meta["inputs"]], "packs": len(packs), "sha256": packs.sha256()}
 
 
 def plan(
@@ -77,7 +69,8 @@ def plan(
     saved, state, step = ckpt.state["recipe"], ckpt.state, ckpt.step
     now = {**recipe_record(r), "deepspeed": deepspeed}
     for key in FIXED:
-        if saved[key] != now[key]:
+        # template None: the tokenizer's or family's, resolved at start-up; the packs' digest covers it
+        if saved.get(key) != now[key] and not (key == "template" and now[key] is None):
             raise ValueError(
                 f"{key} was {saved[key]!r} in the checkpoint and is {now[key]!r} now; {key} defines the "
                 f"run and cannot change on resume: pass --cfg-options {key}={saved[key]!r} or start a "

@@ -71,6 +71,7 @@ class TrainConfig:
     progress: bool = True
     overwrite: bool = False  # move an earlier run in the work dir aside (engine/lease.py)
     allow_batch_change: bool = False  # resume with another global batch (packs per step) than the checkpoint's
+    data_cache: str | None = None  # local directory of the tokenized data; None: see data_cache_dir
 
 
 def _log(rank: int, msg: str) -> None:
@@ -127,6 +128,16 @@ def check_work_dir(url: str, rank: int) -> Any:
             f"work dir {url} is not writable ({type(e).__name__}: {e}); pass a writable --work-dir"
         ) from None
     return fs, root
+
+
+def data_cache_dir(explicit: str | None, fs: Any, work_root: str) -> str:
+    """Where the tokenized data is cached: ``--data-cache``, else ``WORK_DIR/data_cache`` for a work dir on
+    a file system, else local disk (an object cannot be memory-mapped): ``~/.cache/moe-train/data``."""
+    if explicit:
+        return explicit
+    if is_local(fs):
+        return posixpath.join(work_root, "data_cache")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-train", "data")
 
 
 def refuse_finished_without_checkpoint(fs: Any, root: str, url: str) -> None:
@@ -255,11 +266,12 @@ class Data:
     eval_loader: Any = None
 
 
-def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
-    """Tokenizer (checked against ``cfg``), packed dataset and this rank's loader."""
+def build_data(r: Recipe, rank: int, world: int, cfg: Any = None, cache_dir: str | None = None) -> Data:
+    """Tokenizer (checked against ``cfg``), chat template, packed dataset (tokenized once into the cache
+    under ``cache_dir`` and memory-mapped; moe_train/data/cache.py) and this rank's loader."""
     from transformers import AutoTokenizer
 
-    from moe_train.data import PackedLoader, build_packed_dataset
+    from moe_train.data import PackedLoader, build_packed_dataset, resolve_template
 
     tokenizer_dir = local_tokenizer_dir(r, r.model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -268,14 +280,27 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
     _log(rank, f"tokenizer: {redact(r.tokenizer or r.model)} ({len(tokenizer)} tokens)")
     if not r.data:
         raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
-    packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
+    family = (spec_of(cfg) if cfg is not None else spec_for(r.family)).chat_template
+    template = resolve_template(r.template, tokenizer, family, redact(r.tokenizer or r.model))
+    _log(rank, f"chat template: {template.source}")
+    options = dict(
+        template=template,
+        max_length=r.max_length,
+        varlen=r.varlen,
+        too_long=r.too_long,
+        seed=r.seed,
+        data_format=r.data_format,
+        columns=r.columns,
+        cache_dir=cache_dir,
+        tokenizer_dir=tokenizer_dir,
+        log=lambda m: _log(rank, m),
+    )
+    packs, stats = build_packed_dataset(r.data, tokenizer, **options)
     pad_id = tokenizer.pad_token_id or 0
     dp = world // r.sp
     eval_packs = None
     if r.eval_data:
-        eval_packs, eval_stats = build_packed_dataset(
-            r.eval_data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed
-        )
+        eval_packs, eval_stats = build_packed_dataset(r.eval_data, tokenizer, **options)
         _log(rank, f"eval data: {eval_stats}")
     elif r.eval_fraction > 0:
         if not 0 < r.eval_fraction < 1 or len(packs) < 2:
@@ -288,9 +313,9 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
             .permutation(len(packs))[: max(1, round(r.eval_fraction * len(packs)))]
             .tolist()
         )
-        eval_packs = [packs[i] for i in held]
         keep = set(held)
-        packs = [p for i, p in enumerate(packs) if i not in keep]
+        eval_packs = packs.select(held)
+        packs = packs.select([i for i in range(len(packs)) if i not in keep])
         _log(rank, f"eval data: {len(eval_packs)} of the packs held out (eval_fraction={r.eval_fraction})")
     eval_loader = None
     if eval_packs:  # every rank runs the same number of eval forwards (dummies where packs run out)
@@ -324,7 +349,8 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
             else ""
         ),
     )
-    return Data(loader, tokenizer_dir, pad_id, loader.steps_per_epoch, eval_loader)
+    # checkpoints and the export copy the tokenizer files as trained: with the chat template used
+    return Data(loader, packs.tokenizer_dir, pad_id, loader.steps_per_epoch, eval_loader)
 
 
 def build_engine(
@@ -443,8 +469,9 @@ def _setup_owned(
         _log(rank, warning)
     expert.check(r.ep, world, cfg, ds_config, r.sp)
     ep = expert.create_groups(r.ep) if r.ep != 1 else None
-    data = build_data(r, rank, world, cfg)  # checks the tokenizer against the model (check_tokenizer)
-    fingerprint = resuming.data_fingerprint(r.data, data.loader.packs)
+    # checks the tokenizer against the model (check_tokenizer)
+    data = build_data(r, rank, world, cfg, data_cache_dir(tc.data_cache, fs, work_root))
+    fingerprint = resuming.data_fingerprint(data.loader.packs)
     if resume is not None:
         resuming.check_model_and_data(resume, cfg, fingerprint)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
