@@ -101,11 +101,26 @@ def _check_no_credentials(env: Dict[str, str], args: List[str]) -> None:
 
 # BEGIN recipe facts: generated from the built-in recipes by `python -m moe_train.recipes`; a test keeps it current.
 _RECIPE_FACTS: Dict[str, Dict[str, object]] = {
-    "deepseek_v2_chat_full_alpaca_e3": {"model": "hf://deepseek-ai/DeepSeek-V2-Chat", "data": []},
-    "deepseek_v2_chat_full_alpaca_e3_32k_varlen": {"model": "hf://deepseek-ai/DeepSeek-V2-Chat", "data": []},
-    "deepseek_v2_lite_chat_full_alpaca_e3": {"model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat", "data": []},
-    "deepseek_v3_full_alpaca_e3": {"model": "hf://deepseek-ai/DeepSeek-V3", "data": []},
-    "moonlight_16b_full_alpaca_e3": {"model": "hf://moonshotai/Moonlight-16B-A3B-Instruct", "data": []},
+    "deepseek_v2_chat_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v2_chat_full_alpaca_e3_32k_varlen": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v2_lite_chat_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v3_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V3",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "moonlight_16b_full_alpaca_e3": {
+        "model": "hf://moonshotai/Moonlight-16B-A3B-Instruct",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
 }
 # END recipe facts
 
@@ -302,8 +317,9 @@ def train(
         work_dir: checkpoints and logs, a path or fsspec URL that every node reaches (shared FS, s3://, gs://)
         model: HF checkpoint directory or fsspec URL (hf://ORG/NAME reads the Hugging Face Hub in ranges),
             instead of the recipe's
-        data: training data: alpaca JSON/JSONL or messages JSONL, paths or URLs (comma separated), instead of
-            the recipe's
+        data: training data: a file, directory, glob or URL of JSON, JSONL, Parquet, CSV or Arrow, or a Hub
+            dataset hf://datasets/ORG/NAME[@REV][?subset=NAME&split=NAME] (comma separated), instead of the
+            recipe's
         max_length: tokens per packed sequence, instead of the recipe's
         varlen: attend only within each packed sample, or across the whole pack (XTuner's classic packing),
             instead of the recipe's

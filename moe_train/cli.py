@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from moe_train.data.formats import parse_columns
 from moe_train.engine import errors
 from moe_train.engine.distributed import LAUNCHERS
 from moe_train.engine.preemption import DEFAULT_GRACE_S
@@ -23,6 +24,9 @@ TRAIN_FIELDS = (
     "model",
     "tokenizer",
     "data",
+    "data_format",
+    "columns",
+    "template",
     "max_length",
     "varlen",
     "sp",
@@ -154,6 +158,13 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
     help="Local path or fsspec URL for checkpoints, metrics and the HF export. Default: work_dirs/RECIPE.",
 )
 @click.option(
+    "--data-cache",
+    default=None,
+    metavar="DIR",
+    help="Local directory for the tokenized data (default: WORK_DIR/data_cache; ~/.cache/moe-train/data for a "
+    "work dir on an object store). Node-local storage: each node tokenizes once; shared: rank 0 does.",
+)
+@click.option(
     "--resume", default=None, help="'auto' (newest complete checkpoint in the work dir, if any) or a checkpoint URL."
 )
 @click.option(
@@ -203,6 +214,7 @@ def train(
     recipe_name: str,
     launcher,
     work_dir,
+    data_cache,
     resume,
     overwrite,
     peak_tflops,
@@ -222,6 +234,11 @@ def train(
     if "model" in overrides:
         overrides["model_size"] = None
         overrides.setdefault("tokenizer", None)  # a model brings its own tokenizer unless --tokenizer says otherwise
+    if "columns" in overrides:  # names checked here, before any process starts
+        try:
+            overrides["columns"] = parse_columns(overrides["columns"])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--columns") from None
     overrides.update(parse_assignment(item) for item in cfg_options)
     recipe = recipe.replace(**overrides)  # every value checked already: by click or parse_assignment
     if launcher == "pytorch" and os.environ.get("NPROC_PER_NODE") and "LOCAL_RANK" not in os.environ:
@@ -243,6 +260,7 @@ def train(
         preempt_grace=preempt_grace,
         overwrite=overwrite,
         allow_batch_change=allow_batch_change,
+        data_cache=data_cache,
     )
     code = 0
     try:
@@ -313,11 +331,15 @@ def export_command(checkpoint_url: str, out_url: str, dtype: str | None, max_sha
 
     One process, streamed (one HF tensor in memory at a time), whatever world size wrote it."""
     from moe_train.checkpoint.export import export_checkpoint
+    from moe_train.storage import redact
 
     try:
         export_checkpoint(checkpoint_url, out_url, dtype=dtype, max_shard_size=max_shard_size, log=click.echo)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+    except Exception as e:
+        line = expected_failure(e)  # bad input, a full disk, an unreachable store; None for a bug
+        if line is None:
+            raise
+        click.echo(f"Error: {redact(line)}", err=True)
         sys.exit(1)
 
 

@@ -11,7 +11,8 @@ Layout of ``{work_dir}/``::
     summary.json      the whole run's figures, written at the end
     hf_model/         the HF export
     lease/            the owner's lease, NNNNNNNN.json per generation (moe_train/engine/lease.py)
-    data_cache/       tokenized data kept between the segments of a run
+    data_cache/       the tokenized data, memory-mapped (moe_train/data/cache.py); local disk instead for a
+                      work dir on an object store, or --data-cache
     previous/TIME/    earlier runs moved aside by --overwrite
 
 Every other module asks this object for a path and never joins one itself; what lies inside
@@ -29,7 +30,7 @@ import socket
 from datetime import datetime, timezone
 from typing import Any
 
-from moe_train.storage import display, redact_all, resolve
+from moe_train.storage import display, is_local, redact_all, resolve
 
 # What a run leaves in its work dir: any of these means the work dir holds a run.
 RUN_FILES = (
@@ -110,6 +111,15 @@ class RunDir:
     @property
     def data_cache(self) -> str:
         return self._path("data_cache")
+
+    def data_cache_dir(self, explicit: str | None = None) -> str:
+        """Where the tokenized data is cached: ``explicit`` (``--data-cache``), else ``data_cache/`` here for a
+        work dir on a file system, else local disk (an object cannot be memory-mapped): ``~/.cache/moe-train/data``."""
+        if explicit:
+            return explicit
+        if is_local(self.fs):
+            return self.data_cache
+        return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-train", "data")
 
     @property
     def previous(self) -> str:

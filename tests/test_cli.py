@@ -24,7 +24,11 @@ def test_every_recipe_is_complete_and_consistent(name):
     cfg = model_config(r)  # named size or known HF id, with the recipe's expert layout (validated)
     assert cfg.n_routed_experts % cfg.shard_size == 0
     assert load_deepspeed_config(r.deepspeed)["zero_optimization"]["stage"] in (2, 3)
-    assert r.template in TEMPLATES and r.too_long in ("truncate", "drop") and r.dtype in ("bf16", "fp32")
+    assert (
+        (r.template is None or r.template in TEMPLATES)
+        and r.too_long in ("truncate", "drop")
+        and r.dtype in ("bf16", "fp32")
+    )
     assert r.max_length >= 2 and r.grad_accum >= 1 and 0 <= r.warmup_ratio < 1 and r.lr > 0
     assert r.description
 
@@ -60,6 +64,10 @@ def test_train_cli_surface_is_pinned():
             "--work-dir",
             "--model",
             "--data",
+            "--data-format",
+            "--columns",
+            "--template",
+            "--data-cache",
             "--max-length",
             "--varlen",
             "--no-varlen",
@@ -104,6 +112,7 @@ _RUN_OPTIONS = {
     "overwrite",
     "debug",
     "allow_batch_change",
+    "data_cache",
 }
 
 
@@ -119,6 +128,12 @@ def check_field_option(param: click.Parameter) -> None:
     if typing.get_origin(kind) is list:
         assert param.multiple, param.name
         kind = typing.get_args(kind)[0]
+    if typing.get_origin(kind) is dict:  # KEY=VALUE,KEY=VALUE
+        assert param.type.convert("output=answer, input=context", param, None) == {
+            "output": "answer",
+            "input": "context",
+        }
+        return
     if meta["choices"] is not None:
         assert isinstance(param.type, click.Choice) and tuple(param.type.choices) == meta["choices"]
     elif meta["min"] is not None or meta["max"] is not None:
@@ -139,11 +154,14 @@ def test_train_options_are_the_recipe_fields_they_name():
     assert tuple(impl.type.choices) == MOE_IMPLEMENTATIONS
 
 
-def test_the_deepspeed_field_names_the_shipped_configs():
+def test_the_recipe_table_names_what_the_layers_above_define():
+    from moe_train.data.formats import FORMATS
+    from moe_train.data.templates import TEMPLATES
     from moe_train.engine.deepspeed_config import shipped_configs
-    from moe_train.recipes.recipe import SHIPPED_DEEPSPEED
+    from moe_train.recipes import recipe
 
-    assert SHIPPED_DEEPSPEED.split(", ") == shipped_configs()
+    assert recipe.SHIPPED_DEEPSPEED.split(", ") == shipped_configs()
+    assert recipe.DATA_FORMATS == FORMATS and recipe.TEMPLATES == tuple(TEMPLATES)
 
 
 def test_plan_options_named_after_recipe_fields_are_those_fields():

@@ -499,7 +499,6 @@ def test_component_errors_are_one_line_under_torchx_run(args, line):
     assert "Traceback" not in p.stdout + p.stderr
 
 
-@pytest.mark.xfail(reason="the alpaca recipes name their dataset with issue 23 (hf://datasets/tatsu-lab/alpaca)")
 @pytest.mark.parametrize("scheduler", ["slurm", "kubernetes"])
 def test_headline_command_dryruns_as_written(scheduler):
     """`cd components && torchx run --dryrun -s slurm components.py:deepseek_v2_full`, nothing else: the recipe's

@@ -10,6 +10,7 @@ import numpy as np
 
 from moe_train.engine.log import log
 from moe_train.engine.tokenizer import check_tokenizer, local_tokenizer_dir
+from moe_train.models import spec_for, spec_of
 from moe_train.recipes import Recipe
 from moe_train.storage import redact
 
@@ -23,11 +24,12 @@ class Data:
     eval_loader: Any = None  # validation packs (--eval-data / eval_fraction), or None
 
 
-def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
-    """Tokenizer (checked against ``cfg``), packed dataset and this rank's loader."""
+def build_data(r: Recipe, rank: int, world: int, cfg: Any = None, cache_dir: str | None = None) -> Data:
+    """Tokenizer (checked against ``cfg``), chat template, packed dataset (tokenized once into the cache
+    under ``cache_dir`` and memory-mapped; moe_train/data/cache.py) and this rank's loader."""
     from transformers import AutoTokenizer
 
-    from moe_train.data import PackedLoader, build_packed_dataset
+    from moe_train.data import PackedLoader, build_packed_dataset, resolve_template
 
     tokenizer_dir = local_tokenizer_dir(r, r.model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -36,14 +38,27 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
     log(rank, f"tokenizer: {redact(r.tokenizer or r.model)} ({len(tokenizer)} tokens)")
     if not r.data:
         raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
-    packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
+    family = (spec_of(cfg) if cfg is not None else spec_for(r.family)).chat_template
+    template = resolve_template(r.template, tokenizer, family, redact(r.tokenizer or r.model))
+    log(rank, f"chat template: {template.source}")
+    options = dict(
+        template=template,
+        max_length=r.max_length,
+        varlen=r.varlen,
+        too_long=r.too_long,
+        seed=r.seed,
+        data_format=r.data_format,
+        columns=r.columns,
+        cache_dir=cache_dir,
+        tokenizer_dir=tokenizer_dir,
+        log=lambda m: log(rank, m),
+    )
+    packs, stats = build_packed_dataset(r.data, tokenizer, **options)
     pad_id = tokenizer.pad_token_id or 0
     dp = world // r.sp
     eval_packs = None
     if r.eval_data:
-        eval_packs, eval_stats = build_packed_dataset(
-            r.eval_data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed
-        )
+        eval_packs, eval_stats = build_packed_dataset(r.eval_data, tokenizer, **options)
         log(rank, f"eval data: {eval_stats}")
     elif r.eval_fraction > 0:
         if not 0 < r.eval_fraction < 1 or len(packs) < 2:
@@ -56,9 +71,9 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
             .permutation(len(packs))[: max(1, round(r.eval_fraction * len(packs)))]
             .tolist()
         )
-        eval_packs = [packs[i] for i in held]
         keep = set(held)
-        packs = [p for i, p in enumerate(packs) if i not in keep]
+        eval_packs = packs.select(held)
+        packs = packs.select([i for i in range(len(packs)) if i not in keep])
         log(rank, f"eval data: {len(eval_packs)} of the packs held out (eval_fraction={r.eval_fraction})")
     eval_loader = None
     if eval_packs:  # every rank runs the same number of eval forwards (dummies where packs run out)
@@ -92,9 +107,10 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
             else ""
         ),
     )
+    # checkpoints and the export copy the tokenizer files as trained: with the chat template used
     return Data(
         loader=loader,
-        tokenizer_dir=tokenizer_dir,
+        tokenizer_dir=packs.tokenizer_dir,
         pad_id=pad_id,
         steps_per_epoch=loader.steps_per_epoch,
         eval_loader=eval_loader,

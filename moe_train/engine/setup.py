@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from moe_train.checkpoint.hf_layout import read_config
+from moe_train.checkpoint.hf_layout import check_checkpoint, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
 from moe_train.engine import kernels
 from moe_train.engine import resume as resuming
@@ -40,6 +40,7 @@ class TrainConfig:
     progress: bool = True
     overwrite: bool = False  # move an earlier run in the work dir aside (engine/lease.py)
     allow_batch_change: bool = False  # resume with another global batch (packs per step) than the checkpoint's
+    data_cache: str | None = None  # local directory of the tokenized data; None: RunDir.data_cache_dir's
 
 
 @dataclass(kw_only=True)
@@ -116,6 +117,8 @@ def _setup_owned(
             probe(url, what)
     layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
     cfg = read_config(r.model, **layout) if r.model else spec_for(r.family).named_config(r.model_size, **layout)
+    if r.model and resume is None:
+        check_checkpoint(cfg, r.model)  # every header against the config, before anything is allocated
     found = kernels.kernels(cfg, dtype, device)
     log(rank, found.line())
     warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
@@ -123,8 +126,9 @@ def _setup_owned(
         log(rank, warning)
     expert.check(r.ep, world, cfg, ds_config, r.sp)
     ep = expert.create_groups(r.ep) if r.ep != 1 else None
-    data = build_data(r, rank, world, cfg)  # checks the tokenizer against the model (check_tokenizer)
-    fingerprint = resuming.data_fingerprint(r.data, data.loader.packs)
+    # checks the tokenizer against the model (check_tokenizer)
+    data = build_data(r, rank, world, cfg, run.data_cache_dir(tc.data_cache))
+    fingerprint = resuming.data_fingerprint(data.loader.packs)
     if resume is not None:
         resuming.check_model_and_data(resume, cfg, fingerprint)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
@@ -184,8 +188,6 @@ def resume_state(job: Job, resume: TrainingCheckpoint | None) -> int:
     if not resume:
         return 0
     shapes = parameter_shapes(job.engine.module)
-    step = resuming.load(
-        resume, job.engine, job.scheduler, job.data.loader, job.recipe, shapes, job.cfg, job.rank, job.world
-    )
-    log(job.rank, f"resumed from {resume.where} at step {step}")
-    return step
+    resume = resuming.load(resume, job, shapes, log=lambda msg: log(job.rank, msg.removeprefix("[moe-train] ")))
+    log(job.rank, f"resumed from {resume.where} at step {resume.step}")
+    return resume.step

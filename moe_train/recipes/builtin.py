@@ -10,8 +10,10 @@ from moe_train.recipes.recipe import Recipe
 
 ASSETS = resources.files("moe_train") / "assets"
 
+ALPACA = "hf://datasets/tatsu-lab/alpaca"  # the seed's data (XTuner's alpaca config): Parquet on the Hub
+
 _V2_CHAT_ALPACA = dict(
-    data=[],
+    data=[ALPACA],
     template="deepseek_v2",
     lr=1e-5,
     betas=(0.9, 0.999),
@@ -85,7 +87,7 @@ RECIPES: dict[str, Recipe] = {
             moe_implementation="shard",
             expert_in_one_shard=4,
             data=[str(ASSETS / "alpaca_sample.jsonl")],
-            template="deepseek_v3",
+            template="deepseek_v3",  # not the tokenizer's own (V2-style): the export ships this one
             max_length=256,
             varlen=True,
             lr=3e-3,

@@ -25,7 +25,12 @@ def facts_block() -> str:
         "it current.",
         "_RECIPE_FACTS: Dict[str, Dict[str, object]] = {",
     ]
-    lines += [f"    {json.dumps(name)}: {json.dumps(facts)}," for name, facts in component_facts().items()]
+    for name, facts in component_facts().items():  # one key a line, trailing commas: as ruff formats it
+        lines += [
+            f"    {json.dumps(name)}: {{",
+            *(f"        {json.dumps(k)}: {json.dumps(v)}," for k, v in facts.items()),
+        ]
+        lines.append("    },")
     return "\n".join([*lines, "}", FACTS_END])
 
 

@@ -16,12 +16,28 @@ from moe_train.recipes.recipe import FIELDS, coerce, optional_type, problem, unk
 KEEP = "  [default: the recipe's]"
 
 
+class _Pairs(click.ParamType):
+    """``KEY=VALUE,KEY=VALUE`` -> a dict (a mapping field on the command line)."""
+
+    name = "KEY=VALUE,..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, str]:
+        if isinstance(value, dict):
+            return value
+        pairs = [p.partition("=") for p in str(value).split(",") if p.strip()]
+        if not all(sep and k.strip() and v.strip() for k, sep, v in pairs):
+            self.fail(f"{value!r}: expected KEY=VALUE pairs separated by commas", param, ctx)
+        return {k.strip(): v.strip() for k, _, v in pairs}
+
+
 def click_type(name: str) -> Any:
     """The click type of the field ``name`` (of its elements, for a list)."""
     meta = FIELDS[name].metadata
     kind, _ = optional_type(name)
     if typing.get_origin(kind) is list:
         kind = typing.get_args(kind)[0]
+    if typing.get_origin(kind) is dict:
+        return _Pairs()
     if meta["choices"] is not None:
         return click.Choice(meta["choices"])
     if meta["min"] is None and meta["max"] is None:

@@ -20,8 +20,11 @@ from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
 from moe_train.storage import redact_all
 
 DTYPES = ("bf16", "fp32")  # bf16: bf16 weights, fp32 master copy, router and loss; fp32: everything fp32
-# moe_train/configs (engine/deepspeed_config.py lists them; tests/test_cli.py holds the two equal)
-SHIPPED_DEEPSPEED = "deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload"
+# Names the layers above define, copied here so that a recipe is checked where it is built;
+# tests/test_cli.py holds each equal to its source.
+SHIPPED_DEEPSPEED = "deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload"  # engine/deepspeed_config.py
+DATA_FORMATS = ("messages", "sharegpt", "alpaca", "text")  # data/formats.py FORMATS
+TEMPLATES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "moonlight")  # data/templates.py TEMPLATES
 
 
 def knob(
@@ -39,8 +42,8 @@ def knob(
     open; for a pair, each element's).  ``off_flag`` names a boolean's negative CLI flag when ``--no-x``
     would read wrong."""
     meta = dict(help=help, choices=choices, min=min, max=max, min_open=min_open, max_open=max_open, off_flag=off_flag)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -64,8 +67,24 @@ class Recipe:
     )
     expert_in_one_shard: int | None = knob(None, min=1, help="Experts per shard; must divide the routed expert count.")
     # Data
-    data: list[str] = knob([], help="Training data: alpaca JSON/JSONL or messages JSONL, paths or URLs.")
-    template: str = knob("deepseek_v2", help="Chat template the samples are rendered with.")
+    data: list[str] = knob(
+        [],
+        help="Training data: a file, directory, glob or URL of JSON, JSONL, Parquet, CSV or Arrow, or a Hub "
+        "dataset hf://datasets/ORG/NAME[@REV][?subset=NAME&split=NAME].",
+    )
+    data_format: str | None = knob(
+        None,
+        choices=DATA_FORMATS,
+        help="Record format of the data (messages, sharegpt, alpaca, text); none: detected per file from its columns.",
+    )
+    columns: dict[str, str] = knob(
+        {}, help="Fields read from columns of other names, e.g. instruction=question,output=answer."
+    )
+    template: str | None = knob(
+        None,
+        choices=TEMPLATES,
+        help="Chat template; none: the tokenizer's own, else the model family's.",
+    )
     max_length: int = knob(8192, min=2, help="Tokens per packed sequence.")
     varlen: bool = knob(
         True,
@@ -157,6 +176,8 @@ def describe(name: str) -> str:
     kind, optional = optional_type(name)
     if typing.get_origin(kind) is list:
         text = f"a list of {_WORDS[typing.get_args(kind)[0]].removeprefix('a ')}s"
+    elif typing.get_origin(kind) is dict:
+        text = "a mapping of strings to strings"
     elif typing.get_origin(kind) is tuple:
         text = f"a list of {len(typing.get_args(kind))} numbers"
     else:
@@ -209,6 +230,8 @@ def problem(name: str, value: Any) -> str | None:
     origin = typing.get_origin(kind)
     if origin is list:
         ok, numbers = isinstance(value, list) and all(_is(v, typing.get_args(kind)[0]) for v in value), []
+    elif origin is dict:
+        ok, numbers = isinstance(value, dict) and all(isinstance(x, str) for kv in value.items() for x in kv), []
     elif origin is tuple:
         kinds = typing.get_args(kind)
         ok = isinstance(value, tuple) and len(value) == len(kinds) and all(map(_is, value, kinds))
