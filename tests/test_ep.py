@@ -138,6 +138,9 @@ class _Recording:
     def shape(self, key):
         return self.source.shape(key)
 
+    def dtype(self, key):
+        return self.source.dtype(key)
+
     def read(self, key, start=0, end=None):
         self.read_keys.add(key)
         return self.source.read(key, start, end)

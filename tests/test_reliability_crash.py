@@ -317,7 +317,7 @@ def test_sigterm_to_torchrun_checkpoints_the_step_and_the_next_run_resumes(refer
         r"within the 60s grace",
         out,
     )
-    assert len(stops) == 2 and stops[0][0] == stops[1][0], out[-6000:]  # each rank, the same step
+    assert len(stops) == 1, out[-6000:]  # rank 0 says it for the job (the ranks agreed on the step)
     stop_step = int(stops[0][0])
     # the step in flight was finished and checkpointed, and nothing after it ran
     assert logged_steps(work)[-1] == stop_step and complete_steps(work)[-1] == stop_step < STEPS
@@ -488,7 +488,7 @@ def test_scancel_term_on_slurm_saves_and_torchx_requeues(slurm_cluster, referenc
         r"within the 30s grace",
         first_run,
     )
-    assert len(stops) == 2 and stops[0] == stops[1], first_run[-6000:]  # both ranks, at the same step
+    assert len(stops) == 1, first_run[-6000:]  # rank 0 says it for the job (the ranks agreed on the step)
     assert assert_resumed_like_the_reference(reference, work, first_run + slurm_logs(tmp_path)) == int(stops[0])
     print(f"TorchX job {job.id}: {job.sacct()}; requeued job waited {waited:.1f}s")
 
