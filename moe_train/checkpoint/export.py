@@ -37,7 +37,7 @@ def export_checkpoint(
     cfg = ckpt.config
     out_dtype = DTYPES[dtype or ckpt.state["config"].get("torch_dtype", "float32")]
     with torch.device("meta"):
-        reference = spec_of(cfg).build(cfg)
+        reference = spec_of(cfg).build(cfg, ckpt.layout)
     shapes = {key: shape for key, (_, shape) in expected_hf_keys(reference).items()}
     in_params = parameter_shapes(reference)  # the rest are persistent buffers, kept whole in state.json
     buffers = ckpt.state.get("buffers", {})

@@ -47,6 +47,7 @@ from fsspec.spec import AbstractBufferedFile
 from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files
 from moe_train.checkpoint.safetensors_io import WRITE_BLOCK, PlannedTensor, header_bytes
 from moe_train.models import spec_for, spec_of
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.storage import display, is_local, resolve
 
 FORMAT = "moe-train-checkpoint/1"
@@ -202,11 +203,8 @@ class TrainingCheckpoint:
                 )
         self.state = read_json(fs, posixpath.join(self.path, STATE), self.files[STATE])
         recipe = self.state["recipe"]  # the run's expert layout: an export then orders tensors as the run's own
-        self.config = spec_for(self.state["config"].get("model_type")).config(
-            self.state["config"],
-            moe_implementation=recipe["moe_implementation"],
-            expert_in_one_shard=recipe["expert_in_one_shard"],
-        )
+        self.config = spec_for(self.state["config"].get("model_type")).config(self.state["config"])
+        self.layout = ExpertLayout(recipe["moe_implementation"], recipe["expert_in_one_shard"])
         self._readers: dict[str, Any] = {}
 
     def rng(self, rank: int) -> dict[str, Any]:
@@ -258,11 +256,11 @@ class TrainingCheckpoint:
             if lo < hi:
                 out[lo - start : hi - start].copy_(self.read(e, lo, hi))
 
-    def load(self, owned: list[Any], cfg: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    def load(self, owned: list[Any], cfg: Any, layout: ExpertLayout, shapes: dict[str, tuple[int, ...]]) -> None:
         """Fill this rank's owned ranges (any world size, any expert layout) from the files that hold them.
 
         Pieces that are adjacent both in a file and in the destination are read with one request."""
-        parts = list(hf_ranges(owned, cfg))
+        parts = list(hf_ranges(owned, cfg, layout))
         for kind in KINDS:
             index = self.ranges(kind, shapes)
             pieces: list[list[Any]] = []  # [file, first byte, bytes, destination view, first element]
@@ -304,13 +302,13 @@ class TrainingCheckpoint:
 
 
 # ------------------------------------------------------------------ which HF ranges a rank owns
-def hf_ranges(owned: Iterable[Any], cfg: Any) -> Iterable[tuple[str, int, int, Any, int]]:
+def hf_ranges(owned: Iterable[Any], cfg: Any, layout: ExpertLayout) -> Iterable[tuple[str, int, int, Any, int]]:
     """(hf_key, start, end, owned range, offset in it) for every part of an HF tensor a rank owns.
 
     ``owned`` are ``moe_train.parallel.zero3.OwnedRange``s: a parameter's name, full shape, first
     element and 1-D views of length n."""
     for o in owned:
-        for key, slot in spec_of(cfg).ours_to_hf(o.name, cfg):
+        for key, slot in spec_of(cfg).ours_to_hf(o.name, cfg, layout):
             s0, s1 = slot.flat_range(o.shape)
             lo, hi = max(s0, o.start), min(s1, o.start + o.n)
             if lo < hi:
@@ -381,7 +379,14 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(
-        self, step: int, owned: list[Any], cfg: Any, state: dict[str, Any], tokenizer_dir: str | None, world: int
+        self,
+        step: int,
+        owned: list[Any],
+        cfg: Any,
+        layout: ExpertLayout,
+        state: dict[str, Any],
+        tokenizer_dir: str | None,
+        world: int,
     ) -> str:
         """Every rank writes its ranges and RNG; rank 0 also state.json and the tokenizer, then, once
         every rank has confirmed its files and their sizes, COMPLETE.  A collective."""
@@ -395,7 +400,7 @@ class CheckpointManager:
             dist.barrier()
         ok, sizes, error = True, [], None
         try:
-            sizes = self._write_rank(target, owned, cfg, world)
+            sizes = self._write_rank(target, owned, cfg, layout, world)
             if self.rank == 0:
                 self._put(posixpath.join(target, STATE), state)
                 if tokenizer_dir:
@@ -433,8 +438,8 @@ class CheckpointManager:
             dist.barrier()
         return target
 
-    def _write_rank(self, target: str, owned: list[Any], cfg: Any, world: int) -> list[int]:
-        parts = list(hf_ranges(owned, cfg))
+    def _write_rank(self, target: str, owned: list[Any], cfg: Any, layout: ExpertLayout, world: int) -> list[int]:
+        parts = list(hf_ranges(owned, cfg, layout))
         plan = [PlannedTensor(f"{key}@{start}", torch.float32, (end - start,)) for key, start, end, _, _ in parts]
         # The entries of one parameter follow each other in its flat partition and in the file: one
         # write per run of them (a parameter's whole range, typically) instead of one per expert.
