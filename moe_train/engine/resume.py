@@ -29,6 +29,7 @@ from moe_train.checkpoint.hf_layout import persistent_buffers
 from moe_train.checkpoint.training_state import TrainingCheckpoint, set_rng_state
 from moe_train.models.common.key_map import canonical_name
 from moe_train.parallel import zero3
+from moe_train.parallel.dims import ParallelDims
 from moe_train.recipes import Recipe
 from moe_train.storage import redact
 
@@ -77,7 +78,7 @@ def data_fingerprint(data_urls: list[str], packs: list[Any]) -> dict[str, Any]:
 def plan(
     ckpt: TrainingCheckpoint,
     r: Recipe,
-    world: int,
+    dims: ParallelDims,
     allow_batch_change: bool,
     log: Callable[[str], None],
     deepspeed: str,
@@ -93,7 +94,7 @@ def plan(
                 f"run and cannot change on resume: pass --cfg-options {key}={saved[key]!r} or start a "
                 "new --work-dir"
             )
-    dp = world // r.sp
+    dp, world = dims.dp, dims.world
     packs = state["dp_size"] * state["grad_accum"] * state["micro_batch_size"]
     accum = r.grad_accum
     if dp * accum * r.micro_batch_size != packs and r.grad_accum == saved["grad_accum"]:
@@ -173,8 +174,8 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
         "step": step,
         "optimizer_step": zero3.optimizer_step_count(job.engine),
         "world_size": job.world,
-        "dp_size": job.world // r.sp,
-        "sp": r.sp,
+        "dp_size": job.dims.dp,
+        "sp": job.dims.sp,
         "grad_accum": r.grad_accum,
         "micro_batch_size": r.micro_batch_size,
         "loader": job.loader.state_dict(),
@@ -203,13 +204,14 @@ def load(
     r: Recipe,
     shapes: dict[str, tuple[int, ...]],
     cfg: Any,
+    layout: Any,
     rank: int,
     world: int,
 ) -> int:
     """Every rank fills the partitions it now owns from the checkpoint; returns the step resumed at."""
     state = ckpt.state
     zero3.begin_load(engine)
-    ckpt.load(zero3.optimizer_ranges(engine, create_state=True), cfg, shapes)
+    ckpt.load(zero3.optimizer_ranges(engine, create_state=True), cfg, layout, shapes)
     zero3.set_optimizer_step_count(engine, state["optimizer_step"])
     zero3.finish_load(engine)
     for name, buf in persistent_buffers(engine.module):

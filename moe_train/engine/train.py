@@ -51,8 +51,11 @@ from moe_train.engine.metrics import (
 )
 from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
 from moe_train.models import spec_for, spec_of
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.common.loss import shift_labels
-from moe_train.parallel import expert, zero3
+from moe_train.parallel import zero3
+from moe_train.parallel.dims import ParallelDims
+from moe_train.parallel.distribute import distributed_model, gathered_parameters
 from moe_train.recipes import Recipe
 from moe_train.storage import display, is_local, probe, redact, redact_all, resolve, stall_notice
 
@@ -172,6 +175,8 @@ def check_tokenizer(cfg: Any, tokenizer: Any, source: str) -> None:
 
 def build_model(
     cfg: Any,
+    layout: ExpertLayout,
+    dims: ParallelDims,
     ds_config: dict[str, Any],
     dtype: torch.dtype,
     device: torch.device,
@@ -179,24 +184,18 @@ def build_model(
     seed: int,
     activation_checkpointing: bool,
     load_weights: bool = True,
-    ep: expert.EPGroups | None = None,
 ) -> torch.nn.Module:
-    """The model partitioned from the start (ZeRO-3), its partitions filled from the source (unless a
-    training checkpoint is about to overwrite them); with ``ep``, each rank's routed experts are its EP
-    rank's (``moe_train/parallel/expert.py``)."""
+    """This rank's part of the model, distributed as ``dims`` says (``moe_train/parallel/distribute.py``),
+    its partitions filled from the source (unless a training checkpoint is about to overwrite them)."""
     from moe_train.checkpoint.hf_layout import load_into
     from moe_train.engine.weights import open_source
 
-    spec = spec_of(cfg)
-    if ep is None:
-        model = zero3.build(lambda: spec.build(cfg), ds_config, dtype, device)
-    else:
-        model = zero3.build(lambda: expert.apply(spec.build(cfg), spec.moe_types, ep), ds_config, dtype, device)
-    if load_weights:
+    def fill(model: torch.nn.Module) -> None:
         load_into(model, open_source(model, model_url, seed), partition=zero3.partition)
-    if activation_checkpointing:
-        zero3.apply_activation_checkpointing(spec.layers(model))
-    return model
+
+    return distributed_model(
+        cfg, layout, dims, ds_config, dtype, device, activation_checkpointing, fill if load_weights else None
+    )
 
 
 @dataclass
@@ -208,10 +207,11 @@ class Job:
     world: int
     device: torch.device
     cfg: Any  # the model family's config
+    layout: ExpertLayout
+    dims: ParallelDims  # the parallel layout: sizes, ranks, process groups
     engine: Any
     scheduler: Any
     loader: Any
-    seq: Any  # SequenceParallel, or None for --sp 1
     ckpt: CheckpointManager
     data_fingerprint: dict[str, Any]
     fs: Any
@@ -221,7 +221,6 @@ class Job:
     total_steps: int
     lease: Any  # engine/lease.py: rank 0 owns the work dir until the run ends
     eval_loader: Any = None  # validation packs (--eval-data / eval_fraction), or None
-    ep: Any = None  # expert.EPGroups for --ep N > 1
 
     @property
     def recipe(self) -> Recipe:
@@ -237,12 +236,13 @@ class Data:
     eval_loader: Any = None
 
 
-def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
+def build_data(r: Recipe, dims: ParallelDims, cfg: Any = None) -> Data:
     """Tokenizer (checked against ``cfg``), packed dataset and this rank's loader."""
     from transformers import AutoTokenizer
 
     from moe_train.data import PackedLoader, build_packed_dataset
 
+    rank = dims.rank
     tokenizer_dir = local_tokenizer_dir(r, r.model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if cfg is not None:
@@ -252,7 +252,7 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
         raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
     packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
     pad_id = tokenizer.pad_token_id or 0
-    dp = world // r.sp
+    dp = dims.dp
     eval_packs = None
     if r.eval_data:
         eval_packs, eval_stats = build_packed_dataset(
@@ -278,7 +278,7 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
     if eval_packs:  # every rank runs the same number of eval forwards (dummies where packs run out)
         eval_loader = PackedLoader(
             eval_packs,
-            dp_rank=rank // r.sp,
+            dp_rank=dims.dp_rank,
             dp_size=dp,
             shuffle=False,
             micro_batch_size=r.micro_batch_size,
@@ -286,7 +286,7 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
         )
     loader = PackedLoader(
         packs,
-        dp_rank=rank // r.sp,
+        dp_rank=dims.dp_rank,
         dp_size=dp,
         seed=r.seed,
         shuffle=r.shuffle,
@@ -312,13 +312,13 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None) -> Data:
 def build_engine(
     r: Recipe,
     cfg: Any,
+    layout: ExpertLayout,
+    dims: ParallelDims,
     ds_config: dict[str, Any],
     dtype: torch.dtype,
     device: torch.device,
-    world: int,
     schedule_steps: int,
     load_weights: bool = True,
-    ep: expert.EPGroups | None = None,
 ) -> tuple[Any, Any]:
     """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
     from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
@@ -327,12 +327,14 @@ def build_engine(
         ds_config,
         micro_batch_size=1,
         grad_accum=r.grad_accum,
-        world_size=world,
+        world_size=dims.world,
         grad_clip=r.max_grad_norm,
         bf16=dtype == torch.bfloat16,
         hidden_size=cfg.hidden_size,
     )
-    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights, ep)
+    model = build_model(
+        cfg, layout, dims, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights
+    )
     if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -354,7 +356,7 @@ def resume_state(job: "Job", resume: TrainingCheckpoint | None) -> int:
         return 0
     shapes = parameter_shapes(job.engine.module)
     step = resuming.load(
-        resume, job.engine, job.scheduler, job.loader, job.recipe, shapes, job.cfg, job.rank, job.world
+        resume, job.engine, job.scheduler, job.loader, job.recipe, shapes, job.cfg, job.layout, job.rank, job.world
     )
     _log(job.rank, f"resumed from {resume.where} at step {step}")
     return step
@@ -364,7 +366,6 @@ def setup(tc: TrainConfig) -> Job:
     """Process group, data, model (partitioned from the start), DeepSpeed engine, resume."""
     from moe_train.engine.deepspeed_config import load_deepspeed_config
     from moe_train.engine.distributed import init_distributed
-    from moe_train.parallel import SequenceParallel
 
     r = tc.recipe
     ds_config = load_deepspeed_config(tc.deepspeed or r.deepspeed)  # bad configs fail before any process group
@@ -372,14 +373,13 @@ def setup(tc: TrainConfig) -> Job:
     # bf16 also on CPU when the recipe asks (DeepSpeed's bf16 ZeRO-3 runs on gloo): the GPU's dtype logic,
     # testable here.
     dtype = torch.bfloat16 if r.dtype == "bf16" else torch.float32
-    # Groups of r.sp consecutive ranks share each packed row (raises if r.sp does not divide the world).
-    seq = SequenceParallel(r.sp) if r.sp != 1 else None
+    dims = ParallelDims(info.world_size, r.sp, r.ep, info.rank)  # validated once the model is known
     torch.manual_seed(r.seed)
 
     fs, work_root = check_work_dir(tc.work_dir, info.rank)
     lease = own_work_dir(fs, work_root, info.rank, tc.resume, tc.overwrite, log=lambda m: _log(info.rank, m))
     try:
-        return _setup_owned(tc, info, ds_config, dtype, seq, fs, work_root, lease)
+        return _setup_owned(tc, info, ds_config, dtype, dims, fs, work_root, lease)
     except BaseException:
         lease.release()
         raise
@@ -390,7 +390,7 @@ def _setup_owned(
     info: Any,
     ds_config: dict[str, Any],
     dtype: torch.dtype,
-    seq: Any,
+    dims: ParallelDims,
     fs: Any,
     work_root: str,
     lease: Any,
@@ -405,23 +405,23 @@ def _setup_owned(
     resume = ckpt.resolve(tc.resume, log=lambda msg: _log(rank, msg.removeprefix("[moe-train] ")))
     if resume is not None:
         r = resuming.plan(
-            resume, r, world, tc.allow_batch_change, lambda msg: _log(rank, msg), tc.deepspeed or r.deepspeed
+            resume, r, dims, tc.allow_batch_change, lambda msg: _log(rank, msg), tc.deepspeed or r.deepspeed
         )
         tc = dataclasses.replace(tc, recipe=r)
 
     for url, what in [(r.model, "--model"), (r.tokenizer, "--tokenizer")]:
         if url:
             probe(url, what)
-    layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
-    cfg = read_config(r.model, **layout) if r.model else spec_for(r.family).named_config(r.model_size, **layout)
-    found = kernels.kernels(cfg, dtype, device)
+    layout = ExpertLayout(r.moe_implementation, r.expert_in_one_shard)
+    cfg = read_config(r.model) if r.model else spec_for(r.family).named_config(r.model_size)
+    dims.validate(cfg, layout, ds_config)  # the planner's check too
+    found = kernels.kernels(cfg, layout, dtype, device)
     _log(rank, found.line())
     warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
     if warning:
         _log(rank, warning)
-    expert.check(r.ep, world, cfg, ds_config, r.sp)
-    ep = expert.create_groups(r.ep) if r.ep != 1 else None
-    data = build_data(r, rank, world, cfg)  # checks the tokenizer against the model (check_tokenizer)
+    dims.create_groups()
+    data = build_data(r, dims, cfg)  # checks the tokenizer against the model (check_tokenizer)
     fingerprint = resuming.data_fingerprint(r.data, data.loader.packs)
     if resume is not None:
         resuming.check_model_and_data(resume, cfg, fingerprint)
@@ -430,20 +430,19 @@ def _setup_owned(
     schedule_steps = data.steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
     engine, scheduler = build_engine(
-        r, cfg, ds_config, dtype, device, world, schedule_steps, load_weights=resume is None, ep=ep
+        r, cfg, layout, dims, ds_config, dtype, device, schedule_steps, load_weights=resume is None
     )
-    if seq is not None:
-        seq.apply(engine.module, spec_of(cfg))
     job = Job(
         tc,
         rank,
         world,
         device,
         cfg,
+        layout,
+        dims,
         engine,
         scheduler,
         data.loader,
-        seq,
         ckpt,
         fingerprint,
         fs,
@@ -453,7 +452,6 @@ def _setup_owned(
         total_steps,
         lease,
         data.eval_loader,
-        ep,
     )
     job.step = resume_state(job, resume)
     # Only now, with every input checked and the work dir ours: a start that fails changes nothing.
@@ -480,7 +478,7 @@ def forward(engine: Any, b: dict[str, Any], device: torch.device) -> Any:
 
 def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
     """One optimiser step over `grad_accum` micro-batches; returns the step's global figures."""
-    r, engine, device, seq = job.recipe, job.engine, job.device, job.seq
+    r, engine, device, dims = job.recipe, job.engine, job.device, job.dims
     t0 = time.perf_counter()
     real = [b.get("num_packs", 1) > 0 for b in micro]  # dummies (the end of an epoch) train nothing
     counts = torch.tensor(
@@ -491,7 +489,7 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
         ]
     )
     dist.all_reduce(counts)
-    counts[:2] /= r.sp  # the ranks of a sequence-parallel group hold the same rows
+    counts[:2] /= dims.sp  # the ranks of a sequence-parallel group hold the same rows
     global_tokens = max(counts[0].item(), 1.0)
     # The balance loss is a mean over the step's real micro-batches (DeepSpeed divides by
     # world * grad_accum): 1 unless the last step of an epoch holds dummies.
@@ -500,8 +498,7 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
     load = None
     lengths: list[int] = []
     for b, ok in zip(micro, real):
-        if seq is not None:  # this rank's slice of the row, with its targets and samples
-            b = seq.shard(b, job.loader.pad_id)
+        b = dims.shard_batch(b, job.loader.pad_id)  # with --sp: this rank's slice of the row, targets, samples
         out = forward(engine, b, device)
         ce_sum = out.loss
         loss = ce_sum * (job.world * r.grad_accum / global_tokens)
@@ -544,14 +541,13 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate(job: Job) -> dict[str, Any]:
     """Validation loss: cross entropy summed over every eval token on every rank / their count.
     Every rank runs the same forwards (the loader pads with dummies), as ZeRO-3 and SP need."""
-    engine, device, seq = job.engine, job.device, job.seq
+    engine, device, dims = job.engine, job.device, job.dims
     t0 = time.perf_counter()
     ce, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
     engine.eval()
     with torch.no_grad():
         for b in job.eval_loader:
-            if seq is not None:
-                b = seq.shard(b, job.eval_loader.pad_id)
+            b = dims.shard_batch(b, job.eval_loader.pad_id)
             ce += forward(engine, b, device).loss
             tokens += b["num_loss_tokens"]  # after seq.shard: the slice's, so the sum over all ranks is exact
     engine.train()
@@ -590,7 +586,7 @@ def write_run_config(job: Job) -> None:
 def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> dict[str, Any]:
     """The metrics record of one step (see moe_train/engine/metrics.py for the FLOP count)."""
     dt, world = s["seconds"], job.world
-    flops = step_flops(job.cfg, s["lengths"]) * (world // job.recipe.sp)  # every group ran a similar mix
+    flops = step_flops(job.cfg, s["lengths"]) * job.dims.dp  # every group ran a similar mix
     norm = job.engine.get_global_grad_norm()
     return {
         "step": step,
@@ -624,10 +620,9 @@ def export(job: Job, step: int) -> dict[str, Any]:
     carry_from = HFCheckpoint(source) if source and spec_of(job.cfg).carried_key is not None else None
     extra = {"step": step, "recipe": job.recipe.name, **({"source": redact(source)} if source else {})}
     t0 = time.perf_counter()
-    if job.ep is None:
-        tensors, dtype = zero3.gathered_parameters(module), None
-    else:  # each expert from its owner; one dtype for the experts this rank does not hold
-        tensors, dtype = expert.gathered_parameters(module, job.ep), next(module.parameters()).dtype
+    tensors = gathered_parameters(module, job.dims)
+    # Under EP one dtype for the experts this rank does not hold.
+    dtype = None if job.dims.experts is None else next(module.parameters()).dtype
     with PeakRSS() as rss:
         carried = save_pretrained(
             module,
@@ -647,7 +642,7 @@ def export(job: Job, step: int) -> dict[str, Any]:
         )
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(math.prod(zero3.full_shape(p)) * p.element_size() for p in module.parameters())
-    if job.ep is not None:  # this rank holds E/N of the routed experts: size the whole model
+    if job.dims.experts is not None:  # this rank holds E/N of the routed experts: size the whole model
         from moe_train.checkpoint.hf_layout import reference_shapes
 
         model_bytes = sum(map(math.prod, reference_shapes(module).values())) * next(module.parameters()).element_size()
@@ -747,6 +742,7 @@ def _train(job: Job) -> dict[str, Any]:
                             step,
                             zero3.optimizer_ranges(job.engine, create_state=True),
                             job.cfg,
+                            job.layout,
                             checkpoint_state(job, step),
                             job.tokenizer_dir,
                             job.world,
