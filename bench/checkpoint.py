@@ -59,19 +59,20 @@ def worker(mode: str, out_dir: str, work: str) -> None:
 
 def models(mode: str) -> list[tuple[str, object]]:
     """The P2 model, and the same structure at widths where partitions are MiBs, not KiBs."""
+    from moe_train.models.common.experts import ExpertLayout
+
     p2 = model_config(mode, "shard", REFERENCE_SHARD[mode])
-    wide = p2.replace(
+    wide = p2[0].replace(
         hidden_size=512,
         moe_intermediate_size=352,
         intermediate_size=1024,
         num_hidden_layers=2 if mode == "test" else 4,
         n_routed_experts=16,
-        expert_in_one_shard=8,
     )
-    return [("P2", p2), ("wide", wide)]
+    return [("P2", p2), ("wide", (wide, ExpertLayout("shard", 8)))]
 
 
-def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dict:
+def measure(mode: str, label: str, model_and_layout, rank: int, world: int, work: str) -> dict:
     import deepspeed
 
     from moe_train.checkpoint.hf_layout import expected_hf_keys
@@ -80,8 +81,9 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     from moe_train.engine.memory import PeakRSS
     from moe_train.engine.train import build_model
     from moe_train.models.common.loss import causal_lm_loss
-    from moe_train.parallel import zero3
+    from moe_train.parallel import ParallelDims, zero3
 
+    cfg, layout = model_and_layout
     ds_config = fill_auto(
         load_deepspeed_config("deepspeed_zero3"),
         micro_batch_size=1,
@@ -92,7 +94,15 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
         hidden_size=cfg.hidden_size,
     )
     model = build_model(
-        cfg, ds_config, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False
+        cfg,
+        layout,
+        ParallelDims(world, rank=rank),
+        ds_config,
+        torch.float32,
+        torch.device("cpu"),
+        None,
+        seed=0,
+        activation_checkpointing=False,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
@@ -115,17 +125,17 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     state = {
         "step": 1,
         "config": cfg.to_hf_dict(torch_dtype="float32"),
-        "recipe": {"moe_implementation": "shard", "expert_in_one_shard": cfg.expert_in_one_shard},
+        "recipe": {"moe_implementation": "shard", "expert_in_one_shard": layout.expert_in_one_shard},
     }
 
     def ours_save():
-        manager.save(1, zero3.optimizer_ranges(engine), cfg, state, None, world)
+        manager.save(1, zero3.optimizer_ranges(engine), cfg, layout, state, None, world)
 
     def ours_load():
         ckpt = TrainingCheckpoint(manager.fs, os.path.join(work, "checkpoints", "step-00000001"))
         with torch.no_grad():
             zero3.begin_load(engine)
-            ckpt.load(zero3.optimizer_ranges(engine), cfg, shapes)
+            ckpt.load(zero3.optimizer_ranges(engine), cfg, layout, shapes)
             zero3.finish_load(engine)
 
     cases = {"native_save": native_save, "ours_save": ours_save, "native_load": native_load, "ours_load": ours_load}

@@ -9,15 +9,16 @@ from click.testing import CliRunner
 from moe_train.cli import _parse_cfg_option, main, train
 from moe_train.data.templates import TEMPLATES
 from moe_train.engine.deepspeed_config import load_deepspeed_config
-from moe_train.plan import model_config
+from moe_train.plan import model_config, model_layout
 from moe_train.recipes import RECIPES, get_recipe
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_is_complete_and_consistent(name):
     r = get_recipe(name)
-    cfg = model_config(r)  # named size or known HF id, with the recipe's expert layout (validated)
-    assert cfg.n_routed_experts % cfg.shard_size == 0
+    cfg = model_config(r)  # named size or known HF id
+    layout = model_layout(r, cfg)  # the recipe's expert layout, validated against the model
+    assert cfg.num_experts % layout.shard_size(cfg.num_experts) == 0
     assert load_deepspeed_config(r.deepspeed)["zero_optimization"]["stage"] in (2, 3)
     assert r.template in TEMPLATES and r.too_long in ("truncate", "drop") and r.dtype in ("bf16", "fp32")
     assert r.max_length >= 2 and r.grad_accum >= 1 and 0 <= r.warmup_ratio < 1 and r.lr > 0
