@@ -1,11 +1,11 @@
 """DeepSeek V2 (V2, V2-Chat, V2-Lite): config and named sizes, model, key map, and its family spec."""
 
+from moe_train.models.common import deepseek
 from moe_train.models.common.decoder import CausalLMOutput
 from moe_train.models.common.mla import MLAttention
 from moe_train.models.common.moe import MoE
 from moe_train.models.common.norm import RMSNorm
 from moe_train.models.common.spec import ModelSpec, register
-from moe_train.models.deepseek_v2 import costs
 from moe_train.models.deepseek_v2.config import HUB_IDS, HUB_SIZES, NAMED_SIZES, DeepseekV2Config
 from moe_train.models.deepseek_v2.model import DeepseekV2ForCausalLM
 from moe_train.models.deepseek_v2.state_dict_adapter import ours_to_hf
@@ -24,9 +24,9 @@ SPEC = register(
         moe_types=(MoE,),
         norm_types=(RMSNorm,),
         layers=lambda model: model.model.layers,
-        layer_units=costs.layer_units,
-        layer_activations=costs.layer_activations,
-        attention=costs.attention,
+        layer_units=deepseek.layer_units,
+        layer_activations=deepseek.layer_activations,
+        attention=deepseek.attention,
     )
 )
 

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from moe_train.models.common.config import HFConfig
-from moe_train.models.common.mla import MLAShapes
+from moe_train.models.common.deepseek import DeepseekShapes
 
 
 @dataclass
-class DeepseekV2Config(MLAShapes, HFConfig):
+class DeepseekV2Config(DeepseekShapes, HFConfig):
     FAMILY: ClassVar[str] = "DeepSeek V2"
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("deepseek_v2",)
     ARCHITECTURE: ClassVar[str] = "DeepseekV2ForCausalLM"
@@ -77,25 +77,6 @@ class DeepseekV2Config(MLAShapes, HFConfig):
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False
     attention_dropout: float = 0.0
-
-    @property
-    def num_experts(self) -> int | None:
-        return self.n_routed_experts
-
-    @property
-    def experts_per_token(self) -> int | None:
-        return self.num_experts_per_tok
-
-    @property
-    def expert_intermediate_size(self) -> int:
-        return self.moe_intermediate_size
-
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        return (
-            self.n_routed_experts is not None
-            and layer_idx >= self.first_k_dense_replace
-            and layer_idx % self.moe_layer_freq == 0
-        )
 
     def validate(self) -> None:
         super().validate()

@@ -1,10 +1,10 @@
 """DeepSeek V3 (V3, R1, V3.1, Kimi K2, Moonlight): config and named sizes, model, key map, family spec."""
 
+from moe_train.models.common import deepseek
 from moe_train.models.common.mla import MLAttention
 from moe_train.models.common.moe import MoE
 from moe_train.models.common.norm import RMSNorm
 from moe_train.models.common.spec import ModelSpec, register
-from moe_train.models.deepseek_v3 import costs
 from moe_train.models.deepseek_v3.config import HUB_IDS, HUB_SIZES, NAMED_SIZES, DeepseekV3Config
 from moe_train.models.deepseek_v3.model import DeepseekV3ForCausalLM
 from moe_train.models.deepseek_v3.moe import update_correction_bias
@@ -24,9 +24,9 @@ SPEC = register(
         moe_types=(MoE,),
         norm_types=(RMSNorm,),
         layers=lambda model: model.model.layers,
-        layer_units=costs.layer_units,
-        layer_activations=costs.layer_activations,
-        attention=costs.attention,
+        layer_units=deepseek.layer_units,
+        layer_activations=deepseek.layer_activations,
+        attention=deepseek.attention,
         after_step=update_correction_bias,
         carried_key=lambda cfg, key: cfg.is_mtp_key(key),
     )

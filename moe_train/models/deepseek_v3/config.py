@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from moe_train.models.common.config import HFConfig
-from moe_train.models.common.mla import MLAShapes
+from moe_train.models.common.deepseek import DeepseekShapes
 
 # The block-wise FP8 format of DeepSeek's and Moonshot's official weights.
 FP8_BLOCK = (128, 128)
 
 
 @dataclass
-class DeepseekV3Config(MLAShapes, HFConfig):
+class DeepseekV3Config(DeepseekShapes, HFConfig):
     FAMILY: ClassVar[str] = "DeepSeek V3"
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("deepseek_v3", "kimi_k2")
     ARCHITECTURE: ClassVar[str] = "DeepseekV3ForCausalLM"
@@ -90,21 +90,6 @@ class DeepseekV3Config(MLAShapes, HFConfig):
     num_nextn_predict_layers: int = 1
     quantization_config: dict[str, Any] | None = None
     rope_interleave: bool = True
-
-    @property
-    def num_experts(self) -> int | None:
-        return self.n_routed_experts
-
-    @property
-    def experts_per_token(self) -> int | None:
-        return self.num_experts_per_tok
-
-    @property
-    def expert_intermediate_size(self) -> int:
-        return self.moe_intermediate_size
-
-    def is_moe_layer(self, layer_idx: int) -> bool:
-        return self.n_routed_experts is not None and layer_idx >= self.first_k_dense_replace
 
     def validate(self) -> None:
         super().validate()
