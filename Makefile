@@ -14,12 +14,12 @@ venv: .venv/.installed
 	$(PIP) install -e '.[dev]'
 	touch $@
 
-# The main job, small: the tiny recipe on 2 CPU processes under torchrun with ZeRO-3, then the
-# exported HF checkpoint is loaded by transformers.
+# The main job, small: the tiny recipe on 2 CPU processes with ZeRO-3, started in the seed's env form
+# (NPROC_PER_NODE: moe-train starts torchrun itself), then the exported HF checkpoint is loaded by transformers.
 smoke: venv
 	rm -rf work_dirs/smoke
-	.venv/bin/torchrun --standalone --nproc_per_node 2 -m moe_train.cli train tiny \
-		--deepspeed deepspeed_zero3 --launcher pytorch --work-dir work_dirs/smoke --eval-fraction 0.1 --eval-steps 5
+	NPROC_PER_NODE=2 .venv/bin/moe-train train tiny --deepspeed deepspeed_zero3 --launcher pytorch \
+		--work-dir work_dirs/smoke --eval-fraction 0.1 --eval-steps 5
 	$(PY) -c "from transformers import AutoModelForCausalLM as M; m = M.from_pretrained('work_dirs/smoke/hf_model'); \
 		print('transformers loaded', type(m).__name__, sum(p.numel() for p in m.parameters()), 'parameters')"
 	.venv/bin/moe-train report work_dirs/smoke --out work_dirs/smoke-report

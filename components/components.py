@@ -15,6 +15,7 @@ Installed with moe-train, the same functions are listed by ``torchx builtins`` a
 with ``exec``), so the launch host needs neither moe-train nor torch.
 """
 
+import os
 import re
 import shlex
 import socket
@@ -96,6 +97,31 @@ def _check_no_credentials(env: Dict[str, str], args: List[str]) -> None:
         )
 
 
+# BEGIN recipe facts: generated from moe_train/recipes.py by `python -m moe_train.recipes`; a test keeps it current.
+_RECIPE_FACTS: Dict[str, Dict[str, object]] = {
+    "deepseek_v2_chat_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v2_chat_full_alpaca_e3_32k_varlen": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v2_lite_chat_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v3_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V3",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "moonlight_16b_full_alpaca_e3": {
+        "model": "hf://moonshotai/Moonlight-16B-A3B-Instruct",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+}
+# END recipe facts
+
 # component parameters passed on as `moe-train train --kebab-case VALUE` when set
 _TRAINER_OPTIONS = [
     "work_dir",
@@ -156,11 +182,11 @@ def _torchrun_app(
     rdzv = f"--rdzv-backend c10d --rdzv-id {macros.app_id} --rdzv-endpoint {endpoint} --rdzv-conf is_host={is_host}"
     # SIGUSR1 too (`sbatch --signal=USR1@120`): torchrun forwards it to the ranks, which save and exit.
     signals = "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-    # moe-train-torchrun is torchrun, except that on the node hosting the rendezvous store the store
-    # stays up until every agent has closed the rendezvous (see moe_train/engine/torchrun.py).
-    launcher = "moe-train-torchrun" if max_nodes > 1 else "torchrun"
+    # moe-train-torchrun is torchrun, except that a failure ends with one Error: line and no traceback, and
+    # on the node hosting the rendezvous store the store stays up until every agent has closed the
+    # rendezvous (see moe_train/engine/torchrun.py).
     command = (
-        f"{launcher} --nnodes {nnodes} --nproc-per-node {nproc} {restarts}{rdzv} {signals} --tee 3 "
+        f"moe-train-torchrun --nnodes {nnodes} --nproc-per-node {nproc} {restarts}{rdzv} {signals} --tee 3 "
         f"--no-python {shlex.join(trainer)}"
     )
     return specs.AppDef(
@@ -183,21 +209,35 @@ def _torchrun_app(
     )
 
 
-def _check_inputs(name: str, p: Dict[str, object]) -> None:
-    """A full-size job needs the model and data named, and a work dir every node reaches and that
-    outlives the pods: fail at ``--dryrun`` rather than in pods that start and die."""
-    missing = [f"--{k}" for k in ("model", "data") if not p[k]]
-    if missing:
-        raise ValueError(
-            f"{name} needs {' and '.join(missing)}: e.g. --model hf://deepseek-ai/DeepSeek-V2-Lite-Chat "
-            "(or a directory every node reads) --data s3://BUCKET/alpaca.jsonl"
-        )
+class ComponentError(SystemExit, ValueError):
+    """A bad parameter: ``torchx run`` ends with this one line and exit status 1 (a SystemExit, so no
+    traceback); callers of the function can catch it as a ValueError."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"Error: {name}: {problem}")
+
+
+def _fill_inputs(name: str, p: Dict[str, object]) -> None:
+    """The recipe's model and data when not given (shown in the job spec), and a work dir that outlives the
+    job: a relative or default one becomes absolute under the submission directory, which is the shared
+    file system on a Slurm cluster (as XTuner's ``work_dirs/``).  In a Kubernetes pod such a path is on the
+    container's own file system, and the trainer refuses it at start, before any step
+    (moe_train/engine/work_dir.py)."""
+    facts = _RECIPE_FACTS.get(str(p["recipe"]))
+    if facts is not None:
+        p["model"] = p["model"] or facts["model"]
+        p["data"] = p["data"] or facts["data"] or None
+        missing = [f"--{k}" for k in ("model", "data") if not p[k]]
+        if missing:
+            examples = {"--model": "--model /shared/DeepSeek-V2-Chat", "--data": "--data s3://BUCKET/alpaca.jsonl"}
+            raise ComponentError(
+                name,
+                f"recipe {p['recipe']} names no {' and no '.join(m[2:] for m in missing)}; pass "
+                f"{' and '.join(examples[m] for m in missing)} (a path every node reads, or a URL)",
+            )
     work_dir = str(p["work_dir"] or "")
-    if not (work_dir.startswith("/") or re.match(r"^[a-z][a-z0-9+.-]*://", work_dir)):
-        raise ValueError(
-            f"{name} needs --work_dir as an absolute shared path or a URL (s3://BUCKET/runs/NAME), "
-            f"got {work_dir or 'none'}: a relative path is inside the pod or job and dies with it"
-        )
+    if not re.match(r"^[a-z][a-z0-9+.-]*://", work_dir):
+        p["work_dir"] = os.path.abspath(work_dir or os.path.join("work_dirs", os.path.basename(str(p["recipe"]))))
 
 
 def _free_port() -> int:
@@ -206,9 +246,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _component(
-    name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, ...], full_size: bool = True, **p
-) -> specs.AppDef:
+def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, ...], **p) -> specs.AppDef:
     """The AppDef of a catalogue entry from its parameters (see _ARGS_DOC).
 
     TorchX lists every function of this module whose signature its linter accepts; it rejects
@@ -216,16 +254,19 @@ def _component(
     """
     if not p["rdzv_port"]:
         p["rdzv_port"] = _free_port()  # local_cwd: every replica on this host, next to other jobs
-    env = {**base_env, **(p["env"] or {})}
-    trainer = _trainer_cmd(p, list(trainer_args))
-    _check_no_credentials(env, trainer)  # every trainer argument: --work-dir, --data, --resume, those after --
-    resource = specs.resource(cpu=p["cpu"], gpu=p["gpu"], memMB=p["memMB"], h=p["h"])
-    app = _torchrun_app(
-        name, p["j"], p["image"], trainer, resource, env, p["mounts"] or [], p["max_retries"], p["rdzv_port"]
-    )
-    if full_size:
-        _check_inputs(name, p)
-    return app
+    try:
+        _fill_inputs(name, p)
+        env = {**base_env, **(p["env"] or {})}
+        trainer = _trainer_cmd(p, list(trainer_args))
+        _check_no_credentials(env, trainer)  # every trainer argument: --work-dir, --data, --resume, those after --
+        resource = specs.resource(cpu=p["cpu"], gpu=p["gpu"], memMB=p["memMB"], h=p["h"])
+        return _torchrun_app(
+            name, p["j"], p["image"], trainer, resource, env, p["mounts"] or [], p["max_retries"], p["rdzv_port"]
+        )
+    except ComponentError:
+        raise
+    except (ValueError, KeyError) as e:  # ours, and TorchX's for a bad named resource or mount
+        raise ComponentError(name, str(e).strip("'\"")) from None
 
 
 def _documented(component):
@@ -411,4 +452,4 @@ def smoke(
     rdzv_port: int = 0,
 ) -> specs.AppDef:
     """CPU smoke run of the tiny recipe on 2 nodes x 1 process; writes an HF checkpoint to {work_dir}/hf_model."""
-    return _component("moe-train-smoke", {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, full_size=False, **locals())
+    return _component("moe-train-smoke", {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, **locals())

@@ -7,11 +7,14 @@ import dataclasses
 import errno
 import os
 import shutil
-import traceback
+import sys
 import typing
 
 import click
 
+from moe_train.data.formats import FORMATS, parse_columns
+from moe_train.data.templates import TEMPLATES
+from moe_train.engine import errors
 from moe_train.engine.distributed import LAUNCHERS
 from moe_train.engine.preemption import DEFAULT_GRACE_S
 from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
@@ -19,7 +22,19 @@ from moe_train.plan.command import plan
 from moe_train.recipes import RECIPES, Recipe, get_recipe
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    def main(self, *args, **kwargs):
+        """Under plain torchrun or srun every rank parses the same command line: a usage error is said by
+        rank 0 alone (ranks > 0 exit 2 silently)."""
+        if errors.rank_from_env() == 0 or kwargs.get("standalone_mode") is False:
+            return super().main(*args, **kwargs)
+        try:
+            return super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.ClickException:
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Full fine-tuning of DeepSeek V2 MoE models with sharded experts under DeepSpeed ZeRO-3."""
 
@@ -38,7 +53,8 @@ def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
         raise click.BadParameter(
             f"{item!r}: expected key=value with key one of {sorted(set(fields) - {'name'})}", param_hint="--cfg-options"
         )
-    textual = "str" in str(typing.get_type_hints(Recipe)[key])  # str or str | None: a bare word is text
+    hint = typing.get_type_hints(Recipe)[key]
+    textual = hint is str or hint == (str | None)  # a bare word is text (not for list[str] or dict[str, str])
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -124,7 +140,9 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
     type=click.Choice(LAUNCHERS),
     default="none",
     show_default=True,
-    help="How processes were started: none (one process), pytorch (torchrun env), slurm (plain srun).",
+    help="How processes were started: none (one process), pytorch (torchrun's environment; with "
+    "NPROC_PER_NODE set and no torchrun around it, this command starts torchrun itself: NNODES, NODE_RANK, "
+    "ADDR, PORT as in XTuner), slurm (plain srun, one task per GPU).",
 )
 @click.option(
     "--work-dir",
@@ -136,7 +154,35 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
     "--tokenizer", default=None, help="Tokenizer directory or URL. Default: the --model's own, else the recipe's."
 )
 @click.option(
-    "--data", multiple=True, help="Training data: alpaca JSON/JSONL or messages JSONL, path or URL. Repeatable."
+    "--data",
+    multiple=True,
+    help="Training data: a file, directory, glob or URL of JSON, JSONL, Parquet, CSV or Arrow, or a Hub dataset "
+    "hf://datasets/ORG/NAME[@REV][?subset=NAME&split=NAME]. Repeatable.",
+)
+@click.option(
+    "--data-format",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Record format of the data (default: detected per file from its columns).",
+)
+@click.option(
+    "--columns",
+    default=None,
+    metavar="FIELD=COLUMN,...",
+    help="Read fields from columns of other names, e.g. instruction=question,output=answer.",
+)
+@click.option(
+    "--template",
+    type=click.Choice(sorted(TEMPLATES)),
+    default=None,
+    help="Chat template (default: the recipe's, else the tokenizer's own, else the model family's).",
+)
+@click.option(
+    "--data-cache",
+    default=None,
+    metavar="DIR",
+    help="Local directory for the tokenized data (default: WORK_DIR/data_cache; ~/.cache/moe-train/data for a "
+    "work dir on an object store). Node-local storage: each node tokenizes once; shared: rank 0 does.",
 )
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per packed sequence.")
 @click.option(
@@ -250,6 +296,10 @@ def train(
     model,
     tokenizer,
     data,
+    data_format,
+    columns,
+    template,
+    data_cache,
     max_length,
     varlen,
     sp,
@@ -284,6 +334,8 @@ def train(
         for k, v in dict(
             model=model,
             data=list(data) or None,
+            data_format=data_format,
+            template=template,
             max_length=max_length,
             varlen=varlen,
             sp=sp,
@@ -307,8 +359,15 @@ def train(
         overrides["tokenizer"] = tokenizer  # a model brings its own tokenizer unless --tokenizer says otherwise
     elif tokenizer is not None:
         overrides["tokenizer"] = tokenizer
+    if columns is not None:
+        try:
+            overrides["columns"] = parse_columns(columns)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--columns") from None
     overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)
     recipe = recipe.replace(**overrides)
+    if launcher == "pytorch" and os.environ.get("NPROC_PER_NODE") and "LOCAL_RANK" not in os.environ:
+        _launch_env_form(debug)
 
     from moe_train.engine.distributed import destroy_distributed, hard_exit
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
@@ -327,24 +386,39 @@ def train(
         preempt_grace=preempt_grace,
         overwrite=overwrite,
         allow_batch_change=allow_batch_change,
+        data_cache=data_cache,
     )
     code = 0
     try:
         run(tc)
         destroy_distributed()
     except StopRequested as e:
-        click.echo(f"moe-train: {redact(str(e))}", err=True)
+        errors.report_stop(redact(str(e)))
         code = EXIT_PREEMPTED
     except Exception as e:
         line = expected_failure(e, tc.work_dir)
-        if line is None:  # a bug: its traceback is the report
-            raise
-        if debug:
-            traceback.print_exc()
-        click.echo(f"Error: {redact(line)}", err=True)
+        errors.report(None if line is None else redact(line), e, debug)
+        if line is None and not errors.under_our_launcher():
+            raise  # a bug: its traceback is the report (our launchers point at the error file instead)
         code = 1
     # Skip interpreter shutdown: on gloo it can abort (SIGABRT) after all work is done.
     hard_exit(code)
+
+
+def _launch_env_form(debug: bool) -> None:
+    """The seed's env form: NPROC_PER_NODE (NNODES, NODE_RANK, ADDR, PORT) set and no torchrun around us:
+    this process becomes the launcher of this very command (moe_train/engine/torchrun.py)."""
+    from moe_train.engine.torchrun import env_form_args, launch
+
+    try:
+        argv = env_form_args(os.environ, sys.argv[1:])
+    except ValueError as e:
+        raise click.UsageError(f"{e} (the env form of --launcher pytorch)") from None
+    fix = (
+        "start every node with the same NNODES, ADDR and PORT (node 0's address and a free port there), "
+        "node 0 included, and check that the other nodes reach ADDR:PORT"
+    )
+    sys.exit(launch(argv, rendezvous_fix=fix))
 
 
 @main.command()
@@ -382,14 +456,16 @@ def export_command(checkpoint_url: str, out_url: str, dtype: str | None, max_sha
     """Write a complete training checkpoint (local path or URL) to OUT_URL in the HF layout.
 
     One process, streamed (one HF tensor in memory at a time), whatever world size wrote it."""
-    import sys
-
     from moe_train.checkpoint.export import export_checkpoint
+    from moe_train.storage import redact
 
     try:
         export_checkpoint(checkpoint_url, out_url, dtype=dtype, max_shard_size=max_shard_size, log=click.echo)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+    except Exception as e:
+        line = expected_failure(e)  # bad input, a full disk, an unreachable store; None for a bug
+        if line is None:
+            raise
+        click.echo(f"Error: {redact(line)}", err=True)
         sys.exit(1)
 
 

@@ -7,6 +7,7 @@ single fields (``--lr``, ``--max-length`` ...) or any field with ``--cfg-options
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -27,9 +28,13 @@ class Recipe:
     tokenizer: str | None = None  # defaults to the model directory
     moe_implementation: str = "shard"
     expert_in_one_shard: int | None = None
-    # Data: alpaca JSON/JSONL or messages JSONL paths/URLs; the full-size recipes leave it to --data.
+    # Data: paths, URLs or Hub datasets (hf://datasets/ORG/NAME[@REV][?subset=..&split=..]) of alpaca,
+    # messages, ShareGPT or text records in JSON, JSONL, Parquet, CSV or Arrow (moe_train/data/sources.py).
     data: list[str] = field(default_factory=list)
-    template: str = "deepseek_v2"
+    data_format: str | None = None  # alpaca, messages, sharegpt or text; None: detected per source from its columns
+    columns: dict[str, str] = field(default_factory=dict)  # a field's column of another name, e.g. {"output": "answer"}
+    # Chat template (moe_train/data/templates.py): a shipped name; None: the tokenizer's own, else the family's.
+    template: str | None = None
     max_length: int = 8192
     varlen: bool = True
     too_long: str = "truncate"  # or "drop": what to do with a sample longer than max_length
@@ -77,8 +82,10 @@ class Recipe:
         return dataclasses.replace(self, **changes)
 
 
+ALPACA = "hf://datasets/tatsu-lab/alpaca"  # the seed's data (XTuner's alpaca config): Parquet on the Hub
+
 _V2_CHAT_ALPACA = dict(
-    data=[],
+    data=[ALPACA],
     template="deepseek_v2",
     lr=1e-5,
     betas=(0.9, 0.999),
@@ -152,7 +159,7 @@ RECIPES: dict[str, Recipe] = {
             moe_implementation="shard",
             expert_in_one_shard=4,
             data=[str(ASSETS / "alpaca_sample.jsonl")],
-            template="deepseek_v3",
+            template="deepseek_v3",  # not the tokenizer's own (V2-style): the export ships this one
             max_length=256,
             varlen=True,
             lr=3e-3,
@@ -194,3 +201,49 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (see `moe-train recipes`)")
     return RECIPES[name]
+
+
+# The TorchX catalogue (components/components.py) imports nothing but TorchX, yet shows the recipe's model
+# and data in the job it describes: it keeps a copy of these facts, which `python -m moe_train.recipes`
+# rewrites and tests/test_launch.py holds equal to the recipes.
+FACTS_BEGIN = "# BEGIN recipe facts"
+FACTS_END = "# END recipe facts"
+
+
+def component_facts() -> dict[str, dict[str, Any]]:
+    """Model and data of every recipe that names a checkpoint (the full-size ones)."""
+    return {name: {"model": r.model, "data": list(r.data)} for name, r in sorted(RECIPES.items()) if r.model}
+
+
+def facts_block() -> str:
+    lines = [
+        f"{FACTS_BEGIN}: generated from moe_train/recipes.py by `python -m moe_train.recipes`; a test keeps it "
+        "current.",
+        "_RECIPE_FACTS: Dict[str, Dict[str, object]] = {",
+    ]
+    for name, facts in component_facts().items():  # one key a line, trailing commas: as ruff formats it
+        lines += [
+            f"    {json.dumps(name)}: {{",
+            *(f"        {json.dumps(k)}: {json.dumps(v)}," for k, v in facts.items()),
+        ]
+        lines.append("    },")
+    return "\n".join([*lines, "}", FACTS_END])
+
+
+def write_facts(path: str) -> bool:
+    """Rewrite the facts block of the catalogue at ``path``; True when it changed."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.index(FACTS_BEGIN), text.index(FACTS_END) + len(FACTS_END)
+    new = text[:start] + facts_block() + text[end:]
+    if new != text:
+        with open(path, "w") as f:
+            f.write(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import pathlib
+
+    catalogue = pathlib.Path(__file__).resolve().parents[1] / "components" / "components.py"
+    print(f"{catalogue}: {'updated' if write_facts(str(catalogue)) else 'already current'}")

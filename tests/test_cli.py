@@ -20,7 +20,11 @@ def test_every_recipe_is_complete_and_consistent(name):
     layout = model_layout(r, cfg)  # the recipe's expert layout, validated against the model
     assert cfg.num_experts % layout.shard_size(cfg.num_experts) == 0
     assert load_deepspeed_config(r.deepspeed)["zero_optimization"]["stage"] in (2, 3)
-    assert r.template in TEMPLATES and r.too_long in ("truncate", "drop") and r.dtype in ("bf16", "fp32")
+    assert (
+        (r.template is None or r.template in TEMPLATES)
+        and r.too_long in ("truncate", "drop")
+        and r.dtype in ("bf16", "fp32")
+    )
     assert r.max_length >= 2 and r.grad_accum >= 1 and 0 <= r.warmup_ratio < 1 and r.lr > 0
     assert r.description
 
@@ -56,6 +60,10 @@ def test_train_cli_surface_is_pinned():
             "--work-dir",
             "--model",
             "--data",
+            "--data-format",
+            "--columns",
+            "--template",
+            "--data-cache",
             "--max-length",
             "--varlen",
             "--no-varlen",
@@ -101,6 +109,7 @@ _RUN_OPTIONS = {
     "overwrite",
     "debug",
     "allow_batch_change",
+    "data_cache",
 }
 
 

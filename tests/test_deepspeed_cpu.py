@@ -131,7 +131,8 @@ def test_launch_env_pytorch():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
     assert launch_env("pytorch", env) == distributed.LaunchEnv(3, 8, 1, "10.0.0.1", 29500)
     assert _one_line_error(launch_env, "pytorch", {"LOCAL_RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}) == (
-        "--launcher pytorch but RANK, WORLD_SIZE are not set; run under torchrun or use --launcher none"
+        "--launcher pytorch but RANK, WORLD_SIZE are not set; run under torchrun, set NPROC_PER_NODE (this command "
+        "then starts torchrun itself), or use --launcher none"
     )
     assert "RANK='x' is not an integer" in _one_line_error(launch_env, "pytorch", {**env, "RANK": "x"})
     assert "outside a world of 8" in _one_line_error(launch_env, "pytorch", {**env, "RANK": "8"})

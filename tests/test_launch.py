@@ -169,7 +169,7 @@ def test_cli_dryrun_from_components_dir():
     assert f"loaded configs from {TORCHXCONFIG}" in p.stderr
     script = p.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
     assert script.count("#SBATCH hetjob") == 7
-    assert script.count("torchrun --nnodes 8 --nproc-per-node 8") == 8
+    assert script.count("moe-train-torchrun --nnodes 8 --nproc-per-node 8") == 8
     assert script.count("moe-train train deepseek_v2_chat_full_alpaca_e3 --launcher pytorch ") == 8
     assert "--deepspeed" not in script  # the recipe's DeepSpeed config unless the user names one
 
@@ -385,43 +385,78 @@ def test_bad_parameters_fail_early(args, match):
         appdef("deepseek_v2_full", *args)
 
 
-@pytest.mark.parametrize("fn", ["deepseek_v2_full", "deepseek_v2_lite_full"])
+def _recipe_facts() -> dict:
+    """The recipe facts the catalogue keeps (it imports only TorchX), read from its source."""
+    import ast
+
+    tree = ast.parse(CATALOGUE.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "_RECIPE_FACTS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("components.py has no _RECIPE_FACTS")
+
+
+def test_catalogue_recipe_facts_are_the_recipes():
+    from moe_train.recipes import component_facts
+
+    assert _recipe_facts() == component_facts(), "run `python -m moe_train.recipes` to regenerate the block"
+
+
+@pytest.mark.parametrize("fn", ["deepseek_v2_full", "deepseek_v2_lite_full", "deepseek_v3_full", "moonlight_full"])
+def test_full_size_components_describe_the_recipes_job(fn, tmp_path, monkeypatch):
+    """No --model, --data or --work_dir: the recipe's model and data are in the job spec, and the work dir is an
+    absolute path under the submission directory (a relative one too)."""
+    monkeypatch.chdir(tmp_path)
+    (role,) = materialize_appdef(get_component(f"{CATALOGUE}:{fn}").fn, ["--data", "/data/a.jsonl"]).roles
+    recipe = trainer_cmd(role.args[1])[2]
+    facts = _recipe_facts()[recipe]
+    cmd = trainer_cmd(role.args[1])
+    assert cmd[cmd.index("--model") + 1] == facts["model"]
+    assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / "work_dirs" / recipe)
+    (role,) = materialize_appdef(
+        get_component(f"{CATALOGUE}:{fn}").fn, ["--data", "/data/a.jsonl", "--work_dir", "runs/v2"]
+    ).roles
+    cmd = trainer_cmd(role.args[1])
+    assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / "runs" / "v2")
+    if not facts["data"]:  # a recipe without data asks for it in one line
+        with pytest.raises(ValueError, match=rf"^Error: [\w-]+: recipe {recipe} names no data; pass --data"):
+            materialize_appdef(get_component(f"{CATALOGUE}:{fn}").fn, [])
+
+
+def _torchx_dryrun(*args: str, cwd=COMPONENTS) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "torchx"), "run", "--dryrun", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
 @pytest.mark.parametrize(
-    "drop, match",
+    "args, line",
     [
-        ("--model", "needs --model: e.g. --model hf://"),
-        ("--data", "needs --data"),
-        ("--work_dir", "needs --work_dir as an absolute shared path or a URL"),
+        (["-j", "8y8"], "Error: deepseek-v2-full: -j '8y8': expected NODESxPROCS"),
+        (["-h", "nosuch"], "Error: deepseek-v2-full: "),
+        (["--env", "HF_TOKEN=x"], "Error: deepseek-v2-full: HF_TOKEN: credentials must not go into --env"),
     ],
 )
-def test_full_size_components_require_model_data_and_a_lasting_work_dir(fn, drop, match):
-    args = [x for k, v in FULL.items() if k != drop for x in (k, v)]
-    with pytest.raises(ValueError, match=match):
-        materialize_appdef(get_component(f"{CATALOGUE}:{fn}").fn, args)
-    relative = [x for k, v in {**FULL, "--work_dir": "runs/v2"}.items() for x in (k, v)]
-    with pytest.raises(ValueError, match="absolute shared path or a URL .* got runs/v2"):
-        materialize_appdef(get_component(f"{CATALOGUE}:{fn}").fn, relative)
+def test_component_errors_are_one_line_under_torchx_run(args, line):
+    p = _torchx_dryrun("-s", "slurm", "components.py:deepseek_v2_full", "--data", "/d/a.json", *args)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1].startswith(line), p.stderr[-2000:]
+    assert "Traceback" not in p.stdout + p.stderr
 
 
-def test_full_size_dryrun_without_model_fails_in_one_line():
-    p = subprocess.run(
-        [
-            str(BIN / "torchx"),
-            "run",
-            "--dryrun",
-            "-s",
-            "kubernetes",
-            "components.py:deepseek_v2_full",
-            "--work_dir",
-            "s3://bucket/run",
-        ],
-        cwd=COMPONENTS,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert p.returncode != 0
-    assert "deepseek-v2-full needs --model and --data" in p.stderr, p.stderr[-2000:]
+@pytest.mark.parametrize("scheduler", ["slurm", "kubernetes"])
+def test_headline_command_dryruns_as_written(scheduler):
+    """`cd components && torchx run --dryrun -s slurm components.py:deepseek_v2_full`, nothing else: the recipe's
+    job, with its model, its data and a work dir under the submission directory."""
+    p = _torchx_dryrun("-s", scheduler, "components.py:deepseek_v2_full")
+    assert p.returncode == 0, p.stderr[-3000:]
+    facts = _recipe_facts()["deepseek_v2_chat_full_alpaca_e3"]
+    for part in [
+        facts["model"],
+        *facts["data"],
+        f"--work-dir {COMPONENTS / 'work_dirs' / 'deepseek_v2_chat_full_alpaca_e3'}",
+    ]:
+        assert part in p.stdout, part
 
 
 # --- credentials -----------------------------------------------------------------------------------

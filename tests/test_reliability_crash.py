@@ -525,6 +525,33 @@ def test_slurm_requeue_of_srun_ranks_saves_within_killwait_and_exits_143(slurm_c
     print(f"sbatch job {job.id}: {job.sacct()}; requeued job waited {waited:.1f}s")
 
 
+@pytest.mark.xdist_group("slurm")  # the one Slurm dev cluster (tests/slurm_cluster.py)
+def test_sbatch_signal_warns_before_the_time_limit_the_job_saves_and_requeues(slurm_cluster, tmp_path):
+    """The documented pre-timeout warning: `SBATCH_SIGNAL=USR1@60` exported before `torchx run` (sbatch reads it;
+    TorchX 0.7's Slurm run options have no signal option), a 2-minute time limit, `--max_retries 1`.  Slurm
+    sends SIGUSR1 to the step about a minute before the limit; the launcher gives the ranks the whole lead
+    (torchrun's shutdown timeout), they save and exit; the batch script requeues the job, whose second run
+    resumes from that checkpoint (the test cancels it then)."""
+    env = {**slurm_env(tmp_path, slurm_cluster), "SBATCH_SIGNAL": "USR1@60"}
+    work = tmp_path / "work"
+    p = torchx(
+        "run", "-s", "slurm", "-cfg", "time=2", f"{CATALOGUE}:smoke", "-j", "1x2", "--work_dir", str(work),
+        "--max_retries", "1", "--", "--max-steps", "100000", "--epochs", "1000", "--save-steps", "0",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout + p.stderr
+    job = SlurmJob(re.search(r"^slurm://[^/]+/(\d+)$", p.stdout, re.M).group(1), env, tmp_path, timeout=400)
+    job.wait("the job requeued", lambda: any(r["State"] == "REQUEUED" for r in job.runs()))
+    first_run = slurm_logs(tmp_path)  # before the second run's srun truncates the logs
+    stop = re.search(r"moe-train: stop requested at step (\d+): checkpoint saved [\d.]+s after the signal", first_run)
+    assert stop and "SIGUSR1: saving a checkpoint" in first_run, first_run[-6000:]
+    saved = work / "checkpoints" / f"step-{int(stop.group(1)):08d}"
+    assert (saved / "COMPLETE").is_file()
+    job.wait("the second run resumed", lambda: f"resumed from {saved} at step {stop.group(1)}" in slurm_logs(tmp_path))
+    subprocess.run(["scancel", job.id], env=env, check=True)
+    assert job.runs()[0]["State"] == "REQUEUED", job.sacct()
+
+
 # ------------------------------------------------------------------------------- 5. resized jobs
 def assert_resized_continuation(reference: Path, work: Path, out: str, old: int, new: int) -> int:
     """Steps 1..STEPS logged once each: up to the resumed checkpoint the reference's, bit for bit; after it,

@@ -4,6 +4,7 @@ The cluster (schedulers/slurm/devcluster.py) is installed with apt-get and start
 these tests skip only on a machine that cannot install it, and fail instead under CI=true.
 """
 
+import json
 import re
 import subprocess
 import time
@@ -120,3 +121,22 @@ def test_smoke_on_local_cwd(tmp_path):
     )
     assert p.returncode == 0, p.stdout + p.stderr
     _assert_hf_checkpoint(work_dir)
+
+
+@trainer_missing
+def test_srun_two_nodes_one_task_each(slurm_cluster, tmp_path):
+    """The seed's srun form across nodes: `srun -N 2 --ntasks-per-node 1 moe-train train ... --launcher slurm`,
+    ranks started by srun itself on node1 and node2 (rank 0's host is the first of the step's node list)."""
+    env = _trainer_env(tmp_path, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **slurm_cluster)
+    work = tmp_path / "work"
+    p = subprocess.run(
+        ["srun", "-N", "2", "--ntasks-per-node", "1", "--mem=3G", "bash", "-c",
+         f"echo node=$SLURMD_NODENAME rank=$SLURM_PROCID; exec moe-train train tiny --deepspeed deepspeed_zero3 "
+         f"--launcher slurm --work-dir {work} --max-steps 3"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(re.findall(r"node=(node\d) rank=(\d)", p.stdout)) == [("node1", "0"), ("node2", "1")], p.stdout
+    header = json.loads((work / "metrics" / "segment-0001.jsonl").read_text().splitlines()[0])
+    assert header["world_size"] == 2
+    _assert_hf_checkpoint(work)

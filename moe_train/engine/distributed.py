@@ -92,7 +92,10 @@ def launch_env(launcher: str, environ: Mapping[str, str] = os.environ) -> Launch
     if launcher == "pytorch":
         missing = _missing(environ, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
         if missing:
-            raise ValueError(f"--launcher pytorch but {_are(missing)}; run under torchrun or use --launcher none")
+            raise ValueError(
+                f"--launcher pytorch but {_are(missing)}; run under torchrun, set NPROC_PER_NODE (this command then "
+                "starts torchrun itself), or use --launcher none"
+            )
         env = LaunchEnv(
             rank=_int(environ, "RANK"),
             world_size=_int(environ, "WORLD_SIZE"),

@@ -47,6 +47,16 @@ def _say(msg: str) -> None:
         os.write(2, f"[moe-train] {msg}\n".encode())
 
 
+_EARLY: list[int] = []  # SIGUSR1 received during start-up, before the loop's StopFlag
+
+
+def catch_early_warning() -> None:
+    """From process start: remember SIGUSR1 (``sbatch --signal=USR1@120``, Slurm's advance warning of the time
+    limit), whose default action would kill the rank during a start-up that can take minutes on a large model;
+    the loop then saves after its first step.  SIGTERM and SIGINT keep their default until the loop."""
+    signal.signal(signal.SIGUSR1, lambda signum, _frame: _EARLY.append(signum))
+
+
 class StopFlag:
     """Installed around the training loop: turns stop signals into a flag the ranks agree on."""
 
@@ -62,6 +72,8 @@ class StopFlag:
     def __enter__(self) -> "StopFlag":
         for s in STOP_SIGNALS:
             self._old[s] = signal.signal(s, self._handle)
+        if _EARLY:
+            self._handle(_EARLY.pop(), None)
         return self
 
     def __exit__(self, *exc) -> None:

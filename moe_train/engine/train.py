@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, copy_files, read_config
+from moe_train.checkpoint.hf_layout import TOKENIZER_FILES, check_checkpoint, copy_files, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
 from moe_train.engine import kernels
 from moe_train.engine.divergence import Diverged, DivergenceGuard, finite_or_none
@@ -49,7 +49,8 @@ from moe_train.engine.metrics import (
     step_flops,
     summarize,
 )
-from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag
+from moe_train.engine.preemption import DEFAULT_GRACE_S, StopFlag, catch_early_warning
+from moe_train.engine.work_dir import check_outlives_pod, check_shared
 from moe_train.models import spec_for, spec_of
 from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.common.loss import shift_labels
@@ -73,6 +74,7 @@ class TrainConfig:
     progress: bool = True
     overwrite: bool = False  # move an earlier run in the work dir aside (engine/lease.py)
     allow_batch_change: bool = False  # resume with another global batch (packs per step) than the checkpoint's
+    data_cache: str | None = None  # local directory of the tokenized data; None: see data_cache_dir
 
 
 def _log(rank: int, msg: str) -> None:
@@ -129,6 +131,33 @@ def check_work_dir(url: str, rank: int) -> Any:
             f"work dir {url} is not writable ({type(e).__name__}: {e}); pass a writable --work-dir"
         ) from None
     return fs, root
+
+
+def data_cache_dir(explicit: str | None, fs: Any, work_root: str) -> str:
+    """Where the tokenized data is cached: ``--data-cache``, else ``WORK_DIR/data_cache`` for a work dir on
+    a file system, else local disk (an object cannot be memory-mapped): ``~/.cache/moe-train/data``."""
+    if explicit:
+        return explicit
+    if is_local(fs):
+        return posixpath.join(work_root, "data_cache")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-train", "data")
+
+
+def refuse_finished_without_checkpoint(fs: Any, root: str, url: str) -> None:
+    """``--resume auto`` on a run that ended (summary.json) but left no checkpoint would silently start over.
+    A run killed before its first save has no summary and starts from scratch, so requeues never crash-loop."""
+    summary = posixpath.join(root, "summary.json")
+    if not fs.exists(summary):
+        return
+    try:
+        steps = json.loads(fs.cat_file(summary)).get("steps", "?")
+    except (ValueError, AttributeError):
+        steps = "?"
+    raise ValueError(
+        f"work dir {redact(url)} holds a run that ended at step {steps} (summary.json) but no training "
+        "checkpoint to resume from (it ran with --save-steps 0?); pass --overwrite to start again (the earlier "
+        "run is moved into previous/), or --resume with a checkpoint URL"
+    )
 
 
 def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
@@ -236,11 +265,12 @@ class Data:
     eval_loader: Any = None
 
 
-def build_data(r: Recipe, dims: ParallelDims, cfg: Any = None) -> Data:
-    """Tokenizer (checked against ``cfg``), packed dataset and this rank's loader."""
+def build_data(r: Recipe, dims: ParallelDims, cfg: Any = None, cache_dir: str | None = None) -> Data:
+    """Tokenizer (checked against ``cfg``), chat template, packed dataset (tokenized once into the cache
+    under ``cache_dir`` and memory-mapped; moe_train/data/cache.py) and this rank's loader."""
     from transformers import AutoTokenizer
 
-    from moe_train.data import PackedLoader, build_packed_dataset
+    from moe_train.data import PackedLoader, build_packed_dataset, resolve_template
 
     rank = dims.rank
     tokenizer_dir = local_tokenizer_dir(r, r.model)
@@ -250,14 +280,27 @@ def build_data(r: Recipe, dims: ParallelDims, cfg: Any = None) -> Data:
     _log(rank, f"tokenizer: {redact(r.tokenizer or r.model)} ({len(tokenizer)} tokens)")
     if not r.data:
         raise ValueError(f"recipe {r.name} has no data; pass --data PATH|URL (alpaca JSON/JSONL or messages JSONL)")
-    packs, stats = build_packed_dataset(r.data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed)
+    family = (spec_of(cfg) if cfg is not None else spec_for(r.family)).chat_template
+    template = resolve_template(r.template, tokenizer, family, redact(r.tokenizer or r.model))
+    _log(rank, f"chat template: {template.source}")
+    options = dict(
+        template=template,
+        max_length=r.max_length,
+        varlen=r.varlen,
+        too_long=r.too_long,
+        seed=r.seed,
+        data_format=r.data_format,
+        columns=r.columns,
+        cache_dir=cache_dir,
+        tokenizer_dir=tokenizer_dir,
+        log=lambda m: _log(rank, m),
+    )
+    packs, stats = build_packed_dataset(r.data, tokenizer, **options)
     pad_id = tokenizer.pad_token_id or 0
     dp = dims.dp
     eval_packs = None
     if r.eval_data:
-        eval_packs, eval_stats = build_packed_dataset(
-            r.eval_data, tokenizer, r.template, r.max_length, r.varlen, r.too_long, r.seed
-        )
+        eval_packs, eval_stats = build_packed_dataset(r.eval_data, tokenizer, **options)
         _log(rank, f"eval data: {eval_stats}")
     elif r.eval_fraction > 0:
         if not 0 < r.eval_fraction < 1 or len(packs) < 2:
@@ -270,9 +313,9 @@ def build_data(r: Recipe, dims: ParallelDims, cfg: Any = None) -> Data:
             .permutation(len(packs))[: max(1, round(r.eval_fraction * len(packs)))]
             .tolist()
         )
-        eval_packs = [packs[i] for i in held]
         keep = set(held)
-        packs = [p for i, p in enumerate(packs) if i not in keep]
+        eval_packs = packs.select(held)
+        packs = packs.select([i for i in range(len(packs)) if i not in keep])
         _log(rank, f"eval data: {len(eval_packs)} of the packs held out (eval_fraction={r.eval_fraction})")
     eval_loader = None
     if eval_packs:  # every rank runs the same number of eval forwards (dummies where packs run out)
@@ -306,7 +349,8 @@ def build_data(r: Recipe, dims: ParallelDims, cfg: Any = None) -> Data:
             else ""
         ),
     )
-    return Data(loader, tokenizer_dir, pad_id, loader.steps_per_epoch, eval_loader)
+    # checkpoints and the export copy the tokenizer files as trained: with the chat template used
+    return Data(loader, packs.tokenizer_dir, pad_id, loader.steps_per_epoch, eval_loader)
 
 
 def build_engine(
@@ -355,11 +399,9 @@ def resume_state(job: "Job", resume: TrainingCheckpoint | None) -> int:
     if not resume:
         return 0
     shapes = parameter_shapes(job.engine.module)
-    step = resuming.load(
-        resume, job.engine, job.scheduler, job.loader, job.recipe, shapes, job.cfg, job.layout, job.rank, job.world
-    )
-    _log(job.rank, f"resumed from {resume.where} at step {step}")
-    return step
+    resume = resuming.load(resume, job, shapes, log=lambda msg: _log(job.rank, msg.removeprefix("[moe-train] ")))
+    _log(job.rank, f"resumed from {resume.where} at step {resume.step}")
+    return resume.step
 
 
 def setup(tc: TrainConfig) -> Job:
@@ -377,6 +419,8 @@ def setup(tc: TrainConfig) -> Job:
     torch.manual_seed(r.seed)
 
     fs, work_root = check_work_dir(tc.work_dir, info.rank)
+    check_outlives_pod(fs, work_root, redact(tc.work_dir))
+    check_shared(fs, work_root, redact(tc.work_dir), info.rank, info.world_size)
     lease = own_work_dir(fs, work_root, info.rank, tc.resume, tc.overwrite, log=lambda m: _log(info.rank, m))
     try:
         return _setup_owned(tc, info, ds_config, dtype, dims, fs, work_root, lease)
@@ -403,6 +447,8 @@ def _setup_owned(
     ckpt = CheckpointManager(tc.work_dir, rank, r.save_total_limit)
     # Rank 0 picks the resume point and broadcasts it; every rank verifies the files it names.
     resume = ckpt.resolve(tc.resume, log=lambda msg: _log(rank, msg.removeprefix("[moe-train] ")))
+    if resume is None and tc.resume == "auto":
+        refuse_finished_without_checkpoint(fs, work_root, tc.work_dir)
     if resume is not None:
         r = resuming.plan(
             resume, r, dims, tc.allow_batch_change, lambda msg: _log(rank, msg), tc.deepspeed or r.deepspeed
@@ -415,14 +461,17 @@ def _setup_owned(
     layout = ExpertLayout(r.moe_implementation, r.expert_in_one_shard)
     cfg = read_config(r.model) if r.model else spec_for(r.family).named_config(r.model_size)
     dims.validate(cfg, layout, ds_config)  # the planner's check too
+    if r.model and resume is None:
+        check_checkpoint(cfg, r.model)  # every header against the config, before anything is allocated
     found = kernels.kernels(cfg, layout, dtype, device)
     _log(rank, found.line())
     warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
     if warning:
         _log(rank, warning)
     dims.create_groups()
-    data = build_data(r, dims, cfg)  # checks the tokenizer against the model (check_tokenizer)
-    fingerprint = resuming.data_fingerprint(r.data, data.loader.packs)
+    # checks the tokenizer against the model (check_tokenizer)
+    data = build_data(r, dims, cfg, data_cache_dir(tc.data_cache, fs, work_root))
+    fingerprint = resuming.data_fingerprint(data.loader.packs)
     if resume is not None:
         resuming.check_model_and_data(resume, cfg, fingerprint)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
@@ -665,6 +714,7 @@ def train(tc: TrainConfig) -> dict[str, Any]:
     # DeepSpeed calls c10d functions that torch deprecates, once per collective.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     quiet_deepspeed()
+    catch_early_warning()
     job = setup(tc)
     try:
         return _train(job)
@@ -736,7 +786,9 @@ def _train(job: Job) -> dict[str, Any]:
                 if job.eval_loader is not None and r.eval_steps and step % r.eval_steps == 0:
                     run_eval(step)
                 stop_now = stop.agreed()
-                if (r.save_steps and step % r.save_steps == 0 and guard.healthy) or stop_now:
+                # The run's last step is saved too (max_steps, end of data): no run ends without its state.
+                due = step % r.save_steps == 0 or step == job.total_steps if r.save_steps else False
+                if (due and guard.healthy) or stop_now:
                     with stall_notice(f"checkpoint of step {step} to {redact(tc.work_dir)}", lambda m: _log(rank, m)):
                         path = job.ckpt.save(
                             step,
@@ -758,6 +810,8 @@ def _train(job: Job) -> dict[str, Any]:
         run_eval(step)  # the final model's validation loss
     summary: dict[str, Any] = {"steps": step, "losses": losses, "tgs": tgs, "work_dir": redact(tc.work_dir)}
     if tc.export:
+        if not r.save_steps:
+            _log(rank, "no training checkpoint (--save-steps 0): the export below is this run's only state")
         with stall_notice(f"export to {redact(tc.work_dir)}/hf_model", lambda m: _log(rank, m)):
             summary.update(redact_all(export(job, step)))
         if metrics is not None:

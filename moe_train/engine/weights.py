@@ -46,6 +46,9 @@ class SeededInit:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.shapes[key]
 
+    def dtype(self, key: str) -> torch.dtype:
+        return torch.float32
+
     def read(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         shape = self.shapes[key]
         if key in self.ones:
