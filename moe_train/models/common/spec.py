@@ -1,8 +1,9 @@
 """A model family as one record: what everything outside ``models/`` needs to know about it.
 
-Checkpoint I/O, the engine, sequence parallelism and the planner take a ``ModelSpec`` (found by the
-``model_type`` of a config.json, aliases included), never a family's classes by name.  Parameter and
-FLOP counts come from the model built on the meta device, so they cannot drift from the modules.
+Checkpoint I/O, the engine, parallelism and the planner take a ``ModelSpec`` (found by the
+``model_type`` of a config.json, aliases included), never a family's classes by name.  Parameter counts
+come from the model built on the meta device; the planner's units, saved bytes and attention shape are
+the family's (``models/common/costs.py``), pinned against its model by ``tests/test_architecture.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class ModelSpec:
     moe_types: tuple[type, ...]  # modules with a ``balance_group`` for the balance loss under SP
     norm_types: tuple[type, ...]  # modules whose weights start at one (the rest: normal(0, initializer_range))
     layers: Callable[[nn.Module], nn.ModuleList]  # the decoder layers (activation checkpointing wraps each)
-    # What the planner and the metrics need (the family's costs.py, pinned against the model by tests):
+    # What the planner and the metrics need (models/common/costs.py; pinned against the model by tests):
     layer_units: Callable[[Any, ExpertLayout, int], list[Unit]]  # ZeRO-3 units of layer i, in forward order
     # (config, layer i, bytes per element, max_length, attention kernel) -> bytes per token layer i saves, by part
     layer_activations: Callable[[Any, int, int, int, str], dict[str, float]]
