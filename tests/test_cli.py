@@ -12,7 +12,7 @@ from moe_train.cli import TRAIN_FIELDS, main, train
 from moe_train.data.templates import TEMPLATES
 from moe_train.engine.deepspeed_config import load_deepspeed_config
 from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
-from moe_train.plan import model_config
+from moe_train.plan import model_config, model_layout
 from moe_train.recipes import FIELDS, RECIPES, get_recipe
 from moe_train.recipes.options import parse_assignment
 from moe_train.recipes.recipe import optional_type
@@ -21,8 +21,9 @@ from moe_train.recipes.recipe import optional_type
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_is_complete_and_consistent(name):
     r = get_recipe(name)
-    cfg = model_config(r)  # named size or known HF id, with the recipe's expert layout (validated)
-    assert cfg.n_routed_experts % cfg.shard_size == 0
+    cfg = model_config(r)  # named size or known HF id
+    layout = model_layout(r, cfg)  # the recipe's expert layout, validated against the model
+    assert cfg.num_experts % layout.shard_size(cfg.num_experts) == 0
     assert load_deepspeed_config(r.deepspeed)["zero_optimization"]["stage"] in (2, 3)
     assert (
         (r.template is None or r.template in TEMPLATES)

@@ -63,6 +63,7 @@ from moe_train.checkpoint.manifest import (
 )
 from moe_train.checkpoint.safetensors_io import WRITE_BLOCK, PlannedTensor, header_bytes
 from moe_train.models import spec_for, spec_of
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.recipes import Recipe
 from moe_train.run_dir import RunDir
 from moe_train.storage import display, is_local, resolve
@@ -303,11 +304,8 @@ class TrainingCheckpoint:
             )
         recipe = self.state["recipe"]  # the run's expert layout: an export then orders tensors as the run's own
         try:
-            self.config = spec_for(self.state["config"].get("model_type")).config(
-                self.state["config"],
-                moe_implementation=recipe["moe_implementation"],
-                expert_in_one_shard=recipe["expert_in_one_shard"],
-            )
+            self.config = spec_for(self.state["config"].get("model_type")).config(self.state["config"])
+            self.layout = ExpertLayout(recipe["moe_implementation"], recipe["expert_in_one_shard"])
         except (ValueError, TypeError) as e:  # TypeError: a field the config class does not take
             raise ValueError(f"{self.where}/{STATE}: config: {str(e).splitlines()[0]}; {DAMAGED}") from None
         self._readers: dict[str, Any] = {}
@@ -455,13 +453,13 @@ class TrainingCheckpoint:
         for file, wanted in by_file.items():
             self._stream(file, wanted)
 
-    def load(self, owned: list[Any], cfg: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    def load(self, owned: list[Any], cfg: Any, layout: ExpertLayout, shapes: dict[str, tuple[int, ...]]) -> None:
         """Fill this rank's owned ranges (any world size, any expert layout) from the files that hold them.
 
         Every entry that overlaps an owned range is read whole and checked: on the same layout that
         is exactly the rank's own entries; on another one, parts of the entries at range boundaries
         are read and dropped."""
-        parts = list(hf_ranges(owned, cfg))
+        parts = list(hf_ranges(owned, cfg, layout))
         for kind in KINDS:
             index = self.ranges(kind, shapes)
             by_file: dict[str, dict[Entry, list[Any]]] = {}
@@ -482,13 +480,13 @@ class TrainingCheckpoint:
 
 
 # ------------------------------------------------------------------ which HF ranges a rank owns
-def hf_ranges(owned: Iterable[Any], cfg: Any) -> Iterable[tuple[str, int, int, Any, int]]:
+def hf_ranges(owned: Iterable[Any], cfg: Any, layout: ExpertLayout) -> Iterable[tuple[str, int, int, Any, int]]:
     """(hf_key, start, end, owned range, offset in it) for every part of an HF tensor a rank owns.
 
     ``owned`` are ``moe_train.parallel.zero3.OwnedRange``s: a parameter's name, full shape, first
     element and 1-D views of length n."""
     for o in owned:
-        for key, slot in spec_of(cfg).ours_to_hf(o.name, cfg):
+        for key, slot in spec_of(cfg).ours_to_hf(o.name, cfg, layout):
             s0, s1 = slot.flat_range(o.shape)
             lo, hi = max(s0, o.start), min(s1, o.start + o.n)
             if lo < hi:
@@ -617,7 +615,14 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(
-        self, step: int, owned: list[Any], cfg: Any, state: dict[str, Any], tokenizer_dir: str | None, world: int
+        self,
+        step: int,
+        owned: list[Any],
+        cfg: Any,
+        layout: ExpertLayout,
+        state: dict[str, Any],
+        tokenizer_dir: str | None,
+        world: int,
     ) -> str:
         """Every rank writes its ranges and RNG, digesting what it writes; rank 0 also state.json and the
         tokenizer, then, once every rank has confirmed its files, their sizes and digests, COMPLETE.
@@ -635,7 +640,7 @@ class CheckpointManager:
         rank0: dict[str, tuple[int, str]] = {}
         error = None
         try:
-            written = self._write_rank(target, owned, cfg, world)
+            written = self._write_rank(target, owned, cfg, layout, world)
             if self.rank == 0:
                 rank0[STATE] = self._put(posixpath.join(target, STATE), state)
                 if tokenizer_dir:
@@ -676,10 +681,12 @@ class CheckpointManager:
             dist.barrier()
         return target
 
-    def _write_rank(self, target: str, owned: list[Any], cfg: Any, world: int) -> dict[str, tuple[int, list[str]]]:
+    def _write_rank(
+        self, target: str, owned: list[Any], cfg: Any, layout: ExpertLayout, world: int
+    ) -> dict[str, tuple[int, list[str]]]:
         """This rank's files: name -> (size on the store, digests: a safetensors file's header and
         entries, a JSON file's bytes)."""
-        parts = list(hf_ranges(owned, cfg))
+        parts = list(hf_ranges(owned, cfg, layout))
         plan = [PlannedTensor(f"{key}@{start}", torch.float32, (end - start,)) for key, start, end, _, _ in parts]
         # The entries of one parameter follow each other in its flat partition and in the file: one
         # write per run of them (a parameter's whole range, typically) instead of one per expert.

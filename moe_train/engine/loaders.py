@@ -11,6 +11,7 @@ import numpy as np
 from moe_train.engine.log import log
 from moe_train.engine.tokenizer import check_tokenizer, local_tokenizer_dir
 from moe_train.models import spec_for, spec_of
+from moe_train.parallel.dims import ParallelDims
 from moe_train.recipes import Recipe
 from moe_train.storage import redact
 
@@ -24,12 +25,14 @@ class Data:
     eval_loader: Any = None  # validation packs (--eval-data / eval_fraction), or None
 
 
-def build_data(r: Recipe, rank: int, world: int, cfg: Any = None, cache_dir: str | None = None) -> Data:
+def build_data(r: Recipe, dims: ParallelDims, cfg: Any = None, cache_dir: str | None = None) -> Data:
     """Tokenizer (checked against ``cfg``), chat template, packed dataset (tokenized once into the cache
     under ``cache_dir`` and memory-mapped; moe_train/data/cache.py) and this rank's loader."""
     from transformers import AutoTokenizer
 
     from moe_train.data import PackedLoader, build_packed_dataset, resolve_template
+
+    rank = dims.rank
 
     tokenizer_dir = local_tokenizer_dir(r, r.model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -55,7 +58,7 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None, cache_dir: str
     )
     packs, stats = build_packed_dataset(r.data, tokenizer, **options)
     pad_id = tokenizer.pad_token_id or 0
-    dp = world // r.sp
+    dp = dims.dp
     eval_packs = None
     if r.eval_data:
         eval_packs, eval_stats = build_packed_dataset(r.eval_data, tokenizer, **options)
@@ -79,7 +82,7 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None, cache_dir: str
     if eval_packs:  # every rank runs the same number of eval forwards (dummies where packs run out)
         eval_loader = PackedLoader(
             eval_packs,
-            dp_rank=rank // r.sp,
+            dp_rank=dims.dp_rank,
             dp_size=dp,
             shuffle=False,
             micro_batch_size=r.micro_batch_size,
@@ -87,7 +90,7 @@ def build_data(r: Recipe, rank: int, world: int, cfg: Any = None, cache_dir: str
         )
     loader = PackedLoader(
         packs,
-        dp_rank=rank // r.sp,
+        dp_rank=dims.dp_rank,
         dp_size=dp,
         seed=r.seed,
         shuffle=r.shuffle,

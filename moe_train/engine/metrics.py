@@ -1,13 +1,14 @@
 """Throughput (TGS), model FLOPs utilisation (MFU), expert load and memory for each step, and the
 run's metrics files (one per run segment; see `MetricsWriter` and `read_metrics`).
 
-FLOPs of one training step (forward + backward = 3 x forward):
+FLOPs of one training step (forward + backward = 3 x forward), the family's ``ModelSpec.train_flops``:
     6 * N_active * tokens                                    (every matmul weight a token touches)
-  + 6 * layers * heads * (qk_head_dim + v_head_dim) * sum_i s_i^2 / 2   (causal attention scores and
-                                                              values over each packed sample i of s_i tokens)
+  + 3 * flops_per_key * sum_i s_i^2 / 2                      (causal attention scores and values over
+                                                              each packed sample i of s_i tokens)
 N_active counts attention, dense MLP, shared experts, the top-k routed experts, the router and the
 LM head, on the model built on the meta device (``moe_train.models.param_counts``); the embedding
-lookup and the norms are not matmuls and are left out.
+lookup and the norms are not matmuls and are left out.  ``flops_per_key`` is 2 * layers * heads *
+(q/k head dim + v head dim) of the family's ``AttentionShape``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from moe_train.models import param_counts
+from moe_train.models import param_counts, spec_of
 from moe_train.run_dir import RunDir
 from moe_train.storage import is_local
 
@@ -39,15 +40,7 @@ def active_matmul_params(cfg: Any) -> int:
 
 
 def step_flops(cfg: Any, sample_lengths: list[int]) -> float:
-    tokens = sum(sample_lengths)
-    attn = (
-        6
-        * cfg.num_hidden_layers
-        * cfg.num_attention_heads
-        * (cfg.qk_head_dim + cfg.v_head_dim)
-        * sum(s * s / 2 for s in sample_lengths)
-    )
-    return 6 * active_matmul_params(cfg) * tokens + attn
+    return spec_of(cfg).train_flops(cfg, sample_lengths)
 
 
 def peak_tflops(override: float | None) -> float | None:

@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
-from moe_train.models import spec_of
-from moe_train.parallel import expert, zero3
+from moe_train.models.common.experts import ExpertLayout
+from moe_train.parallel import zero3
+from moe_train.parallel.dims import ParallelDims
+from moe_train.parallel.distribute import distributed_model
 from moe_train.recipes import Recipe
 
 
@@ -47,6 +49,8 @@ def quiet_deepspeed() -> None:
 
 def build_model(
     cfg: Any,
+    layout: ExpertLayout,
+    dims: ParallelDims,
     ds_config: dict[str, Any],
     dtype: torch.dtype,
     device: torch.device,
@@ -54,36 +58,30 @@ def build_model(
     seed: int,
     activation_checkpointing: bool,
     load_weights: bool = True,
-    ep: expert.EPGroups | None = None,
 ) -> torch.nn.Module:
-    """The model partitioned from the start (ZeRO-3), its partitions filled from the source (unless a
-    training checkpoint is about to overwrite them); with ``ep``, each rank's routed experts are its EP
-    rank's (``moe_train/parallel/expert.py``)."""
+    """This rank's part of the model, distributed as ``dims`` says (``moe_train/parallel/distribute.py``),
+    its partitions filled from the source (unless a training checkpoint is about to overwrite them)."""
     from moe_train.checkpoint.hf_layout import load_into
     from moe_train.engine.weights import open_source
 
-    spec = spec_of(cfg)
-    if ep is None:
-        model = zero3.build(lambda: spec.build(cfg), ds_config, dtype, device)
-    else:
-        model = zero3.build(lambda: expert.apply(spec.build(cfg), spec.moe_types, ep), ds_config, dtype, device)
-    if load_weights:
+    def fill(model: torch.nn.Module) -> None:
         load_into(model, open_source(model, model_url, seed), partition=zero3.partition)
-    if activation_checkpointing:
-        zero3.apply_activation_checkpointing(spec.layers(model))
-    return model
+
+    return distributed_model(
+        cfg, layout, dims, ds_config, dtype, device, activation_checkpointing, fill if load_weights else None
+    )
 
 
 def build_engine(
     r: Recipe,
     cfg: Any,
+    layout: ExpertLayout,
+    dims: ParallelDims,
     ds_config: dict[str, Any],
     dtype: torch.dtype,
     device: torch.device,
-    world: int,
     schedule_steps: int,
     load_weights: bool = True,
-    ep: expert.EPGroups | None = None,
 ) -> tuple[Any, Any]:
     """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
     from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
@@ -92,12 +90,14 @@ def build_engine(
         ds_config,
         micro_batch_size=1,
         grad_accum=r.grad_accum,
-        world_size=world,
+        world_size=dims.world,
         grad_clip=r.max_grad_norm,
         bf16=dtype == torch.bfloat16,
         hidden_size=cfg.hidden_size,
     )
-    model = build_model(cfg, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights, ep)
+    model = build_model(
+        cfg, layout, dims, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights
+    )
     if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

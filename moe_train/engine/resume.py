@@ -34,6 +34,7 @@ from moe_train.checkpoint.training_state import (
 )
 from moe_train.models.common.key_map import canonical_name
 from moe_train.parallel import zero3
+from moe_train.parallel.dims import ParallelDims
 from moe_train.recipes import Recipe, recipe_record
 
 
@@ -46,7 +47,7 @@ def data_fingerprint(packs: Any) -> dict[str, Any]:
 def plan(
     ckpt: TrainingCheckpoint,
     r: Recipe,
-    world: int,
+    dims: ParallelDims,
     allow_batch_change: bool,
     log: Callable[[str], None],
 ) -> Recipe:
@@ -62,7 +63,7 @@ def plan(
                 f"run and cannot change on resume: pass --cfg-options {key}={saved[key]!r} or start a "
                 "new --work-dir"
             )
-    dp = world // r.sp
+    dp, world = dims.dp, dims.world
     packs = state["dp_size"] * state["grad_accum"] * state["micro_batch_size"]
     accum = r.grad_accum
     if dp * accum * r.micro_batch_size != packs and r.grad_accum == saved["grad_accum"]:
@@ -142,8 +143,8 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
         "step": step,
         "optimizer_step": zero3.optimizer_step_count(job.engine),
         "world_size": job.world,
-        "dp_size": job.world // r.sp,
-        "sp": r.sp,
+        "dp_size": job.dims.dp,
+        "sp": job.dims.sp,
         "grad_accum": r.grad_accum,
         "micro_batch_size": r.micro_batch_size,
         "loader": job.data.loader.state_dict(),
@@ -175,7 +176,7 @@ def load(ckpt: TrainingCheckpoint, job: Any, shapes: dict[str, tuple[int, ...]],
     while True:
         error, rng = None, None
         try:
-            ckpt.load(zero3.optimizer_ranges(engine, create_state=True), job.cfg, shapes)
+            ckpt.load(zero3.optimizer_ranges(engine, create_state=True), job.cfg, job.layout, shapes)
             # RNG: a rank's own stream when the world is the same; else the stream of the rank with its index modulo.
             rng = ckpt.rng(rank % ckpt.world)
         except ValueError as e:
@@ -187,7 +188,7 @@ def load(ckpt: TrainingCheckpoint, job: Any, shapes: dict[str, tuple[int, ...]],
             break
         failed = ckpt
         ckpt = job.ckpt.fall_back(failed, reason, auto=job.tc.resume == "auto", log=log)
-        again = plan(ckpt, job.recipe, job.world, job.tc.allow_batch_change, log)
+        again = plan(ckpt, job.recipe, job.dims, job.tc.allow_batch_change, log)
         if again != job.recipe:
             raise ValueError(
                 f"{failed.where} is damaged and was moved aside; the newest intact checkpoint, "

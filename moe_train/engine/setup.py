@@ -19,8 +19,9 @@ from moe_train.engine.log import log
 from moe_train.engine.model import build_engine
 from moe_train.engine.preemption import DEFAULT_GRACE_S
 from moe_train.engine.work_dir import check_outlives_pod, check_shared
-from moe_train.models import spec_for, spec_of
-from moe_train.parallel import expert
+from moe_train.models import spec_for
+from moe_train.models.common.experts import ExpertLayout
+from moe_train.parallel.dims import ParallelDims
 from moe_train.recipes import Recipe
 from moe_train.run_dir import RunDir
 from moe_train.storage import probe, redact
@@ -55,12 +56,12 @@ class Job:
     world: int
     device: torch.device
     cfg: Any  # the model family's config
+    layout: ExpertLayout  # how the routed experts are stored (kept out of the config)
+    dims: ParallelDims  # the parallel layout: sizes, ranks, process groups
     engine: Any
     scheduler: Any
     data: Data
     fingerprint: dict[str, Any]  # of the training data, checked on resume
-    seq: Any = None  # SequenceParallel for --sp N > 1
-    ep: Any = None  # expert.EPGroups for --ep N > 1
     step: int = 0  # where the loop starts: the resumed step, or 0
     total_steps: int
 
@@ -73,13 +74,11 @@ def setup(tc: TrainConfig) -> Job:
     """Process group, data, model (partitioned from the start), DeepSpeed engine, resume."""
     from moe_train.engine.deepspeed_config import load_deepspeed_config
     from moe_train.engine.distributed import init_distributed
-    from moe_train.parallel import SequenceParallel
 
     r = tc.recipe
     ds_config = load_deepspeed_config(r.deepspeed)  # bad configs fail before any process group
     info = init_distributed(tc.launcher)
-    # Groups of r.sp consecutive ranks share each packed row (raises if r.sp does not divide the world).
-    seq = SequenceParallel(r.sp) if r.sp != 1 else None
+    dims = ParallelDims(info.world_size, r.sp, r.ep, info.rank)  # validated once the model is known
     torch.manual_seed(r.seed)
 
     run = RunDir(tc.work_dir)
@@ -88,14 +87,14 @@ def setup(tc: TrainConfig) -> Job:
     check_shared(run, info.rank, info.world_size)
     lease = own_work_dir(run, info.rank, tc.resume, tc.overwrite, log=lambda m: log(info.rank, m))
     try:
-        return _setup_owned(tc, info=info, ds_config=ds_config, seq=seq, run=run, lease=lease)
+        return _setup_owned(tc, info=info, ds_config=ds_config, dims=dims, run=run, lease=lease)
     except BaseException:
         lease.release()
         raise
 
 
 def _setup_owned(
-    tc: TrainConfig, *, info: Any, ds_config: dict[str, Any], seq: Any, run: RunDir, lease: Lease | NoLease
+    tc: TrainConfig, *, info: Any, ds_config: dict[str, Any], dims: ParallelDims, run: RunDir, lease: Lease | NoLease
 ) -> Job:
     """The rest of `setup`, once this job owns the work dir (so removing stale files is safe)."""
     r = tc.recipe
@@ -109,25 +108,25 @@ def _setup_owned(
     if resume is None and tc.resume == "auto":
         refuse_finished_without_checkpoint(run)
     if resume is not None:
-        r = resuming.plan(resume, r, world, tc.allow_batch_change, lambda msg: log(rank, msg))
+        r = resuming.plan(resume, r, dims, tc.allow_batch_change, lambda msg: log(rank, msg))
         tc = dataclasses.replace(tc, recipe=r)
 
     for url, what in [(r.model, "--model"), (r.tokenizer, "--tokenizer")]:
         if url:
             probe(url, what)
-    layout = dict(moe_implementation=r.moe_implementation, expert_in_one_shard=r.expert_in_one_shard)
-    cfg = read_config(r.model, **layout) if r.model else spec_for(r.family).named_config(r.model_size, **layout)
+    layout = ExpertLayout(r.moe_implementation, r.expert_in_one_shard)
+    cfg = read_config(r.model) if r.model else spec_for(r.family).named_config(r.model_size)
+    dims.validate(cfg, layout, ds_config)  # the planner's check too
     if r.model and resume is None:
         check_checkpoint(cfg, r.model)  # every header against the config, before anything is allocated
-    found = kernels.kernels(cfg, dtype, device)
+    found = kernels.kernels(cfg, layout, dtype, device)
     log(rank, found.line())
     warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
     if warning:
         log(rank, warning)
-    expert.check(r.ep, world, cfg, ds_config, r.sp)
-    ep = expert.create_groups(r.ep) if r.ep != 1 else None
+    dims.create_groups()
     # checks the tokenizer against the model (check_tokenizer)
-    data = build_data(r, rank, world, cfg, run.data_cache_dir(tc.data_cache))
+    data = build_data(r, dims, cfg, run.data_cache_dir(tc.data_cache))
     fingerprint = resuming.data_fingerprint(data.loader.packs)
     if resume is not None:
         resuming.check_model_and_data(resume, cfg, fingerprint)
@@ -136,10 +135,8 @@ def _setup_owned(
     schedule_steps = data.steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
     engine, scheduler = build_engine(
-        r, cfg, ds_config, dtype, device, world, schedule_steps, load_weights=resume is None, ep=ep
+        r, cfg, layout, dims, ds_config, dtype, device, schedule_steps, load_weights=resume is None
     )
-    if seq is not None:
-        seq.apply(engine.module, spec_of(cfg))
     job = Job(
         tc=tc,
         run=run,
@@ -149,12 +146,12 @@ def _setup_owned(
         world=world,
         device=device,
         cfg=cfg,
+        layout=layout,
+        dims=dims,
         engine=engine,
         scheduler=scheduler,
         data=data,
         fingerprint=fingerprint,
-        seq=seq,
-        ep=ep,
         total_steps=total_steps,
     )
     job.step = resume_state(job, resume)

@@ -46,7 +46,7 @@ def forward(engine: Any, b: dict[str, Any], device: torch.device) -> Any:
 
 def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
     """One optimiser step over `grad_accum` micro-batches; returns the step's global figures."""
-    r, engine, device, seq = job.recipe, job.engine, job.device, job.seq
+    r, engine, device, dims = job.recipe, job.engine, job.device, job.dims
     t0 = time.perf_counter()
     real = [b.get("num_packs", 1) > 0 for b in micro]  # dummies (the end of an epoch) train nothing
     counts = torch.tensor(
@@ -57,7 +57,7 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
         ]
     )
     dist.all_reduce(counts)
-    counts[:2] /= r.sp  # the ranks of a sequence-parallel group hold the same rows
+    counts[:2] /= dims.sp  # the ranks of a sequence-parallel group hold the same rows
     global_tokens = max(counts[0].item(), 1.0)
     # The balance loss is a mean over the step's real micro-batches (DeepSpeed divides by
     # world * grad_accum): 1 unless the last step of an epoch holds dummies.
@@ -66,8 +66,7 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
     load = None
     lengths: list[int] = []
     for b, ok in zip(micro, real):
-        if seq is not None:  # this rank's slice of the row, with its targets and samples
-            b = seq.shard(b, job.data.loader.pad_id)
+        b = dims.shard_batch(b, job.data.loader.pad_id)  # with --sp: this rank's slice of the row, targets, samples
         out = forward(engine, b, device)
         ce_sum = out.loss
         loss = ce_sum * (job.world * r.grad_accum / global_tokens)
@@ -110,14 +109,13 @@ def run_step(job: Job, micro: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate(job: Job) -> dict[str, Any]:
     """Validation loss: cross entropy summed over every eval token on every rank / their count.
     Every rank runs the same forwards (the loader pads with dummies), as ZeRO-3 and SP need."""
-    engine, device, seq, loader = job.engine, job.device, job.seq, job.data.eval_loader
+    engine, device, dims, loader = job.engine, job.device, job.dims, job.data.eval_loader
     t0 = time.perf_counter()
     ce, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
     engine.eval()
     with torch.no_grad():
         for b in loader:
-            if seq is not None:
-                b = seq.shard(b, loader.pad_id)
+            b = dims.shard_batch(b, loader.pad_id)
             ce += forward(engine, b, device).loss
             tokens += b["num_loss_tokens"]  # after seq.shard: the slice's, so the sum over all ranks is exact
     engine.train()
@@ -135,7 +133,7 @@ def evaluate(job: Job) -> dict[str, Any]:
 def step_record(job: Job, step: int, s: dict[str, Any], peak: float | None) -> dict[str, Any]:
     """The metrics record of one step (see moe_train/engine/metrics.py for the FLOP count)."""
     dt, world = s["seconds"], job.world
-    flops = step_flops(job.cfg, s["lengths"]) * (world // job.recipe.sp)  # every group ran a similar mix
+    flops = step_flops(job.cfg, s["lengths"]) * job.dims.dp  # every group ran a similar mix
     norm = job.engine.get_global_grad_norm()
     return {
         "step": step,

@@ -20,7 +20,8 @@ from moe_train.engine.preemption import StopFlag, catch_early_warning
 from moe_train.engine.setup import Job, TrainConfig, setup
 from moe_train.engine.step import evaluate, run_step, step_record
 from moe_train.models import spec_of
-from moe_train.parallel import expert, zero3
+from moe_train.parallel import zero3
+from moe_train.parallel.distribute import gathered_parameters
 from moe_train.recipes import recipe_record
 from moe_train.storage import redact, redact_all, stall_notice
 
@@ -65,6 +66,7 @@ def _save(job: Job, step: int) -> None:
             step,
             zero3.optimizer_ranges(job.engine, create_state=True),
             job.cfg,
+            job.layout,
             checkpoint_state(job, step),
             job.data.tokenizer_dir,
             job.world,
@@ -171,10 +173,9 @@ def export(job: Job, step: int) -> dict[str, Any]:
     carry_from = HFCheckpoint(source) if source and spec_of(job.cfg).carried_key is not None else None
     extra = {"step": step, "recipe": job.recipe.name, **({"source": redact(source)} if source else {})}
     t0 = time.perf_counter()
-    if job.ep is None:
-        tensors, dtype = zero3.gathered_parameters(module), None
-    else:  # each expert from its owner; one dtype for the experts this rank does not hold
-        tensors, dtype = expert.gathered_parameters(module, job.ep), next(module.parameters()).dtype
+    tensors = gathered_parameters(module, job.dims)
+    # Under EP one dtype for the experts this rank does not hold.
+    dtype = None if job.dims.experts is None else next(module.parameters()).dtype
     with PeakRSS() as rss:
         carried = save_pretrained(
             module,
@@ -194,7 +195,7 @@ def export(job: Job, step: int) -> dict[str, Any]:
         )
     dist.barrier()  # the export is complete (COMPLETE written) before any rank moves on
     model_bytes = sum(math.prod(zero3.full_shape(p)) * p.element_size() for p in module.parameters())
-    if job.ep is not None:  # this rank holds E/N of the routed experts: size the whole model
+    if job.dims.experts is not None:  # this rank holds E/N of the routed experts: size the whole model
         from moe_train.checkpoint.hf_layout import reference_shapes
 
         model_bytes = sum(map(math.prod, reference_shapes(module).values())) * next(module.parameters()).element_size()

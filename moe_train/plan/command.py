@@ -8,7 +8,7 @@ import math
 import click
 
 from moe_train.engine.metrics import active_matmul_params
-from moe_train.plan import HEADROOM_WARNING, Plan, build_plan, calibration_warnings, model_config
+from moe_train.plan import HEADROOM_WARNING, Plan, build_plan, calibration_warnings, model_config, model_layout
 from moe_train.plan.memory import ATTENTIONS, count_params
 from moe_train.plan.search import SearchResult, search
 from moe_train.plan.speed import DEVICES, attention_keys
@@ -65,7 +65,7 @@ SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "t
     "model_path",
     default=None,
     metavar="PATH|URL",
-    help="Plan this DeepSeek V2 model instead of the recipe's: a config.json or an HF checkpoint "
+    help="Plan this model (any registered family) instead of the recipe's: a config.json or an HF checkpoint "
     "directory, local or an fsspec URL (s3://...).",
 )
 @click.option(
@@ -109,7 +109,7 @@ def plan(
         raise click.BadParameter(f"{nodes} nodes do not divide {gpus} GPUs evenly; pass --nodes", param_hint="--nodes")
     r = r.replace(**given(fields, PLAN_FIELDS))
     try:
-        model_config(r)
+        model_layout(r, model_config(r))
     except FileNotFoundError as e:
         raise click.BadParameter(str(e), param_hint="--model") from None
     except ValueError as e:
@@ -163,13 +163,15 @@ def plan(
 
 
 def run_search(p: Plan, grad_accum: int) -> SearchResult:
-    return search(p.model, p.work, p.zero, p.gpus, p.nodes, p.device, p.gpu_mem_gb, grad_accum, p.peak_tflops)
+    return search(
+        p.model, p.work, p.zero, p.ds_config, p.gpus, p.nodes, p.device, p.gpu_mem_gb, grad_accum, p.peak_tflops
+    )
 
 
 def reference(p: Plan) -> dict | None:
     """XTuner's published TGS, when the plan is of the model and GPU they measured."""
     ref = SEED_REFERENCE
-    same = (p.model.hidden_size, p.model.num_hidden_layers, p.model.n_routed_experts) == ref["model_shape"]
+    same = (p.model.hidden_size, p.model.num_hidden_layers, p.model.num_experts) == ref["model_shape"]
     return {k: v for k, v in ref.items() if k != "model_shape"} if same and p.device.name == "A100" else None
 
 
@@ -226,14 +228,16 @@ def report(p: Plan) -> str:
     cfg, w, z, mem, s = p.model, p.work, p.zero, p.memory, p.speed
     cal = p.device.calibration
     layout = (
-        f"{cfg.shard_size} experts per shard" if cfg.moe_implementation == "shard" else "one module per expert (origin)"
+        f"{p.layout.shard_size(cfg.num_experts)} experts per shard"
+        if p.layout.moe_implementation == "shard"
+        else "one module per expert (origin)"
     )
     offload = [n for n, on in (("optimizer", z.offload_optimizer), ("params", z.offload_param)) if on]
     lines = [
         f"plan (an estimate): {p.recipe} on {p.gpus} x {p.device.name} {p.gpu_mem_gb:g} GB, {p.nodes} node(s), "
         f"{p.deepspeed} (ZeRO-{z.stage}{', offload ' + '+'.join(offload) if offload else ''})",
         f"model: {count_params(cfg) / 1e9:.1f}B params, {active_matmul_params(cfg) / 1e9:.1f}B active per token; "
-        f"{cfg.n_routed_experts} routed experts, {layout}",
+        f"{cfg.num_experts} routed experts, {layout}",
         f"workload: {w.tokens_per_rank} tokens per GPU per micro step (max_length {w.max_length}, sp {w.sp}), "
         f"{'varlen' if w.varlen else 'no varlen'}, {w.attention} attention, "
         f"activation checkpointing {'on' if w.activation_checkpointing else 'off'}",
