@@ -577,17 +577,21 @@ def test_the_planner_and_the_trainer_agree_on_a_grid_of_layouts():
     for world, sp, ep, layout, ds in GRID:
         refused = _refusal(world, sp, ep, layout, load_deepspeed_config(ds))
         recipe = get_recipe("tiny").replace(
-            sp=sp, ep=ep, moe_implementation=layout.moe_implementation, expert_in_one_shard=layout.expert_in_one_shard
+            sp=sp,
+            ep=ep,
+            moe_implementation=layout.moe_implementation,
+            expert_in_one_shard=layout.expert_in_one_shard,
+            deepspeed=ds,
         )
         try:  # `moe-train plan RECIPE --gpus world`
-            build_plan(recipe, world, 80, deepspeed=ds)
+            build_plan(recipe, world, 80)
             planned = None
         except ValueError as e:
             planned = str(e)
         assert planned == refused, (world, sp, ep, layout, ds)
         if ep > 1 and not _refusal(world, sp, 1, layout, load_deepspeed_config(ds)):
             try:  # `moe-train plan RECIPE --gpus world --ep ep`, the recipe itself at --ep 1
-                ep_report(build_plan(recipe.replace(ep=1), world, 80, deepspeed=ds), ep, 1)
+                ep_report(build_plan(recipe.replace(ep=1), world, 80), ep, 1)
                 reported = None
             except ValueError as e:
                 reported = str(e)
