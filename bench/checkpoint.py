@@ -66,29 +66,32 @@ def worker(mode: str, out_dir: str, work: str) -> None:
 
 def models(mode: str) -> list[tuple[str, object]]:
     """The P2 model, and the same structure at widths where partitions are MiBs, not KiBs."""
+    from moe_train.models.common.experts import ExpertLayout
+
     p2 = model_config(mode, "shard", REFERENCE_SHARD[mode])
-    wide = p2.replace(
+    wide = p2[0].replace(
         hidden_size=512,
         moe_intermediate_size=352,
         intermediate_size=1024,
         num_hidden_layers=2 if mode == "test" else 4,
         n_routed_experts=16,
-        expert_in_one_shard=8,
     )
-    return [("P2", p2), ("wide", wide)]
+    return [("P2", p2), ("wide", (wide, ExpertLayout("shard", 8)))]
 
 
-def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dict:
+def measure(mode: str, label: str, model_and_layout, rank: int, world: int, work: str) -> dict:
     import deepspeed
 
     from moe_train.checkpoint.hf_layout import expected_hf_keys
     from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
     from moe_train.engine.memory import PeakRSS
-    from moe_train.engine.train import build_model
+    from moe_train.engine.model import build_model
     from moe_train.models.common.loss import causal_lm_loss
-    from moe_train.parallel import zero3
+    from moe_train.parallel import ParallelDims, zero3
+    from moe_train.run_dir import RunDir
 
+    cfg, layout = model_and_layout
     ds_config = fill_auto(
         load_deepspeed_config("deepspeed_zero3"),
         micro_batch_size=1,
@@ -99,7 +102,15 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
         hidden_size=cfg.hidden_size,
     )
     model = build_model(
-        cfg, ds_config, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False
+        cfg,
+        layout,
+        ParallelDims(world, rank=rank),
+        ds_config,
+        torch.float32,
+        torch.device("cpu"),
+        None,
+        seed=0,
+        activation_checkpointing=False,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
@@ -109,7 +120,7 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     engine.step()
 
     shapes = {k: s for k, (_, s) in expected_hf_keys(engine.module).items()}
-    manager = CheckpointManager(work, rank, keep=0)
+    manager = CheckpointManager(RunDir(work), rank, keep=0)
     native_dir = os.path.join(work, "native")
     largest = max(p.ds_tensor.numel() * 4 for p in engine.module.parameters())
 
@@ -119,11 +130,11 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     def native_load():
         engine.load_checkpoint(native_dir, tag="bench", load_module_strict=True)
 
-    state = bench_state(cfg, world)
+    state = bench_state(cfg, layout, world)
     step_dir = os.path.join(work, "checkpoints", "step-00000001")
 
     def ours_save():
-        manager.save(1, zero3.optimizer_ranges(engine), cfg, state, None, world)
+        manager.save(1, zero3.optimizer_ranges(engine), cfg, layout, state, None, world)
 
     def ours_load(verify: bool = True):
         ckpt = TrainingCheckpoint(manager.fs, step_dir)
@@ -131,7 +142,7 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
             ckpt.vouched = set(ckpt.files)  # as if a store vouched for every file: no digest is computed
         with torch.no_grad():
             zero3.begin_load(engine)
-            ckpt.load(zero3.optimizer_ranges(engine), cfg, shapes)
+            ckpt.load(zero3.optimizer_ranges(engine), cfg, layout, shapes)
             zero3.finish_load(engine)
 
     cases = {
@@ -180,13 +191,15 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     return record
 
 
-def bench_state(cfg, world: int) -> dict:
+def bench_state(cfg, layout, world: int) -> dict:
     """A state.json of the shape the trainer writes (``resume.checkpoint_state``), for a run that took one step."""
     from moe_train.checkpoint.training_state import FORMAT
     from moe_train.engine.resume import recipe_record
     from moe_train.recipes import get_recipe
 
-    recipe = get_recipe("tiny").replace(moe_implementation="shard", expert_in_one_shard=cfg.expert_in_one_shard)
+    recipe = get_recipe("tiny").replace(
+        moe_implementation=layout.moe_implementation, expert_in_one_shard=layout.expert_in_one_shard
+    )
     one = {"epoch": 0, "step": 1, "num_packs": 1, "dp_size": world, "micro_batch_size": 1, "seed": 0, "shuffle": 1}
     return {
         "format": FORMAT,

@@ -30,6 +30,7 @@ from moe_train.checkpoint.manifest import seal_of
 from moe_train.checkpoint.training_state import KINDS, CheckpointManager, TrainingCheckpoint, UnsupportedFormat
 from moe_train.cli import main
 from moe_train.models import spec_of
+from moe_train.run_dir import RunDir
 from tests.launch import check, moe_train, summary
 from tests.test_validation import FUZZ, JSON
 
@@ -201,7 +202,7 @@ def test_auto_moves_a_damaged_checkpoint_aside_with_one_line_and_takes_the_newes
     before = tree_hash(step_dir(work, 2))
     DAMAGES[damage](step_dir(work, 3))
     lines: list[str] = []
-    ckpt = CheckpointManager(str(work), 0, 5).resolve("auto", log=lines.append)
+    ckpt = CheckpointManager(RunDir(str(work)), 0, 5).resolve("auto", log=lines.append)
     assert ckpt is not None and ckpt.step == 2 and tree_hash(step_dir(work, 2)) == before
     aside = list((work / "checkpoints").glob("damaged-*/step-00000003"))
     assert len(aside) == 1 and (aside[0] / "COMPLETE").exists() and not step_dir(work, 3).exists()
@@ -233,7 +234,7 @@ def test_no_intact_checkpoint_is_one_line_and_nothing_is_moved(run, tmp_path):
     for step in (1, 2, 3):
         overwrite_middle(step_dir(work, step) / "state.json", 8)
     with pytest.raises(ValueError, match=r"no checkpoint in .* verifies \(.*step-00000003/state.json does not match"):
-        CheckpointManager(str(work), 0, 5).resolve("auto", log=print)
+        CheckpointManager(RunDir(str(work)), 0, 5).resolve("auto", log=print)
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [f"step-0000000{s}" for s in (1, 2, 3)]
 
 
@@ -245,7 +246,7 @@ def test_the_older_format_is_refused_with_one_line_and_not_moved(run, tmp_path):
     old["files"] = {name: r["size"] for name, r in complete["files"].items()}
     (d / "COMPLETE").write_text(json.dumps(old))
     with pytest.raises(UnsupportedFormat, match=r"is a moe-train-checkpoint/1 checkpoint, written by an older"):
-        CheckpointManager(str(work), 0, 5).resolve("auto", log=print)
+        CheckpointManager(RunDir(str(work)), 0, 5).resolve("auto", log=print)
     assert d.exists() and not list((work / "checkpoints").glob("damaged-*"))
     result = CliRunner().invoke(main, ["export", str(d), str(tmp_path / "out")])
     assert result.exit_code == 1 and result.output.count("Error:") == 1 and "older moe-train" in result.output

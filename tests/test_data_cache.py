@@ -139,11 +139,9 @@ def test_a_changed_file_gets_a_new_entry_and_the_fingerprint_sees_the_content(tm
 def test_where_the_cache_lives(tmp_path, monkeypatch):
     """In the work dir on a file system; on local disk for a work dir on an object store (an S3 object cannot
     be memory-mapped); --data-cache wins (node-local storage)."""
-    import fsspec
+    from moe_train.run_dir import RunDir
 
-    from moe_train.engine.train import data_cache_dir
-
-    assert data_cache_dir(None, fsspec.filesystem("file"), "/shared/run") == "/shared/run/data_cache"
+    assert RunDir("/shared/run").data_cache_dir() == "/shared/run/data_cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert data_cache_dir(None, fsspec.filesystem("memory"), "bucket/run") == f"{tmp_path}/moe-train/data"
-    assert data_cache_dir("/nvme/cache", fsspec.filesystem("memory"), "bucket/run") == "/nvme/cache"
+    assert RunDir("memory://bucket/run").data_cache_dir() == f"{tmp_path}/moe-train/data"
+    assert RunDir("memory://bucket/run").data_cache_dir("/nvme/cache") == "/nvme/cache"

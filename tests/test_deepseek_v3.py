@@ -386,7 +386,7 @@ def test_fp8_checkpoint_loads_dequantised_and_exports_bf16_with_mtp(tmp_path):
 
     checked = 0
     for name, p in params.items():
-        for key, slot in ours_to_hf(name, model.config):
+        for key, slot in ours_to_hf(name, model.config, model.layout):
             if key + "_scale_inv" in stored:
                 assert torch.equal(slot.view(p.data), reference_dequantise(stored[key], stored[key + "_scale_inv"]))
                 checked += 1
@@ -426,7 +426,7 @@ def test_fp8_partitioned_load_reads_element_ranges(tmp_path):
     ranks = 3
     parts = {}
     for rank in range(ranks):
-        model = DeepseekV3ForCausalLM(whole.config)
+        model = DeepseekV3ForCausalLM(whole.config, whole.layout)
         flats = {}
 
         def partition(param, rank=rank, flats=flats):

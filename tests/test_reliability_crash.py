@@ -250,6 +250,7 @@ def test_kill_mid_checkpoint_and_mid_export_leave_nothing_marked_complete(refere
     from moe_train.checkpoint.hf_layout import INDEX, is_complete
     from moe_train.checkpoint.training_state import CheckpointManager
     from moe_train.models.deepseek_v2 import DeepseekV2ForCausalLM
+    from moe_train.run_dir import RunDir
 
     work, hf = tmp_path / "run", tmp_path / "run" / "hf_model"
     step10 = work / "checkpoints" / f"step-{2 * SAVE_EVERY:08d}"
@@ -278,7 +279,7 @@ def test_kill_mid_checkpoint_and_mid_export_leave_nothing_marked_complete(refere
     )
     assert sorted(os.listdir(step10)) == sorted(rank0 + RANK0_EXTRA)  # no rank-1 file, no COMPLETE
     assert complete_steps(work) == [SAVE_EVERY]
-    assert CheckpointManager(str(work), 0, 2).latest().endswith(f"step-{SAVE_EVERY:08d}")
+    assert CheckpointManager(RunDir(str(work)), 0, 2).latest().endswith(f"step-{SAVE_EVERY:08d}")
     os.kill(pid, signal.SIGKILL)
 
     # 2. torchrun restarts both ranks: the partial step 10 is deleted, training resumes from step 5,

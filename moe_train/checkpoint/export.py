@@ -48,7 +48,7 @@ def export_checkpoint(
         raise ValueError(f"{ckpt.where}/state.json: config.torch_dtype is {name!r}; pass --dtype fp32 or bf16")
     out_dtype = DTYPES[name]
     with torch.device("meta"):
-        reference = spec_of(cfg).build(cfg)
+        reference = spec_of(cfg).build(cfg, ckpt.layout)
     shapes = {key: shape for key, (_, shape) in expected_hf_keys(reference).items()}
     in_params = parameter_shapes(reference)  # the rest are persistent buffers, kept whole in state.json
     buffers = ckpt.state.get("buffers", {})

@@ -22,6 +22,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from moe_train.checkpoint.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsStreamWriter
 from moe_train.models import spec_for, spec_of
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.common.key_map import Slot, canonical_name
 from moe_train.storage import redact, resolve
 
@@ -56,8 +57,8 @@ def _read_json(fs: Any, path: str, shown: str) -> Any:
         ) from None
 
 
-def read_config(url: str, storage_options: dict[str, Any] | None = None, **layout: Any) -> Any:
-    """The config of the checkpoint at ``url``, as its family's config class (``layout``: expert layout)."""
+def read_config(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """The config of the checkpoint at ``url``, as its family's config class."""
     fs, root = resolve(url, storage_options)
     if not fs.exists(root):
         raise FileNotFoundError(f"{redact(url)} does not exist; pass a checkpoint directory or URL")
@@ -68,7 +69,7 @@ def read_config(url: str, storage_options: dict[str, Any] | None = None, **layou
     d = _read_json(fs, path, shown)
     spec = spec_for(d.get("model_type") if isinstance(d, dict) else None)
     try:
-        return spec.config(d, **layout)
+        return spec.config(d)
     except (ValueError, TypeError) as e:  # TypeError: a field the config class does not take as a keyword
         raise ValueError(f"{shown}: {e}") from None
 
@@ -209,7 +210,7 @@ def expected_hf_keys(model: torch.nn.Module) -> dict[str, tuple[Slot, tuple[int,
     ours_to_hf = spec_of(model).ours_to_hf
     out = {}
     for name, shape in reference_shapes(model).items():
-        for key, slot in ours_to_hf(name, model.config):
+        for key, slot in ours_to_hf(name, model.config, model.layout):
             out[key] = (slot, slot.shape(shape))
     return out
 
@@ -218,7 +219,7 @@ def reference_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Canonical parameter name -> full shape, from the model's family built on the meta device;
     the persistent buffers (DeepSeek V3's correction bias) follow the parameters."""
     with torch.device("meta"):
-        reference = spec_of(model).build(model.config)
+        reference = spec_of(model).build(model.config, model.layout)
     return {name: tuple(p.shape) for name, p in [*reference.named_parameters(), *persistent_buffers(reference)]}
 
 
@@ -331,12 +332,13 @@ def load_pretrained(
     attn_backend: str = "auto",
     storage_options: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """The model of whatever registered family the checkpoint at ``url`` holds, weights loaded."""
-    cfg = read_config(
-        url, storage_options, moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard
-    )
+    """The model of whatever registered family the checkpoint at ``url`` holds, weights loaded, its routed
+    experts in the layout given."""
+    cfg = read_config(url, storage_options)
+    layout = ExpertLayout(moe_implementation, expert_in_one_shard)
+    layout.check(cfg.num_experts)
     with torch.device("meta"):
-        model = spec_of(cfg).build(cfg, attn_backend=attn_backend)
+        model = spec_of(cfg).build(cfg, layout, attn_backend=attn_backend)
     # Nothing is allocated before the config is checked against this host and the weights' headers.
     need = sum(math.prod(shape) for shape in reference_shapes(model).values()) * dtype.itemsize
     if torch.device(device).type == "cpu" and need > host_memory():
@@ -496,12 +498,12 @@ def save_pretrained(
         for name, full in model.named_parameters() if tensors is None else tensors:
             if writer is None:
                 continue
-            for key, slot in ours_to_hf(name, model.config):
+            for key, slot in ours_to_hf(name, model.config, model.layout):
                 t = slot.view(full.data)
                 writer.write(key, t if dtype is None else t.to(dtype))
         if writer is not None:
             for name, buf in persistent_buffers(model):
-                for key, slot in ours_to_hf(name, model.config):
+                for key, slot in ours_to_hf(name, model.config, model.layout):
                     t = slot.view(buf.data)
                     writer.write(key, t if dtype is None else t.to(dtype))
             for key in carried:

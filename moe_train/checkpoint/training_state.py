@@ -63,7 +63,9 @@ from moe_train.checkpoint.manifest import (
 )
 from moe_train.checkpoint.safetensors_io import WRITE_BLOCK, PlannedTensor, header_bytes
 from moe_train.models import spec_for, spec_of
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.recipes import Recipe
+from moe_train.run_dir import RunDir
 from moe_train.storage import display, is_local, resolve
 
 __all__ = ["FORMAT", "CheckpointManager", "TrainingCheckpoint", "UnsupportedFormat"]
@@ -302,11 +304,8 @@ class TrainingCheckpoint:
             )
         recipe = self.state["recipe"]  # the run's expert layout: an export then orders tensors as the run's own
         try:
-            self.config = spec_for(self.state["config"].get("model_type")).config(
-                self.state["config"],
-                moe_implementation=recipe["moe_implementation"],
-                expert_in_one_shard=recipe["expert_in_one_shard"],
-            )
+            self.config = spec_for(self.state["config"].get("model_type")).config(self.state["config"])
+            self.layout = ExpertLayout(recipe["moe_implementation"], recipe["expert_in_one_shard"])
         except (ValueError, TypeError) as e:  # TypeError: a field the config class does not take
             raise ValueError(f"{self.where}/{STATE}: config: {str(e).splitlines()[0]}; {DAMAGED}") from None
         self._readers: dict[str, Any] = {}
@@ -454,13 +453,13 @@ class TrainingCheckpoint:
         for file, wanted in by_file.items():
             self._stream(file, wanted)
 
-    def load(self, owned: list[Any], cfg: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    def load(self, owned: list[Any], cfg: Any, layout: ExpertLayout, shapes: dict[str, tuple[int, ...]]) -> None:
         """Fill this rank's owned ranges (any world size, any expert layout) from the files that hold them.
 
         Every entry that overlaps an owned range is read whole and checked: on the same layout that
         is exactly the rank's own entries; on another one, parts of the entries at range boundaries
         are read and dropped."""
-        parts = list(hf_ranges(owned, cfg))
+        parts = list(hf_ranges(owned, cfg, layout))
         for kind in KINDS:
             index = self.ranges(kind, shapes)
             by_file: dict[str, dict[Entry, list[Any]]] = {}
@@ -481,13 +480,13 @@ class TrainingCheckpoint:
 
 
 # ------------------------------------------------------------------ which HF ranges a rank owns
-def hf_ranges(owned: Iterable[Any], cfg: Any) -> Iterable[tuple[str, int, int, Any, int]]:
+def hf_ranges(owned: Iterable[Any], cfg: Any, layout: ExpertLayout) -> Iterable[tuple[str, int, int, Any, int]]:
     """(hf_key, start, end, owned range, offset in it) for every part of an HF tensor a rank owns.
 
     ``owned`` are ``moe_train.parallel.zero3.OwnedRange``s: a parameter's name, full shape, first
     element and 1-D views of length n."""
     for o in owned:
-        for key, slot in spec_of(cfg).ours_to_hf(o.name, cfg):
+        for key, slot in spec_of(cfg).ours_to_hf(o.name, cfg, layout):
             s0, s1 = slot.flat_range(o.shape)
             lo, hi = max(s0, o.start), min(s1, o.start + o.n)
             if lo < hi:
@@ -583,12 +582,11 @@ def _record(name: str, size: int, digests: list[str], info: dict[str, Any]) -> F
 
 # ------------------------------------------------------------------ the work dir's checkpoints
 class CheckpointManager:
-    """Saving, listing, verifying and resolving the checkpoints of one work dir."""
+    """Saving, listing, verifying and resolving the checkpoints of one work dir (``run.checkpoints``);
+    every write goes through the run directory."""
 
-    def __init__(self, work_dir: str, rank: int, keep: int, storage_options: dict[str, Any] | None = None) -> None:
-        self.fs, root = resolve(work_dir, storage_options)
-        self.url = work_dir.rstrip("/")
-        self.root = posixpath.join(root, "checkpoints")
+    def __init__(self, run: RunDir, rank: int, keep: int) -> None:
+        self.run, self.fs, self.root = run, run.fs, run.checkpoints
         self.rank, self.keep = rank, keep
         self.local = is_local(self.fs)
 
@@ -612,12 +610,19 @@ class CheckpointManager:
         """Rank 0, at start-up: partial checkpoints of a crashed run are deleted."""
         removed = [path for _, path, done in self._steps() if not done]
         for path in removed:
-            self.fs.rm(path, recursive=True)
+            self.run.remove(path, recursive=True)
         return removed
 
     # ------------------------------------------------------------------ save
     def save(
-        self, step: int, owned: list[Any], cfg: Any, state: dict[str, Any], tokenizer_dir: str | None, world: int
+        self,
+        step: int,
+        owned: list[Any],
+        cfg: Any,
+        layout: ExpertLayout,
+        state: dict[str, Any],
+        tokenizer_dir: str | None,
+        world: int,
     ) -> str:
         """Every rank writes its ranges and RNG, digesting what it writes; rank 0 also state.json and the
         tokenizer, then, once every rank has confirmed its files, their sizes and digests, COMPLETE.
@@ -627,7 +632,7 @@ class CheckpointManager:
         if self.rank == 0:
             if self.fs.exists(target):  # a leftover of an earlier run: never half-overwritten
                 self._remove(target)
-            self.fs.makedirs(target, exist_ok=True)
+            self.run.makedirs(target)
         if dist.is_initialized():
             dist.barrier()
         names = rank_files(self.rank, world)
@@ -635,7 +640,7 @@ class CheckpointManager:
         rank0: dict[str, tuple[int, str]] = {}
         error = None
         try:
-            written = self._write_rank(target, owned, cfg, world)
+            written = self._write_rank(target, owned, cfg, layout, world)
             if self.rank == 0:
                 rank0[STATE] = self._put(posixpath.join(target, STATE), state)
                 if tokenizer_dir:
@@ -676,10 +681,12 @@ class CheckpointManager:
             dist.barrier()
         return target
 
-    def _write_rank(self, target: str, owned: list[Any], cfg: Any, world: int) -> dict[str, tuple[int, list[str]]]:
+    def _write_rank(
+        self, target: str, owned: list[Any], cfg: Any, layout: ExpertLayout, world: int
+    ) -> dict[str, tuple[int, list[str]]]:
         """This rank's files: name -> (size on the store, digests: a safetensors file's header and
         entries, a JSON file's bytes)."""
-        parts = list(hf_ranges(owned, cfg))
+        parts = list(hf_ranges(owned, cfg, layout))
         plan = [PlannedTensor(f"{key}@{start}", torch.float32, (end - start,)) for key, start, end, _, _ in parts]
         # The entries of one parameter follow each other in its flat partition and in the file: one
         # write per run of them (a parameter's whole range, typically) instead of one per expert.
@@ -697,7 +704,7 @@ class CheckpointManager:
             header = header_bytes(plan)
             digests = [digest(header)]
             # Object stores upload in parts of WRITE_BLOCK: that bounds the buffer whatever the file size.
-            f = self.fs.open(path, "wb", block_size=WRITE_BLOCK)
+            f = self.run.open(path, "wb", block_size=WRITE_BLOCK)
             try:
                 f.write(header)
                 for o, lo, hi, lengths in runs:
@@ -723,18 +730,18 @@ class CheckpointManager:
 
     def _put(self, path: str, obj: Any) -> tuple[int, str]:
         raw = json.dumps(obj).encode()
-        with self.fs.open(path, "wb") as f:
+        with self.run.open(path, "wb") as f:
             f.write(raw)
         return len(raw), digest(raw)
 
     def _copy_tokenizer(self, tokenizer_dir: str, target: str) -> dict[str, tuple[int, str]]:
         src_fs, src_root = resolve(tokenizer_dir)
-        self.fs.makedirs(posixpath.join(target, TOKENIZER_DIR), exist_ok=True)
+        self.run.makedirs(posixpath.join(target, TOKENIZER_DIR))
         out = {}
         for name in TOKENIZER_FILES:
             if src_fs.exists(posixpath.join(src_root, name)):
                 data = src_fs.cat_file(posixpath.join(src_root, name))
-                with self.fs.open(posixpath.join(target, TOKENIZER_DIR, name), "wb") as f:
+                with self.run.open(posixpath.join(target, TOKENIZER_DIR, name), "wb") as f:
                     f.write(data)
                 out[f"{TOKENIZER_DIR}/{name}"] = (len(data), digest(data))
         return out
@@ -747,8 +754,8 @@ class CheckpointManager:
     def _remove(self, path: str) -> None:
         marker = posixpath.join(path, COMPLETE)
         if self.fs.exists(marker):
-            self.fs.rm(marker)  # first, so that a crash mid-delete leaves an incomplete checkpoint
-        self.fs.rm(path, recursive=True)
+            self.run.remove(marker)  # first, so that a crash mid-delete leaves an incomplete checkpoint
+        self.run.remove(path, recursive=True)
 
     # ------------------------------------------------------------------ resume point: rank 0 decides
     def resolve(self, resume: str | None, log: Any = print) -> TrainingCheckpoint | None:
@@ -828,11 +835,11 @@ class CheckpointManager:
         loses COMPLETE first (an interrupted move must not leave an intact checkpoint of the old branch);
         a damaged one keeps it, for inspection (it fails verification wherever it is)."""
         aside = posixpath.join(self.root, f"{why}-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        self.fs.makedirs(aside, exist_ok=True)
+        self.run.makedirs(aside)
         marker = posixpath.join(path, COMPLETE)
         if why == "abandoned" and self.fs.exists(marker):
-            self.fs.rm(marker)
-        self.fs.mv(path, posixpath.join(aside, posixpath.basename(path)), recursive=True)
+            self.run.remove(marker)
+        self.run.move(path, posixpath.join(aside, posixpath.basename(path)))
         log(f"[moe-train] moved {display(self.fs, path)} to {display(self.fs, aside)}: {reason}")
 
     def close(self) -> None:

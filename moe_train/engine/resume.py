@@ -18,7 +18,6 @@ position is kept in packs, so a loader on another data-parallel size continues a
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -35,19 +34,8 @@ from moe_train.checkpoint.training_state import (
 )
 from moe_train.models.common.key_map import canonical_name
 from moe_train.parallel import zero3
-from moe_train.recipes import Recipe
-from moe_train.storage import redact
-
-
-def recipe_record(r: Recipe) -> dict[str, Any]:
-    """The recipe as JSON with URL credentials redacted."""
-    d = dataclasses.asdict(r)
-    for key in ("model", "tokenizer"):
-        if d[key]:
-            d[key] = redact(d[key])
-    d["data"] = [redact(u) for u in d["data"]]
-    d["betas"] = list(d["betas"])
-    return d
+from moe_train.parallel.dims import ParallelDims
+from moe_train.recipes import Recipe, recipe_record
 
 
 def data_fingerprint(packs: Any) -> dict[str, Any]:
@@ -59,15 +47,14 @@ def data_fingerprint(packs: Any) -> dict[str, Any]:
 def plan(
     ckpt: TrainingCheckpoint,
     r: Recipe,
-    world: int,
+    dims: ParallelDims,
     allow_batch_change: bool,
     log: Callable[[str], None],
-    deepspeed: str,
 ) -> Recipe:
     """The recipe to resume ``ckpt`` with: refused (one line) if it changes the run, else with
     ``grad_accum`` adjusted to keep the global batch on this world size, every change logged."""
     saved, state, step = ckpt.state["recipe"], ckpt.state, ckpt.step
-    now = {**recipe_record(r), "deepspeed": deepspeed}
+    now = recipe_record(r)
     for key in FIXED:
         # template None: the tokenizer's or family's, resolved at start-up; the packs' digest covers it
         if saved.get(key) != now[key] and not (key == "template" and now[key] is None):
@@ -76,7 +63,7 @@ def plan(
                 f"run and cannot change on resume: pass --cfg-options {key}={saved[key]!r} or start a "
                 "new --work-dir"
             )
-    dp = world // r.sp
+    dp, world = dims.dp, dims.world
     packs = state["dp_size"] * state["grad_accum"] * state["micro_batch_size"]
     accum = r.grad_accum
     if dp * accum * r.micro_batch_size != packs and r.grad_accum == saved["grad_accum"]:
@@ -104,7 +91,7 @@ def plan(
             f"global batch {packs} -> {dp * r.grad_accum * r.micro_batch_size} packs per step from step {step + 1} "
             "(--allow-batch-change)"
         )
-    now = {**recipe_record(r), "deepspeed": deepspeed}
+    now = recipe_record(r)
     for key in TUNABLE:
         if saved[key] != now[key]:
             log(f"{key} {_show(saved[key])} -> {_show(now[key])} from step {step + 1}")
@@ -156,22 +143,22 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
         "step": step,
         "optimizer_step": zero3.optimizer_step_count(job.engine),
         "world_size": job.world,
-        "dp_size": job.world // r.sp,
-        "sp": r.sp,
+        "dp_size": job.dims.dp,
+        "sp": job.dims.sp,
         "grad_accum": r.grad_accum,
         "micro_batch_size": r.micro_batch_size,
-        "loader": job.loader.state_dict(),
+        "loader": job.data.loader.state_dict(),
         "scheduler": {
             "last_epoch": sched.last_epoch,
             "step_count": sched._step_count,
             "base_lrs": list(sched.base_lrs),
             "last_lr": list(sched.get_last_lr()),
         },
-        "recipe": {**recipe_record(r), "deepspeed": job.tc.deepspeed or job.recipe.deepspeed},
+        "recipe": recipe_record(r),
         "config": job.cfg.to_hf_dict(
             torch_dtype=str(next(job.engine.module.parameters()).dtype).removeprefix("torch.")
         ),
-        "data": job.data_fingerprint,
+        "data": job.fingerprint,
         # Persistent buffers (DeepSeek V3's correction bias): small, whole on every rank, fp32 exact in JSON.
         "buffers": {canonical_name(name): buf.float().tolist() for name, buf in persistent_buffers(job.engine.module)},
     }
@@ -189,7 +176,7 @@ def load(ckpt: TrainingCheckpoint, job: Any, shapes: dict[str, tuple[int, ...]],
     while True:
         error, rng = None, None
         try:
-            ckpt.load(zero3.optimizer_ranges(engine, create_state=True), job.cfg, shapes)
+            ckpt.load(zero3.optimizer_ranges(engine, create_state=True), job.cfg, job.layout, shapes)
             # RNG: a rank's own stream when the world is the same; else the stream of the rank with its index modulo.
             rng = ckpt.rng(rank % ckpt.world)
         except ValueError as e:
@@ -201,15 +188,14 @@ def load(ckpt: TrainingCheckpoint, job: Any, shapes: dict[str, tuple[int, ...]],
             break
         failed = ckpt
         ckpt = job.ckpt.fall_back(failed, reason, auto=job.tc.resume == "auto", log=log)
-        deepspeed = job.tc.deepspeed or job.recipe.deepspeed
-        again = plan(ckpt, job.recipe, job.world, job.tc.allow_batch_change, log, deepspeed)
+        again = plan(ckpt, job.recipe, job.dims, job.tc.allow_batch_change, log)
         if again != job.recipe:
             raise ValueError(
                 f"{failed.where} is damaged and was moved aside; the newest intact checkpoint, "
                 f"{ckpt.where}, resumes with another layout than this start planned: run again with "
                 "--resume auto"
             )
-        check_model_and_data(ckpt, job.cfg, job.data_fingerprint)
+        check_model_and_data(ckpt, job.cfg, job.fingerprint)
     state = ckpt.state
     zero3.set_optimizer_step_count(engine, state["optimizer_step"])
     zero3.finish_load(engine)
@@ -224,7 +210,7 @@ def load(ckpt: TrainingCheckpoint, job: Any, shapes: dict[str, tuple[int, ...]],
 
     # The LR schedule continues at its step; a new peak lr scales it from here on.
     s = state["scheduler"]
-    scheduler, loader, r = job.scheduler, job.loader, job.recipe
+    scheduler, loader, r = job.scheduler, job.data.loader, job.recipe
     scheduler.last_epoch, scheduler._step_count = s["last_epoch"], s["step_count"]
     scheduler.base_lrs = [r.lr] * len(scheduler.base_lrs)
     lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
