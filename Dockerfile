@@ -21,7 +21,8 @@ RUN pip install --no-cache-dir ninja==1.13.2 packaging==26.3 psutil==7.2.2 einop
        pip install --no-cache-dir --no-build-isolation flash-attn==2.8.3.post2
 
 # The libraries the code works around by version, pinned here and ranged in pyproject.
-RUN pip install --no-cache-dir deepspeed==0.19.8 transformers==5.24.0 tensorboard==2.21.0
+RUN pip install --no-cache-dir deepspeed==0.19.8 transformers==5.24.0 tensorboard==2.21.0 \
+    datasets==5.2.0 fsspec==2026.9.0 s3fs==2026.9.0 gcsfs==2026.8.2
 
 WORKDIR /opt/moe-train
 COPY . .

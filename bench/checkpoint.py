@@ -7,8 +7,15 @@ local directory, round-robin (native, ours, ours, native, ...), medians per rank
 - native: ``engine.save_checkpoint`` / ``engine.load_checkpoint`` (pickled ``torch.save`` files,
   bound to the world size);
 - ours: ``CheckpointManager.save`` (each rank streams its fp32 master and Adam ranges, keyed by HF
-  name, as safetensors; JSON state; COMPLETE with sizes) and ``TrainingCheckpoint.load`` into a
-  live engine (verification of every file and header included).
+  name, as safetensors, digesting each range as it writes it; JSON state; COMPLETE with sizes and
+  digests) and ``TrainingCheckpoint.load`` into a live engine (verification of every file, header
+  and range digest included).
+
+The cost of verification is ours_load against the same load with the digests not checked (every
+file treated as vouched for by a store, ``TrainingCheckpoint.vouched``), round-robin, with the page
+cache warm and cold (each rank drops the checkpoint's pages with ``posix_fadvise(DONTNEED)`` first,
+so the load reads the disk): the main thread's CPU time of the two, fastest repeat (``verify_share``),
+against the load's CPU time (warm) or wall time (cold).
 
 Peak extra RSS is the highest resident memory above the start of each call (sampled every 2 ms),
 against the largest single parameter partition (fp32 bytes of the biggest ``ds_tensor``).  Both
@@ -59,29 +66,32 @@ def worker(mode: str, out_dir: str, work: str) -> None:
 
 def models(mode: str) -> list[tuple[str, object]]:
     """The P2 model, and the same structure at widths where partitions are MiBs, not KiBs."""
+    from moe_train.models.common.experts import ExpertLayout
+
     p2 = model_config(mode, "shard", REFERENCE_SHARD[mode])
-    wide = p2.replace(
+    wide = p2[0].replace(
         hidden_size=512,
         moe_intermediate_size=352,
         intermediate_size=1024,
         num_hidden_layers=2 if mode == "test" else 4,
         n_routed_experts=16,
-        expert_in_one_shard=8,
     )
-    return [("P2", p2), ("wide", wide)]
+    return [("P2", p2), ("wide", (wide, ExpertLayout("shard", 8)))]
 
 
-def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dict:
+def measure(mode: str, label: str, model_and_layout, rank: int, world: int, work: str) -> dict:
     import deepspeed
 
     from moe_train.checkpoint.hf_layout import expected_hf_keys
     from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
     from moe_train.engine.memory import PeakRSS
-    from moe_train.engine.train import build_model
+    from moe_train.engine.model import build_model
     from moe_train.models.common.loss import causal_lm_loss
-    from moe_train.parallel import zero3
+    from moe_train.parallel import ParallelDims, zero3
+    from moe_train.run_dir import RunDir
 
+    cfg, layout = model_and_layout
     ds_config = fill_auto(
         load_deepspeed_config("deepspeed_zero3"),
         micro_batch_size=1,
@@ -92,7 +102,15 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
         hidden_size=cfg.hidden_size,
     )
     model = build_model(
-        cfg, ds_config, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False
+        cfg,
+        layout,
+        ParallelDims(world, rank=rank),
+        ds_config,
+        torch.float32,
+        torch.device("cpu"),
+        None,
+        seed=0,
+        activation_checkpointing=False,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
@@ -102,7 +120,7 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     engine.step()
 
     shapes = {k: s for k, (_, s) in expected_hf_keys(engine.module).items()}
-    manager = CheckpointManager(work, rank, keep=0)
+    manager = CheckpointManager(RunDir(work), rank, keep=0)
     native_dir = os.path.join(work, "native")
     largest = max(p.ds_tensor.numel() * 4 for p in engine.module.parameters())
 
@@ -112,35 +130,48 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
     def native_load():
         engine.load_checkpoint(native_dir, tag="bench", load_module_strict=True)
 
-    state = {
-        "step": 1,
-        "config": cfg.to_hf_dict(torch_dtype="float32"),
-        "recipe": {"moe_implementation": "shard", "expert_in_one_shard": cfg.expert_in_one_shard},
-    }
+    state = bench_state(cfg, layout, world)
+    step_dir = os.path.join(work, "checkpoints", "step-00000001")
 
     def ours_save():
-        manager.save(1, zero3.optimizer_ranges(engine), cfg, state, None, world)
+        manager.save(1, zero3.optimizer_ranges(engine), cfg, layout, state, None, world)
 
-    def ours_load():
-        ckpt = TrainingCheckpoint(manager.fs, os.path.join(work, "checkpoints", "step-00000001"))
+    def ours_load(verify: bool = True):
+        ckpt = TrainingCheckpoint(manager.fs, step_dir)
+        if not verify:
+            ckpt.vouched = set(ckpt.files)  # as if a store vouched for every file: no digest is computed
         with torch.no_grad():
             zero3.begin_load(engine)
-            ckpt.load(zero3.optimizer_ranges(engine), cfg, shapes)
+            ckpt.load(zero3.optimizer_ranges(engine), cfg, layout, shapes)
             zero3.finish_load(engine)
 
-    cases = {"native_save": native_save, "ours_save": ours_save, "native_load": native_load, "ours_load": ours_load}
+    cases = {
+        "native_save": native_save,
+        "ours_save": ours_save,
+        "native_load": native_load,
+        "ours_load": ours_load,
+        "ours_load_unverified": lambda: ours_load(verify=False),
+        "ours_load_cold": ours_load,
+        "ours_load_cold_unverified": lambda: ours_load(verify=False),
+    }
     seconds: dict[str, list[float]] = {k: [] for k in cases}
+    cpu_seconds: dict[str, list[float]] = {k: [] for k in cases}
     rss: dict[str, list[int]] = {k: [] for k in cases}
     for round_ in range(REPEATS[mode] + 1):  # the first round warms up
-        order = list(cases) if round_ % 2 == 0 else ["ours_save", "native_save", "ours_load", "native_load"]
+        order = list(cases) if round_ % 2 == 0 else [*list(cases)[1::-1], *list(cases)[:1:-1]]
         for name in order:
+            if "cold" in name:
+                drop_page_cache(step_dir)
             dist.barrier()
             t0 = time.perf_counter()
             with PeakRSS() as m:
+                c0 = time.thread_time()
                 cases[name]()
+                cpu = time.thread_time() - c0
             dist.barrier()
             if round_:
                 seconds[name].append(time.perf_counter() - t0)
+                cpu_seconds[name].append(cpu)
                 rss[name].append(m.peak_delta)
     sizes = {
         "native": sum(f.stat().st_size for f in Path(native_dir, "bench").rglob("*") if f.is_file()),
@@ -153,10 +184,51 @@ def measure(mode: str, label: str, cfg, rank: int, world: int, work: str) -> dic
         "files_bytes": sizes,
         "params": sum(p.ds_numel for p in engine.module.parameters()),
         "seconds": {k: statistics.median(v) for k, v in seconds.items()},
+        "cpu_seconds": {k: min(v) for k, v in cpu_seconds.items()},  # CPU time's noise only ever adds
         "peak_rss_delta": {k: max(v) for k, v in rss.items()},
     }
     engine.destroy()
     return record
+
+
+def bench_state(cfg, layout, world: int) -> dict:
+    """A state.json of the shape the trainer writes (``resume.checkpoint_state``), for a run that took one step."""
+    from moe_train.checkpoint.training_state import FORMAT
+    from moe_train.engine.resume import recipe_record
+    from moe_train.recipes import get_recipe
+
+    recipe = get_recipe("tiny").replace(
+        moe_implementation=layout.moe_implementation, expert_in_one_shard=layout.expert_in_one_shard
+    )
+    one = {"epoch": 0, "step": 1, "num_packs": 1, "dp_size": world, "micro_batch_size": 1, "seed": 0, "shuffle": 1}
+    return {
+        "format": FORMAT,
+        "step": 1,
+        "optimizer_step": 1,
+        "world_size": world,
+        "dp_size": world,
+        "sp": 1,
+        "grad_accum": 1,
+        "micro_batch_size": 1,
+        "loader": {**one, "grad_accum": 1},
+        "scheduler": {"last_epoch": 1, "step_count": 2, "base_lrs": [1e-4], "last_lr": [1e-4]},
+        "recipe": {**recipe_record(recipe), "deepspeed": "deepspeed_zero3"},
+        "config": cfg.to_hf_dict(torch_dtype="float32"),
+        "data": {"files": [], "packs": 1, "sha256": ""},
+        "buffers": {},
+    }
+
+
+def drop_page_cache(directory: str) -> None:
+    """The files' pages out of the page cache (written back first), so the next read comes from the disk."""
+    for path in Path(directory).rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def launch(mode: str, nproc: int = 2, timeout: int = 1200) -> list[dict]:
@@ -181,6 +253,16 @@ def launch(mode: str, nproc: int = 2, timeout: int = 1200) -> list[dict]:
         return [rec for r in records for rec in json.loads(r.read_text())]
 
 
+def verify_share(r: dict, cache: str) -> float:
+    """The CPU time verification adds to a load (checked minus unchecked, fastest repeats: hashing is CPU
+    work, and CPU time is robust to the other jobs on a shared machine), over the load's own time: its
+    CPU time with a warm page cache (a CPU-bound copy), its wall time with a cold one (the disk's time
+    counts)."""
+    c = r["cpu_seconds"]
+    extra = c[f"ours_load{cache}"] - c[f"ours_load{cache}_unverified"]
+    return extra / (c["ours_load"] if not cache else r["seconds"][f"ours_load{cache}"])
+
+
 def summarise(mode: str, records: list[dict]) -> Result:
     rows, figures = [], {}
     for r in records:
@@ -202,8 +284,27 @@ def summarise(mode: str, records: list[dict]) -> Result:
                 m["ours_load"] / 2**20,
             ]
         )
+    verify_rows = []
+    for r in records:
+        s, c = r["seconds"], r["cpu_seconds"]
+        verify_rows.append(
+            [
+                r["model"],
+                r["rank"],
+                s["ours_load"] * 1e3,
+                c["ours_load"] * 1e3,
+                c["ours_load_unverified"] * 1e3,
+                verify_share(r, ""),
+                s["ours_load_cold"] * 1e3,
+                c["ours_load_cold"] * 1e3,
+                c["ours_load_cold_unverified"] * 1e3,
+                verify_share(r, "_cold"),
+            ]
+        )
     for label, prefix in (("P2", "p5_"), ("wide", "p5_wide_")):
         of = [r for r in records if r["model"] == label]
+        for cache in ("", "_cold"):
+            figures[f"{prefix}verify_fraction{cache}"] = max(verify_share(r, cache) for r in of)
         figures[prefix + "save_time_ratio"] = max(r["seconds"]["ours_save"] / r["seconds"]["native_save"] for r in of)
         figures[prefix + "load_time_ratio"] = max(r["seconds"]["ours_load"] / r["seconds"]["native_load"] for r in of)
         for op in ("save", "load"):
@@ -241,11 +342,26 @@ def summarise(mode: str, records: list[dict]) -> Result:
         "p5_wide_save_time_ratio": ("<=", 1.5),
         "p5_wide_save_rss_per_partition": ("<=", 2),
         "p5_wide_load_rss_per_partition": ("<=", 2),
+        **{f"p5{w}_verify_fraction{c}": ("<=", 0.1) for w in ("", "_wide") for c in ("", "_cold")},
     }
+    verify_headers = [
+        "model",
+        "rank",
+        "warm: load ms",
+        "load CPU ms (min)",
+        "unverified CPU ms (min)",
+        "verification share",
+        "cold: load ms",
+        "load CPU ms (min)",
+        "unverified CPU ms (min)",
+        "verification share",
+    ]
     return Result(
         "P5 training checkpoint save/load, ours vs DeepSpeed native, 2 ranks",
         figures,
-        table(headers, rows),
+        table(headers, rows)
+        + "\n\nVerification (digests of every header and range read) within ours load:\n\n"
+        + table(verify_headers, verify_rows),
         notes,
         targets,
     )

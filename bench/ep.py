@@ -112,18 +112,19 @@ def _ds_config(world: int, hidden: int):
     return ds
 
 
-def _ours(cfg, ds, ep: int, source: str | None):
+def _ours(model_and_layout, ds, ep: int, source: str | None):
     """moe-train's model partitioned as the trainer builds it, in a DeepSpeed engine."""
     import deepspeed
 
-    from moe_train.engine.train import build_model
-    from moe_train.parallel import expert
+    from moe_train.engine.model import build_model
+    from moe_train.parallel import ParallelDims
 
-    groups = expert.create_groups(ep) if ep > 1 else None
-    if ep > 1:
-        expert.check(ep, dist.get_world_size(), cfg, ds, 1)
+    cfg, layout = model_and_layout
+    dims = ParallelDims(dist.get_world_size(), 1, ep, dist.get_rank())
+    dims.validate(cfg, layout, ds)
+    dims.create_groups()
     model = build_model(
-        cfg, ds, torch.float32, torch.device("cpu"), source, seed=0, activation_checkpointing=False, ep=groups
+        cfg, layout, dims, ds, torch.float32, torch.device("cpu"), source, seed=0, activation_checkpointing=False
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
@@ -193,8 +194,8 @@ def p6_worker(mode: str, counter: WireCounter) -> list[dict]:
     }
     engines, steps, counts = {}, {}, {}
     for name, (ep, shard) in variants.items():
-        cfg = model_config(mode, "shard", shard)  # P2's model
-        engine = _ours(cfg, _ds_config(world, cfg.hidden_size), ep, None)
+        cfg, layout = model_config(mode, "shard", shard)  # P2's model
+        engine = _ours((cfg, layout), _ds_config(world, cfg.hidden_size), ep, None)
         counts[name] = {}
         _instrument_gathers(engine.module, counts[name])
         engines[name] = engine
@@ -298,11 +299,13 @@ def p6_summary(mode: str, records: list[dict], nproc: int) -> Result:
 
 
 # ------------------------------------------------------------------ P7
-def _p7_config(mode: str, **layout):
+def _p7_config(mode: str, expert_in_one_shard: int | None = None):
+    """(config, expert layout) of P7's model."""
+    from moe_train.models.common.experts import ExpertLayout
     from moe_train.models.deepseek_v2.config import DeepseekV2Config
 
     m = P7_MODES[mode]
-    return DeepseekV2Config.from_name(
+    cfg = DeepseekV2Config.from_name(
         "tiny",
         num_hidden_layers=m["layers"],
         n_routed_experts=m["experts"],
@@ -315,8 +318,8 @@ def _p7_config(mode: str, **layout):
         n_group=1,
         topk_group=1,
         aux_loss_alpha=0.0,
-        **layout,
     )
+    return cfg, ExpertLayout("shard", expert_in_one_shard)
 
 
 def _hf_engine(source: str, world: int, hidden: int, autoep: int):
@@ -442,9 +445,9 @@ def _write_checkpoint(mode: str, path: str) -> None:
     from moe_train.engine.weights import SeededInit
     from moe_train.models import spec_of
 
-    cfg = _p7_config(mode)
+    cfg, layout = _p7_config(mode)
     with torch.device("meta"):
-        model = spec_of(cfg).build(cfg)
+        model = spec_of(cfg).build(cfg, layout)
     model = model.to_empty(device="cpu")
     load_into(model, SeededInit(model, seed=0))
     save_pretrained(model, path)

@@ -27,6 +27,7 @@ import torch
 from bench.common import Result, moto_s3, table
 from moe_train.checkpoint.hf_layout import save_pretrained
 from moe_train.engine.memory import PeakRSS
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 from moe_train.storage import resolve
 
@@ -51,10 +52,9 @@ def export_model(mode: str) -> DeepseekV2ForCausalLM:
         n_group=1,
         topk_group=1,
         num_hidden_layers=m["layers"],
-        expert_in_one_shard=m["experts"] // 4,
     )
     torch.manual_seed(0)
-    return DeepseekV2ForCausalLM(cfg)
+    return DeepseekV2ForCausalLM(cfg, ExpertLayout("shard", m["experts"] // 4))
 
 
 def measure_store(model, url: str, storage_options: dict | None, shard: str, repeats: int) -> dict:

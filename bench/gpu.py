@@ -178,13 +178,13 @@ def layer_section(size: LayerSize, device: torch.device, dtype: torch.dtype, rep
 
 
 # ---------------------------------------------------------------------------- training steps
-def build_ours(cfg: DeepseekV2Config, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build_ours(cfg: DeepseekV2Config, layout, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Seeded weights that depend on the checkpoint key only: shard and origin start equal."""
     from moe_train.checkpoint.hf_layout import load_into
     from moe_train.engine.weights import open_source
 
     with torch.device("meta"):
-        model = DeepseekV2ForCausalLM(cfg)
+        model = DeepseekV2ForCausalLM(cfg, layout)
     model = model.to_empty(device=device).to(dtype)
     load_into(model, open_source(model, None, seed=0))
     return model.train()
@@ -255,8 +255,9 @@ def model_section(
     dtype: torch.dtype,
     peak: float | None,
 ) -> tuple[str, dict]:
-    layouts = {"shard": base.replace(moe_implementation="shard", expert_in_one_shard=shards),
-               "origin": base.replace(moe_implementation="origin", expert_in_one_shard=None)}  # fmt: skip
+    from moe_train.models.common.experts import ExpertLayout
+
+    layouts = {"shard": ExpertLayout("shard", shards), "origin": ExpertLayout("origin")}
     rows, figures = [], {}
     for tokens in token_counts:
         data = packed_rows(base.vocab_size, tokens, warmup + steps)
@@ -266,7 +267,9 @@ def model_section(
         for name in [*layouts, f"hf-{hf_experts}"]:
             try:
                 hf = name.startswith("hf-")
-                model = build_hf(base, device, dtype, hf_experts) if hf else build_ours(layouts[name], device, dtype)
+                model = (
+                    build_hf(base, device, dtype, hf_experts) if hf else build_ours(base, layouts[name], device, dtype)
+                )
                 results[name] = train_steps(model, hf, data, warmup, device)
             except Exception as e:  # noqa: BLE001 - out of memory, or a kernel this install lacks: skipped, with why
                 results[name] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"}

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from bench.common import Result, interleaved_medians, table
+from moe_train.models.common.experts import ExpertLayout
+from moe_train.models.common.moe import MoE
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.models.deepseek_v2.moe import MoE
+from moe_train.models.deepseek_v2.moe import Router
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ SIZES = {
 }
 
 
-def our_config(size: LayerSize, moe_implementation: str) -> DeepseekV2Config:
+def our_config(size: LayerSize) -> DeepseekV2Config:
     return DeepseekV2Config.from_name(
         "deepseek-v2-lite",
         hidden_size=size.hidden,
@@ -78,9 +80,13 @@ def our_config(size: LayerSize, moe_implementation: str) -> DeepseekV2Config:
         n_routed_experts=size.experts,
         num_experts_per_tok=size.top_k,
         n_shared_experts=size.shared,
-        moe_implementation=moe_implementation,
-        expert_in_one_shard=size.expert_in_one_shard if moe_implementation == "shard" else None,
     )
+
+
+def our_layer(size: LayerSize, layout: ExpertLayout) -> MoE:
+    """Our MoE block (DeepSeek V2's router) of ``size`` with its experts in ``layout``."""
+    cfg = our_config(size)
+    return MoE(cfg, layout, Router(cfg))
 
 
 def hf_moe(size: LayerSize, experts_implementation: str) -> torch.nn.Module:
@@ -112,10 +118,10 @@ def hf_experts_implementations() -> list[str]:
 def build_layers(size: LayerSize, seed: int = 0) -> dict[str, torch.nn.Module]:
     """shard, origin and one HF module per experts implementation, all with the same weights."""
     torch.manual_seed(seed)
-    shard = MoE(our_config(size, "shard"))
+    shard = our_layer(size, ExpertLayout("shard", size.expert_in_one_shard))
     for p in shard.parameters():  # larger than the init std so routing is not nearly uniform
         p.normal_(0.0, 0.05)
-    origin = MoE(our_config(size, "origin"))
+    origin = our_layer(size, ExpertLayout("origin"))
     F_, S = size.expert_ffn, size.expert_in_one_shard
     origin.load_state_dict({k: v for k, v in shard.state_dict().items() if not k.startswith("experts.")}, strict=False)
     for e, expert in enumerate(origin.experts):
@@ -125,7 +131,7 @@ def build_layers(size: LayerSize, seed: int = 0) -> dict[str, torch.nn.Module]:
         expert.down_proj.weight.copy_(shard.experts[s].down_proj[i])
     gate_up = torch.cat([m.gate_up_proj for m in shard.experts])
     down = torch.cat([m.down_proj for m in shard.experts])
-    all_in_one = MoE(our_config(size, "shard").replace(expert_in_one_shard=size.experts))
+    all_in_one = our_layer(size, ExpertLayout("shard", size.experts))
     all_in_one.load_state_dict(
         {k: v for k, v in shard.state_dict().items() if not k.startswith("experts.")}, strict=False
     )

@@ -25,6 +25,7 @@ import torch
 from bench.common import Result, interleaved_medians, table
 from moe_train.data.packing import pack
 from moe_train.data.templates import IGNORE_INDEX
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.deepseek_v2 import DeepseekV2Config, DeepseekV2ForCausalLM
 
 MODES = {
@@ -67,7 +68,7 @@ def bench_model(hidden: int) -> DeepseekV2ForCausalLM:
         "tiny", hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2, num_hidden_layers=2
     )
     torch.manual_seed(0)
-    return DeepseekV2ForCausalLM(cfg).train()
+    return DeepseekV2ForCausalLM(cfg, ExpertLayout("shard", 4)).train()  # the tiny recipe's layout
 
 
 def run(mode: str = "quick") -> Result:

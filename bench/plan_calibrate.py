@@ -177,7 +177,7 @@ def p2_predicted_mode(mode: str, constants: dict[str, float] | None = None) -> d
     for name, impl, shard, leaf in variants(mode):
         if leaf or (mode == "quick" and name not in P2_VARIANTS):
             continue
-        cfg = model_config(mode, impl, shard)
+        cfg, layout = model_config(mode, impl, shard)
         ds = fill_auto(
             load_deepspeed_config("deepspeed_zero3"),
             micro_batch_size=1,
@@ -195,7 +195,7 @@ def p2_predicted_mode(mode: str, constants: dict[str, float] | None = None) -> d
             device="cpu",
             activation_checkpointing=False,
         )
-        out[name] = predict_speed(cfg, work, ZeroSettings.from_ds_config(ds, cfg.hidden_size), 2, 1, device)
+        out[name] = predict_speed(cfg, layout, work, ZeroSettings.from_ds_config(ds, cfg.hidden_size), 2, 1, device)
     return out
 
 
@@ -224,11 +224,11 @@ def seed_predictions(constants: dict[str, float]) -> list[float | None]:
     dev = dataclasses.replace(speed.DEVICES["a100"], calibration=cal, network_gbps=network)
     out = []
     for row in calibration.SEED_TABLE:
-        cfg, work, zero, grad_accum = seed_row_inputs(*row[:3])
+        cfg, layout, work, zero, grad_accum = seed_row_inputs(*row[:3])
         if row[3] is None:
             out.append(None)
             continue
-        out.append(speed.predict_speed(cfg, work, zero, 128, 16, dev, grad_accum).tgs)
+        out.append(speed.predict_speed(cfg, layout, work, zero, 128, 16, dev, grad_accum).tgs)
     return out
 
 

@@ -97,20 +97,23 @@ class SavedActivations:
 def _worker(rank: int, sp: int, mode: str, out_dir: str) -> None:
     from moe_train.engine.distributed import hard_exit
     from moe_train.engine.memory import PeakRSS
+    from moe_train.models.common.experts import ExpertLayout
     from moe_train.models.common.loss import cross_entropy, shift_labels
     from moe_train.models.deepseek_v2 import SPEC
-    from moe_train.parallel import SequenceParallel
+    from moe_train.parallel import ParallelDims
 
     overrides, tokens, samples = MODES[mode]
     cfg = DeepseekV2Config.from_name("tiny", **overrides)
     torch.manual_seed(0)
-    model = DeepseekV2ForCausalLM(cfg, attn_backend="sdpa").train()
+    model = DeepseekV2ForCausalLM(cfg, ExpertLayout("shard", 4), attn_backend="sdpa").train()
     for p in model.parameters():  # gradients exist before the measured step, as in training
         p.grad = torch.zeros_like(p)
     seq = None
     if sp > 1:
         dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank, world_size=sp)
-        seq = SequenceParallel(sp)
+        dims = ParallelDims(sp, sp=sp, rank=rank)
+        dims.create_groups()
+        seq = dims.seq
         seq.apply(model, SPEC)
 
     def fwd_bwd(batch: dict) -> None:

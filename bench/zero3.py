@@ -154,11 +154,13 @@ def variants(mode: str) -> list[tuple[str, str, int | None, bool]]:
 
 
 def model_config(mode: str, moe_implementation: str, expert_in_one_shard: int | None):
+    """(config, expert layout) of a variant."""
+    from moe_train.models.common.experts import ExpertLayout
     from moe_train.models.deepseek_v2.config import DeepseekV2Config
 
     m = MODES[mode]
     # DeepSeek-V2-Lite's structure (no q LoRA, greedy top-k over many experts) at the tiny widths.
-    return DeepseekV2Config.from_name(
+    cfg = DeepseekV2Config.from_name(
         "tiny",
         num_hidden_layers=m["layers"],
         n_routed_experts=m["experts"],
@@ -167,9 +169,8 @@ def model_config(mode: str, moe_implementation: str, expert_in_one_shard: int | 
         topk_method="greedy",
         n_group=1,
         topk_group=1,
-        moe_implementation=moe_implementation,
-        expert_in_one_shard=expert_in_one_shard,
     )
+    return cfg, ExpertLayout(moe_implementation, expert_in_one_shard)
 
 
 def batch(mode: str, rank: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -187,11 +188,12 @@ def run_variant(
     import deepspeed
 
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
-    from moe_train.engine.train import build_model
+    from moe_train.engine.model import build_model
     from moe_train.models.common.loss import causal_lm_loss
-    from moe_train.models.deepseek_v2.moe import MoE
+    from moe_train.models.common.moe import MoE
+    from moe_train.parallel import ParallelDims
 
-    cfg = model_config(mode, impl, shard)
+    cfg, layout = model_config(mode, impl, shard)
     ds_config = fill_auto(
         load_deepspeed_config("deepspeed_zero3"),
         micro_batch_size=1,
@@ -204,8 +206,9 @@ def run_variant(
     # Release every parameter right after its module ran: the shipped 1e9 would keep this tiny
     # model gathered from forward to backward, and peak gathered bytes would be the whole model.
     ds_config["zero_optimization"].update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
+    dims = ParallelDims(world, rank=dist.get_rank())
     model = build_model(
-        cfg, ds_config, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False
+        cfg, layout, dims, ds_config, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False
     )
     if leaf:
         deepspeed.utils.set_z3_leaf_modules(model, [MoE])

@@ -15,6 +15,8 @@ Installed with moe-train, the same functions are listed by ``torchx builtins`` a
 with ``exec``), so the launch host needs neither moe-train nor torch.
 """
 
+import functools
+import inspect
 import os
 import re
 import shlex
@@ -97,13 +99,28 @@ def _check_no_credentials(env: Dict[str, str], args: List[str]) -> None:
         )
 
 
-# BEGIN recipe facts: generated from moe_train/recipes.py by `python -m moe_train.recipes`; a test keeps it current.
+# BEGIN recipe facts: generated from the built-in recipes by `python -m moe_train.recipes`; a test keeps it current.
 _RECIPE_FACTS: Dict[str, Dict[str, object]] = {
-    "deepseek_v2_chat_full_alpaca_e3": {"model": "hf://deepseek-ai/DeepSeek-V2-Chat", "data": []},
-    "deepseek_v2_chat_full_alpaca_e3_32k_varlen": {"model": "hf://deepseek-ai/DeepSeek-V2-Chat", "data": []},
-    "deepseek_v2_lite_chat_full_alpaca_e3": {"model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat", "data": []},
-    "deepseek_v3_full_alpaca_e3": {"model": "hf://deepseek-ai/DeepSeek-V3", "data": []},
-    "moonlight_16b_full_alpaca_e3": {"model": "hf://moonshotai/Moonlight-16B-A3B-Instruct", "data": []},
+    "deepseek_v2_chat_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v2_chat_full_alpaca_e3_32k_varlen": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v2_lite_chat_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v3_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V3",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "moonlight_16b_full_alpaca_e3": {
+        "model": "hf://moonshotai/Moonlight-16B-A3B-Instruct",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
 }
 # END recipe facts
 
@@ -203,9 +220,9 @@ class ComponentError(SystemExit, ValueError):
 
 
 def _fill_inputs(name: str, p: Dict[str, object]) -> None:
-    """The recipe's model and data when not given (shown in the job spec), and a work dir that outlives the
-    job: a relative or default one becomes absolute under the submission directory, which is the shared
-    file system on a Slurm cluster (as XTuner's ``work_dirs/``).  In a Kubernetes pod such a path is on the
+    """The recipe's model and data when not given (shown in the job spec), and a work dir (and recipe file)
+    that outlive the job: a relative or default one becomes absolute under the submission directory, which is
+    the shared file system on a Slurm cluster (as XTuner's ``work_dirs/``).  In a Kubernetes pod such a path is on the
     container's own file system, and the trainer refuses it at start, before any step
     (moe_train/engine/work_dir.py)."""
     facts = _RECIPE_FACTS.get(str(p["recipe"]))
@@ -220,9 +237,17 @@ def _fill_inputs(name: str, p: Dict[str, object]) -> None:
                 f"recipe {p['recipe']} names no {' and no '.join(m[2:] for m in missing)}; pass "
                 f"{' and '.join(examples[m] for m in missing)} (a path every node reads, or a URL)",
             )
+    recipe = str(p["recipe"])
+    if recipe.endswith((".yaml", ".yml")) and not _is_url(recipe):  # a recipe file: where the nodes read it
+        p["recipe"] = os.path.abspath(recipe)
     work_dir = str(p["work_dir"] or "")
-    if not re.match(r"^[a-z][a-z0-9+.-]*://", work_dir):
-        p["work_dir"] = os.path.abspath(work_dir or os.path.join("work_dirs", os.path.basename(str(p["recipe"]))))
+    if not _is_url(work_dir):
+        name = os.path.splitext(os.path.basename(recipe))[0]
+        p["work_dir"] = os.path.abspath(work_dir or os.path.join("work_dirs", name))
+
+
+def _is_url(path: str) -> bool:
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", path))
 
 
 def _free_port() -> int:
@@ -232,7 +257,7 @@ def _free_port() -> int:
 
 
 def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, ...], **p) -> specs.AppDef:
-    """The AppDef of a catalogue entry from its parameters (see _ARGS_DOC).
+    """The AppDef of a catalogue entry from its parameters (see `train`).
 
     TorchX lists every function of this module whose signature its linter accepts; it rejects
     Tuple (here) and specs.Resource (in _torchrun_app), which keeps these helpers out of `torchx builtins`.
@@ -254,48 +279,11 @@ def _component(name: str, base_env: Dict[str, str], *, trainer_args: Tuple[str, 
         raise ComponentError(name, str(e).strip("'\"")) from None
 
 
-def _documented(component):
-    """Append the Args section the components share (TorchX reads it for --help)."""
-    component.__doc__ = component.__doc__.rstrip() + "\n\n" + _ARGS_DOC
-    return component
-
-
-_ARGS_DOC = """Args:
-    trainer_args: extra ``moe-train train`` options, after ``--`` (e.g. -- --lr 2e-5 --max-steps 100)
-    j: NODESxPROCS, or MIN:MAXxPROCS for an elastic job; PROCS must not exceed the host's GPUs
-    image: container image (Kubernetes); Slurm and local_cwd run the current environment
-    recipe: moe-train recipe name (``moe-train recipes`` lists them)
-    deepspeed: DeepSpeed config: deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload, or a path
-        (default: the recipe's)
-    work_dir: checkpoints and logs, a path or fsspec URL that every node reaches (shared FS, s3://, gs://)
-    model: HF checkpoint directory or fsspec URL, instead of the recipe's
-    data: datasets (paths or URLs, comma separated), instead of the recipe's
-    max_length: tokens per packed sequence, instead of the recipe's
-    varlen: varlen (packed) attention on or off, instead of the recipe's
-    sp: sequence-parallel degree, instead of the recipe's
-    ep: expert-parallel degree (ZeRO-3; divides the GPUs and the expert count), instead of the recipe's
-    moe_implementation: shard or origin, instead of the recipe's
-    expert_in_one_shard: experts per fused shard, instead of the recipe's
-    resume: auto (continue from the latest checkpoint in work_dir, so a retried job resumes), a URL, or empty
-    env: environment variables (A=1,B=2), on top of the component's own (smoke: DS_ACCELERATOR=cpu); never credentials
-    mounts: mounts, e.g. type=volume,src=moe-train-checkpoints,dst=/checkpoints (Kubernetes PVC)
-    max_retries: times the scheduler restarts the whole job after a failure (Slurm: requeue)
-    h: named resource for each node (a100_80g_x8, h100_80g_x8, ...); overrides cpu, gpu, memMB
-    cpu: CPUs per node
-    gpu: GPUs per node (0: a CPU run)
-    memMB: host memory per node in MB
-    rdzv_port: port on replica 0's host for the c10d rendezvous (0: a free port of the submitting host, for local_cwd)
-"""
-
-
-# The components repeat one parameter list on purpose: TorchX builds each component's
-# command line and its `torchx builtins` entry from that function's own signature and defaults.
-@_documented
-def deepseek_v2_full(
+def train(
     *trainer_args: str,
-    j: str = "8x8",
+    recipe: str,
+    j: str = "1x8",
     image: str = _DEFAULT_IMAGE,
-    recipe: str = "deepseek_v2_chat_full_alpaca_e3",
     deepspeed: Optional[str] = None,
     work_dir: Optional[str] = None,
     model: Optional[str] = None,
@@ -316,125 +304,99 @@ def deepseek_v2_full(
     memMB: int = _DEFAULT_HOST["memMB"],
     rdzv_port: int = _RDZV_PORT,
 ) -> specs.AppDef:
+    """Fine-tune any recipe, a built-in or your own file, under DeepSpeed ZeRO-3: 1 node x 8 GPUs by default.
+
+    Args:
+        trainer_args: extra ``moe-train train`` options, after ``--`` (e.g. -- --lr 2e-5 --max-steps 100)
+        recipe: a built-in recipe (``moe-train recipes`` lists them) or a recipe file (.yaml) the nodes read: a
+            path on the shared file system (Slurm; made absolute) or a URL (s3://BUCKET/recipes/NAME.yaml)
+        j: NODESxPROCS, or MIN:MAXxPROCS for an elastic job; PROCS must not exceed the host's GPUs
+        image: container image (Kubernetes); Slurm and local_cwd run the current environment
+        deepspeed: DeepSpeed config: a shipped name (deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload)
+            or a JSON path, instead of the recipe's
+        work_dir: checkpoints and logs, a path or fsspec URL that every node reaches (shared FS, s3://, gs://)
+        model: HF checkpoint directory or fsspec URL (hf://ORG/NAME reads the Hugging Face Hub in ranges),
+            instead of the recipe's
+        data: training data: a file, directory, glob or URL of JSON, JSONL, Parquet, CSV or Arrow, or a Hub
+            dataset hf://datasets/ORG/NAME[@REV][?subset=NAME&split=NAME] (comma separated), instead of the
+            recipe's
+        max_length: tokens per packed sequence, instead of the recipe's
+        varlen: attend only within each packed sample, or across the whole pack (XTuner's classic packing),
+            instead of the recipe's
+        sp: sequence-parallel degree (must divide the world size), instead of the recipe's
+        ep: expert-parallel degree: each group of N consecutive ranks splits the routed experts and exchanges
+            tokens (must divide the world size and the expert count; ZeRO-3), instead of the recipe's
+        moe_implementation: routed experts stacked in shards, or one module per expert (the HF layout, a
+            baseline), instead of the recipe's
+        expert_in_one_shard: experts per shard; must divide the routed expert count, instead of the recipe's
+        resume: auto (continue from the latest checkpoint in work_dir, so a retried job resumes), a URL, or empty
+        env: environment variables (A=1,B=2), on top of the component's own (smoke: DS_ACCELERATOR=cpu); never
+            credentials
+        mounts: mounts, e.g. type=volume,src=moe-train-checkpoints,dst=/checkpoints (Kubernetes PVC)
+        max_retries: times the scheduler restarts the whole job after a failure (Slurm: requeue)
+        h: named resource for each node (a100_80g_x8, h100_80g_x8, ...); overrides cpu, gpu, memMB
+        cpu: CPUs per node
+        gpu: GPUs per node (0: a CPU run)
+        memMB: host memory per node in MB
+        rdzv_port: port on replica 0's host for the c10d rendezvous (0: a free port of the submitting host, for
+            local_cwd)
+    """
+    return _component("moe-train", {}, **locals())
+
+
+def _preset(**defaults: object):
+    """A catalogue entry: the `train` component under another name, with other defaults.
+
+    TorchX checks a component's parameters in this file's source and builds its options from the
+    function's signature; an entry is a literal function whose signature is set here to `train`'s with
+    these defaults, and its help to its own line followed by `train`'s Args.  The parameters are declared
+    once, in `train`."""
+    signature = inspect.signature(train)
+    signature = signature.replace(
+        parameters=[p.replace(default=defaults.get(p.name, p.default)) for p in signature.parameters.values()]
+    )
+    doc = inspect.getdoc(train)
+
+    def entry_of(body):
+        @functools.wraps(body)
+        def entry(*trainer_args: str, **params: object) -> specs.AppDef:
+            bound = signature.bind(*trainer_args, **params)
+            bound.apply_defaults()
+            return body(*bound.args, **bound.kwargs)
+
+        entry.__signature__ = signature
+        entry.__doc__ = f"{inspect.getdoc(body)}\n\n{doc[doc.index('Args:') :]}"
+        return entry
+
+    return entry_of
+
+
+@_preset(j="8x8", recipe="deepseek_v2_chat_full_alpaca_e3")
+def deepseek_v2_full(*trainer_args: str, **params: object) -> specs.AppDef:
     """Full fine-tune of DeepSeek-V2 (236B) with sharded experts under DeepSpeed ZeRO-3: 8 nodes x 8 GPUs."""
-    return _component("deepseek-v2-full", {}, **locals())
+    return _component("deepseek-v2-full", {}, trainer_args=trainer_args, **params)
 
 
-@_documented
-def deepseek_v2_lite_full(
-    *trainer_args: str,
-    j: str = "1x8",
-    image: str = _DEFAULT_IMAGE,
-    recipe: str = "deepseek_v2_lite_chat_full_alpaca_e3",
-    deepspeed: Optional[str] = None,
-    work_dir: Optional[str] = None,
-    model: Optional[str] = None,
-    data: Optional[List[str]] = None,
-    max_length: Optional[int] = None,
-    varlen: Optional[bool] = None,
-    sp: Optional[int] = None,
-    ep: Optional[int] = None,
-    moe_implementation: Optional[str] = None,
-    expert_in_one_shard: Optional[int] = None,
-    resume: Optional[str] = "auto",
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-    max_retries: int = 0,
-    h: Optional[str] = None,
-    cpu: int = _DEFAULT_HOST["cpu"],
-    gpu: int = _DEFAULT_HOST["gpu"],
-    memMB: int = _DEFAULT_HOST["memMB"],
-    rdzv_port: int = _RDZV_PORT,
-) -> specs.AppDef:
+@_preset(recipe="deepseek_v2_lite_chat_full_alpaca_e3")
+def deepseek_v2_lite_full(*trainer_args: str, **params: object) -> specs.AppDef:
     """Full fine-tune of DeepSeek-V2-Lite (16B) under DeepSpeed ZeRO-3: 1 node x 8 GPUs."""
-    return _component("deepseek-v2-lite-full", {}, **locals())
+    return _component("deepseek-v2-lite-full", {}, trainer_args=trainer_args, **params)
 
 
-@_documented
-def deepseek_v3_full(
-    *trainer_args: str,
-    j: str = "32x8",
-    image: str = _DEFAULT_IMAGE,
-    recipe: str = "deepseek_v3_full_alpaca_e3",
-    deepspeed: Optional[str] = None,
-    work_dir: Optional[str] = None,
-    model: Optional[str] = None,
-    data: Optional[List[str]] = None,
-    max_length: Optional[int] = None,
-    varlen: Optional[bool] = None,
-    sp: Optional[int] = None,
-    ep: Optional[int] = None,
-    moe_implementation: Optional[str] = None,
-    expert_in_one_shard: Optional[int] = None,
-    resume: Optional[str] = "auto",
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-    max_retries: int = 0,
-    h: Optional[str] = None,
-    cpu: int = _DEFAULT_HOST["cpu"],
-    gpu: int = _DEFAULT_HOST["gpu"],
-    memMB: int = _DEFAULT_HOST["memMB"],
-    rdzv_port: int = _RDZV_PORT,
-) -> specs.AppDef:
+@_preset(j="32x8", recipe="deepseek_v3_full_alpaca_e3")
+def deepseek_v3_full(*trainer_args: str, **params: object) -> specs.AppDef:
     """Full fine-tune of DeepSeek-V3 (671B; also R1/V3.1 via model) under DeepSpeed ZeRO-3: 32 nodes x 8 GPUs."""
-    return _component("deepseek-v3-full", {}, **locals())
+    return _component("deepseek-v3-full", {}, trainer_args=trainer_args, **params)
 
 
-@_documented
-def moonlight_full(
-    *trainer_args: str,
-    j: str = "1x8",
-    image: str = _DEFAULT_IMAGE,
-    recipe: str = "moonlight_16b_full_alpaca_e3",
-    deepspeed: Optional[str] = None,
-    work_dir: Optional[str] = None,
-    model: Optional[str] = None,
-    data: Optional[List[str]] = None,
-    max_length: Optional[int] = None,
-    varlen: Optional[bool] = None,
-    sp: Optional[int] = None,
-    ep: Optional[int] = None,
-    moe_implementation: Optional[str] = None,
-    expert_in_one_shard: Optional[int] = None,
-    resume: Optional[str] = "auto",
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-    max_retries: int = 0,
-    h: Optional[str] = None,
-    cpu: int = _DEFAULT_HOST["cpu"],
-    gpu: int = _DEFAULT_HOST["gpu"],
-    memMB: int = _DEFAULT_HOST["memMB"],
-    rdzv_port: int = _RDZV_PORT,
-) -> specs.AppDef:
+@_preset(recipe="moonlight_16b_full_alpaca_e3")
+def moonlight_full(*trainer_args: str, **params: object) -> specs.AppDef:
     """Full fine-tune of Moonlight-16B-A3B (DeepSeek V3 architecture) under DeepSpeed ZeRO-3: 1 node x 8 GPUs."""
-    return _component("moonlight-full", {}, **locals())
+    return _component("moonlight-full", {}, trainer_args=trainer_args, **params)
 
 
-@_documented
-def smoke(
-    *trainer_args: str,
-    j: str = "2x1",
-    image: str = _DEFAULT_IMAGE,
-    recipe: str = "tiny",
-    deepspeed: Optional[str] = None,
-    work_dir: Optional[str] = None,
-    model: Optional[str] = None,
-    data: Optional[List[str]] = None,
-    max_length: Optional[int] = None,
-    varlen: Optional[bool] = None,
-    sp: Optional[int] = None,
-    ep: Optional[int] = None,
-    moe_implementation: Optional[str] = None,
-    expert_in_one_shard: Optional[int] = None,
-    resume: Optional[str] = "auto",
-    env: Optional[Dict[str, str]] = None,
-    mounts: Optional[List[str]] = None,
-    max_retries: int = 0,
-    h: Optional[str] = None,
-    cpu: int = 1,
-    gpu: int = 0,
-    memMB: int = 4 * GiB,
-    rdzv_port: int = 0,
-) -> specs.AppDef:
+@_preset(j="2x1", recipe="tiny", cpu=1, gpu=0, memMB=4 * GiB, rdzv_port=0)
+def smoke(*trainer_args: str, **params: object) -> specs.AppDef:
     """CPU smoke run of the tiny recipe on 2 nodes x 1 process; writes an HF checkpoint to {work_dir}/hf_model."""
-    return _component("moe-train-smoke", {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, **locals())
+    cpu_only = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return _component("moe-train-smoke", cpu_only, trainer_args=trainer_args, **params)

@@ -2,22 +2,47 @@
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import errno
 import os
 import shutil
 import sys
-import typing
 
 import click
 
+from moe_train.data.formats import parse_columns
 from moe_train.engine import errors
 from moe_train.engine.distributed import LAUNCHERS
 from moe_train.engine.preemption import DEFAULT_GRACE_S
-from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
 from moe_train.plan.command import plan
-from moe_train.recipes import RECIPES, Recipe, get_recipe
+from moe_train.recipes import RECIPES, dump_recipe, get_recipe, recipe_by_name_or_file
+from moe_train.recipes.options import given, parse_assignment, recipe_options
+
+# The recipe fields `moe-train train` takes as options of their own (type, range and help from the
+# field); --cfg-options sets any field.
+TRAIN_FIELDS = (
+    "deepspeed",
+    "model",
+    "tokenizer",
+    "data",
+    "data_format",
+    "columns",
+    "template",
+    "max_length",
+    "varlen",
+    "sp",
+    "ep",
+    "moe_implementation",
+    "expert_in_one_shard",
+    "max_steps",
+    "epochs",
+    "lr",
+    "seed",
+    "save_steps",
+    "eval_data",
+    "eval_fraction",
+    "eval_steps",
+    "require_fast_kernels",
+)
 
 
 class _Group(click.Group):
@@ -38,31 +63,22 @@ def main() -> None:
 
 
 @main.command()
-def recipes() -> None:
-    """List the shipped recipes, one line each."""
+@click.option(
+    "--dump",
+    metavar="NAME",
+    default=None,
+    help="Print the built-in recipe NAME as a recipe file to start from: moe-train recipes --dump tiny > my.yaml",
+)
+def recipes(dump: str | None) -> None:
+    """List the shipped recipes, one line each (train your own with `moe-train train FILE.yaml`)."""
+    if dump is not None:
+        try:
+            click.echo(dump_recipe(get_recipe(dump)), nl=False)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--dump") from None
+        return
     for name in sorted(RECIPES):
         click.echo(f"{name:48s} {RECIPES[name].description}")
-
-
-def _parse_cfg_option(recipe: Recipe, item: str) -> tuple[str, typing.Any]:
-    key, sep, raw = item.partition("=")
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
-    if not sep or key not in fields or key == "name":
-        raise click.BadParameter(
-            f"{item!r}: expected key=value with key one of {sorted(set(fields) - {'name'})}", param_hint="--cfg-options"
-        )
-    textual = "str" in str(typing.get_type_hints(Recipe)[key])  # str or str | None: a bare word is text
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        if not textual:
-            raise click.BadParameter(
-                f"{item!r}: {raw!r} is not a Python literal for {key}", param_hint="--cfg-options"
-            ) from None
-        value = raw
-    if textual and value is not None and not isinstance(value, str):
-        value = raw  # e.g. template=deepseek_v2 or a path that happens to parse as a number
-    return key, value
 
 
 _UNREACHABLE = (
@@ -126,12 +142,7 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
 
 @main.command()
 @click.argument("recipe_name", metavar="RECIPE")
-@click.option(
-    "--deepspeed",
-    default=None,
-    help="DeepSpeed config: a shipped name (deepspeed_zero2, deepspeed_zero3, "
-    "deepspeed_zero3_offload) or a JSON path. Default: the recipe's.",
-)
+@recipe_options(TRAIN_FIELDS)
 @click.option(
     "--launcher",
     type=click.Choice(LAUNCHERS),
@@ -146,51 +157,12 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
     default=None,
     help="Local path or fsspec URL for checkpoints, metrics and the HF export. Default: work_dirs/RECIPE.",
 )
-@click.option("--model", default=None, help="HF checkpoint directory or fsspec URL (overrides the recipe).")
 @click.option(
-    "--tokenizer", default=None, help="Tokenizer directory or URL. Default: the --model's own, else the recipe's."
-)
-@click.option(
-    "--data", multiple=True, help="Training data: alpaca JSON/JSONL or messages JSONL, path or URL. Repeatable."
-)
-@click.option("--max-length", type=click.IntRange(min=2), default=None, help="Tokens per packed sequence.")
-@click.option(
-    "--varlen/--no-varlen",
+    "--data-cache",
     default=None,
-    help="Attend only within each packed sample (default) or across the whole pack (XTuner's classic packing).",
-)
-@click.option(
-    "--sp", type=click.IntRange(min=1), default=None, help="Sequence-parallel degree (must divide the world size)."
-)
-@click.option(
-    "--ep",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Expert-parallel degree: each group of N "
-    "consecutive ranks splits the routed experts and exchanges tokens (must divide the world size and the "
-    "expert count; ZeRO-3).",
-)
-@click.option(
-    "--moe-implementation",
-    type=click.Choice(MOE_IMPLEMENTATIONS),
-    default=None,
-    help="Experts stacked in shards (default) or one module per expert (baseline).",
-)
-@click.option(
-    "--expert-in-one-shard",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Experts per shard; must divide the expert count.",
-)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many optimiser steps.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the data.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate.")
-@click.option("--seed", type=int, default=None, help="Seed for data order and seeded initialisation.")
-@click.option(
-    "--save-steps",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Save a training checkpoint every N steps (0: never).",
+    metavar="DIR",
+    help="Local directory for the tokenized data (default: WORK_DIR/data_cache; ~/.cache/moe-train/data for a "
+    "work dir on an object store). Node-local storage: each node tokenizes once; shared: rank 0 does.",
 )
 @click.option(
     "--resume", default=None, help="'auto' (newest complete checkpoint in the work dir, if any) or a checkpoint URL."
@@ -213,26 +185,7 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
     metavar="KEY=VALUE",
     help="Override any recipe field, e.g. grad_accum=4 or betas='(0.9,0.95)'. Repeatable.",
 )
-@click.option("--eval-data", multiple=True, help="Validation data (same formats as --data). Repeatable.")
-@click.option(
-    "--eval-fraction",
-    type=click.FloatRange(min=0, max=1, max_open=True),
-    default=None,
-    help="Hold out this fraction of the training packs for validation (when no --eval-data).",
-)
-@click.option(
-    "--eval-steps",
-    type=click.IntRange(min=0),
-    default=None,
-    help="Validation loss every N steps (0: once, after the last step).",
-)
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
-@click.option(
-    "--require-fast-kernels/--allow-slow-kernels",
-    default=None,
-    help="On CUDA, stop at start-up when "
-    "attention or experts would take a slow fallback (default: the recipe's, on for the shipped ones).",
-)
 @click.option(
     "--allow-batch-change",
     is_flag=True,
@@ -259,84 +212,47 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
 )
 def train(
     recipe_name: str,
-    deepspeed,
     launcher,
     work_dir,
-    model,
-    tokenizer,
-    data,
-    max_length,
-    varlen,
-    sp,
-    ep,
-    moe_implementation,
-    expert_in_one_shard,
-    max_steps,
-    epochs,
-    lr,
-    seed,
-    save_steps,
+    data_cache,
     resume,
     overwrite,
     peak_tflops,
     cfg_options,
-    eval_data,
-    eval_fraction,
-    eval_steps,
     no_export,
-    require_fast_kernels,
     allow_batch_change,
     preempt_grace,
     debug,
+    **fields,
 ) -> None:
-    """Fine-tune RECIPE (see `moe-train recipes`)."""
+    """Fine-tune RECIPE: a built-in (see `moe-train recipes`) or a recipe file (.yaml, a path or URL)."""
     try:
-        recipe = get_recipe(recipe_name)
+        recipe = recipe_by_name_or_file(recipe_name)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="RECIPE") from None
-    overrides = {
-        k: v
-        for k, v in dict(
-            model=model,
-            data=list(data) or None,
-            max_length=max_length,
-            varlen=varlen,
-            sp=sp,
-            ep=ep,
-            moe_implementation=moe_implementation,
-            expert_in_one_shard=expert_in_one_shard,
-            max_steps=max_steps,
-            epochs=epochs,
-            lr=lr,
-            seed=seed,
-            save_steps=save_steps,
-            eval_data=list(eval_data) or None,
-            eval_fraction=eval_fraction,
-            eval_steps=eval_steps,
-            require_fast_kernels=require_fast_kernels,
-        ).items()
-        if v is not None
-    }
-    if model is not None:
+    overrides = given(fields, TRAIN_FIELDS)
+    if "model" in overrides:
         overrides["model_size"] = None
-        overrides["tokenizer"] = tokenizer  # a model brings its own tokenizer unless --tokenizer says otherwise
-    elif tokenizer is not None:
-        overrides["tokenizer"] = tokenizer
-    overrides.update(_parse_cfg_option(recipe, item) for item in cfg_options)
-    recipe = recipe.replace(**overrides)
+        overrides.setdefault("tokenizer", None)  # a model brings its own tokenizer unless --tokenizer says otherwise
+    if "columns" in overrides:  # names checked here, before any process starts
+        try:
+            overrides["columns"] = parse_columns(overrides["columns"])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--columns") from None
+    overrides.update(parse_assignment(item) for item in cfg_options)
+    recipe = recipe.replace(**overrides)  # every value checked already: by click or parse_assignment
     if launcher == "pytorch" and os.environ.get("NPROC_PER_NODE") and "LOCAL_RANK" not in os.environ:
         _launch_env_form(debug)
 
     from moe_train.engine.distributed import destroy_distributed, hard_exit
     from moe_train.engine.preemption import EXIT_PREEMPTED, StopRequested
-    from moe_train.engine.train import TrainConfig
+    from moe_train.engine.setup import TrainConfig
     from moe_train.engine.train import train as run
     from moe_train.storage import redact
 
     tc = TrainConfig(
         recipe=recipe,
         work_dir=work_dir or f"work_dirs/{recipe.name}",
-        deepspeed=deepspeed or recipe.deepspeed,
         launcher=launcher,
         resume=resume,
         peak_tflops=peak_tflops,
@@ -344,6 +260,7 @@ def train(
         preempt_grace=preempt_grace,
         overwrite=overwrite,
         allow_batch_change=allow_batch_change,
+        data_cache=data_cache,
     )
     code = 0
     try:
@@ -414,11 +331,15 @@ def export_command(checkpoint_url: str, out_url: str, dtype: str | None, max_sha
 
     One process, streamed (one HF tensor in memory at a time), whatever world size wrote it."""
     from moe_train.checkpoint.export import export_checkpoint
+    from moe_train.storage import redact
 
     try:
         export_checkpoint(checkpoint_url, out_url, dtype=dtype, max_shard_size=max_shard_size, log=click.echo)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        click.echo(f"Error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+    except Exception as e:
+        line = expected_failure(e)  # bad input, a full disk, an unreachable store; None for a bug
+        if line is None:
+            raise
+        click.echo(f"Error: {redact(line)}", err=True)
         sys.exit(1)
 
 

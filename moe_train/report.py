@@ -13,42 +13,33 @@ a live run and never takes the run's lease.  Figures:
 
 from __future__ import annotations
 
-import json
 import os
-import posixpath
 from typing import Any
 
 from moe_train.engine.metrics import read_metrics
-from moe_train.storage import display, resolve
+from moe_train.run_dir import RunDir
 
 FIGSIZE, DPI = (9.0, 4.0), 100  # every PNG is 900 x 400 pixels
 
 
-def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(fs.cat_file(path).decode())
-    except FileNotFoundError:
-        return None
-
-
 def load_run(work_dir: str) -> dict[str, Any]:
     """Everything the report shows, read from ``work_dir``."""
-    fs, root = resolve(work_dir)
-    records = read_metrics(fs, root, segments=True)
+    run = RunDir(work_dir)
+    records = read_metrics(run, segments=True)
     steps = [r for r in records if "loss" in r and "event" not in r]
     if not steps:
         raise ValueError(
-            f"{display(fs, root)} has no metrics yet (metrics/segment-*.jsonl); pass the work dir of a "
+            f"{run.where} has no metrics yet (metrics/segment-*.jsonl); pass the work dir of a "
             "run that has trained at least one step"
         )
     return {
-        "work_dir": display(fs, root),
+        "work_dir": run.where,
         "steps": steps,
         "evals": [r for r in records if r.get("event") == "eval"],
         "segments": [r for r in records if r.get("event") == "segment"],
-        "recipe": _read_json(fs, posixpath.join(root, "recipe.json")) or {},
-        "deepspeed": _read_json(fs, posixpath.join(root, "deepspeed.json")) or {},
-        "summary": _read_json(fs, posixpath.join(root, "summary.json")),
+        "recipe": run.read_json(run.recipe) or {},
+        "deepspeed": run.read_json(run.deepspeed) or {},
+        "summary": run.read_json(run.summary),
     }
 
 

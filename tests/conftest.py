@@ -7,10 +7,15 @@ import os
 import pytest
 import torch
 
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# The tiny recipe's expert layout: two shards of four experts per layer.
+TINY_LAYOUT = ExpertLayout("shard", 4)
 
 
 def tiny_config(**overrides) -> DeepseekV2Config:

@@ -78,11 +78,10 @@ def summary(work_dir: Path) -> dict:
 
 def metrics(work_dir: Path) -> list[dict]:
     """The run's records across its segments, each step once (the trainer's own reader)."""
-    import fsspec
-
     from moe_train.engine.metrics import read_metrics
+    from moe_train.run_dir import RunDir
 
-    return read_metrics(fsspec.filesystem("file"), str(work_dir))
+    return read_metrics(RunDir(str(work_dir)))
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -6,7 +6,7 @@ Run under torchrun (one process per rank)::
 
 SPEC_JSON: {"model": {overrides of the tiny config}, "max_length": S, "steps": n,
 "activation_checkpointing": bool}.
-The model, engine and optimizer are built exactly as ``moe_train.engine.train.train`` builds them
+The model, engine and optimizer are built exactly as ``moe_train.engine.setup`` builds them
 (``build_model`` under ``deepspeed.zero.Init``, ``torch.optim.AdamW``, the shipped
 ``deepspeed_zero3`` config filled by ``fill_auto``, fp32 on CPU), and each step computes the loss
 as ``train`` does, on a packed row of S tokens.  Each rank writes ``OUT_DIR/rank{r}.json``: for
@@ -125,13 +125,16 @@ def main(out_dir: str, spec: dict) -> None:
 
     from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
     from moe_train.engine.distributed import destroy_distributed, hard_exit, init_distributed
-    from moe_train.engine.train import build_model
+    from moe_train.engine.model import build_model
+    from moe_train.models.common.experts import ExpertLayout
     from moe_train.models.common.loss import shift_labels
     from moe_train.models.deepseek_v2 import DeepseekV2Config
+    from moe_train.parallel.dims import ParallelDims
 
     info = init_distributed("pytorch")
     rank, world = info.rank, info.world_size
     cfg = DeepseekV2Config.from_name("tiny", **spec["model"])
+    layout = ExpertLayout(**spec["layout"])
     ds_config = fill_auto(
         load_deepspeed_config(spec.get("deepspeed", "deepspeed_zero3")),
         micro_batch_size=1,
@@ -154,6 +157,8 @@ def main(out_dir: str, spec: dict) -> None:
     sampler.mark("build")
     model = build_model(
         cfg,
+        layout,
+        ParallelDims(world, rank=rank),
         ds_config,
         torch.float32,
         torch.device("cpu"),

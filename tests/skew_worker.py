@@ -16,10 +16,11 @@ import torch
 
 from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
 from moe_train.engine.distributed import destroy_distributed, hard_exit, init_distributed
-from moe_train.engine.train import build_model
-from moe_train.models.common.experts import PerExpertModules
+from moe_train.engine.model import build_model
+from moe_train.models.common.experts import ExpertLayout, PerExpertModules
 from moe_train.models.deepseek_v2 import DeepseekV2Config
 from moe_train.models.deepseek_v2.moe import Router
+from moe_train.parallel.dims import ParallelDims
 
 
 def force_routing_on_rank(rank: int) -> None:
@@ -50,12 +51,8 @@ def main() -> None:
         skip_idle_experts()
     import deepspeed
 
-    cfg = DeepseekV2Config.from_name(
-        "tiny",
-        topk_method="greedy",
-        moe_implementation="shard" if layout == "shard" else "origin",
-        expert_in_one_shard=2 if layout == "shard" else None,
-    )
+    cfg = DeepseekV2Config.from_name("tiny", topk_method="greedy")
+    experts = ExpertLayout("shard", 2) if layout == "shard" else ExpertLayout("origin")
     ds = fill_auto(
         load_deepspeed_config("deepspeed_zero3"),
         micro_batch_size=1,
@@ -65,7 +62,10 @@ def main() -> None:
         bf16=False,
         hidden_size=cfg.hidden_size,
     )
-    model = build_model(cfg, ds, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False)
+    dims = ParallelDims(info.world_size, rank=info.rank)
+    model = build_model(
+        cfg, experts, dims, ds, torch.float32, torch.device("cpu"), None, seed=0, activation_checkpointing=False
+    )
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=ds, dist_init_required=False
     )

@@ -21,10 +21,12 @@ ASSETS = Path(__file__).resolve().parents[1] / "moe_train" / "assets"
 
 
 def snapshot(root: Path) -> dict[str, str]:
+    """The earlier run's files.  A failed start may have added a complete entry to the tokenized-data
+    cache (derived from the inputs, shared by every run of them), never a partial one (checked below)."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and "data_cache" not in p.relative_to(root).parts
     }
 
 
@@ -122,7 +124,16 @@ CASES = {
     "cfg-option-bad-literal": (["--cfg-options", "grad_accum=four"], ["grad_accum", "literal"]),
     "shard-size-not-divisor": (["--expert-in-one-shard", "3"], ["expert_in_one_shard=3", "use one of [1, 2, 4, 8]"]),
     "full-recipe-without-data": (
-        ["train", "deepseek_v2_lite_chat_full_alpaca_e3", "--model", "{root}/model", "--resume", "auto"],
+        [
+            "train",
+            "deepseek_v2_lite_chat_full_alpaca_e3",
+            "--model",
+            "{root}/model",
+            "--resume",
+            "auto",
+            "--cfg-options",
+            "data=[]",
+        ],
         ["has no data", "--data"],
     ),
     # CLI
@@ -186,6 +197,8 @@ def test_bad_input(case, world):
         assert word in errors[0], f"{word!r} not in {errors[0]!r}"
     assert snapshot(work) == before, "the failing command changed the existing work dir"
     assert not any(p.name.startswith(".write-probe") for p in work.rglob("*"))
+    cache = work / "data_cache"
+    assert not cache.exists() or all((e / "COMPLETE").exists() for e in cache.iterdir()), list(cache.iterdir())
 
 
 def test_there_are_at_least_twenty_cases():

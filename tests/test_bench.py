@@ -36,6 +36,10 @@ FIGURES = {
     "p5_wide_load_time_ratio",
     "p5_wide_save_rss_per_partition",
     "p5_wide_load_rss_per_partition",
+    "p5_verify_fraction",
+    "p5_verify_fraction_cold",
+    "p5_wide_verify_fraction",
+    "p5_wide_verify_fraction_cold",
 }
 
 

@@ -205,3 +205,56 @@ def test_aborted_export_to_s3_uploads_no_truncated_shard(s3_server):
     fs.invalidate_cache()
     assert not fs.exists(f"{url}/model-00001-of-00001.safetensors")
     assert not is_complete(url, s3_server["storage_options"])
+
+
+# ----------------------------------------------------------------------------- HF inputs checked before allocation
+def retype_in_header(path, key: str, dtype: str) -> None:
+    """Rewrite one tensor's dtype in a safetensors header, the bytes left as they are."""
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    header[key]["dtype"] = dtype
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+
+
+def test_a_float_weight_retyped_as_integers_of_the_same_size_is_refused(hf_dir):
+    key = "model.layers.1.mlp.experts.0.down_proj.weight"
+    retype_in_header(hf_dir / "model.safetensors", key, "I32")  # 4 bytes, like F32: the reader takes it
+    msg = one_line_error(ValueError, DeepseekV2ForCausalLM.from_pretrained, str(hf_dir))
+    assert f"{key} is stored as int32, but it is a float weight" in msg
+
+
+def test_a_config_implying_more_memory_than_the_host_has_is_refused_before_allocation(hf_dir):
+    import time
+
+    from moe_train.checkpoint.hf_layout import host_memory
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(vocab_size=4194304, hidden_size=262144)  # 2 x 4 TiB of embeddings: in range, field by field
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    msg = one_line_error(ValueError, DeepseekV2ForCausalLM.from_pretrained, str(hf_dir))
+    assert time.perf_counter() - t0 < 30  # refused from the config alone, nothing allocated
+    assert f"{hf_dir}/config.json implies " in msg and "GiB of float32 weights, more than this host's" in msg
+    assert f"{host_memory() / 2**30:,.1f} GiB of memory" in msg
+
+
+def test_every_header_is_compared_with_the_config_before_training_allocates(hf_dir, tmp_path):
+    """The trainer checks the headers right after reading config.json: a mismatch is one line before
+    the model is built (a config whose sizes were edited up would otherwise be allocated first)."""
+    from moe_train.recipes import ASSETS
+    from tests.launch import moe_train
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 4096  # 128x the stored experts
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    args = ["train", "tiny", "--model", str(hf_dir), "--tokenizer", str(ASSETS / "tiny_tokenizer")]
+    proc = moe_train([*args, "--work-dir", str(tmp_path / "w"), "--max-steps", "1", "--no-export"], tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
+    assert "experts.0.down_proj.weight has shape [64, 32], config.json implies [64, 4096]" in errors[0]
+    assert "[moe-train] data:" not in proc.stdout  # refused before the data and the model

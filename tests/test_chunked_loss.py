@@ -50,8 +50,9 @@ def assert_exact(ours, ref):
     ref_loss, ref_gx, ref_gw = ref
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref_loss.item()) <= 1e-6 * abs(ref_loss.item())
-    torch.testing.assert_close(gx, ref_gx, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(gw, ref_gw, rtol=1e-6, atol=1e-6)
+    # fp32 sums in another order (chunk 1 sums the gradient row by row): a few ulps of the sum, 5e-6 rel
+    torch.testing.assert_close(gx, ref_gx, rtol=5e-6, atol=2e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=5e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("factor", [1.0, 3.7e-4])  # the trainer multiplies the sum by world * accum / tokens

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import typing
+
 import click
 import pytest
 from click.testing import CliRunner
 
-from moe_train.cli import _parse_cfg_option, main, train
+from moe_train.cli import TRAIN_FIELDS, main, train
 from moe_train.data.templates import TEMPLATES
 from moe_train.engine.deepspeed_config import load_deepspeed_config
-from moe_train.plan import model_config
-from moe_train.recipes import RECIPES, get_recipe
+from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
+from moe_train.plan import model_config, model_layout
+from moe_train.recipes import FIELDS, RECIPES, get_recipe
+from moe_train.recipes.options import parse_assignment
+from moe_train.recipes.recipe import optional_type
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_recipe_is_complete_and_consistent(name):
     r = get_recipe(name)
-    cfg = model_config(r)  # named size or known HF id, with the recipe's expert layout (validated)
-    assert cfg.n_routed_experts % cfg.shard_size == 0
+    cfg = model_config(r)  # named size or known HF id
+    layout = model_layout(r, cfg)  # the recipe's expert layout, validated against the model
+    assert cfg.num_experts % layout.shard_size(cfg.num_experts) == 0
     assert load_deepspeed_config(r.deepspeed)["zero_optimization"]["stage"] in (2, 3)
-    assert r.template in TEMPLATES and r.too_long in ("truncate", "drop") and r.dtype in ("bf16", "fp32")
+    assert (
+        (r.template is None or r.template in TEMPLATES)
+        and r.too_long in ("truncate", "drop")
+        and r.dtype in ("bf16", "fp32")
+    )
     assert r.max_length >= 2 and r.grad_accum >= 1 and 0 <= r.warmup_ratio < 1 and r.lr > 0
     assert r.description
 
@@ -55,6 +65,10 @@ def test_train_cli_surface_is_pinned():
             "--work-dir",
             "--model",
             "--data",
+            "--data-format",
+            "--columns",
+            "--template",
+            "--data-cache",
             "--max-length",
             "--varlen",
             "--no-varlen",
@@ -89,7 +103,6 @@ def test_train_cli_surface_is_pinned():
 # train options that are not recipe fields: how and where the job runs
 _RUN_OPTIONS = {
     "recipe_name",
-    "deepspeed",
     "launcher",
     "work_dir",
     "resume",
@@ -100,32 +113,72 @@ _RUN_OPTIONS = {
     "overwrite",
     "debug",
     "allow_batch_change",
+    "data_cache",
 }
 
 
-def test_recipe_flags_of_train_are_recipe_fields_of_the_same_type():
-    """The typed shortcuts beside --cfg-options must stay in step with Recipe."""
-    import dataclasses
-    import typing
+def check_field_option(param: click.Parameter) -> None:
+    """An option named after a recipe field is that field: flag, type, range or choices, default, help."""
+    meta, (kind, _) = FIELDS[param.name].metadata, optional_type(param.name)
+    flag = "--" + param.name.replace("_", "-")
+    assert param.opts == [flag] and param.default is None, param.name  # None: the recipe's value
+    assert param.help.startswith(meta["help"]), param.name
+    if kind is bool:
+        assert param.is_flag and param.secondary_opts == ["--" + (meta["off_flag"] or "no-" + flag[2:])]
+        return
+    if typing.get_origin(kind) is list:
+        assert param.multiple, param.name
+        kind = typing.get_args(kind)[0]
+    if typing.get_origin(kind) is dict:  # KEY=VALUE,KEY=VALUE
+        assert param.type.convert("output=answer, input=context", param, None) == {
+            "output": "answer",
+            "input": "context",
+        }
+        return
+    if meta["choices"] is not None:
+        assert isinstance(param.type, click.Choice) and tuple(param.type.choices) == meta["choices"]
+    elif meta["min"] is not None or meta["max"] is not None:
+        assert type(param.type) is {int: click.IntRange, float: click.FloatRange}[kind], param.name
+        bounds = (param.type.min, param.type.max, param.type.min_open, param.type.max_open)
+        assert bounds == (meta["min"], meta["max"], meta["min_open"], meta["max_open"]), param.name
+    else:
+        assert param.type is {int: click.INT, float: click.FLOAT, str: click.STRING}[kind], param.name
 
-    from moe_train.recipes import Recipe
 
-    hints = typing.get_type_hints(Recipe)
-    fields = {f.name for f in dataclasses.fields(Recipe)}
+def test_train_options_are_the_recipe_fields_they_name():
     for param in train.params:
-        if param.name in _RUN_OPTIONS:
-            continue
-        assert param.name in fields, f"--{param.name} is not a Recipe field"
-        hint = str(hints[param.name])
-        kinds = [
-            (click.types.BoolParamType, "bool"),
-            (click.types.IntParamType, "int"),
-            (click.types.FloatParamType, "float"),
-            (click.Choice, "str"),
-            (click.types.StringParamType, "str"),
-        ]
-        kind = next(k for t, k in kinds if isinstance(param.type, t))
-        assert kind and kind in hint, f"--{param.name} parses {param.type!r} but Recipe.{param.name} is {hint}"
+        if param.name not in _RUN_OPTIONS:
+            check_field_option(param)
+    assert {p.name for p in train.params} - _RUN_OPTIONS == set(TRAIN_FIELDS)
+    # the one list of implementations, as the models define it
+    (impl,) = [p for p in train.params if p.name == "moe_implementation"]
+    assert tuple(impl.type.choices) == MOE_IMPLEMENTATIONS
+
+
+def test_the_recipe_table_names_what_the_layers_above_define():
+    from moe_train.data.formats import FORMATS
+    from moe_train.data.templates import TEMPLATES
+    from moe_train.engine.deepspeed_config import shipped_configs
+    from moe_train.recipes import recipe
+
+    assert recipe.SHIPPED_DEEPSPEED.split(", ") == shipped_configs()
+    assert recipe.DATA_FORMATS == FORMATS and recipe.TEMPLATES == tuple(TEMPLATES)
+
+
+def test_plan_options_named_after_recipe_fields_are_those_fields():
+    from moe_train.plan.command import PLAN_FIELDS, plan
+
+    for param in plan.params:
+        if param.name in PLAN_FIELDS:
+            check_field_option(param)
+    # plan --ep is a question (estimate EP of this degree beside ZeRO-3), not the recipe's degree
+    assert {p.name for p in plan.params} & set(FIELDS) == {*PLAN_FIELDS, "ep"}
+
+
+@pytest.mark.parametrize("args", [["--max-length", "1"], ["--eval-fraction", "1"], ["--lr", "0"], ["--sp", "0"]])
+def test_field_options_refuse_out_of_range_values_before_anything_runs(args):
+    out = CliRunner().invoke(main, ["train", "tiny", *args])
+    assert out.exit_code == 2 and f"Invalid value for '{args[0]}'" in out.output
 
 
 def test_recipe_rejects_unknown_dtype():
@@ -155,7 +208,7 @@ def test_export_cli_surface_is_pinned():
     ],
 )
 def test_cfg_options_parse_typed_values(item, expected):
-    assert _parse_cfg_option(get_recipe("tiny"), item) == expected
+    assert parse_assignment(item) == expected
 
 
 def test_unknown_recipe_lists_the_recipes():

@@ -93,21 +93,24 @@ def test_template_trains_only_assistant_replies(tokenizer):
     )
 
 
-def test_alpaca_records_become_messages(tmp_path):
-    path = write_jsonl(
-        tmp_path / "a.jsonl",
-        [
-            {"instruction": "Add.", "input": "2 and 3", "output": "5"},
-            {"instruction": "Say hi.", "input": "", "output": "hi"},
-            {"instruction": "Say bye.", "output": "bye"},
-            {"messages": CHAT},
-        ],
-    )
-    convs = read_conversations(path)
+def test_alpaca_records_become_messages_and_a_mixed_file_is_refused(tmp_path):
+    records = [
+        {"instruction": "Add.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+        {"instruction": "Say bye.", "output": "bye"},
+    ]
+    convs = read_conversations(write_jsonl(tmp_path / "a.jsonl", records))
     assert convs[0] == [{"role": "user", "content": "Add.\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
     assert convs[1][0] == {"role": "user", "content": "Say hi."}
     assert convs[2][1] == {"role": "assistant", "content": "bye"}
-    assert convs[3] == CHAT
+    assert read_conversations(write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}])) == [CHAT]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [*records, {"messages": CHAT}])
+    with pytest.raises(
+        DataError,
+        match=r"mixed.jsonl:4: this messages record differs from the source's first, which "
+        r"is alpaca; keep one format per file",
+    ):
+        read_conversations(mixed)
 
 
 # --- sources -----------------------------------------------------------------------------------

@@ -386,7 +386,7 @@ def test_fp8_checkpoint_loads_dequantised_and_exports_bf16_with_mtp(tmp_path):
 
     checked = 0
     for name, p in params.items():
-        for key, slot in ours_to_hf(name, model.config):
+        for key, slot in ours_to_hf(name, model.config, model.layout):
             if key + "_scale_inv" in stored:
                 assert torch.equal(slot.view(p.data), reference_dequantise(stored[key], stored[key + "_scale_inv"]))
                 checked += 1
@@ -426,7 +426,7 @@ def test_fp8_partitioned_load_reads_element_ranges(tmp_path):
     ranks = 3
     parts = {}
     for rank in range(ranks):
-        model = DeepseekV3ForCausalLM(whole.config)
+        model = DeepseekV3ForCausalLM(whole.config, whole.layout)
         flats = {}
 
         def partition(param, rank=rank, flats=flats):
@@ -443,13 +443,19 @@ def test_fp8_partitioned_load_reads_element_ranges(tmp_path):
 
 # ------------------------------------------------------------------------------------------ templates
 def test_chat_templates_of_the_family():
-    from moe_train.data.templates import get_template
+    from types import SimpleNamespace
+
+    from moe_train.data.templates import named_template
+    from moe_train.data.templates import render as render_template
 
     chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    tokens = SimpleNamespace(
+        bos_token="<bos>", eos_token="<eos>", special_tokens_map={"bos_token": "<bos>", "eos_token": "<eos>"}
+    )
 
     def render(name, messages):
-        segments = get_template(name)(messages, "<bos>", "<eos>")
-        return "".join(s.text for s in segments), [s.text for s in segments if s.trained]
+        ((text, spans),) = render_template(named_template(name), [messages], tokens, ["x"])
+        return text, [text[a:b] for a, b in spans]
 
     assert render("deepseek_v3", [{"role": "system", "content": "Be brief."}, *chat]) == (
         "<bos>Be brief.<｜User｜>Hi?<｜Assistant｜>Hello.<eos>",
@@ -513,6 +519,31 @@ def test_zero3_run_trains_balances_and_exports(v3_run):
     ids = torch.randint(0, 512, (1, 30))
     assert (hf(ids).logits - ours(ids).logits).abs().max() < 1e-4
     assert summary(v3_run)["losses"][0] != summary(v3_run)["losses"][-1]
+
+
+@pytest.mark.slow
+def test_the_export_ships_the_template_trained_with(v3_run):
+    """tiny_v3 trains with the deepseek_v3 template, not its tokenizer's own (V2-style) one: the exported
+    tokenizer (and each checkpoint's) renders exactly the token ids training saw."""
+    from transformers import AutoTokenizer
+
+    from moe_train.assets.build_tiny_assets import CHAT_TEMPLATE
+    from moe_train.data import encode_messages
+
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "5"},
+    ]
+    source = AutoTokenizer.from_pretrained(str(Path(__file__).parents[1] / "moe_train" / "assets" / "tiny_tokenizer"))
+    assert source.chat_template == CHAT_TEMPLATE  # the tokenizer's own differs from what trains
+    trained, _ = encode_messages(source, chat, "deepseek_v3")
+    assert source.apply_chat_template(chat)["input_ids"] != trained
+    for where in (v3_run / "hf_model", next((v3_run / "checkpoints").glob("step-*")) / "tokenizer"):
+        shipped = AutoTokenizer.from_pretrained(str(where))
+        assert shipped.apply_chat_template(chat)["input_ids"] == trained, where
+        prompt = shipped.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
+        assert prompt.endswith("<｜User｜>What is 2 + 3?<｜Assistant｜>")
 
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_v3_zero3_2ranks.json"

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from moe_train.engine.deepspeed_config import load_deepspeed_config
-from moe_train.models.common.experts import ShardedExperts, dispatch_and_combine
+from moe_train.models.common.experts import ExpertLayout, ShardedExperts, dispatch_and_combine
 from moe_train.parallel import expert
-from tests.conftest import tiny_config
+from moe_train.parallel.dims import ParallelDims
+from tests.conftest import TINY_LAYOUT, tiny_config
 from tests.launch import check, metrics, summary, torchrun
 
 ZERO3 = load_deepspeed_config("deepspeed_zero3")
@@ -28,12 +29,12 @@ ZERO3 = load_deepspeed_config("deepspeed_zero3")
 @pytest.mark.parametrize(
     "ep,world,layout,ds,sp,message",
     [
-        (3, 4, {}, ZERO3, 1, "--ep 3 does not divide the world size 4; use one of [1, 2, 4]"),
-        (3, 6, {}, ZERO3, 1, "--ep 3 does not divide the 8 routed experts; use one of [1, 2]"),
+        (3, 4, TINY_LAYOUT, ZERO3, 1, "--ep 3 does not divide the world size 4; use one of [1, 2, 4]"),
+        (3, 6, TINY_LAYOUT, ZERO3, 1, "--ep 3 does not divide the 8 routed experts; use one of [1, 2]"),
         (
             2,
             2,
-            {"moe_implementation": "origin"},
+            ExpertLayout("origin"),
             ZERO3,
             1,
             "--ep needs --moe-implementation shard, not 'origin' (one module per expert); use shard or --ep 1",
@@ -41,17 +42,17 @@ ZERO3 = load_deepspeed_config("deepspeed_zero3")
         (
             4,
             4,
-            {},
+            TINY_LAYOUT,
             ZERO3,
             1,
             "expert_in_one_shard=4 does not divide the 2 experts per rank of --ep 4; "
             "use expert_in_one_shard one of [1, 2]",
         ),
-        (2, 4, {}, ZERO3, 2, "--ep 2 with --sp 2 is not supported; use --sp 1 or --ep 1"),
+        (2, 4, TINY_LAYOUT, ZERO3, 2, "--ep 2 with --sp 2 is not supported; use --sp 1 or --ep 1"),
         (
             2,
             2,
-            {},
+            TINY_LAYOUT,
             load_deepspeed_config("deepspeed_zero2"),
             1,
             "--ep needs ZeRO stage 3, the DeepSpeed config has stage 2; use --deepspeed deepspeed_zero3",
@@ -59,7 +60,7 @@ ZERO3 = load_deepspeed_config("deepspeed_zero3")
         (
             2,
             2,
-            {},
+            TINY_LAYOUT,
             load_deepspeed_config("deepspeed_zero3_offload"),
             1,
             "--ep is not supported with ZeRO offload_param; use --deepspeed deepspeed_zero3 (no offload) or --ep 1",
@@ -69,14 +70,14 @@ ZERO3 = load_deepspeed_config("deepspeed_zero3")
 )
 def test_bad_settings_give_one_line_naming_the_valid_values(ep, world, layout, ds, sp, message):
     with pytest.raises(ValueError) as err:
-        expert.check(ep, world, tiny_config(**layout), ds, sp)
+        ParallelDims(world, sp, ep).validate(tiny_config(), layout, ds)
     assert str(err.value) == message
 
 
 def test_ep1_and_valid_settings_pass():
-    expert.check(1, 3, tiny_config(moe_implementation="origin"), {}, 3)
-    expert.check(2, 4, tiny_config(), ZERO3, 1)
-    expert.check(4, 4, tiny_config(expert_in_one_shard=2), ZERO3, 1)
+    ParallelDims(3, 3, 1).validate(tiny_config(), ExpertLayout("origin"), {})
+    ParallelDims(4, 1, 2).validate(tiny_config(), TINY_LAYOUT, ZERO3)
+    ParallelDims(4, 1, 4).validate(tiny_config(), ExpertLayout("shard", 2), ZERO3)
 
 
 # ------------------------------------------------------------------ the dispatch under skew, 2 processes
@@ -138,6 +139,9 @@ class _Recording:
     def shape(self, key):
         return self.source.shape(key)
 
+    def dtype(self, key):
+        return self.source.dtype(key)
+
     def read(self, key, start=0, end=None):
         self.read_keys.add(key)
         return self.source.read(key, start, end)
@@ -151,9 +155,9 @@ def _check_loading_and_forward(rank: int, groups: expert.EPGroups) -> None:
     from moe_train.models.deepseek_v2 import SPEC
 
     cfg = tiny_config()  # 8 experts in shards of 4: one shard per rank
-    whole = SPEC.build(cfg)
+    whole = SPEC.build(cfg, TINY_LAYOUT)
     load_into(whole, SeededInit(whole, seed=0))
-    model = expert.apply(SPEC.build(cfg), SPEC.moe_types, groups)
+    model = expert.apply(SPEC.build(cfg, TINY_LAYOUT), groups)
     source = _Recording(SeededInit(model, seed=0))
     load_into(model, source)
     experts_read = {int(k.split(".")[5]) for k in source.read_keys if ".mlp.experts." in k}
@@ -335,26 +339,27 @@ def test_benchmarks_p6_p7_run_at_the_test_size():
 def test_planner_predicts_ep_on_the_seed_cluster():
     """236B on 128 x A100 (8 per node): --ep 1 is the ZeRO-3 estimate (communication-bound at 8k);
     EP inside a node cuts the expert gathers by N and wins."""
+    from moe_train.models.common.experts import ExpertLayout
     from moe_train.models.deepseek_v2.config import DeepseekV2Config
     from moe_train.plan.expert import dispatch_buffer_bytes, predict_speed_ep, suggest_ep
     from moe_train.plan.memory import Workload, ZeroSettings
     from moe_train.plan.speed import DEVICES, predict_speed
 
-    cfg = DeepseekV2Config.from_name("deepseek-v2", moe_implementation="shard", expert_in_one_shard=10)
+    cfg, layout = DeepseekV2Config.from_name("deepseek-v2"), ExpertLayout("shard", 10)
     zero = ZeroSettings.from_ds_config(ZERO3, cfg.hidden_size)
     a100 = DEVICES["a100"]
     for length in (8192, 16384):
         work = Workload(max_length=length)
-        assert predict_speed_ep(cfg, work, zero, 128, 16, a100, 1, 16) == predict_speed(
-            cfg, work, zero, 128, 16, a100, 16
+        assert predict_speed_ep(cfg, layout, work, zero, 128, 16, a100, 1, 16) == predict_speed(
+            cfg, layout, work, zero, 128, 16, a100, 16
         )
-        suggestion = suggest_ep(cfg, work, zero, 128, 16, a100, grad_accum=16)
+        suggestion = suggest_ep(cfg, layout, work, zero, 128, 16, a100, grad_accum=16, ds_config=ZERO3)
         assert suggestion["ep"] == 8  # intra-node: the all-to-all stays on NVLink
         z3, ep8 = suggestion["estimates"][1], suggestion["estimates"][8]
         assert ep8.tgs > z3.tgs and ep8.comm_s < z3.comm_s / 4  # then compute-bound at the fitted GEMM efficiency
         assert ep8.tgs > (1.5 if length == 8192 else 1.1) * z3.tgs
     work = Workload(max_length=8192)
-    z3 = predict_speed(cfg, work, zero, 128, 16, a100, 16)
+    z3 = predict_speed(cfg, layout, work, zero, 128, 16, a100, 16)
     assert z3.comm_s > z3.compute_s  # ZeRO-3 moves more than it computes at the seed's scale
     buffers = dispatch_buffer_bytes(cfg, work, 8)  # 8192 tokens x 6 x 5120 bf16; worst case x 8
     assert buffers == {"balanced": 8192 * 6 * 5120 * 2, "worst_case": 8 * 8192 * 6 * 5120 * 2}

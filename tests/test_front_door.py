@@ -247,13 +247,12 @@ def test_resume_auto_refuses_a_finished_run_without_checkpoint(tmp_path):
 
 def test_a_run_killed_before_its_first_save_starts_afresh(tmp_path):
     """No summary.json (the run never ended): --resume auto starts from scratch, so a requeue does not crash-loop."""
-    import fsspec
-
-    from moe_train.engine.train import refuse_finished_without_checkpoint
+    from moe_train.engine.setup import refuse_finished_without_checkpoint
+    from moe_train.run_dir import RunDir
 
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "segment-0001.jsonl").write_text('{"event": "segment"}\n{"step": 1, "loss": 6.0}\n')
-    refuse_finished_without_checkpoint(fsspec.filesystem("file"), str(tmp_path), str(tmp_path))
+    refuse_finished_without_checkpoint(RunDir(str(tmp_path)))
     (tmp_path / "summary.json").write_text('{"steps": 1}')
     with pytest.raises(ValueError, match="ended at step 1"):
-        refuse_finished_without_checkpoint(fsspec.filesystem("file"), str(tmp_path), str(tmp_path))
+        refuse_finished_without_checkpoint(RunDir(str(tmp_path)))

@@ -37,16 +37,19 @@ def varlen_kernels() -> list:
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("kernel", varlen_kernels())
-def test_varlen_kernel_matches_per_sample_sdpa_in_bf16(kernel, monkeypatch):
-    """MLA shapes (q/k 192, v 128, padded by the model), three packed samples; outputs and grads."""
+def test_varlen_kernel_matches_per_sample_sdpa_in_bf16(kernel, kv_heads, monkeypatch):
+    """MLA shapes (q/k 192, v 128, padded by the model), three packed samples; outputs and grads; with
+    fewer k/v heads (GQA) the kernels take them as they are and the fallback repeats them."""
     from moe_train.models.common import attention
 
     torch.manual_seed(0)
     T, H, D, V = 700, 4, 192, 128
     cu = torch.tensor([0, 100, 451, T], dtype=torch.int32, device="cuda")
-    q, k = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    v = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, T, kv_heads, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, T, kv_heads, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(1, T, H, V, device="cuda", dtype=torch.bfloat16)
     results = {}
     for backend in ("flash", "sdpa"):

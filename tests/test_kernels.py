@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_train.engine.kernels import check, kernels
-from moe_train.models.common.experts import expert_kernel
+from moe_train.models.common.experts import ExpertLayout, expert_kernel
 from moe_train.models.deepseek_v2 import DeepseekV2Config
 from tests.conftest import tiny_config
 from tests.launch import check as check_proc
@@ -14,7 +14,7 @@ from tests.launch import moe_train
 
 
 def test_cpu_takes_the_exact_fallbacks_without_a_warning():
-    k = kernels(tiny_config(), torch.float32, torch.device("cpu"))
+    k = kernels(tiny_config(), ExpertLayout(), torch.float32, torch.device("cpu"))
     assert k.attention[0] == "sdpa-per-sample" and k.experts[0] == "grouped_mm"
     assert k.slow == [] and check(k, require_fast=True) is None
     assert "float32 on cpu" in k.line() and "deepspeed 0.19" in k.line()
@@ -22,7 +22,7 @@ def test_cpu_takes_the_exact_fallbacks_without_a_warning():
 
 def test_fp32_on_cuda_is_a_slow_expert_loop_that_stops_the_run_when_fast_kernels_are_required():
     k = kernels(
-        DeepseekV2Config.from_name("deepseek-v2-lite", expert_in_one_shard=8), torch.float32, torch.device("cuda")
+        DeepseekV2Config.from_name("deepseek-v2-lite"), ExpertLayout("shard", 8), torch.float32, torch.device("cuda")
     )
     assert k.experts[0] == "loop" and "not torch.float32; train in bf16" in k.experts[1]
     with pytest.raises(ValueError, match="slow kernels on cuda: .*experts loop.*--allow-slow-kernels"):

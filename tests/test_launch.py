@@ -36,7 +36,7 @@ except ImportError:  # Python 3.10
 K8S_VERSION = "1.30.0"  # validate against a Kubernetes release still widely deployed
 KUBE_DIR = REPO / "schedulers" / "kubernetes"
 VOLCANO_SCHEMA = yaml.safe_load((KUBE_DIR / "volcano.schema.json").read_text())
-COMPONENTS_FNS = ["deepseek_v2_full", "deepseek_v2_lite_full", "deepseek_v3_full", "moonlight_full", "smoke"]
+COMPONENTS_FNS = ["train", "deepseek_v2_full", "deepseek_v2_lite_full", "deepseek_v3_full", "moonlight_full", "smoke"]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SENTINEL = "sentinel-credential-value-0123456789"
 GiB = 1024
@@ -50,6 +50,8 @@ FULL_TRAINER = "--work-dir /shared/runs/v2 --model /models/DeepSeek-V2-Chat"
 def _required(component: str, args) -> list:
     if component == "smoke":
         return list(args)
+    if component == "train" and "--recipe" not in args:  # the generic component names no recipe of its own
+        args = ["--recipe", "deepseek_v2_chat_full_alpaca_e3", *args]
     return [x for k, v in FULL.items() if k not in args for x in (k, v)] + list(args)
 
 
@@ -385,6 +387,59 @@ def test_bad_parameters_fail_early(args, match):
         appdef("deepseek_v2_full", *args)
 
 
+# component parameters that are not recipe fields: where and how the job runs
+LAUNCH_PARAMETERS = {"trainer_args", "recipe", "j", "image", "work_dir", "resume", "env", "mounts", "max_retries"}
+LAUNCH_PARAMETERS |= {"h", "cpu", "gpu", "memMB", "rdzv_port"}
+
+
+def test_component_parameters_are_recipe_fields():
+    """The catalogue declares its parameters once (`train`); each other one is a recipe field that `moe-train
+    train` takes, of the field's type, None by default (the recipe's value), with the field's help."""
+    import inspect
+    import typing
+
+    from torchx.specs.file_linter import get_fn_docstring
+
+    from moe_train.cli import TRAIN_FIELDS
+    from moe_train.recipes import FIELDS
+    from moe_train.recipes.recipe import optional_type
+
+    train = get_component(f"{CATALOGUE}:train").fn
+    parameters = inspect.signature(train).parameters
+    _, docs = get_fn_docstring(train)
+    for name, p in parameters.items():
+        if name in LAUNCH_PARAMETERS:
+            continue
+        assert name in FIELDS and name in TRAIN_FIELDS, name
+        kind, _ = optional_type(name)
+        (declared, none) = typing.get_args(p.annotation)  # Optional[X]
+        assert none is type(None) and p.default is None, name
+        assert declared == kind or typing.get_origin(declared) is typing.get_origin(kind) is list, name
+        help_line = " ".join(docs[name].split()).lower()
+        assert help_line.startswith(FIELDS[name].metadata["help"].rstrip(".").lower()), (name, help_line)
+        assert help_line.endswith("instead of the recipe's"), name
+    for fn in COMPONENTS_FNS:  # the presets: train's parameters, other defaults
+        preset = inspect.signature(get_component(f"{CATALOGUE}:{fn}").fn).parameters
+        assert [(p.name, p.kind, p.annotation) for p in preset.values()] == [
+            (p.name, p.kind, p.annotation) for p in parameters.values()
+        ]
+        assert get_fn_docstring(get_component(f"{CATALOGUE}:{fn}").fn)[1] == docs
+
+
+def test_a_recipe_file_is_passed_where_the_nodes_read_it(tmp_path, monkeypatch):
+    """A relative recipe file becomes absolute under the submission directory (Slurm's shared file system), a
+    URL stays as it is; a full-size preset then takes model and data from the file, not from its recipe."""
+    monkeypatch.chdir(tmp_path)
+    (role,) = appdef("train", "--recipe", "recipes/my.yaml", "--work_dir", "").roles
+    assert trainer_cmd(role.args[1])[:3] == ["moe-train", "train", str(tmp_path / "recipes" / "my.yaml")]
+    assert f"--work-dir {tmp_path / 'work_dirs' / 'my'} " in role.args[1]
+    (role,) = materialize_appdef(
+        get_component(f"{CATALOGUE}:deepseek_v2_full").fn, ["--recipe", "s3://bucket/recipes/v2.yaml"]
+    ).roles
+    cmd = trainer_cmd(role.args[1])
+    assert cmd[2] == "s3://bucket/recipes/v2.yaml" and "--model" not in cmd and "--data" not in cmd
+
+
 def _recipe_facts() -> dict:
     """The recipe facts the catalogue keeps (it imports only TorchX), read from its source."""
     import ast
@@ -444,7 +499,6 @@ def test_component_errors_are_one_line_under_torchx_run(args, line):
     assert "Traceback" not in p.stdout + p.stderr
 
 
-@pytest.mark.xfail(reason="the alpaca recipes name their dataset with issue 23 (hf://datasets/tatsu-lab/alpaca)")
 @pytest.mark.parametrize("scheduler", ["slurm", "kubernetes"])
 def test_headline_command_dryruns_as_written(scheduler):
     """`cd components && torchx run --dryrun -s slurm components.py:deepseek_v2_full`, nothing else: the recipe's

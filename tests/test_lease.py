@@ -15,11 +15,12 @@ import fsspec
 import pytest
 
 from moe_train.engine.lease import STALE_S, Lease, _create_exclusive, own_work_dir
+from moe_train.run_dir import RunDir
 from tests.launch import check, cpu_env, metrics, torchrun, torchrun_cmd
 
 
 def lease_for(fs, root: str, job: str) -> Lease:
-    lease = Lease(fs, root, heartbeat_s=0.2)
+    lease = Lease(RunDir(root, fs=fs), heartbeat_s=0.2)
     lease.owner["job"] = job
     return lease
 
@@ -87,8 +88,9 @@ def test_a_stale_lease_is_taken_over_and_its_holder_exits(tmp_path):
 
     # The holder of a lease that was taken over notices at its next heartbeat and stops writing.
     script = (
-        f"import time, fsspec; from moe_train.engine.lease import Lease; l = Lease(fsspec.filesystem('file'), "
-        f"{str(tmp_path / 'w2')!r}, heartbeat_s=0.2); l.owner['job'] = 'a'; l.acquire(); time.sleep(30)"
+        "import time; from moe_train.engine.lease import Lease; from moe_train.run_dir import RunDir; "
+        f"l = Lease(RunDir({str(tmp_path / 'w2')!r}), heartbeat_s=0.2); l.owner['job'] = 'a'; l.acquire(); "
+        "time.sleep(30)"
     )
     holder = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=cpu_env(tmp_path))
     while not Path(tmp_path, "w2", "lease", "00000001.json").exists():
@@ -117,7 +119,7 @@ def test_a_lease_whose_process_on_this_host_is_gone_is_taken_over_at_once(tmp_pa
 
 
 def test_finished_work_dir_is_refused_and_overwrite_moves_it_aside(tmp_path):
-    fs, root = fsspec.filesystem("file"), str(tmp_path / "work")
+    root = str(tmp_path / "work")
     Path(root, "checkpoints", "step-00000003").mkdir(parents=True)
     Path(root, "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(
@@ -125,10 +127,10 @@ def test_finished_work_dir_is_refused_and_overwrite_moves_it_aside(tmp_path):
         match=r"holds an earlier run \(metrics.jsonl, checkpoints\); continue it with "
         r"--resume auto, pass a new --work-dir, or pass --overwrite",
     ):
-        own_work_dir(fs, root, 0, resume=None, overwrite=False)
-    own_work_dir(fs, root, 0, resume="auto", overwrite=False).release()
+        own_work_dir(RunDir(root), 0, resume=None, overwrite=False)
+    own_work_dir(RunDir(root), 0, resume="auto", overwrite=False).release()
     logged = []
-    own_work_dir(fs, root, 0, resume=None, overwrite=True, log=logged.append).release()
+    own_work_dir(RunDir(root), 0, resume=None, overwrite=True, log=logged.append).release()
     (moved,) = Path(root, "previous").iterdir()
     assert (moved / "metrics.jsonl").read_text() == '{"step": 1}\n' and (
         moved / "checkpoints" / "step-00000003"

@@ -17,13 +17,14 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
 from moe_train.engine.metrics import MetricsWriter, read_metrics, summarize
+from moe_train.run_dir import RunDir
 from tests.launch import check, cpu_env, metrics, torchrun, torchrun_cmd
 
 ASSETS = Path(__file__).resolve().parents[1] / "moe_train" / "assets"
 
 
 def _segment(fs, root, resumed_from, steps):
-    w = MetricsWriter(fs, root, resumed_from=resumed_from, tensorboard=False)
+    w = MetricsWriter(RunDir(root, fs=fs), resumed_from=resumed_from, tensorboard=False)
     for s in steps:
         w.write({"step": s, "loss": float(s), "tgs": 1.0, "tokens": 10})
     w.close()
@@ -36,30 +37,30 @@ def test_segments_keep_each_step_once_and_elapsed_continues(tmp_path):
     _segment(fs, root, 5, range(6, 13))  # resumed from 5 and ran to 12
     path = _segment(fs, root, 4, range(5, 7))  # rolled back to step 4, ran 2 steps
     assert path.endswith("metrics/segment-0003.jsonl")
-    records = read_metrics(fs, root)
+    records = read_metrics(RunDir(root, fs=fs))
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert all(r["time"] > 1.7e9 and r["elapsed"] >= 0 for r in records)
     assert [r["elapsed"] for r in records] == sorted(r["elapsed"] for r in records)
-    run = summarize(read_metrics(fs, root, segments=True))
+    run = summarize(read_metrics(RunDir(root, fs=fs), segments=True))
     assert run["segments"] == 3 and run["steps"] == 6 and run["losses"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     # a half-written last line (a live or killed run) is skipped; a broken line before it is an error
     with open(path, "a") as f:
         f.write('{"step": 7, "lo')
-    assert [r["step"] for r in read_metrics(fs, root)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(RunDir(root, fs=fs))] == [1, 2, 3, 4, 5, 6]
     with open(path, "a") as f:
         f.write('\n{"step": 7}\n')
     with pytest.raises(json.JSONDecodeError):
-        read_metrics(fs, root)
+        read_metrics(RunDir(root, fs=fs))
 
 
 def test_non_finite_figures_are_written_as_null(tmp_path):
     fs = fsspec.filesystem("file")
-    w = MetricsWriter(fs, str(tmp_path), tensorboard=False)
+    w = MetricsWriter(RunDir(str(tmp_path), fs=fs), tensorboard=False)
     w.write({"step": 1, "loss": float("inf"), "grad_norm": float("nan")})
     w.close()
     text = Path(w.path).read_text()
     assert "Infinity" not in text and "NaN" not in text
-    assert read_metrics(fs, str(tmp_path))[0]["loss"] is None
+    assert read_metrics(RunDir(str(tmp_path), fs=fs))[0]["loss"] is None
 
 
 def test_object_store_records_are_visible_within_seconds(s3_server, tmp_path):
@@ -67,12 +68,12 @@ def test_object_store_records_are_visible_within_seconds(s3_server, tmp_path):
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server["endpoint"]})
     root = f"{s3_server['bucket']}/live-{tmp_path.name}"
-    w = MetricsWriter(fs, root, tensorboard=True, flush_s=0.5)
+    w = MetricsWriter(RunDir(root, fs=fs), tensorboard=True, flush_s=0.5)
     w.write({"step": 1, "loss": 6.0, "tgs": 1.0, "tokens": 1})
     deadline, seen = time.monotonic() + 5, []
     while time.monotonic() < deadline and not seen:
         fs.invalidate_cache()
-        seen = [r["step"] for r in read_metrics(fs, root)]
+        seen = [r["step"] for r in read_metrics(RunDir(root, fs=fs))]
         time.sleep(0.2)
     assert seen == [1]  # before close: fsspec alone would buffer it until the end of the run
     w.close()
@@ -115,7 +116,7 @@ def test_s3_metrics_are_live_mid_run_and_survive_sigkill(s3_server, tmp_path):
         while time.monotonic() < deadline and len(steps) < 10:
             assert p.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
             fs.invalidate_cache()
-            steps = _losses_by_step(read_metrics(fs, root))
+            steps = _losses_by_step(read_metrics(RunDir(root, fs=fs)))
             time.sleep(0.5)
         assert len(steps) >= 10, "no live records"
         time.sleep(3)
@@ -127,7 +128,7 @@ def test_s3_metrics_are_live_mid_run_and_survive_sigkill(s3_server, tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
         log.close()
     fs.invalidate_cache()
-    records = [r for r in read_metrics(fs, root) if "loss" in r]
+    records = [r for r in read_metrics(RunDir(root, fs=fs)) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))
     assert len(records) > len(steps) and records[-1]["step"] < 132, "the run was not killed mid-run"
     assert killed_at - records[-1]["time"] < 5.0, (killed_at, records[-1])
@@ -232,7 +233,7 @@ def test_object_store_failures_are_retried_and_stalls_logged_without_blocking_tr
     fs = _FlakyStore(skip_instance_cache=True)
     fs.failures = 1
     lines: list[str] = []
-    w = MetricsWriter(fs, "/run", tensorboard=False, log=lines.append, flush_s=0.2, stall_s=0.5)
+    w = MetricsWriter(RunDir("/run", fs=fs), tensorboard=False, log=lines.append, flush_s=0.2, stall_s=0.5)
     t0 = time.monotonic()
     for step in range(1, 6):
         w.write({"step": step, "loss": 1.0})
@@ -243,7 +244,7 @@ def test_object_store_failures_are_retried_and_stalls_logged_without_blocking_tr
     assert not fs.exists("/run/metrics/segment-0001.jsonl")
     fs.release.set()
     w.close()
-    assert [r["step"] for r in read_metrics(fs, "/run")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(RunDir("/run", fs=fs))] == [1, 2, 3, 4, 5]
 
 
 def test_stall_notice_names_the_operation():

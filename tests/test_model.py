@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe_train import DeepseekV2Config, DeepseekV2ForCausalLM
-from moe_train.models.common.experts import balance_loss
+from moe_train.models.common.experts import ExpertLayout, balance_loss
 from moe_train.models.deepseek_v2.state_dict_adapter import ours_to_hf
 from tests.conftest import tiny_config
 
@@ -14,10 +14,10 @@ from tests.conftest import tiny_config
 def copy_weights(src: DeepseekV2ForCausalLM, dst: DeepseekV2ForCausalLM) -> None:
     """Copy through the checkpoint key map, so layouts may differ."""
     src_params, dst_params = dict(src.named_parameters()), dict(dst.named_parameters())
-    dst_slots = {k: s for name in dst_params for k, s in ours_to_hf(name, dst.config)}
+    dst_slots = {k: s for name in dst_params for k, s in ours_to_hf(name, dst.config, dst.layout)}
     with torch.no_grad():
         for name, p in src_params.items():
-            for key, slot in ours_to_hf(name, src.config):
+            for key, slot in ours_to_hf(name, src.config, src.layout):
                 dst_slots[key].view(dst_params[dst_slots[key].param]).copy_(slot.view(p))
 
 
@@ -49,8 +49,8 @@ def test_packed_positions_restart_per_sample():
 @pytest.mark.parametrize("shard", [1, 2, 8])
 def test_shard_and_origin_give_identical_outputs_and_grads(shard):
     torch.manual_seed(0)
-    origin = DeepseekV2ForCausalLM(tiny_config(moe_implementation="origin")).train()
-    sharded = DeepseekV2ForCausalLM(tiny_config(expert_in_one_shard=shard)).train()
+    origin = DeepseekV2ForCausalLM(tiny_config(), ExpertLayout("origin")).train()
+    sharded = DeepseekV2ForCausalLM(tiny_config(), ExpertLayout("shard", shard)).train()
     copy_weights(origin, sharded)
     ids = torch.randint(0, 512, (1, 40))
     cu = torch.tensor([0, 15, 40], dtype=torch.int32)
@@ -60,8 +60,14 @@ def test_shard_and_origin_give_identical_outputs_and_grads(shard):
     assert abs(outs[0].aux_loss.item() - outs[1].aux_loss.item()) < 1e-7
     for out in outs:
         (out.loss + out.aux_loss).backward()
-    g_origin = {k: s.view(p.grad) for n, p in origin.named_parameters() for k, s in ours_to_hf(n, origin.config)}
-    g_shard = {k: s.view(p.grad) for n, p in sharded.named_parameters() for k, s in ours_to_hf(n, sharded.config)}
+    g_origin = {
+        k: s.view(p.grad) for n, p in origin.named_parameters() for k, s in ours_to_hf(n, origin.config, origin.layout)
+    }
+    g_shard = {
+        k: s.view(p.grad)
+        for n, p in sharded.named_parameters()
+        for k, s in ours_to_hf(n, sharded.config, sharded.layout)
+    }
     assert g_origin.keys() == g_shard.keys()
     for k in g_origin:
         assert (g_origin[k] - g_shard[k]).abs().max() < 1e-6, k
@@ -71,7 +77,7 @@ def test_every_shard_joins_forward_and_backward_even_without_tokens():
     """Each shard must run (and get a gradient) even when routing sends it nothing: that is
     what keeps ZeRO-3 ranks joining the same gathers."""
     torch.manual_seed(0)
-    model = DeepseekV2ForCausalLM(tiny_config(expert_in_one_shard=2, topk_method="greedy")).train()
+    model = DeepseekV2ForCausalLM(tiny_config(topk_method="greedy"), ExpertLayout("shard", 2)).train()
     calls = []
     for name, mod in model.named_modules():
         if type(mod).__name__ == "ExpertShard":
@@ -136,7 +142,7 @@ def test_norm_topk_prob_normalises_weights():
 
 def test_expert_in_one_shard_must_divide_the_expert_count():
     with pytest.raises(ValueError) as e:
-        tiny_config(expert_in_one_shard=3)
+        DeepseekV2ForCausalLM(tiny_config(), ExpertLayout("shard", 3))
     msg = str(e.value)
     assert "\n" not in msg and "does not divide" in msg and "[1, 2, 4, 8]" in msg
 

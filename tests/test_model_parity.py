@@ -48,7 +48,7 @@ def hf_grads_by_checkpoint_key(hf_model, cfg) -> dict[str, torch.Tensor]:
 def our_grads_by_checkpoint_key(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, p in model.named_parameters():
-        for key, slot in ours_to_hf(name, model.config):
+        for key, slot in ours_to_hf(name, model.config, model.layout):
             out[key] = slot.view(p.grad)
     return out
 

@@ -21,11 +21,13 @@ from click.testing import CliRunner
 
 from moe_train.cli import main
 from moe_train.engine.metrics import active_matmul_params
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.deepseek_v2.config import DeepseekV2Config
 from moe_train.plan import (
     build_plan,
     load_deepspeed_config,
     model_config,
+    model_layout,
     seed_row_inputs,
 )
 from moe_train.plan.calibration import (
@@ -48,6 +50,7 @@ from moe_train.plan.memory import (
 )
 from moe_train.plan.speed import DEVICES, predict_speed
 from moe_train.recipes import get_recipe
+from tests.conftest import TINY_LAYOUT
 from tests.launch import check, cpu_env, free_port
 
 V2 = "deepseek_v2_chat_full_alpaca_e3"
@@ -177,7 +180,7 @@ def test_fp32_cpu_model_states_and_step():
         cfg.hidden_size,
     )
     work = Workload(max_length=256, attention="sdpa", dtype="fp32", device="cpu", activation_checkpointing=False)
-    mem = predict_memory(cfg, work, zero, world_size=2)
+    mem = predict_memory(cfg, TINY_LAYOUT, work, zero, world_size=2)
     P = count_params(cfg)
     assert mem.phases["step"] == {
         "params": P * 4 / 2,
@@ -192,7 +195,7 @@ def test_fp32_cpu_model_states_and_step():
     assert "cuda_context_nccl" not in loss and "fragmentation" not in loss
     # the reuse distance (1e9) spans the whole tiny model: every weight stays gathered until its backward
     assert loss["gathered_params"] == P * 4
-    checkpointed = predict_memory(cfg, dataclasses.replace(work, activation_checkpointing=True), zero, 2)
+    checkpointed = predict_memory(cfg, TINY_LAYOUT, dataclasses.replace(work, activation_checkpointing=True), zero, 2)
     assert checkpointed.phases["loss"]["checkpointed_inputs"] < loss["saved_activations"]
 
 
@@ -202,7 +205,7 @@ def test_only_eager_attention_keeps_score_matrices():
     cfg = DeepseekV2Config.from_name("tiny")
     work = Workload(max_length=512, attention="sdpa", varlen=False, dtype="fp32", device="cpu")
     layer = {
-        a: predict_memory(cfg, dataclasses.replace(work, attention=a), ZeroSettings(), 2).phases["layer"]
+        a: predict_memory(cfg, TINY_LAYOUT, dataclasses.replace(work, attention=a), ZeroSettings(), 2).phases["layer"]
         for a in ATTENTIONS
     }
     assert layer["sdpa"] == layer["flash"]
@@ -212,7 +215,8 @@ def test_only_eager_attention_keeps_score_matrices():
 
 def test_recipes_resolve_to_named_sizes():
     assert model_config(get_recipe(V2)).hidden_size == 5120
-    assert model_config(get_recipe("deepseek_v2_lite_chat_full_alpaca_e3")).shard_size == 8
+    lite = get_recipe("deepseek_v2_lite_chat_full_alpaca_e3")
+    assert model_layout(lite, model_config(lite)) == ExpertLayout("shard", 8)
     assert model_config(get_recipe("tiny")).num_hidden_layers == 3
 
 
@@ -232,8 +236,8 @@ WIDE_TINY = dict(
     qk_rope_head_dim=32,
     v_head_dim=64,
     n_routed_experts=16,
-    expert_in_one_shard=4,
 )
+WIDE_TINY_LAYOUT = ExpertLayout("shard", 4)
 MEASURED_LENGTH = 1024
 WORKER = Path(__file__).parent / "plan_measure_worker.py"
 
@@ -243,7 +247,12 @@ def test_prediction_matches_a_real_zero3_cpu_run(zero3, tmp_path):
     """2 ranks, ZeRO-3 on gloo, fp32, built and stepped the way the trainer does it: the peak RSS
     above the baseline taken before the model is built is within 15% of the prediction, and so is
     each term measured on its own (model states, step transients, gathered weights, activations)."""
-    spec = {"model": WIDE_TINY, "max_length": MEASURED_LENGTH, "steps": 2}
+    spec = {
+        "model": WIDE_TINY,
+        "layout": dataclasses.asdict(WIDE_TINY_LAYOUT),
+        "max_length": MEASURED_LENGTH,
+        "steps": 2,
+    }
     # glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB); from
     # then on freed tensors stay in the heap and RSS stops following live memory (+55% peak here).
     # Pinned at its default of 128 KiB, every tensor above it goes back to the OS when freed.
@@ -272,7 +281,7 @@ def test_prediction_matches_a_real_zero3_cpu_run(zero3, tmp_path):
     work = Workload(
         max_length=MEASURED_LENGTH, attention="sdpa", dtype="fp32", device="cpu", activation_checkpointing=False
     )
-    mem = predict_memory(cfg, work, ZeroSettings.from_ds_config(zero3, cfg.hidden_size), world_size=2)
+    mem = predict_memory(cfg, WIDE_TINY_LAYOUT, work, ZeroSettings.from_ds_config(zero3, cfg.hidden_size), world_size=2)
     loss, step = mem.phases["loss"], mem.phases["step"]
     predicted = {
         "model states": sum(step[k] for k in ("params", "grads", "optimizer_states", "reduce_bucket")),
@@ -400,11 +409,11 @@ def seed_tgs(cal=None) -> list[float | None]:
     device = DEVICES["a100"] if cal is None else dataclasses.replace(DEVICES["a100"], calibration=cal)
     out = []
     for S, impl, varlen, _ in SEED_TABLE:
-        cfg, work, zero, grad_accum = seed_row_inputs(S, impl, varlen)
-        if predict_memory(cfg, work, zero, 128).per_gpu_gb > 80:
+        cfg, layout, work, zero, grad_accum = seed_row_inputs(S, impl, varlen)
+        if predict_memory(cfg, layout, work, zero, 128).per_gpu_gb > 80:
             out.append(None)
         else:
-            out.append(predict_speed(cfg, work, zero, 128, 16, device, grad_accum).tgs)
+            out.append(predict_speed(cfg, layout, work, zero, 128, 16, device, grad_accum).tgs)
     return out
 
 
@@ -429,9 +438,9 @@ def test_seed_rows_left_out_within_25_percent():
         network = constants.pop("network_gbps")
         cal = dataclasses.replace(A100, **constants, eager_efficiency=constants["gemm_efficiency"])
         S, impl, varlen, tgs = SEED_TABLE[i]
-        cfg, work, zero, grad_accum = seed_row_inputs(S, impl, varlen)
+        cfg, layout, work, zero, grad_accum = seed_row_inputs(S, impl, varlen)
         device = dataclasses.replace(DEVICES["a100"], calibration=cal, network_gbps=network)
-        assert predict_speed(cfg, work, zero, 128, 16, device, grad_accum).tgs == pytest.approx(tgs, rel=0.25)
+        assert predict_speed(cfg, layout, work, zero, 128, 16, device, grad_accum).tgs == pytest.approx(tgs, rel=0.25)
     assert sorted(SEED_LEAVE_ONE_OUT) == [i for i, row in enumerate(SEED_TABLE) if row[3]]
 
 
@@ -516,33 +525,101 @@ def test_search_json_and_the_seed_reference():
 
 
 def test_search_sweeps_ep_within_what_the_trainer_accepts(zero3):
-    """Every EP degree dividing the GPUs and the experts is in the space; the timed ones are exactly
-    those ``parallel.expert.check_settings`` (the trainer's own refusal) lets through."""
-    from moe_train.parallel.expert import check_settings
-    from moe_train.plan.search import search
+    """Every EP degree dividing the GPUs and the experts is in the space; the timed ones pass the
+    trainer's own check (``ParallelDims.validate``) and are estimated as the memory model says."""
+    from moe_train.parallel import ParallelDims
+    from moe_train.plan.search import offload_config, search
 
     p = build_plan(get_recipe("tiny"), 4, 80, ds_config=zero3)
-    found = search(p.model, p.work, p.zero, 4, 1, p.device, 80, top=10**6)
-    E = p.model.n_routed_experts
+    found = search(p.model, p.work, p.zero, zero3, 4, 1, p.device, 80, top=10**6)
+    E = p.model.num_experts
     eps = {r.candidate.ep for r in found.best}
     assert eps == {n for n in (1, 2, 4) if E % n == 0} and len(eps) > 1
     assert found.space == sum(found.pruned.values()) + found.timed == len(found.best) + sum(found.pruned.values())
     for r in found.best:
         c = r.candidate
+        layout = ExpertLayout(c.moe_implementation, c.expert_in_one_shard)
+        ParallelDims(4, c.sp, c.ep).validate(p.model, layout, offload_config(zero3, c.offload))  # raises if refused
         if c.ep == 1:
             continue
         assert c.moe_implementation == "shard" and c.sp == 1 and c.offload == "none"
-        cfg = p.model.replace(moe_implementation="shard", expert_in_one_shard=c.expert_in_one_shard)
-        check_settings(c.ep, 4, cfg, zero3, c.sp)  # raises if the trainer would refuse it
         w = dataclasses.replace(p.work, max_length=c.max_length, activation_checkpointing=c.activation_checkpointing)
-        assert r.per_gpu_gb == pytest.approx(predict_memory(cfg, w, p.zero, 4, c.ep).per_gpu_gb)
+        assert r.per_gpu_gb == pytest.approx(predict_memory(p.model, layout, w, p.zero, 4, c.ep).per_gpu_gb)
+
+
+# One grid of layouts, fed to the trainer's check and to the planner (plan, plan --ep, --search): they agree.
+GRID = [
+    (world, sp, ep, layout, ds)
+    for world in (2, 3, 4, 6)
+    for sp in (1, 2, 3)
+    for ep in (1, 2, 3, 4)
+    for layout in (ExpertLayout("origin"), ExpertLayout("shard", 2), TINY_LAYOUT, ExpertLayout())
+    for ds in ("deepspeed_zero3", "deepspeed_zero2", "deepspeed_zero3_offload")
+]
+
+
+def _refusal(world: int, sp: int, ep: int, layout: ExpertLayout, ds_config: dict) -> str | None:
+    """The trainer's refusal of these settings for the tiny recipe: ``engine/train.py`` makes exactly this
+    call before it builds anything (its one-line errors under torchrun: tests/test_ep.py, test_sp.py)."""
+    from moe_train.parallel import ParallelDims
+
+    try:
+        ParallelDims(world, sp, ep, rank=0).validate(model_config(get_recipe("tiny")), layout, ds_config)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_the_planner_and_the_trainer_agree_on_a_grid_of_layouts():
+    from moe_train.plan.expert import ep_report
+    from moe_train.plan.search import MAX_LENGTHS, offload_config, search
+
+    for world, sp, ep, layout, ds in GRID:
+        refused = _refusal(world, sp, ep, layout, load_deepspeed_config(ds))
+        recipe = get_recipe("tiny").replace(
+            sp=sp, ep=ep, moe_implementation=layout.moe_implementation, expert_in_one_shard=layout.expert_in_one_shard
+        )
+        try:  # `moe-train plan RECIPE --gpus world`
+            build_plan(recipe, world, 80, deepspeed=ds)
+            planned = None
+        except ValueError as e:
+            planned = str(e)
+        assert planned == refused, (world, sp, ep, layout, ds)
+        if ep > 1 and not _refusal(world, sp, 1, layout, load_deepspeed_config(ds)):
+            try:  # `moe-train plan RECIPE --gpus world --ep ep`, the recipe itself at --ep 1
+                ep_report(build_plan(recipe.replace(ep=1), world, 80, deepspeed=ds), ep, 1)
+                reported = None
+            except ValueError as e:
+                reported = str(e)
+            assert reported == refused, (world, sp, ep, layout, ds)
+    refusals = [_refusal(w, sp, ep, lay, load_deepspeed_config(ds)) for w, sp, ep, lay, ds in GRID]
+    assert 0 < refusals.count(None) < len(GRID)
+    # --search prunes as invalid exactly the candidates the trainer refuses (each at every length and
+    # checkpointing setting).
+    zero3 = load_deepspeed_config("deepspeed_zero3")
+    cfg = model_config(get_recipe("tiny"))
+    layouts = [ExpertLayout("origin")] + [ExpertLayout("shard", d) for d in (1, 2, 4, 8)]
+    for world in (3, 4, 6):
+        work = Workload(max_length=256, dtype="fp32")
+        found = search(cfg, work, ZeroSettings(), zero3, world, 1, DEVICES["a100"], 80)
+        divisors = [d for d in range(1, world + 1) if world % d == 0]
+        refused = [
+            1
+            for layout in layouts
+            for ep in divisors
+            if 8 % ep == 0
+            for sp in divisors
+            for offload in ("none", "optimizer", "optimizer+params")
+            if _refusal(world, sp, ep, layout, offload_config(zero3, offload))
+        ]
+        assert found.pruned["invalid"] == len(refused) * len(MAX_LENGTHS) * 2, world
 
 
 def test_ep_memory_keeps_the_partitions_gathers_local_shards_and_holds_the_worst_case_dispatch(zero3):
-    cfg = DeepseekV2Config.from_name("deepseek-v2", moe_implementation="shard", expert_in_one_shard=10)
+    cfg, layout = DeepseekV2Config.from_name("deepseek-v2"), ExpertLayout("shard", 10)
     zero = ZeroSettings.from_ds_config(zero3, cfg.hidden_size)
     work = Workload(max_length=8192)
-    m1, m8 = predict_memory(cfg, work, zero, 128), predict_memory(cfg, work, zero, 128, 8)
+    m1, m8 = predict_memory(cfg, layout, work, zero, 128), predict_memory(cfg, layout, work, zero, 128, 8)
     for term in ("params", "grads", "optimizer_states"):  # E/8 experts over 16 ranks = E/128 experts' worth
         assert m8.phases["step"][term] == m1.phases["step"][term]
     # ZeRO-3 gathers 2 of the 16 shards of a layer: the gathered working set shrinks
@@ -554,8 +631,8 @@ def test_ep_memory_keeps_the_partitions_gathers_local_shards_and_holds_the_worst
     # The verdict is the worst case: a GPU that holds the balanced rows only does not fit.
     balanced = m8.totals["layer"] - m8.phases["layer"]["ep_dispatch_skew"]
     assert balanced / GiB < m8.per_gpu_gb
-    with pytest.raises(ValueError, match="ep=3"):
-        predict_memory(cfg, work, zero, 128, 3)
+    with pytest.raises(ValueError, match="--ep 3 does not divide the world size 128"):  # the trainer's check
+        predict_memory(cfg, layout, work, zero, 128, 3)
 
 
 @pytest.mark.slow  # the whole 236B space with EP: ~30 s of CPU
@@ -582,7 +659,7 @@ def test_model_option_takes_a_config_json_directory(tmp_path):
         res = run("tiny", "--gpus", "2", "--gpu-mem-gb", "80", "--model", model, "--json")
         assert res.exit_code == 0, res.output
         out = json.loads(res.output)
-        assert out["params"] == count_params(cfg.replace(expert_in_one_shard=4))
+        assert out["params"] == count_params(cfg)
     res = run("tiny", "--gpus", "2", "--gpu-mem-gb", "80", "--model", str(tmp_path / "missing"))
     errors = [line for line in res.output.splitlines() if line.startswith("Error")]
     assert res.exit_code != 0 and len(errors) == 1 and "--model" in errors[0], res.output

@@ -250,6 +250,7 @@ def test_kill_mid_checkpoint_and_mid_export_leave_nothing_marked_complete(refere
     from moe_train.checkpoint.hf_layout import INDEX, is_complete
     from moe_train.checkpoint.training_state import CheckpointManager
     from moe_train.models.deepseek_v2 import DeepseekV2ForCausalLM
+    from moe_train.run_dir import RunDir
 
     work, hf = tmp_path / "run", tmp_path / "run" / "hf_model"
     step10 = work / "checkpoints" / f"step-{2 * SAVE_EVERY:08d}"
@@ -278,7 +279,7 @@ def test_kill_mid_checkpoint_and_mid_export_leave_nothing_marked_complete(refere
     )
     assert sorted(os.listdir(step10)) == sorted(rank0 + RANK0_EXTRA)  # no rank-1 file, no COMPLETE
     assert complete_steps(work) == [SAVE_EVERY]
-    assert CheckpointManager(str(work), 0, 2).latest().endswith(f"step-{SAVE_EVERY:08d}")
+    assert CheckpointManager(RunDir(str(work)), 0, 2).latest().endswith(f"step-{SAVE_EVERY:08d}")
     os.kill(pid, signal.SIGKILL)
 
     # 2. torchrun restarts both ranks: the partial step 10 is deleted, training resumes from step 5,
@@ -316,7 +317,7 @@ def test_sigterm_to_torchrun_checkpoints_the_step_and_the_next_run_resumes(refer
         r"within the 60s grace",
         out,
     )
-    assert len(stops) == 2 and stops[0][0] == stops[1][0], out[-6000:]  # each rank, the same step
+    assert len(stops) == 1, out[-6000:]  # rank 0 says it for the job (the ranks agreed on the step)
     stop_step = int(stops[0][0])
     # the step in flight was finished and checkpointed, and nothing after it ran
     assert logged_steps(work)[-1] == stop_step and complete_steps(work)[-1] == stop_step < STEPS
@@ -487,7 +488,7 @@ def test_scancel_term_on_slurm_saves_and_torchx_requeues(slurm_cluster, referenc
         r"within the 30s grace",
         first_run,
     )
-    assert len(stops) == 2 and stops[0] == stops[1], first_run[-6000:]  # both ranks, at the same step
+    assert len(stops) == 1, first_run[-6000:]  # rank 0 says it for the job (the ranks agreed on the step)
     assert assert_resumed_like_the_reference(reference, work, first_run + slurm_logs(tmp_path)) == int(stops[0])
     print(f"TorchX job {job.id}: {job.sacct()}; requeued job waited {waited:.1f}s")
 
@@ -519,7 +520,9 @@ def test_slurm_requeue_of_srun_ranks_saves_within_killwait_and_exits_143(slurm_c
     # DerivedExitCode: the highest exit code of the job's steps (sacct shows the step's own as "15:0")
     assert "143:0" in [r["DerivedExitCode"] for r in runs], job.sacct()
     logs_ = log.read_text()
-    assert re.search(r"srun: error: node\d: tasks 0-1: Exited with exit code 143", logs_), logs_[-6000:]
+    # srun reports both tasks at once ("tasks 0-1") or each as it exits ("task 0", "task 1")
+    exited = re.findall(r"srun: error: node\d: tasks? ([\d-]+): Exited with exit code 143", logs_)
+    assert sorted(exited) in (["0-1"], ["0", "1"]), logs_[-6000:]
     assert "SIGTERM: saving a checkpoint after the current step, within the 5s grace" in logs_
     assert_resumed_like_the_reference(reference, work, logs_)
     print(f"sbatch job {job.id}: {job.sacct()}; requeued job waited {waited:.1f}s")

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from moe_train.cli import main
 from moe_train.engine.metrics import MetricsWriter
 from moe_train.report import DPI, FIGSIZE, expert_load_matrix, load_run, report
+from moe_train.run_dir import RunDir
 
 LAYERS, STEPS = 3, 12
 
@@ -22,8 +23,7 @@ def _fake_run(fs, root: str) -> None:
     rng = np.random.default_rng(0)
     for resumed_from, steps in ((0, range(1, 9)), (6, range(7, STEPS + 1))):
         w = MetricsWriter(
-            fs,
-            root,
+            RunDir(root, fs=fs),
             resumed_from=resumed_from,
             tensorboard=False,
             header={"world_size": 2, "device": "cpu", "torch": "2.x", "deepspeed": "0.x"},

@@ -76,7 +76,8 @@ def http_data(tmp_path):
 def test_credentials_are_absent_from_every_file_and_every_output(tmp_path, http_data):
     secret = "env-secret-3e8d1f0a"
     work = tmp_path / "work"
-    env = cpu_env(tmp_path, AWS_SECRET_ACCESS_KEY=secret, NO_PROXY="127.0.0.1")
+    hf_home = tmp_path / "hf"  # datasets' and huggingface_hub's own caches: searched too
+    env = cpu_env(tmp_path, AWS_SECRET_ACCESS_KEY=secret, NO_PROXY="127.0.0.1", HF_HOME=str(hf_home))
     args = [
         "tiny",
         "--deepspeed",
@@ -98,8 +99,9 @@ def test_credentials_are_absent_from_every_file_and_every_output(tmp_path, http_
         )
     )
     assert runs[1].returncode != 0 and "Error: http://***@127.0.0.1:" in runs[1].stderr, runs[1].stderr[-2000:]
-    files = [p for p in work.rglob("*") if p.is_file()]
+    files = [p for p in [*work.rglob("*"), *hf_home.rglob("*"), *(tmp_path / "w2").rglob("*")] if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in files) and (work / "summary.json").exists()
+    assert any(p.name == "packs.arrow" for p in files)  # the tokenized-data cache, in the work dir
     for p in files:
         data = p.read_bytes()
         for s in (URL_PASSWORD, "pa/ss-7c1e9f", secret):

@@ -20,7 +20,7 @@ from moe_train.data.packing import Pack
 from moe_train.models.common.attention import VarlenAttention, varlen_attention
 from moe_train.models.deepseek_v2 import SPEC
 from moe_train.parallel.sequence import join_after_exchange, pad_heads, shard_row, split_for_exchange
-from tests.conftest import tiny_config
+from tests.conftest import TINY_LAYOUT, tiny_config
 from tests.launch import check, metrics, summary, torchrun
 
 IGNORE = -100
@@ -84,11 +84,14 @@ def test_exchange_layout_and_head_padding_give_full_attention():
 # ------------------------------------------------------------------ real collectives, 3 processes
 def _three_rank_worker(rank: int, init_file: str) -> None:
     from moe_train.engine.distributed import hard_exit
-    from moe_train.models.deepseek_v2.moe import MoE
-    from moe_train.parallel import SequenceParallel
+    from moe_train.models.common.moe import MoE
+    from moe_train.models.deepseek_v2.moe import Router
+    from moe_train.parallel import ParallelDims
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3)
-    seq = SequenceParallel(3)
+    dims = ParallelDims(3, sp=3, rank=rank)
+    dims.create_groups()
+    seq = dims.seq
     batch = packed_batch()  # 7 tokens, padded to 9: slices [0, 3) [3, 6) [6, 9), sample 0 crosses a boundary
     part = seq.shard(batch, pad_id=1)
     mine = slice(3 * rank, 3 * rank + 3)
@@ -126,12 +129,12 @@ def _three_rank_worker(rank: int, init_file: str) -> None:
 
     # MoE: the balance loss shares add up to the whole row's loss, gradients included, and the
     # expert load leaves the padding out.
-    reference = MoE(cfg).train()
+    reference = MoE(cfg, TINY_LAYOUT, Router(cfg)).train()
     x = torch.randn(1, 9, cfg.hidden_size)
     x_full = x[:, :7].clone().requires_grad_()
     _, aux_ref, load_ref = reference(x_full, torch.tensor([0, 0, 0, 0, 1, 1, 1]))
     aux_ref.backward()
-    moe = MoE(cfg).train()
+    moe = MoE(cfg, TINY_LAYOUT, Router(cfg)).train()
     moe.load_state_dict(reference.state_dict())
     seq.apply(moe, SPEC)
     x_local = x[:, mine].clone().requires_grad_()

@@ -18,7 +18,8 @@ ASSETS = Path(__file__).resolve().parents[1] / "moe_train" / "assets" / "tiny_to
 def _model(root: Path, name: str, tokenizer: bool = True, marker: int = 4321, **config) -> Path:
     """A tiny HF checkpoint; its tokenizer is the debug one with a marker in tokenizer_config.json."""
     d = root / name
-    hf_reference(tiny_config()).save_pretrained(d)
+    # a vocab_size override shapes the weights too (start-up checks weights against config.json first)
+    hf_reference(tiny_config(**{k: v for k, v in config.items() if k == "vocab_size"})).save_pretrained(d)
     if config:
         cfg = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(json.dumps({**cfg, **config}))

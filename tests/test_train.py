@@ -243,6 +243,31 @@ def test_s3_work_dir_export_and_no_secret_leaks(tmp_path, s3_server):
     assert proc.stdout.count("[moe-train] data: 87 packs, 44 steps per epoch") == 1
     assert "unknown inputs or outputs type" not in proc.stdout + proc.stderr
 
+    # COMPLETE keeps each object's ETag: an unchanged object is read without hashing (the store's own
+    # checksums cover it); one replaced after the save (same size, 4000 bytes overwritten) is checked.
+    from moe_train.checkpoint.hf_layout import parameter_shapes
+    from moe_train.checkpoint.training_state import TrainingCheckpoint
+    from moe_train.models import spec_of
+    from moe_train.storage import resolve
+
+    step = f"{url}/checkpoints/step-00000002"
+    complete = json.loads(fs.cat(f"{step}/COMPLETE"))
+    assert all(record["etag"].startswith('"') for record in complete["files"].values())
+    store, path = resolve(step, s3_server["storage_options"])
+    assert TrainingCheckpoint(store, path).vouched == set(complete["files"])
+    victim = "master-rank00001-of-00002.safetensors"
+    data = bytearray(fs.cat(f"{step}/{victim}"))
+    data[len(data) // 2 : len(data) // 2 + 4000] = b"\x00\x40\x1c\x46" * 1000
+    fs.pipe(f"{step}/{victim}", bytes(data))
+    ckpt = TrainingCheckpoint(store, path)
+    assert ckpt.vouched == set(complete["files"]) - {victim}
+    with torch.device("meta"):
+        shapes = parameter_shapes(spec_of(ckpt.config).build(ckpt.config))
+    index = ckpt.ranges("master", shapes)
+    with pytest.raises(ValueError, match=rf"{victim}: the range .* does not match its digest in COMPLETE"):
+        for entries in index.values():
+            ckpt.read_into(entries, 0, torch.empty(sum(e.end - e.start for e in entries)))
+
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_zero3_2ranks.json"
 

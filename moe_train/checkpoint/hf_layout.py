@@ -11,6 +11,8 @@ The family comes from config.json's ``model_type`` (``moe_train.models.spec_for`
 from __future__ import annotations
 
 import json
+import math
+import os
 import posixpath
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -20,6 +22,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from moe_train.checkpoint.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsStreamWriter
 from moe_train.models import spec_for, spec_of
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.common.key_map import Slot, canonical_name
 from moe_train.storage import redact, resolve
 
@@ -31,6 +34,7 @@ COMPLETE = "COMPLETE"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    "chat_template.jinja",  # where transformers 5 keeps the chat template (the one trained with)
     "special_tokens_map.json",
     "tokenizer.model",
     "generation_config.json",
@@ -53,8 +57,8 @@ def _read_json(fs: Any, path: str, shown: str) -> Any:
         ) from None
 
 
-def read_config(url: str, storage_options: dict[str, Any] | None = None, **layout: Any) -> Any:
-    """The config of the checkpoint at ``url``, as its family's config class (``layout``: expert layout)."""
+def read_config(url: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """The config of the checkpoint at ``url``, as its family's config class."""
     fs, root = resolve(url, storage_options)
     if not fs.exists(root):
         raise FileNotFoundError(f"{redact(url)} does not exist; pass a checkpoint directory or URL")
@@ -65,7 +69,7 @@ def read_config(url: str, storage_options: dict[str, Any] | None = None, **layou
     d = _read_json(fs, path, shown)
     spec = spec_for(d.get("model_type") if isinstance(d, dict) else None)
     try:
-        return spec.config(d, **layout)
+        return spec.config(d)
     except (ValueError, TypeError) as e:  # TypeError: a field the config class does not take as a keyword
         raise ValueError(f"{shown}: {e}") from None
 
@@ -206,7 +210,7 @@ def expected_hf_keys(model: torch.nn.Module) -> dict[str, tuple[Slot, tuple[int,
     ours_to_hf = spec_of(model).ours_to_hf
     out = {}
     for name, shape in reference_shapes(model).items():
-        for key, slot in ours_to_hf(name, model.config):
+        for key, slot in ours_to_hf(name, model.config, model.layout):
             out[key] = (slot, slot.shape(shape))
     return out
 
@@ -215,7 +219,7 @@ def reference_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     """Canonical parameter name -> full shape, from the model's family built on the meta device;
     the persistent buffers (DeepSeek V3's correction bias) follow the parameters."""
     with torch.device("meta"):
-        reference = spec_of(model).build(model.config)
+        reference = spec_of(model).build(model.config, model.layout)
     return {name: tuple(p.shape) for name, p in [*reference.named_parameters(), *persistent_buffers(reference)]}
 
 
@@ -240,6 +244,51 @@ def carried_keys(model: torch.nn.Module, source: Any) -> list[str]:
     return [] if carried is None else [k for k in source.weight_map if carried(model.config, k)]
 
 
+def check_source(model: torch.nn.Module, source: Any) -> None:
+    """Every tensor the model takes from ``source`` has the shape config.json implies and a float dtype
+    (a float tensor retyped as integers of the same size would load as reinterpreted bits).  Headers
+    only: it runs before anything is allocated (``model`` may be on the meta device)."""
+    expected = expected_hf_keys(model)
+    carried = set(carried_keys(model, source))
+    check_keys(expected, set(source.weight_map) - carried, source.url)
+    for _, keys in source.keys_by_file():
+        for key in keys:
+            if key in carried:
+                continue
+            shape, dtype = tuple(source.shape(key)), source.dtype(key)
+            if shape != expected[key][1]:
+                raise ValueError(
+                    f"{source.url}: {key} has shape {list(shape)}, config.json implies "
+                    f"{list(expected[key][1])}; the checkpoint does not match its config"
+                )
+            if not dtype.is_floating_point:
+                raise ValueError(
+                    f"{source.url}: {key} is stored as {str(dtype).removeprefix('torch.')}, but it is a float "
+                    "weight (integers would load as reinterpreted bits); re-download or re-export the checkpoint"
+                )
+
+
+def check_checkpoint(cfg: Any, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """``check_source`` for the model ``cfg`` describes and the HF checkpoint at ``url``, before any allocation."""
+    with torch.device("meta"):
+        reference = spec_of(cfg).build(cfg)
+    check_source(reference, HFCheckpoint(url, storage_options))
+
+
+def host_memory() -> int:
+    """This host's memory in bytes, or its container's (cgroup) limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
 @torch.no_grad()
 def load_into(model: torch.nn.Module, source: Any, partition: Callable[[torch.Tensor], Any] | None = None) -> None:
     """Fill `model` from a tensor source (HFCheckpoint, or anything with weight_map, keys_by_file,
@@ -250,7 +299,7 @@ def load_into(model: torch.nn.Module, source: Any, partition: Callable[[torch.Te
     rank then reads only the element range of each tensor that falls in its own partition."""
     expected = expected_hf_keys(model)
     carried = set(carried_keys(model, source))
-    check_keys(expected, set(source.weight_map) - carried, source.url)
+    check_source(model, source)
     shapes = reference_shapes(model)
     params = {canonical_name(name): p for name, p in [*model.named_parameters(), *persistent_buffers(model)]}
     elsewhere = set(shapes) - set(params)  # other ranks' routed experts (expert parallelism): not read here
@@ -258,14 +307,9 @@ def load_into(model: torch.nn.Module, source: Any, partition: Callable[[torch.Te
         for key in keys:
             if key in carried:
                 continue
-            slot, shape = expected[key]
+            slot, _ = expected[key]
             if slot.param in elsewhere:
                 continue
-            if tuple(source.shape(key)) != shape:
-                raise ValueError(
-                    f"{source.url}: {key} has shape {list(source.shape(key))}, config.json implies "
-                    f"{list(shape)}; the checkpoint does not match its config"
-                )
             param = params[slot.param]
             part = partition(param) if partition is not None else None
             if part is None:
@@ -288,13 +332,23 @@ def load_pretrained(
     attn_backend: str = "auto",
     storage_options: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
-    """The model of whatever registered family the checkpoint at ``url`` holds, weights loaded."""
-    cfg = read_config(
-        url, storage_options, moe_implementation=moe_implementation, expert_in_one_shard=expert_in_one_shard
-    )
-    ckpt = HFCheckpoint(url, storage_options)
+    """The model of whatever registered family the checkpoint at ``url`` holds, weights loaded, its routed
+    experts in the layout given."""
+    cfg = read_config(url, storage_options)
+    layout = ExpertLayout(moe_implementation, expert_in_one_shard)
+    layout.check(cfg.num_experts)
     with torch.device("meta"):
-        model = spec_of(cfg).build(cfg, attn_backend=attn_backend)
+        model = spec_of(cfg).build(cfg, layout, attn_backend=attn_backend)
+    # Nothing is allocated before the config is checked against this host and the weights' headers.
+    need = sum(math.prod(shape) for shape in reference_shapes(model).values()) * dtype.itemsize
+    if torch.device(device).type == "cpu" and need > host_memory():
+        raise ValueError(
+            f"{redact(url).rstrip('/')}/config.json implies {need / 2**30:,.1f} GiB of {str(dtype)[6:]} weights, more "
+            f"than this host's {host_memory() / 2**30:,.1f} GiB of memory; check its sizes (hidden_size, layers, "
+            "experts, vocab_size) or load it on a larger host"
+        )
+    ckpt = HFCheckpoint(url, storage_options)
+    check_source(model, ckpt)
     model = model.to_empty(device=device).to(dtype)
     load_into(model, ckpt)
     return model
@@ -444,12 +498,12 @@ def save_pretrained(
         for name, full in model.named_parameters() if tensors is None else tensors:
             if writer is None:
                 continue
-            for key, slot in ours_to_hf(name, model.config):
+            for key, slot in ours_to_hf(name, model.config, model.layout):
                 t = slot.view(full.data)
                 writer.write(key, t if dtype is None else t.to(dtype))
         if writer is not None:
             for name, buf in persistent_buffers(model):
-                for key, slot in ours_to_hf(name, model.config):
+                for key, slot in ours_to_hf(name, model.config, model.layout):
                     t = slot.view(buf.data)
                     writer.write(key, t if dtype is None else t.to(dtype))
             for key in carried:

@@ -91,7 +91,7 @@ class SafetensorsReader:
         for key, v in header.items():
             if not isinstance(v, dict) or set(v) != {"dtype", "shape", "data_offsets"}:
                 raise self._bad(f"{key}: expected dtype, shape and data_offsets")
-            if v["dtype"] not in DTYPES:
+            if not isinstance(v["dtype"], str) or v["dtype"] not in DTYPES:
                 raise ValueError(
                     f"{self.path} holds tensors of dtype {v['dtype']!r}, which moe-train cannot read; "
                     "convert the checkpoint to bf16 or fp32"

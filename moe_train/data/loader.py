@@ -26,34 +26,15 @@ same sample, such as a sequence-parallel group, pass the same ``dp_rank`` (their
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from moe_train.data.datasets import DataError, read_conversations
-from moe_train.data.packing import Pack, PackStats, pack
-from moe_train.data.templates import IGNORE_INDEX, encode_conversations
-
-
-def build_packed_dataset(
-    paths: list[str] | str,
-    tokenizer,
-    template: str = "deepseek_v2",
-    max_length: int = 8192,
-    varlen: bool = True,
-    too_long: str = "truncate",
-    seed: int = 0,
-) -> tuple[list[Pack], PackStats]:
-    """Read, tokenize and pack the training data: what the trainer calls."""
-    conversations = read_conversations(paths)
-    packs, stats = pack(encode_conversations(tokenizer, conversations, template), max_length, varlen, too_long, seed)
-    if not packs:
-        raise DataError(
-            f"{paths} produced no trainable samples at max_length {max_length} ({len(conversations)} read, "
-            f"{stats.dropped} dropped); raise --max-length or keep too_long='truncate'"
-        )
-    return packs, stats
+from moe_train.data.packing import Pack
+from moe_train.data.sources import DataError
+from moe_train.data.templates import IGNORE_INDEX
 
 
 class PackedLoader:

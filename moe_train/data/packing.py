@@ -94,19 +94,54 @@ def _best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-def _build(samples: list[Sample], varlen: bool) -> Pack:
+def build_pack(samples: list[Sample], varlen: bool) -> Pack:
+    """One pack of kept samples (see ``keep``), in the given order."""
     input_ids = torch.tensor([t for ids, _ in samples for t in ids], dtype=torch.int32)
     labels = torch.tensor([t for _, lab in samples for t in lab], dtype=torch.int32)
     lengths = torch.tensor([len(ids) for ids, _ in samples], dtype=torch.int32)
     total = int(lengths.sum())
+    cu_seqlens = (
+        torch.zeros(len(samples) + 1, dtype=torch.int32) if varlen else torch.tensor([0, total], dtype=torch.int32)
+    )
     if varlen:
-        cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
-        position_ids = torch.arange(total, dtype=torch.int32) - torch.repeat_interleave(cu_seqlens[:-1], lengths)
-    else:
-        cu_seqlens = torch.tensor([0, total], dtype=torch.int32)
-        position_ids = torch.arange(total, dtype=torch.int32)
-    return Pack(input_ids, labels, position_ids, cu_seqlens)
+    return Pack(input_ids, labels, positions(cu_seqlens), cu_seqlens)
+
+
+def positions(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Position ids restarting at each boundary of ``cu_seqlens``: 0..L-1 for ``[0, L]``."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    total = int(cu_seqlens[-1])
+    return torch.arange(total, dtype=torch.int32) - torch.repeat_interleave(cu_seqlens[:-1], lengths)
+
+
+def keep(sample: Sample, max_length: int, too_long: str) -> tuple[Sample | None, bool]:
+    """The sample as packed (cut to ``max_length``, first label -100), or None when it is dropped: too
+    long under ``"drop"``, or no trained token left after the cut; and whether it was cut."""
+    ids, labels = sample
+    if len(ids) != len(labels):
+        raise ValueError(f"input_ids and labels differ in length ({len(ids)} vs {len(labels)})")
+    cut = len(ids) > max_length
+    if cut and too_long == "drop":
+        return None, False
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(t == IGNORE_INDEX for t in labels[1:]):  # nothing to train, e.g. a cut that left only prompt
+        return None, False
+    return (ids, [IGNORE_INDEX, *labels[1:]]), cut
+
+
+def check_options(max_length: int, too_long: str) -> None:
+    if too_long not in TOO_LONG:
+        raise ValueError(f"too_long must be one of {TOO_LONG}, got {too_long!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+
+
+def plan_packs(lengths: np.ndarray, max_length: int, seed: int) -> list[list[int]]:
+    """The packs as lists of kept-sample indices (ascending: samples keep their input order)."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    bins = _best_fit_decreasing(lengths[order], max_length)
+    return [sorted(int(order[i]) for i in b) for b in bins]
 
 
 def pack(
@@ -121,30 +156,18 @@ def pack(
     ``too_long`` decides what happens to a sample longer than ``max_length``: ``"truncate"`` keeps
     its first ``max_length`` tokens, ``"drop"`` removes it.  Deterministic for a given ``seed``.
     """
-    if too_long not in TOO_LONG:
-        raise ValueError(f"too_long must be one of {TOO_LONG}, got {too_long!r}")
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    check_options(max_length, too_long)
     kept: list[Sample] = []
     truncated = dropped = 0
-    for ids, labels in samples:
-        if len(ids) != len(labels):
-            raise ValueError(f"input_ids and labels differ in length ({len(ids)} vs {len(labels)})")
-        cut = len(ids) > max_length
-        if cut and too_long == "drop":
-            dropped += 1
-            continue
-        ids, labels = ids[:max_length], labels[:max_length]
-        if all(t == IGNORE_INDEX for t in labels[1:]):  # nothing to train, e.g. a cut that left only prompt
+    for sample in samples:
+        s, cut = keep(sample, max_length, too_long)
+        if s is None:
             dropped += 1
             continue
         truncated += cut
-        kept.append((ids, [IGNORE_INDEX, *labels[1:]]))
-
-    order = np.random.default_rng(seed).permutation(len(kept))
-    lengths = np.array([len(kept[i][0]) for i in order], dtype=np.int64)
-    bins = _best_fit_decreasing(lengths, max_length)
-    packs = [_build([kept[j] for j in sorted(order[i] for i in b)], varlen) for b in bins]
+        kept.append(s)
+    lengths = np.array([len(ids) for ids, _ in kept], dtype=np.int64)
+    packs = [build_pack([kept[j] for j in b], varlen) for b in plan_packs(lengths, max_length, seed)]
     stats = PackStats(
         samples=len(kept),
         packs=len(packs),

@@ -29,6 +29,7 @@ LAUNCHER_ENV = "MOE_TRAIN_LAUNCHER"  # set by our launchers for their ranks: the
 STOPPED = "stopped"  # the category of a stop on a signal (checkpoint saved): not an error
 _CLAIM_KEY = "moe-train/error-line"
 _CLAIM_WAIT_S = 5.0  # the store may be gone with rank 0; better said twice than never
+_DEFER_S = 1.0  # how long ranks other than 0 let rank 0 speak first
 
 
 def rank_from_env() -> int:
@@ -75,6 +76,10 @@ def _claim(line: str, rank: int) -> bool:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return True
+    if rank != 0:
+        # Rank 0 owns the progress bar and usually fails with the same line: let it close the bar and
+        # say the line first, so it does not land mid-bar (the agent stops us all soon after anyway).
+        time.sleep(_DEFER_S)
     result: list[Any] = []
 
     def ask() -> None:

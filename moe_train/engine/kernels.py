@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from moe_train.models.common.attention import attention_kernel
-from moe_train.models.common.experts import expert_kernel
+from moe_train.models.common.experts import ExpertLayout, expert_kernel
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,11 @@ def _version(dist: str) -> str:
         return "absent"
 
 
-def kernels(cfg: Any, dtype: torch.dtype, device: torch.device, attn_backend: str = "auto") -> Kernels:
-    if cfg.moe_implementation == "shard":
-        experts = expert_kernel(device.type, dtype, cfg.hidden_size, cfg.moe_intermediate_size)
+def kernels(
+    cfg: Any, layout: ExpertLayout, dtype: torch.dtype, device: torch.device, attn_backend: str = "auto"
+) -> Kernels:
+    if layout.moe_implementation == "shard":
+        experts = expert_kernel(device.type, dtype, cfg.hidden_size, cfg.expert_intermediate_size)
     else:
         experts = ("per-expert modules", "moe_implementation=origin, the baseline")
     return Kernels(attention_kernel(attn_backend, device), experts, dtype, device)

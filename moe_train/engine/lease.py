@@ -33,24 +33,12 @@ from typing import Any
 
 import torch.distributed as dist
 
-from moe_train.storage import display, is_local
+from moe_train.run_dir import RunDir
+from moe_train.storage import is_local
 
-LEASE_DIR = "lease"
 HEARTBEAT_S = 15.0
 STALE_S = 120.0  # 8 missed heartbeats: longer than any pause of a healthy rank 0 between two writes
 EXIT_LEASE_LOST = 75  # EX_TEMPFAIL: another job took the work dir over
-# What a run leaves in its work dir; any of these means the work dir holds a run.
-RUN_FILES = (
-    "metrics",
-    "metrics.jsonl",
-    "summary.json",
-    "recipe.json",
-    "deepspeed.json",
-    "checkpoints",
-    "hf_model",
-    "tb",
-)
-PREVIOUS_DIR = "previous"
 
 
 def job_id(environ: dict[str, str] | None = None) -> str:
@@ -103,9 +91,8 @@ def _mtime(fs: Any, path: str) -> float:
 class Lease:
     """The lease of one work dir, held by rank 0 of the owning job."""
 
-    def __init__(self, fs: Any, root: str, stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S) -> None:
-        self.fs, self.root = fs, root
-        self.dir = posixpath.join(root, LEASE_DIR)
+    def __init__(self, run: RunDir, stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S) -> None:
+        self.run, self.fs, self.dir = run, run.fs, run.lease
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self.owner = {
             "job": job_id(),
@@ -120,7 +107,7 @@ class Lease:
 
     @property
     def where(self) -> str:
-        return display(self.fs, self.root)
+        return self.run.where
 
     def _path(self, generation: int) -> str:
         return posixpath.join(self.dir, f"{generation:08d}.json")
@@ -245,25 +232,6 @@ class Lease:
         self.generation = None
 
 
-def run_files(fs: Any, root: str) -> list[str]:
-    """The files of an earlier run in the work dir (see RUN_FILES)."""
-    return [name for name in RUN_FILES if fs.exists(posixpath.join(root, name))]
-
-
-def move_aside(fs: Any, root: str, names: list[str]) -> str:
-    """Move an earlier run's files into ``previous/{UTC time}/``; returns that directory."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    target = posixpath.join(root, PREVIOUS_DIR, stamp)
-    n = 1
-    while fs.exists(target):
-        n += 1
-        target = posixpath.join(root, PREVIOUS_DIR, f"{stamp}-{n}")
-    fs.makedirs(target, exist_ok=True)
-    for name in names:
-        fs.mv(posixpath.join(root, name), posixpath.join(target, name), recursive=True)
-    return target
-
-
 class NoLease:
     """What ranks other than 0 hold: rank 0 owns the lease for the whole job."""
 
@@ -271,29 +239,29 @@ class NoLease:
         pass
 
 
-def own_work_dir(fs: Any, root: str, rank: int, resume: str | None, overwrite: bool, log=print) -> Lease | NoLease:
+def own_work_dir(run: RunDir, rank: int, resume: str | None, overwrite: bool, log=print) -> Lease | NoLease:
     """Rank 0 takes the lease and checks the work dir is free to use; every rank learns the outcome."""
     if overwrite and resume:
         raise ValueError("--overwrite moves the earlier run aside and --resume continues it; pass one of them")
     error, lease = None, NoLease()
     if rank == 0:
-        lease = Lease(fs, root)
+        lease = Lease(run)
         try:
             note = lease.acquire()
             if note:
                 log(note)
-            found = run_files(fs, root)
+            found = run.run_files()
             if found and overwrite:
-                log(f"moved the earlier run ({', '.join(found)}) aside to {display(fs, move_aside(fs, root, found))}")
+                log(f"moved the earlier run ({', '.join(found)}) aside to {run.display(run.move_aside(found))}")
             elif found and not resume:
                 raise ValueError(
-                    f"work dir {lease.where} holds an earlier run ({', '.join(found)}); continue it "
+                    f"work dir {run.where} holds an earlier run ({', '.join(found)}); continue it "
                     "with --resume auto, pass a new --work-dir, or pass --overwrite to move it aside "
-                    f"into {PREVIOUS_DIR}/"
+                    f"into {posixpath.basename(run.previous)}/"
                 )
         except (ValueError, OSError) as e:
             lease.release()
-            error = str(e) if isinstance(e, ValueError) else f"work dir {display(fs, root)}: {e}"
+            error = str(e) if isinstance(e, ValueError) else f"work dir {run.where}: {e}"
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]
         dist.broadcast_object_list(box, src=0)

@@ -1,13 +1,14 @@
 """Throughput (TGS), model FLOPs utilisation (MFU), expert load and memory for each step, and the
 run's metrics files (one per run segment; see `MetricsWriter` and `read_metrics`).
 
-FLOPs of one training step (forward + backward = 3 x forward):
+FLOPs of one training step (forward + backward = 3 x forward), the family's ``ModelSpec.train_flops``:
     6 * N_active * tokens                                    (every matmul weight a token touches)
-  + 6 * layers * heads * (qk_head_dim + v_head_dim) * sum_i s_i^2 / 2   (causal attention scores and
-                                                              values over each packed sample i of s_i tokens)
+  + 3 * flops_per_key * sum_i s_i^2 / 2                      (causal attention scores and values over
+                                                              each packed sample i of s_i tokens)
 N_active counts attention, dense MLP, shared experts, the top-k routed experts, the router and the
 LM head, on the model built on the meta device (``moe_train.models.param_counts``); the embedding
-lookup and the norms are not matmuls and are left out.
+lookup and the norms are not matmuls and are left out.  ``flops_per_key`` is 2 * layers * heads *
+(q/k head dim + v head dim) of the family's ``AttentionShape``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any
 
 import torch
 
-from moe_train.models import param_counts
-from moe_train.storage import display, is_local
+from moe_train.models import param_counts, spec_of
+from moe_train.run_dir import RunDir
+from moe_train.storage import is_local
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0}
@@ -38,15 +40,7 @@ def active_matmul_params(cfg: Any) -> int:
 
 
 def step_flops(cfg: Any, sample_lengths: list[int]) -> float:
-    tokens = sum(sample_lengths)
-    attn = (
-        6
-        * cfg.num_hidden_layers
-        * cfg.num_attention_heads
-        * (cfg.qk_head_dim + cfg.v_head_dim)
-        * sum(s * s / 2 for s in sample_lengths)
-    )
-    return 6 * active_matmul_params(cfg) * tokens + attn
+    return spec_of(cfg).train_flops(cfg, sample_lengths)
 
 
 def peak_tflops(override: float | None) -> float | None:
@@ -82,21 +76,20 @@ def peak_memory_gb() -> float:
 
 # --- the metrics of a run: one JSON-lines file per run segment -------------------------------------
 
-SEGMENTS = "metrics"  # {work_dir}/metrics/segment-0001.jsonl, segment-0002.jsonl, ... one per start or resume
-LEGACY = "metrics.jsonl"  # the single file of runs before segments, read as segment 0
+# run.metrics/segment-0001.jsonl, segment-0002.jsonl, ... one per start or resume; run.legacy_metrics: the
+# single file of runs before segments, read as segment 0
 FLUSH_S = 2.0  # object stores: the spool is uploaded at most this long after a record
 STALL_S = 30.0  # an upload slower than this is logged
 
 
-def segment_paths(fs: Any, root: str) -> list[str]:
+def segment_paths(run: RunDir) -> list[str]:
     """The run's metrics files in the order they were written (missing directory: none)."""
     try:
-        names = fs.ls(posixpath.join(root, SEGMENTS), detail=False)
+        names = run.fs.ls(run.metrics, detail=False)
     except FileNotFoundError:
         names = []
     segments = sorted(n for n in names if re.fullmatch(r"segment-\d+\.jsonl", posixpath.basename(n)))
-    legacy = posixpath.join(root, LEGACY)
-    return ([legacy] if fs.exists(legacy) else []) + segments
+    return ([run.legacy_metrics] if run.fs.exists(run.legacy_metrics) else []) + segments
 
 
 def _parse(text: str) -> list[dict[str, Any]]:
@@ -110,14 +103,14 @@ def _parse(text: str) -> list[dict[str, Any]]:
     return records
 
 
-def read_metrics(fs: Any, root: str, segments: bool = False) -> list[dict[str, Any]]:
+def read_metrics(run: RunDir, segments: bool = False) -> list[dict[str, Any]]:
     """The run's records across segments, each step once: a segment that resumed from step N replaces
     every record after N of the segments before it (a crash's repeated steps, an abandoned branch).
     ``segments=True`` keeps each segment's header record (``"event": "segment"``)."""
     records: list[dict[str, Any]] = []
-    for path in segment_paths(fs, root):
+    for path in segment_paths(run):
         try:
-            seg = _parse(fs.cat_file(path).decode())
+            seg = _parse(run.fs.cat_file(path).decode())
         except FileNotFoundError:  # removed between listing and reading
             continue
         if seg and seg[0].get("event") == "segment":
@@ -157,9 +150,9 @@ class _Mirror:
     with backoff; an upload that has not finished after ``stall_s`` is logged once."""
 
     def __init__(
-        self, fs: Any, pairs: Any, interval: float = FLUSH_S, stall_s: float = STALL_S, log: Any = print
+        self, run: RunDir, pairs: Any, interval: float = FLUSH_S, stall_s: float = STALL_S, log: Any = print
     ) -> None:
-        self.fs, self.pairs, self.interval, self.stall_s, self.log = fs, pairs, interval, stall_s, log
+        self.run, self.pairs, self.interval, self.stall_s, self.log = run, pairs, interval, stall_s, log
         self._seen: dict[str, tuple[int, int]] = {}
         self._busy: tuple[str, float] | None = None
         self._warned = False
@@ -188,12 +181,12 @@ class _Mirror:
         for attempt in range(1, attempts + 1):
             self._busy = (remote, time.monotonic())
             try:
-                self.fs.pipe_file(remote, data)
+                self.run.put_bytes(remote, data)
                 return
             except Exception as e:  # noqa: BLE001 - any store error: retry, then keep training
                 wait = min(2.0**attempt, 30.0)
                 self.log(
-                    f"metrics upload to {display(self.fs, remote)} failed ({type(e).__name__}: {e}); "
+                    f"metrics upload to {self.run.display(remote)} failed ({type(e).__name__}: {e}); "
                     + (
                         f"retry {attempt}/{attempts - 1} in {wait:.0f}s"
                         if attempt < attempts
@@ -211,7 +204,7 @@ class _Mirror:
         if busy and not self._warned and time.monotonic() - busy[1] > self.stall_s:
             self._warned = True
             self.log(
-                f"metrics upload to {display(self.fs, busy[0])} has not finished after {self.stall_s:.0f}s; "
+                f"metrics upload to {self.run.display(busy[0])} has not finished after {self.stall_s:.0f}s; "
                 "the object store may be stalled (training goes on, the upload retries)"
             )
 
@@ -229,8 +222,8 @@ class _Mirror:
 
 
 class MetricsWriter:
-    """The records of this run segment in ``{work_dir}/metrics/segment-NNNN.jsonl``, and TensorBoard
-    event files in ``{work_dir}/tb`` when TensorBoard is installed.
+    """The records of this run segment in ``run.metrics/segment-NNNN.jsonl``, and TensorBoard event
+    files in ``run.tb`` when TensorBoard is installed.
 
     The segment's first line says where it starts (``resumed_from``: 0 for a fresh start), so that
     ``read_metrics`` keeps each step once.  Every record gets ``time`` (Unix seconds) and
@@ -241,8 +234,7 @@ class MetricsWriter:
 
     def __init__(
         self,
-        fs: Any,
-        root: str,
+        run: RunDir,
         resumed_from: int = 0,
         tensorboard: bool = True,
         log: Any = print,
@@ -250,25 +242,24 @@ class MetricsWriter:
         header: dict[str, Any] | None = None,
         stall_s: float = STALL_S,
     ) -> None:
-        self.fs, self.root = fs, root
-        previous = read_metrics(fs, root)
+        previous = read_metrics(run)
         kept = [r for r in previous if r.get("step", 0) <= resumed_from and "elapsed" in r]
         self._base = kept[-1]["elapsed"] if kept else 0.0
         self._t0 = time.monotonic()
         number = 1 + max(
             [
                 int(re.findall(r"\d+", posixpath.basename(p))[0])
-                for p in segment_paths(fs, root)
+                for p in segment_paths(run)
                 if p.endswith(".jsonl") and "segment-" in p
             ]
             or [0]
         )
-        self.path = posixpath.join(root, SEGMENTS, f"segment-{number:04d}.jsonl")
+        self.path = posixpath.join(run.metrics, f"segment-{number:04d}.jsonl")
         self._mirror = None
-        tb_dir = posixpath.join(root, "tb")
-        if is_local(fs):
-            fs.makedirs(posixpath.join(root, SEGMENTS), exist_ok=True)
-            self._f = fs.open(self.path, "a")
+        tb_dir = run.tb
+        if is_local(run.fs):
+            run.makedirs(run.metrics)
+            self._f = run.open(self.path, "a")
         else:
             self._spool = tempfile.mkdtemp(prefix="moe-train-metrics-")
             self._f = open(os.path.join(self._spool, posixpath.basename(self.path)), "a")  # noqa: SIM115
@@ -282,7 +273,7 @@ class MetricsWriter:
                         out.append((local, posixpath.join(remote_tb, os.path.relpath(local, tb_dir))))
                 return out
 
-            self._mirror = _Mirror(fs, pairs, interval=flush_s, stall_s=stall_s, log=log)
+            self._mirror = _Mirror(run, pairs, interval=flush_s, stall_s=stall_s, log=log)
         self._tb = None
         if tensorboard:
             try:

@@ -18,82 +18,52 @@ position is kept in packs, so a loader on another data-parallel size continues a
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from moe_train.checkpoint.hf_layout import persistent_buffers
-from moe_train.checkpoint.training_state import TrainingCheckpoint, set_rng_state
+from moe_train.checkpoint.training_state import (
+    FIXED,
+    LAYOUT,
+    TUNABLE,
+    TrainingCheckpoint,
+    first_error,
+    set_rng_state,
+)
 from moe_train.models.common.key_map import canonical_name
 from moe_train.parallel import zero3
-from moe_train.recipes import Recipe
-from moe_train.storage import redact
-
-# Recipe fields that define the run: a change is refused (the model and data are checked apart).
-FIXED = ("template", "max_length", "varlen", "too_long", "shuffle", "seed", "epochs", "warmup_ratio", "min_lr_ratio")
-# Recipe fields that may change on resume; applied from the resumed step and logged.
-TUNABLE = ("lr", "betas", "weight_decay", "max_grad_norm", "max_steps", "save_steps", "save_total_limit")
-# How the same run is laid out: re-partitioned on resume (the global batch is checked apart).
-LAYOUT = (
-    "moe_implementation",
-    "expert_in_one_shard",
-    "sp",
-    "grad_accum",
-    "micro_batch_size",
-    "deepspeed",
-    "dtype",
-    "activation_checkpointing",
-    "ep",
-)
+from moe_train.parallel.dims import ParallelDims
+from moe_train.recipes import Recipe, recipe_record
 
 
-def recipe_record(r: Recipe) -> dict[str, Any]:
-    """The recipe as JSON with URL credentials redacted."""
-    d = dataclasses.asdict(r)
-    for key in ("model", "tokenizer"):
-        if d[key]:
-            d[key] = redact(d[key])
-    d["data"] = [redact(u) for u in d["data"]]
-    d["betas"] = list(d["betas"])
-    return d
-
-
-def data_fingerprint(data_urls: list[str], packs: list[Any]) -> dict[str, Any]:
-    """File list with sizes and a SHA-256 over the packs' tokens, labels and boundaries."""
-    from moe_train.data.datasets import resolve_files
-
-    files = [[redact(fs.unstrip_protocol(path)), int(fs.size(path))] for fs, path in resolve_files(data_urls)]
-    h = hashlib.sha256()
-    for p in packs:
-        for t in (p.input_ids, p.labels, p.cu_seqlens):
-            h.update(t.contiguous().numpy().tobytes())
-            h.update(b"|")
-    return {"files": files, "packs": len(packs), "sha256": h.hexdigest()}
+def data_fingerprint(packs: Any) -> dict[str, Any]:
+    """The training data's inputs (name, size or commit) and a SHA-256 over its packs' digests (the
+    cache computed each pack's over its tokens, labels and boundaries when it tokenized them)."""
+    return {"files": [i[:2] for i in packs.meta["inputs"]], "packs": len(packs), "sha256": packs.sha256()}
 
 
 def plan(
     ckpt: TrainingCheckpoint,
     r: Recipe,
-    world: int,
+    dims: ParallelDims,
     allow_batch_change: bool,
     log: Callable[[str], None],
-    deepspeed: str,
 ) -> Recipe:
     """The recipe to resume ``ckpt`` with: refused (one line) if it changes the run, else with
     ``grad_accum`` adjusted to keep the global batch on this world size, every change logged."""
     saved, state, step = ckpt.state["recipe"], ckpt.state, ckpt.step
-    now = {**recipe_record(r), "deepspeed": deepspeed}
+    now = recipe_record(r)
     for key in FIXED:
-        if saved[key] != now[key]:
+        # template None: the tokenizer's or family's, resolved at start-up; the packs' digest covers it
+        if saved.get(key) != now[key] and not (key == "template" and now[key] is None):
             raise ValueError(
                 f"{key} was {saved[key]!r} in the checkpoint and is {now[key]!r} now; {key} defines the "
                 f"run and cannot change on resume: pass --cfg-options {key}={saved[key]!r} or start a "
                 "new --work-dir"
             )
-    dp = world // r.sp
+    dp, world = dims.dp, dims.world
     packs = state["dp_size"] * state["grad_accum"] * state["micro_batch_size"]
     accum = r.grad_accum
     if dp * accum * r.micro_batch_size != packs and r.grad_accum == saved["grad_accum"]:
@@ -121,7 +91,7 @@ def plan(
             f"global batch {packs} -> {dp * r.grad_accum * r.micro_batch_size} packs per step from step {step + 1} "
             "(--allow-batch-change)"
         )
-    now = {**recipe_record(r), "deepspeed": deepspeed}
+    now = recipe_record(r)
     for key in TUNABLE:
         if saved[key] != now[key]:
             log(f"{key} {_show(saved[key])} -> {_show(now[key])} from step {step + 1}")
@@ -173,56 +143,74 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
         "step": step,
         "optimizer_step": zero3.optimizer_step_count(job.engine),
         "world_size": job.world,
-        "dp_size": job.world // r.sp,
-        "sp": r.sp,
+        "dp_size": job.dims.dp,
+        "sp": job.dims.sp,
         "grad_accum": r.grad_accum,
         "micro_batch_size": r.micro_batch_size,
-        "loader": job.loader.state_dict(),
+        "loader": job.data.loader.state_dict(),
         "scheduler": {
             "last_epoch": sched.last_epoch,
             "step_count": sched._step_count,
             "base_lrs": list(sched.base_lrs),
             "last_lr": list(sched.get_last_lr()),
         },
-        "recipe": {**recipe_record(r), "deepspeed": job.tc.deepspeed or job.recipe.deepspeed},
+        "recipe": recipe_record(r),
         "config": job.cfg.to_hf_dict(
             torch_dtype=str(next(job.engine.module.parameters()).dtype).removeprefix("torch.")
         ),
-        "data": job.data_fingerprint,
+        "data": job.fingerprint,
         # Persistent buffers (DeepSeek V3's correction bias): small, whole on every rank, fp32 exact in JSON.
         "buffers": {canonical_name(name): buf.float().tolist() for name, buf in persistent_buffers(job.engine.module)},
     }
 
 
 @torch.no_grad()
-def load(
-    ckpt: TrainingCheckpoint,
-    engine: Any,
-    scheduler: Any,
-    loader: Any,
-    r: Recipe,
-    shapes: dict[str, tuple[int, ...]],
-    cfg: Any,
-    rank: int,
-    world: int,
-) -> int:
-    """Every rank fills the partitions it now owns from the checkpoint; returns the step resumed at."""
-    state = ckpt.state
+def load(ckpt: TrainingCheckpoint, job: Any, shapes: dict[str, tuple[int, ...]], log: Callable[[str], None]) -> Any:
+    """Every rank fills the partitions it now owns from the checkpoint; returns the checkpoint loaded.
+
+    Each rank checks the digests of what it reads.  When any rank finds damage, every rank learns it;
+    with ``--resume auto`` the checkpoint is moved aside and the newest intact one is loaded instead,
+    provided it resumes the same run layout the engine was built for (else one line: run again)."""
+    engine, rank = job.engine, job.rank
     zero3.begin_load(engine)
-    ckpt.load(zero3.optimizer_ranges(engine, create_state=True), cfg, shapes)
+    while True:
+        error, rng = None, None
+        try:
+            ckpt.load(zero3.optimizer_ranges(engine, create_state=True), job.cfg, job.layout, shapes)
+            # RNG: a rank's own stream when the world is the same; else the stream of the rank with its index modulo.
+            rng = ckpt.rng(rank % ckpt.world)
+        except ValueError as e:
+            error = str(e)
+        finally:
+            ckpt.close()
+        reason = first_error(error)
+        if reason is None:
+            break
+        failed = ckpt
+        ckpt = job.ckpt.fall_back(failed, reason, auto=job.tc.resume == "auto", log=log)
+        again = plan(ckpt, job.recipe, job.dims, job.tc.allow_batch_change, log)
+        if again != job.recipe:
+            raise ValueError(
+                f"{failed.where} is damaged and was moved aside; the newest intact checkpoint, "
+                f"{ckpt.where}, resumes with another layout than this start planned: run again with "
+                "--resume auto"
+            )
+        check_model_and_data(ckpt, job.cfg, job.fingerprint)
+    state = ckpt.state
     zero3.set_optimizer_step_count(engine, state["optimizer_step"])
     zero3.finish_load(engine)
     for name, buf in persistent_buffers(engine.module):
         saved = state.get("buffers", {}).get(canonical_name(name))
-        if saved is None:
+        if saved is None or len(saved) != buf.numel():
             raise ValueError(
-                f"{ckpt.where} has no value for the buffer {canonical_name(name)}; resume from a "
-                "checkpoint of this model family"
+                f"{ckpt.where} has no value of {buf.numel()} numbers for the buffer {canonical_name(name)}; "
+                "resume from a checkpoint of this model family"
             )
         buf.copy_(torch.tensor(saved, dtype=torch.float32).view_as(buf))
 
     # The LR schedule continues at its step; a new peak lr scales it from here on.
     s = state["scheduler"]
+    scheduler, loader, r = job.scheduler, job.data.loader, job.recipe
     scheduler.last_epoch, scheduler._step_count = s["last_epoch"], s["step_count"]
     scheduler.base_lrs = [r.lr] * len(scheduler.base_lrs)
     lrs = [base * f(scheduler.last_epoch) for f, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
@@ -249,6 +237,5 @@ def load(
             "grad_accum": loader.grad_accum,
         }
     )
-    # RNG: a rank's own stream when the world is the same; else the stream of the rank with its index modulo.
-    set_rng_state(ckpt.rng(rank % ckpt.world))
-    return ckpt.step
+    set_rng_state(rng)
+    return ckpt

@@ -29,13 +29,13 @@ class SeededInit:
         self.std, self.seed = model.config.initializer_range, seed
         self.shapes = {k: shape for k, (_, shape) in expected_hf_keys(model).items()}
         with torch.device("meta"):
-            reference = spec.build(model.config)
+            reference = spec.build(model.config, model.layout)
         self.ones = {
             key
             for module_name, module in reference.named_modules()
             if isinstance(module, spec.norm_types)
             for name, _ in module.named_parameters(prefix=module_name)
-            for key, _ in spec.ours_to_hf(name, model.config)
+            for key, _ in spec.ours_to_hf(name, model.config, model.layout)
         }
         self.weight_map = dict.fromkeys(self.shapes, "seeded")
         self.url = f"seeded-init(seed={seed})"
@@ -45,6 +45,9 @@ class SeededInit:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return torch.float32
 
     def read(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
         shape = self.shapes[key]

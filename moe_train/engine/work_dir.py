@@ -12,14 +12,13 @@ local directory under the same name would otherwise each write "the" run.
 from __future__ import annotations
 
 import os
-import posixpath
 import socket
 import uuid
-from typing import Any
 
 import torch.distributed as dist
 
-from moe_train.storage import is_local
+from moe_train.run_dir import RunDir
+from moe_train.storage import is_local, redact
 
 _POD_FIX = (
     "pass --work_dir s3://BUCKET/runs/NAME (an object store), or mount a persistent volume and put the work "
@@ -41,40 +40,40 @@ def mount_point(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | Non
     return max(holding, key=len) if holding else None
 
 
-def check_outlives_pod(fs: Any, root: str, url: str, environ: dict[str, str] | None = None) -> None:
+def check_outlives_pod(run: RunDir, environ: dict[str, str] | None = None) -> None:
     """Inside a Kubernetes pod, refuse a local work dir on the container's own root file system."""
     environ = os.environ if environ is None else environ
-    if not environ.get("KUBERNETES_SERVICE_HOST") or not is_local(fs):
+    if not environ.get("KUBERNETES_SERVICE_HOST") or not is_local(run.fs):
         return
-    if mount_point(root) == "/":
+    if mount_point(run.root) == "/":
         raise ValueError(
-            f"work dir {url} is on the container's own file system, which is lost with the pod and not "
+            f"work dir {redact(run.url)} is on the container's own file system, which is lost with the pod and not "
             f"shared with the other pods; {_POD_FIX}"
         )
 
 
-def check_shared(fs: Any, root: str, url: str, rank: int, world: int) -> None:
+def check_shared(run: RunDir, rank: int, world: int) -> None:
     """Every rank sees the file rank 0 writes into the work dir, or every rank raises the same line."""
     if world == 1:
         return
     box = [uuid.uuid4().hex if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    probe = posixpath.join(root, f".shared-probe-{box[0]}")
+    probe = run.probe(f"shared-probe-{box[0]}")
     if rank == 0:
-        with fs.open(probe, "w") as f:
+        with run.fs.open(probe, "w") as f:
             f.write("written by rank 0 on " + socket.gethostname())
     dist.barrier()
-    fs.invalidate_cache(root)
+    run.fs.invalidate_cache(run.root)
     seen = [None] * world
-    dist.all_gather_object(seen, (fs.exists(probe), socket.gethostname()))
+    dist.all_gather_object(seen, (run.fs.exists(probe), socket.gethostname()))
     dist.barrier()
     if rank == 0:
-        fs.rm(probe)
+        run.fs.rm(probe)
     blind = [(r, host) for r, (ok, host) in enumerate(seen) if not ok]
     if blind:
         who = ", ".join(f"rank {r} on {host}" for r, host in blind[:4]) + (" ..." if len(blind) > 4 else "")
         raise ValueError(
-            f"work dir {url} is not the same directory on every node: {who} cannot see the file "
+            f"work dir {redact(run.url)} is not the same directory on every node: {who} cannot see the file "
             f"rank 0 ({seen[0][1]}) wrote into it; pass a --work-dir every node shares (an absolute path on a "
             "shared file system) or an object-store URL (s3://...)"
         )

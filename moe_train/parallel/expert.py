@@ -36,79 +36,23 @@ adds the EP group to the global gradient norm used for clipping.  Those attribut
 internals: ``check_deepspeed`` refuses a DeepSpeed without them and ``tests/test_ep.py`` pins the
 contract (partition group, gradient averaging, norm) against EP=1.  Our model has no module
 DeepSpeed recognises as MoE, so ``_validate_zero3_moe_compatibility`` (AutoEP-only on ZeRO-3) does not
-apply; its restrictions (no DeepSpeed SP, hpZ or quantized gradients) are checked here instead.
+apply; its restrictions (no DeepSpeed SP, hpZ or quantized gradients) are checked by
+``ParallelDims.validate`` (``parallel/dims.py``) with the rest of what EP needs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moe_train.models.common.experts import ExpertShard
+from moe_train.models.common.spec import spec_of
 
 PLACEMENT_FAMILY = "autoep_expert"  # DeepSpeed 0.19.8's ZeRO-3 placement family of expert parameters
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def check(ep: int, world: int, cfg: Any, ds_config: dict[str, Any], sp: int) -> None:
-    """Raise ValueError (one line, with the valid values) for settings EP cannot run with."""
-    if ep == 1:
-        return
-    check_settings(ep, world, cfg, ds_config, sp)
-    check_deepspeed()
-
-
-def check_settings(ep: int, world: int, cfg: Any, ds_config: dict[str, Any], sp: int) -> None:
-    """``check`` without the DeepSpeed version: what the planner's search prunes by."""
-    if ep == 1:
-        return
-    E = cfg.n_routed_experts
-    if world % ep:  # the valid degrees also divide the experts
-        raise ValueError(
-            f"--ep {ep} does not divide the world size {world}; use one of {_divisors(math.gcd(E, world))}"
-        )
-    if E % ep:
-        valid = [d for d in _divisors(math.gcd(E, world))]
-        raise ValueError(f"--ep {ep} does not divide the {E} routed experts; use one of {valid}")
-    if cfg.moe_implementation != "shard":
-        raise ValueError(
-            f"--ep needs --moe-implementation shard, not {cfg.moe_implementation!r} (one module per "
-            "expert); use shard or --ep 1"
-        )
-    local = E // ep
-    if local % cfg.shard_size:
-        raise ValueError(
-            f"expert_in_one_shard={cfg.shard_size} does not divide the {local} experts per rank of "
-            f"--ep {ep}; use expert_in_one_shard one of {_divisors(local)}"
-        )
-    if sp != 1:
-        raise ValueError(f"--ep {ep} with --sp {sp} is not supported; use --sp 1 or --ep 1")
-    zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage") != 3:
-        raise ValueError(
-            f"--ep needs ZeRO stage 3, the DeepSpeed config has stage {zero.get('stage')}; "
-            "use --deepspeed deepspeed_zero3"
-        )
-    for what in ("param", "optimizer"):
-        if (zero.get(f"offload_{what}") or {}).get("device", "none") not in (None, "none"):
-            raise ValueError(
-                f"--ep is not supported with ZeRO offload_{what}; use --deepspeed deepspeed_zero3 "
-                "(no offload) or --ep 1"
-            )
-    if zero.get("zero_hpz_partition_size", 1) > 1 or zero.get("zero_quantized_gradients", False):
-        raise ValueError(
-            "--ep is not supported with zero_hpz_partition_size > 1 or zero_quantized_gradients; "
-            "remove them from the DeepSpeed config or use --ep 1"
-        )
 
 
 def check_deepspeed() -> None:
@@ -234,20 +178,20 @@ class ExpertParallelShards(nn.ModuleDict):
         return torch.cat([shard(x, c) for shard, x, c in zip(shards, x_AD.split(rows), per_shard, strict=True)])
 
 
-def apply(model: nn.Module, moe_types: tuple[type, ...], groups: EPGroups) -> nn.Module:
+def apply(model: nn.Module, groups: EPGroups) -> nn.Module:
     """Replace every MoE block's routed experts by this rank's ``ExpertParallelShards``.
 
     Call it inside the ``zero3.build`` factory, so that the local shards are created under
     ``zero.Init`` (partitioned over the expert-data-parallel group from the start).  The full expert
     stacks built first are dropped; they were partitioned over the world, never whole on a rank."""
+    cfg, layout = model.config, model.layout
     for module in model.modules():
-        if isinstance(module, moe_types):
-            cfg = module.cfg
+        if isinstance(module, spec_of(model).moe_types):
             module.experts = ExpertParallelShards(
-                cfg.n_routed_experts,
-                cfg.shard_size,
+                cfg.num_experts,
+                layout.shard_size(cfg.num_experts),
                 cfg.hidden_size,
-                cfg.moe_intermediate_size,
+                cfg.expert_intermediate_size,
                 cfg.initializer_range,
                 groups,
             )
@@ -271,16 +215,17 @@ def gathered_parameters(model: nn.Module, groups: EPGroups, writer: int = 0) -> 
     writer: no rank holds more than one shard beyond its own partitions.  Each tensor is valid only
     until the next item is asked for.
     """
-    from moe_train.checkpoint.hf_layout import reference_shapes
     from moe_train.models.common.key_map import canonical_name
     from moe_train.parallel.zero3 import gathered
 
+    with torch.device("meta"):  # the whole (EP=1) model's parameters, in order
+        reference = spec_of(model).build(model.config, model.layout)
     ours = {canonical_name(name): p for name, p in model.named_parameters()}
     local_shards = len(next(m for m in model.modules() if isinstance(m, ExpertParallelShards)))
     rank = dist.get_rank()
     first_of_writer_group = writer // groups.size * groups.size  # EP groups are consecutive ranks
     example = next(iter(ours.values()))
-    for name, shape in reference_shapes(model).items():
+    for name, shape in ((name, p.shape) for name, p in reference.named_parameters()):
         param, shard = ours.get(name), _expert_shard(name)
         if shard is None or param is not None:  # dense, or one of this rank's shards
             with gathered(param):

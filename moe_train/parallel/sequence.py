@@ -136,20 +136,16 @@ class UlyssesAttention(nn.Module):
 class SequenceParallel:
     """This rank's sequence-parallel group: splits batches and wraps a model's attention and MoE blocks.
 
-    Create on every rank after the default process group (it creates the groups: a collective).
+    Made by ``ParallelDims.create_groups`` on every rank after the default process group (it creates
+    the groups: a collective), from the layout ``dims`` that validated the degree.
     """
 
-    def __init__(self, size: int) -> None:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        if size < 1 or world % size:
-            divisors = [d for d in range(1, world + 1) if world % d == 0]
-            raise ValueError(f"--sp {size} does not divide the world size {world}; use one of {divisors}")
-        self.size = size
-        self.group_index, self.group_rank = divmod(rank, size)  # group index = data-parallel rank
-        self.num_groups = world // size
+    def __init__(self, dims) -> None:
+        self.size = dims.sp
+        self.group_index, self.group_rank = dims.dp_rank, dims.sp_rank  # group index = data-parallel rank
         self.group = None
-        for g in range(self.num_groups):  # every rank must create every group, in the same order
-            group = dist.new_group(list(range(g * size, (g + 1) * size)))
+        for g in range(dims.dp):  # every rank must create every group, in the same order
+            group = dist.new_group(list(range(g * self.size, (g + 1) * self.size)))
             if g == self.group_index:
                 self.group = group
 

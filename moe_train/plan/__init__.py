@@ -15,6 +15,8 @@ from typing import Any
 
 from moe_train.engine.deepspeed_config import load_deepspeed_config
 from moe_train.models import families, spec_for
+from moe_train.models.common.experts import ExpertLayout
+from moe_train.parallel.dims import ParallelDims
 from moe_train.plan.memory import GiB, MemoryEstimate, Workload, ZeroSettings, predict_memory
 from moe_train.plan.speed import DEVICES, Device, SpeedEstimate, predict_speed
 from moe_train.recipes import Recipe, get_recipe
@@ -27,26 +29,12 @@ __all__ = [
     "build_plan",
     "load_deepspeed_config",
     "model_config",
+    "model_layout",
     "predict_memory",
     "predict_speed",
     "suggest_expert_in_one_shard",
     "suggest_sp",
 ]
-
-# HF checkpoints a recipe may name, and the named size each one has (in whichever family has that size).
-HF_MODEL_SIZES = {
-    "deepseek-ai/DeepSeek-V2": "deepseek-v2",
-    "deepseek-ai/DeepSeek-V2-Chat": "deepseek-v2",
-    "deepseek-ai/DeepSeek-V2-Lite": "deepseek-v2-lite",
-    "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-v2-lite",
-    "deepseek-ai/DeepSeek-V3": "deepseek-v3",
-    "deepseek-ai/DeepSeek-V3-0324": "deepseek-v3",
-    "deepseek-ai/DeepSeek-R1": "deepseek-v3",
-    "deepseek-ai/DeepSeek-V3.1": "deepseek-v3",
-    "moonshotai/Kimi-K2-Instruct": "kimi-k2",
-    "moonshotai/Moonlight-16B-A3B": "moonlight-16b-a3b",
-    "moonshotai/Moonlight-16B-A3B-Instruct": "moonlight-16b-a3b",
-}
 
 # Fitting with less free memory than this share of the GPU is worth a warning.
 HEADROOM_WARNING = 0.10
@@ -54,13 +42,13 @@ HEADROOM_WARNING = 0.10
 SHARD_TIME_TOLERANCE = 0.02
 
 
-def read_model_config(path_or_url: str, **layout: Any) -> Any:
+def read_model_config(path_or_url: str) -> Any:
     """A config.json of a registered family, or the config.json of an HF checkpoint directory: a local
     path or an fsspec URL (file://, s3://, gs://, ...)."""
     from moe_train.checkpoint.hf_layout import read_config
 
     if not path_or_url.rstrip("/").endswith(".json"):
-        return read_config(path_or_url, **layout)
+        return read_config(path_or_url)
     fs, path = resolve(path_or_url)
     if not fs.exists(path):
         raise FileNotFoundError(f"{path_or_url} does not exist; pass a config.json or an HF checkpoint directory")
@@ -69,39 +57,42 @@ def read_model_config(path_or_url: str, **layout: Any) -> Any:
             d = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path_or_url} is not JSON ({e}); pass a model's config.json") from None
-    return spec_for(d.get("model_type")).config(d, **layout)
+    return spec_for(d.get("model_type")).config(d)
 
 
-def model_config(recipe: Recipe, **layout: Any) -> Any:
-    """The model a recipe trains: a named size, a known HF id, or a config.json / HF directory
-    (local or a URL)."""
-    layout = {
-        "moe_implementation": recipe.moe_implementation,
-        "expert_in_one_shard": recipe.expert_in_one_shard,
-        **layout,
-    }
+def model_config(recipe: Recipe) -> Any:
+    """The model a recipe trains: a named size, a known HF id (a family's ``hub_sizes``), or a
+    config.json / HF directory (local or a URL)."""
     if recipe.model_size:
-        return spec_for(recipe.family).named_config(recipe.model_size, **layout)
-    size = HF_MODEL_SIZES.get((recipe.model or "").removeprefix("hf://"))
-    if size:  # the size of a known HF id, in whichever family has it
-        return next(s for s in families() if size in s.hub_ids).named_config(size, **layout)
+        return spec_for(recipe.family).named_config(recipe.model_size)
+    hub_id = (recipe.model or "").removeprefix("hf://")
+    for spec in families():  # the size of a known HF id, in whichever family has it
+        if hub_id in spec.hub_sizes:
+            return spec.named_config(spec.hub_sizes[hub_id])
     if recipe.model and (
         recipe.model.endswith(".json") or "://" in recipe.model or (Path(recipe.model) / "config.json").is_file()
     ):
-        return read_model_config(recipe.model, **layout)
+        return read_model_config(recipe.model)
     raise ValueError(
         f"cannot size model {recipe.model!r} of recipe {recipe.name!r}: use a named size "
         f"({', '.join(sorted(s for spec in families() for s in spec.hub_ids))}), one of "
-        f"{', '.join(HF_MODEL_SIZES)}, or a local checkpoint directory"
+        f"{', '.join(h for spec in families() for h in spec.hub_sizes)}, or a local checkpoint directory"
     )
+
+
+def model_layout(recipe: Recipe, cfg: Any) -> ExpertLayout:
+    """The recipe's expert layout, checked against the model's expert count."""
+    layout = ExpertLayout(recipe.moe_implementation, recipe.expert_in_one_shard)
+    layout.check(cfg.num_experts)
+    return layout
 
 
 SEED_RECIPE = "deepseek_v2_chat_full_alpaca_e3"
 
 
 def seed_row_inputs(max_length: int, moe_implementation: str, varlen: bool):
-    """(model, workload, ZeRO settings, grad_accum) of one row of XTuner's table: the 236B recipe
-    on 128 A100 with the row's length, layout and varlen; HF rows run flash attention, except 16k
+    """(model, expert layout, workload, ZeRO settings, grad_accum) of one row of XTuner's table: the 236B
+    recipe on 128 A100 with the row's length, layout and varlen; HF rows run flash attention, except 16k
     without varlen, which is HF eager."""
     recipe = get_recipe(SEED_RECIPE).replace(
         max_length=max_length, moe_implementation=moe_implementation, varlen=varlen
@@ -109,7 +100,7 @@ def seed_row_inputs(max_length: int, moe_implementation: str, varlen: bool):
     attention = "eager" if moe_implementation == "origin" and not varlen and max_length > 8192 else "flash"
     cfg = model_config(recipe)
     zero = ZeroSettings.from_ds_config(load_deepspeed_config(recipe.deepspeed), cfg.hidden_size)
-    return cfg, workload(recipe, attention), zero, recipe.grad_accum
+    return cfg, model_layout(recipe, cfg), workload(recipe, attention), zero, recipe.grad_accum
 
 
 def workload(recipe: Recipe, attention: str = "flash") -> Workload:
@@ -132,6 +123,7 @@ def _fits(mem: MemoryEstimate, gpu_mem_gb: float) -> bool:
 
 def suggest_expert_in_one_shard(
     cfg: Any,
+    layout: ExpertLayout,
     work: Workload,
     zero: ZeroSettings,
     gpus: int,
@@ -145,29 +137,33 @@ def suggest_expert_in_one_shard(
     fastest shard size that fits.  Bigger shards mean fewer, larger all-gathers (less latency)
     but a bigger gathered working set; past that point they buy no speed, only memory.  None when
     no shard size fits; the shard size is moot without ZeRO-3 (the configured one is returned)."""
+    E = cfg.num_experts
     if zero.stage < 3:
-        return cfg.shard_size
+        return layout.shard_size(E)
     timed = {}
-    for d in (d for d in range(1, cfg.n_routed_experts + 1) if cfg.n_routed_experts % d == 0):
-        c = cfg.replace(moe_implementation="shard", expert_in_one_shard=d)
-        if _fits(predict_memory(c, work, zero, gpus), gpu_mem_gb):
-            timed[d] = predict_speed(c, work, zero, gpus, nodes, device, grad_accum, peak_tflops).step_s
+    for d in (d for d in range(1, E + 1) if E % d == 0):
+        shards = ExpertLayout("shard", d)
+        if _fits(predict_memory(cfg, shards, work, zero, gpus), gpu_mem_gb):
+            timed[d] = predict_speed(cfg, shards, work, zero, gpus, nodes, device, grad_accum, peak_tflops).step_s
     if not timed:
         return None
     best = min(timed.values())
     return min(d for d, t in timed.items() if t <= best * (1 + SHARD_TIME_TOLERANCE))
 
 
-def suggest_sp(cfg: Any, work: Workload, zero: ZeroSettings, gpus: int, gpu_mem_gb: float) -> int | None:
-    """The smallest Ulysses degree that fits: it must divide the GPUs, the heads and the tokens
-    of a micro step.  Each rank then holds 1/sp of the activations and logits (the eager mask
-    and the model states do not shrink).  None when no degree fits."""
-    tokens = work.max_length * work.micro_batch_size
+def suggest_sp(
+    cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, gpus: int, gpu_mem_gb: float
+) -> int | None:
+    """The smallest Ulysses degree the trainer accepts (``ParallelDims.validate``) that fits.  Each rank
+    then holds 1/sp of the activations and logits (the eager mask and the model states do not shrink).
+    None when no degree fits."""
     for sp in range(1, gpus + 1):
-        if gpus % sp or cfg.num_attention_heads % sp or tokens % sp:
+        try:
+            ParallelDims(gpus, sp).validate(cfg, layout, None)
+        except ValueError:
             continue
         w = dataclasses.replace(work, sp=sp)
-        if _fits(predict_memory(cfg, w, zero, gpus), gpu_mem_gb):
+        if _fits(predict_memory(cfg, layout, w, zero, gpus), gpu_mem_gb):
             return sp
     return None
 
@@ -189,9 +185,11 @@ class Plan:
     gpu_mem_gb: float
     device: Device
     model: Any
+    layout: ExpertLayout
     work: Workload
     zero: ZeroSettings
     deepspeed: str
+    ds_config: dict[str, Any]
     memory: MemoryEstimate
     speed: SpeedEstimate
     peak_tflops: float
@@ -229,8 +227,10 @@ class Plan:
             "deepspeed": self.deepspeed,
             "zero": self.zero.__dict__,
             "workload": self.work.__dict__,
-            "moe_implementation": self.model.moe_implementation,
-            "expert_in_one_shard": self.model.shard_size if self.model.moe_implementation == "shard" else None,
+            "moe_implementation": self.layout.moe_implementation,
+            "expert_in_one_shard": (
+                self.layout.shard_size(self.model.num_experts) if self.layout.moe_implementation == "shard" else None
+            ),
             "params": mem.params,
             "fits": self.fits,
             "per_gpu_gb": round(mem.per_gpu_gb, 3),
@@ -263,19 +263,20 @@ def build_plan(
     nodes: int = 1,
     device: str = "a100",
     ds_config: dict[str, Any] | None = None,
-    deepspeed: str | None = None,
     attention: str = "flash",
     peak_tflops: float | None = None,
 ) -> Plan:
-    """Plan ``recipe`` (already carrying any overrides: max_length, varlen, layout) on ``gpus``."""
+    """Plan ``recipe`` (already carrying any overrides: max_length, varlen, layout, DeepSpeed config) on
+    ``gpus``; refused (ValueError) where the trainer would refuse the recipe's layout on ``gpus`` ranks."""
     cfg = model_config(recipe)
-    deepspeed = deepspeed or recipe.deepspeed
-    ds = ds_config if ds_config is not None else load_deepspeed_config(deepspeed)
+    layout = model_layout(recipe, cfg)
+    ds = ds_config if ds_config is not None else load_deepspeed_config(recipe.deepspeed)
+    ParallelDims(gpus, recipe.sp, recipe.ep).validate(cfg, layout, ds)  # the trainer's check
     zero = ZeroSettings.from_ds_config(ds, cfg.hidden_size)
     work = workload(recipe, attention)
     dev = DEVICES[device]
-    mem = predict_memory(cfg, work, zero, gpus)
-    speed = predict_speed(cfg, work, zero, gpus, nodes, dev, recipe.grad_accum, peak_tflops)
+    mem = predict_memory(cfg, layout, work, zero, gpus)
+    speed = predict_speed(cfg, layout, work, zero, gpus, nodes, dev, recipe.grad_accum, peak_tflops)
     return Plan(
         recipe=recipe.name,
         gpus=gpus,
@@ -283,14 +284,16 @@ def build_plan(
         gpu_mem_gb=gpu_mem_gb,
         device=dev,
         model=cfg,
+        layout=layout,
         work=work,
         zero=zero,
-        deepspeed=deepspeed,
+        deepspeed=recipe.deepspeed,
+        ds_config=ds,
         memory=mem,
         speed=speed,
         peak_tflops=peak_tflops or dev.peak_tflops,
         suggested_expert_in_one_shard=suggest_expert_in_one_shard(
-            cfg, work, zero, gpus, nodes, dev, gpu_mem_gb, recipe.grad_accum, peak_tflops
+            cfg, layout, work, zero, gpus, nodes, dev, gpu_mem_gb, recipe.grad_accum, peak_tflops
         ),
-        suggested_sp=suggest_sp(cfg, work, zero, gpus, gpu_mem_gb),
+        suggested_sp=suggest_sp(cfg, layout, work, zero, gpus, gpu_mem_gb),
     )

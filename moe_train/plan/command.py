@@ -8,19 +8,23 @@ import math
 import click
 
 from moe_train.engine.metrics import active_matmul_params
-from moe_train.plan import HEADROOM_WARNING, Plan, build_plan, calibration_warnings, model_config
+from moe_train.plan import HEADROOM_WARNING, Plan, build_plan, calibration_warnings, model_config, model_layout
 from moe_train.plan.memory import ATTENTIONS, count_params
 from moe_train.plan.search import SearchResult, search
 from moe_train.plan.speed import DEVICES, attention_keys
-from moe_train.recipes import get_recipe
+from moe_train.recipes import recipe_by_name_or_file
+from moe_train.recipes.options import given, recipe_options
 
 GPUS_PER_NODE = 8
+# The recipe fields the planner takes as options (type, range and help from the field).
+PLAN_FIELDS = ("max_length", "varlen", "moe_implementation", "expert_in_one_shard", "deepspeed")
 # XTuner's published figures for DeepSeek-V2 236B on 128 A100-80G (the seed), for --search to compare against.
 SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "tgs_16k_varlen": 180}
 
 
 @click.command()
 @click.argument("recipe")
+@recipe_options(PLAN_FIELDS)
 @click.option("--gpus", type=click.IntRange(min=1), required=True, help="Total number of GPUs (the ZeRO world size).")
 @click.option(
     "--gpu-mem-gb",
@@ -43,40 +47,12 @@ SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "t
     help="Number of nodes; must divide --gpus.  [default: --gpus / 8 rounded up]",
 )
 @click.option(
-    "--max-length",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Tokens per packed sequence.  [default: the recipe's]",
-)
-@click.option(
-    "--varlen/--no-varlen",
-    default=None,
-    help="Attend within each packed sample (cu_seqlens) or over the whole sequence.  [default: the recipe's]",
-)
-@click.option(
-    "--moe-implementation",
-    type=click.Choice(["shard", "origin"]),
-    default=None,
-    help="Routed experts stacked in shards, or one module per expert (HF layout).  [default: the recipe's]",
-)
-@click.option(
-    "--expert-in-one-shard",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Experts per shard; must divide the routed expert count.  [default: the recipe's]",
-)
-@click.option(
     "--attention",
     type=click.Choice(ATTENTIONS),
     default="flash",
     show_default=True,
     help="flash/sdpa never build S x S tensors; eager (the HF path) keeps fp32 S x S scores per head "
     "and a 4D mask, and needs --no-varlen.",
-)
-@click.option(
-    "--deepspeed",
-    default=None,
-    help="DeepSpeed config: a shipped name (deepspeed_zero3, ...) or a JSON path.  [default: the recipe's]",
 )
 @click.option(
     "--peak-tflops",
@@ -89,7 +65,7 @@ SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "t
     "model_path",
     default=None,
     metavar="PATH|URL",
-    help="Plan this DeepSeek V2 model instead of the recipe's: a config.json or an HF checkpoint "
+    help="Plan this model (any registered family) instead of the recipe's: a config.json or an HF checkpoint "
     "directory, local or an fsspec URL (s3://...).",
 )
 @click.option(
@@ -111,21 +87,18 @@ def plan(
     gpu_mem_gb,
     gpu,
     nodes,
-    max_length,
-    varlen,
-    moe_implementation,
-    expert_in_one_shard,
     attention,
-    deepspeed,
     peak_tflops,
     model_path,
     search,
     ep,
     as_json,
+    **fields,
 ) -> None:
-    """Estimate per-GPU memory, fit, step time, TGS and MFU of RECIPE on --gpus GPUs (estimates, not measurements)."""
+    """Estimate per-GPU memory, fit, step time, TGS and MFU of RECIPE (a built-in or a recipe file) on --gpus
+    GPUs (estimates, not measurements)."""
     try:
-        r = get_recipe(recipe)
+        r = recipe_by_name_or_file(recipe)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="RECIPE") from None
     if model_path:
@@ -134,19 +107,9 @@ def plan(
         nodes = math.ceil(gpus / GPUS_PER_NODE)
     if gpus % nodes:
         raise click.BadParameter(f"{nodes} nodes do not divide {gpus} GPUs evenly; pass --nodes", param_hint="--nodes")
-    overrides = {
-        k: v
-        for k, v in dict(
-            max_length=max_length,
-            varlen=varlen,
-            moe_implementation=moe_implementation,
-            expert_in_one_shard=expert_in_one_shard,
-        ).items()
-        if v is not None
-    }
-    r = r.replace(**overrides)
+    r = r.replace(**given(fields, PLAN_FIELDS))
     try:
-        model_config(r)
+        model_layout(r, model_config(r))
     except FileNotFoundError as e:
         raise click.BadParameter(str(e), param_hint="--model") from None
     except ValueError as e:
@@ -161,7 +124,6 @@ def plan(
             gpu_mem_gb,
             nodes=nodes,
             device=gpu,
-            deepspeed=deepspeed,
             attention=attention,
             peak_tflops=peak_tflops,
         )
@@ -201,13 +163,15 @@ def plan(
 
 
 def run_search(p: Plan, grad_accum: int) -> SearchResult:
-    return search(p.model, p.work, p.zero, p.gpus, p.nodes, p.device, p.gpu_mem_gb, grad_accum, p.peak_tflops)
+    return search(
+        p.model, p.work, p.zero, p.ds_config, p.gpus, p.nodes, p.device, p.gpu_mem_gb, grad_accum, p.peak_tflops
+    )
 
 
 def reference(p: Plan) -> dict | None:
     """XTuner's published TGS, when the plan is of the model and GPU they measured."""
     ref = SEED_REFERENCE
-    same = (p.model.hidden_size, p.model.num_hidden_layers, p.model.n_routed_experts) == ref["model_shape"]
+    same = (p.model.hidden_size, p.model.num_hidden_layers, p.model.num_experts) == ref["model_shape"]
     return {k: v for k, v in ref.items() if k != "model_shape"} if same and p.device.name == "A100" else None
 
 
@@ -264,14 +228,16 @@ def report(p: Plan) -> str:
     cfg, w, z, mem, s = p.model, p.work, p.zero, p.memory, p.speed
     cal = p.device.calibration
     layout = (
-        f"{cfg.shard_size} experts per shard" if cfg.moe_implementation == "shard" else "one module per expert (origin)"
+        f"{p.layout.shard_size(cfg.num_experts)} experts per shard"
+        if p.layout.moe_implementation == "shard"
+        else "one module per expert (origin)"
     )
     offload = [n for n, on in (("optimizer", z.offload_optimizer), ("params", z.offload_param)) if on]
     lines = [
         f"plan (an estimate): {p.recipe} on {p.gpus} x {p.device.name} {p.gpu_mem_gb:g} GB, {p.nodes} node(s), "
         f"{p.deepspeed} (ZeRO-{z.stage}{', offload ' + '+'.join(offload) if offload else ''})",
         f"model: {count_params(cfg) / 1e9:.1f}B params, {active_matmul_params(cfg) / 1e9:.1f}B active per token; "
-        f"{cfg.n_routed_experts} routed experts, {layout}",
+        f"{cfg.num_experts} routed experts, {layout}",
         f"workload: {w.tokens_per_rank} tokens per GPU per micro step (max_length {w.max_length}, sp {w.sp}), "
         f"{'varlen' if w.varlen else 'no varlen'}, {w.attention} attention, "
         f"activation checkpointing {'on' if w.activation_checkpointing else 'off'}",

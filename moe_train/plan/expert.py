@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.parallel.expert import check_settings
+from moe_train.models.common.experts import ExpertLayout
+from moe_train.parallel.dims import ParallelDims
 from moe_train.plan.memory import Workload, ZeroSettings, dispatch_rows, model_units, predict_memory
 from moe_train.plan.speed import Device, SpeedEstimate, predict_speed
 
@@ -36,33 +36,14 @@ def _collectives(units: list[Any], bucket: int) -> int:
     return n + (acc > 0)
 
 
-def _is_expert(name: str) -> bool:
-    return name.startswith("experts.")
-
-
-def dispatch_buffer_bytes(cfg: DeepseekV2Config, work: Workload, ep: int) -> dict[str, int]:
+def dispatch_buffer_bytes(cfg: Any, work: Workload, ep: int) -> dict[str, int]:
     """Bytes of the rows one rank receives for one MoE layer: balanced routing and worst-case skew."""
     return {k: rows * cfg.hidden_size * work.bytes for k, rows in dispatch_rows(cfg, work, ep).items()}
 
 
-def ep_problem(cfg: DeepseekV2Config, ep: int, gpus: int, sp: int, zero: ZeroSettings) -> str | None:
-    """The trainer's refusal of this EP setting, or None; the ZeRO settings as a DeepSpeed config."""
-    ds = {
-        "zero_optimization": {
-            "stage": zero.stage,
-            "offload_param": {"device": "cpu" if zero.offload_param else "none"},
-            "offload_optimizer": {"device": "cpu" if zero.offload_optimizer else "none"},
-        }
-    }
-    try:
-        check_settings(ep, gpus, cfg, ds, sp)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 def predict_speed_ep(
-    cfg: DeepseekV2Config,
+    cfg: Any,
+    layout: ExpertLayout,
     work: Workload,
     zero: ZeroSettings,
     gpus: int,
@@ -74,23 +55,22 @@ def predict_speed_ep(
 ) -> SpeedEstimate:
     """``predict_speed`` with the routed experts split over EP groups of ``ep`` consecutive ranks."""
     if ep == 1:
-        return predict_speed(cfg, work, zero, gpus, nodes, device, grad_accum, peak_tflops)
-    if gpus % ep or cfg.n_routed_experts % ep:
-        raise ValueError(f"--ep {ep} must divide the GPUs ({gpus}) and the routed experts ({cfg.n_routed_experts})")
-    base = predict_speed(cfg, work, zero, gpus, nodes, device, grad_accum, peak_tflops)
+        return predict_speed(cfg, layout, work, zero, gpus, nodes, device, grad_accum, peak_tflops)
+    ParallelDims(gpus, work.sp, ep).validate(cfg, layout, None)  # the trainer's rules
+    base = predict_speed(cfg, layout, work, zero, gpus, nodes, device, grad_accum, peak_tflops)
     latency = device.calibration.ring_step_latency_s  # alpha, as the ZeRO-3 model uses it
     b, T = work.bytes, work.tokens_per_rank
     per_node = gpus // nodes
     network, nvlink = device.network_gbps * 1e9, device.nvlink_gbps * 1e9
 
-    embed, layers, head = model_units(cfg)
+    embed, layers, head = model_units(cfg, layout)
     units = [
         u
         for u in [embed, *(u for layer in layers for u in layer), *head]
         if u.numel >= zero.param_persistence_threshold
     ]
-    dense = [u for u in units if not _is_expert(u.name)]
-    experts = [u for u in units if _is_expert(u.name)]
+    dense = [u for u in units if u.expert is None]
+    experts = [u for u in units if u.expert is not None]
     local = [u for i, u in enumerate(experts) if i % ep == 0]  # E/N of the shards of every layer
     gathers = 3 if work.activation_checkpointing else 2
 
@@ -101,7 +81,7 @@ def predict_speed_ep(
     expert_bytes = (gathers + 1) * sum(u.numel for u in experts) / ep * b * (M - 1) / M
     expert_bw = network if nodes > 1 else nvlink
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    a2a_bytes = gathers * moe_layers * 2 * T * cfg.num_experts_per_tok * cfg.hidden_size * b * (ep - 1) / ep
+    a2a_bytes = gathers * moe_layers * 2 * T * cfg.experts_per_token * cfg.hidden_size * b * (ep - 1) / ep
     a2a_bw = nvlink if ep <= per_node else network
 
     n_coll = gathers * _collectives(dense, max(zero.prefetch_bucket_size, 1)) + _collectives(
@@ -134,8 +114,17 @@ def predict_speed_ep(
     )
 
 
+def _allowed(cfg: Any, layout: ExpertLayout, gpus: int, sp: int, ep: int, ds_config: dict[str, Any] | None) -> bool:
+    try:
+        ParallelDims(gpus, sp, ep).validate(cfg, layout, ds_config)
+    except ValueError:
+        return False
+    return True
+
+
 def suggest_ep(
-    cfg: DeepseekV2Config,
+    cfg: Any,
+    layout: ExpertLayout,
     work: Workload,
     zero: ZeroSettings,
     gpus: int,
@@ -144,18 +133,23 @@ def suggest_ep(
     grad_accum: int = 1,
     peak_tflops: float | None = None,
     gpu_mem_gb: float | None = None,
+    ds_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The EP degree with the highest predicted TGS among those the run allows (and, given
-    ``gpu_mem_gb``, that fit under worst-case skew; ep 1 is always estimated), and every estimate."""
+    """The EP degree with the highest predicted TGS among those the trainer accepts (``ParallelDims.validate``,
+    with ``ds_config`` when given) and, given ``gpu_mem_gb``, that fit under worst-case skew; ep 1 is always
+    estimated.  Returns it and every estimate."""
     options = [
         n
         for n in range(1, gpus + 1)
-        if gpus % n == 0
-        and cfg.n_routed_experts % n == 0
-        and (cfg.n_routed_experts // n) % cfg.shard_size == 0
-        and (n == 1 or gpu_mem_gb is None or predict_memory(cfg, work, zero, gpus, n).per_gpu_gb <= gpu_mem_gb)
+        if n == 1
+        or (
+            _allowed(cfg, layout, gpus, work.sp, n, ds_config)
+            and (gpu_mem_gb is None or predict_memory(cfg, layout, work, zero, gpus, n).per_gpu_gb <= gpu_mem_gb)
+        )
     ]
-    estimates = {n: predict_speed_ep(cfg, work, zero, gpus, nodes, device, n, grad_accum, peak_tflops) for n in options}
+    estimates = {
+        n: predict_speed_ep(cfg, layout, work, zero, gpus, nodes, device, n, grad_accum, peak_tflops) for n in options
+    }
     # Ties (compute-bound) go to the degree with the least communication: more headroom.
     best = max(estimates, key=lambda n: (round(estimates[n].tgs, 6), -estimates[n].comm_s))
     return {"ep": best, "estimates": estimates}
@@ -164,15 +158,13 @@ def suggest_ep(
 def ep_report(p: Any, ep: int, grad_accum: int) -> tuple[str, dict[str, Any]]:
     """The ``moe-train plan --ep N`` section (text, JSON) for a ``Plan``: --ep N against ZeRO-3 and the
     suggested degree."""
-    problem = ep_problem(p.model, ep, p.gpus, p.work.sp, p.zero)
-    if problem:
-        raise ValueError(problem)
-    args = (p.model, p.work, p.zero, p.gpus, p.nodes, p.device)
+    ParallelDims(p.gpus, p.work.sp, ep).validate(p.model, p.layout, p.ds_config)  # the trainer's check
+    args = (p.model, p.layout, p.work, p.zero, p.gpus, p.nodes, p.device)
     est = predict_speed_ep(*args, ep, grad_accum, p.peak_tflops)
     z3 = predict_speed_ep(*args, 1, grad_accum, p.peak_tflops)
-    best = suggest_ep(*args, grad_accum, p.peak_tflops, p.gpu_mem_gb)
+    best = suggest_ep(*args, grad_accum, p.peak_tflops, p.gpu_mem_gb, p.ds_config)
     buffers = dispatch_buffer_bytes(p.model, p.work, ep)
-    mem = predict_memory(p.model, p.work, p.zero, p.gpus, ep)
+    mem = predict_memory(p.model, p.layout, p.work, p.zero, p.gpus, ep)
     fits = mem.per_gpu_gb <= p.gpu_mem_gb
     lines = [
         "",

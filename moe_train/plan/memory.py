@@ -1,8 +1,10 @@
-"""Peak memory per rank of a DeepSeek V2 full fine-tune under DeepSpeed ZeRO.
+"""Peak memory per rank of a full fine-tune under DeepSpeed ZeRO, for any registered model family.
 
-``predict_memory(model, workload, zero, world_size)`` is a pure function of the model config, the
-sequence/precision settings, the ZeRO settings and the world size, so a measured run can be
-held against it.  It returns the bytes live in three phases of a step and takes the largest:
+``predict_memory(model, layout, workload, zero, world_size)`` is a pure function of the model config and
+its expert layout, the sequence/precision settings, the ZeRO settings and the world size, so a measured
+run can be held against it.  What it knows of the model comes from the family's ``ModelSpec``
+(``models/common/costs.py``): the units ZeRO-3 gathers and the bytes each layer saves for backward.
+It returns the bytes live in three phases of a step and takes the largest:
 
 * ``loss``: end of the forward / start of the backward.  Checkpointed layer inputs (or, without
   activation checkpointing, every tensor the layers save for backward), the logits and their
@@ -36,8 +38,11 @@ from typing import Any
 import torch
 
 from moe_train.engine.deepspeed_config import auto_buckets, offloads
+from moe_train.models import spec_of
+from moe_train.models.common.costs import Unit, norm_bytes
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.common.loss import chunk_tokens
-from moe_train.models.deepseek_v2.config import DeepseekV2Config
+from moe_train.parallel.dims import ParallelDims
 
 GiB = 2**30
 ATTENTIONS = ("flash", "sdpa", "eager")
@@ -76,9 +81,6 @@ class Workload:
             raise ValueError(f"device={self.device!r} is unknown; use 'cuda' or 'cpu'")
         if self.attention == "eager" and self.varlen:
             raise ValueError("eager attention takes a 4D mask, not cu_seqlens: use --no-varlen, or flash/sdpa")
-        tokens = self.max_length * self.micro_batch_size
-        if tokens % self.sp:
-            raise ValueError(f"sp={self.sp} must divide the {tokens} tokens of a micro step")
 
     @property
     def bytes(self) -> int:
@@ -86,7 +88,8 @@ class Workload:
 
     @property
     def tokens_per_rank(self) -> int:
-        return self.micro_batch_size * self.max_length // self.sp
+        """A micro step's tokens over the SP group, the row padded to a multiple of sp as the trainer pads it."""
+        return -(-self.micro_batch_size * self.max_length // self.sp)
 
 
 @dataclass(frozen=True)
@@ -127,57 +130,16 @@ class ZeroSettings:
 
 
 # ---------------------------------------------------------------------------- parameters
-@dataclass(frozen=True)
-class Unit:
-    """Parameters ZeRO-3 gathers together: the direct parameters of one leaf module."""
-
-    name: str
-    numel: int
-    tensors: int = 1  # parameters of the module: ZeRO-3 hooks and reduces each one
-
-
-def layer_units(cfg: DeepseekV2Config, i: int) -> list[Unit]:
-    """Leaf modules of decoder layer ``i`` in forward order."""
-    D, H = cfg.hidden_size, cfg.num_attention_heads
-    u = [Unit("input_layernorm", D)]
-    if cfg.q_lora_rank is None:
-        u.append(Unit("q_proj", D * H * cfg.qk_head_dim))
-    else:
-        u += [
-            Unit("q_a_proj", D * cfg.q_lora_rank),
-            Unit("q_a_layernorm", cfg.q_lora_rank),
-            Unit("q_b_proj", cfg.q_lora_rank * H * cfg.qk_head_dim),
-        ]
-    u += [
-        Unit("kv_a_proj_with_mqa", D * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)),
-        Unit("kv_a_layernorm", cfg.kv_lora_rank),
-        Unit("kv_b_proj", cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
-        Unit("o_proj", H * cfg.v_head_dim * D),
-        Unit("post_attention_layernorm", D),
-    ]
-    if not cfg.is_moe_layer(i):
-        return u + [Unit(f"mlp.{p}", D * cfg.intermediate_size) for p in ("gate_proj", "up_proj", "down_proj")]
-    F_, E = cfg.moe_intermediate_size, cfg.n_routed_experts
-    u.append(Unit("gate", E * D))
-    if cfg.moe_implementation == "origin":
-        u += [Unit(f"experts.{e}.{p}", D * F_) for e in range(E) for p in ("gate_proj", "up_proj", "down_proj")]
-    else:  # one module per shard holding gate_up_proj (S, 2F, D) and down_proj (S, D, F)
-        u += [Unit(f"experts.{s}", cfg.shard_size * 3 * D * F_, tensors=2) for s in range(cfg.num_shards)]
-    if cfg.n_shared_experts:
-        Fs = F_ * cfg.n_shared_experts
-        u += [Unit(f"shared_experts.{p}", D * Fs) for p in ("gate_proj", "up_proj", "down_proj")]
-    return u
-
-
-def model_units(cfg: DeepseekV2Config) -> tuple[Unit, list[list[Unit]], list[Unit]]:
-    """(embedding, units of each layer, final norm + lm_head)."""
+def model_units(cfg: Any, layout: ExpertLayout) -> tuple[Unit, list[list[Unit]], list[Unit]]:
+    """(embedding, units of each layer (the family's ``layer_units``), final norm + lm_head)."""
     D, V = cfg.hidden_size, cfg.vocab_size
-    layers = [layer_units(cfg, i) for i in range(cfg.num_hidden_layers)]
+    units = spec_of(cfg).layer_units
+    layers = [units(cfg, layout, i) for i in range(cfg.num_hidden_layers)]
     return Unit("embed_tokens", V * D), layers, [Unit("norm", D), Unit("lm_head", V * D)]
 
 
-def count_params(cfg: DeepseekV2Config) -> int:
-    embed, layers, head = model_units(cfg)
+def count_params(cfg: Any) -> int:
+    embed, layers, head = model_units(cfg, ExpertLayout())
     return embed.numel + sum(u.numel for layer in layers for u in layer) + sum(u.numel for u in head)
 
 
@@ -259,26 +221,26 @@ class StepTrace:
     top_layer: list[Unit]  # the traced units of the top layer
 
 
-def _local(u: Unit, cfg: DeepseekV2Config, ep: int) -> bool:
+def _local(u: Unit, layout: ExpertLayout, num_experts: int | None, ep: int) -> bool:
     """Whether rank 0 of an EP group of ``ep`` holds unit ``u``: every unit but the routed-expert
     shards outside its E/ep experts (``--ep`` needs the shard layout)."""
-    if ep == 1 or not u.name.startswith("experts."):
+    if ep == 1 or u.expert is None:
         return True
-    return int(u.name.split(".")[1]) < cfg.num_shards // ep
+    return u.expert < layout.num_shards(num_experts) // ep
 
 
-def step_trace(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, ep: int = 1) -> StepTrace:
+def step_trace(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int = 1) -> StepTrace:
     """The module trace of a whole step: the forward, lm_head's backward, then each layer's
     backward from the top (a recompute of the layer first with activation checkpointing), the
     embedding last.  Units under the persistence threshold are not traced; with expert
     parallelism (``ep`` > 1) a rank traces only its own expert shards."""
-    embed, layers, head = model_units(cfg)
+    embed, layers, head = model_units(cfg, layout)
 
     def traced(units: list[Unit], tag: str) -> list[Unit]:
         return [
             dataclasses.replace(u, name=f"{tag}.{u.name}")
             for u in units
-            if u.numel >= zero.param_persistence_threshold and _local(u, cfg, ep)
+            if u.numel >= zero.param_persistence_threshold and _local(u, layout, cfg.num_experts, ep)
         ]
 
     emb, lm = traced([embed], "embed"), traced(head, "head")
@@ -300,25 +262,29 @@ def step_trace(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, ep: in
     return StepTrace(units, passes, loss, top, lm, per_layer[-1])
 
 
-def _gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, ep: int = 1) -> dict[str, dict[str, int]]:
+def _gathered(
+    cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int = 1
+) -> dict[str, dict[str, int]]:
     """Peak gathered parameter numel around the loss and in the backward of the top layer, and the
     largest full-size gradient in flight there, replaying the module trace of a whole step
     (``step_trace``).  With a reuse distance larger than the model, every weight gathered in the
     forward stays gathered until its backward.  Cached: it depends on the model, the ZeRO settings
     and activation checkpointing only, and ``--search`` asks for it many times."""
-    key = (repr(cfg), work.activation_checkpointing, zero, ep)
+    key = (repr(cfg), layout, work.activation_checkpointing, zero, ep)
     if key not in _GATHERED:
         if len(_GATHERED) > 64:
             _GATHERED.clear()
-        _GATHERED[key] = _replay_gathered(cfg, work, zero, ep)
+        _GATHERED[key] = _replay_gathered(cfg, layout, work, zero, ep)
     return _GATHERED[key]
 
 
 _GATHERED: dict[tuple, dict[str, dict[str, int]]] = {}
 
 
-def _replay_gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, ep: int) -> dict[str, dict[str, int]]:
-    t = step_trace(cfg, work, zero, ep)
+def _replay_gathered(
+    cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int
+) -> dict[str, dict[str, int]]:
+    t = step_trace(cfg, layout, work, zero, ep)
     live = simulate_gathers(t.units, zero)
     return {
         "loss": {"params": max(live[t.loss], default=0), "grads": max((u.numel for u in t.head), default=0)},
@@ -327,79 +293,20 @@ def _replay_gathered(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, 
 
 
 # ---------------------------------------------------------------------------- activations
-def _norm_bytes(n: int, b: int) -> int:
-    """RMSNorm over n saves its fp32 input (the input itself in an fp32 run, else an upcast copy),
-    the normalised input in the compute dtype and the fp32 rsqrt: bytes per token."""
-    return n * (4 + b) + 4
+def layer_activations(cfg: Any, work: Workload, i: int) -> dict[str, float]:
+    """Bytes decoder layer ``i`` saves for backward on one rank, by part, and its backward transients:
+    the family's per-token count (``ModelSpec.layer_activations``, counted op by op from the model code)
+    times the rank's tokens."""
+    per_token = spec_of(cfg).layer_activations(cfg, i, work.bytes, work.max_length, work.attention)
+    return {part: v * work.tokens_per_rank for part, v in per_token.items()}
 
 
-def layer_activations(cfg: DeepseekV2Config, work: Workload, moe: bool) -> dict[str, float]:
-    """Bytes one decoder layer saves for backward on one rank, by part, and its backward transients.
-
-    Counted op by op from our model code: autograd keeps only what a backward needs, and a tensor
-    kept by several ops counts once.  Per token:
-
-    ``attention``: the input norm and its output (the q_a/kv_a or q_proj input); with q_lora the
-    q_a output's norm and the q_b input; the kv_a output's norm (in fp32 its saved input is the
-    whole kv_a output, rope part included) and the kv_b input; the o_proj input H*Vd.  The rope
-    rotation keeps only cos/sin (shared by the layers), the q/k concatenations nothing.  Then the
-    kernel (flash-attn, or SDPA's flash kernel) keeps q, k, v padded to qk and its padded output
-    (4*H*qk) and the fp32 logsumexp; eager keeps q, k, the kv_b output and HF's fp32 softmax and its
-    cast to the compute dtype (``attention_scores``).
-    ``mlp`` (MoE): the post-attention norm and its output, the router's fp32 upcast of it (none
-    in fp32), its softmax and top-k bookkeeping; per assignment 4F (gate_up output, silu,
-    product); the shared experts 4*F*n_shared.  ``moe_dispatch``: per assignment the gathered
-    input, the expert output and its weighted cast (3D), two int64 indices, the fp32 weight.
-    ``mlp`` (dense): the norm and its output, 4*I (gate, silu, up, product).
-    ``mlp_grad_transients``: the MLP backward's two largest gradients at once (the fp32 weighted
-    expert output, gate_up); ``attention_grad_transients``: the attention kernel's dq, dk, dv and,
-    for eager, the fp32 S x S gradients of the softmax.
-    """
-    b, T, S = work.bytes, work.tokens_per_rank, work.max_length
-    D, H = cfg.hidden_size, cfg.num_attention_heads
-    qk, R, N, Vd, C = cfg.qk_head_dim, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-
-    attn = _norm_bytes(D, b) + D * b
-    if cfg.q_lora_rank is not None:
-        attn += _norm_bytes(cfg.q_lora_rank, b) + cfg.q_lora_rank * b
-    attn += _norm_bytes(C, b) + (R * 4 if b == 4 else 0) + C * b
-    attn += H * Vd * b
-    scores = scores_grad = 0.0
-    if work.attention in ("flash", "sdpa"):
-        attn += 4 * H * qk * b + H * 4
-    else:  # HF eager: fp32 softmax and its cast; fp32 gradients.  Ulysses sp: a rank's T tokens x
-        # H heads x S keys (sp trades T*sp for H/sp).
-        attn += 2 * H * qk * b + H * (N + Vd) * b
-        scores, scores_grad = H * S * (4 + (b if b < 4 else 0)), H * S * 8
-    attention_transients = scores_grad + 3 * H * qk * b
-
-    if moe:
-        K, F_, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
-        router = (D * 4 if b < 4 else 0) + E * 4 + E + K * 8
-        if cfg.topk_method == "group_limited_greedy":
-            router += cfg.n_group * 4 + cfg.topk_group * 8
-        mlp = _norm_bytes(D, b) + D * b + router + K * 4 * F_ * b + 4 * F_ * (cfg.n_shared_experts or 0) * b
-        dispatch = K * (3 * D * b + 2 * 8 + 4)
-        mlp_transients = 2 * max(K * D * 4, K * 2 * F_ * b)
-    else:
-        mlp = _norm_bytes(D, b) + D * b + 4 * cfg.intermediate_size * b
-        dispatch = 0
-        mlp_transients = 2 * cfg.intermediate_size * b
-    return {
-        "attention": attn * T,
-        "attention_scores": scores * T,
-        "mlp": mlp * T,
-        "moe_dispatch": dispatch * T,
-        "mlp_grad_transients": mlp_transients * T,
-        "attention_grad_transients": attention_transients * T,
-    }
-
-
-def head_activations(cfg: DeepseekV2Config, work: Workload) -> float:
+def head_activations(cfg: Any, work: Workload) -> float:
     """Outside the layers: the final norm and the lm_head input, the embedding's int64 indices and
-    the fp32 rope cos/sin shared by the layers."""
+    the rotary tables shared by the layers."""
     D, b = cfg.hidden_size, work.bytes
-    return work.tokens_per_rank * (_norm_bytes(D, b) + D * b + 8 + cfg.qk_rope_head_dim * 4)
+    rope = spec_of(cfg).attention(cfg).rope_bytes
+    return work.tokens_per_rank * (norm_bytes(D, b) + D * b + 8 + rope)
 
 
 def attention_mask_bytes(work: Workload) -> float:
@@ -410,7 +317,7 @@ def attention_mask_bytes(work: Workload) -> float:
     return work.micro_batch_size * work.max_length**2 * work.bytes
 
 
-def logits_bytes(cfg: DeepseekV2Config, work: Workload) -> float:
+def logits_bytes(cfg: Any, work: Workload) -> float:
     """The trainer's chunked LM head (``models/common/loss.py``) never holds (T, V) logits: while it
     runs, one chunk's (C, V) fp32 buffer (plus the chunk in the compute dtype when that is narrower);
     from its forward to its backward, the gradients it computed: (T, D) in the compute dtype and the
@@ -449,16 +356,16 @@ class MemoryEstimate:
         return {k: v / GiB for k, v in self.phases[phase or self.peak_phase].items()}
 
 
-def dispatch_rows(cfg: DeepseekV2Config, work: Workload, ep: int) -> dict[str, int]:
+def dispatch_rows(cfg: Any, work: Workload, ep: int) -> dict[str, int]:
     """Token rows one rank's experts receive for one MoE layer under expert parallelism: T*K with
     balanced routing; N*T*min(K, E/N) under the worst skew a dropless all-to-all allows (every
     token of the N ranks of the group sends every expert it can to this rank's E/N)."""
-    T, K = work.tokens_per_rank, cfg.num_experts_per_tok
-    return {"balanced": T * K, "worst_case": ep * T * min(K, cfg.n_routed_experts // ep)}
+    T, K = work.tokens_per_rank, cfg.experts_per_token
+    return {"balanced": T * K, "worst_case": ep * T * min(K, cfg.num_experts // ep)}
 
 
 def predict_memory(
-    model: DeepseekV2Config, work: Workload, zero: ZeroSettings, world_size: int, ep: int = 1
+    model: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, world_size: int, ep: int = 1
 ) -> MemoryEstimate:
     """Peak bytes on one rank of a ``world_size`` ZeRO run; see the module docstring.
 
@@ -469,13 +376,10 @@ def predict_memory(
     so that a skewed batch cannot run out of memory where a balanced one fits."""
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    if world_size % work.sp:
-        raise ValueError(f"sp={work.sp} must divide world_size={world_size}")
-    if world_size % ep or model.n_routed_experts % ep or (ep > 1 and model.num_shards % ep):
-        raise ValueError(f"ep={ep} must divide world_size={world_size} and the expert shards ({model.num_shards})")
+    ParallelDims(world_size, work.sp, ep).validate(model, layout, None)  # the trainer's rules
     b = work.bytes
     P = count_params(model)
-    embed, layers, head = model_units(model)
+    embed, layers, head = model_units(model, layout)
     all_units = [embed, *(u for layer in layers for u in layer), *head]
     persistent = sum(u.numel for u in all_units if u.numel < zero.param_persistence_threshold) if zero.stage >= 3 else 0
     N = world_size
@@ -504,7 +408,7 @@ def predict_memory(
     # attention backward, whose S x S gradients replace the MLP tensors it has freed.
     L = model.num_hidden_layers
     T = work.tokens_per_rank
-    acts = [layer_activations(model, work, model.is_moe_layer(i)) for i in range(L)]
+    acts = [layer_activations(model, work, i) for i in range(L)]
     top = acts[-1]
 
     def saved(a: dict[str, float]) -> float:
@@ -528,7 +432,7 @@ def predict_memory(
 
     # ZeRO-3: the gathered weights and the full-size gradient in flight.
     if zero.stage >= 3:
-        g = _gathered(model, work, zero, ep)
+        g = _gathered(model, layout, work, zero, ep)
         gathered_loss = {"gathered_params": g["loss"]["params"] * b, "gathered_grads": g["loss"]["grads"] * b}
         gathered_layer = {"gathered_params": g["layer"]["params"] * b, "gathered_grads": g["layer"]["grads"] * b}
     else:
@@ -549,7 +453,7 @@ def predict_memory(
     }
     if ep > 1:
         rows = dispatch_rows(model, work, ep)
-        per_row = (3 * model.hidden_size + 4 * model.moe_intermediate_size) * b
+        per_row = (3 * model.hidden_size + 4 * model.expert_intermediate_size) * b
         phases["layer"]["ep_dispatch_skew"] = (rows["worst_case"] - rows["balanced"]) * per_row
     # Optimizer step, one ZeRO sub-group (ZeRO-3) or partition (ZeRO-1/2) at a time: its
     # gradients flattened into one fp32 tensor, and torch AdamW's temporaries for the update

@@ -5,9 +5,9 @@ parallel degree (every common divisor of the GPUs and the experts), Ulysses SP d
 micro step (max_length), activation checkpointing, and ZeRO-3 offload (none, optimizer,
 optimizer + params).  Pruned before any speed estimate, and counted:
 
-* invalid: SP must divide the GPUs, the heads and the tokens of a micro step; EP > 1 must pass
-  the trainer's own check (``parallel.expert.check_settings``: shard layout with the shard size
-  dividing the experts per rank, no SP, no offload);
+* invalid: what the trainer refuses, by its own check (``ParallelDims.validate`` with the DeepSpeed
+  config of the candidate's offload): SP must divide the GPUs (and, with GQA, the k/v heads); EP > 1
+  needs the shard layout with the shard size dividing the experts per rank, no SP, no offload;
 * model states: the partitioned weights, gradients and optimizer states alone exceed the GPU;
 * dominated: a cheaper setting of the same configuration already fits, and costs no speed to
   use: a smaller SP degree (SP only shrinks the tokens each GPU amortises its gathers over),
@@ -24,8 +24,9 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.plan.expert import ep_problem, predict_speed_ep
+from moe_train.models.common.experts import ExpertLayout
+from moe_train.parallel.dims import ParallelDims
+from moe_train.plan.expert import predict_speed_ep
 from moe_train.plan.memory import Workload, ZeroSettings, count_params, predict_memory
 from moe_train.plan.speed import Device
 
@@ -95,19 +96,37 @@ def _zero(zero: ZeroSettings, offload: str) -> ZeroSettings:
     )
 
 
-def _layouts(cfg: DeepseekV2Config) -> list[tuple[str, int | None]]:
-    E = cfg.n_routed_experts
-    return [("origin", None)] + [("shard", d) for d in range(1, E + 1) if E % d == 0]
+def offload_config(ds_config: dict[str, Any], offload: str) -> dict[str, Any]:
+    """The DeepSpeed config a candidate runs with: ``ds_config`` at ZeRO stage 3 with ``offload``."""
+    zero = dict(ds_config.get("zero_optimization", {}), stage=3)
+    for what, on in (("optimizer", offload != "none"), ("param", offload == "optimizer+params")):
+        zero[f"offload_{what}"] = {**(zero.get(f"offload_{what}") or {}), "device": "cpu" if on else "none"}
+    return {**ds_config, "zero_optimization": zero}
 
 
-def _ep_degrees(cfg: DeepseekV2Config, gpus: int) -> list[int]:
-    return [n for n in range(1, gpus + 1) if gpus % n == 0 and cfg.n_routed_experts % n == 0]
+def _layouts(cfg: Any) -> list[ExpertLayout]:
+    E = cfg.num_experts
+    return [ExpertLayout("origin")] + [ExpertLayout("shard", d) for d in range(1, E + 1) if E % d == 0]
+
+
+def _ep_degrees(cfg: Any, gpus: int) -> list[int]:
+    return [n for n in range(1, gpus + 1) if gpus % n == 0 and cfg.num_experts % n == 0]
+
+
+def _problem(cfg: Any, layout: ExpertLayout, gpus: int, sp: int, ep: int, ds_config: dict[str, Any]) -> str | None:
+    """The trainer's refusal of this layout, or None."""
+    try:
+        ParallelDims(gpus, sp, ep).validate(cfg, layout, ds_config)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def search(
-    cfg: DeepseekV2Config,
+    cfg: Any,
     work: Workload,
     zero: ZeroSettings,
+    ds_config: dict[str, Any],
     gpus: int,
     nodes: int,
     device: Device,
@@ -117,7 +136,7 @@ def search(
     top: int = 5,
 ) -> SearchResult:
     """Rank the configurations of the module docstring that fit; ``work`` gives the fixed settings
-    (varlen, attention, dtype, micro batch)."""
+    (varlen, attention, dtype, micro batch), ``ds_config`` the DeepSpeed config the offloads vary."""
     sps = [d for d in range(1, gpus + 1) if gpus % d == 0]
     layouts = _layouts(cfg)
     space = list(itertools.product(layouts, _ep_degrees(cfg, gpus), sps, MAX_LENGTHS, (False, True), OFFLOADS))
@@ -131,14 +150,16 @@ def search(
     }
     fits: dict[tuple, bool] = {}
     ranked = []
+
     # Order: cheapest settings first, so a dominated one can be recognised when it comes.
-    for (impl, shard), ep, sp, S, ac, offload in sorted(
-        space, key=lambda c: (c[0][0], c[0][1] or 0, c[1], c[3], OFFLOADS.index(c[5]), c[4], c[2])
-    ):
-        tokens = S * work.micro_batch_size
-        c = cfg.replace(moe_implementation=impl, expert_in_one_shard=shard)
+    def order(c: tuple) -> tuple:
+        layout, ep, sp, S, ac, offload = c
+        return layout.moe_implementation, layout.expert_in_one_shard or 0, ep, S, OFFLOADS.index(offload), ac, sp
+
+    for layout, ep, sp, S, ac, offload in sorted(space, key=order):
+        impl, shard = layout.moe_implementation, layout.expert_in_one_shard
         z = _zero(zero, offload)
-        if cfg.num_attention_heads % sp or tokens % sp or ep_problem(c, ep, gpus, sp, z):
+        if _problem(cfg, layout, gpus, sp, ep, offload_config(ds_config, offload)):
             pruned["invalid"] += 1
             continue
         if states_gb[offload] > gpu_mem_gb:
@@ -154,12 +175,12 @@ def search(
             pruned["dominated"] += 1
             continue
         w = dataclasses.replace(work, max_length=S, sp=sp, activation_checkpointing=ac)
-        mem = predict_memory(c, w, z, gpus, ep)
+        mem = predict_memory(cfg, layout, w, z, gpus, ep)
         if mem.per_gpu_gb > gpu_mem_gb:
             pruned["does not fit"] += 1
             continue
         fits.setdefault(key, []).append((sp, ac, offload))
-        s = predict_speed_ep(c, w, z, gpus, nodes, device, ep, grad_accum, peak_tflops)
+        s = predict_speed_ep(cfg, layout, w, z, gpus, nodes, device, ep, grad_accum, peak_tflops)
         ranked.append(
             Ranked(
                 Candidate(impl, shard, ep, sp, S, ac, offload),

@@ -1,18 +1,20 @@
 """Step time, tokens per GPU per second (TGS) and MFU of a ZeRO run: a timeline of one micro step.
 
-Model FLOPs per token (what MFU counts): 6 * N_active + the attention term, 6 * L * H *
-(qk_head_dim + v_head_dim) * keys, where keys is the mean number of earlier tokens a token
-attends to: max_length / 2 over a packed row without varlen, E[s^2] / (2 E[s]) over the alpaca
-sample lengths with varlen (``calibration.ALPACA_*``).  The hardware does more: activation
-checkpointing recomputes every forward, and eager attention computes all S x S scores.
+Model FLOPs per token (what MFU counts): 6 * N_active + the attention term, 3 x the attention's
+forward FLOPs per (query, key) pair (``AttentionShape.flops_per_key``: 2 * L * H * (qk + v)) * keys,
+where keys is the mean number of earlier tokens a token attends to: max_length / 2 over a packed
+row without varlen, E[s^2] / (2 E[s]) over the alpaca sample lengths with varlen
+(``calibration.ALPACA_*``).  The hardware does more: activation checkpointing recomputes every
+forward, and eager attention computes all S x S scores.
 
 ZeRO-3 is timed by replaying the module trace of a step (``memory.step_trace``) through the same
 gather schedule the memory model uses (``memory.gather_schedule``), on two streams:
 
 * compute: each module's GEMMs (2 x tokens through it x its numel, twice that in the backward) at
-  ``gemm_efficiency`` of peak, the attention kernel after the kv projection at its own
-  efficiency, and ``hook_s`` of host time per parameter for every module call (ZeRO-3's pre- and
-  post-module hooks: fetch, wait, release, partitioning the gradient);
+  ``gemm_efficiency`` of peak, the attention kernel after the unit the family marks
+  (``Unit.attention_kernel``: MLA's kv_b_proj) at its own efficiency, and ``hook_s`` of host time
+  per parameter for every module call (ZeRO-3's pre- and post-module hooks: fetch, wait, release,
+  partitioning the gradient);
 * communication, in issue order: every all-gather the schedule issues and every gradient bucket's
   reduce-scatter, each costing (N - 1) ring steps of latency plus bytes * (N - 1) / N over the
   per-GPU bandwidth (the network between nodes, NVLink inside one).
@@ -29,9 +31,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from moe_train.engine.metrics import active_matmul_params
-from moe_train.models.deepseek_v2.config import DeepseekV2Config
+from moe_train.models import spec_of
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.plan import calibration
 from moe_train.plan.calibration import Calibration
 from moe_train.plan.memory import (
@@ -117,29 +121,26 @@ def attention_keys(work: Workload) -> float:
     return min(mean_sq / (2 * mean), S / 2)
 
 
-def _attention_flops(cfg: DeepseekV2Config, work: Workload) -> float:
-    """Forward FLOPs of one layer's attention kernel per token (QK^T and PV over the keys seen)."""
+def _attention_flops(cfg: Any, work: Workload) -> float:
+    """Forward FLOPs of all layers' attention kernels per token (QK^T and PV over the keys seen)."""
     keys = work.max_length if work.attention == "eager" else attention_keys(work)  # eager: every S x S score
-    return 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * keys
+    return spec_of(cfg).attention(cfg).flops_per_key * keys
 
 
-def flops_per_token(cfg: DeepseekV2Config, work: Workload) -> tuple[float, float]:
+def flops_per_token(cfg: Any, work: Workload) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs) per token; see the module docstring."""
     n_active = active_matmul_params(cfg)
-    attn = 3 * cfg.num_hidden_layers * 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    model = 6 * n_active + attn * attention_keys(work)
+    model = 6 * n_active + 3 * spec_of(cfg).attention(cfg).flops_per_key * attention_keys(work)
     passes = 4 if work.activation_checkpointing else 3
-    hw_attn = passes * cfg.num_hidden_layers * _attention_flops(cfg, work)
-    return model, 2 * passes * n_active + hw_attn
+    return model, 2 * passes * n_active + passes * _attention_flops(cfg, work)
 
 
-def _tokens_through(cfg: DeepseekV2Config, unit: Unit, tokens: float) -> float:
-    """Tokens a module multiplies: a routed expert sees top_k / n_routed of them."""
-    name = unit.name.split(".", 1)[-1]
-    if name.startswith("embed_tokens"):
+def _tokens_through(cfg: Any, unit: Unit, tokens: float) -> float:
+    """Tokens a module multiplies: a routed expert sees top_k / E of them."""
+    if unit.name.split(".", 1)[-1].startswith("embed_tokens"):
         return 0.0  # a lookup
-    if name.startswith("experts."):
-        return tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
+    if unit.expert is not None:
+        return tokens * cfg.experts_per_token / cfg.num_experts
     return tokens
 
 
@@ -160,27 +161,34 @@ def _ring(numel: float, b: int, N: int, bw: float, cal: Calibration) -> float:
 _SCHEDULES: dict[tuple, tuple] = {}
 
 
-def _schedule(cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings) -> tuple:
+def _schedule(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings) -> tuple:
     """(step trace, gathers issued per entry), cached: the search and the fits time one trace many times."""
-    key = (repr(cfg), work.activation_checkpointing, zero)
+    key = (repr(cfg), layout, work.activation_checkpointing, zero)
     if key not in _SCHEDULES:
         if len(_SCHEDULES) > 64:
             _SCHEDULES.clear()
-        trace = step_trace(cfg, work, zero)
+        trace = step_trace(cfg, layout, work, zero)
         _SCHEDULES[key] = trace, gather_schedule(trace.units, zero)[1]
     return _SCHEDULES[key]
 
 
 def _zero3_timeline(
-    cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, N: int, bw: float, device: Device, peak: float
+    cfg: Any,
+    layout: ExpertLayout,
+    work: Workload,
+    zero: ZeroSettings,
+    N: int,
+    bw: float,
+    device: Device,
+    peak: float,
 ) -> _Timeline:
     """One micro step of ZeRO-3 on the two streams of the module docstring."""
     cal = device.calibration
     b, T = work.bytes, work.tokens_per_rank
-    trace, issued = _schedule(cfg, work, zero)
+    trace, issued = _schedule(cfg, layout, work, zero)
     gemm_rate = peak * cal.gemm_efficiency
     attn_rate = peak * (cal.eager_efficiency if work.attention == "eager" else cal.flash_efficiency)
-    attn_s = T * _attention_flops(cfg, work) / attn_rate
+    attn_s = T * _attention_flops(cfg, work) / spec_of(cfg).attention(cfg).layers / attn_rate  # one layer's kernel
     out = _Timeline()
     now = comm_free = 0.0
     ready: dict[str, float] = {}
@@ -202,7 +210,7 @@ def _zero3_timeline(
         for ahead in gathers.prefetched:
             ready[ahead.name] = communicate(ahead.numel)
         work_s = 2 * _tokens_through(cfg, unit, T) * unit.numel / gemm_rate
-        if unit.name.endswith("kv_b_proj"):
+        if unit.attention_kernel:
             work_s += attn_s
         work_s *= 2 if pass_ == "backward" else 1
         hooks = cal.hook_s * unit.tensors
@@ -223,16 +231,26 @@ def _zero3_timeline(
 
 
 def _zero3_micro_step(
-    cfg: DeepseekV2Config, work: Workload, zero: ZeroSettings, N: int, bw: float, device: Device, peak: float
+    cfg: Any,
+    layout: ExpertLayout,
+    work: Workload,
+    zero: ZeroSettings,
+    N: int,
+    bw: float,
+    device: Device,
+    peak: float,
 ) -> _Timeline:
-    """The timeline of the whole depth, extrapolated from two and three MoE layers (periodic trace)."""
-    k = cfg.first_k_dense_replace
-    if cfg.num_hidden_layers <= k + 3 or cfg.moe_layer_freq != 1:
-        return _zero3_timeline(cfg, work, zero, N, bw, device, peak)
+    """The timeline of the whole depth, extrapolated from two and three MoE layers when every layer from
+    the first MoE one on has the same units (a periodic trace); else the whole trace (e.g. hybrid layers)."""
+    L = cfg.num_hidden_layers
+    k = next((i for i in range(L) if cfg.is_moe_layer(i)), L)
+    units = spec_of(cfg).layer_units
+    if L <= k + 3 or any(units(cfg, layout, i) != units(cfg, layout, k) for i in range(k + 1, L)):
+        return _zero3_timeline(cfg, layout, work, zero, N, bw, device, peak)
     short, longer = (
-        _zero3_timeline(cfg.replace(num_hidden_layers=k + d), work, zero, N, bw, device, peak) for d in (2, 3)
+        _zero3_timeline(cfg.replace(num_hidden_layers=k + d), layout, work, zero, N, bw, device, peak) for d in (2, 3)
     )
-    extra = cfg.num_hidden_layers - k - 3
+    extra = L - k - 3
     whole = _Timeline()
     for f in ("time_s", "compute_s", "comm_s", "hooks_s", "comm_bytes", "collectives"):
         setattr(whole, f, getattr(longer, f) + extra * (getattr(longer, f) - getattr(short, f)))
@@ -240,7 +258,8 @@ def _zero3_micro_step(
 
 
 def predict_speed(
-    cfg: DeepseekV2Config,
+    cfg: Any,
+    layout: ExpertLayout,
     work: Workload,
     zero: ZeroSettings,
     gpus: int,
@@ -256,11 +275,11 @@ def predict_speed(
     T = work.tokens_per_rank
     N = gpus
     bw = (device.network_gbps if nodes > 1 else device.nvlink_gbps) * 1e9
-    embed, layers, head = model_units(cfg)
+    embed, layers, head = model_units(cfg, layout)
     P = sum(u.numel for u in [embed, *(u for layer in layers for u in layer), *head])
 
     if zero.stage >= 3:
-        t = _zero3_micro_step(cfg, work, zero, N, bw, device, peak)
+        t = _zero3_micro_step(cfg, layout, work, zero, N, bw, device, peak)
     else:
         t = _Timeline()
         t.compute_s = T * hw_flops / (peak * cal.gemm_efficiency)
@@ -274,9 +293,10 @@ def predict_speed(
         t.time_s = max(t.compute_s, t.comm_s)  # gradient buckets reduce behind the backward
     if work.sp > 1:  # Ulysses: q, k, v and the output re-sharded (all-to-all) in every layer and pass
         passes = 3 if work.activation_checkpointing else 2
-        per_token = cfg.num_attention_heads * (3 * cfg.qk_head_dim + cfg.v_head_dim) * b
-        a2a_bytes = passes * cfg.num_hidden_layers * T * per_token * (work.sp - 1) / work.sp
-        a2a_n = passes * cfg.num_hidden_layers * 4
+        attention = spec_of(cfg).attention(cfg)
+        per_token = attention.exchanged_per_token * b
+        a2a_bytes = passes * attention.layers * T * per_token * (work.sp - 1) / work.sp
+        a2a_n = passes * attention.layers * 4
         a2a = a2a_bytes / bw + a2a_n * (work.sp - 1) * cal.ring_step_latency_s
         t.comm_s, t.comm_bytes, t.collectives = t.comm_s + a2a, t.comm_bytes + a2a_bytes, t.collectives + a2a_n
         t.time_s += a2a  # on the critical path: attention waits for its heads

@@ -253,11 +253,11 @@ def up() -> None:
     if not ok:
         raise SystemExit(f"cannot run the Slurm dev cluster here: {why}")
     install()
-    daemons = running()
-    if set(daemons) == set(DAEMONS):
+    if set(running()) == set(DAEMONS):
         return
-    if daemons:  # a partial cluster: start over
-        down()
+    # A partial cluster, or one whose daemons all died with a previous machine or session: start over,
+    # forgetting their PIDs (a stale entry would read as a daemon that exited during this start).
+    down()
     try:
         _start()
     except BaseException:

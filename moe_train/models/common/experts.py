@@ -3,6 +3,9 @@
 Shapes: T tokens, D hidden, E routed experts, S experts per shard, F expert intermediate size,
 K experts per token (top-k), A = T*K token-expert assignments, N sequences (samples) in a batch.
 
+``ExpertLayout`` picks one of two memory layouts; it is a training choice, not part of a checkpoint's
+config.json, and is passed next to the family's config wherever a model is built.
+
 ``shard`` (default): the E experts are stacked into E/S shard modules, each holding one
 ``gate_up_proj`` (S, 2F, D) and one ``down_proj`` (S, D, F) parameter.  Under ZeRO-3 that is 2
 gathers per shard instead of 3 per expert, and every shard module runs on every forward, even
@@ -15,6 +18,8 @@ which parameters to gather, which hangs NCCL (and errors on gloo).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -25,6 +30,41 @@ from moe_train.models.common.grouped_gemm import padded_size
 from moe_train.models.common.mlp import SwiGLUMLP
 
 MOE_IMPLEMENTATIONS = ("shard", "origin")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a layer's routed experts sit in memory: ``shard`` modules of ``expert_in_one_shard`` experts
+    each (None: all of the layer's in one), or ``origin``, one module per expert."""
+
+    moe_implementation: str = "shard"
+    expert_in_one_shard: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.moe_implementation not in MOE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"moe_implementation={self.moe_implementation!r} is unknown; use one of {list(MOE_IMPLEMENTATIONS)}"
+            )
+
+    def shard_size(self, num_experts: int) -> int:
+        """Experts per shard of a layer of ``num_experts``."""
+        return self.expert_in_one_shard or num_experts
+
+    def num_shards(self, num_experts: int) -> int:
+        return num_experts // self.shard_size(num_experts)
+
+    def check(self, num_experts: int | None) -> None:
+        """Raise ValueError (one line, the valid values) when the shard size does not divide the experts."""
+        s = self.expert_in_one_shard
+        if num_experts is not None and s is not None and (s < 1 or num_experts % s):
+            raise ValueError(
+                f"expert_in_one_shard={s} does not divide the {num_experts} routed experts of a layer; "
+                f"use one of {_divisors(num_experts)}"
+            )
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -166,10 +206,11 @@ class PerExpertModules(nn.ModuleList):
 
 
 def routed_experts(
-    implementation: str, num_experts: int, shard_size: int, hidden_size: int, intermediate_size: int, std: float
+    layout: ExpertLayout, num_experts: int, hidden_size: int, intermediate_size: int, std: float
 ) -> nn.Module:
-    if implementation == "shard":
-        return ShardedExperts(num_experts, shard_size, hidden_size, intermediate_size, std)
+    layout.check(num_experts)
+    if layout.moe_implementation == "shard":
+        return ShardedExperts(num_experts, layout.shard_size(num_experts), hidden_size, intermediate_size, std)
     return PerExpertModules(num_experts, hidden_size, intermediate_size, std)
 
 

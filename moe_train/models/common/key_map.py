@@ -59,6 +59,14 @@ class Slot:
         return start, start + size
 
 
+LAYER = "model.layers.{}."  # the prefix of a decoder layer's templates
+
+
+def in_layers(templates: list[str]) -> list[str]:
+    """Templates relative to a decoder layer, under ``model.layers.{layer}.``."""
+    return [LAYER + t for t in templates]
+
+
 def _pattern(template: str) -> re.Pattern[str]:
     return re.compile("^" + re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
 

@@ -16,6 +16,10 @@ def linear(d_in: int, d_out: int, std: float, bias: bool = False) -> nn.Linear:
     return layer
 
 
+# Our parameter names of a dense layer's MLP inside a decoder layer, equal to the HF keys.
+DENSE_MLP_KEYS = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+
+
 class SwiGLUMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, std: float) -> None:
         super().__init__()

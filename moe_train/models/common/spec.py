@@ -1,8 +1,9 @@
 """A model family as one record: what everything outside ``models/`` needs to know about it.
 
-Checkpoint I/O, the engine, sequence parallelism and the planner take a ``ModelSpec`` (found by the
-``model_type`` of a config.json, aliases included), never a family's classes by name.  Parameter and
-FLOP counts come from the model built on the meta device, so they cannot drift from the modules.
+Checkpoint I/O, the engine, parallelism and the planner take a ``ModelSpec`` (found by the
+``model_type`` of a config.json, aliases included), never a family's classes by name.  Parameter counts
+come from the model built on the meta device; the planner's units, saved bytes and attention shape are
+the family's (``models/common/costs.py``), pinned against its model by ``tests/test_architecture.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moe_train.models.common.costs import AttentionShape, Unit
+from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.common.key_map import Slot
 
 
@@ -23,15 +26,21 @@ from moe_train.models.common.key_map import Slot
 class ModelSpec:
     name: str  # the family, e.g. "deepseek_v2"
     model_types: tuple[str, ...]  # config.json model_type values this family reads (the first is written)
-    config_cls: type  # dataclass with from_hf_dict / to_hf_dict / from_name / NAMED_SIZES
-    model_cls: type  # nn.Module(config, attn_backend=...)
-    ours_to_hf: Callable[[str, Any], list[tuple[str, Slot]]]  # the one key map
+    config_cls: type  # an HFConfig (models/common/config.py): from_hf_dict / to_hf_dict / from_name / NAMED_SIZES
+    model_cls: type  # a CausalLM (models/common/decoder.py): model_cls(config, layout, attn_backend=...)
+    ours_to_hf: Callable[[str, Any, ExpertLayout], list[tuple[str, Slot]]]  # the one key map: (name, config, layout)
     hub_ids: dict[str, str | None]  # named size -> its Hugging Face model id
+    hub_sizes: dict[str, str]  # every Hugging Face model id of the family a recipe may name -> its named size
     chat_template: str  # the data template of the family's chat models
     attention_types: tuple[type, ...]  # modules with an ``inner_attention`` that sequence parallelism wraps
     moe_types: tuple[type, ...]  # modules with a ``balance_group`` for the balance loss under SP
     norm_types: tuple[type, ...]  # modules whose weights start at one (the rest: normal(0, initializer_range))
     layers: Callable[[nn.Module], nn.ModuleList]  # the decoder layers (activation checkpointing wraps each)
+    # What the planner and the metrics need (models/common/costs.py; pinned against the model by tests):
+    layer_units: Callable[[Any, ExpertLayout, int], list[Unit]]  # ZeRO-3 units of layer i, in forward order
+    # (config, layer i, bytes per element, max_length, attention kernel) -> bytes per token layer i saves, by part
+    layer_activations: Callable[[Any, int, int, int, str], dict[str, float]]
+    attention: Callable[[Any], AttentionShape]  # what the attention kernels compute (FLOPs, SP degrees)
     # Called by the trainer after each optimiser step with the step's global expert load (moe layers, E)
     # and the recipe's bias_update_rate; returns figures to log (DeepSeek V3's aux-loss-free balancing).
     after_step: Callable[[nn.Module, torch.Tensor, float], dict[str, Any]] | None = None
@@ -39,14 +48,21 @@ class ModelSpec:
     # unchanged (DeepSeek V3's multi-token-prediction layers); (config, key) -> bool.
     carried_key: Callable[[Any, str], bool] | None = None
 
-    def build(self, cfg: Any, attn_backend: str = "auto") -> nn.Module:
-        return self.model_cls(cfg, attn_backend=attn_backend)
+    def build(self, cfg: Any, layout: ExpertLayout | None = None, attn_backend: str = "auto") -> nn.Module:
+        return self.model_cls(cfg, layout or ExpertLayout(), attn_backend=attn_backend)
 
-    def config(self, hf_dict: dict[str, Any], **layout: Any) -> Any:
-        return self.config_cls.from_hf_dict(hf_dict, **layout)
+    def config(self, hf_dict: dict[str, Any]) -> Any:
+        return self.config_cls.from_hf_dict(hf_dict)
 
     def named_config(self, size: str, **overrides: Any) -> Any:
         return self.config_cls.from_name(size, **overrides)
+
+    def train_flops(self, cfg: Any, sample_lengths: list[int]) -> float:
+        """Model FLOPs of a forward and backward (3 x forward) over packed samples of these lengths:
+        6 x the matmul weights a token touches x tokens, plus causal attention over each sample
+        (QK^T and PV: ``AttentionShape.flops_per_key`` x s^2 / 2 per sample of s tokens)."""
+        keys = sum(s * s / 2 for s in sample_lengths)
+        return 6 * param_counts(cfg).active_matmul * sum(sample_lengths) + 3 * self.attention(cfg).flops_per_key * keys
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -90,14 +106,9 @@ class ParamCounts:
 
 
 def param_counts(cfg: Any) -> ParamCounts:
-    """Counted on the model built on the meta device (cached per configuration)."""
-    return _param_counts(spec_of(cfg).name, json.dumps(_config_key(cfg), sort_keys=True, default=str))
-
-
-def _config_key(cfg: Any) -> dict[str, Any]:
-    # The expert layout moves parameters around without changing their count: one entry for all layouts.
-    key = {k: v for k, v in vars(cfg).items() if k != "source_fields"}
-    return {**key, "moe_implementation": "shard", "expert_in_one_shard": None}
+    """Counted on the model built on the meta device (cached per configuration; the expert layout moves
+    parameters around without changing their count, so the default one is built)."""
+    return _param_counts(spec_of(cfg).name, json.dumps(cfg.schema_fields(), sort_keys=True, default=str))
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,5 +128,5 @@ def _param_counts(family: str, cfg_json: str) -> ParamCounts:
     for module in model.modules():
         if isinstance(module, spec.moe_types):
             experts = sum(p.numel() for p in module.experts.parameters())
-            routed += experts * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
+            routed += experts * (1 - cfg.experts_per_token / cfg.num_experts)
     return ParamCounts(total=total, active_matmul=int(round(total - not_matmul - routed)))

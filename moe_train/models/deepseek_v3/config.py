@@ -2,8 +2,8 @@
 
 V3 keeps V2's shapes (MLA, shared + routed experts, YaRN) and changes the router: sigmoid scores,
 ``topk_method: noaux_tc`` with a per-expert ``e_score_correction_bias``, groups scored by the sum of
-their two best biased scores.  The config therefore extends ``DeepseekV2Config``: the same fields with
-V3's defaults (transformers' ``DeepseekV3Config`` defaults, i.e. DeepSeek-V3 671B), plus
+their two best biased scores.  The fields are V2's with V3's defaults (transformers' ``DeepseekV3Config``
+defaults, i.e. DeepSeek-V3 671B), plus
 ``num_nextn_predict_layers`` (multi-token-prediction layers, stored after the decoder layers and
 carried through an export untrained), ``quantization_config`` (the FP8 block format of the official
 weights, read on load, never written: exports are bf16/fp32) and transformers' ``rope_interleave``.
@@ -12,23 +12,41 @@ Kimi K2 ships ``model_type: kimi_k2`` with remote code: that model type is kept 
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from moe_train.models.deepseek_v2.config import DeepseekV2Config
+from moe_train.models.common.config import HFConfig
+from moe_train.models.common.deepseek import DeepseekShapes
 
 # The block-wise FP8 format of DeepSeek's and Moonshot's official weights.
 FP8_BLOCK = (128, 128)
 
 
 @dataclass
-class DeepseekV3Config(DeepseekV2Config):
+class DeepseekV3Config(DeepseekShapes, HFConfig):
     FAMILY: ClassVar[str] = "DeepSeek V3"
     MODEL_TYPES: ClassVar[tuple[str, ...]] = ("deepseek_v3", "kimi_k2")
-    TOPK_METHODS: ClassVar[tuple[str, ...]] = ("noaux_tc",)
-    SCORING_FUNCS: ClassVar[tuple[str, ...]] = ("sigmoid",)
+    ARCHITECTURE: ClassVar[str] = "DeepseekV3ForCausalLM"
+    # Fields DeepSeek's code defines but we do not implement (or that V3 fixes): refused rather than ignored.
+    UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "pretraining_tp": 1,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+    }
+    FIELD_MIN: ClassVar[dict[str, float]] = {
+        **HFConfig.FIELD_MIN,
+        "first_k_dense_replace": 0,
+        "n_shared_experts": 0,
+        "num_nextn_predict_layers": 0,
+        "routed_scaling_factor": 0.0,
+        "aux_loss_alpha": 0.0,
+    }
+    OPEN_MIN: ClassVar[frozenset[str]] = HFConfig.OPEN_MIN | {"routed_scaling_factor"}
 
+    # transformers' DeepseekV3Config defaults (DeepSeek-V3 671B).
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432
@@ -38,22 +56,40 @@ class DeepseekV3Config(DeepseekV2Config):
     num_key_value_heads: int = 128
     n_shared_experts: int | None = 1
     n_routed_experts: int | None = 256
+    ep_size: int = 1
     routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    qk_nope_head_dim: int = 128
     topk_method: str = "noaux_tc"
     n_group: int | None = 8
     topk_group: int | None = 4
     num_experts_per_tok: int | None = 8
+    moe_layer_freq: int = 1
     first_k_dense_replace: int = 3
     norm_topk_prob: bool = True
     scoring_func: str = "sigmoid"
+    aux_loss_alpha: float = 0.001
+    seq_aux: bool = True
+    hidden_act: str = "silu"
     max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
     bos_token_id: int = 0
     eos_token_id: int = 1
+    pretraining_tp: int = 1
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
     num_nextn_predict_layers: int = 1
     quantization_config: dict[str, Any] | None = None
     rope_interleave: bool = True
-    # The model_type of the source config.json ("deepseek_v3" or "kimi_k2"), written back on export.
-    source_model_type: str = field(default="deepseek_v3", metadata={"layout": True}, compare=False)
 
     def validate(self) -> None:
         super().validate()
@@ -88,14 +124,11 @@ class DeepseekV3Config(DeepseekV2Config):
             )
         if not self.topk_group or self.topk_group > G:
             raise ValueError(f"topk_group={self.topk_group} must be in 1..n_group={G}")
-        if self.num_experts_per_tok > self.topk_group * (E // G):
+        if not self.num_experts_per_tok or self.num_experts_per_tok > self.topk_group * (E // G):
             raise ValueError(
-                f"num_experts_per_tok={self.num_experts_per_tok} exceeds the {self.topk_group * (E // G)} "
-                f"experts of the topk_group={self.topk_group} kept groups; raise topk_group"
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..{self.topk_group * (E // G)}, "
+                f"the experts of the topk_group={self.topk_group} kept groups; raise topk_group"
             )
-
-    def replace(self, **changes: Any) -> "DeepseekV3Config":
-        return dataclasses.replace(self, **changes)
 
     def is_mtp_key(self, key: str) -> bool:
         """A multi-token-prediction layer's key: ``model.layers.{i}.*`` for i past the decoder layers."""
@@ -106,23 +139,11 @@ class DeepseekV3Config(DeepseekV2Config):
             self.num_hidden_layers + self.num_nextn_predict_layers
         )
 
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], **layout: Any) -> "DeepseekV3Config":
-        return super().from_hf_dict(d, **{"source_model_type": d.get("model_type"), **layout})
-
     def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict[str, Any]:
         """The official ``config.json`` content; exported weights are never quantised, so no quantization_config."""
         d = super().to_hf_dict(torch_dtype)
         d.pop("quantization_config")
-        d["architectures"] = self.source_fields.get("architectures", ["DeepseekV3ForCausalLM"])
-        d["model_type"] = self.source_model_type
         return d
-
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "DeepseekV3Config":
-        if name not in NAMED_SIZES:
-            raise ValueError(f"unknown model size {name!r}; known sizes: {sorted(NAMED_SIZES)}")
-        return cls(**{**NAMED_SIZES[name], **overrides})
 
 
 _FP8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(FP8_BLOCK)}
@@ -132,6 +153,16 @@ HUB_IDS: dict[str, str | None] = {
     "kimi-k2": "moonshotai/Kimi-K2-Instruct",
     "moonlight-16b-a3b": "moonshotai/Moonlight-16B-A3B-Instruct",
     "tiny-v3": None,
+}
+# Every Hugging Face model of the family a recipe may name, and its named size.
+HUB_SIZES: dict[str, str] = {
+    "deepseek-ai/DeepSeek-V3": "deepseek-v3",
+    "deepseek-ai/DeepSeek-V3-0324": "deepseek-v3",
+    "deepseek-ai/DeepSeek-R1": "deepseek-v3",
+    "deepseek-ai/DeepSeek-V3.1": "deepseek-v3",
+    "moonshotai/Kimi-K2-Instruct": "kimi-k2",
+    "moonshotai/Moonlight-16B-A3B": "moonlight-16b-a3b",
+    "moonshotai/Moonlight-16B-A3B-Instruct": "moonlight-16b-a3b",
 }
 
 NAMED_SIZES: dict[str, dict[str, Any]] = {
@@ -272,6 +303,6 @@ NAMED_SIZES: dict[str, dict[str, Any]] = {
             "mscale": 1.0,
             "mscale_all_dim": 1.0,
         },
-        expert_in_one_shard=4,
     ),
 }
+DeepseekV3Config.NAMED_SIZES = NAMED_SIZES

@@ -1,5 +1,6 @@
 """DeepSeek V3's router (sigmoid scores, ``noaux_tc`` group-limited top-k with a correction bias) and
-its aux-loss-free balancing: the bias update the trainer applies after each optimiser step.
+its aux-loss-free balancing: the bias update the trainer applies after each optimiser step.  The MoE
+block around the router (routed and shared experts, balance loss) is ``models/common/moe.py``.
 
 Shapes: T tokens, D hidden, E routed experts, K experts per token, G expert groups, L MoE layers.
 
@@ -17,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_train.models.deepseek_v2.moe import MoE
 from moe_train.models.deepseek_v3.config import DeepseekV3Config
 
 
@@ -57,12 +57,6 @@ class NoAuxRouter(nn.Module):
         weight_TK = weight_TK * cfg.routed_scaling_factor  # V3 scales in both cases (unlike V2)
         # The sequence-wise balance loss of the V3 report takes the affinities normalised per token.
         return scores_TE / scores_TE.sum(dim=-1, keepdim=True), weight_TK, index_TK
-
-
-class NoAuxMoE(MoE):
-    """V2's MoE block (shared + routed experts, optional sequence balance loss) with V3's router."""
-
-    router_cls = NoAuxRouter
 
 
 @torch.no_grad()

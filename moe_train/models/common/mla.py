@@ -1,9 +1,14 @@
-"""Multi-head latent attention (MLA) with packed variable-length sequences.
+"""Multi-head latent attention (MLA) with packed variable-length sequences: the attention of DeepSeek V2
+and V3 (and Kimi K2, Moonlight), shared by their families.
 
 Shapes: B batch, T tokens, H heads, N nope dim, R rope dim, V value dim, C kv_lora_rank.
 ``cu_seqlens`` (int32, n+1) holds the sample boundaries of a packed row (B == 1): tokens attend
 causally inside their own sample only.  The attention kernel itself is the ``inner_attention``
 submodule (``models/common/attention.py``), which sequence parallelism wraps.
+
+A family using MLA mixes ``MLAShapes`` into its config, which then needs the fields ``hidden_size``,
+``num_attention_heads``, ``q_lora_rank``, ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``,
+``v_head_dim``, ``attention_bias``, ``initializer_range``, ``rope_theta`` and ``rope_scaling`` (YaRN).
 """
 
 from __future__ import annotations
@@ -14,12 +19,48 @@ from torch import nn
 from moe_train.models.common.attention import VarlenAttention
 from moe_train.models.common.mlp import linear
 from moe_train.models.common.norm import RMSNorm
-from moe_train.models.deepseek_v2.config import DeepseekV2Config
-from moe_train.models.deepseek_v2.rope import apply_rope
+from moe_train.models.common.rope import apply_rope, rope_cos_sin, yarn_get_mscale
+
+# Our parameter names inside a decoder layer, equal to the HF keys (``models/common/key_map.py``).
+MLA_KEYS = [
+    "self_attn.q_proj.weight",
+    "self_attn.q_a_proj.weight",
+    "self_attn.q_a_proj.bias",
+    "self_attn.q_a_layernorm.weight",
+    "self_attn.q_b_proj.weight",
+    "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attn.kv_a_proj_with_mqa.bias",
+    "self_attn.kv_a_layernorm.weight",
+    "self_attn.kv_b_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.o_proj.bias",
+]
+
+
+class MLAShapes:
+    """Derived sizes of an MLA config (a mixin of the family's config dataclass)."""
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        scale = self.qk_head_dim**-0.5
+        rs = self.rope_scaling or {}
+        if rs.get("mscale_all_dim"):
+            m = yarn_get_mscale(rs["factor"], rs["mscale_all_dim"])
+            scale *= m * m
+        return scale
+
+
+def mla_rope(cfg: MLAShapes, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) every layer's ``MLAttention`` takes, for (B, T) positions."""
+    return rope_cos_sin(position_ids, cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: DeepseekV2Config, attn_backend: str = "auto") -> None:
+    def __init__(self, cfg: MLAShapes, attn_backend: str = "auto") -> None:
         super().__init__()
         self.cfg = cfg
         H, D, std = cfg.num_attention_heads, cfg.hidden_size, cfg.initializer_range
@@ -38,14 +79,15 @@ class MLAttention(nn.Module):
     def forward(
         self,
         x_BTD: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
     ) -> torch.Tensor:
+        """``rope``: the (cos, sin) of ``mla_rope``."""
         cfg = self.cfg
         B, T, _ = x_BTD.shape
         H, N, R, V = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        cos, sin = rope
         if cfg.q_lora_rank is None:
             q = self.q_proj(x_BTD)
         else:

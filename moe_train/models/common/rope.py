@@ -1,25 +1,29 @@
-"""YaRN rotary embedding as DeepSeek V2 uses it (interleaved pairs, mscale on cos/sin)."""
+"""Rotary embedding with YaRN scaling as DeepSeek defines it (interleaved pairs, mscale on cos/sin): the
+DeepSeek V2 and V3 families (and Kimi K2, Moonlight) use it for MLA's rope part."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from moe_train.models.deepseek_v2.config import DeepseekV2Config, yarn_get_mscale
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _inv_freq(cfg: DeepseekV2Config, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (rope_dim/2,) and the scale applied to cos/sin."""
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+def _inv_freq(dim: int, base: float, rs: dict[str, Any] | None, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (dim/2,) and the scale applied to cos/sin."""
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
     extrapolated = 1.0 / base**exponents
-    rs = cfg.rope_scaling
     if not rs:
         return extrapolated, 1.0
     kind = rs.get("type", rs.get("rope_type"))
     if kind != "yarn":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported; DeepSeek V2 uses 'yarn'")
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; DeepSeek uses 'yarn'")
     factor = rs["factor"]
     original = rs.get("original_max_position_embeddings") or 4096  # DeepSeek's code defaults to 4096
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
@@ -39,9 +43,12 @@ def _inv_freq(cfg: DeepseekV2Config, device: torch.device) -> tuple[torch.Tensor
     return inv_freq, mscale
 
 
-def rope_cos_sin(cfg: DeepseekV2Config, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape position_ids.shape + (rope_dim/2,), fp32, mscale applied."""
-    inv_freq, mscale = _inv_freq(cfg, position_ids.device)
+def rope_cos_sin(
+    position_ids: torch.Tensor, dim: int, base: float, rope_scaling: dict[str, Any] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape position_ids.shape + (dim/2,), fp32, mscale applied (``rope_scaling``: None
+    or a yarn dict as config.json has it)."""
+    inv_freq, mscale = _inv_freq(dim, base, rope_scaling, position_ids.device)
     angles = position_ids.float()[..., None] * inv_freq
     return angles.cos() * mscale, angles.sin() * mscale
 

@@ -1,0 +1,54 @@
+"""A model's distribution, applied in one place from its ``ParallelDims``: built partitioned under ZeRO-3
+(``zero3.py``) with this rank's routed experts only under expert parallelism (``expert.py``), filled
+with its weights, its attention wrapped for sequence parallelism (``sequence.py``), its decoder layers
+wrapped for activation checkpointing.  The model code itself knows none of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from moe_train.models.common.experts import ExpertLayout
+from moe_train.models.common.spec import spec_of
+from moe_train.parallel import expert, zero3
+from moe_train.parallel.dims import ParallelDims
+
+
+def distributed_model(
+    cfg: Any,
+    layout: ExpertLayout,
+    dims: ParallelDims,
+    ds_config: dict[str, Any],
+    dtype: torch.dtype,
+    device: torch.device,
+    activation_checkpointing: bool,
+    fill: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """This rank's part of the model (``dims.create_groups`` has run).  ``fill(model)`` puts the weights
+    into the partitions before any wrapper renames a parameter (None: a training checkpoint will)."""
+    spec = spec_of(cfg)
+
+    def build() -> nn.Module:
+        model = spec.build(cfg, layout)
+        return model if dims.experts is None else expert.apply(model, dims.experts)
+
+    model = zero3.build(build, ds_config, dtype, device)
+    if fill is not None:
+        fill(model)
+    if dims.seq is not None:
+        dims.seq.apply(model, spec)
+    if activation_checkpointing:
+        zero3.apply_activation_checkpointing(spec.layers(model))
+    return model
+
+
+def gathered_parameters(model: nn.Module, dims: ParallelDims) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter of the whole model, one at a time, full on rank 0; a
+    collective on every rank (``zero3.gathered_parameters``, or each expert from its owner under EP)."""
+    if dims.experts is None:
+        return zero3.gathered_parameters(model)
+    return expert.gathered_parameters(model, dims.experts)

@@ -1,0 +1,131 @@
+"""The shipped recipes: the seed's full fine-tunes of the DeepSeek V2 and V3 families, and the tiny
+debug recipes every test and the smoke run use (`moe-train recipes` lists them; `moe-train recipes
+--dump NAME` writes one as a file to start from)."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from moe_train.recipes.recipe import Recipe
+
+ASSETS = resources.files("moe_train") / "assets"
+
+ALPACA = "hf://datasets/tatsu-lab/alpaca"  # the seed's data (XTuner's alpaca config): Parquet on the Hub
+
+_V2_CHAT_ALPACA = dict(
+    data=[ALPACA],
+    template="deepseek_v2",
+    lr=1e-5,
+    betas=(0.9, 0.999),
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    warmup_ratio=0.03,
+    epochs=3,
+    dtype="bf16",
+    save_steps=50,
+    save_total_limit=2,
+    grad_accum=16,
+    max_length=2048,
+    varlen=True,
+    activation_checkpointing=True,
+)
+
+_V3_ALPACA = {**_V2_CHAT_ALPACA, "family": "deepseek_v3", "bias_update_rate": 0.001}
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe(
+            name="deepseek_v2_chat_full_alpaca_e3",
+            description="DeepSeek-V2-Chat (236B) full fine-tune on alpaca, shards of 10 experts, 3 epochs",
+            model="hf://deepseek-ai/DeepSeek-V2-Chat",
+            moe_implementation="shard",
+            expert_in_one_shard=10,
+            **_V2_CHAT_ALPACA,
+        ),
+        Recipe(
+            name="deepseek_v2_lite_chat_full_alpaca_e3",
+            description="DeepSeek-V2-Lite-Chat (16B) full fine-tune on alpaca, shards of 8 experts, 3 epochs",
+            model="hf://deepseek-ai/DeepSeek-V2-Lite-Chat",
+            moe_implementation="shard",
+            expert_in_one_shard=8,
+            **_V2_CHAT_ALPACA,
+        ),
+        Recipe(
+            name="deepseek_v2_chat_full_alpaca_e3_32k_varlen",
+            description="DeepSeek-V2-Chat (236B) on alpaca packed to 32k tokens with varlen attention",
+            model="hf://deepseek-ai/DeepSeek-V2-Chat",
+            moe_implementation="shard",
+            expert_in_one_shard=10,
+            **{**_V2_CHAT_ALPACA, "max_length": 32768, "grad_accum": 1},
+        ),
+        Recipe(
+            name="deepseek_v3_full_alpaca_e3",
+            description="DeepSeek-V3 (671B, FP8 weights dequantised on load) full fine-tune on alpaca, shards of "
+            "128 experts (moe-train plan's pick on 256 x 80 GB, the smallest cluster that fits), 3 epochs",
+            model="hf://deepseek-ai/DeepSeek-V3",
+            moe_implementation="shard",
+            expert_in_one_shard=128,
+            **{**_V3_ALPACA, "template": "deepseek_v3"},
+        ),
+        Recipe(
+            name="moonlight_16b_full_alpaca_e3",
+            description="Moonlight-16B-A3B-Instruct (DeepSeek V3 architecture) full fine-tune on alpaca, shards of "
+            "8 experts (moe-train plan's pick on 8 x 80 GB), 3 epochs",
+            model="hf://moonshotai/Moonlight-16B-A3B-Instruct",
+            moe_implementation="shard",
+            expert_in_one_shard=8,
+            **{**_V3_ALPACA, "template": "moonlight"},
+        ),
+        Recipe(
+            name="tiny_v3",
+            description="DeepSeek V3 debug model (noaux_tc router, correction bias) initialised from seed, on the "
+            "alpaca sample shipped in the repo (CPU smoke run)",
+            family="deepseek_v3",
+            model_size="tiny-v3",
+            tokenizer=str(ASSETS / "tiny_tokenizer"),
+            moe_implementation="shard",
+            expert_in_one_shard=4,
+            data=[str(ASSETS / "alpaca_sample.jsonl")],
+            template="deepseek_v3",  # not the tokenizer's own (V2-style): the export ships this one
+            max_length=256,
+            varlen=True,
+            lr=3e-3,
+            warmup_ratio=0.1,
+            epochs=1,
+            max_steps=20,
+            grad_accum=1,
+            dtype="fp32",
+            activation_checkpointing=False,
+            save_steps=10,
+            save_total_limit=2,
+            bias_update_rate=0.001,
+        ),
+        Recipe(
+            name="tiny",
+            description="debug model initialised from seed, on the alpaca sample shipped in the repo (CPU smoke run)",
+            model_size="tiny",
+            tokenizer=str(ASSETS / "tiny_tokenizer"),
+            moe_implementation="shard",
+            expert_in_one_shard=4,
+            data=[str(ASSETS / "alpaca_sample.jsonl")],
+            max_length=256,
+            varlen=True,
+            lr=3e-3,
+            warmup_ratio=0.1,
+            epochs=1,
+            max_steps=20,
+            grad_accum=1,
+            dtype="fp32",
+            activation_checkpointing=False,
+            save_steps=10,
+            save_total_limit=2,
+        ),
+    ]
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(sorted(RECIPES))} (see `moe-train recipes`)")
+    return RECIPES[name]

@@ -1,0 +1,195 @@
+"""The run directory (``--work-dir``): resolved once, and the one owner of every path in it.
+
+Layout of ``{work_dir}/``::
+
+    checkpoints/      training checkpoints, step-NNNNNNNN/ (moe_train/checkpoint/training_state.py)
+    metrics/          one metrics file per start or resume, segment-NNNN.jsonl (moe_train/engine/metrics.py)
+    metrics.jsonl     the single metrics file of runs before segments, read as segment 0
+    tb/               TensorBoard event files
+    recipe.json       the resolved recipe, URLs redacted, rewritten by each segment
+    deepspeed.json    the resolved DeepSpeed config, likewise
+    summary.json      the whole run's figures, written at the end
+    hf_model/         the HF export
+    lease/            the owner's lease, NNNNNNNN.json per generation (moe_train/engine/lease.py)
+    data_cache/       the tokenized data, memory-mapped (moe_train/data/cache.py); local disk instead for a
+                      work dir on an object store, or --data-cache
+    previous/TIME/    earlier runs moved aside by --overwrite
+
+Every other module asks this object for a path and never joins one itself; what lies inside
+``checkpoints/``, ``metrics/`` and ``lease/`` is the layout of the module named beside it.  The durable
+writes of a run (JSON records, checkpoint files, deletions, moves) go through the methods below, so a
+check that must come before each of them (the lease's fencing) has one place to live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import socket
+from datetime import datetime, timezone
+from typing import Any
+
+from moe_train.storage import display, is_local, redact_all, resolve
+
+# What a run leaves in its work dir: any of these means the work dir holds a run.
+RUN_FILES = (
+    "metrics",
+    "metrics.jsonl",
+    "summary.json",
+    "recipe.json",
+    "deepspeed.json",
+    "checkpoints",
+    "hf_model",
+    "tb",
+)
+
+
+class RunDir:
+    """The work dir of one run: ``fs`` and ``root`` from one ``resolve``, and its paths by name.
+
+    ``fs`` is for a filesystem already in hand (a test's in-memory store); ``url`` is then its root."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, fs: Any = None) -> None:
+        self.url = url.rstrip("/") or url
+        self.fs, self.root = (fs, self.url) if fs is not None else resolve(url, storage_options)
+
+    def _path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    @property
+    def where(self) -> str:
+        """The work dir as a person should see it (credentials redacted)."""
+        return display(self.fs, self.root)
+
+    def display(self, path: str) -> str:
+        """A path of the run as a person should see it."""
+        return display(self.fs, path)
+
+    # ------------------------------------------------------------------ its paths
+    @property
+    def checkpoints(self) -> str:
+        return self._path("checkpoints")
+
+    @property
+    def metrics(self) -> str:
+        return self._path("metrics")
+
+    @property
+    def legacy_metrics(self) -> str:
+        return self._path("metrics.jsonl")
+
+    @property
+    def tb(self) -> str:
+        return self._path("tb")
+
+    @property
+    def recipe(self) -> str:
+        return self._path("recipe.json")
+
+    @property
+    def deepspeed(self) -> str:
+        return self._path("deepspeed.json")
+
+    @property
+    def summary(self) -> str:
+        return self._path("summary.json")
+
+    @property
+    def hf_model(self) -> str:
+        return self._path("hf_model")
+
+    @property
+    def hf_model_url(self) -> str:
+        """The export's URL: the HF writer takes a URL (it also writes exports outside any work dir)."""
+        return posixpath.join(self.url, "hf_model")
+
+    @property
+    def lease(self) -> str:
+        return self._path("lease")
+
+    @property
+    def data_cache(self) -> str:
+        return self._path("data_cache")
+
+    def data_cache_dir(self, explicit: str | None = None) -> str:
+        """Where the tokenized data is cached: ``explicit`` (``--data-cache``), else ``data_cache/`` here for a
+        work dir on a file system, else local disk (an object cannot be memory-mapped): ``~/.cache/moe-train/data``."""
+        if explicit:
+            return explicit
+        if is_local(self.fs):
+            return self.data_cache
+        return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moe-train", "data")
+
+    @property
+    def previous(self) -> str:
+        return self._path("previous")
+
+    # ------------------------------------------------------------------ start-up checks
+    def probe(self, name: str) -> str:
+        """A hidden start-up probe file, ``.{name}``, which no run keeps."""
+        return self._path(f".{name}")
+
+    def check_writable(self) -> None:
+        """Fail early, on every rank, if the work dir cannot be written."""
+        probe = self.probe(f"write-probe-{socket.gethostname()}-{os.getpid()}")  # never another run's
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            with self.fs.open(probe, "w") as f:
+                f.write("ok")
+            self.fs.rm(probe)
+        except (OSError, PermissionError) as e:
+            raise ValueError(
+                f"work dir {self.where} is not writable ({type(e).__name__}: {e}); pass a writable --work-dir"
+            ) from None
+
+    def run_files(self) -> list[str]:
+        """The files of an earlier run here (see RUN_FILES)."""
+        return [name for name in RUN_FILES if self.fs.exists(self._path(name))]
+
+    def move_aside(self, names: list[str]) -> str:
+        """Move an earlier run's files into ``previous/{UTC time}/``; returns that directory."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target, n = posixpath.join(self.previous, stamp), 1
+        while self.fs.exists(target):
+            n += 1
+            target = posixpath.join(self.previous, f"{stamp}-{n}")
+        self.makedirs(target)
+        for name in names:
+            self.move(self._path(name), posixpath.join(target, name))
+        return target
+
+    # ------------------------------------------------------------------ reading
+    def read_json(self, path: str) -> Any:
+        """A JSON file of the run, or None when it is not there (yet)."""
+        try:
+            return json.loads(self.fs.cat_file(path).decode())
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------------ the durable writes
+    def open(self, path: str, mode: str, **kwargs: Any) -> Any:
+        """A file of the run opened for writing (``fs.open``'s arguments)."""
+        return self.fs.open(path, mode, **kwargs)
+
+    def put_bytes(self, path: str, data: bytes) -> None:
+        """The whole file at once (an object PUT: readers see the old or the new content)."""
+        self.fs.pipe_file(path, data)
+
+    def put_json(self, path: str, obj: Any, indent: int | None = None) -> None:
+        with self.open(path, "w") as f:
+            json.dump(obj, f, indent=indent, default=str)
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        self.fs.rm(path, recursive=recursive)
+
+    def move(self, src: str, dst: str) -> None:
+        self.fs.mv(src, dst, recursive=True)
+
+    def write_run_config(self, recipe: dict[str, Any], deepspeed: dict[str, Any]) -> None:
+        """The resolved recipe (its `recipe_record`) and DeepSpeed config next to the run, URLs redacted."""
+        self.put_json(self.recipe, recipe, indent=2)
+        self.put_json(self.deepspeed, redact_all(deepspeed), indent=2)
