@@ -32,6 +32,7 @@ from typing import Any
 
 REPORT_TO = ("tensorboard", "mlflow", "wandb")
 EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}  # tracker: (module, moe-train extra)
+TRACKERS = tuple(EXTRAS)  # what Trackers sends to (tensorboard is MetricsWriter's)
 QUEUE_MAX = 100_000
 CLOSE_WAIT_S = 30.0
 RETRY_MAX_S = 60.0
@@ -76,6 +77,7 @@ class _MLflow:
         # Our thread retries; MLflow's own retries (minutes of backoff per call) would only delay the others.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # our log says where the run is
         self.client = mlflow.MlflowClient()
         self.run_id = ids.get("run_id")
         if self.run_id is None:
@@ -96,8 +98,8 @@ class _MLflow:
         ms = int(at * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, ms, step) for k, v in values.items()])
 
-    def close(self, ok: bool) -> None:
-        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+    def close(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 class _WandB:
@@ -134,8 +136,8 @@ class _WandB:
     def log(self, step: int, values: dict[str, float], at: float) -> None:
         self.run.log({**values, "step": step})
 
-    def close(self, ok: bool) -> None:
-        self.run.finish(exit_code=0 if ok else 1)
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=1 if status == "FAILED" else 0)
 
 
 def _describe(segment: dict[str, Any]) -> str:
@@ -201,8 +203,11 @@ class Trackers:
             tracker = _MLflow(ids, self._params, self._segment, os.environ.get("MLFLOW_EXPERIMENT_NAME", "moe-train"))
         else:
             tracker = _WandB(ids, self._params, self._segment, self._wandb_dir)
+        resumed = name in self._ids
         self._ids[name] = tracker.ids()
         self._save_ids(self._ids)
+        where = ", ".join(f"{k} {v}" for k, v in self._ids[name].items() if v)
+        self._log(f"{name}: {'continuing' if resumed else 'tracking'} run {where}")
         return tracker
 
     def _deliver(self, name: str, cursor: int) -> int:
@@ -250,8 +255,9 @@ class Trackers:
             if self._closing.is_set() and empty:
                 return
 
-    def close(self, ok: bool = True, timeout: float = CLOSE_WAIT_S) -> None:
-        """Deliver what is queued (within ``timeout``), then end the tracked runs."""
+    def close(self, status: str = "FINISHED", timeout: float = CLOSE_WAIT_S) -> None:
+        """Deliver what is queued (within ``timeout``), then end the tracked runs with ``status`` (FINISHED,
+        FAILED, or KILLED for a run stopped to be resumed)."""
         if not self.names:
             return
         self._closing.set()
@@ -267,6 +273,6 @@ class Trackers:
             return
         for tracker in self._trackers.values():
             try:
-                tracker.close(ok)
+                tracker.close(status)
             except Exception as e:  # noqa: BLE001
                 self._log(f"{tracker.name}: could not end the tracked run ({type(e).__name__})")
