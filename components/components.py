@@ -147,6 +147,8 @@ def _trainer_cmd(p: Dict[str, object], trainer_args: List[str]) -> List[str]:
             cmd += ["--" + name.replace("_", "-"), str(p[name])]
     for path in p["data"] or []:
         cmd += ["--data", path]
+    if p["report_to"]:
+        cmd += ["--report-to", ",".join(p["report_to"])]
     if p["varlen"] is not None:
         cmd.append("--varlen" if p["varlen"] else "--no-varlen")
     return cmd + trainer_args
@@ -294,6 +296,7 @@ def train(
     ep: Optional[int] = None,
     moe_implementation: Optional[str] = None,
     expert_in_one_shard: Optional[int] = None,
+    report_to: Optional[List[str]] = None,
     resume: Optional[str] = "auto",
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
@@ -329,6 +332,9 @@ def train(
         moe_implementation: routed experts stacked in shards, or one module per expert (the HF layout, a
             baseline), instead of the recipe's
         expert_in_one_shard: experts per shard; must divide the routed expert count, instead of the recipe's
+        report_to: where the metrics go besides the work dir's JSONL: any of tensorboard, mlflow, wandb (comma
+            separated), instead of the recipe's; the tracker's settings (MLFLOW_TRACKING_URI, WANDB_PROJECT) come
+            from the environment the job inherits, or env
         resume: auto (continue from the latest checkpoint in work_dir, so a retried job resumes), a URL, or empty
         env: environment variables (A=1,B=2), on top of the component's own (smoke: DS_ACCELERATOR=cpu); never
             credentials

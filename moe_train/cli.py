@@ -42,6 +42,7 @@ TRAIN_FIELDS = (
     "eval_fraction",
     "eval_steps",
     "require_fast_kernels",
+    "report_to",
 )
 
 

@@ -11,6 +11,8 @@ Layout of ``{work_dir}/``::
     summary.json      the whole run's figures, written at the end
     hf_model/         the HF export
     lease/            the owner's lease, NNNNNNNN.json per generation (moe_train/engine/lease.py)
+    tracking.json     the tracked runs' ids (MLflow, W&B), so a resume continues them (moe_train/engine/tracking.py)
+    wandb/            W&B's own run directory (local work dirs; a temporary local one for object stores)
     data_cache/       the tokenized data, memory-mapped (moe_train/data/cache.py); local disk instead for a
                       work dir on an object store, or --data-cache
     previous/TIME/    earlier runs moved aside by --overwrite
@@ -42,6 +44,8 @@ RUN_FILES = (
     "checkpoints",
     "hf_model",
     "tb",
+    "tracking.json",
+    "wandb",
 )
 
 
@@ -103,6 +107,18 @@ class RunDir:
     def hf_model_url(self) -> str:
         """The export's URL: the HF writer takes a URL (it also writes exports outside any work dir)."""
         return posixpath.join(self.url, "hf_model")
+
+    @property
+    def tracking(self) -> str:
+        return self._path("tracking.json")
+
+    def wandb_dir(self) -> str:
+        """W&B's run directory: ``wandb/`` here on a file system, else local disk (W&B writes files itself)."""
+        if is_local(self.fs):
+            return self._path("wandb")
+        import tempfile
+
+        return tempfile.mkdtemp(prefix="moe-train-wandb-")
 
     @property
     def lease(self) -> str:

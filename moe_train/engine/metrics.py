@@ -255,6 +255,9 @@ class MetricsWriter:
             or [0]
         )
         self.path = posixpath.join(run.metrics, f"segment-{number:04d}.jsonl")
+        self.segment = number
+        self.trackers: Any = None  # engine/tracking.py's Trackers (--report-to mlflow,wandb): every record, too
+        self._closed = False
         self._mirror = None
         tb_dir = run.tb
         if is_local(run.fs):
@@ -300,10 +303,18 @@ class MetricsWriter:
                     self._tb.add_scalar(k if "event" not in record else f"{record['event']}/{k}", v, record["step"])
         if self._mirror is not None:
             self._mirror.check_stall()
+        if self.trackers is not None:
+            self.trackers.log(record)  # queued: never waits on a tracker
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """End the segment (once); ``status`` (FINISHED, FAILED, KILLED: stopped to resume) goes to the trackers."""
+        if self._closed:
+            return
+        self._closed = True
         if self._tb is not None:
             self._tb.close()
         self._f.close()
         if self._mirror is not None:
             self._mirror.close()
+        if self.trackers is not None:
+            self.trackers.close(status)

@@ -18,6 +18,7 @@ from moe_train.engine.loaders import Data, build_data
 from moe_train.engine.log import log
 from moe_train.engine.model import build_engine
 from moe_train.engine.preemption import DEFAULT_GRACE_S
+from moe_train.engine.tracking import check_report_to
 from moe_train.engine.work_dir import check_outlives_pod, check_shared
 from moe_train.models import spec_for
 from moe_train.models.common.experts import ExpertLayout
@@ -77,6 +78,7 @@ def setup(tc: TrainConfig) -> Job:
 
     r = tc.recipe
     ds_config = load_deepspeed_config(r.deepspeed)  # bad configs fail before any process group
+    check_report_to(r.report_to)  # a tracker's package missing: one line, before any process group
     info = init_distributed(tc.launcher)
     dims = ParallelDims(info.world_size, r.sp, r.ep, info.rank)  # validated once the model is known
     torch.manual_seed(r.seed)

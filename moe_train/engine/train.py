@@ -5,6 +5,7 @@ and its exact token-weighted loss are in moe_train/engine/step.py."""
 from __future__ import annotations
 
 import math
+import posixpath
 import time
 import warnings
 from typing import Any
@@ -16,9 +17,10 @@ from moe_train.engine.divergence import Diverged, DivergenceGuard, finite_or_non
 from moe_train.engine.log import log
 from moe_train.engine.metrics import MetricsWriter, peak_tflops, read_metrics, summarize
 from moe_train.engine.model import quiet_deepspeed
-from moe_train.engine.preemption import StopFlag, catch_early_warning
+from moe_train.engine.preemption import StopFlag, StopRequested, catch_early_warning
 from moe_train.engine.setup import Job, TrainConfig, setup
 from moe_train.engine.step import evaluate, run_step, step_record
+from moe_train.engine.tracking import TRACKERS, Trackers
 from moe_train.models import spec_of
 from moe_train.parallel import zero3
 from moe_train.parallel.distribute import gathered_parameters
@@ -52,8 +54,32 @@ def _metrics_writer(job: Job) -> MetricsWriter | None:
         "deepspeed": deepspeed.__version__,
         "device": torch.cuda.get_device_name() if job.device.type == "cuda" else job.device.type,
     }
-    metrics = MetricsWriter(job.run, resumed_from=job.step, log=lambda m: log(0, m), header=hardware)
-    job.run.write_run_config(recipe_record(job.recipe), getattr(job.engine, "config", None) or {})
+    report_to = job.recipe.report_to
+    metrics = MetricsWriter(
+        job.run,
+        resumed_from=job.step,
+        tensorboard="tensorboard" in report_to,
+        log=lambda m: log(0, m),
+        header=hardware,
+    )
+    record = recipe_record(job.recipe)
+    job.run.write_run_config(record, getattr(job.engine, "config", None) or {})
+    if set(report_to) & set(TRACKERS):
+        run = job.run
+        metrics.trackers = Trackers(
+            report_to,
+            params=record,
+            segment={
+                "segment": metrics.segment,
+                "resumed_from": job.step,
+                "world_size": job.world,
+                "run_name": f"{job.recipe.name} {posixpath.basename(run.root.rstrip('/'))}",
+            },
+            ids=run.read_json(run.tracking) if run.fs.exists(run.tracking) else {},
+            save_ids=lambda ids: run.put_json(run.tracking, ids, indent=2),
+            wandb_dir=run.wandb_dir(),
+            log=lambda m: log(0, m),
+        )
     return metrics
 
 
@@ -75,8 +101,17 @@ def _save(job: Job, step: int) -> None:
 
 
 def _train(job: Job) -> dict[str, Any]:
-    tc, r, rank = job.tc, job.recipe, job.rank
     metrics = _metrics_writer(job)
+    try:
+        return _run(job, metrics)
+    except BaseException as e:  # the segment's end, as the trackers should show it
+        if metrics is not None:
+            metrics.close("KILLED" if isinstance(e, StopRequested) else "FAILED")
+        raise
+
+
+def _run(job: Job, metrics: MetricsWriter | None) -> dict[str, Any]:
+    tc, r, rank = job.tc, job.recipe, job.rank
     peak = peak_tflops(tc.peak_tflops)
 
     def run_eval(at: int) -> None:
@@ -114,7 +149,7 @@ def _train(job: Job) -> dict[str, Any]:
                 except Diverged as e:
                     if metrics is not None:
                         metrics.write({"step": step, "event": "diverged", "reason": str(e)})
-                        metrics.close()
+                        metrics.close("FAILED")
                     raise
                 if note:
                     log(rank, note)

@@ -46,6 +46,24 @@ def click_type(name: str) -> Any:
     return ranged(meta["min"], meta["max"], min_open=meta["min_open"], max_open=meta["max_open"])
 
 
+class _Names(click.ParamType):
+    """A comma-separated list of names from ``choices`` (``--report-to mlflow,wandb``)."""
+
+    name = "NAMES"
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[str]:
+        if isinstance(value, list):
+            return value
+        names = [v.strip() for v in str(value).split(",") if v.strip()]
+        bad = [v for v in names if v not in self.choices]
+        if bad or not names:
+            self.fail(f"{value!r}: use any of {', '.join(self.choices)}, comma separated", param, ctx)
+        return names
+
+
 def recipe_option(name: str) -> Callable[[Any], Any]:
     """``--kebab-name`` for the field ``name``, default None (keep the recipe's value); a boolean is a
     pair of flags, a list a repeatable option."""
@@ -55,6 +73,8 @@ def recipe_option(name: str) -> Callable[[Any], Any]:
         off = "--" + (meta["off_flag"] or "no-" + flag[2:])
         return click.option(f"{flag}/{off}", name, default=None, help=meta["help"] + KEEP)
     repeatable = typing.get_origin(kind) is list
+    if repeatable and meta["choices"] is not None:  # a list of names: one comma-separated value
+        return click.option(flag, name, type=_Names(meta["choices"]), default=None, help=meta["help"] + KEEP)
     help_text = meta["help"] + (" Repeatable." if repeatable else "") + KEEP
     return click.option(flag, name, type=click_type(name), default=None, multiple=repeatable, help=help_text)
 

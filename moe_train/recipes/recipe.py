@@ -25,6 +25,7 @@ DTYPES = ("bf16", "fp32")  # bf16: bf16 weights, fp32 master copy, router and lo
 SHIPPED_DEEPSPEED = "deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload"  # engine/deepspeed_config.py
 DATA_FORMATS = ("messages", "sharegpt", "alpaca", "text")  # data/formats.py FORMATS
 TEMPLATES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "moonlight")  # data/templates.py TEMPLATES
+REPORT_TO = ("tensorboard", "mlflow", "wandb")  # engine/tracking.py REPORT_TO
 
 
 def knob(
@@ -135,6 +136,12 @@ class Recipe:
         help="Expert-parallel degree: each group of N consecutive ranks splits the routed experts and "
         "exchanges tokens (must divide the world size and the expert count; ZeRO-3).",
     )
+    # Tracking
+    report_to: list[str] = knob(
+        ["tensorboard"],
+        choices=REPORT_TO,
+        help="Where the metrics go besides the work dir's JSONL: any of tensorboard, mlflow, wandb (comma separated).",
+    )
     # Checkpoints
     save_steps: int = knob(50, min=0, help="Save a training checkpoint every N steps (0: never).")
     save_total_limit: int = knob(2, min=0, help="Complete checkpoints kept in the work dir (0: all).")
@@ -192,7 +199,8 @@ def coerce(name: str, value: Any) -> Any:
     if typing.get_origin(kind) is tuple and isinstance(value, list):
         return tuple(value)
     if typing.get_origin(kind) is list and isinstance(value, str):
-        return [value]
+        # a list of names (report_to) is written comma separated; a list of paths is one path
+        return [v.strip() for v in value.split(",")] if FIELDS[name].metadata["choices"] else [value]
     return value
 
 
@@ -240,8 +248,9 @@ def problem(name: str, value: Any) -> str | None:
         ok, numbers = _is(value, kind), [value] if kind in (int, float) else []
     if not ok:
         return f"is not {describe(name)}"
-    if meta["choices"] is not None and value not in meta["choices"]:
-        return f"is not one of {list(meta['choices'])}"
+    if meta["choices"] is not None and any(v not in meta["choices"] for v in (value if origin is list else [value])):
+        allowed = list(meta["choices"])
+        return f"has a value not in {allowed}" if origin is list else f"is not one of {allowed}"
     if not all(math.isfinite(x) for x in numbers):
         return "is not a finite number"
     if not all(_in_range(x, meta) for x in numbers):
