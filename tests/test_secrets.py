@@ -79,7 +79,8 @@ def test_the_torchx_filter_refuses_credentials_without_echoing_them(args):
 )
 def test_the_python_api_refuses_credentials_inside_env_values(value):
     smoke = get_component(f"{CATALOGUE}:smoke").fn
-    with pytest.raises(ValueError, match=r"^Error: moe-train-smoke: CONFIG_BLOB \(a .*\): credentials must not go into --env or URLs") as e:
+    refused = r"^Error: moe-train-smoke: CONFIG_BLOB \(a .*\): credentials must not go into --env or URLs"
+    with pytest.raises(ValueError, match=refused) as e:
         smoke(work_dir="/tmp/smoke", env={"CONFIG_BLOB": value})
     assert TOKEN not in str(e.value)
 

@@ -240,6 +240,9 @@ def problem(name: str, value: Any) -> str | None:
         ok, numbers = _is(value, kind), [value] if kind in (int, float) else []
     if not ok:
         return f"is not {describe(name)}"
+    texts = value if origin is list else [value] if kind is str else []
+    if name != "description" and any(not t.strip() for t in texts):
+        return "is empty (an unset shell variable?); give a path, URL or name"
     if meta["choices"] is not None and value not in meta["choices"]:
         return f"is not one of {list(meta['choices'])}"
     if not all(math.isfinite(x) for x in numbers):
