@@ -83,7 +83,7 @@ def worker(variant: str, data: str, cache_dir: str, out: str) -> None:
     rss0 = _status("VmRSS")  # after the imports: what follows is the data's
     dist.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER), trust_remote_code=False)
     if variant == "today":
         packs, _ = build_packed_dataset([data], tokenizer, "deepseek_v2", MAX_LENGTH)
         loader = PackedLoader(packs, dp_rank=rank, dp_size=2)

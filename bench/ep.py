@@ -332,7 +332,11 @@ def _hf_engine(source: str, world: int, hidden: int, autoep: int):
     # Loaded whole on every rank (tiny), then partitioned by deepspeed.initialize: AutoEP must build
     # its expert layers itself, outside zero.Init.
     model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.float32, attn_implementation="sdpa", experts_implementation="grouped_mm"
+        source,
+        dtype=torch.float32,
+        attn_implementation="sdpa",
+        experts_implementation="grouped_mm",
+        trust_remote_code=False,
     )
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

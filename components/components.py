@@ -49,6 +49,24 @@ _CREDENTIAL_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_K
 # scheme://user-info@ anywhere in a value (HTTPS_PROXY=http://u:pw@proxy, --data=https://TOKEN@host/x):
 # a token alone, user:password, and passwords with '/' in them.
 _CREDENTIAL_URL = re.compile(r"(?<![a-z0-9+.-])[a-z][a-z0-9+.-]*://(?:[^@/?#\s]*:[^@\s]*|[^@/?#:\s]+)@", re.I)
+# A signed URL's query (AWS X-Amz-Signature/-Credential/-Security-Token, GCS X-Goog-Signature, Azure SAS sig=,
+# token=, key=), and a secret-like key given a value inside a value: JSON (FSSPEC_S3={"key": .., "secret": ..}),
+# a Python dict or key=value text.  The same names as moe_train/storage.py's redaction.
+_CREDENTIAL_QUERY = re.compile(
+    r"[?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|sig|"
+    r"signature|token|access_token|key|secret|password)=[^&\s]",
+    re.I,
+)
+_CREDENTIAL_KEY = re.compile(
+    r"""(?<![\w-])(?:[\w-]*[_-])?(?:secret|token|password|passwd|credentials?|signature|sig|key|apikey)(?![\w-])"""
+    r"""["']?[:=]\s*["']?[^\s"',}&]""",
+    re.I,
+)
+_CREDENTIAL_FORMS = [
+    (_CREDENTIAL_URL, "a URL with user-info"),
+    (_CREDENTIAL_QUERY, "a signed URL's query"),
+    (_CREDENTIAL_KEY, "a secret-like key with a value"),
+]
 
 
 def _host(name: str) -> specs.Resource:
@@ -83,14 +101,12 @@ def _parse_j(j: str) -> Tuple[int, int, int]:
 
 
 def _check_no_credentials(env: Dict[str, str], args: List[str]) -> None:
-    """Refuse secrets in the job spec: by variable name, and URL user-info in any env value or trainer argument."""
+    """Refuse secrets in the job spec: by variable name, and in any env value or trainer argument: URL
+    user-info, a signed URL's query, a secret-like key inside JSON or key=value text (never echoing them)."""
     leaked = [k for k in env if _CREDENTIAL_NAME.search(k)]
-    leaked += [f"{k} (a URL with user-info)" for k, v in env.items() if k not in leaked and _CREDENTIAL_URL.search(v)]
-    leaked += [
-        f"a URL with user-info ({m.group(0).split('://')[0]}://...@) in the trainer arguments"
-        for m in (_CREDENTIAL_URL.search(a) for a in args)
-        if m
-    ]
+    for pattern, form in _CREDENTIAL_FORMS:
+        leaked += [f"{k} ({form})" for k, v in env.items() if k not in leaked and pattern.search(v)]
+        leaked += [f"{form} in the trainer arguments" for a in args if pattern.search(a)][:1]
     if leaked:
         raise ValueError(
             f"{', '.join(leaked)}: credentials must not go into --env or URLs, which are written into the "

@@ -14,8 +14,8 @@ from moe_train.engine import errors
 from moe_train.engine.distributed import LAUNCHERS
 from moe_train.engine.preemption import DEFAULT_GRACE_S
 from moe_train.plan.command import plan
-from moe_train.recipes import RECIPES, dump_recipe, get_recipe, recipe_by_name_or_file
-from moe_train.recipes.options import given, parse_assignment, recipe_options
+from moe_train.recipes import RECIPES, Recipe, dump_recipe, get_recipe, recipe_by_name_or_file
+from moe_train.recipes.options import FiniteRange, given, parse_assignment, recipe_options
 
 # The recipe fields `moe-train train` takes as options of their own (type, range and help from the
 # field); --cfg-options sets any field.
@@ -176,7 +176,7 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
 )
 @click.option(
     "--peak-tflops",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteRange(min=0, min_open=True),
     default=None,
     help="Peak TFLOP/s of one device for MFU (default: from the device table; unknown on CPU).",
 )
@@ -196,7 +196,7 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
 )
 @click.option(
     "--preempt-grace",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteRange(min=0, min_open=True),
     default=DEFAULT_GRACE_S,
     show_default=True,
     metavar="SECONDS",
@@ -227,21 +227,7 @@ def train(
     **fields,
 ) -> None:
     """Fine-tune RECIPE: a built-in (see `moe-train recipes`) or a recipe file (.yaml, a path or URL)."""
-    try:
-        recipe = recipe_by_name_or_file(recipe_name)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="RECIPE") from None
-    overrides = given(fields, TRAIN_FIELDS)
-    if "model" in overrides:
-        overrides["model_size"] = None
-        overrides.setdefault("tokenizer", None)  # a model brings its own tokenizer unless --tokenizer says otherwise
-    if "columns" in overrides:  # names checked here, before any process starts
-        try:
-            overrides["columns"] = parse_columns(overrides["columns"])
-        except ValueError as e:
-            raise click.BadParameter(str(e), param_hint="--columns") from None
-    overrides.update(parse_assignment(item) for item in cfg_options)
-    recipe = recipe.replace(**overrides)  # every value checked already: by click or parse_assignment
+    recipe = train_recipe(recipe_name, fields, cfg_options)
     if launcher == "pytorch" and os.environ.get("NPROC_PER_NODE") and "LOCAL_RANK" not in os.environ:
         _launch_env_form(debug)
 
@@ -278,6 +264,29 @@ def train(
         code = 1
     # Skip interpreter shutdown: on gloo it can abort (SIGABRT) after all work is done.
     hard_exit(code)
+
+
+def train_recipe(recipe_name: str, fields: dict, cfg_options: tuple[str, ...]) -> Recipe:
+    """The recipe `moe-train train` runs: RECIPE, then its options, then ``--cfg-options``; every value
+    checked (click, `parse_assignment`, the recipe itself) before any process starts."""
+    try:
+        recipe = recipe_by_name_or_file(recipe_name)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="RECIPE") from None
+    overrides = given(fields, TRAIN_FIELDS)
+    if "model" in overrides:
+        overrides["model_size"] = None
+        overrides.setdefault("tokenizer", None)  # a model brings its own tokenizer unless --tokenizer says otherwise
+    if "columns" in overrides:  # names checked here, before any process starts
+        try:
+            overrides["columns"] = parse_columns(overrides["columns"])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--columns") from None
+    overrides.update(parse_assignment(item) for item in cfg_options)
+    try:
+        return recipe.replace(**overrides)
+    except ValueError as e:  # e.g. an empty --data, which click's types let through
+        raise click.UsageError(str(e)) from None
 
 
 def _launch_env_form(debug: bool) -> None:

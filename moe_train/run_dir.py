@@ -193,8 +193,10 @@ class RunDir:
         self.fs.pipe_file(path, data)
 
     def put_json(self, path: str, obj: Any, indent: int | None = None) -> None:
+        """A JSON record of the run, every string in it redacted (storage.redact): the one way a record is
+        written, so no field can carry a credential to disk."""
         with self.open(path, "w") as f:
-            json.dump(obj, f, indent=indent, default=str)
+            json.dump(redact_all(obj), f, indent=indent, default=str)
 
     def makedirs(self, path: str) -> None:
         self.fs.makedirs(path, exist_ok=True)
@@ -206,6 +208,6 @@ class RunDir:
         self.fs.mv(src, dst, recursive=True)
 
     def write_run_config(self, recipe: dict[str, Any], deepspeed: dict[str, Any]) -> None:
-        """The resolved recipe (its `recipe_record`) and DeepSpeed config next to the run, URLs redacted."""
+        """The resolved recipe (its `recipe_record`) and DeepSpeed config next to the run, redacted."""
         self.put_json(self.recipe, recipe, indent=2)
-        self.put_json(self.deepspeed, redact_all(deepspeed), indent=2)
+        self.put_json(self.deepspeed, deepspeed, indent=2)

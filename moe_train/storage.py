@@ -24,6 +24,11 @@ _SECRET_QUERY = re.compile(
     r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|sig|signature|"
     r"token|access_token|key|secret|password)=)[^&]*"
 )
+# A secret-like name (HF_TOKEN, AWS_SECRET_ACCESS_KEY, X-Amz-Signature, "key", "password") set to a value,
+# in a JSON object ("secret": "..."), a Python dict, or key=value text (an env value such as
+# FSSPEC_S3={"key": .., "secret": ..}, a storage option in a log line): the value is replaced.
+SECRET_NAME = r"(?:[\w-]*[_-])?(?:secret|token|password|passwd|credentials?|signature|sig|key|apikey)"
+_SECRET_VALUE = re.compile(rf"""(?i)((?<![\w-]){SECRET_NAME}(?![\w-])["']?[:=]\s*)("[^"]*"|'[^']*'|[^\s"',;&}}\]]+)""")
 
 
 # Object-store requests that hang are cut and retried instead of stalling a job for botocore's defaults.
@@ -59,9 +64,17 @@ def display(fs: Any, path: str) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` (or a text with URLs in it) with user-info and secret query parameters replaced by ``***``."""
+    """``url`` (or a text with URLs in it) with user-info, secret query parameters and the values of
+    secret-like keys replaced by ``***``."""
     url = _USER_INFO.sub(r"\1***@", url)
-    return _SECRET_QUERY.sub(r"\1***", url)
+    url = _SECRET_QUERY.sub(r"\1***", url)
+    return _SECRET_VALUE.sub(_mask, url)
+
+
+def _mask(m: re.Match) -> str:
+    value = m.group(2)
+    quote = value[0] if value[0] in "\"'" else ""
+    return f"{m.group(1)}{quote}***{quote}"
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from moe_train.engine.deepspeed_config import load_deepspeed_config
 from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
 from moe_train.plan import model_config, model_layout
 from moe_train.recipes import FIELDS, RECIPES, get_recipe
-from moe_train.recipes.options import parse_assignment
+from moe_train.recipes.options import FiniteRange, parse_assignment
 from moe_train.recipes.recipe import optional_type
 
 
@@ -138,11 +138,12 @@ def check_field_option(param: click.Parameter) -> None:
     if meta["choices"] is not None:
         assert isinstance(param.type, click.Choice) and tuple(param.type.choices) == meta["choices"]
     elif meta["min"] is not None or meta["max"] is not None:
-        assert type(param.type) is {int: click.IntRange, float: click.FloatRange}[kind], param.name
+        assert type(param.type) is {int: click.IntRange, float: FiniteRange}[kind], param.name
         bounds = (param.type.min, param.type.max, param.type.min_open, param.type.max_open)
         assert bounds == (meta["min"], meta["max"], meta["min_open"], meta["max_open"]), param.name
     else:
-        assert param.type is {int: click.INT, float: click.FLOAT, str: click.STRING}[kind], param.name
+        expected = {int: click.INT, float: FiniteRange, str: click.STRING}[kind]
+        assert param.type is expected or type(param.type) is expected, param.name
 
 
 def test_train_options_are_the_recipe_fields_they_name():

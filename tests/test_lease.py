@@ -118,7 +118,7 @@ def test_a_lease_whose_process_on_this_host_is_gone_is_taken_over_at_once(tmp_pa
     taker.release()
 
 
-def test_finished_work_dir_is_refused_and_overwrite_moves_it_aside(tmp_path):
+def test_finished_work_dir_is_refused_and_overwrite_leaves_it_for_setup_to_move(tmp_path):
     root = str(tmp_path / "work")
     Path(root, "checkpoints", "step-00000003").mkdir(parents=True)
     Path(root, "metrics.jsonl").write_text('{"step": 1}\n')
@@ -129,13 +129,15 @@ def test_finished_work_dir_is_refused_and_overwrite_moves_it_aside(tmp_path):
     ):
         own_work_dir(RunDir(root), 0, resume=None, overwrite=False)
     own_work_dir(RunDir(root), 0, resume="auto", overwrite=False).release()
-    logged = []
-    own_work_dir(RunDir(root), 0, resume=None, overwrite=True, log=logged.append).release()
+    # --overwrite: the lease is taken, the run stays until setup has checked every input (engine/setup.py)
+    own_work_dir(RunDir(root), 0, resume=None, overwrite=True).release()
+    assert Path(root, "metrics.jsonl").exists() and not Path(root, "previous").exists()
+    RunDir(root).move_aside(RunDir(root).run_files())
     (moved,) = Path(root, "previous").iterdir()
     assert (moved / "metrics.jsonl").read_text() == '{"step": 1}\n' and (
         moved / "checkpoints" / "step-00000003"
     ).is_dir()
-    assert not Path(root, "metrics.jsonl").exists() and logged[0].startswith("moved the earlier run")
+    assert not Path(root, "metrics.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------ real 2-rank runs

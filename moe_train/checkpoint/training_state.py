@@ -66,7 +66,7 @@ from moe_train.models import spec_for, spec_of
 from moe_train.models.common.experts import ExpertLayout
 from moe_train.recipes import Recipe
 from moe_train.run_dir import RunDir
-from moe_train.storage import display, is_local, resolve
+from moe_train.storage import display, is_local, redact_all, resolve
 
 __all__ = ["FORMAT", "CheckpointManager", "TrainingCheckpoint", "UnsupportedFormat"]
 
@@ -642,7 +642,7 @@ class CheckpointManager:
         try:
             written = self._write_rank(target, owned, cfg, layout, world)
             if self.rank == 0:
-                rank0[STATE] = self._put(posixpath.join(target, STATE), state)
+                rank0[STATE] = self._put(posixpath.join(target, STATE), redact_all(state))
                 if tokenizer_dir:
                     rank0.update(self._copy_tokenizer(tokenizer_dir, target))
         except OSError as e:

@@ -132,8 +132,10 @@ def resolve_sources(paths: list[str] | str) -> list[Source]:
                 found = sorted(p for p in fs.find(path) if _builder(p))
                 if not found:
                     raise DataError(f"{redact(url)}: directory has no {', '.join(sorted(set(BUILDERS)))} file; {HINT}")
-            elif fs.exists(path):
+            elif fs.isfile(path):
                 found = [path]
+            elif fs.exists(path):  # reading a FIFO or a device would block the start-up, or never end
+                raise DataError(f"{redact(url)} is not a regular file or directory (a FIFO or device?); {HINT}")
             else:
                 raise DataError(f"{redact(url)} does not exist; check the path or URL given to --data")
         except DataError:

@@ -25,6 +25,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from moe_train.storage import redact_all
+
 LAUNCHER_ENV = "MOE_TRAIN_LAUNCHER"  # set by our launchers for their ranks: the launcher says the line
 STOPPED = "stopped"  # the category of a stop on a signal (checkpoint saved): not an error
 _CLAIM_KEY = "moe-train/error-line"
@@ -65,7 +67,7 @@ def write_error_file(message: str, category: str, callstack: str = "") -> None:
     }
     try:
         with open(path, "w") as f:
-            json.dump(data, f)
+            json.dump(redact_all(data), f)  # a bug's message and stack may hold a URL with its credentials
     except OSError:
         pass
 

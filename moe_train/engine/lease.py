@@ -251,9 +251,7 @@ def own_work_dir(run: RunDir, rank: int, resume: str | None, overwrite: bool, lo
             if note:
                 log(note)
             found = run.run_files()
-            if found and overwrite:
-                log(f"moved the earlier run ({', '.join(found)}) aside to {run.display(run.move_aside(found))}")
-            elif found and not resume:
+            if found and not resume and not overwrite:  # --overwrite: moved aside once every input is checked
                 raise ValueError(
                     f"work dir {run.where} holds an earlier run ({', '.join(found)}); continue it "
                     "with --resume auto, pass a new --work-dir, or pass --overwrite to move it aside "

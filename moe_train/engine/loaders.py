@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from moe_train.engine.log import log
-from moe_train.engine.tokenizer import check_tokenizer, local_tokenizer_dir
+from moe_train.engine.tokenizer import check_tokenizer, load_tokenizer, local_tokenizer_dir
 from moe_train.models import spec_for, spec_of
 from moe_train.parallel.dims import ParallelDims
 from moe_train.recipes import Recipe
@@ -28,14 +28,12 @@ class Data:
 def build_data(r: Recipe, dims: ParallelDims, cfg: Any = None, cache_dir: str | None = None) -> Data:
     """Tokenizer (checked against ``cfg``), chat template, packed dataset (tokenized once into the cache
     under ``cache_dir`` and memory-mapped; moe_train/data/cache.py) and this rank's loader."""
-    from transformers import AutoTokenizer
-
     from moe_train.data import PackedLoader, build_packed_dataset, resolve_template
 
     rank = dims.rank
 
     tokenizer_dir = local_tokenizer_dir(r, r.model)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, r.tokenizer or r.model)
     if cfg is not None:
         check_tokenizer(cfg, tokenizer, r.tokenizer or r.model)
     log(rank, f"tokenizer: {redact(r.tokenizer or r.model)} ({len(tokenizer)} tokens)")

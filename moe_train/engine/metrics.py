@@ -29,7 +29,7 @@ import torch
 
 from moe_train.models import param_counts, spec_of
 from moe_train.run_dir import RunDir
-from moe_train.storage import is_local
+from moe_train.storage import is_local, redact_all
 
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity).
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L40S": 362.0}
@@ -92,14 +92,19 @@ def segment_paths(run: RunDir) -> list[str]:
     return ([run.legacy_metrics] if run.fs.exists(run.legacy_metrics) else []) + segments
 
 
-def _parse(text: str) -> list[dict[str, Any]]:
-    records = []
-    for i, line in enumerate(text.splitlines()):
+def _parse(text: str, shown: str) -> list[dict[str, Any]]:
+    """The records of one metrics file; a line that is no JSON record is skipped with a warning naming it
+    (silently when it is the last: a live or killed run's half-written line)."""
+    records, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if i < len(text.splitlines()) - 1:  # only the last line may be half written (a live or killed run)
-                raise
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif i < len(lines) - 1 and line.strip():
+            print(f"Warning: {shown}:{i + 1} is not a JSON record; skipped", file=sys.stderr)
     return records
 
 
@@ -110,11 +115,11 @@ def read_metrics(run: RunDir, segments: bool = False) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     for path in segment_paths(run):
         try:
-            seg = _parse(run.fs.cat_file(path).decode())
+            seg = _parse(run.fs.cat_file(path).decode(errors="replace"), run.display(path))
         except FileNotFoundError:  # removed between listing and reading
             continue
         if seg and seg[0].get("event") == "segment":
-            start = seg[0]["resumed_from"]
+            start = seg[0].get("resumed_from", 0)
             records = [r for r in records if r.get("step", 0) <= start]
             if not segments:
                 seg = seg[1:]
@@ -295,7 +300,7 @@ class MetricsWriter:
             "time": round(time.time(), 3),
             "elapsed": round(self._base + time.monotonic() - self._t0, 3),
         }
-        self._f.write(json.dumps(record, allow_nan=False) + "\n")
+        self._f.write(json.dumps(redact_all(record), allow_nan=False) + "\n")
         self._f.flush()
         if self._tb is not None and "step" in record:
             for k, v in record.items():

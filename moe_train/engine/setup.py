@@ -159,6 +159,9 @@ def _setup_owned(
     job.step = resume_state(job, resume)
     # Only now, with every input checked and the work dir ours: a start that fails changes nothing.
     if rank == 0:
+        found = run.run_files() if tc.overwrite else []
+        if found:
+            log(rank, f"moved the earlier run ({', '.join(found)}) aside to {run.display(run.move_aside(found))}")
         for path in ckpt.remove_incomplete():
             log(rank, f"removed incomplete checkpoint {run.display(path)}")
     return job

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import posixpath
 import tempfile
 from typing import Any
@@ -32,6 +34,34 @@ def local_tokenizer_dir(recipe: Recipe, model_url: str | None) -> str:
     tmp = tempfile.mkdtemp(prefix="moe-train-tokenizer-")
     copy_files(src, *resolve(tmp), TOKENIZER_FILES)
     return tmp
+
+
+def load_tokenizer(tokenizer_dir: str, source: str) -> Any:
+    """The tokenizer in the local ``tokenizer_dir`` (copied from ``source``), read by transformers without
+    ever running code from that directory: one that needs its own Python (an ``auto_map``) is refused."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+    names = [n for n in ("tokenizer_config.json", "config.json") if "auto_map" in _json(tokenizer_dir, n)]
+    where = f"{redact(source).rstrip('/')}/{names[0] if names else 'tokenizer_config.json'}"
+    raise ValueError(
+        f"{where} asks to run Python code from its directory (auto_map), and moe-train never runs code from a "
+        "model directory; pass --tokenizer with a tokenizer transformers reads itself (tokenizer.json and a "
+        "tokenizer_class of transformers), or remove auto_map if the class it names is one of transformers'"
+    )
+
+
+def _json(directory: str, name: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(directory, name)) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def check_tokenizer(cfg: Any, tokenizer: Any, source: str) -> None:

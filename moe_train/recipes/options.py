@@ -5,6 +5,7 @@ from the recipe."""
 from __future__ import annotations
 
 import ast
+import math
 import typing
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -30,6 +31,16 @@ class _Pairs(click.ParamType):
         return {k.strip(): v.strip() for k, _, v in pairs}
 
 
+class FiniteRange(click.FloatRange):
+    """A float range that also refuses nan and inf (click's ranges let nan through every bound)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def click_type(name: str) -> Any:
     """The click type of the field ``name`` (of its elements, for a list)."""
     meta = FIELDS[name].metadata
@@ -41,8 +52,8 @@ def click_type(name: str) -> Any:
     if meta["choices"] is not None:
         return click.Choice(meta["choices"])
     if meta["min"] is None and meta["max"] is None:
-        return {int: click.INT, float: click.FLOAT, str: click.STRING}[kind]
-    ranged = {int: click.IntRange, float: click.FloatRange}[kind]
+        return {int: click.INT, float: FiniteRange(), str: click.STRING}[kind]
+    ranged = {int: click.IntRange, float: FiniteRange}[kind]
     return ranged(meta["min"], meta["max"], min_open=meta["min_open"], max_open=meta["max_open"])
 
 

@@ -248,6 +248,9 @@ def problem(name: str, value: Any) -> str | None:
         ok, numbers = _is(value, kind), [value] if kind in (int, float) else []
     if not ok:
         return f"is not {describe(name)}"
+    texts = value if origin is list else [value] if kind is str else []
+    if name != "description" and any(not t.strip() for t in texts):
+        return "is empty (an unset shell variable?); give a path, URL or name"
     if meta["choices"] is not None and any(v not in meta["choices"] for v in (value if origin is list else [value])):
         allowed = list(meta["choices"])
         return f"has a value not in {allowed}" if origin is list else f"is not one of {allowed}"
