@@ -112,10 +112,14 @@ class RunDir:
     def tracking(self) -> str:
         return self._path("tracking.json")
 
+    @property
+    def wandb(self) -> str:
+        return self._path("wandb")
+
     def wandb_dir(self) -> str:
         """W&B's run directory: ``wandb/`` here on a file system, else local disk (W&B writes files itself)."""
         if is_local(self.fs):
-            return self._path("wandb")
+            return self.wandb
         import tempfile
 
         return tempfile.mkdtemp(prefix="moe-train-wandb-")

@@ -84,6 +84,7 @@ def test_train_cli_surface_is_pinned():
             "--resume",
             "--overwrite",
             "--peak-tflops",
+            "--report-to",
             "--cfg-options",
             "--no-export",
             "--preempt-grace",
@@ -125,6 +126,10 @@ def check_field_option(param: click.Parameter) -> None:
     assert param.help.startswith(meta["help"]), param.name
     if kind is bool:
         assert param.is_flag and param.secondary_opts == ["--" + (meta["off_flag"] or "no-" + flag[2:])]
+        return
+    if typing.get_origin(kind) is list and meta["choices"] is not None:  # names, comma separated
+        assert not param.multiple and tuple(param.type.choices) == meta["choices"], param.name
+        assert param.type.convert(",".join(meta["choices"]), param, None) == list(meta["choices"])
         return
     if typing.get_origin(kind) is list:
         assert param.multiple, param.name

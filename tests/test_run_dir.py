@@ -11,7 +11,7 @@ from moe_train.run_dir import RUN_FILES, RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moe_train"
 PATHS = ("checkpoints", "metrics", "legacy_metrics", "tb", "recipe", "deepspeed", "summary", "hf_model", "lease")
-PATHS += ("data_cache", "previous")
+PATHS += ("data_cache", "previous", "tracking", "wandb")
 
 
 def test_every_path_is_a_distinct_entry_of_the_work_dir():
