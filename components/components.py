@@ -349,8 +349,7 @@ def train(
             baseline), instead of the recipe's
         expert_in_one_shard: experts per shard; must divide the routed expert count, instead of the recipe's
         report_to: where the metrics go besides the work dir's JSONL: any of tensorboard, mlflow, wandb (comma
-            separated), instead of the recipe's; the tracker's settings (MLFLOW_TRACKING_URI, WANDB_PROJECT) come
-            from the environment the job inherits, or env
+            separated), instead of the recipe's
         resume: auto (continue from the latest checkpoint in work_dir, so a retried job resumes), a URL, or empty
         env: environment variables (A=1,B=2), on top of the component's own (smoke: DS_ACCELERATOR=cpu); never
             credentials

@@ -226,15 +226,19 @@ class Trackers:
     def _run(self) -> None:
         cursors = dict.fromkeys(self.names, 0)
         retry: dict[str, tuple[float, float]] = {}  # name -> (monotonic time of the next try, backoff)
+        given_up: set[str] = set()  # failed once more after the run ended: what is left is reported
         while True:
             self._wake.wait(1.0)
             self._wake.clear()
+            closing = self._closing.is_set()
             for name in self.names:
-                if name in retry and time.monotonic() < retry[name][0]:
+                if name in given_up or (not closing and name in retry and time.monotonic() < retry[name][0]):
                     continue
                 try:
                     cursors[name] = self._deliver(name, cursors[name])
                 except Exception as e:  # noqa: BLE001 - any tracker error: warn once, back off, keep training
+                    if closing:  # the last try at the run's end failed too: no more waiting
+                        given_up.add(name)
                     if name not in retry:
                         why = str(e).splitlines()[0][:200] if str(e) else ""
                         self._log(
@@ -251,8 +255,8 @@ class Trackers:
                 if done > 0:
                     del self._records[:done]
                     self._first += done
-                empty = not self._records
-            if self._closing.is_set() and empty:
+                end = self._first + len(self._records)
+            if closing and all(name in given_up or cursors[name] == end for name in self.names):
                 return
 
     def close(self, status: str = "FINISHED", timeout: float = CLOSE_WAIT_S) -> None:
