@@ -65,9 +65,13 @@ def write_error_file(message: str, category: str, callstack: str = "") -> None:
             },
         }
     }
+    # The agent reads the file as soon as it sees this process exit, or while another rank's failure
+    # has it polling: write it whole under another name and rename, so it never reads a partial file.
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(path, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(redact_all(data), f)  # a bug's message and stack may hold a URL with its credentials
+        os.replace(tmp, path)
     except OSError:
         pass
 
