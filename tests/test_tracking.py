@@ -193,7 +193,8 @@ def test_a_stalled_tracker_never_slows_the_step(tmp_path, monkeypatch):
         t.log({"step": step, "loss": 1.0, "lr": 0.1})
         worst = max(worst, time.perf_counter() - t0)
         time.sleep(0.002)
-    assert worst < 5e-3, worst
+    # a call that waited on the tracker would take its 10 s timeout; 0.1 s leaves room for a loaded machine
+    assert worst < 0.1, worst
     t0 = time.monotonic()
     t.close(timeout=3)
     assert time.monotonic() - t0 < 10
