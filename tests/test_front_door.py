@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,28 @@ def test_a_run_killed_before_its_first_save_starts_afresh(tmp_path):
     (tmp_path / "summary.json").write_text('{"steps": 1}')
     with pytest.raises(ValueError, match="ended at step 1"):
         refuse_finished_without_checkpoint(RunDir(str(tmp_path)))
+
+
+KILLED_WRITING = """
+import json, os, signal, sys
+from moe_train.engine import errors
+
+def dump(obj, f):  # write half of the record, then die as torchrun's SIGKILL would have it
+    f.write(json.dumps(obj)[:20])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+errors.json.dump = dump
+errors.write_error_file("the line", "expected")
+"""
+
+
+def test_a_rank_killed_while_writing_its_error_file_leaves_none(tmp_path):
+    """torchrun's agent parses a failed rank's error file: a half-written one crashed it (JSONDecodeError)."""
+    path = tmp_path / "error.json"
+    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(path)}
+    p = subprocess.run([sys.executable, "-c", KILLED_WRITING], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == -9, p.stderr
+    assert not path.exists()  # only the partial temporary file, which the agent never reads
+    (left,) = tmp_path.iterdir()
+    assert re.fullmatch(r"error\.json\.\d+\.tmp", left.name) and left.read_text() != ""
