@@ -111,6 +111,10 @@ class RunDir:
         return posixpath.join(self.url, "hf_model")
 
     @property
+    def hf_adapter(self) -> str:
+        return self._path("hf_adapter")
+
+    @property
     def hf_adapter_url(self) -> str:
         """A LoRA run's PEFT adapter directory."""
         return posixpath.join(self.url, "hf_adapter")
