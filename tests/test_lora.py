@@ -280,3 +280,20 @@ def test_the_checkpoint_holds_adapters_only_and_refuses_another_base(lora_runs, 
         check_lora(ckpt, LoraConfig(8, 8.0), base_reference(str(moved), None, "deepseek_v2", 0))
     with pytest.raises(ValueError, match="LoRA checkpoint, this run is full fine-tuning"):
         check_lora(ckpt, None, None)
+
+
+def test_dropout_acts_on_the_adapters_input_in_training_only():
+    from torch import nn
+
+    from moe_train.models.common.lora import target_of
+
+    layer = LoraLinear(nn.Linear(8, 8, bias=False), LoraConfig(2, 4.0, dropout=0.5))
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 8)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    base = x @ layer.weight.T
+    torch.testing.assert_close(layer(x), base + (x @ layer.lora_A.T @ layer.lora_B.T) * 2.0)
+    layer.train()
+    assert not torch.allclose(layer(x), layer(x))
+    assert target_of("model.layers.1.mlp.gate") is None  # a router is never adapted

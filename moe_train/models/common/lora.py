@@ -141,13 +141,18 @@ ADAPTERS = {
 }
 
 
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
 def target_of(name: str) -> str | None:
     """The LoRA target group of the linear module ``name`` (a path in the model), or None (never adapted:
-    the router, the LM head)."""
+    a router such as ``mlp.gate``, the LM head)."""
     parts = name.split(".")
     if "self_attn" in parts:
         return "attention"
-    if "shared_experts" in parts:
+    if parts[-1] not in MLP_PROJECTIONS:
+        return None
+    if len(parts) >= 2 and parts[-2] == "shared_experts":
         return "shared_experts"
     if len(parts) >= 2 and parts[-2] == "mlp":
         return "dense"
