@@ -8,5 +8,12 @@ from moe_train.models.qwen3_moe import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 import moe_train.checkpoint  # noqa: F401, E402  (gives every registered family's model from_pretrained / save_pretrained)
 
-__all__ = ["CausalLMOutput", "DeepseekV2Config", "DeepseekV2ForCausalLM", "DeepseekV3Config", "DeepseekV3ForCausalLM",
-           "Qwen3MoeConfig", "Qwen3MoeForCausalLM"]
+__all__ = [
+    "CausalLMOutput",
+    "DeepseekV2Config",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3Config",
+    "DeepseekV3ForCausalLM",
+    "Qwen3MoeConfig",
+    "Qwen3MoeForCausalLM",
+]

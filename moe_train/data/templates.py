@@ -111,7 +111,7 @@ def _qwen3() -> str:
         (
             "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}",
             "        {{- '<|im_end|>' }}\n        {%- endgeneration %}\n        {{- '\\n' }}\n"
-            "    {%- elif message.role == \"tool\" %}",
+            '    {%- elif message.role == "tool" %}',
         ),
     ]
     for old, new in edits:

@@ -149,12 +149,20 @@ _QWEN3 = dict(
 NAMED_SIZES: dict[str, dict[str, Any]] = {
     # Qwen/Qwen3-30B-A3B (30.5B total, 3.3B active).
     "qwen3-30b-a3b": dict(
-        _QWEN3, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        _QWEN3,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
         num_attention_heads=32,
     ),
     # Qwen/Qwen3-235B-A22B (235B total, 22B active).
     "qwen3-235b-a22b": dict(
-        _QWEN3, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=94,
+        _QWEN3,
+        hidden_size=4096,
+        intermediate_size=12288,
+        moe_intermediate_size=1536,
+        num_hidden_layers=94,
         num_attention_heads=64,
     ),
     # The debug size: GQA (2 q heads per k/v head), head_dim wider than hidden/heads as in the real sizes,

@@ -16,7 +16,9 @@ from moe_train.models.qwen3_moe.attention import GQA_KEYS
 from moe_train.models.qwen3_moe.moe import QWEN3_MOE_KEYS
 
 KEY_MAP = KeyMap(
-    "Qwen3-MoE", same=[*DECODER_KEYS, *in_layers(GQA_KEYS + DENSE_MLP_KEYS + QWEN3_MOE_KEYS)], stacked=STACKED_EXPERT_KEYS
+    "Qwen3-MoE",
+    same=[*DECODER_KEYS, *in_layers(GQA_KEYS + DENSE_MLP_KEYS + QWEN3_MOE_KEYS)],
+    stacked=STACKED_EXPERT_KEYS,
 )
 
 
