@@ -39,7 +39,8 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float) -> tupl
 
 
 def apply_rope(x_BTHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (x[i], x[i + D/2]) by each position's angle i, in fp32; cos/sin (B, T, D/2)."""
+    """Rotate (x[i], x[i + D/2]) by each position's angle i, in fp32 (transformers rotates in the model
+    dtype: equal in fp32); cos/sin (B, T, D/2)."""
     first, second = x_BTHD.float().chunk(2, dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1).type_as(x_BTHD)

@@ -34,7 +34,8 @@ QWEN3_MOE_KEYS = [
 
 
 class Router(nn.Module):
-    """Softmax over the E experts in fp32, top-k, renormalised to sum 1 when ``norm_topk_prob``."""
+    """Softmax over the E experts in fp32, top-k, renormalised to sum 1 when ``norm_topk_prob``.  The logits
+    are fp32 too (transformers takes them in the model dtype: equal in fp32, less rounding under bf16)."""
 
     def __init__(self, cfg) -> None:
         super().__init__()
