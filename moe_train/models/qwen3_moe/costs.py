@@ -50,12 +50,13 @@ def layer_units(cfg: Qwen3MoeConfig, layout: ExpertLayout, i: int) -> list[Unit]
 
 
 def gqa_activations(cfg: Qwen3MoeConfig, b: int, max_length: int, attention: str) -> dict[str, float]:
-    """The input norm and its output (the q/k/v projections' input); the per-head q and k norms; the
-    rotary's fp32 copies of the normed q and k (cos/sin are shared by the layers); the o_proj input
-    H*d.  The kernel: flash-attn keeps q, the G k/v heads, its output and the fp32 logsumexp; the
-    per-sample SDPA path repeats k/v to H heads first (``models/common/attention.py``); eager keeps q,
-    k, v and HF's fp32 softmax and its cast (``attention_scores``).  ``attention_grad_transients``: the
-    kernel's dq, dk, dv and, for eager, the fp32 S x S softmax gradients."""
+    """The input norm and its output (the q/k/v projections' input); the per-head q and k norms (the
+    rotary keeps only cos/sin, shared by the layers); the o_proj input H*d.  The kernel: flash-attn
+    keeps q, the G k/v heads, its output and the fp32 logsumexp; the per-sample SDPA path repeats k/v
+    to H heads first (``models/common/attention.py``); eager keeps q, k, v and HF's fp32 softmax and
+    its cast (``attention_scores``).  ``attention_grad_transients``: the kernel's dq, dk, dv and, for
+    eager, the fp32 S x S softmax gradients.  The SDPA case is pinned against autograd's saved tensors
+    (``tests/test_qwen3_moe.py``); flash's is not measured (no GPU in the tests)."""
     D, H, G, d, S = (
         cfg.hidden_size,
         cfg.num_attention_heads,
@@ -64,7 +65,7 @@ def gqa_activations(cfg: Qwen3MoeConfig, b: int, max_length: int, attention: str
         max_length,
     )
     attn = norm_bytes(D, b) + D * b
-    attn += H * norm_bytes(d, b) + G * norm_bytes(d, b) + (H + G) * d * 4
+    attn += H * norm_bytes(d, b) + G * norm_bytes(d, b)
     attn += H * d * b
     kv = G if attention == "flash" else H
     scores = scores_grad = 0.0
