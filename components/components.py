@@ -137,6 +137,14 @@ _RECIPE_FACTS: Dict[str, Dict[str, object]] = {
         "model": "hf://moonshotai/Moonlight-16B-A3B-Instruct",
         "data": ["hf://datasets/tatsu-lab/alpaca"],
     },
+    "qwen3_235b_a22b_full_alpaca": {
+        "model": "hf://Qwen/Qwen3-235B-A22B",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "qwen3_30b_a3b_full_alpaca": {
+        "model": "hf://Qwen/Qwen3-30B-A3B",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
 }
 # END recipe facts
 
@@ -430,6 +438,18 @@ def deepseek_v3_full(*trainer_args: str, **params: object) -> specs.AppDef:
 def moonlight_full(*trainer_args: str, **params: object) -> specs.AppDef:
     """Full fine-tune of Moonlight-16B-A3B (DeepSeek V3 architecture) under DeepSpeed ZeRO-3: 1 node x 8 GPUs."""
     return _component("moonlight-full", {}, trainer_args=trainer_args, **params)
+
+
+@_preset(recipe="qwen3_30b_a3b_full_alpaca")
+def qwen3_30b_a3b_full(*trainer_args: str, **params: object) -> specs.AppDef:
+    """Full fine-tune of Qwen3-30B-A3B under DeepSpeed ZeRO-3: 1 node x 8 GPUs."""
+    return _component("qwen3-30b-a3b-full", {}, trainer_args=trainer_args, **params)
+
+
+@_preset(j="8x8", recipe="qwen3_235b_a22b_full_alpaca")
+def qwen3_235b_a22b_full(*trainer_args: str, **params: object) -> specs.AppDef:
+    """Full fine-tune of Qwen3-235B-A22B under DeepSpeed ZeRO-3 with the recipe's EP 8: 8 nodes x 8 GPUs."""
+    return _component("qwen3-235b-a22b-full", {}, trainer_args=trainer_args, **params)
 
 
 @_preset(j="2x1", recipe="tiny", cpu=1, gpu=0, memMB=4 * GiB, rdzv_port=0)

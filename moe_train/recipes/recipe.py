@@ -25,7 +25,7 @@ DTYPES = ("bf16", "fp32")  # bf16: bf16 weights, fp32 master copy, router and lo
 # tests/test_cli.py holds each equal to its source.
 SHIPPED_DEEPSPEED = "deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload"  # engine/deepspeed_config.py
 DATA_FORMATS = ("messages", "sharegpt", "alpaca", "text")  # data/formats.py FORMATS
-TEMPLATES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "moonlight")  # data/templates.py TEMPLATES
+TEMPLATES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "moonlight", "qwen3")  # data/templates.py TEMPLATES
 REPORT_TO = ("tensorboard", "mlflow", "wandb")  # engine/tracking.py REPORT_TO
 
 
