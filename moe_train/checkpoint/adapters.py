@@ -152,6 +152,7 @@ def adapter_config(model: nn.Module, lora: LoraConfig, base_url: str | None) -> 
     }
 
 
+@torch.no_grad()
 def save_adapter(
     model: nn.Module,
     url: str,
