@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
+from moe_train.models.common.lora import LORA_TARGETS
 from moe_train.storage import redact_all
 
 DTYPES = ("bf16", "fp32")  # bf16: bf16 weights, fp32 master copy, router and loss; fp32: everything fp32
@@ -135,6 +136,29 @@ class Recipe:
         min=1,
         help="Expert-parallel degree: each group of N consecutive ranks splits the routed experts and "
         "exchanges tokens (must divide the world size and the expert count; ZeRO-3).",
+    )
+    # LoRA (rank 0: full fine-tuning)
+    lora_rank: int = knob(
+        0,
+        min=0,
+        help="LoRA rank: train only low-rank adapters on a frozen base (no fp32 master, no optimizer state for "
+        "it); 0: full fine-tuning.",
+    )
+    lora_alpha: float = knob(
+        16.0, min=0, min_open=True, help="LoRA alpha: the adapters' update is scaled by alpha / rank."
+    )
+    lora_dropout: float = knob(
+        0.0,
+        min=0,
+        max=1,
+        max_open=True,
+        help="Dropout on the input of the attention, dense and shared-expert adapters.",
+    )
+    lora_targets: list[str] = knob(
+        list(LORA_TARGETS),
+        choices=LORA_TARGETS,
+        help="What gets adapters: any of attention, dense, shared_experts, experts (comma separated); the router "
+        "stays frozen.",
     )
     # Tracking
     report_to: list[str] = knob(
