@@ -267,3 +267,15 @@ def test_every_moe_train_option_named_exists():
                     f"{page.relative_to(REPO)}: `{opt}` is no option of moe-train, its components or a tool it names"
                 )
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("sub", ["train", "plan"])
+def test_the_synopsis_names_every_option(sub):
+    """The usage synopsis of `moe-train train` / `plan` (a text block starting with that command) lists
+    every option the command takes, so an option added to the CLI shows up in the docs."""
+    cli = _cli_options()[sub] - {"--help"}
+    synopses = [b.text for b in ALL_BLOCKS if b.lang == "text" and f"\nmoe-train {sub} " in "\n" + b.text]
+    assert synopses, f"no usage synopsis of moe-train {sub} in the docs"
+    named = set(re.findall(r"--[a-z][a-z0-9-]*", "\n".join(synopses)))
+    missing = sorted(o for o in cli if o not in named)
+    assert not missing, f"the moe-train {sub} synopsis does not name {missing}"
