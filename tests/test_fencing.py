@@ -112,15 +112,10 @@ def test_a_holder_frozen_past_its_lease_check_wakes_after_a_takeover_and_its_lat
     assert len(lines) == 1 and f"lease of {work}" in lines[0] and "stopped without writing more" in lines[0], a_err[
         -3000:
     ]
-    assert f"exitcode  : {EXIT_LEASE_LOST}" in a_err or f"exit code {EXIT_LEASE_LOST}" in a_err or "75" in a_err
+    assert f"exitcode  : {EXIT_LEASE_LOST}" in a_err  # torchrun's summary of rank 0
 
-    # A wrote at most its pending COMPLETE of step 6 (the check-then-write window), nothing after it.
-    after = snapshot(work)
-    late = sorted(k for k in after if after[k] != before.get(k))
-    assert late in ([], ["checkpoints/step-00000006/COMPLETE"]), late
-    assert not set(before) - set(after)
-    if late:
-        assert complete(work, 6)["generation"] == 1  # A's manifest, over B's step 6
+    # A wrote nothing after it woke: its pending COMPLETE of step 6 is created exclusively, and B's is there.
+    assert snapshot(work) == before
 
     # One branch: B (generation 2) resumed from A's step 3 and wrote steps 6 and 9, its metrics and export.
     assert complete(work, 9)["generation"] == 2 and complete(work, 9)["resumed_from"] == 3
@@ -131,9 +126,10 @@ def test_a_holder_frozen_past_its_lease_check_wakes_after_a_takeover_and_its_lat
 
     # What a stale holder writes late, whatever it is, loses to generation 2: a checkpoint past B's
     # branch point, metrics appended to its segment, a summary.
-    shutil.copytree(work / "checkpoints" / "step-00000006", work / "checkpoints" / "step-00000012")
+    assert complete(work, 6)["generation"] == 2
+    shutil.copytree(work / "checkpoints" / "step-00000009", work / "checkpoints" / "step-00000012")
     (work / "checkpoints" / "step-00000012" / "COMPLETE").write_text(
-        json.dumps({**complete(work, 6), "generation": 1, "resumed_from": 0})
+        json.dumps({**complete(work, 9), "generation": 1, "resumed_from": 0})
     )  # read by its stamps before any verification
     (segment_a,) = [p for p in (work / "metrics").glob("segment-*.jsonl") if '"generation": 1' in p.read_text()]
     with segment_a.open("a") as f:

@@ -707,7 +707,9 @@ class CheckpointManager:
                 files[name] = _record(name, size, ds, found[name])
             self.run.check_owner()
             complete = manifest_json(step, world, files, self.run.generation, self.resumed_from)
-            self._put(posixpath.join(target, COMPLETE), complete)
+            # Created exclusively (target was emptied above): a stale holder's late COMPLETE never replaces
+            # the one a newer owner wrote for the same step.
+            self._put(posixpath.join(target, COMPLETE), complete, mode="xb")
             self._prune()
         if dist.is_initialized():
             dist.barrier()
@@ -760,9 +762,9 @@ class CheckpointManager:
         out[name] = (self.fs.size(posixpath.join(target, name)), [rng_digest])
         return out
 
-    def _put(self, path: str, obj: Any) -> tuple[int, str]:
+    def _put(self, path: str, obj: Any, mode: str = "wb") -> tuple[int, str]:
         raw = json.dumps(obj).encode()
-        with self.run.open(path, "wb") as f:
+        with self.run.open(path, mode) as f:
             f.write(raw)
         return len(raw), digest(raw)
 

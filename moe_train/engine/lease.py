@@ -115,7 +115,7 @@ def _mtime(fs: Any, path: str) -> float:
 
 def _exit_lost(line: str) -> None:
     """End this process now with EXIT_LEASE_LOST and one line: nothing more may be written (no cleanup)."""
-    os.write(2, f"Error: {line}\n".encode())
+    os.write(2, f"\nError: {line}\n".encode())  # on a line of its own, after a progress bar too
     os._exit(EXIT_LEASE_LOST)
 
 
@@ -352,6 +352,7 @@ class Lease:
         removed instead, so a refused start leaves the work dir as it was."""
         if self.generation is None:
             return
+        self.check(sync=True)  # a holder that lost the lease (its last write failed on that) exits 75 here
         self._stop.set()
         for t in self._threads:
             t.join()
