@@ -176,8 +176,11 @@ def rank_pids(agent: int) -> list[int]:
 def test_second_run_on_a_live_work_dir_is_refused_and_the_first_completes_untouched(tmp_path):
     work = tmp_path / "work"
     cmd = torchrun_cmd([*ARGS, "--work-dir", str(work), "--max-steps", "12", "--save-steps", "6"])
+    # The first run is held (SIGSTOP) while the second starts: a lease long enough that it need not stop
+    # itself on waking (tests/test_fencing.py covers that) however slow the second start is here.
+    env = cpu_env(tmp_path, MOE_TRAIN_LEASE_EXPIRY_S="900")
     with open(tmp_path / "a.err", "w") as err:
-        first = subprocess.Popen(cmd, env=cpu_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err)
+        first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 120
         while not any('"loss"' in p.read_text() for p in (work / "metrics").glob("segment-*.jsonl")):  # a step done
@@ -187,7 +190,7 @@ def test_second_run_on_a_live_work_dir_is_refused_and_the_first_completes_untouc
         for pid in ranks:  # hold the first run mid-training, so the second surely meets it alive
             os.kill(pid, signal.SIGSTOP)
         before = sorted(p.relative_to(work) for p in work.rglob("*"))
-        second = torchrun([*ARGS, "--work-dir", str(work), "--max-steps", "2", "--resume", "auto"], tmp_path)
+        second = torchrun([*ARGS, "--work-dir", str(work), "--max-steps", "2", "--resume", "auto"], tmp_path, env=env)
         assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
         for pid in ranks:
             os.kill(pid, signal.SIGCONT)

@@ -12,7 +12,7 @@ itself is caught too.  On an object store ``etag`` keeps the store's ETag as the
 showed it (see ``TrainingCheckpoint``).  ``generation`` is the writer's lease generation and
 ``resumed_from`` the step its run segment started from (0: a fresh start): a checkpoint written by an
 older generation past the step a newer one resumed from is a stale holder's late write (see
-``CheckpointManager``).  Both default to 0 for checkpoints written before fencing.
+``CheckpointManager``; a COMPLETE without them, written before fencing, is never judged stale).
 
 Every JSON file is read through ``parse``: one typed path from JSON to dataclasses, whose failures are
 one ``ValueError`` line naming the file and the key.  A field added later (issue 25's lease

@@ -608,25 +608,27 @@ class CheckpointManager:
                 out.append((int(m.group(1)), path, self.fs.exists(posixpath.join(path, COMPLETE))))
         return sorted(out)
 
-    def _stamps(self, path: str) -> tuple[int, int]:
-        """(generation, resumed_from) from a checkpoint's COMPLETE; (0, 0) when unreadable (verification
-        names the damage)."""
+    def _stamps(self, path: str) -> tuple[int, int] | None:
+        """(generation, resumed_from) from a checkpoint's COMPLETE; None when unreadable or unstamped (an
+        older moe-train's): never judged stale, verification names the damage or the format."""
         try:
             raw = json.loads(self.fs.cat_file(posixpath.join(path, COMPLETE)))
-            stamps = raw.get("generation", 0), raw.get("resumed_from", 0)
-        except (ValueError, AttributeError, OSError):
-            return 0, 0
-        return stamps if all(type(v) is int for v in stamps) else (0, 0)
+            stamps = raw["generation"], raw["resumed_from"]
+        except (ValueError, TypeError, KeyError, OSError):
+            return None
+        return stamps if all(type(v) is int for v in stamps) else None
 
     def _branch(self) -> tuple[list[tuple[int, str]], list[tuple[str, str]]]:
         """The complete checkpoints (step, path) of the current branch, and the stale ones, each with why."""
-        complete = [(step, path, *self._stamps(path)) for step, path, done in self._steps() if done]
+        complete = [(step, path, self._stamps(path)) for step, path, done in self._steps() if done]
+        stamped = [stamps for _, _, stamps in complete if stamps is not None]
         branch, stale = [], []
-        for step, path, gen, _ in complete:
-            newer = [(g, f) for _, _, g, f in complete if g > gen and f < step]
+        for step, path, stamps in complete:
+            newer = [(g, f) for g, f in stamped if stamps is not None and g > stamps[0] and f < step]
             if newer:
                 g, f = max(newer)
-                stale.append((path, f"written by lease generation {gen} after generation {g} resumed from step {f}"))
+                why = f"written by lease generation {stamps[0]} after generation {g} resumed from step {f}"
+                stale.append((path, why))
             else:
                 branch.append((step, path))
         return branch, stale

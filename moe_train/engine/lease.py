@@ -3,8 +3,9 @@
 Layout: ``{work_dir}/lease/{generation:08d}.json``.  The highest generation is the lease; each new
 owner creates the next generation with an exclusive create (``O_EXCL`` on local and NFS paths,
 ``If-None-Match: *`` on S3, which s3fs sends for mode ``"xb"``), so of two jobs racing for a work
-dir exactly one wins.  That is the only conditional write relied on: s3fs sends no ``If-Match``, so
-a renewal or a tombstone is a plain overwrite of the owner's own generation file.  Generations never
+dir exactly one wins.  Exclusive create is the only conditional write relied on (here, and for a
+checkpoint's COMPLETE): s3fs sends no ``If-Match``, so a renewal or a tombstone is a plain overwrite of
+the owner's own generation file.  Generations never
 restart in a work dir: the owner's file stays when it ends, rewritten as a tombstone (``released``);
 the next owner takes the next generation and deletes the older files.
 
