@@ -102,9 +102,14 @@ def _replace(fs: Any, path: str, data: bytes) -> None:
     """Overwrite atomically: readers see the old or the new content, never a partial one."""
     if is_local(fs):
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            if os.path.exists(tmp):  # a full disk: no partial file left behind
+                os.remove(tmp)
+            raise
     else:  # an object PUT is atomic
         fs.pipe_file(path, data)
 
@@ -365,7 +370,7 @@ class Lease:
                     self.fs.rm(self._path(self.generation))
                     if is_local(self.fs) and not self.fs.ls(self.dir):
                         self.fs.rmdir(self.dir)
-        except Exception:  # noqa: BLE001 - the lease goes stale and is taken over after stale_s
+        except Exception:  # noqa: BLE001 - (a full disk) the record stays, taken over once provably gone
             pass
         self.generation = None
         self.run.fence = None
