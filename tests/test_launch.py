@@ -36,7 +36,16 @@ except ImportError:  # Python 3.10
 K8S_VERSION = "1.30.0"  # validate against a Kubernetes release still widely deployed
 KUBE_DIR = REPO / "schedulers" / "kubernetes"
 VOLCANO_SCHEMA = yaml.safe_load((KUBE_DIR / "volcano.schema.json").read_text())
-COMPONENTS_FNS = ["train", "deepseek_v2_full", "deepseek_v2_lite_full", "deepseek_v3_full", "moonlight_full", "smoke"]
+COMPONENTS_FNS = [
+    "train",
+    "deepseek_v2_full",
+    "deepseek_v2_lite_full",
+    "deepseek_v3_full",
+    "moonlight_full",
+    "qwen3_30b_a3b_full",
+    "qwen3_235b_a22b_full",
+    "smoke",
+]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SENTINEL = "sentinel-credential-value-0123456789"
 GiB = 1024
@@ -457,7 +466,17 @@ def test_catalogue_recipe_facts_are_the_recipes():
     assert _recipe_facts() == component_facts(), "run `python -m moe_train.recipes` to regenerate the block"
 
 
-@pytest.mark.parametrize("fn", ["deepseek_v2_full", "deepseek_v2_lite_full", "deepseek_v3_full", "moonlight_full"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        "deepseek_v2_full",
+        "deepseek_v2_lite_full",
+        "deepseek_v3_full",
+        "moonlight_full",
+        "qwen3_30b_a3b_full",
+        "qwen3_235b_a22b_full",
+    ],
+)
 def test_full_size_components_describe_the_recipes_job(fn, tmp_path, monkeypatch):
     """No --model, --data or --work_dir: the recipe's model and data are in the job spec, and the work dir is an
     absolute path under the submission directory (a relative one too)."""
