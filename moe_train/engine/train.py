@@ -200,6 +200,8 @@ def export_adapter(job: Job, step: int) -> dict[str, Any]:
     url = job.run.hf_adapter_url
     source = job.recipe.model
     extra = {"step": step, "recipe": job.recipe.name, **({"source": redact(source)} if source else {})}
+    extra["generation"] = job.run.generation  # as the HF export's: the lease it was written under
+    job.run.check_owner()
     t0 = time.perf_counter()
     save_adapter(
         job.engine.module,
