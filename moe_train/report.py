@@ -14,6 +14,7 @@ a live run and never takes the run's lease.  Figures:
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from moe_train.engine.metrics import read_metrics
@@ -32,15 +33,33 @@ def load_run(work_dir: str) -> dict[str, Any]:
             f"{run.where} has no metrics yet (metrics/segment-*.jsonl); pass the work dir of a "
             "run that has trained at least one step"
         )
+    segments = [r for r in records if r.get("event") == "segment"]
     return {
         "work_dir": run.where,
         "steps": steps,
         "evals": [r for r in records if r.get("event") == "eval"],
-        "segments": [r for r in records if r.get("event") == "segment"],
+        "segments": segments,
         "recipe": run.read_json(run.recipe) or {},
         "deepspeed": run.read_json(run.deepspeed) or {},
-        "summary": run.read_json(run.summary),
+        "summary": current_summary(run, segments),
     }
+
+
+def current_summary(run: RunDir, segments: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """summary.json, unless a holder of an older lease generation than the newest segment's wrote it
+    (a stale holder's late write after a takeover): then None, with one line."""
+    summary = run.read_json(run.summary)
+    stamps = [s.get("generation", 0) for s in segments]
+    newest = max((g for g in stamps if type(g) is int), default=0)
+    written = summary.get("generation", 0) if isinstance(summary, dict) else 0
+    if type(written) is int and written < newest:
+        print(
+            f"Warning: {run.display(run.summary)} was written under lease generation {written}, older than the "
+            f"newest segment's {newest} (a stale holder's late write); ignored",
+            file=sys.stderr,
+        )
+        return None
+    return summary
 
 
 def expert_load_matrix(steps: list[dict[str, Any]]) -> Any:
