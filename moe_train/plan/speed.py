@@ -42,6 +42,7 @@ from moe_train.plan.memory import (
     Unit,
     Workload,
     ZeroSettings,
+    gather_key,
     gather_schedule,
     model_units,
     step_trace,
@@ -163,7 +164,7 @@ _SCHEDULES: dict[tuple, tuple] = {}
 
 def _schedule(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings) -> tuple:
     """(step trace, gathers issued per entry), cached: the search and the fits time one trace many times."""
-    key = (repr(cfg), layout, work.activation_checkpointing, zero)
+    key = (repr(cfg), layout, work.activation_checkpointing, gather_key(zero))
     if key not in _SCHEDULES:
         if len(_SCHEDULES) > 64:
             _SCHEDULES.clear()
@@ -244,8 +245,8 @@ def _zero3_micro_step(
     the first MoE one on has the same units (a periodic trace); else the whole trace (e.g. hybrid layers)."""
     L = cfg.num_hidden_layers
     k = next((i for i in range(L) if cfg.is_moe_layer(i)), L)
-    units = spec_of(cfg).layer_units
-    if L <= k + 3 or any(units(cfg, layout, i) != units(cfg, layout, k) for i in range(k + 1, L)):
+    layers = model_units(cfg, layout)[1]
+    if L <= k + 3 or any(layers[i] != layers[k] for i in range(k + 1, L)):
         return _zero3_timeline(cfg, layout, work, zero, N, bw, device, peak)
     short, longer = (
         _zero3_timeline(cfg.replace(num_hidden_layers=k + d), layout, work, zero, N, bw, device, peak) for d in (2, 3)
