@@ -36,7 +36,16 @@ except ImportError:  # Python 3.10
 K8S_VERSION = "1.30.0"  # validate against a Kubernetes release still widely deployed
 KUBE_DIR = REPO / "schedulers" / "kubernetes"
 VOLCANO_SCHEMA = yaml.safe_load((KUBE_DIR / "volcano.schema.json").read_text())
-COMPONENTS_FNS = ["train", "deepseek_v2_full", "deepseek_v2_lite_full", "deepseek_v3_full", "moonlight_full", "smoke"]
+COMPONENTS_FNS = [
+    "train",
+    "deepseek_v2_full",
+    "deepseek_v2_lite_full",
+    "deepseek_v3_full",
+    "moonlight_full",
+    "smoke",
+    "deepseek_v2_full_64xa100",
+    "deepseek_v3_full_256xa100",
+]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SENTINEL = "sentinel-credential-value-0123456789"
 GiB = 1024

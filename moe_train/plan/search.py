@@ -2,7 +2,7 @@
 
 The space: expert layout (``origin`` or shards of every divisor of the expert count), expert
 parallel degree (every common divisor of the GPUs and the experts), Ulysses SP degree, tokens per
-micro step (max_length), activation checkpointing, and ZeRO-3 offload (none, optimizer,
+micro step (max_length: the recipe's and 2k to 64k), activation checkpointing, and ZeRO-3 offload (none, optimizer,
 optimizer + params).  Pruned before any speed estimate, and counted:
 
 * invalid: what the trainer refuses, by its own check (``ParallelDims.validate`` with the DeepSpeed
@@ -33,13 +33,13 @@ from typing import Any
 
 from moe_train.models.common.experts import ExpertLayout
 from moe_train.parallel.dims import ParallelDims
+from moe_train.plan import HEADROOM_WARNING
 from moe_train.plan.expert import predict_speed_ep
 from moe_train.plan.memory import Workload, ZeroSettings, count_params, predict_memory
 from moe_train.plan.speed import Device
 
 MAX_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536)
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-HEADROOM = 0.10  # default share of the GPU's memory a ranked-first configuration leaves free
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ class SearchResult:
     timed: int
     best: list[Ranked]
     global_batch: int = 0  # tokens per optimizer step held fixed (0: free)
-    headroom: float = HEADROOM
+    headroom: float = HEADROOM_WARNING
     other_batch: list[Ranked] = dataclasses.field(default_factory=list)  # fastest that change the batch
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def search(
     grad_accum: int = 1,
     peak_tflops: float | None = None,
     top: int = 5,
-    headroom: float = HEADROOM,
+    headroom: float = HEADROOM_WARNING,
     free_batch: bool = False,
 ) -> SearchResult:
     """Rank the configurations of the module docstring that fit; ``work`` gives the fixed settings
@@ -171,7 +171,7 @@ def search(
     DeepSpeed config the offloads vary."""
     sps = [d for d in range(1, gpus + 1) if gpus % d == 0]
     layouts = _layouts(cfg)
-    lengths = MAX_LENGTHS if work.varlen or free_batch else (work.max_length,)
+    lengths = sorted({work.max_length, *MAX_LENGTHS}) if work.varlen or free_batch else [work.max_length]
     space = list(itertools.product(layouts, _ep_degrees(cfg, gpus), sps, lengths, (False, True), OFFLOADS))
     pruned = {"invalid": 0, "model states exceed the GPU": 0, "dominated": 0, "does not fit": 0}
     global_batch = gpus * work.tokens_per_rank * grad_accum
@@ -235,6 +235,7 @@ def search(
             gpu_mem_gb - mem.per_gpu_gb < headroom * gpu_mem_gb,
         )
         (ranked if keeps or free_batch else other).append(r)
+
     # Configurations with the headroom first; compute-bound candidates tie on TGS: the one with less
     # communication to hide has the margin (a slower network, a skewed batch), then the one with more
     # memory free.
