@@ -29,7 +29,7 @@ test: venv
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
 	.venv/bin/lint-imports
-	$(PY) -m pytest -q -ra -n 2 --dist loadgroup
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup --durations=30
 
 bench: venv
 	$(PY) -m bench --quick
