@@ -147,7 +147,7 @@ def model_units(cfg: Any, layout: ExpertLayout) -> tuple[Unit, list[list[Unit]],
 _UNITS: dict[tuple, tuple[Unit, list[list[Unit]], list[Unit]]] = {}
 
 
-def _memo(cache: dict, key: tuple, compute: Any) -> Any:
+def memo(cache: dict, key: tuple, compute: Any) -> Any:
     """``cache[key]``, computed once: the search asks the same question of one model thousands of times."""
     if key not in cache:
         if len(cache) > 256:
@@ -164,7 +164,7 @@ def count_params(cfg: Any) -> int:
         embed, layers, head = model_units(cfg, ExpertLayout())
         return embed.numel + sum(u.numel for layer in layers for u in layer) + sum(u.numel for u in head)
 
-    return _memo(_SUMS, (repr(cfg), "params"), total)
+    return memo(_SUMS, (repr(cfg), "params"), total)
 
 
 def persistent_numel(cfg: Any, layout: ExpertLayout, threshold: int) -> int:
@@ -174,7 +174,7 @@ def persistent_numel(cfg: Any, layout: ExpertLayout, threshold: int) -> int:
         embed, layers, head = model_units(cfg, layout)
         return sum(u.numel for u in [embed, *(u for layer in layers for u in layer), *head] if u.numel < threshold)
 
-    return _memo(_SUMS, (repr(cfg), layout, threshold), total)
+    return memo(_SUMS, (repr(cfg), layout, threshold), total)
 
 
 def gather_key(zero: ZeroSettings) -> ZeroSettings:
@@ -276,8 +276,8 @@ def step_trace(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSetting
     embed, layers, head = model_units(cfg, layout)
 
     def traced(units: list[Unit], tag: str) -> list[Unit]:
-        return [
-            dataclasses.replace(u, name=f"{tag}.{u.name}")
+        return [  # Unit(...) rather than dataclasses.replace: a 671B trace has ~100k entries
+            Unit(f"{tag}.{u.name}", u.numel, u.tensors, u.expert, u.attention_kernel)
             for u in units
             if u.numel >= zero.param_persistence_threshold and _local(u, layout, cfg.num_experts, ep)
         ]
@@ -346,7 +346,7 @@ _ACTIVATIONS: dict[tuple, list[dict[str, float]]] = {}
 def all_layer_activations(cfg: Any, work: Workload) -> list[dict[str, float]]:
     """``layer_activations`` of every layer, memoised on what they depend on."""
     key = (repr(cfg), work.bytes, work.max_length, work.attention, work.tokens_per_rank)
-    return _memo(_ACTIVATIONS, key, lambda: [layer_activations(cfg, work, i) for i in range(cfg.num_hidden_layers)])
+    return memo(_ACTIVATIONS, key, lambda: [layer_activations(cfg, work, i) for i in range(cfg.num_hidden_layers)])
 
 
 def head_activations(cfg: Any, work: Workload) -> float:

@@ -42,6 +42,7 @@ from moe_train.plan.memory import (
     Unit,
     Workload,
     ZeroSettings,
+    memo,
     gather_key,
     gather_schedule,
     model_units,
@@ -231,6 +232,17 @@ def _zero3_timeline(
     return out
 
 
+_PERIODIC: dict[tuple, bool] = {}
+
+
+def _periodic(cfg: Any, layout: ExpertLayout, k: int) -> bool:
+    """Whether every layer from ``k`` on has the same units (memoised: a comparison of every unit)."""
+    layers = model_units(cfg, layout)[1]
+    return memo(
+        _PERIODIC, (repr(cfg), layout, k), lambda: all(layers[i] == layers[k] for i in range(k + 1, len(layers)))
+    )
+
+
 def _zero3_micro_step(
     cfg: Any,
     layout: ExpertLayout,
@@ -245,8 +257,7 @@ def _zero3_micro_step(
     the first MoE one on has the same units (a periodic trace); else the whole trace (e.g. hybrid layers)."""
     L = cfg.num_hidden_layers
     k = next((i for i in range(L) if cfg.is_moe_layer(i)), L)
-    layers = model_units(cfg, layout)[1]
-    if L <= k + 3 or any(layers[i] != layers[k] for i in range(k + 1, L)):
+    if L <= k + 3 or not _periodic(cfg, layout, k):
         return _zero3_timeline(cfg, layout, work, zero, N, bw, device, peak)
     short, longer = (
         _zero3_timeline(cfg.replace(num_hidden_layers=k + d), layout, work, zero, N, bw, device, peak) for d in (2, 3)
