@@ -42,9 +42,9 @@ from moe_train.plan.memory import (
     Unit,
     Workload,
     ZeroSettings,
-    memo,
     gather_key,
     gather_schedule,
+    memo,
     model_units,
     step_trace,
 )
