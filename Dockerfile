@@ -28,7 +28,7 @@ WORKDIR /opt/moe-train
 COPY . .
 # The package with every runtime extra (not dev), then an unprivileged user to train as; its HOME
 # holds the caches (Hugging Face, the torch extensions DeepSpeed builds).
-RUN pip install --no-cache-dir "/opt/moe-train[gpu,s3,gcs,report,mlflow,wandb]" \
+RUN pip install --no-cache-dir "/opt/moe-train[gpu,s3,gcs,report,mlflow,wandb,lora]" \
     && useradd --create-home --uid 1000 --user-group --shell /bin/bash moe
 USER 1000:1000
 WORKDIR /home/moe

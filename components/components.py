@@ -145,6 +145,14 @@ _RECIPE_FACTS: Dict[str, Dict[str, object]] = {
         "model": "hf://moonshotai/Moonlight-16B-A3B-Instruct",
         "data": ["hf://datasets/tatsu-lab/alpaca"],
     },
+    "qwen3_235b_a22b_full_alpaca": {
+        "model": "hf://Qwen/Qwen3-235B-A22B",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "qwen3_30b_a3b_full_alpaca": {
+        "model": "hf://Qwen/Qwen3-30B-A3B",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
 }
 # END recipe facts
 
@@ -157,6 +165,9 @@ _TRAINER_OPTIONS = [
     "ep",
     "moe_implementation",
     "expert_in_one_shard",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
     "resume",
 ]
 
@@ -173,6 +184,8 @@ def _trainer_cmd(p: Dict[str, object], trainer_args: List[str]) -> List[str]:
         cmd += ["--data", path]
     if p["report_to"]:
         cmd += ["--report-to", ",".join(p["report_to"])]
+    if p["lora_targets"]:
+        cmd += ["--lora-targets", ",".join(p["lora_targets"])]
     if p["varlen"] is not None:
         cmd.append("--varlen" if p["varlen"] else "--no-varlen")
     return cmd + trainer_args
@@ -321,6 +334,10 @@ def train(
     moe_implementation: Optional[str] = None,
     expert_in_one_shard: Optional[int] = None,
     report_to: Optional[List[str]] = None,
+    lora_rank: Optional[int] = None,
+    lora_alpha: Optional[float] = None,
+    lora_dropout: Optional[float] = None,
+    lora_targets: Optional[List[str]] = None,
     resume: Optional[str] = "auto",
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
@@ -358,6 +375,13 @@ def train(
         expert_in_one_shard: experts per shard; must divide the routed expert count, instead of the recipe's
         report_to: where the metrics go besides the work dir's JSONL: any of tensorboard, mlflow, wandb (comma
             separated), instead of the recipe's
+        lora_rank: LoRA rank: train only low-rank adapters on a frozen base (no fp32 master, no optimizer state
+            for it); 0: full fine-tuning, instead of the recipe's
+        lora_alpha: LoRA alpha: the adapters' update is scaled by alpha / rank, instead of the recipe's
+        lora_dropout: dropout on the input of the attention, dense and shared-expert adapters, instead of the
+            recipe's
+        lora_targets: what gets adapters: any of attention, dense, shared_experts, experts (comma separated); the
+            router stays frozen, instead of the recipe's
         resume: auto (continue from the latest checkpoint in work_dir, so a retried job resumes), a URL, or empty
         env: environment variables (A=1,B=2), on top of the component's own (smoke: DS_ACCELERATOR=cpu); never
             credentials
@@ -422,6 +446,18 @@ def deepseek_v3_full(*trainer_args: str, **params: object) -> specs.AppDef:
 def moonlight_full(*trainer_args: str, **params: object) -> specs.AppDef:
     """Full fine-tune of Moonlight-16B-A3B (DeepSeek V3 architecture) under DeepSpeed ZeRO-3: 1 node x 8 GPUs."""
     return _component("moonlight-full", {}, trainer_args=trainer_args, **params)
+
+
+@_preset(recipe="qwen3_30b_a3b_full_alpaca")
+def qwen3_30b_a3b_full(*trainer_args: str, **params: object) -> specs.AppDef:
+    """Full fine-tune of Qwen3-30B-A3B under DeepSpeed ZeRO-3: 1 node x 8 GPUs."""
+    return _component("qwen3-30b-a3b-full", {}, trainer_args=trainer_args, **params)
+
+
+@_preset(j="8x8", recipe="qwen3_235b_a22b_full_alpaca")
+def qwen3_235b_a22b_full(*trainer_args: str, **params: object) -> specs.AppDef:
+    """Full fine-tune of Qwen3-235B-A22B under DeepSpeed ZeRO-3 with the recipe's EP 8: 8 nodes x 8 GPUs."""
+    return _component("qwen3-235b-a22b-full", {}, trainer_args=trainer_args, **params)
 
 
 @_preset(j="8x8", recipe="deepseek_v2_chat_full_alpaca_e3_64xa100")

@@ -43,6 +43,10 @@ TRAIN_FIELDS = (
     "eval_steps",
     "require_fast_kernels",
     "report_to",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
 )
 
 
@@ -188,6 +192,12 @@ def expected_failure(e: BaseException, work_dir: str | None = None) -> str | Non
 )
 @click.option("--no-export", is_flag=True, help="Skip the HF export at the end.")
 @click.option(
+    "--merge",
+    is_flag=True,
+    help="With --lora-rank: besides the PEFT adapter (WORK_DIR/hf_adapter), export the base with the adapters "
+    "merged in as a full HF checkpoint (WORK_DIR/hf_model).",
+)
+@click.option(
     "--allow-batch-change",
     is_flag=True,
     help="On resume, accept a global batch (data-parallel ranks x "
@@ -221,6 +231,7 @@ def train(
     peak_tflops,
     cfg_options,
     no_export,
+    merge,
     allow_batch_change,
     preempt_grace,
     debug,
@@ -244,6 +255,7 @@ def train(
         resume=resume,
         peak_tflops=peak_tflops,
         export=not no_export,
+        merge=merge,
         preempt_grace=preempt_grace,
         overwrite=overwrite,
         allow_batch_change=allow_batch_change,

@@ -9,7 +9,8 @@ Layout of ``{work_dir}/``::
     recipe.json       the resolved recipe, URLs redacted, rewritten by each segment
     deepspeed.json    the resolved DeepSpeed config, likewise
     summary.json      the whole run's figures, written at the end
-    hf_model/         the HF export
+    hf_model/         the HF export (a LoRA run: with --merge, the base with the adapters merged in)
+    hf_adapter/       a LoRA run's PEFT adapter (adapter_config.json, adapter_model.safetensors)
     lease/            the owner's lease, NNNNNNNN.json per generation (moe_train/engine/lease.py)
     tracking.json     the tracked runs' ids (MLflow, W&B), so a resume continues them (moe_train/engine/tracking.py)
     wandb/            W&B's own run directory (local work dirs; a temporary local one for object stores)
@@ -43,6 +44,7 @@ RUN_FILES = (
     "deepspeed.json",
     "checkpoints",
     "hf_model",
+    "hf_adapter",
     "tb",
     "tracking.json",
     "wandb",
@@ -107,6 +109,15 @@ class RunDir:
     def hf_model_url(self) -> str:
         """The export's URL: the HF writer takes a URL (it also writes exports outside any work dir)."""
         return posixpath.join(self.url, "hf_model")
+
+    @property
+    def hf_adapter(self) -> str:
+        return self._path("hf_adapter")
+
+    @property
+    def hf_adapter_url(self) -> str:
+        """A LoRA run's PEFT adapter directory."""
+        return posixpath.join(self.url, "hf_adapter")
 
     @property
     def tracking(self) -> str:

@@ -96,6 +96,11 @@ def test_train_cli_surface_is_pinned():
             "--eval-steps",
             "--tokenizer",
             "--allow-batch-change",
+            "--lora-rank",
+            "--lora-alpha",
+            "--lora-dropout",
+            "--lora-targets",
+            "--merge",
         ]
     )
     assert all(p.help for p in train.params if isinstance(p, click.Option))
@@ -115,6 +120,7 @@ _RUN_OPTIONS = {
     "debug",
     "allow_batch_change",
     "data_cache",
+    "merge",
 }
 
 

@@ -42,6 +42,8 @@ COMPONENTS_FNS = [
     "deepseek_v2_lite_full",
     "deepseek_v3_full",
     "moonlight_full",
+    "qwen3_30b_a3b_full",
+    "qwen3_235b_a22b_full",
     "smoke",
     "deepseek_v2_full_64xa100",
     "deepseek_v3_full_256xa100",
@@ -466,7 +468,17 @@ def test_catalogue_recipe_facts_are_the_recipes():
     assert _recipe_facts() == component_facts(), "run `python -m moe_train.recipes` to regenerate the block"
 
 
-@pytest.mark.parametrize("fn", ["deepseek_v2_full", "deepseek_v2_lite_full", "deepseek_v3_full", "moonlight_full"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        "deepseek_v2_full",
+        "deepseek_v2_lite_full",
+        "deepseek_v3_full",
+        "moonlight_full",
+        "qwen3_30b_a3b_full",
+        "qwen3_235b_a22b_full",
+    ],
+)
 def test_full_size_components_describe_the_recipes_job(fn, tmp_path, monkeypatch):
     """No --model, --data or --work_dir: the recipe's model and data are in the job spec, and the work dir is an
     absolute path under the submission directory (a relative one too)."""

@@ -11,7 +11,7 @@ from moe_train.run_dir import RUN_FILES, RunDir
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moe_train"
 PATHS = ("checkpoints", "metrics", "legacy_metrics", "tb", "recipe", "deepspeed", "summary", "hf_model", "lease")
-PATHS += ("data_cache", "previous", "tracking", "wandb")
+PATHS += ("data_cache", "previous", "tracking", "wandb", "hf_adapter")
 
 
 def test_every_path_is_a_distinct_entry_of_the_work_dir():
@@ -22,6 +22,7 @@ def test_every_path_is_a_distinct_entry_of_the_work_dir():
     # an earlier run is recognised by the entries a run writes
     assert {posixpath.basename(p) for p in paths} >= set(RUN_FILES)
     assert run.hf_model_url == "memory://runs/a/hf_model"
+    assert run.hf_adapter_url == "memory://runs/a/hf_adapter"
 
 
 def test_no_other_module_joins_a_path_of_the_work_dir():

@@ -42,6 +42,11 @@ def export_checkpoint(
     out_fs, out_root = resolve(out_url)
     check_output(fs, path, out_fs, out_root)
     ckpt = TrainingCheckpoint(fs, path)
+    if ckpt.state.get("lora"):  # adapters only: the base is elsewhere (its URL is in state.json)
+        raise ValueError(
+            f"{ckpt.where} is a LoRA checkpoint (adapters only, no base weights); use the run's hf_adapter/ "
+            "(PEFT) export, or hf_model/ of a run trained with --merge"
+        )
     cfg = ckpt.config
     name = dtype or ckpt.state["config"].get("torch_dtype", "float32")
     if not isinstance(name, str) or name not in DTYPES:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from moe_train.data.sources import DataError, Sample
@@ -91,11 +92,41 @@ def _moonshot(name: str, default_system: str) -> str:
     )
 
 
+def _qwen3() -> str:
+    """Qwen3's own chat template (``assets/qwen3_chat_template.txt``, as its tokenizer ships it: thinking
+    tags, tools) with each assistant turn after ``<|im_start|>assistant\\n`` up to and including its
+    ``<|im_end|>`` marked as generation; the text rendered is unchanged (the markers strip no whitespace
+    the template's own ``{%-`` tags would not)."""
+    own = (resources.files("moe_train") / "assets" / "qwen3_chat_template.txt").read_text()
+    turn = "{{- '<|im_start|>' + message.role + '\\n"
+    edits = [  # (text of Qwen3's template, the same with the loss span marked), each found exactly once
+        (
+            "        {%- if loop.index0 > ns.last_query_index %}",
+            "        {{- '<|im_start|>' + message.role + '\\n' }}\n        {%- generation %}\n"
+            "        {%- if loop.index0 > ns.last_query_index %}",
+        ),
+        (turn + "<think>\\n' + reasoning_content", "{{- '<think>\\n' + reasoning_content"),
+        (turn + "' + content }}\n            {%- endif %}", "{{- content }}\n            {%- endif %}"),
+        (turn + "' + content }}\n        {%- endif %}", "{{- content }}\n        {%- endif %}"),
+        (
+            "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"tool\" %}",
+            "        {{- '<|im_end|>' }}\n        {%- endgeneration %}\n        {{- '\\n' }}\n"
+            '    {%- elif message.role == "tool" %}',
+        ),
+    ]
+    for old, new in edits:
+        if own.count(old) != 1:
+            raise AssertionError(f"the Qwen3 chat template asset changed: {old!r} is not in it once")
+        own = own.replace(old, new)
+    return own
+
+
 TEMPLATES: dict[str, str] = {
     "deepseek_v2": DEEPSEEK_V2,
     "deepseek_v3": DEEPSEEK_V3,
     "kimi_k2": _moonshot("kimi_k2", "You are Kimi, an AI assistant created by Moonshot AI."),
     "moonlight": _moonshot("moonlight", "You are a helpful assistant provided by Moonshot-AI."),
+    "qwen3": _qwen3(),
 }
 
 # Conversations both templates must render alike for a tokenizer's marker-less template to be
@@ -234,8 +265,8 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
 def check_tokenizer(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("a fast (tokenizers-backed) tokenizer is needed: its offsets locate the assistant replies")
-    if tokenizer.bos_token is None or tokenizer.eos_token is None:
-        raise ValueError("the tokenizer needs bos_token and eos_token set (tokenizer_config.json)")
+    if tokenizer.eos_token is None:  # bos may be unset: Qwen3's tokenizer has none and its template writes none
+        raise ValueError("the tokenizer needs eos_token set (tokenizer_config.json)")
 
 
 def encode_samples(
@@ -249,8 +280,8 @@ def encode_samples(
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for ids, offsets, (text, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered):
-        # Kimi K2 and Moonlight templates write no bos; the others must find it read as one token.
-        if text.startswith(tokenizer.bos_token) and ids[0] != tokenizer.bos_token_id:
+        # Kimi K2, Moonlight and Qwen3 templates write no bos; the others must find it read as one token.
+        if tokenizer.bos_token and text.startswith(tokenizer.bos_token) and ids[0] != tokenizer.bos_token_id:
             raise ValueError(f"the tokenizer does not read {tokenizer.bos_token!r} as its bos token")
         out.append((list(ids), _labels(ids, offsets, spans)))
     return out

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from moe_train.models.common.experts import ExpertLayout
+from moe_train.models.common.lora import LoraConfig
 from moe_train.parallel import zero3
 from moe_train.parallel.dims import ParallelDims
 from moe_train.parallel.distribute import distributed_model
@@ -58,6 +59,7 @@ def build_model(
     seed: int,
     activation_checkpointing: bool,
     load_weights: bool = True,
+    lora: LoraConfig | None = None,
 ) -> torch.nn.Module:
     """This rank's part of the model, distributed as ``dims`` says (``moe_train/parallel/distribute.py``),
     its partitions filled from the source (unless a training checkpoint is about to overwrite them)."""
@@ -68,7 +70,7 @@ def build_model(
         load_into(model, open_source(model, model_url, seed), partition=zero3.partition)
 
     return distributed_model(
-        cfg, layout, dims, ds_config, dtype, device, activation_checkpointing, fill if load_weights else None
+        cfg, layout, dims, ds_config, dtype, device, activation_checkpointing, fill if load_weights else None, lora
     )
 
 
@@ -81,9 +83,12 @@ def build_engine(
     dtype: torch.dtype,
     device: torch.device,
     schedule_steps: int,
+    lora: LoraConfig | None = None,
     load_weights: bool = True,
 ) -> tuple[Any, Any]:
-    """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine."""
+    """The partitioned model, AdamW and the cosine schedule inside a DeepSpeed engine.  The optimizer holds
+    the trainable parameters only: with LoRA the adapters, so DeepSpeed keeps no fp32 master copy and no
+    Adam moments of the frozen base."""
     from moe_train.engine.deepspeed_config import fill_auto, offloads_optimizer
 
     ds_config = fill_auto(
@@ -96,15 +101,16 @@ def build_engine(
         hidden_size=cfg.hidden_size,
     )
     model = build_model(
-        cfg, layout, dims, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights
+        cfg, layout, dims, ds_config, dtype, device, r.model, r.seed, r.activation_checkpointing, load_weights, lora
     )
+    params = [p for p in model.parameters() if p.requires_grad]
     if offloads_optimizer(ds_config):  # the optimizer runs on host memory: DeepSpeed's vectorised CPU Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         optimizer = DeepSpeedCPUAdam(
-            model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay, adamw_mode=True
+            params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay, adamw_mode=True
         )
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, r.warmup_ratio, r.min_lr_ratio))
     return zero3.initialize(model, optimizer, scheduler, ds_config)

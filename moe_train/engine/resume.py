@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from moe_train.checkpoint.adapters import check_base
 from moe_train.checkpoint.hf_layout import persistent_buffers
 from moe_train.checkpoint.training_state import (
     FIXED,
@@ -133,6 +134,31 @@ def check_model_and_data(ckpt: TrainingCheckpoint, cfg: Any, fingerprint: dict[s
         )
 
 
+def lora_record(lora: Any, base: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What state.json says of a LoRA run: the adapters' shape and scale, and the base they belong to."""
+    if lora is None:
+        return None
+    return {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "base": base}
+
+
+def check_lora(ckpt: TrainingCheckpoint, lora: Any, base: dict[str, Any] | None) -> None:
+    """Refuse (one line) a resume that changes full fine-tuning to LoRA or back, the adapters' rank, alpha or
+    targets, or the frozen base (its fingerprint: file sizes and headers)."""
+    saved, now = ckpt.state.get("lora"), lora_record(lora, base)
+    if (saved is None) != (now is None):
+        was, is_ = ("LoRA" if saved else "full fine-tuning"), ("LoRA" if now else "full fine-tuning")
+        raise ValueError(f"{ckpt.where} is a {was} checkpoint, this run is {is_}; resume with the same --lora-rank")
+    if saved is None or now is None:
+        return
+    for key in ("rank", "alpha", "targets"):
+        if saved.get(key) != now[key]:
+            raise ValueError(
+                f"lora {key} was {saved.get(key)!r} in {ckpt.where} and is {now[key]!r} now; resume with the "
+                f"checkpoint's --lora-{key}"
+            )
+    check_base(saved.get("base"), now["base"], ckpt.where)
+
+
 def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
     """What rank 0 writes to ``state.json``: everything but the tensors and the RNG."""
     from moe_train.checkpoint.training_state import FORMAT
@@ -159,6 +185,7 @@ def checkpoint_state(job: Any, step: int) -> dict[str, Any]:
             torch_dtype=str(next(job.engine.module.parameters()).dtype).removeprefix("torch.")
         ),
         "data": job.fingerprint,
+        "lora": lora_record(job.lora, job.base),
         # Persistent buffers (DeepSeek V3's correction bias): small, whole on every rank, fp32 exact in JSON.
         "buffers": {canonical_name(name): buf.float().tolist() for name, buf in persistent_buffers(job.engine.module)},
     }

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from moe_train.checkpoint.adapters import base_reference
 from moe_train.checkpoint.hf_layout import check_checkpoint, read_config
 from moe_train.checkpoint.training_state import CheckpointManager, TrainingCheckpoint
 from moe_train.engine import kernels
@@ -22,6 +23,7 @@ from moe_train.engine.tracking import check_report_to
 from moe_train.engine.work_dir import check_outlives_pod, check_shared
 from moe_train.models import spec_for
 from moe_train.models.common.experts import ExpertLayout
+from moe_train.models.common.lora import LoraConfig
 from moe_train.parallel.dims import ParallelDims
 from moe_train.recipes import Recipe
 from moe_train.run_dir import RunDir
@@ -38,6 +40,7 @@ class TrainConfig:
     resume: str | None = None
     peak_tflops: float | None = None
     export: bool = True
+    merge: bool = False  # LoRA: also export the base with the adapters merged in (a full HF checkpoint)
     preempt_grace: float = DEFAULT_GRACE_S  # seconds between a stop signal and SIGKILL
     progress: bool = True
     overwrite: bool = False  # move an earlier run in the work dir aside (engine/lease.py)
@@ -59,6 +62,8 @@ class Job:
     cfg: Any  # the model family's config
     layout: ExpertLayout  # how the routed experts are stored (kept out of the config)
     dims: ParallelDims  # the parallel layout: sizes, ranks, process groups
+    lora: LoraConfig | None  # the adapters trained on a frozen base; None: full fine-tuning
+    base: dict[str, Any] | None  # LoRA: the frozen base's URL and fingerprint, checked on resume
     engine: Any
     scheduler: Any
     data: Data
@@ -117,10 +122,12 @@ def _setup_owned(
         if url:
             probe(url, what)
     layout = ExpertLayout(r.moe_implementation, r.expert_in_one_shard)
+    lora = lora_config(r)
     cfg = read_config(r.model) if r.model else spec_for(r.family).named_config(r.model_size)
     dims.validate(cfg, layout, ds_config)  # the planner's check too
-    if r.model and resume is None:
+    if r.model and (resume is None or lora):  # a LoRA resume reads the frozen base from the model too
         check_checkpoint(cfg, r.model)  # every header against the config, before anything is allocated
+    base = None if lora is None else base_reference(r.model, r.model_size, r.family, r.seed)
     found = kernels.kernels(cfg, layout, dtype, device)
     log(rank, found.line())
     warning = kernels.check(found, r.require_fast_kernels)  # raises for slow GPU kernels when required
@@ -132,12 +139,14 @@ def _setup_owned(
     fingerprint = resuming.data_fingerprint(data.loader.packs)
     if resume is not None:
         resuming.check_model_and_data(resume, cfg, fingerprint)
+        resuming.check_lora(resume, lora, base)
     # The LR schedule spans all epochs; --max-steps only stops early, so a run cut short and
     # resumed follows exactly the schedule of an uninterrupted one.
     schedule_steps = data.steps_per_epoch * r.epochs
     total_steps = min(r.max_steps or schedule_steps, schedule_steps)
+    # A LoRA checkpoint holds the adapters only: the frozen base always comes from the model.
     engine, scheduler = build_engine(
-        r, cfg, layout, dims, ds_config, dtype, device, schedule_steps, load_weights=resume is None
+        r, cfg, layout, dims, ds_config, dtype, device, schedule_steps, lora, load_weights=resume is None or bool(lora)
     )
     job = Job(
         tc=tc,
@@ -150,6 +159,8 @@ def _setup_owned(
         cfg=cfg,
         layout=layout,
         dims=dims,
+        lora=lora,
+        base=base,
         engine=engine,
         scheduler=scheduler,
         data=data,
@@ -165,6 +176,21 @@ def _setup_owned(
         for path in ckpt.remove_incomplete():
             log(rank, f"removed incomplete checkpoint {run.display(path)}")
     return job
+
+
+def lora_config(r: Recipe) -> LoraConfig | None:
+    """The recipe's LoRA, or None (full fine-tuning); impossible combinations refused in one line."""
+    if not r.lora_rank:
+        return None
+    if r.ep > 1:
+        raise ValueError(
+            f"--lora-rank with --ep {r.ep} is not supported yet; use --ep 1 (ZeRO-3 partitions the experts)"
+        )
+    if r.moe_implementation != "shard" and "experts" in r.lora_targets:
+        raise ValueError(
+            "LoRA on routed experts needs --moe-implementation shard; or leave experts out of --lora-targets"
+        )
+    return LoraConfig(r.lora_rank, r.lora_alpha, r.lora_dropout, tuple(r.lora_targets))
 
 
 def refuse_finished_without_checkpoint(run: RunDir) -> None:
@@ -186,10 +212,16 @@ def refuse_finished_without_checkpoint(run: RunDir) -> None:
 def resume_state(job: Job, resume: TrainingCheckpoint | None) -> int:
     """Load the resume point into the engine and loader; the step to continue from (0: a fresh start)."""
     from moe_train.checkpoint.hf_layout import parameter_shapes
+    from moe_train.models.common.key_map import canonical_name
+    from moe_train.parallel import zero3
 
     if not resume:
         return 0
     shapes = parameter_shapes(job.engine.module)
+    if job.lora is not None:  # a LoRA checkpoint holds the adapters, each under its own name
+        shapes = {
+            canonical_name(n): zero3.full_shape(p) for n, p in job.engine.module.named_parameters() if p.requires_grad
+        }
     resume = resuming.load(resume, job, shapes, log=lambda msg: log(job.rank, msg.removeprefix("[moe-train] ")))
     log(job.rank, f"resumed from {resume.where} at step {resume.step}")
     return resume.step

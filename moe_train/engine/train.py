@@ -186,15 +186,11 @@ def _run(job: Job, metrics: MetricsWriter | None) -> dict[str, Any]:
         with stall_notice(f"export to {job.run.display(job.run.hf_model)}", lambda m: log(rank, m)):
             summary.update(redact_all(export(job, step)))
         if metrics is not None:
-            metrics.write(
-                {
-                    "step": step,
-                    "event": "export",
-                    "hf_model": summary["hf_model"],
-                    "export_peak_rss_delta_mb": round(summary["export_peak_rss_delta_mb"], 2),
-                    "model_mb": round(summary["model_mb"], 2),
-                }
-            )
+            exported = {k: summary[k] for k in ("hf_adapter", "hf_model") if k in summary}
+            if "hf_model" in summary:
+                exported["export_peak_rss_delta_mb"] = round(summary["export_peak_rss_delta_mb"], 2)
+                exported["model_mb"] = round(summary["model_mb"], 2)
+            metrics.write({"step": step, "event": "export", **exported})
     if metrics is not None:
         metrics.close()
         # The whole run, all segments; `summary["segment_losses"]`: this segment's alone.
@@ -204,11 +200,38 @@ def _run(job: Job, metrics: MetricsWriter | None) -> dict[str, Any]:
     return summary
 
 
+def export_adapter(job: Job, step: int) -> dict[str, Any]:
+    """A LoRA run's PEFT adapter directory (run's hf_adapter/), streamed one adapted module at a time."""
+    from moe_train.checkpoint.adapters import save_adapter
+
+    url = job.run.hf_adapter_url
+    source = job.recipe.model
+    extra = {"step": step, "recipe": job.recipe.name, **({"source": redact(source)} if source else {})}
+    t0 = time.perf_counter()
+    save_adapter(
+        job.engine.module,
+        url,
+        job.lora,
+        zero3.gathered_together,
+        is_writer=job.rank == 0,
+        base_url=source,
+        extra=extra,
+    )
+    dist.barrier()  # the adapter is complete (COMPLETE written) before any rank moves on
+    log(job.rank, f"exported the PEFT adapter to {redact(url)} in {time.perf_counter() - t0:.1f}s")
+    return {"hf_adapter": redact(url)}
+
+
 def export(job: Job, step: int) -> dict[str, Any]:
-    """Stream the trained model into the run's hf_model/; reports the writer's peak memory."""
+    """Stream the trained model into the run's hf_model/ (a LoRA run: the PEFT adapter into hf_adapter/, and the
+    merged model into hf_model/ with --merge); reports the writer's peak memory."""
+    from moe_train.checkpoint.adapters import merged_parameters
     from moe_train.checkpoint.hf_layout import HFCheckpoint, save_pretrained
     from moe_train.engine.memory import PeakRSS
 
+    adapter = {} if job.lora is None else export_adapter(job, step)
+    if adapter and not job.tc.merge:
+        return adapter
     url = job.run.hf_model_url
     module = job.engine.module
     source = job.recipe.model
@@ -216,7 +239,11 @@ def export(job: Job, step: int) -> dict[str, Any]:
     carry_from = HFCheckpoint(source) if source and spec_of(job.cfg).carried_key is not None else None
     extra = {"step": step, "recipe": job.recipe.name, **({"source": redact(source)} if source else {})}
     t0 = time.perf_counter()
-    tensors = gathered_parameters(module, job.dims)
+    if job.lora is None:
+        tensors = gathered_parameters(module, job.dims)
+    else:  # the base with the adapters merged in, one module gathered at a time
+        tensors = merged_parameters(module, zero3.gathered_together)
+        extra["lora_merged"] = True
     # Under EP one dtype for the experts this rank does not hold.
     dtype = None if job.dims.experts is None else next(module.parameters()).dtype
     with PeakRSS() as rss:
@@ -243,6 +270,7 @@ def export(job: Job, step: int) -> dict[str, Any]:
 
         model_bytes = sum(map(math.prod, reference_shapes(module).values())) * next(module.parameters()).element_size()
     out = {
+        **adapter,
         "hf_model": redact(url),
         "export_seconds": time.perf_counter() - t0,
         "export_peak_rss_delta_mb": rss.peak_delta / 2**20,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moe_train.models.common.experts import ExpertLayout
+from moe_train.models.common.lora import LoraConfig, apply_lora
 from moe_train.models.common.spec import spec_of
 from moe_train.parallel import expert, zero3
 from moe_train.parallel.dims import ParallelDims
@@ -27,13 +28,17 @@ def distributed_model(
     device: torch.device,
     activation_checkpointing: bool,
     fill: Callable[[nn.Module], None] | None = None,
+    lora: LoraConfig | None = None,
 ) -> nn.Module:
     """This rank's part of the model (``dims.create_groups`` has run).  ``fill(model)`` puts the weights
-    into the partitions before any wrapper renames a parameter (None: a training checkpoint will)."""
+    into the partitions before any wrapper renames a parameter (None: a training checkpoint will).
+    ``lora``: the base frozen and adapters added as the model is built (``models/common/lora.py``)."""
     spec = spec_of(cfg)
 
     def build() -> nn.Module:
         model = spec.build(cfg, layout)
+        if lora is not None:
+            apply_lora(model, lora)
         return model if dims.experts is None else expert.apply(model, dims.experts)
 
     model = zero3.build(build, ds_config, dtype, device)

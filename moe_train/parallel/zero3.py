@@ -70,6 +70,15 @@ def gathered(param: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def gathered_together(params: list[torch.Tensor]):
+    """All of ``params`` in full at once (a LoRA module's base weight and its adapters); a collective."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
 def gathered_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter, gathered one at a time; a collective on every rank.
 
@@ -164,6 +173,8 @@ def optimizer_ranges(engine: Any, create_state: bool = False) -> list[OwnedRange
     out = []
     stage3 = hasattr(opt, "fp32_partitioned_groups_flat")
     for name, p in engine.module.named_parameters():
+        if not p.requires_grad:  # frozen (a LoRA base): no master copy, no moments
+            continue
         if stage3:
             group, offset, _ = opt.grad_position[opt.get_param_id(p)]
             start = p.ds_tensor.ds_numel * dist.get_rank(group=p.ds_process_group)

@@ -1,4 +1,4 @@
-"""The shipped recipes: the seed's full fine-tunes of the DeepSeek V2 and V3 families, and the tiny
+"""The shipped recipes: the seed's full fine-tunes of the DeepSeek V2 and V3 families, Qwen3-MoE's, and the tiny
 debug recipes every test and the smoke run use (`moe-train recipes` lists them; `moe-train recipes
 --dump NAME` writes one as a file to start from)."""
 
@@ -32,6 +32,8 @@ _V2_CHAT_ALPACA = dict(
 )
 
 _V3_ALPACA = {**_V2_CHAT_ALPACA, "family": "deepseek_v3", "bias_update_rate": 0.001}
+
+_QWEN3_ALPACA = {**_V2_CHAT_ALPACA, "family": "qwen3_moe", "template": "qwen3"}
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -79,6 +81,25 @@ RECIPES: dict[str, Recipe] = {
             **{**_V3_ALPACA, "template": "moonlight"},
         ),
         Recipe(
+            name="qwen3_30b_a3b_full_alpaca",
+            description="Qwen3-30B-A3B full fine-tune on alpaca with Qwen3's chat template, shards of 64 experts "
+            "(moe-train plan's pick on 8 x 80 GB), 3 epochs",
+            model="hf://Qwen/Qwen3-30B-A3B",
+            moe_implementation="shard",
+            expert_in_one_shard=64,
+            **_QWEN3_ALPACA,
+        ),
+        Recipe(
+            name="qwen3_235b_a22b_full_alpaca",
+            description="Qwen3-235B-A22B full fine-tune on alpaca with Qwen3's chat template, EP 8 with shards of "
+            "16 experts (moe-train plan --search's pick on 64 x 80 GB), 3 epochs",
+            model="hf://Qwen/Qwen3-235B-A22B",
+            moe_implementation="shard",
+            expert_in_one_shard=16,
+            ep=8,
+            **_QWEN3_ALPACA,
+        ),
+        Recipe(
             name="tiny_v3",
             description="DeepSeek V3 debug model (noaux_tc router, correction bias) initialised from seed, on the "
             "alpaca sample shipped in the repo (CPU smoke run)",
@@ -101,6 +122,29 @@ RECIPES: dict[str, Recipe] = {
             save_steps=10,
             save_total_limit=2,
             bias_update_rate=0.001,
+        ),
+        Recipe(
+            name="tiny_qwen3",
+            description="Qwen3-MoE debug model (GQA with q/k norms, softmax router, a dense first layer) initialised "
+            "from seed, on the alpaca sample shipped in the repo (CPU smoke run)",
+            family="qwen3_moe",
+            model_size="tiny",
+            tokenizer=str(ASSETS / "tiny_tokenizer"),
+            moe_implementation="shard",
+            expert_in_one_shard=4,
+            data=[str(ASSETS / "alpaca_sample.jsonl")],
+            template="qwen3",  # not the tokenizer's own (V2-style): the export ships this one
+            max_length=256,
+            varlen=True,
+            lr=3e-3,
+            warmup_ratio=0.1,
+            epochs=1,
+            max_steps=20,
+            grad_accum=1,
+            dtype="fp32",
+            activation_checkpointing=False,
+            save_steps=10,
+            save_total_limit=2,
         ),
         Recipe(
             name="tiny",

@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from moe_train.models.common.experts import MOE_IMPLEMENTATIONS
+from moe_train.models.common.lora import LORA_TARGETS
 from moe_train.storage import redact_all
 
 DTYPES = ("bf16", "fp32")  # bf16: bf16 weights, fp32 master copy, router and loss; fp32: everything fp32
@@ -24,7 +25,7 @@ DTYPES = ("bf16", "fp32")  # bf16: bf16 weights, fp32 master copy, router and lo
 # tests/test_cli.py holds each equal to its source.
 SHIPPED_DEEPSPEED = "deepspeed_zero2, deepspeed_zero3, deepspeed_zero3_offload"  # engine/deepspeed_config.py
 DATA_FORMATS = ("messages", "sharegpt", "alpaca", "text")  # data/formats.py FORMATS
-TEMPLATES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "moonlight")  # data/templates.py TEMPLATES
+TEMPLATES = ("deepseek_v2", "deepseek_v3", "kimi_k2", "moonlight", "qwen3")  # data/templates.py TEMPLATES
 REPORT_TO = ("tensorboard", "mlflow", "wandb")  # engine/tracking.py REPORT_TO
 
 
@@ -135,6 +136,29 @@ class Recipe:
         min=1,
         help="Expert-parallel degree: each group of N consecutive ranks splits the routed experts and "
         "exchanges tokens (must divide the world size and the expert count; ZeRO-3).",
+    )
+    # LoRA (rank 0: full fine-tuning)
+    lora_rank: int = knob(
+        0,
+        min=0,
+        help="LoRA rank: train only low-rank adapters on a frozen base (no fp32 master, no optimizer state for "
+        "it); 0: full fine-tuning.",
+    )
+    lora_alpha: float = knob(
+        16.0, min=0, min_open=True, help="LoRA alpha: the adapters' update is scaled by alpha / rank."
+    )
+    lora_dropout: float = knob(
+        0.0,
+        min=0,
+        max=1,
+        max_open=True,
+        help="Dropout on the input of the attention, dense and shared-expert adapters.",
+    )
+    lora_targets: list[str] = knob(
+        list(LORA_TARGETS),
+        choices=LORA_TARGETS,
+        help="What gets adapters: any of attention, dense, shared_experts, experts (comma separated); the router "
+        "stays frozen.",
     )
     # Tracking
     report_to: list[str] = knob(
