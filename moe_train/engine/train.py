@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import signal
 import time
 import warnings
 from typing import Any
@@ -53,6 +54,10 @@ def _metrics_writer(job: Job) -> MetricsWriter | None:
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "device": torch.cuda.get_device_name() if job.device.type == "cuda" else job.device.type,
+        # where this segment stops (max_steps) and where the run's schedule ends (its epochs): the report's
+        # finished / stopped at N of M
+        "total_steps": job.total_steps,
+        "planned_steps": job.data.steps_per_epoch * job.recipe.epochs,
     }
     report_to = job.recipe.report_to
     metrics = MetricsWriter(
@@ -164,6 +169,9 @@ def _run(job: Job, metrics: MetricsWriter | None) -> dict[str, Any]:
                 if (due and guard.healthy) or stop_now:
                     _save(job, step)
                 if stop_now:
+                    if metrics is not None:  # why the run stopped, for the report
+                        why = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
+                        metrics.write({"step": step, "event": "stopped", "signal": why})
                     raise stop.requested(step)
     finally:
         if bar is not None:
