@@ -125,11 +125,19 @@ _RECIPE_FACTS: Dict[str, Dict[str, object]] = {
         "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
         "data": ["hf://datasets/tatsu-lab/alpaca"],
     },
+    "deepseek_v2_chat_full_alpaca_e3_64xa100": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
     "deepseek_v2_lite_chat_full_alpaca_e3": {
         "model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat",
         "data": ["hf://datasets/tatsu-lab/alpaca"],
     },
     "deepseek_v3_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V3",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v3_full_alpaca_e3_256xa100": {
         "model": "hf://deepseek-ai/DeepSeek-V3",
         "data": ["hf://datasets/tatsu-lab/alpaca"],
     },
@@ -450,6 +458,18 @@ def qwen3_30b_a3b_full(*trainer_args: str, **params: object) -> specs.AppDef:
 def qwen3_235b_a22b_full(*trainer_args: str, **params: object) -> specs.AppDef:
     """Full fine-tune of Qwen3-235B-A22B under DeepSpeed ZeRO-3 with the recipe's EP 8: 8 nodes x 8 GPUs."""
     return _component("qwen3-235b-a22b-full", {}, trainer_args=trainer_args, **params)
+
+
+@_preset(j="8x8", recipe="deepseek_v2_chat_full_alpaca_e3_64xa100")
+def deepseek_v2_full_64xa100(*trainer_args: str, **params: object) -> specs.AppDef:
+    """The seed's DeepSeek-V2 (236B) training run planned for 8 nodes x 8 A100-80G: expert parallel 16."""
+    return _component("deepseek-v2-full-64xa100", {}, trainer_args=trainer_args, **params)
+
+
+@_preset(j="32x8", recipe="deepseek_v3_full_alpaca_e3_256xa100")
+def deepseek_v3_full_256xa100(*trainer_args: str, **params: object) -> specs.AppDef:
+    """The DeepSeek-V3 (671B) training run planned for 32 nodes x 8 A100-80G: expert parallel 8."""
+    return _component("deepseek-v3-full-256xa100", {}, trainer_args=trainer_args, **params)
 
 
 @_preset(j="2x1", recipe="tiny", cpu=1, gpu=0, memMB=4 * GiB, rdzv_port=0)

@@ -1,7 +1,9 @@
 """``moe-train report WORK_DIR``: PNG plots and a one-page report.md of a run, local or on an object store.
 
-Only reads the work dir (metrics segments, recipe.json, deepspeed.json, summary.json), so it works on
-a live run and never takes the run's lease.  Figures:
+Only reads the work dir (metrics segments, recipe.json, deepspeed.json, summary.json, the lease's age), so
+it works on a live run and never takes the run's lease.  The run's state (``run_state``: running, finished,
+stopped at step N of M and why, diverged) heads report.md; every curve marks the steps a later segment
+resumed from.  Figures:
 
 * ``loss.png``         training loss per step and validation loss
 * ``lr.png``           learning rate
@@ -13,9 +15,13 @@ a live run and never takes the run's lease.  Figures:
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
 from typing import Any
 
+from moe_train.engine.lease import STALE_S
 from moe_train.engine.metrics import read_metrics
 from moe_train.run_dir import RunDir
 
@@ -32,15 +38,115 @@ def load_run(work_dir: str) -> dict[str, Any]:
             f"{run.where} has no metrics yet (metrics/segment-*.jsonl); pass the work dir of a "
             "run that has trained at least one step"
         )
-    return {
+    heads = [i for i, r in enumerate(records) if r.get("event") == "segment"]
+    last_segment = records[heads[-1] if heads else 0 :]
+    segments = [r for r in records if r.get("event") == "segment"]
+    out = {
         "work_dir": run.where,
         "steps": steps,
         "evals": [r for r in records if r.get("event") == "eval"],
-        "segments": [r for r in records if r.get("event") == "segment"],
+        "segments": segments,
+        "ends": [r for r in last_segment if r.get("event") in ("stopped", "diverged")],
         "recipe": run.read_json(run.recipe) or {},
         "deepspeed": run.read_json(run.deepspeed) or {},
-        "summary": run.read_json(run.summary),
+        "summary": current_summary(run, segments),
+        "lease_age_s": lease_age(run),
     }
+    out["state"] = run_state(out)
+    return out
+
+
+def lease_age(run: RunDir) -> float | None:
+    """Seconds since the work dir's lease was last renewed (by this machine's clock); None without a lease
+    or when the newest one is released.  Read only: the report never takes or touches the lease."""
+    fs = run.fs
+    fs.invalidate_cache(run.lease)
+    if not fs.exists(run.lease):
+        return None
+    leases = sorted(p for p in fs.ls(run.lease, detail=False) if p.endswith(".json"))
+    if not leases:
+        return None
+    try:
+        if json.loads(fs.cat_file(leases[-1])).get("released"):
+            return None  # a tombstone: the last holder released the work dir when it ended
+    except (ValueError, AttributeError, OSError):
+        pass  # being rewritten, or not a record: its age still says whether someone renews it
+    return time.time() - fs.modified(leases[-1]).timestamp()
+
+
+_SIGNALS = {"SIGTERM": "preempted or cancelled", "SIGUSR1": "preempted", "SIGINT": "interrupted"}
+
+
+def run_state(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's state from its records, the first that holds:
+
+    * running: the lease was renewed within ``STALE_S`` (a live owner heartbeats every 15 s);
+    * diverged: the last segment ends with a ``diverged`` record (the trainer's divergence guard);
+    * stopped (signal): the last segment ends with a ``stopped`` record: the signal, and who sends it;
+    * finished: summary.json exists and the last step is the schedule's last (``planned_steps``);
+    * stopped (max_steps): summary.json exists short of the schedule's last step;
+    * stopped (no record): no summary and no end record: killed (SIGKILL, OOM, node loss) or failed.
+    """
+    last = run["steps"][-1]["step"]
+    head = run["segments"][-1] if run["segments"] else {}
+    planned = head.get("planned_steps")
+    state = {"step": last, "of": planned}
+    end = run["ends"][-1] if run["ends"] else None
+    age = run["lease_age_s"]
+    if age is not None and age < STALE_S:
+        return {**state, "state": "running", "why": f"lease renewed {max(age, 0):.0f} s ago"}
+    if end and end["event"] == "diverged":
+        return {**state, "state": "diverged", "step": end["step"], "why": end.get("reason", "")}
+    if end and end["event"] == "stopped":
+        signal = end.get("signal", "a signal")
+        return {**state, "state": "stopped", "why": f"{_SIGNALS.get(signal, 'signal')} ({signal})"}
+    if run["summary"] is not None:
+        if planned is None or last >= planned:
+            return {**state, "state": "finished", "why": "reached the last planned step"}
+        return {**state, "state": "stopped", "why": f"max_steps {head.get('total_steps', last)} (lowered)"}
+    return {
+        **state,
+        "state": "stopped",
+        "why": "no summary and no stop record: killed (SIGKILL, out of memory, node lost) or failed; see its log",
+    }
+
+
+def state_line(state: dict[str, Any]) -> str:
+    of = f" of {state['of']}" if state["of"] else ""
+    if state["state"] == "finished":
+        return f"finished at step {state['step']}{of} ({state['why']})"
+    if state["state"] == "running":
+        return f"running, last step {state['step']}{of} ({state['why']})"
+    if state["state"] == "diverged":
+        return f"diverged at step {state['step']}{of}: {state['why']}"
+    return f"stopped at step {state['step']}{of}: {state['why']}"
+
+
+def resume_points(run: dict[str, Any]) -> list[int]:
+    """The steps later segments resumed from (a checkpoint's step)."""
+    return [h["resumed_from"] for h in run["segments"] if h.get("resumed_from")]
+
+
+def _mark_resumes(ax, steps: list[int]) -> None:
+    for i, s in enumerate(steps):
+        ax.axvline(s, ls="--", lw=0.9, color="gray", label="resumed" if i == 0 else None)
+
+
+def current_summary(run: RunDir, segments: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """summary.json, unless a holder of an older lease generation than the newest segment's wrote it
+    (a stale holder's late write after a takeover): then None, with one line."""
+    summary = run.read_json(run.summary)
+    stamps = [s.get("generation", 0) for s in segments]
+    newest = max((g for g in stamps if type(g) is int), default=0)
+    written = summary.get("generation", 0) if isinstance(summary, dict) else 0
+    if type(written) is int and written < newest:
+        print(
+            f"Warning: {run.display(run.summary)} was written under lease generation {written}, older than the "
+            f"newest segment's {newest} (a stale holder's late write); ignored",
+            file=sys.stderr,
+        )
+        return None
+    return summary
 
 
 def expert_load_matrix(steps: list[dict[str, Any]]) -> Any:
@@ -88,18 +194,21 @@ def plot(run: dict[str, Any], out: str) -> dict[str, str]:
 
     steps, evals = run["steps"], run["evals"]
     x = [r["step"] for r in steps]
+    resumes = resume_points(run)
     paths = {}
 
     fig, ax = _figure("Loss (token-weighted cross entropy)", "loss (nats per token)")
     ax.plot(x, [r["loss"] for r in steps], lw=1.2, label="train")
     if evals:
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=4, label="validation")
+    _mark_resumes(ax, resumes)
     ax.legend()
     paths["loss"] = _save(fig, os.path.join(out, "loss.png"))
 
     fig, ax = _figure("Learning rate", "learning rate")
     ax.plot(x, [r["lr"] for r in steps], lw=1.2)
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    _mark_resumes(ax, resumes)
     paths["lr"] = _save(fig, os.path.join(out, "lr.png"))
 
     fig, ax = _figure("Gradient norm (before clipping)", "global L2 norm")
@@ -111,6 +220,7 @@ def plot(run: dict[str, Any], out: str) -> dict[str, str]:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "235" else ""))
+    _mark_resumes(ax, resumes)
     paths["grad_norm"] = _save(fig, os.path.join(out, "grad_norm.png"))
 
     fig, ax = _figure("Throughput", "tokens per GPU per second (TGS)")
@@ -121,6 +231,9 @@ def plot(run: dict[str, Any], out: str) -> dict[str, str]:
         right.plot([m[0] for m in mfu], [m[1] for m in mfu], lw=1.0, color="tab:orange", label="MFU")
         right.set_ylabel("MFU (% of dense bf16 peak)")
     ax.set_ylim(bottom=0)
+    _mark_resumes(ax, resumes)  # a resume restarts the data loader and warms up again: a dip, explained
+    if resumes:
+        ax.legend(loc="lower right")
     paths["throughput"] = _save(fig, os.path.join(out, "throughput.png"))
 
     load = expert_load_matrix(steps)
@@ -147,6 +260,8 @@ def plot(run: dict[str, Any], out: str) -> dict[str, str]:
 
         bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         bar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if v in (1.5, 2, 3, 5, 7) else ""))
+        for r in resumes:
+            ax.axvline(r + 0.5, ls="--", lw=0.9, color="white")
     paths["expert_load"] = _save(fig, os.path.join(out, "expert_load.png"))
     return paths
 
@@ -169,8 +284,13 @@ def markdown(run: dict[str, Any], figures: dict[str, str]) -> str:
     lines = [
         f"# Run report: {recipe.get('name', 'moe-train run')}",
         "",
-        f"Work dir `{run['work_dir']}`: {len(steps)} steps in {len(heads)} segment(s), "
-        f"last step {steps[-1]['step']}" + (" (finished)" if run["summary"] else " (running or stopped)") + ".",
+        f"Work dir `{run['work_dir']}`: {len(steps)} steps in {len(heads)} segment(s); "
+        f"{state_line(run['state'])}."
+        + (
+            f" Resumed from step {', '.join(map(str, resume_points(run)))} (dashed on the curves)."
+            if resume_points(run)
+            else ""
+        ),
         "",
         "## Recipe",
         "",

@@ -20,8 +20,11 @@ Layout of ``{work_dir}/``::
 
 Every other module asks this object for a path and never joins one itself; what lies inside
 ``checkpoints/``, ``metrics/`` and ``lease/`` is the layout of the module named beside it.  The durable
-writes of a run (JSON records, checkpoint files, deletions, moves) go through the methods below, so a
-check that must come before each of them (the lease's fencing) has one place to live.
+writes of a run (JSON records, checkpoint files, deletions, moves) go through the methods below, each
+after the lease's fence (``fence``, rank 0's lease, moe_train/engine/lease.py): writes ask its cached
+verdict, deletions and moves re-read the lease, and so does ``check_owner`` before a commit point (a
+checkpoint's or an export's COMPLETE).  ``generation`` is the holder's lease generation, stamped on
+those records so that readers can ignore what a stale holder wrote after a takeover.
 """
 
 from __future__ import annotations
@@ -59,6 +62,17 @@ class RunDir:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, *, fs: Any = None) -> None:
         self.url = url.rstrip("/") or url
         self.fs, self.root = (fs, self.url) if fs is not None else resolve(url, storage_options)
+        self.fence: Any = None  # the lease (rank 0, once taken): check(sync) stops a holder that lost it
+
+    @property
+    def generation(self) -> int:
+        """The lease generation this process writes under (0 on ranks without the lease)."""
+        return getattr(self.fence, "generation", None) or 0
+
+    def check_owner(self, sync: bool = True) -> None:
+        """Stop the run (exit 75, one line) unless this job still holds the work dir's lease."""
+        if self.fence is not None:
+            self.fence.check(sync)
 
     def _path(self, name: str) -> str:
         return posixpath.join(self.root, name)
@@ -201,10 +215,12 @@ class RunDir:
     # ------------------------------------------------------------------ the durable writes
     def open(self, path: str, mode: str, **kwargs: Any) -> Any:
         """A file of the run opened for writing (``fs.open``'s arguments)."""
+        self.check_owner(sync=False)
         return self.fs.open(path, mode, **kwargs)
 
     def put_bytes(self, path: str, data: bytes) -> None:
         """The whole file at once (an object PUT: readers see the old or the new content)."""
+        self.check_owner(sync=False)
         self.fs.pipe_file(path, data)
 
     def put_json(self, path: str, obj: Any, indent: int | None = None) -> None:
@@ -214,12 +230,15 @@ class RunDir:
             json.dump(redact_all(obj), f, indent=indent, default=str)
 
     def makedirs(self, path: str) -> None:
+        self.check_owner(sync=False)
         self.fs.makedirs(path, exist_ok=True)
 
     def remove(self, path: str, recursive: bool = False) -> None:
+        self.check_owner()
         self.fs.rm(path, recursive=recursive)
 
     def move(self, src: str, dst: str) -> None:
+        self.check_owner()
         self.fs.mv(src, dst, recursive=True)
 
     def write_run_config(self, recipe: dict[str, Any], deepspeed: dict[str, Any]) -> None:

@@ -45,6 +45,8 @@ COMPONENTS_FNS = [
     "qwen3_30b_a3b_full",
     "qwen3_235b_a22b_full",
     "smoke",
+    "deepseek_v2_full_64xa100",
+    "deepseek_v3_full_256xa100",
 ]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SENTINEL = "sentinel-credential-value-0123456789"

@@ -25,6 +25,13 @@ def lease_for(fs, root: str, job: str) -> Lease:
     return lease
 
 
+def stop_heartbeat(lease: Lease) -> None:
+    """As if the holder were SIGKILLed: its lease stays behind, unrenewed (and this process is not ended)."""
+    lease._stop.set()
+    for t in lease._threads:
+        t.join()
+
+
 def s3(s3_server):
     import s3fs
 
@@ -47,30 +54,33 @@ def test_exclusive_create_is_honoured(store):
     assert fs.cat_file(f"{root}/x") == b"first"
 
 
-def test_second_job_is_refused_naming_the_owner_and_the_same_job_takes_over(store):
+def test_second_job_is_refused_naming_the_owner_and_a_requeue_takes_over(store):
     fs, root = store
     first = lease_for(fs, root, "slurm:100")
     assert first.acquire() is None
     try:
-        with pytest.raises(
-            ValueError,
-            match=rf"in use by job slurm:100 \(host .*, pid {os.getpid()}, lease renewed "
-            rf"\d+s ago\); .*once its lease is {STALE_S:g}s old",
-        ):
-            lease_for(fs, root, "slurm:200").acquire()
+        for job in ("slurm:200", "slurm:100"):  # the same job id alone proves nothing: two steps of one job
+            with pytest.raises(
+                ValueError,
+                match=rf"in use by job slurm:100 \(host .*, pid {os.getpid()}, lease renewed "
+                rf"\d+s ago\); .*once its lease is {STALE_S:g}s old",
+            ):
+                lease_for(fs, root, job).acquire()
         time.sleep(0.5)  # heartbeats rewrite the lease meanwhile
-        first._stop.set()  # the first attempt dies (its heartbeat would see the takeover and end this process)
-        first._thread.join()
+        stop_heartbeat(first)  # the first attempt dies (its heartbeat would see the takeover and end this process)
         requeued = lease_for(fs, root, "slurm:100")
-        assert "from round 0 of this job" in requeued.acquire()
+        requeued.owner["restart"] = 1  # SLURM_RESTART_COUNT: Slurm ended restart 0 before requeueing
+        assert requeued.acquire().endswith(f"{root} from restart 0 of this Slurm job (now restart 1)")
         assert requeued.generation == 2 and [p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/lease")] == ["00000002.json"]
         requeued.release()
-        assert not fs.exists(f"{root}/lease/00000002.json")
+        tombstone = json.loads(fs.cat_file(f"{root}/lease/00000002.json"))  # kept: generations never restart
+        assert tombstone["released"] is True and tombstone["generation"] == 2 and tombstone["job"] == "slurm:100"
         after = lease_for(fs, root, "slurm:300")
-        assert after.acquire() is None  # a released lease is free at once
+        assert after.acquire() is None and after.generation == 3  # a released lease is free at once
         after.release()
+        assert [p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/lease")] == ["00000003.json"]
     finally:
-        first._stop.set()
+        stop_heartbeat(first)
 
 
 def test_a_stale_lease_is_taken_over_and_its_holder_exits(tmp_path):
@@ -85,6 +95,7 @@ def test_a_stale_lease_is_taken_over_and_its_holder_exits(tmp_path):
     assert note.startswith(f"took over the lease of {root} from job slurm:1 (host node7, pid 4242): not renewed for")
     assert not dead.exists() and Path(root, "lease", "00000002.json").exists()
     taker.release()
+    assert json.loads(Path(root, "lease", "00000002.json").read_text())["released"] is True
 
     # The holder of a lease that was taken over notices at its next heartbeat and stops writing.
     script = (
@@ -109,8 +120,7 @@ def test_a_lease_whose_process_on_this_host_is_gone_is_taken_over_at_once(tmp_pa
     gone = lease_for(fs, root, "torchrun:old")
     gone.owner["pid"] = int(dead.stdout)
     assert gone.acquire() is None
-    gone._stop.set()  # as if SIGKILLed: the lease stays behind
-    gone._thread.join()
+    stop_heartbeat(gone)
     taker = lease_for(fs, root, "torchrun:new")
     assert taker.acquire() == (
         f"took over the lease of {root} from job torchrun:old (pid {dead.stdout.strip()} on this host is gone)"
@@ -166,8 +176,11 @@ def rank_pids(agent: int) -> list[int]:
 def test_second_run_on_a_live_work_dir_is_refused_and_the_first_completes_untouched(tmp_path):
     work = tmp_path / "work"
     cmd = torchrun_cmd([*ARGS, "--work-dir", str(work), "--max-steps", "12", "--save-steps", "6"])
+    # The first run is held (SIGSTOP) while the second starts: a lease long enough that it need not stop
+    # itself on waking (tests/test_fencing.py covers that) however slow the second start is here.
+    env = cpu_env(tmp_path, MOE_TRAIN_LEASE_EXPIRY_S="900")
     with open(tmp_path / "a.err", "w") as err:
-        first = subprocess.Popen(cmd, env=cpu_env(tmp_path), stdout=subprocess.DEVNULL, stderr=err)
+        first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 120
         while not any('"loss"' in p.read_text() for p in (work / "metrics").glob("segment-*.jsonl")):  # a step done
@@ -177,7 +190,7 @@ def test_second_run_on_a_live_work_dir_is_refused_and_the_first_completes_untouc
         for pid in ranks:  # hold the first run mid-training, so the second surely meets it alive
             os.kill(pid, signal.SIGSTOP)
         before = sorted(p.relative_to(work) for p in work.rglob("*"))
-        second = torchrun([*ARGS, "--work-dir", str(work), "--max-steps", "2", "--resume", "auto"], tmp_path)
+        second = torchrun([*ARGS, "--work-dir", str(work), "--max-steps", "2", "--resume", "auto"], tmp_path, env=env)
         assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
         for pid in ranks:
             os.kill(pid, signal.SIGCONT)
@@ -214,4 +227,5 @@ def test_a_run_on_an_s3_work_dir_held_by_another_job_is_refused(tmp_path, s3_ser
     finally:
         holder.release()
     assert error_line(proc).startswith(f"Error: work dir s3://{root} is in use by job slurm:777")
-    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(root)) == []  # nothing but the holder's lease, now released
+    # nothing but the holder's lease, now a tombstone
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.find(root)) == ["00000001.json"]

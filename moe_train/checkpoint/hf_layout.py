@@ -416,6 +416,7 @@ class HFExportWriter:
         tokenizer_dir: str | None = None,
         extra: dict[str, Any] | None = None,
         source_dir: str | None = None,
+        before_complete: Callable[[], None] | None = None,
     ) -> None:
         if self._open or len(self._done) != len(self.files):
             raise RuntimeError(f"{self.url}: export finished before all tensors were written")
@@ -429,6 +430,8 @@ class HFExportWriter:
         dtype = max(set(dtypes), key=dtypes.count)  # what the weights were written in
         self._put("config.json", config.to_hf_dict(torch_dtype=str(dtype).removeprefix("torch.")))
         self._put(INDEX, {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map})
+        if before_complete is not None:  # the run's lease check, right before the commit point
+            before_complete()
         self._put(COMPLETE, {"files": list(self.files), **(extra or {})})
 
     def abort(self) -> None:
@@ -470,6 +473,7 @@ def save_pretrained(
     source_dir: str | None = None,
     carry_from: Any = None,
     storage_options: dict[str, Any] | None = None,
+    before_complete: Callable[[], None] | None = None,
 ) -> list[str]:
     """Stream ``model`` into the HF layout at ``url`` (per-expert keys; index and COMPLETE last).
 
@@ -479,7 +483,8 @@ def save_pretrained(
     ``is_writer`` rank writes; no more than one gathered parameter is held at a time.  Persistent
     buffers (whole on every rank) follow the parameters.  ``carry_from`` (a tensor source, the run's
     source checkpoint) supplies the keys the family carries untrained (``carried_keys``): copied
-    unchanged, FP8 ones dequantised to the export's dtype.  Returns the carried keys.
+    unchanged, FP8 ones dequantised to the export's dtype.  ``before_complete`` runs just before
+    COMPLETE is written (a run's lease check).  Returns the carried keys.
     """
     expected = expected_hf_keys(model)
     ours_to_hf = spec_of(model).ours_to_hf
@@ -508,7 +513,7 @@ def save_pretrained(
                     writer.write(key, t if dtype is None else t.to(dtype))
             for key in carried:
                 writer.write(key, carry_from.read(key).to(carried_dtypes[key]))
-            writer.finish(model.config, tokenizer_dir, extra, source_dir)
+            writer.finish(model.config, tokenizer_dir, extra, source_dir, before_complete)
         return carried
     except BaseException:
         if writer is not None:

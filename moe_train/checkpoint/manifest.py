@@ -9,7 +9,10 @@ size and xxh3-64 digests: one per JSON or tokenizer file, and for each safetenso
 header and one per entry (a rank's range of one HF tensor), so a reader checks exactly the ranges it
 reads, with no second read.  ``seal`` is the digest of the rest of COMPLETE, so an edit of COMPLETE
 itself is caught too.  On an object store ``etag`` keeps the store's ETag as the writer's listing
-showed it (see ``TrainingCheckpoint``).
+showed it (see ``TrainingCheckpoint``).  ``generation`` is the writer's lease generation and
+``resumed_from`` the step its run segment started from (0: a fresh start): a checkpoint written by an
+older generation past the step a newer one resumed from is a stale holder's late write (see
+``CheckpointManager``; a COMPLETE without them, written before fencing, is never judged stale).
 
 Every JSON file is read through ``parse``: one typed path from JSON to dataclasses, whose failures are
 one ``ValueError`` line naming the file and the key.  A field added later (issue 25's lease
@@ -151,6 +154,8 @@ class Manifest:
     digest: str
     files: dict[str, FileRecord]
     seal: str
+    generation: int = 0
+    resumed_from: int = 0
 
 
 def seal_of(raw: dict[str, Any]) -> str:
@@ -159,12 +164,16 @@ def seal_of(raw: dict[str, Any]) -> str:
     return digest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
-def manifest_json(step: int, world_size: int, files: dict[str, FileRecord]) -> dict[str, Any]:
+def manifest_json(
+    step: int, world_size: int, files: dict[str, FileRecord], generation: int = 0, resumed_from: int = 0
+) -> dict[str, Any]:
     """COMPLETE's content, sealed."""
     raw: dict[str, Any] = {
         "format": FORMAT,
         "step": step,
         "world_size": world_size,
+        "generation": generation,
+        "resumed_from": resumed_from,
         "digest": DIGEST,
         "files": {name: {k: v for k, v in dataclasses.asdict(r).items() if v is not None} for name, r in files.items()},
     }

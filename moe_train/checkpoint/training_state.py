@@ -592,12 +592,18 @@ def _record(name: str, size: int, digests: list[str], info: dict[str, Any]) -> F
 # ------------------------------------------------------------------ the work dir's checkpoints
 class CheckpointManager:
     """Saving, listing, verifying and resolving the checkpoints of one work dir (``run.checkpoints``);
-    every write goes through the run directory."""
+    every write goes through the run directory.
+
+    One branch: COMPLETE carries the writer's lease generation and the step its run resumed from.  A
+    checkpoint of an older generation past the step a newer generation resumed from was written by a
+    stale holder after the takeover (paused between its lease check and its write): resume, pruning
+    and ``latest`` ignore it, and ``--resume auto`` moves it to ``checkpoints/stale-<UTC time>/``."""
 
     def __init__(self, run: RunDir, rank: int, keep: int) -> None:
         self.run, self.fs, self.root = run, run.fs, run.checkpoints
         self.rank, self.keep = rank, keep
         self.local = is_local(self.fs)
+        self.resumed_from = 0  # the step this run segment started from (setup sets it on resume)
 
     # ------------------------------------------------------------------ listing
     def _steps(self) -> list[tuple[int, str, bool]]:
@@ -611,9 +617,34 @@ class CheckpointManager:
                 out.append((int(m.group(1)), path, self.fs.exists(posixpath.join(path, COMPLETE))))
         return sorted(out)
 
+    def _stamps(self, path: str) -> tuple[int, int] | None:
+        """(generation, resumed_from) from a checkpoint's COMPLETE; None when unreadable or unstamped (an
+        older moe-train's): never judged stale, verification names the damage or the format."""
+        try:
+            raw = json.loads(self.fs.cat_file(posixpath.join(path, COMPLETE)))
+            stamps = raw["generation"], raw["resumed_from"]
+        except (ValueError, TypeError, KeyError, OSError):
+            return None
+        return stamps if all(type(v) is int for v in stamps) else None
+
+    def _branch(self) -> tuple[list[tuple[int, str]], list[tuple[str, str]]]:
+        """The complete checkpoints (step, path) of the current branch, and the stale ones, each with why."""
+        complete = [(step, path, self._stamps(path)) for step, path, done in self._steps() if done]
+        stamped = [stamps for _, _, stamps in complete if stamps is not None]
+        branch, stale = [], []
+        for step, path, stamps in complete:
+            newer = [(g, f) for g, f in stamped if stamps is not None and g > stamps[0] and f < step]
+            if newer:
+                g, f = max(newer)
+                why = f"written by lease generation {stamps[0]} after generation {g} resumed from step {f}"
+                stale.append((path, why))
+            else:
+                branch.append((step, path))
+        return branch, stale
+
     def latest(self) -> str | None:
-        complete = [path for _, path, done in self._steps() if done]
-        return complete[-1] if complete else None
+        branch, _ = self._branch()
+        return branch[-1][1] if branch else None
 
     def remove_incomplete(self) -> list[str]:
         """Rank 0, at start-up: partial checkpoints of a crashed run are deleted."""
@@ -639,6 +670,7 @@ class CheckpointManager:
         tag = f"step-{step:08d}"
         target = posixpath.join(self.root, tag)
         if self.rank == 0:
+            self.run.check_owner()  # a holder that lost the lease stops here, before any file
             if self.fs.exists(target):  # a leftover of an earlier run: never half-overwritten
                 self._remove(target)
             self.run.makedirs(target)
@@ -684,7 +716,11 @@ class CheckpointManager:
                         f"shows {found[name]['size'] if name in found else 'no such file'}; check the store"
                     )
                 files[name] = _record(name, size, ds, found[name])
-            self._put(posixpath.join(target, COMPLETE), manifest_json(step, world, files))
+            self.run.check_owner()
+            complete = manifest_json(step, world, files, self.run.generation, self.resumed_from)
+            # Created exclusively (target was emptied above): a stale holder's late COMPLETE never replaces
+            # the one a newer owner wrote for the same step.
+            self._put(posixpath.join(target, COMPLETE), complete, mode="xb")
             self._prune()
         if dist.is_initialized():
             dist.barrier()
@@ -737,9 +773,9 @@ class CheckpointManager:
         out[name] = (self.fs.size(posixpath.join(target, name)), [rng_digest])
         return out
 
-    def _put(self, path: str, obj: Any) -> tuple[int, str]:
+    def _put(self, path: str, obj: Any, mode: str = "wb") -> tuple[int, str]:
         raw = json.dumps(obj).encode()
-        with self.run.open(path, "wb") as f:
+        with self.run.open(path, mode) as f:
             f.write(raw)
         return len(raw), digest(raw)
 
@@ -756,7 +792,7 @@ class CheckpointManager:
         return out
 
     def _prune(self) -> None:
-        complete = [path for _, path, done in self._steps() if done]
+        complete = [path for _, path in self._branch()[0]]
         for path in complete[: -self.keep] if self.keep > 0 else []:
             self._remove(path)
 
@@ -807,8 +843,11 @@ class CheckpointManager:
     def _decide(self, resume: str, log: Any, damaged: list[tuple[str, str]] | None = None) -> dict[str, Any]:
         if resume == "auto":
             damaged = list(damaged or [])
-            for step, path, done in reversed(self._steps()):
-                if not done or path in {p for p, _ in damaged}:
+            branch, stale = self._branch()
+            for path, why in stale:
+                self._move_aside(path, "stale", log, why)
+            for step, path in reversed(branch):
+                if path in {p for p, _ in damaged}:
                     continue
                 try:
                     ckpt = TrainingCheckpoint(self.fs, path)

@@ -108,16 +108,26 @@ def _parse(text: str, shown: str) -> list[dict[str, Any]]:
     return records
 
 
+def _generation(seg: list[dict[str, Any]]) -> int:
+    """The lease generation in a segment's header (0: written before fencing, or no header)."""
+    g = seg[0].get("generation", 0) if seg and seg[0].get("event") == "segment" else 0
+    return g if type(g) is int else 0
+
+
 def read_metrics(run: RunDir, segments: bool = False) -> list[dict[str, Any]]:
     """The run's records across segments, each step once: a segment that resumed from step N replaces
     every record after N of the segments before it (a crash's repeated steps, an abandoned branch).
+    Segments count in the order of their lease generation, then of their number, so the records a stale
+    holder appends to its segment after a takeover are replaced too.
     ``segments=True`` keeps each segment's header record (``"event": "segment"``)."""
-    records: list[dict[str, Any]] = []
+    parsed = []
     for path in segment_paths(run):
         try:
-            seg = _parse(run.fs.cat_file(path).decode(errors="replace"), run.display(path))
+            parsed.append(_parse(run.fs.cat_file(path).decode(errors="replace"), run.display(path)))
         except FileNotFoundError:  # removed between listing and reading
             continue
+    records: list[dict[str, Any]] = []
+    for seg in sorted(parsed, key=_generation):  # stable: segments of one generation keep their order
         if seg and seg[0].get("event") == "segment":
             start = seg[0].get("resumed_from", 0)
             records = [r for r in records if r.get("step", 0) <= start]
@@ -259,6 +269,7 @@ class MetricsWriter:
             ]
             or [0]
         )
+        self._run = run
         self.path = posixpath.join(run.metrics, f"segment-{number:04d}.jsonl")
         self.segment = number
         self.trackers: Any = None  # engine/tracking.py's Trackers (--report-to mlflow,wandb): every record, too
@@ -290,9 +301,11 @@ class MetricsWriter:
                 pass
             else:
                 self._tb = SummaryWriter(tb_dir, flush_secs=int(max(1, flush_s)))
-        self.write({"event": "segment", "segment": number, "resumed_from": resumed_from, **(header or {})})
+        head = {"event": "segment", "segment": number, "resumed_from": resumed_from, "generation": run.generation}
+        self.write({**head, **(header or {})})
 
     def write(self, record: dict[str, Any]) -> None:
+        self._run.check_owner(sync=False)  # the heartbeat's verdict: no store round-trip per record
         # standard JSON: a non-finite figure (a diverged step) is written as null
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         record = {

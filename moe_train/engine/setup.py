@@ -4,6 +4,7 @@ engine, each checked before anything in the work dir changes; the result is a `J
 from __future__ import annotations
 
 import dataclasses
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,11 +94,19 @@ def setup(tc: TrainConfig) -> Job:
     check_outlives_pod(run)
     check_shared(run, info.rank, info.world_size)
     lease = own_work_dir(run, info.rank, tc.resume, tc.overwrite, log=lambda m: log(info.rank, m))
+    # torchrun SIGTERMs the ranks when another rank failed: rank 0 then still releases the lease.
+    old = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return _setup_owned(tc, info=info, ds_config=ds_config, dims=dims, run=run, lease=lease)
     except BaseException:
-        lease.release()
+        lease.release(wrote=False)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds start-up, so its cleanup (the lease's release) runs
 
 
 def _setup_owned(
@@ -168,6 +177,7 @@ def _setup_owned(
         total_steps=total_steps,
     )
     job.step = resume_state(job, resume)
+    ckpt.resumed_from = job.step  # stamped on this segment's checkpoints: where its branch starts
     # Only now, with every input checked and the work dir ours: a start that fails changes nothing.
     if rank == 0:
         found = run.run_files() if tc.overwrite else []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import posixpath
+import signal
 import time
 import warnings
 from typing import Any
@@ -53,6 +54,10 @@ def _metrics_writer(job: Job) -> MetricsWriter | None:
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "device": torch.cuda.get_device_name() if job.device.type == "cuda" else job.device.type,
+        # where this segment stops (max_steps) and where the run's schedule ends (its epochs): the report's
+        # finished / stopped at N of M
+        "total_steps": job.total_steps,
+        "planned_steps": job.data.steps_per_epoch * job.recipe.epochs,
     }
     report_to = job.recipe.report_to
     metrics = MetricsWriter(
@@ -164,6 +169,9 @@ def _run(job: Job, metrics: MetricsWriter | None) -> dict[str, Any]:
                 if (due and guard.healthy) or stop_now:
                     _save(job, step)
                 if stop_now:
+                    if metrics is not None:  # why the run stopped, for the report
+                        why = signal.Signals(stop.signum).name if stop.signum else "a signal to another rank"
+                        metrics.write({"step": step, "event": "stopped", "signal": why})
                     raise stop.requested(step)
     finally:
         if bar is not None:
@@ -187,6 +195,7 @@ def _run(job: Job, metrics: MetricsWriter | None) -> dict[str, Any]:
         metrics.close()
         # The whole run, all segments; `summary["segment_losses"]`: this segment's alone.
         run = {**summary, **summarize(read_metrics(job.run, segments=True)), "segment_losses": losses}
+        run["generation"] = job.run.generation  # report ignores a summary a stale holder wrote late
         job.run.put_json(job.run.summary, run, indent=2)
     job.ckpt.close()
     return summary
@@ -199,6 +208,8 @@ def export_adapter(job: Job, step: int) -> dict[str, Any]:
     url = job.run.hf_adapter_url
     source = job.recipe.model
     extra = {"step": step, "recipe": job.recipe.name, **({"source": redact(source)} if source else {})}
+    extra["generation"] = job.run.generation  # as the HF export's: the lease it was written under
+    job.run.check_owner()
     t0 = time.perf_counter()
     save_adapter(
         job.engine.module,
@@ -230,6 +241,8 @@ def export(job: Job, step: int) -> dict[str, Any]:
     # Keys the family carries untrained (DeepSeek V3's MTP layers) are copied from the source checkpoint.
     carry_from = HFCheckpoint(source) if source and spec_of(job.cfg).carried_key is not None else None
     extra = {"step": step, "recipe": job.recipe.name, **({"source": redact(source)} if source else {})}
+    extra["generation"] = job.run.generation  # rank 0's, the writer's: the lease it exports under
+    job.run.check_owner()
     t0 = time.perf_counter()
     if job.lora is None:
         tensors = gathered_parameters(module, job.dims)
@@ -248,6 +261,7 @@ def export(job: Job, step: int) -> dict[str, Any]:
             tokenizer_dir=job.data.tokenizer_dir,
             extra=extra,
             carry_from=carry_from,
+            before_complete=job.run.check_owner,
         )
     if carried:
         log(

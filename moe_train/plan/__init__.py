@@ -17,6 +17,7 @@ from moe_train.engine.deepspeed_config import load_deepspeed_config
 from moe_train.models import families, spec_for
 from moe_train.models.common.experts import ExpertLayout
 from moe_train.parallel.dims import ParallelDims
+from moe_train.plan.expert import predict_speed_ep
 from moe_train.plan.memory import GiB, MemoryEstimate, Workload, ZeroSettings, predict_memory
 from moe_train.plan.speed import DEVICES, Device, SpeedEstimate, predict_speed
 from moe_train.recipes import Recipe, get_recipe
@@ -188,6 +189,8 @@ class Plan:
     layout: ExpertLayout
     work: Workload
     zero: ZeroSettings
+    ep: int
+    grad_accum: int
     deepspeed: str
     ds_config: dict[str, Any]
     memory: MemoryEstimate
@@ -195,6 +198,7 @@ class Plan:
     peak_tflops: float
     suggested_expert_in_one_shard: int | None
     suggested_sp: int | None
+    headroom: float = HEADROOM_WARNING  # share of the GPU a configuration should leave free
 
     @property
     def fits(self) -> bool:
@@ -208,9 +212,9 @@ class Plan:
     def warnings(self) -> list[str]:
         """What the reader must not miss: thin headroom, and constants that were never fitted."""
         out = []
-        if self.fits and self.headroom_gb < HEADROOM_WARNING * self.gpu_mem_gb:
+        if self.fits and self.headroom_gb < self.headroom * self.gpu_mem_gb:
             out.append(
-                f"headroom {self.headroom_gb:.1f} GB is under {HEADROOM_WARNING:.0%} of the "
+                f"headroom {self.headroom_gb:.1f} GB is under {self.headroom:.0%} of the "
                 f"{self.gpu_mem_gb:g} GB GPU: fragmentation or a step that differs from the model can "
                 "run out of memory; use more GPUs, a smaller expert_in_one_shard or a shorter max_length"
             )
@@ -227,6 +231,8 @@ class Plan:
             "deepspeed": self.deepspeed,
             "zero": self.zero.__dict__,
             "workload": self.work.__dict__,
+            "ep": self.ep,
+            "grad_accum": self.grad_accum,
             "moe_implementation": self.layout.moe_implementation,
             "expert_in_one_shard": (
                 self.layout.shard_size(self.model.num_experts) if self.layout.moe_implementation == "shard" else None
@@ -265,6 +271,7 @@ def build_plan(
     ds_config: dict[str, Any] | None = None,
     attention: str = "flash",
     peak_tflops: float | None = None,
+    headroom: float = HEADROOM_WARNING,
 ) -> Plan:
     """Plan ``recipe`` (already carrying any overrides: max_length, varlen, layout, DeepSpeed config) on
     ``gpus``; refused (ValueError) where the trainer would refuse the recipe's layout on ``gpus`` ranks."""
@@ -275,8 +282,8 @@ def build_plan(
     zero = ZeroSettings.from_ds_config(ds, cfg.hidden_size)
     work = workload(recipe, attention)
     dev = DEVICES[device]
-    mem = predict_memory(cfg, layout, work, zero, gpus)
-    speed = predict_speed(cfg, layout, work, zero, gpus, nodes, dev, recipe.grad_accum, peak_tflops)
+    mem = predict_memory(cfg, layout, work, zero, gpus, recipe.ep)
+    speed = predict_speed_ep(cfg, layout, work, zero, gpus, nodes, dev, recipe.ep, recipe.grad_accum, peak_tflops)
     return Plan(
         recipe=recipe.name,
         gpus=gpus,
@@ -287,6 +294,8 @@ def build_plan(
         layout=layout,
         work=work,
         zero=zero,
+        ep=recipe.ep,
+        grad_accum=recipe.grad_accum,
         deepspeed=recipe.deepspeed,
         ds_config=ds,
         memory=mem,
@@ -296,4 +305,5 @@ def build_plan(
             cfg, layout, work, zero, gpus, nodes, dev, gpu_mem_gb, recipe.grad_accum, peak_tflops
         ),
         suggested_sp=suggest_sp(cfg, layout, work, zero, gpus, gpu_mem_gb),
+        headroom=headroom,
     )

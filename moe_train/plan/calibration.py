@@ -28,6 +28,7 @@ from importlib import resources
 # max_length / 2 over a whole packed row without varlen.
 ALPACA_LOG_MEDIAN_TOKENS = 150
 ALPACA_LOG_SIGMA = 0.7
+ALPACA_SAMPLES = 52002  # tatsu-lab/alpaca's train split
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import click
 
 from moe_train.engine.metrics import active_matmul_params
 from moe_train.plan import HEADROOM_WARNING, Plan, build_plan, calibration_warnings, model_config, model_layout
+from moe_train.plan.booking import (
+    TIME_MARGIN,
+    Booking,
+    commands,
+    data_tokens,
+    duration,
+    planned_for,
+    slurm_time,
+)
 from moe_train.plan.memory import ATTENTIONS, count_params
-from moe_train.plan.search import SearchResult, search
+from moe_train.plan.search import Candidate, SearchResult, search
 from moe_train.plan.speed import DEVICES, attention_keys
-from moe_train.recipes import recipe_by_name_or_file
+from moe_train.recipes import RECIPES, Recipe, recipe_by_name_or_file
+from moe_train.recipes.builtin import PLANNED
 from moe_train.recipes.options import given, recipe_options
 
 GPUS_PER_NODE = 8
+# The shipped DeepSpeed config of each offload the search tries ("optimizer" alone has none shipped).
+OFFLOAD_CONFIGS = {"optimizer+params": "deepspeed_zero3_offload"}
 # The recipe fields the planner takes as options (type, range and help from the field).
 PLAN_FIELDS = ("max_length", "varlen", "moe_implementation", "expert_in_one_shard", "deepspeed")
 # XTuner's published figures for DeepSeek-V2 236B on 128 A100-80G (the seed), for --search to compare against.
@@ -75,10 +88,31 @@ SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "t
     "fastest configurations that fit and what was pruned.",
 )
 @click.option(
+    "--free-batch",
+    is_flag=True,
+    help="Let --search change the global batch (tokens per optimizer step): a longer pack at the recipe's "
+    "grad_accum is then a different training run, ranked with the others.",
+)
+@click.option(
+    "--headroom",
+    type=click.FloatRange(min=0, max=1, max_open=True),
+    default=HEADROOM_WARNING,
+    show_default=True,
+    help="Share of the GPU's memory a configuration must leave free to be ranked first by --search (and "
+    "not warned about).",
+)
+@click.option(
     "--ep",
     type=click.IntRange(min=1),
     default=None,
     help="Also estimate expert parallelism of this degree against ZeRO-3, and suggest a degree.",
+)
+@click.option(
+    "--tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens in one epoch of the data, for the booking figures.  [default: an estimate for the alpaca "
+    "recipes, else none]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 def plan(
@@ -91,7 +125,10 @@ def plan(
     peak_tflops,
     model_path,
     search,
+    free_batch,
+    headroom,
     ep,
+    tokens,
     as_json,
     **fields,
 ) -> None:
@@ -107,7 +144,8 @@ def plan(
         nodes = math.ceil(gpus / GPUS_PER_NODE)
     if gpus % nodes:
         raise click.BadParameter(f"{nodes} nodes do not divide {gpus} GPUs evenly; pass --nodes", param_hint="--nodes")
-    r = r.replace(**given(fields, PLAN_FIELDS))
+    changes = given(fields, PLAN_FIELDS)
+    r = r.replace(**changes)
     try:
         model_layout(r, model_config(r))
     except FileNotFoundError as e:
@@ -126,6 +164,7 @@ def plan(
             device=gpu,
             attention=attention,
             peak_tflops=peak_tflops,
+            headroom=headroom,
         )
     except FileNotFoundError as e:
         raise click.BadParameter(str(e), param_hint="--deepspeed") from None
@@ -141,9 +180,11 @@ def plan(
         click.echo(json.dumps({**p.to_dict(), "expert_parallel": data}) if as_json else report(p) + "\n" + text)
         return
     if not search:
-        click.echo(json.dumps(p.to_dict()) if as_json else report(p))
+        text, data = booking_report(r, p, changes, tokens)
+        click.echo(json.dumps({**p.to_dict(), **data}) if as_json else report(p) + "\n" + text)
         return
-    found = run_search(p, r.grad_accum)
+    found = run_search(p, r.grad_accum, free_batch)
+    text, data = booking_report(r, p, changes, tokens, found)
     if as_json:
         click.echo(
             json.dumps(
@@ -155,17 +196,154 @@ def plan(
                     "gpu_mem_gb": p.gpu_mem_gb,
                     "reference": reference(p),
                     "warnings": calibration_warnings(p.device),
+                    **data,
                 }
             )
         )
     else:
-        click.echo(search_report(p, found))
+        click.echo(search_report(p, found) + "\n" + text)
 
 
-def run_search(p: Plan, grad_accum: int) -> SearchResult:
-    return search(
-        p.model, p.work, p.zero, p.ds_config, p.gpus, p.nodes, p.device, p.gpu_mem_gb, grad_accum, p.peak_tflops
+def _candidate_changes(r: Recipe, c: Candidate) -> dict[str, Any]:
+    """The recipe fields a search candidate changes (its offload as the DeepSpeed config that has it)."""
+    fields = {
+        "moe_implementation": c.moe_implementation,
+        "expert_in_one_shard": c.expert_in_one_shard,
+        "ep": c.ep,
+        "sp": c.sp,
+        "max_length": c.max_length,
+        "grad_accum": c.grad_accum,
+        "activation_checkpointing": c.activation_checkpointing,
+    }
+    out = {k: v for k, v in fields.items() if v is not None and getattr(r, k) != v}
+    if c.offload != "none":
+        out["deepspeed"] = OFFLOAD_CONFIGS.get(c.offload, f"<a ZeRO-3 config offloading the {c.offload}>")
+    return out
+
+
+def _no_fit(r: Recipe, p: Plan) -> list[tuple[str, float, dict[str, Any] | int]]:
+    """The smallest changes that make ``r`` fit: more GPUs (the first doubling that fits), and on these GPUs,
+    of each kind of change (expert parallel, an offload config, shorter packs), the configuration that
+    changes the fewest recipe fields, the fastest of those."""
+    out: list[tuple[str, float, dict[str, Any] | int]] = []
+    for gpus in (2 * p.gpus, 4 * p.gpus, 8 * p.gpus):
+        try:
+            more = build_plan(
+                r,
+                gpus,
+                p.gpu_mem_gb,
+                nodes=max(1, gpus // GPUS_PER_NODE),
+                device=_device_key(p),
+                attention=p.work.attention,
+                peak_tflops=p.peak_tflops,
+            )
+        except ValueError:
+            continue
+        if more.fits:
+            out.append((f"{gpus} GPUs", more.speed.tgs, gpus))
+            break
+    found = search(
+        p.model,
+        p.work,
+        p.zero,
+        p.ds_config,
+        p.gpus,
+        p.nodes,
+        p.device,
+        p.gpu_mem_gb,
+        r.grad_accum,
+        p.peak_tflops,
+        top=10**6,
+        headroom=p.headroom,
     )
+    kinds = {
+        "expert parallel": lambda c: c.ep > 1,
+        "an offload config": lambda c: c.offload != "none",
+        "shorter packs": lambda c: c.max_length < r.max_length,
+    }
+    for kind, match in kinds.items():  # of each kind, the one that changes fewest fields, then the fastest
+        options = [(_candidate_changes(r, x.candidate), x) for x in found.best if match(x.candidate)]
+        if options:
+            change, best = min(options, key=lambda o: (len(o[0]), o[1].tight, -o[1].tgs))
+            out.append((kind, best.tgs, change))
+    return out
+
+
+def _device_key(p: Plan) -> str:
+    return next(k for k, d in DEVICES.items() if d.name == p.device.name)
+
+
+def booking_report(
+    r: Recipe, p: Plan, changes: dict[str, Any], tokens: int | None, found: SearchResult | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The booking section (text, JSON): time, GPU-hours and the commands for the plan, or for the search's
+    #1; on a no-fit the smallest changes that fit; for a seed recipe, its planned recipes."""
+    lines, data = ["", "booking (estimates)"], {}
+    n, source = data_tokens(r, tokens)
+    if found is not None and found.best:
+        top = found.best[0]
+        tgs, fits = top.tgs, True
+        changes = {**changes, **_candidate_changes(r, top.candidate)}
+        what = "search #1"
+    else:
+        tgs, fits, what = p.speed.tgs, p.fits, "this plan"
+    if not fits:
+        lines.append(f"  {r.name} does not fit here; the smallest changes that fit, each with its predicted TGS:")
+        options = _no_fit(r, p)
+        for kind, speed, change in options:
+            detail = f"--gpus {change}" if isinstance(change, int) else ", ".join(f"{k} {v}" for k, v in change.items())
+            lines.append(f"    {kind}: {detail} (TGS {speed:.1f})")
+        if not options:
+            lines.append("    nothing on up to 8x the GPUs: a GPU with more memory")
+        data["if_it_does_not_fit"] = [
+            {"change": kind, "tgs": round(speed, 1), "with": change} for kind, speed, change in options
+        ]
+    else:
+        batch = found.global_batch if found is not None and found.global_batch else None
+        batch = batch or p.gpus * p.work.tokens_per_rank * changes.get("grad_accum", r.grad_accum)
+        run_s = None
+        if n:
+            b = Booking(n, r.epochs, batch, tgs, p.gpus)
+            run_s = b.run_s
+            lines += [
+                f"  data: {n / 1e6:.2f}M tokens per epoch ({source})",
+                f"  {what}: {b.steps_per_epoch} optimizer steps of {batch} tokens per epoch; {duration(b.epoch_s)} "
+                f"per epoch, {duration(b.run_s)} for {r.epochs} epoch(s) at TGS {tgs:.1f} on {p.gpus} GPUs: "
+                f"{b.gpu_hours:.1f} GPU-hours; Slurm time limit {slurm_time(b.run_s)} (x{TIME_MARGIN:g} + 1 h)",
+            ]
+            data["booking"] = b.to_dict()
+        else:
+            lines.append(f"  data: {source}")
+        cmds = commands(r.name, p.gpus, changes, run_s)
+        lines += [f"  torchx: {cmds['torchx']}", f"  srun:   {cmds['srun']}"]
+        data["commands"] = cmds
+    planned = []
+    for name in planned_for(r.name):
+        cluster = PLANNED[name]
+        there = build_plan(
+            RECIPES[name], cluster.gpus, cluster.gpu_mem_gb, nodes=cluster.gpus // GPUS_PER_NODE, device=cluster.gpu
+        )
+        here = build_plan(
+            RECIPES[cluster.based_on],
+            cluster.gpus,
+            cluster.gpu_mem_gb,
+            nodes=cluster.gpus // GPUS_PER_NODE,
+            device=cluster.gpu,
+        )
+        speedup = there.speed.tgs / here.speed.tgs
+        lines.append(
+            f"planned: {name} runs this training run on {cluster.gpus} x {there.device.name} "
+            f"{cluster.gpu_mem_gb:g} GB at TGS {there.speed.tgs:.1f}, {speedup:.1f}x this recipe's "
+            f"{here.speed.tgs:.1f} there (TorchX preset {cluster.preset})"
+        )
+        planned.append({"recipe": name, "gpus": cluster.gpus, "tgs": round(there.speed.tgs, 1), "speedup": speedup})
+    data["planned"] = planned
+    return "\n".join(lines), data
+
+
+def run_search(p: Plan, grad_accum: int, free_batch: bool = False) -> SearchResult:
+    args = (p.model, p.work, p.zero, p.ds_config, p.gpus, p.nodes, p.device, p.gpu_mem_gb, grad_accum)
+    return search(*args, p.peak_tflops, headroom=p.headroom, free_batch=free_batch)
 
 
 def reference(p: Plan) -> dict | None:
@@ -182,31 +360,45 @@ def _tgs(tgs: float) -> str:
 
 def search_report(p: Plan, found: SearchResult) -> str:
     pruned = ", ".join(f"{n} {why}" for why, n in found.pruned.items())
+    room = found.headroom * p.gpu_mem_gb
     lines = [
         f"search (estimates): {p.recipe} on {p.gpus} x {p.device.name} {p.gpu_mem_gb:g} GB, {p.nodes} node(s), "
         f"{'varlen' if p.work.varlen else 'no varlen'}, {p.work.attention} attention",
         f"space: {found.space} configurations (layout x ep x sp x max_length x checkpointing x offload); "
         f"pruned {pruned}; timed {found.timed}",
+        (
+            f"held: {found.global_batch} tokens per optimizer step (grad_accum chosen per max_length and sp) and "
+            f"the recipe's numerics; --free-batch lets the batch change"
+            if found.global_batch
+            else "--free-batch: max_length and sp change the global batch at the recipe's grad_accum"
+        ),
         "",
     ]
     if not found.best:
-        lines.append("nothing fits: more GPUs, or a GPU with more memory")
+        lines.append("nothing fits at this batch: more GPUs, or a GPU with more memory")
     else:
         lines.append(
-            f"  {'#':>2s}  {'configuration':78s} {'GB':>6s} {'TGS':>7s} {'MFU':>6s} {'comm s':>7s}  bottleneck"
+            f"  {'#':>2s}  {'configuration':94s} {'GB':>6s} {'TGS':>7s} {'MFU':>6s} {'comm s':>7s}  bottleneck"
         )
-        for i, r in enumerate(found.best, 1):
-            thin = "!" if r.headroom_gb < HEADROOM_WARNING * p.gpu_mem_gb else " "
-            lines.append(
-                f"  {i:2d}  {r.candidate.label():78s} {r.per_gpu_gb:6.1f}{thin}{_tgs(r.tgs)} {r.mfu:6.1%} "
-                f"{r.comm_s:7.2f}  {r.bound}"
-            )
+        lines += _rows(found.best)
         if any(r.candidate.ep > 1 for r in found.best):
             lines += [
                 "  GB with ep > 1 includes the worst-case dispatch of a skewed batch (dropless all-to-all)",
                 "  ep > 1 is not fitted on a GPU measurement: its all-to-all takes the data-sheet links, and "
                 "once compute-bound its TGS is capped by the GEMM efficiency fitted on the seed's ZeRO-3 table",
             ]
+        first = found.best[0]
+        lines.append(
+            f"verdict: #1 leaves {first.headroom_gb:.1f} GB free, at least the {found.headroom:.0%} headroom "
+            f"({room:.1f} GB)"
+            if not first.tight
+            else f"verdict: nothing leaves the {found.headroom:.0%} headroom ({room:.1f} GB); #1 is the fastest that "
+            f"fits at all, with {first.headroom_gb:.1f} GB free: fragmentation or a longer sample can run out of "
+            "memory; more GPUs or an offload config leave room"
+        )
+    if found.other_batch:
+        lines += ["", "change the global batch (a different training run; not ranked, --free-batch ranks them):"]
+        lines += _rows(found.other_batch[:3])
     ref = reference(p)
     if ref and found.best:
         lines += [
@@ -215,13 +407,21 @@ def search_report(p: Plan, found: SearchResult) -> str:
             f"{ref['tgs_16k_varlen']} TGS at 16k varlen; the best here is predicted at "
             f"{found.best[0].tgs:.0f} TGS",
         ]
-    if any(r.headroom_gb < HEADROOM_WARNING * p.gpu_mem_gb for r in found.best):
+    if any(r.tight for r in found.best):
         lines.append(
-            f"warning: configurations marked ! have under {HEADROOM_WARNING:.0%} of the GPU's memory "
-            "free: fragmentation or a longer sample can run out of memory"
+            f"warning: configurations marked ! have under {found.headroom:.0%} of the GPU's memory "
+            "free and rank after every one that has it"
         )
     lines += [f"warning: {w}" for w in calibration_warnings(p.device)]
     return "\n".join(lines)
+
+
+def _rows(ranked: list) -> list[str]:
+    return [
+        f"  {i:2d}  {r.candidate.label():94s} {r.per_gpu_gb:6.1f}{'!' if r.tight else ' '}{_tgs(r.tgs)} "
+        f"{r.mfu:6.1%} {r.comm_s:7.2f}  {r.bound}"
+        for i, r in enumerate(ranked, 1)
+    ]
 
 
 def report(p: Plan) -> str:

@@ -131,16 +131,55 @@ class ZeroSettings:
 
 # ---------------------------------------------------------------------------- parameters
 def model_units(cfg: Any, layout: ExpertLayout) -> tuple[Unit, list[list[Unit]], list[Unit]]:
-    """(embedding, units of each layer (the family's ``layer_units``), final norm + lm_head)."""
-    D, V = cfg.hidden_size, cfg.vocab_size
-    units = spec_of(cfg).layer_units
-    layers = [units(cfg, layout, i) for i in range(cfg.num_hidden_layers)]
-    return Unit("embed_tokens", V * D), layers, [Unit("norm", D), Unit("lm_head", V * D)]
+    """(embedding, units of each layer (the family's ``layer_units``), final norm + lm_head).  Memoised
+    (``--search`` asks for the same model thousands of times): callers must not change the lists."""
+    key = (repr(cfg), layout)
+    if key not in _UNITS:
+        if len(_UNITS) > 256:
+            _UNITS.clear()
+        D, V = cfg.hidden_size, cfg.vocab_size
+        units = spec_of(cfg).layer_units
+        layers = [units(cfg, layout, i) for i in range(cfg.num_hidden_layers)]
+        _UNITS[key] = Unit("embed_tokens", V * D), layers, [Unit("norm", D), Unit("lm_head", V * D)]
+    return _UNITS[key]
+
+
+_UNITS: dict[tuple, tuple[Unit, list[list[Unit]], list[Unit]]] = {}
+
+
+def memo(cache: dict, key: tuple, compute: Any) -> Any:
+    """``cache[key]``, computed once: the search asks the same question of one model thousands of times."""
+    if key not in cache:
+        if len(cache) > 256:
+            cache.clear()
+        cache[key] = compute()
+    return cache[key]
+
+
+_SUMS: dict[tuple, int] = {}
 
 
 def count_params(cfg: Any) -> int:
-    embed, layers, head = model_units(cfg, ExpertLayout())
-    return embed.numel + sum(u.numel for layer in layers for u in layer) + sum(u.numel for u in head)
+    def total() -> int:
+        embed, layers, head = model_units(cfg, ExpertLayout())
+        return embed.numel + sum(u.numel for layer in layers for u in layer) + sum(u.numel for u in head)
+
+    return memo(_SUMS, (repr(cfg), "params"), total)
+
+
+def persistent_numel(cfg: Any, layout: ExpertLayout, threshold: int) -> int:
+    """Parameters under ZeRO-3's persistence threshold: whole on every rank, never gathered."""
+
+    def total() -> int:
+        embed, layers, head = model_units(cfg, layout)
+        return sum(u.numel for u in [embed, *(u for layer in layers for u in layer), *head] if u.numel < threshold)
+
+    return memo(_SUMS, (repr(cfg), layout, threshold), total)
+
+
+def gather_key(zero: ZeroSettings) -> ZeroSettings:
+    """The ZeRO settings the gather schedule depends on: offloading moves the partitions, not the gathers."""
+    return dataclasses.replace(zero, offload_optimizer=False, offload_param=False)
 
 
 # ---------------------------------------------------------------------------- ZeRO-3 working set
@@ -237,8 +276,8 @@ def step_trace(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSetting
     embed, layers, head = model_units(cfg, layout)
 
     def traced(units: list[Unit], tag: str) -> list[Unit]:
-        return [
-            dataclasses.replace(u, name=f"{tag}.{u.name}")
+        return [  # Unit(...) rather than dataclasses.replace: a 671B trace has ~100k entries
+            Unit(f"{tag}.{u.name}", u.numel, u.tensors, u.expert, u.attention_kernel)
             for u in units
             if u.numel >= zero.param_persistence_threshold and _local(u, layout, cfg.num_experts, ep)
         ]
@@ -270,9 +309,9 @@ def _gathered(
     (``step_trace``).  With a reuse distance larger than the model, every weight gathered in the
     forward stays gathered until its backward.  Cached: it depends on the model, the ZeRO settings
     and activation checkpointing only, and ``--search`` asks for it many times."""
-    key = (repr(cfg), layout, work.activation_checkpointing, zero, ep)
+    key = (repr(cfg), layout, work.activation_checkpointing, gather_key(zero), ep)
     if key not in _GATHERED:
-        if len(_GATHERED) > 64:
+        if len(_GATHERED) > 256:
             _GATHERED.clear()
         _GATHERED[key] = _replay_gathered(cfg, layout, work, zero, ep)
     return _GATHERED[key]
@@ -299,6 +338,15 @@ def layer_activations(cfg: Any, work: Workload, i: int) -> dict[str, float]:
     times the rank's tokens."""
     per_token = spec_of(cfg).layer_activations(cfg, i, work.bytes, work.max_length, work.attention)
     return {part: v * work.tokens_per_rank for part, v in per_token.items()}
+
+
+_ACTIVATIONS: dict[tuple, list[dict[str, float]]] = {}
+
+
+def all_layer_activations(cfg: Any, work: Workload) -> list[dict[str, float]]:
+    """``layer_activations`` of every layer, memoised on what they depend on."""
+    key = (repr(cfg), work.bytes, work.max_length, work.attention, work.tokens_per_rank)
+    return memo(_ACTIVATIONS, key, lambda: [layer_activations(cfg, work, i) for i in range(cfg.num_hidden_layers)])
 
 
 def head_activations(cfg: Any, work: Workload) -> float:
@@ -379,9 +427,7 @@ def predict_memory(
     ParallelDims(world_size, work.sp, ep).validate(model, layout, None)  # the trainer's rules
     b = work.bytes
     P = count_params(model)
-    embed, layers, head = model_units(model, layout)
-    all_units = [embed, *(u for layer in layers for u in layer), *head]
-    persistent = sum(u.numel for u in all_units if u.numel < zero.param_persistence_threshold) if zero.stage >= 3 else 0
+    persistent = persistent_numel(model, layout, zero.param_persistence_threshold) if zero.stage >= 3 else 0
     N = world_size
 
     # Model states.  The weights (ZeRO-3: a partition, plus the whole of each persistent
@@ -408,7 +454,7 @@ def predict_memory(
     # attention backward, whose S x S gradients replace the MLP tensors it has freed.
     L = model.num_hidden_layers
     T = work.tokens_per_rank
-    acts = [layer_activations(model, work, i) for i in range(L)]
+    acts = all_layer_activations(model, work)
     top = acts[-1]
 
     def saved(a: dict[str, float]) -> float:

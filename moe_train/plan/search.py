@@ -2,7 +2,7 @@
 
 The space: expert layout (``origin`` or shards of every divisor of the expert count), expert
 parallel degree (every common divisor of the GPUs and the experts), Ulysses SP degree, tokens per
-micro step (max_length), activation checkpointing, and ZeRO-3 offload (none, optimizer,
+micro step (max_length: the recipe's and 2k to 64k), activation checkpointing, and ZeRO-3 offload (none, optimizer,
 optimizer + params).  Pruned before any speed estimate, and counted:
 
 * invalid: what the trainer refuses, by its own check (``ParallelDims.validate`` with the DeepSpeed
@@ -14,7 +14,14 @@ optimizer + params).  Pruned before any speed estimate, and counted:
   activation checkpointing off (it saves a recompute), less offload (the host is slower);
 * does not fit: the memory model's peak exceeds the GPU (with EP, under worst-case routing skew).
 
-The rest are timed and ranked by TGS, ties by communication time, then memory.
+The training run stays the one the recipe describes: the global batch (tokens per optimizer step,
+``gpus * tokens_per_rank * grad_accum``) is held by choosing grad_accum for each max_length and SP
+degree, and a candidate that cannot hold it (a pack longer than a rank's share of the batch) changes
+the run: it is timed at the recipe's grad_accum and shown apart, never ranked, unless ``free_batch``.
+Without varlen, attention crosses the samples of a pack, so max_length is numerics and stays fixed too.
+
+The rest are timed and ranked by TGS, ties by communication time, then memory; a configuration with
+less free memory than ``headroom`` of the GPU ranks after every one that has it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any
 
 from moe_train.models.common.experts import ExpertLayout
 from moe_train.parallel.dims import ParallelDims
+from moe_train.plan import HEADROOM_WARNING
 from moe_train.plan.expert import predict_speed_ep
 from moe_train.plan.memory import Workload, ZeroSettings, count_params, predict_memory
 from moe_train.plan.speed import Device
@@ -43,12 +51,14 @@ class Candidate:
     max_length: int
     activation_checkpointing: bool
     offload: str
+    grad_accum: int = 1
 
     def label(self) -> str:
         layout = "origin" if self.moe_implementation == "origin" else f"shard {self.expert_in_one_shard}"
         return (
             f"{layout}, ep {self.ep}, sp {self.sp}, max_length {self.max_length}, "
-            f"checkpointing {'on' if self.activation_checkpointing else 'off'}, offload {self.offload}"
+            f"checkpointing {'on' if self.activation_checkpointing else 'off'}, offload {self.offload}, "
+            f"grad_accum {self.grad_accum}"
         )
 
 
@@ -61,6 +71,8 @@ class Ranked:
     mfu: float
     bound: str
     comm_s: float  # communication per micro step: the tie-break between compute-bound candidates
+    step_s: float = 0.0  # per optimizer step
+    tight: bool = False  # less memory free than the search's headroom
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +83,8 @@ class Ranked:
             "mfu": round(self.mfu, 4),
             "bound": self.bound,
             "comm_s": round(self.comm_s, 3),
+            "step_s": round(self.step_s, 3),
+            "tight": self.tight,
         }
 
 
@@ -80,13 +94,19 @@ class SearchResult:
     pruned: dict[str, int]
     timed: int
     best: list[Ranked]
+    global_batch: int = 0  # tokens per optimizer step held fixed (0: free)
+    headroom: float = HEADROOM_WARNING
+    other_batch: list[Ranked] = dataclasses.field(default_factory=list)  # fastest that change the batch
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "space": self.space,
             "pruned": self.pruned,
             "timed": self.timed,
+            "global_batch_tokens": self.global_batch or None,
+            "headroom": self.headroom,
             "best": [r.to_dict() for r in self.best],
+            "other_batch": [r.to_dict() for r in self.other_batch],
         }
 
 
@@ -122,6 +142,15 @@ def _problem(cfg: Any, layout: ExpertLayout, gpus: int, sp: int, ep: int, ds_con
     return None
 
 
+def grad_accum_for(global_batch: int, gpus: int, tokens_per_rank: int) -> int | None:
+    """The grad_accum that makes ``global_batch`` tokens per optimizer step at ``tokens_per_rank`` per micro
+    step on ``gpus``, or None when none does (the micro step alone is bigger, or does not divide it)."""
+    per_micro = gpus * tokens_per_rank
+    if global_batch % per_micro or global_batch < per_micro:
+        return None
+    return global_batch // per_micro
+
+
 def search(
     cfg: Any,
     work: Workload,
@@ -134,13 +163,18 @@ def search(
     grad_accum: int = 1,
     peak_tflops: float | None = None,
     top: int = 5,
+    headroom: float = HEADROOM_WARNING,
+    free_batch: bool = False,
 ) -> SearchResult:
     """Rank the configurations of the module docstring that fit; ``work`` gives the fixed settings
-    (varlen, attention, dtype, micro batch), ``ds_config`` the DeepSpeed config the offloads vary."""
+    (varlen, attention, dtype, micro batch) and with ``grad_accum`` the global batch, ``ds_config`` the
+    DeepSpeed config the offloads vary."""
     sps = [d for d in range(1, gpus + 1) if gpus % d == 0]
     layouts = _layouts(cfg)
-    space = list(itertools.product(layouts, _ep_degrees(cfg, gpus), sps, MAX_LENGTHS, (False, True), OFFLOADS))
+    lengths = sorted({work.max_length, *MAX_LENGTHS}) if work.varlen or free_batch else [work.max_length]
+    space = list(itertools.product(layouts, _ep_degrees(cfg, gpus), sps, lengths, (False, True), OFFLOADS))
     pruned = {"invalid": 0, "model states exceed the GPU": 0, "dominated": 0, "does not fit": 0}
+    global_batch = gpus * work.tokens_per_rank * grad_accum
     # Model states alone per offload setting (a bound that needs no trace): weights, grads, optimizer.
     P = count_params(cfg)
     states_gb = {
@@ -148,8 +182,9 @@ def search(
         "optimizer": P * work.bytes / gpus / 2**30,
         "optimizer+params": 0.0,
     }
-    fits: dict[tuple, bool] = {}
-    ranked = []
+    fits: dict[tuple, list] = {}
+    refused: dict[tuple, bool] = {}  # the trainer's check, once per layout, degrees and offload
+    ranked, other = [], []
 
     # Order: cheapest settings first, so a dominated one can be recognised when it comes.
     def order(c: tuple) -> tuple:
@@ -159,7 +194,10 @@ def search(
     for layout, ep, sp, S, ac, offload in sorted(space, key=order):
         impl, shard = layout.moe_implementation, layout.expert_in_one_shard
         z = _zero(zero, offload)
-        if _problem(cfg, layout, gpus, sp, ep, offload_config(ds_config, offload)):
+        rule = (layout, ep, sp, offload)
+        if rule not in refused:
+            refused[rule] = _problem(cfg, layout, gpus, sp, ep, offload_config(ds_config, offload)) is not None
+        if refused[rule]:
             pruned["invalid"] += 1
             continue
         if states_gb[offload] > gpu_mem_gb:
@@ -180,19 +218,38 @@ def search(
             pruned["does not fit"] += 1
             continue
         fits.setdefault(key, []).append((sp, ac, offload))
-        s = predict_speed_ep(cfg, layout, w, z, gpus, nodes, device, ep, grad_accum, peak_tflops)
-        ranked.append(
-            Ranked(
-                Candidate(impl, shard, ep, sp, S, ac, offload),
-                mem.per_gpu_gb,
-                gpu_mem_gb - mem.per_gpu_gb,
-                s.tgs,
-                s.mfu,
-                s.bound,
-                s.comm_s,
-            )
+        accum = grad_accum_for(global_batch, gpus, w.tokens_per_rank)
+        keeps = accum is not None
+        if free_batch or not keeps:
+            accum = grad_accum
+        s = predict_speed_ep(cfg, layout, w, z, gpus, nodes, device, ep, accum, peak_tflops)
+        r = Ranked(
+            Candidate(impl, shard, ep, sp, S, ac, offload, accum),
+            mem.per_gpu_gb,
+            gpu_mem_gb - mem.per_gpu_gb,
+            s.tgs,
+            s.mfu,
+            s.bound,
+            s.comm_s,
+            s.step_s,
+            gpu_mem_gb - mem.per_gpu_gb < headroom * gpu_mem_gb,
         )
-    # Compute-bound candidates tie on TGS: the one with less communication to hide has the margin
-    # (a slower network, a skewed batch), then the one with more memory free.
-    ranked.sort(key=lambda r: (-round(r.tgs, 1), r.comm_s, r.per_gpu_gb))
-    return SearchResult(space=len(space), pruned=pruned, timed=len(ranked), best=ranked[:top])
+        (ranked if keeps or free_batch else other).append(r)
+
+    # Configurations with the headroom first; compute-bound candidates tie on TGS: the one with less
+    # communication to hide has the margin (a slower network, a skewed batch), then the one with more
+    # memory free.
+    def rank(r: Ranked) -> tuple:
+        return r.tight, -round(r.tgs, 1), r.comm_s, r.per_gpu_gb
+
+    ranked.sort(key=rank)
+    other.sort(key=rank)
+    return SearchResult(
+        space=len(space),
+        pruned=pruned,
+        timed=len(ranked) + len(other),
+        best=ranked[:top],
+        global_batch=0 if free_batch else global_batch,
+        headroom=headroom,
+        other_batch=other[:top],
+    )

@@ -42,7 +42,9 @@ from moe_train.plan.memory import (
     Unit,
     Workload,
     ZeroSettings,
+    gather_key,
     gather_schedule,
+    memo,
     model_units,
     step_trace,
 )
@@ -163,7 +165,7 @@ _SCHEDULES: dict[tuple, tuple] = {}
 
 def _schedule(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings) -> tuple:
     """(step trace, gathers issued per entry), cached: the search and the fits time one trace many times."""
-    key = (repr(cfg), layout, work.activation_checkpointing, zero)
+    key = (repr(cfg), layout, work.activation_checkpointing, gather_key(zero))
     if key not in _SCHEDULES:
         if len(_SCHEDULES) > 64:
             _SCHEDULES.clear()
@@ -230,6 +232,17 @@ def _zero3_timeline(
     return out
 
 
+_PERIODIC: dict[tuple, bool] = {}
+
+
+def _periodic(cfg: Any, layout: ExpertLayout, k: int) -> bool:
+    """Whether every layer from ``k`` on has the same units (memoised: a comparison of every unit)."""
+    layers = model_units(cfg, layout)[1]
+    return memo(
+        _PERIODIC, (repr(cfg), layout, k), lambda: all(layers[i] == layers[k] for i in range(k + 1, len(layers)))
+    )
+
+
 def _zero3_micro_step(
     cfg: Any,
     layout: ExpertLayout,
@@ -244,8 +257,7 @@ def _zero3_micro_step(
     the first MoE one on has the same units (a periodic trace); else the whole trace (e.g. hybrid layers)."""
     L = cfg.num_hidden_layers
     k = next((i for i in range(L) if cfg.is_moe_layer(i)), L)
-    units = spec_of(cfg).layer_units
-    if L <= k + 3 or any(units(cfg, layout, i) != units(cfg, layout, k) for i in range(k + 1, L)):
+    if L <= k + 3 or not _periodic(cfg, layout, k):
         return _zero3_timeline(cfg, layout, work, zero, N, bw, device, peak)
     short, longer = (
         _zero3_timeline(cfg.replace(num_hidden_layers=k + d), layout, work, zero, N, bw, device, peak) for d in (2, 3)

@@ -4,6 +4,7 @@ debug recipes every test and the smoke run use (`moe-train recipes` lists them; 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 
 from moe_train.recipes.recipe import Recipe
@@ -167,6 +168,58 @@ RECIPES: dict[str, Recipe] = {
         ),
     ]
 }
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What a planned recipe was planned for: `moe-train plan --search` on this many GPUs of this kind."""
+
+    based_on: str  # the recipe whose training run (global batch, numerics) it keeps
+    gpus: int
+    gpu: str  # `moe-train plan --gpu`
+    gpu_mem_gb: float
+    preset: str  # its TorchX component in components/components.py
+
+
+# Recipes beside the seed's, named for the cluster they were planned for: the same training run as
+# ``based_on`` in the planner's fastest configuration that fits there with 10% of the memory free
+# (tests/test_plan.py holds each within 10% of the planner's best, so a planner change moves them).
+PLANNED: dict[str, Cluster] = {
+    "deepseek_v2_chat_full_alpaca_e3_64xa100": Cluster(
+        "deepseek_v2_chat_full_alpaca_e3", 64, "a100", 80, "deepseek_v2_full_64xa100"
+    ),
+    "deepseek_v3_full_alpaca_e3_256xa100": Cluster(
+        "deepseek_v3_full_alpaca_e3", 256, "a100", 80, "deepseek_v3_full_256xa100"
+    ),
+}
+
+
+def _planned(name: str, description: str, **configuration: object) -> Recipe:
+    cluster = PLANNED[name]
+    return RECIPES[cluster.based_on].replace(name=name, description=description, **configuration)
+
+
+RECIPES.update(
+    (r.name, r)
+    for r in [
+        _planned(
+            "deepseek_v2_chat_full_alpaca_e3_64xa100",
+            "DeepSeek-V2-Chat (236B) on alpaca, the seed's training run planned for 64 x A100-80G: expert "
+            "parallel 16, shards of 5 experts (moe-train plan --search)",
+            ep=16,
+            expert_in_one_shard=5,
+        ),
+        _planned(
+            "deepseek_v3_full_alpaca_e3_256xa100",
+            "DeepSeek-V3 (671B) on alpaca, the shipped V3 training run planned for 256 x A100-80G: expert "
+            "parallel 8, shards of 32 experts, packs of 4096 tokens at half the grad_accum (moe-train plan --search)",
+            ep=8,
+            expert_in_one_shard=32,
+            max_length=4096,
+            grad_accum=8,
+        ),
+    ]
+)
 
 
 def get_recipe(name: str) -> Recipe:
