@@ -35,7 +35,7 @@ bench: venv
 	$(PY) -m bench --quick
 
 # The wheels an air-gapped CUDA node with only torch (>= 2.11) and transformers needs to run
-# `python -m bench.gpu` (see README, "GPU"): DeepSpeed, built here as a pure-Python wheel (PyPI has
+# `python -m bench.gpu` (see docs/gpu.md): DeepSpeed, built here as a pure-Python wheel (PyPI has
 # only its sdist; no ops compiled, it JIT-builds them on the node if ever needed), and its
 # dependencies for CPython $(BUNDLE_PY) on manylinux x86_64, at the versions this venv was tested with;
 # pytest too, for the GPU tests the script runs.

@@ -1,4 +1,4 @@
-"""Wall time of ``moe-train plan --search`` on the clusters the README quotes (one process, this machine).
+"""Wall time of ``moe-train plan --search`` on the clusters docs/planner.md quotes (one process, this machine).
 
 The search is a pure function of the model and the cluster; what it costs is the module trace replays
 (memory: the gathered working set; speed: the timeline) and the per-layer costs, all memoised (see

@@ -64,7 +64,8 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Full fine-tuning of DeepSeek V2 MoE models with sharded experts under DeepSpeed ZeRO-3."""
+    """Fine-tuning of Mixture-of-Experts models (DeepSeek V2/V3, Kimi K2, Moonlight, Qwen3-MoE) with sharded experts
+    under DeepSpeed ZeRO-3 and expert parallelism."""
 
 
 @main.command()

@@ -674,35 +674,6 @@ def test_dockerfile_runs_as_non_root_with_the_cli_entrypoint():
     assert re.search(r'^ENTRYPOINT \["moe-train"\]$', dockerfile, re.M)
 
 
-def _readme_launch_commands() -> list:
-    """The command lines of the README's launch example block, continuation lines joined, comments dropped."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("\n## Launching", 1)[1].split("\n## ", 1)[0]
-    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
-    commands, current = [], ""
-    for line in block.splitlines():
-        line = line.split("  #", 1)[0].rstrip()
-        current += " " + line.rstrip("\\").strip()
-        if not line.endswith("\\"):
-            commands.append(current.strip())
-            current = ""
-    return [c for c in commands if c and c != "cd components"]
-
-
-def test_readme_launch_examples_dryrun_as_written():
-    commands = _readme_launch_commands()
-    assert len(commands) == 4, commands
-    for command in commands:
-        args = shlex.split(command)
-        if args[0] == "torchx":
-            args = [str(BIN / "torchx"), "run", "--dryrun", *[a for a in args[2:] if a != "--dryrun"]]
-        else:
-            assert args[:2] == ["python", "../schedulers/kubernetes/submit.py"], command
-            args = [sys.executable, args[1], "--dryrun", *args[2:]]
-        p = subprocess.run(args, cwd=COMPONENTS, capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, f"{command}\n{p.stderr[-3000:]}"
-
-
 @pytest.mark.slow
 def test_local_cwd_smoke_succeeds_without_a_stack_trace(tmp_path):
     """The documented local run, to the end: SUCCEEDED and no TCPStore trace from the agent that

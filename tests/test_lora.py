@@ -207,15 +207,16 @@ def test_zero3_on_two_ranks_gives_the_single_process_losses_and_resume_continues
 
 
 def _readme_snippet() -> str:
-    text = (Path(__file__).parent.parent / "README.md").read_text()
-    start = text.index("<!-- lora-peft-snippet -->")
+    """The PEFT loading block of docs/training.md (its docs-test marker names this file's test)."""
+    text = (Path(__file__).parent.parent / "docs" / "training.md").read_text()
+    start = text.index("tests/test_lora.py::test_the_run_exports_an_adapter_peft_loads_and_a_merged_model -->")
     block = text[start:].split("```python\n", 1)[1].split("```", 1)[0]
     return block
 
 
 @pytest.mark.slow
 def test_the_run_exports_an_adapter_peft_loads_and_a_merged_model(lora_runs):
-    """The README's PEFT snippet, run on the run's hf_adapter/ and its base, gives the merged export's logits;
+    """The PEFT snippet of docs/training.md, run on the run's hf_adapter/ and its base, gives the merged export's logits;
     parameters LoRA never touches (router, norms, embeddings) are the base's, bit for bit."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

@@ -57,7 +57,7 @@ A100 = Calibration(
     ring_step_latency_s=6e-6,
     hook_s=1.1e-7,
     calibrated=True,
-    source="fitted on XTuner's DeepSeek-V2 236B table, 128 x A100-80G (README: Planner)",
+    source="fitted on XTuner's DeepSeek-V2 236B table, 128 x A100-80G (docs/planner.md)",
 )
 # Effective per-GPU bandwidth of a collective between nodes of the seed's cluster (fitted with the
 # above; HDR 200 Gb/s is 25 GB/s per NIC raw: above it, the cluster has more than one NIC per GPU).
