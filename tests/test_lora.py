@@ -216,8 +216,8 @@ def _readme_snippet() -> str:
 
 @pytest.mark.slow
 def test_the_run_exports_an_adapter_peft_loads_and_a_merged_model(lora_runs):
-    """The PEFT snippet of docs/training.md, run on the run's hf_adapter/ and its base, gives the merged export's logits;
-    parameters LoRA never touches (router, norms, embeddings) are the base's, bit for bit."""
+    """The PEFT snippet of docs/training.md, run on the run's hf_adapter/ and its base, gives the merged
+    export's logits; parameters LoRA never touches (router, norms, embeddings) are the base's, bit for bit."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
