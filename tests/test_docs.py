@@ -193,14 +193,14 @@ def _cli_options() -> dict[str, set[str]]:
 
 
 def _component_params() -> set[str]:
+    """The TorchX catalogue's parameters, read the way TorchX reads a component file (importing it as a
+    module named `components` would shadow the catalogue's entry points for every later test)."""
     import inspect
 
-    sys.path.insert(0, str(REPO / "components"))
-    try:
-        import components
-    finally:
-        sys.path.pop(0)
-    return {"--" + p for p in inspect.signature(components.train).parameters}
+    from torchx.specs.finder import get_component
+
+    train = get_component(f"{REPO / 'components' / 'components.py'}:train").fn
+    return {"--" + p for p in inspect.signature(train).parameters}
 
 
 # Options of other tools the pages name (torchrun, srun/sbatch, pip, TorchX itself, hf, bench scripts).
