@@ -22,14 +22,12 @@ def tiny_config(**overrides) -> DeepseekV2Config:
     return DeepseekV2Config.from_name("tiny", **overrides)
 
 
-def hf_reference(cfg: DeepseekV2Config, seed: int = 0):
-    """A transformers DeepseekV2ForCausalLM with random (non-default) weights, fp32."""
-    from transformers import DeepseekV2Config as HFConfig
-    from transformers import DeepseekV2ForCausalLM as HFModel
-
+def randomised_hf_model(hf_config_cls, hf_model_cls, cfg, seed: int = 0):
+    """transformers' model of cfg's family (hf_model_cls built from hf_config_cls) with random,
+    non-default weights, fp32: the reference every parity test compares against."""
     d = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(seed)
-    model = HFModel(HFConfig(**d)).float().eval()
+    model = hf_model_cls(hf_config_cls(**d)).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -37,6 +35,13 @@ def hf_reference(cfg: DeepseekV2Config, seed: int = 0):
             else:
                 p.normal_(0.0, 0.05)
     return model
+
+
+def hf_reference(cfg: DeepseekV2Config, seed: int = 0):
+    """A transformers DeepseekV2ForCausalLM with random (non-default) weights, fp32."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    return randomised_hf_model(DeepseekV2Config, DeepseekV2ForCausalLM, cfg, seed)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from moe_train.checkpoint.hf_layout import HFCheckpoint, load_pretrained, save_p
 from moe_train.models import spec_for, spec_of
 from moe_train.models.deepseek_v3 import NAMED_SIZES, DeepseekV3Config, DeepseekV3ForCausalLM
 from moe_train.models.deepseek_v3.moe import NoAuxRouter, update_correction_bias
+from tests.conftest import randomised_hf_model
 from tests.test_model_parity import hf_grads_by_checkpoint_key, our_grads_by_checkpoint_key
 
 TOL = 1e-4
@@ -48,15 +49,8 @@ def hf_v3_reference(cfg: DeepseekV3Config, seed: int = 0):
     from transformers import DeepseekV3Config as HFConfig
     from transformers import DeepseekV3ForCausalLM as HFModel
 
-    d = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
-    torch.manual_seed(seed)
-    model = HFModel(HFConfig(**d)).float().eval()
+    model = randomised_hf_model(HFConfig, HFModel, cfg, seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)  # norms at 1.0 would hide a missing weight multiply
-            else:
-                p.normal_(0.0, 0.05)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.05)  # comparable to the spread of the sigmoid scores: it changes selection

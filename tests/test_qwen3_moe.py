@@ -16,6 +16,8 @@ from moe_train.models import param_counts, spec_for
 from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.qwen3_moe.state_dict_adapter import ours_to_hf
 from moe_train.parallel import ParallelDims
+from tests.conftest import randomised_hf_model
+from tests.test_model_parity import hf_grads_by_checkpoint_key
 
 TOL = 1e-5
 ASSETS = Path(__file__).resolve().parents[1] / "moe_train" / "assets"
@@ -30,35 +32,7 @@ def hf_reference(cfg: Qwen3MoeConfig, seed: int = 0):
     from transformers import Qwen3MoeConfig as HFConfig
     from transformers import Qwen3MoeForCausalLM as HFModel
 
-    d = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("architectures", "model_type", "torch_dtype")}
-    torch.manual_seed(seed)
-    model = HFModel(HFConfig(**d)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)  # norms at 1.0 would hide a missing weight multiply
-            else:
-                p.normal_(0.0, 0.05)
-    return model
-
-
-def hf_grads_by_checkpoint_key(hf_model, cfg) -> dict[str, torch.Tensor]:
-    """transformers 5 fuses experts into (E, 2F, D) / (E, D, F); split them into checkpoint keys."""
-    out = {}
-    F_ = cfg.moe_intermediate_size
-    for name, p in hf_model.named_parameters():
-        if name.endswith("experts.gate_up_proj"):
-            prefix = name[: -len("gate_up_proj")]
-            for e in range(p.shape[0]):
-                out[f"{prefix}{e}.gate_proj.weight"] = p.grad[e, :F_]
-                out[f"{prefix}{e}.up_proj.weight"] = p.grad[e, F_:]
-        elif name.endswith("experts.down_proj"):
-            prefix = name[: -len("down_proj")]
-            for e in range(p.shape[0]):
-                out[f"{prefix}{e}.down_proj.weight"] = p.grad[e]
-        else:
-            out[name] = p.grad
-    return out
+    return randomised_hf_model(HFConfig, HFModel, cfg, seed)
 
 
 def our_grads_by_checkpoint_key(model) -> dict[str, torch.Tensor]:
