@@ -95,7 +95,7 @@ def slurm_cluster():
 
 
 def slurm_logs(job_dir: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(job_dir.glob("slurm-*")))
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(job_dir.glob("slurm-*")))
 
 
 @functools.lru_cache(maxsize=None)

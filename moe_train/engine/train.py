@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import posixpath
 import signal
+import sys
 import time
 import warnings
 from typing import Any
@@ -135,7 +136,9 @@ def _run(job: Job, metrics: MetricsWriter | None) -> dict[str, Any]:
     if rank == 0 and tc.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=job.total_steps, initial=step, desc="train", dynamic_ncols=True)
+        # In a log file (Slurm, a pod) the bar's Unicode blocks can be cut mid-character where srun
+        # interleaves stdout and stderr; ASCII there keeps the log valid UTF-8.
+        bar = tqdm(total=job.total_steps, initial=step, desc="train", dynamic_ncols=True, ascii=not sys.stderr.isatty())
     job.engine.train()
     guard = DivergenceGuard(job.engine.skipped_steps)
     try:
