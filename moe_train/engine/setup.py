@@ -84,6 +84,11 @@ def setup(tc: TrainConfig) -> Job:
 
     r = tc.recipe
     ds_config = load_deepspeed_config(r.deepspeed)  # bad configs fail before any process group
+    if r.lora_rank and tc.merge and r.ep > 1:
+        raise ValueError(
+            f"--merge with --ep {r.ep} is not supported (each rank holds 1/{r.ep} of the experts); drop "
+            "--merge (the PEFT adapter is exported), or resume the run's last checkpoint with --ep 1 --merge"
+        )
     check_report_to(r.report_to)  # a tracker's package missing: one line, before any process group
     info = init_distributed(tc.launcher)
     dims = ParallelDims(info.world_size, r.sp, r.ep, info.rank)  # validated once the model is known
@@ -132,11 +137,6 @@ def _setup_owned(
             probe(url, what)
     layout = ExpertLayout(r.moe_implementation, r.expert_in_one_shard)
     lora = lora_config(r)
-    if lora is not None and tc.merge and dims.ep > 1:
-        raise ValueError(
-            f"--merge with --ep {dims.ep} is not supported (each rank holds 1/{dims.ep} of the experts); drop "
-            "--merge (the PEFT adapter is exported), or resume the run's last checkpoint with --ep 1 --merge"
-        )
     cfg = read_config(r.model) if r.model else spec_for(r.family).named_config(r.model_size)
     dims.validate(cfg, layout, ds_config)  # the planner's check too
     if r.model and (resume is None or lora):  # a LoRA resume reads the frozen base from the model too
