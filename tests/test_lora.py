@@ -333,6 +333,7 @@ def test_ep2_trains_the_ep1_adapters_and_exports_them_whole(lora_ep_runs):
     dense one; the exported adapter gathers every expert, as the EP 1 run's export does."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     from tests.launch import metrics, summary
 
@@ -359,6 +360,14 @@ def test_ep2_trains_the_ep1_adapters_and_exports_them_whole(lora_ep_runs):
     assert json.loads((runs / "ep2" / "hf_adapter" / "adapter_config.json").read_text()) == json.loads(
         (runs / "two" / "hf_adapter" / "adapter_config.json").read_text()
     )
+    # PEFT loads it onto the base: the logits of the EP 1 run's merged export
+    peft = _peft(
+        AutoModelForCausalLM.from_pretrained(runs / "base", dtype=torch.float32), str(runs / "ep2" / "hf_adapter")
+    )
+    merged = AutoModelForCausalLM.from_pretrained(runs / "two" / "hf_model", dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        assert (peft(ids).logits - merged(ids).logits).abs().max().item() <= TOL
 
 
 @pytest.mark.slow
