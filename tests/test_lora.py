@@ -287,6 +287,9 @@ def test_the_checkpoint_holds_adapters_only_and_refuses_another_base(lora_runs, 
         check_lora(ckpt, LoraConfig(8, 8.0), base_reference(str(moved), None, "deepseek_v2", 0))
     with pytest.raises(ValueError, match="LoRA checkpoint, this run is full fine-tuning"):
         check_lora(ckpt, None, None)
+    del ckpt.state["lora"]["expert_keys"]  # as written before the experts' adapters were kept per expert
+    with pytest.raises(ValueError, match="adapters per shard"):
+        check_lora(ckpt, lora, base_reference(str(moved), None, "deepseek_v2", 0))
 
 
 def test_dropout_acts_on_the_adapters_input_in_training_only():
