@@ -129,7 +129,15 @@ _RECIPE_FACTS: Dict[str, Dict[str, object]] = {
         "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
         "data": ["hf://datasets/tatsu-lab/alpaca"],
     },
+    "deepseek_v2_chat_lora_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
     "deepseek_v2_lite_chat_full_alpaca_e3": {
+        "model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "deepseek_v2_lite_chat_lora_alpaca_e3": {
         "model": "hf://deepseek-ai/DeepSeek-V2-Lite-Chat",
         "data": ["hf://datasets/tatsu-lab/alpaca"],
     },
@@ -150,6 +158,10 @@ _RECIPE_FACTS: Dict[str, Dict[str, object]] = {
         "data": ["hf://datasets/tatsu-lab/alpaca"],
     },
     "qwen3_30b_a3b_full_alpaca": {
+        "model": "hf://Qwen/Qwen3-30B-A3B",
+        "data": ["hf://datasets/tatsu-lab/alpaca"],
+    },
+    "qwen3_30b_a3b_lora_alpaca": {
         "model": "hf://Qwen/Qwen3-30B-A3B",
         "data": ["hf://datasets/tatsu-lab/alpaca"],
     },

@@ -140,6 +140,7 @@ CASES = {
     "max-length-not-positive": (["--max-length", "0"], ["--max-length", "0"]),
     "lr-not-positive": (["--lr", "-1"], ["--lr", "-1"]),
     "launcher-pytorch-outside-torchrun": (["--launcher", "pytorch"], ["RANK", "torchrun"]),
+    "lora-merge-with-ep": (["--lora-rank", "4", "--merge", "--ep", "2"], ["--merge with --ep 2", "--ep 1 --merge"]),
     # storage
     "work-dir-is-a-file": (["--work-dir", "{root}/a_file/sub"], ["not writable", "--work-dir"]),
     "unknown-url-protocol": (["--work-dir", "nosuch://bucket/x"], ["Protocol not known: nosuch", "s3://"]),

@@ -241,6 +241,8 @@ OTHER_TOOLS = {
     "--shm-size",
     "--quick",
     "--only",
+    "--enable-mixed-moe-lora-format",  # vllm serve
+    "--lora-strict-loading",  # sglang
 }
 
 

@@ -16,6 +16,8 @@ from moe_train.checkpoint.hf_layout import load_pretrained, save_pretrained
 from moe_train.models.common.lora import LoraConfig, LoraExpertShard, LoraLinear, apply_lora, is_adapter
 from tests.conftest import hf_reference, tiny_config
 from tests.test_deepseek_v3 import hf_v3_reference, tiny_v3
+from tests.test_qwen3_moe import hf_reference as hf_qwen3
+from tests.test_qwen3_moe import tiny as tiny_qwen3
 
 TOL = 1e-5
 LORA = LoraConfig(rank=2, alpha=6.0)
@@ -25,9 +27,13 @@ def no_gather(params):
     return contextlib.nullcontext()
 
 
+FAMILIES = {"v2": (tiny_config, hf_reference), "v3": (tiny_v3, hf_v3_reference), "qwen3": (tiny_qwen3, hf_qwen3)}
+
+
 def _models(family, tmp_path):
-    cfg = tiny_config() if family == "v2" else tiny_v3()
-    hf = (hf_reference if family == "v2" else hf_v3_reference)(cfg)
+    config, reference = FAMILIES[family]
+    cfg = config()
+    hf = reference(cfg)
     hf.save_pretrained(tmp_path / "base")
     ours = load_pretrained(str(tmp_path / "base"), expert_in_one_shard=4).eval()
     apply_lora(ours, LORA)
@@ -53,7 +59,7 @@ def _batch(cfg):
     return ids, labels
 
 
-@pytest.mark.parametrize("family", ["v2", "v3"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_lora_matches_peft_on_transformers(family, tmp_path):
     """Our adapters, exported, loaded by PEFT onto transformers: the same logits, the same A and B gradients
     (PEFT's layout), and the merged export equals both."""
@@ -88,7 +94,7 @@ def test_lora_matches_peft_on_transformers(family, tmp_path):
     assert experts and all(g.abs().sum().item() > 0 for g in experts)  # every expert adapter got a gradient
 
 
-@pytest.mark.parametrize("family", ["v2", "v3"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_merged_export_equals_peft_merge(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -281,6 +287,9 @@ def test_the_checkpoint_holds_adapters_only_and_refuses_another_base(lora_runs, 
         check_lora(ckpt, LoraConfig(8, 8.0), base_reference(str(moved), None, "deepseek_v2", 0))
     with pytest.raises(ValueError, match="LoRA checkpoint, this run is full fine-tuning"):
         check_lora(ckpt, None, None)
+    del ckpt.state["lora"]["expert_keys"]  # as written before the experts' adapters were kept per expert
+    with pytest.raises(ValueError, match="adapters per shard"):
+        check_lora(ckpt, lora, base_reference(str(moved), None, "deepseek_v2", 0))
 
 
 def test_dropout_acts_on_the_adapters_input_in_training_only():
@@ -298,3 +307,83 @@ def test_dropout_acts_on_the_adapters_input_in_training_only():
     layer.train()
     assert not torch.allclose(layer(x), layer(x))
     assert target_of("model.layers.1.mlp.gate") is None  # a router is never adapted
+
+
+# ------------------------------------------------------------------------------- expert parallelism, resume anywhere
+@pytest.fixture(scope="module")
+def lora_ep_runs(lora_runs):
+    """The same LoRA run with --ep 2 on 2 ranks (a checkpoint after every step, the adapter exported after step 3);
+    its step-1 checkpoint resumed on 1 process, EP 1, with shards of 2 experts instead of 4."""
+    import shutil
+
+    from tests.launch import check, torchrun
+
+    tmp = lora_runs
+    common = ["tiny", "--model", str(tmp / "base"), "--tokenizer", TINY_TOKENIZER, *LORA_ARGS]
+    every_step = ["--save-steps", "1", "--cfg-options", "save_total_limit=3"]
+    check(torchrun([*common, "--work-dir", str(tmp / "ep2"), *every_step, "--ep", "2"], tmp))
+    later = shutil.ignore_patterns("step-00000002", "step-00000003", "hf_adapter")
+    shutil.copytree(tmp / "ep2", tmp / "moved", ignore=later)
+    resumed = ["--work-dir", str(tmp / "moved"), "--save-steps", "0", "--no-export", "--resume", "auto"]
+    proc = check(torchrun([*common, *resumed, "--cfg-options", "expert_in_one_shard=2"], tmp, nproc=1))
+    return tmp, proc
+
+
+@pytest.mark.slow
+def test_ep2_trains_the_ep1_adapters_and_exports_them_whole(lora_ep_runs):
+    """EP 2 on 2 ranks: the losses of the single-process EP 1 run; each rank's checkpoint holds its own experts'
+    adapters whole (ZeRO-3 partitions them over the expert-data-parallel group, here one rank) and half of every
+    dense one; the exported adapter gathers every expert, as the EP 1 run's export does."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.launch import metrics, summary
+
+    runs, _ = lora_ep_runs
+    ep2 = summary(runs / "ep2")["losses"]
+    one = [m["loss"] for m in metrics(runs / "one") if "loss" in m]
+    assert len(ep2) == len(one) == 3
+    assert abs(ep2[0] - one[0]) <= 1e-6, (ep2, one)
+    assert max(abs(a - b) for a, b in zip(ep2, one)) <= 1e-5, (ep2, one)  # measured: equal
+    step = runs / "ep2" / "checkpoints" / "step-00000002"
+    experts = {}
+    for rank in (0, 1):
+        with safe_open(step / f"master-rank{rank:05d}-of-00002.safetensors", "pt") as f:
+            keys = [k.split("@") for k in f.keys()]
+        experts[rank] = {int(k.split(".")[-2]) for k, _ in keys if ".mlp.experts." in k}
+        assert all(start == "0" for k, start in keys if ".mlp.experts." in k)  # whole, on their EP rank
+        assert any(k.endswith("o_proj.lora_A") and start != "0" for k, start in keys) == (rank == 1)
+    assert experts == {0: {0, 1, 2, 3}, 1: {4, 5, 6, 7}}
+    theirs = load_file(runs / "two" / "hf_adapter" / "adapter_model.safetensors")
+    ours = load_file(runs / "ep2" / "hf_adapter" / "adapter_model.safetensors")
+    assert theirs.keys() == ours.keys()
+    worst = max(((theirs[k] - ours[k]).abs().max().item(), k) for k in theirs)
+    assert worst[0] <= 1e-5, worst
+    assert json.loads((runs / "ep2" / "hf_adapter" / "adapter_config.json").read_text()) == json.loads(
+        (runs / "two" / "hf_adapter" / "adapter_config.json").read_text()
+    )
+    # PEFT loads it onto the base: the logits of the EP 1 run's merged export
+    peft = _peft(
+        AutoModelForCausalLM.from_pretrained(runs / "base", dtype=torch.float32), str(runs / "ep2" / "hf_adapter")
+    )
+    merged = AutoModelForCausalLM.from_pretrained(runs / "two" / "hf_model", dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (1, 30))
+    with torch.no_grad():
+        assert (peft(ids).logits - merged(ids).logits).abs().max().item() <= TOL
+
+
+@pytest.mark.slow
+def test_lora_checkpoint_resumes_on_another_world_size_shard_size_and_ep(lora_ep_runs):
+    """The EP 2 run's adapters-only checkpoint after step 1 (2 ranks, shards of 4) continues on 1 process, EP 1,
+    shards of 2, with the uninterrupted run's losses: the adapters and Adam moments are kept per expert."""
+    from tests.launch import metrics, summary
+
+    runs, proc = lora_ep_runs
+    moved = "re-partitioned from step 1: world size 2 -> 1, expert_in_one_shard 4 -> 2, grad_accum 1 -> 2, ep 2 -> 1"
+    assert moved in proc.stdout
+    resumed = summary(runs / "moved")["segment_losses"]
+    one = [m["loss"] for m in metrics(runs / "one") if "loss" in m]
+    assert len(resumed) == 2
+    assert abs(resumed[0] - one[1]) <= 1e-6, (resumed, one)
+    assert abs(resumed[1] - one[2]) <= 2e-3, (resumed, one)

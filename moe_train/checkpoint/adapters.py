@@ -21,7 +21,8 @@ transformers 5's DeepseekV2/V3ForCausalLM:
 
 Every function that reads a partitioned model takes ``gather(params)``, a context manager that makes those
 parameters whole on every rank (``moe_train.parallel.zero3.gathered_together``): one module's, or one layer's
-experts', at a time.
+experts', at a time; under expert parallelism ``all_experts`` then joins the EP ranks' experts of a layer (an
+all-gather over the EP group, as small as the adapters).
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ from torch import nn
 
 from moe_train.checkpoint.hf_layout import HFCheckpoint
 from moe_train.checkpoint.safetensors_io import PlannedTensor, SafetensorsStreamWriter
-from moe_train.models.common.experts import ShardedExperts
+from moe_train.models import spec_of
 from moe_train.models.common.key_map import canonical_name
 from moe_train.models.common.lora import (
     LoraConfig,
     LoraExpertShard,
     LoraLinear,
     adapted_modules,
+    adapter_keys,
+    apply_lora,
     is_adapter,
     target_of,
 )
@@ -59,23 +62,33 @@ EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 _EXPERT_WRAPPER = {"gate_up_proj": "base_layer.", "down_proj": ""}
 
 Gather = Callable[[list[torch.Tensor]], Any]
+# A layer's (E, ...) per-expert tensor from this rank's rows of it (``parallel.distribute.all_experts``).
+AllExperts = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _this_rank(local: torch.Tensor) -> torch.Tensor:
+    return local  # no expert parallelism: a rank's shards are all the experts
 
 
 def _units(model: nn.Module) -> Iterator[tuple[str, list[nn.Module]]]:
     """(canonical module path, modules) of what PEFT adapts as one unit, in model order: a ``LoraLinear``, or
-    the ``LoraExpertShard``s of one layer's routed experts."""
+    the ``LoraExpertShard``s of one layer's routed experts (under expert parallelism: this rank's)."""
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             yield canonical_name(name), [module]
-        elif isinstance(module, ShardedExperts) and isinstance(module[0], LoraExpertShard):
-            yield canonical_name(name), list(module)
+        else:
+            shards = list(module.children())
+            if shards and all(isinstance(s, LoraExpertShard) for s in shards):
+                yield canonical_name(name), shards
 
 
-def _expert_factors(shards: list[LoraExpertShard], base: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _expert_factors(
+    shards: list[LoraExpertShard], base: str, all_experts: AllExperts
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT's (R*E, I) lora_A and (O, R*E) lora_B of the fused parameter ``base`` from the shards' full
-    (S, R, I) As and (S, O, R) Bs."""
-    a_ERI = torch.cat([getattr(s, f"{base.removesuffix('_proj')}_lora_A") for s in shards])
-    b_EOR = torch.cat([getattr(s, f"{base.removesuffix('_proj')}_lora_B") for s in shards])
+    (S, R, I) As and (S, O, R) Bs (and, through ``all_experts``, the other EP ranks')."""
+    a_ERI = all_experts(torch.cat([getattr(s, f"{base.removesuffix('_proj')}_lora_A") for s in shards]))
+    b_EOR = all_experts(torch.cat([getattr(s, f"{base.removesuffix('_proj')}_lora_B") for s in shards]))
     E, R, _ = a_ERI.shape
     return a_ERI.reshape(E * R, -1), b_EOR.permute(1, 2, 0).reshape(b_EOR.shape[1], R * E)
 
@@ -101,7 +114,9 @@ def _plan(model: nn.Module, lora: LoraConfig) -> list[PlannedTensor]:
     return out
 
 
-def peft_tensors(model: nn.Module, gather: Gather) -> Iterator[tuple[str, torch.Tensor]]:
+def peft_tensors(
+    model: nn.Module, gather: Gather, all_experts: AllExperts = _this_rank
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(PEFT key, full tensor) in ``_plan``'s order; a collective on every rank (one unit gathered at a time)."""
     for path, modules in _units(model):
         params = [p for m in modules for n, p in m.named_parameters() if is_adapter(n)]
@@ -111,7 +126,7 @@ def peft_tensors(model: nn.Module, gather: Gather) -> Iterator[tuple[str, torch.
                 yield f"{PEFT_PREFIX}{path}.lora_B.weight", modules[0].lora_B.data
                 continue
             for base in ("gate_up_proj", "down_proj"):
-                a, b = _expert_factors(modules, base)
+                a, b = _expert_factors(modules, base, all_experts)
                 yield f"{PEFT_PREFIX}{path}.{_EXPERT_WRAPPER[base]}lora_A.weight", a.data
                 yield f"{PEFT_PREFIX}{path}.{_EXPERT_WRAPPER[base]}lora_B.weight", b.data
 
@@ -159,6 +174,7 @@ def save_adapter(
     lora: LoraConfig,
     gather: Gather,
     *,
+    all_experts: AllExperts = _this_rank,
     is_writer: bool = True,
     base_url: str | None = None,
     extra: dict[str, Any] | None = None,
@@ -173,7 +189,7 @@ def save_adapter(
             fs.rm(posixpath.join(root, COMPLETE))
         writer = SafetensorsStreamWriter(fs, posixpath.join(root, ADAPTER_WEIGHTS), _plan(model, lora))
     try:
-        for key, tensor in peft_tensors(model, gather):
+        for key, tensor in peft_tensors(model, gather, all_experts):
             if writer is not None:
                 writer.append(key, tensor)
     except BaseException:
@@ -206,6 +222,20 @@ def merged_parameters(model: nn.Module, gather: Gather) -> Iterator[tuple[str, t
         a, b = getattr(module, a), getattr(module, b)
         with gather([param, a, b]):
             yield name, module.merged_weight(param.data, a.data, b.data)
+
+
+def checkpoint_shapes(model: nn.Module, lora: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """Training-checkpoint key -> shape of every adapter of the whole model (every routed expert's, whichever
+    this rank holds under EP), from the model built on the meta device: what a LoRA checkpoint must cover."""
+    with torch.device("meta"):
+        reference = apply_lora(spec_of(model).build(model.config, model.layout), lora)
+    S = model.layout.shard_size(model.config.num_experts)
+    return {
+        key: slot.shape(tuple(p.shape))
+        for name, p in reference.named_parameters()
+        if is_adapter(name)
+        for key, slot in adapter_keys(name, S)
+    }
 
 
 def base_reference(url: str | None, model_size: str | None, family: str, seed: int) -> dict[str, Any]:

@@ -21,8 +21,9 @@ any later job reads, for each range it now owns, the overlapping entries of whic
 them, and ``moe-train export`` assembles whole HF tensors one at a time.  Each rank streams its own
 views of DeepSpeed's flat partitions: nothing is gathered, nothing beyond one range is copied.
 
-A LoRA run's checkpoint holds the adapters only, each under its own parameter name (``...q_proj.lora_A``,
-``...experts.0.gate_up_lora_B``), and ``state.json``'s ``lora`` block says which base they belong to (its
+A LoRA run's checkpoint holds the adapters only, each under its own parameter name (``...q_proj.lora_A``), a
+routed expert's per expert (``...experts.{expert}.gate_up_lora_B``, (2F, R): any shard size or EP degree reads
+it), and ``state.json``'s ``lora`` block says which base they belong to (its
 URL and fingerprint, ``moe_train/checkpoint/adapters.py``): resume reloads the frozen base from the model.
 
 Trust: every file is parsed as JSON or as a safetensors header (JSON) plus raw little-endian
@@ -68,8 +69,8 @@ from moe_train.checkpoint.manifest import (
 from moe_train.checkpoint.safetensors_io import WRITE_BLOCK, PlannedTensor, header_bytes
 from moe_train.models import spec_for, spec_of
 from moe_train.models.common.experts import ExpertLayout
-from moe_train.models.common.key_map import Slot, canonical_name
-from moe_train.models.common.lora import is_adapter
+from moe_train.models.common.key_map import canonical_name
+from moe_train.models.common.lora import adapter_keys, is_adapter
 from moe_train.recipes import Recipe
 from moe_train.run_dir import RunDir
 from moe_train.storage import display, is_local, redact_all, resolve
@@ -490,11 +491,13 @@ def hf_ranges(owned: Iterable[Any], cfg: Any, layout: ExpertLayout) -> Iterable[
     """(hf_key, start, end, owned range, offset in it) for every part of an HF tensor a rank owns.
 
     ``owned`` are ``moe_train.parallel.zero3.OwnedRange``s: a parameter's name, full shape, first
-    element and 1-D views of length n.  A LoRA adapter is its own key (named as in the model)."""
+    element and 1-D views of length n.  A LoRA adapter is keyed by its own name, a routed expert's per expert
+    (``adapter_keys``)."""
     for o in owned:
-        # LoRA adapters (a LoRA run's only trained parameters) are stored under their own names, whole.
-        adapter = canonical_name(o.name)
-        slots = [(adapter, Slot(adapter))] if is_adapter(o.name) else spec_of(cfg).ours_to_hf(o.name, cfg, layout)
+        if is_adapter(o.name):  # a LoRA run's only trained parameters
+            slots = adapter_keys(canonical_name(o.name), layout.shard_size(cfg.num_experts))
+        else:
+            slots = spec_of(cfg).ours_to_hf(o.name, cfg, layout)
         for key, slot in slots:
             s0, s1 = slot.flat_range(o.shape)
             lo, hi = max(s0, o.start), min(s1, o.start + o.n)

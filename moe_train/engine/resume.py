@@ -138,7 +138,14 @@ def lora_record(lora: Any, base: dict[str, Any] | None) -> dict[str, Any] | None
     """What state.json says of a LoRA run: the adapters' shape and scale, and the base they belong to."""
     if lora is None:
         return None
-    return {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets), "base": base}
+    # expert_keys: a routed expert's adapters are kept per expert (``models/common/lora.py`` adapter_keys)
+    return {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "targets": list(lora.targets),
+        "expert_keys": "per_expert",
+        "base": base,
+    }
 
 
 def check_lora(ckpt: TrainingCheckpoint, lora: Any, base: dict[str, Any] | None) -> None:
@@ -156,6 +163,11 @@ def check_lora(ckpt: TrainingCheckpoint, lora: Any, base: dict[str, Any] | None)
                 f"lora {key} was {saved.get(key)!r} in {ckpt.where} and is {now[key]!r} now; resume with the "
                 f"checkpoint's --lora-{key}"
             )
+    if "experts" in now["targets"] and saved.get("expert_keys") != now["expert_keys"]:
+        raise ValueError(
+            f"{ckpt.where} keeps the routed experts' adapters per shard (written before they were kept per "
+            "expert); resume it with the moe-train version that wrote it, or start a new --work-dir"
+        )
     check_base(saved.get("base"), now["base"], ckpt.where)
 
 

@@ -84,6 +84,11 @@ def setup(tc: TrainConfig) -> Job:
 
     r = tc.recipe
     ds_config = load_deepspeed_config(r.deepspeed)  # bad configs fail before any process group
+    if r.lora_rank and tc.merge and r.ep > 1:
+        raise ValueError(
+            f"--merge with --ep {r.ep} is not supported (each rank holds 1/{r.ep} of the experts); drop "
+            "--merge (the PEFT adapter is exported), or resume the run's last checkpoint with --ep 1 --merge"
+        )
     check_report_to(r.report_to)  # a tracker's package missing: one line, before any process group
     info = init_distributed(tc.launcher)
     dims = ParallelDims(info.world_size, r.sp, r.ep, info.rank)  # validated once the model is known
@@ -192,10 +197,6 @@ def lora_config(r: Recipe) -> LoraConfig | None:
     """The recipe's LoRA, or None (full fine-tuning); impossible combinations refused in one line."""
     if not r.lora_rank:
         return None
-    if r.ep > 1:
-        raise ValueError(
-            f"--lora-rank with --ep {r.ep} is not supported yet; use --ep 1 (ZeRO-3 partitions the experts)"
-        )
     if r.moe_implementation != "shard" and "experts" in r.lora_targets:
         raise ValueError(
             "LoRA on routed experts needs --moe-implementation shard; or leave experts out of --lora-targets"
@@ -221,17 +222,15 @@ def refuse_finished_without_checkpoint(run: RunDir) -> None:
 
 def resume_state(job: Job, resume: TrainingCheckpoint | None) -> int:
     """Load the resume point into the engine and loader; the step to continue from (0: a fresh start)."""
+    from moe_train.checkpoint.adapters import checkpoint_shapes
     from moe_train.checkpoint.hf_layout import parameter_shapes
-    from moe_train.models.common.key_map import canonical_name
-    from moe_train.parallel import zero3
 
     if not resume:
         return 0
-    shapes = parameter_shapes(job.engine.module)
-    if job.lora is not None:  # a LoRA checkpoint holds the adapters, each under its own name
-        shapes = {
-            canonical_name(n): zero3.full_shape(p) for n, p in job.engine.module.named_parameters() if p.requires_grad
-        }
+    if job.lora is None:
+        shapes = parameter_shapes(job.engine.module)
+    else:  # a LoRA checkpoint holds the adapters, a routed expert's per expert
+        shapes = checkpoint_shapes(job.engine.module, job.lora)
     resume = resuming.load(resume, job, shapes, log=lambda msg: log(job.rank, msg.removeprefix("[moe-train] ")))
     log(job.rank, f"resumed from {resume.where} at step {resume.step}")
     return resume.step

@@ -25,7 +25,7 @@ from moe_train.engine.step import evaluate, run_step, step_record
 from moe_train.engine.tracking import TRACKERS, Trackers
 from moe_train.models import spec_of
 from moe_train.parallel import zero3
-from moe_train.parallel.distribute import gathered_parameters
+from moe_train.parallel.distribute import all_experts, gathered_parameters
 from moe_train.recipes import recipe_record
 from moe_train.storage import redact, redact_all, stall_notice
 
@@ -205,7 +205,8 @@ def _run(job: Job, metrics: MetricsWriter | None) -> dict[str, Any]:
 
 
 def export_adapter(job: Job, step: int) -> dict[str, Any]:
-    """A LoRA run's PEFT adapter directory (run's hf_adapter/), streamed one adapted module at a time."""
+    """A LoRA run's PEFT adapter directory (run's hf_adapter/), streamed one adapted module (or one layer's
+    routed experts, from every EP rank) at a time."""
     from moe_train.checkpoint.adapters import save_adapter
 
     url = job.run.hf_adapter_url
@@ -219,6 +220,7 @@ def export_adapter(job: Job, step: int) -> dict[str, Any]:
         url,
         job.lora,
         zero3.gathered_together,
+        all_experts=all_experts(job.dims),
         is_writer=job.rank == 0,
         base_url=source,
         extra=extra,

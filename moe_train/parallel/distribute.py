@@ -6,6 +6,7 @@ wrapped for activation checkpointing.  The model code itself knows none of it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -37,9 +38,15 @@ def distributed_model(
 
     def build() -> nn.Module:
         model = spec.build(cfg, layout)
-        if lora is not None:
-            apply_lora(model, lora)
-        return model if dims.experts is None else expert.apply(model, dims.experts)
+        if dims.experts is not None:
+            # The local experts' random start (the weights overwrite it) must not shift the draws that follow:
+            # the adapters' As are then those of EP 1.
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+                expert.apply(model, dims.experts)
+        if lora is not None:  # an expert's adapters partitioned as the expert: over its expert-data-parallel group
+            place = None if dims.experts is None else functools.partial(expert.place, groups=dims.experts)
+            apply_lora(model, lora, place)
+        return model
 
     model = zero3.build(build, ds_config, dtype, device)
     if fill is not None:
@@ -57,3 +64,10 @@ def gathered_parameters(model: nn.Module, dims: ParallelDims) -> Iterator[tuple[
     if dims.experts is None:
         return zero3.gathered_parameters(model)
     return expert.gathered_parameters(model, dims.experts)
+
+
+def all_experts(dims: ParallelDims) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A layer's per-expert rows from this rank's (``expert.all_experts`` under EP; all of them already without)."""
+    if dims.experts is None:
+        return lambda local: local
+    return functools.partial(expert.all_experts, groups=dims.experts)

@@ -128,12 +128,18 @@ class LocalExpertShard(ExpertShard):
         self, num_experts: int, hidden_size: int, intermediate_size: int, std: float, groups: EPGroups
     ) -> None:
         super().__init__(num_experts, hidden_size, intermediate_size, std)
-        for p in (self.gate_up_proj, self.down_proj):
-            p.allreduce = False
-            p.group_name = groups.name
-            p.ds_zero_placement_family = PLACEMENT_FAMILY
-            p.ds_zero_partition_group_name = groups.name
-            p.ds_zero_partition_process_group = groups.edp
+        place([self.gate_up_proj, self.down_proj], groups)
+
+
+def place(params: list[nn.Parameter], groups: EPGroups) -> None:
+    """Tag expert parameters (a local shard's, or its LoRA adapters') for ZeRO-3 to partition them over the
+    expert-data-parallel group; before the ``__init__`` creating them returns (see ``LocalExpertShard``)."""
+    for p in params:
+        p.allreduce = False
+        p.group_name = groups.name
+        p.ds_zero_placement_family = PLACEMENT_FAMILY
+        p.ds_zero_partition_group_name = groups.name
+        p.ds_zero_partition_process_group = groups.edp
 
 
 class ExpertParallelShards(nn.ModuleDict):
@@ -196,6 +202,14 @@ def apply(model: nn.Module, groups: EPGroups) -> nn.Module:
                 groups,
             )
     return model
+
+
+def all_experts(local_LX: torch.Tensor, groups: EPGroups) -> torch.Tensor:
+    """A layer's (E, ...) tensor from this rank's (E/N, ...) rows of it, on every rank of the EP group (EP
+    rank r holds experts [r*E/N, (r+1)*E/N)); for small per-expert tensors such as LoRA adapters."""
+    parts = [torch.empty_like(local_LX) for _ in range(groups.size)]
+    dist.all_gather(parts, local_LX.contiguous(), group=groups.ep)
+    return torch.cat(parts)
 
 
 def _expert_shard(name: str) -> int | None:

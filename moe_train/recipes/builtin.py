@@ -1,6 +1,6 @@
-"""The shipped recipes: the seed's full fine-tunes of the DeepSeek V2 and V3 families, Qwen3-MoE's, and the tiny
-debug recipes every test and the smoke run use (`moe-train recipes` lists them; `moe-train recipes
---dump NAME` writes one as a file to start from)."""
+"""The shipped recipes: the seed's full fine-tunes of the DeepSeek V2 and V3 families, Qwen3-MoE's, LoRA on
+DeepSeek V2 and Qwen3-MoE, and the tiny debug recipes every test and the smoke run use (`moe-train recipes`
+lists them; `moe-train recipes --dump NAME` writes one as a file to start from)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ _V2_CHAT_ALPACA = dict(
 _V3_ALPACA = {**_V2_CHAT_ALPACA, "family": "deepseek_v3", "bias_update_rate": 0.001}
 
 _QWEN3_ALPACA = {**_V2_CHAT_ALPACA, "family": "qwen3_moe", "template": "qwen3"}
+
+# LoRA on every target (attention, dense and shared-expert MLPs, routed experts) of the frozen base: rank 16,
+# alpha 32, and the higher learning rate adapters train with (only they are updated).
+_LORA = dict(lora_rank=16, lora_alpha=32.0, lr=2e-4)
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -98,6 +102,33 @@ RECIPES: dict[str, Recipe] = {
             expert_in_one_shard=16,
             ep=8,
             **_QWEN3_ALPACA,
+        ),
+        Recipe(
+            name="deepseek_v2_chat_lora_alpaca_e3",
+            description="DeepSeek-V2-Chat (236B) LoRA (rank 16, experts included) on alpaca, shards of 10 experts, "
+            "3 epochs",
+            model="hf://deepseek-ai/DeepSeek-V2-Chat",
+            moe_implementation="shard",
+            expert_in_one_shard=10,
+            **{**_V2_CHAT_ALPACA, **_LORA},
+        ),
+        Recipe(
+            name="deepseek_v2_lite_chat_lora_alpaca_e3",
+            description="DeepSeek-V2-Lite-Chat (16B) LoRA (rank 16, experts included) on alpaca, shards of 8 experts, "
+            "3 epochs",
+            model="hf://deepseek-ai/DeepSeek-V2-Lite-Chat",
+            moe_implementation="shard",
+            expert_in_one_shard=8,
+            **{**_V2_CHAT_ALPACA, **_LORA},
+        ),
+        Recipe(
+            name="qwen3_30b_a3b_lora_alpaca",
+            description="Qwen3-30B-A3B LoRA (rank 16, experts included) on alpaca with Qwen3's chat template, shards "
+            "of 64 experts, 3 epochs",
+            model="hf://Qwen/Qwen3-30B-A3B",
+            moe_implementation="shard",
+            expert_in_one_shard=64,
+            **{**_QWEN3_ALPACA, **_LORA},
         ),
         Recipe(
             name="tiny_v3",

@@ -26,6 +26,8 @@ replace these two (dequantising per call) and its storage dtype, nothing else he
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_train.models.common.experts import ExpertShard, _GroupedLinear, _SwiGLU
+from moe_train.models.common.key_map import Slot
 
 LORA_TARGETS = ("attention", "dense", "shared_experts", "experts")
 
@@ -99,22 +102,32 @@ class LoraLinear(nn.Module):
 
 
 class LoraExpertShard(nn.Module):
-    """A frozen ``ExpertShard`` (its ``gate_up_proj``/``down_proj`` objects) plus per-expert adapters."""
+    """A frozen ``ExpertShard`` (its ``gate_up_proj``/``down_proj`` objects) plus per-expert adapters.
+
+    ``gate_up_A`` (S, R, D) and ``down_A`` (S, R, F) are the shard's rows of its layer's initial As (drawn for
+    all E experts at once, so an expert starts the same whatever the shard size or EP degree).  ``place``, if
+    given, is called on the new adapters before this ``__init__`` returns: a distribution places them as it
+    placed the base shard (``parallel/distribute.py``), since ZeRO-3 partitions them then."""
 
     def __init__(
-        self, base: ExpertShard, num_experts: int, hidden_size: int, intermediate_size: int, lora: LoraConfig
+        self,
+        base: ExpertShard,
+        gate_up_A: torch.Tensor,
+        down_A: torch.Tensor,
+        lora: LoraConfig,
+        place: Callable[[list[nn.Parameter]], None] | None = None,
     ) -> None:
         super().__init__()
-        S, D, F_, R = num_experts, hidden_size, intermediate_size, lora.rank
+        (S, R, D), F_ = gate_up_A.shape, down_A.shape[2]
         self.gate_up_proj = base.gate_up_proj
         self.down_proj = base.down_proj
         self.scaling = lora.scaling
-        self.gate_up_lora_A = nn.Parameter(torch.empty(S, R, D))
+        self.gate_up_lora_A = nn.Parameter(gate_up_A.clone())
         self.gate_up_lora_B = nn.Parameter(torch.zeros(S, 2 * F_, R))
-        self.down_lora_A = nn.Parameter(torch.empty(S, R, F_))
+        self.down_lora_A = nn.Parameter(down_A.clone())
         self.down_lora_B = nn.Parameter(torch.zeros(S, D, R))
-        _init_A(self.gate_up_lora_A, D)
-        _init_A(self.down_lora_A, F_)
+        if place is not None:
+            place([self.gate_up_lora_A, self.gate_up_lora_B, self.down_lora_A, self.down_lora_B])
 
     def _lora(self, x_AI: torch.Tensor, a_SRI: torch.Tensor, b_SOR: torch.Tensor, counts_S: torch.Tensor):
         return _GroupedLinear.apply(_GroupedLinear.apply(x_AI, a_SRI, counts_S), b_SOR, counts_S) * self.scaling
@@ -159,11 +172,15 @@ def target_of(name: str) -> str | None:
     return None
 
 
-def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+def apply_lora(
+    model: nn.Module, lora: LoraConfig, place: Callable[[list[nn.Parameter]], None] | None = None
+) -> nn.Module:
     """Freeze every parameter of ``model`` and add adapters to the targets, in place; returns the model.
 
     Works under ``deepspeed.zero.Init`` (the base keeps its partitions; the new adapters are partitioned
-    as they are created), so it runs inside the factory that builds the model."""
+    as they are created), so it runs inside the factory that builds the model.  Routed experts may be this
+    rank's only (expert parallelism): shards are named by their global index; ``place`` is handed to each
+    ``LoraExpertShard``."""
     cfg, layout = model.config, model.layout
     if "experts" in lora.targets and layout.moe_implementation != "shard":
         raise ValueError(
@@ -173,15 +190,41 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for name, module in list(model.named_modules()):
+        shards = [(n, c) for n, c in module.named_children() if isinstance(c, ExpertShard)]
+        if shards and "experts" in lora.targets:
+            S = layout.shard_size(cfg.num_experts)
+            gate_up_A, down_A = _initial_expert_As(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size, lora)
+            for child_name, child in shards:
+                rows = slice(int(child_name) * S, (int(child_name) + 1) * S)
+                setattr(module, child_name, LoraExpertShard(child, gate_up_A[rows], down_A[rows], lora, place))
         for child_name, child in list(module.named_children()):
             path = f"{name}.{child_name}" if name else child_name
             if isinstance(child, nn.Linear) and target_of(path) in lora.targets:
                 setattr(module, child_name, LoraLinear(child, lora))
-            elif isinstance(child, ExpertShard) and "experts" in lora.targets:
-                S = layout.shard_size(cfg.num_experts)
-                shard = LoraExpertShard(child, S, cfg.hidden_size, cfg.expert_intermediate_size, lora)
-                setattr(module, child_name, shard)
     return model
+
+
+def _initial_expert_As(E: int, D: int, F_: int, lora: LoraConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's initial gate/up (E, R, D) and down (E, R, F) As, drawn for every expert in one order."""
+    gate_up_A, down_A = torch.empty(E, lora.rank, D), torch.empty(E, lora.rank, F_)
+    _init_A(gate_up_A, D)
+    _init_A(down_A, F_)
+    return gate_up_A, down_A
+
+
+_EXPERT_ADAPTER = re.compile(r"^(.*\.experts\.)(\d+)\.((?:gate_up|down)_lora_[AB])$")
+
+
+def adapter_keys(name: str, experts_per_shard: int) -> list[tuple[str, Slot]]:
+    """The checkpoint keys of the adapter ``name`` (canonical) and where each lives in it: a routed expert
+    shard's (S, ...) adapter is kept per expert (``...experts.{expert}.gate_up_lora_A``, (R, D)), so a
+    checkpoint does not depend on the shard size or the EP degree; any other adapter is its own key."""
+    m = _EXPERT_ADAPTER.match(name)
+    if m is None:
+        return [(name, Slot(name))]
+    prefix, shard, leaf = m.group(1), int(m.group(2)), m.group(3)
+    S = experts_per_shard
+    return [(f"{prefix}{shard * S + i}.{leaf}", Slot(name, i)) for i in range(S)]
 
 
 def is_adapter(name: str) -> bool:
