@@ -2,7 +2,7 @@
 
 Three engines built side by side on every rank from one seeded HF checkpoint of the P2 model
 (DeepSeek-V2-Lite's structure at the tiny widths, shard-8 experts), all under the same DeepSpeed
-ZeRO-3 config (P2's: the shipped one, parameters released after use), fp32, the same token rows:
+ZeRO-3 config (the shipped one, see ``_ds_config``), fp32, the same token rows:
 
 - ``moe-train lora``: our model with ``LoraConfig(rank 16)`` on every target (attention, dense and
   shared-expert projections, routed experts as rank-16 grouped GEMMs); the optimizer holds the adapters;
@@ -50,6 +50,25 @@ def _config(mode: str):
     from bench.zero3 import model_config
 
     return model_config(mode, "shard", MODES[mode]["shard"])
+
+
+def _ds_config(world: int, hidden: int) -> dict:
+    """The shipped ZeRO-3 config, filled as the trainer fills it.  Not P2's release-after-use variant
+    (``stage3_max_live_parameters`` = ``stage3_max_reuse_distance`` = 0): under it PEFT's
+    ``target_parameters`` fails (its B A delta is built outside the experts' forward, so ZeRO-3 has
+    released the adapters when autograd needs them: "The size of tensor a (0) must match the size of
+    tensor b (16)"), so for the tiny model every engine keeps its weights gathered from forward to backward."""
+    from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config
+
+    return fill_auto(
+        load_deepspeed_config("deepspeed_zero3"),
+        micro_batch_size=1,
+        grad_accum=1,
+        world_size=world,
+        grad_clip=1.0,
+        bf16=False,
+        hidden_size=hidden,
+    )
 
 
 def _lora():
@@ -133,7 +152,7 @@ def optimizer_and_grad_bytes(engine) -> dict[str, int]:
 
 
 def worker(mode: str, out_path: str, tmp: str) -> None:
-    from bench.ep import _ds_config, _hf_step, _our_step, _row, _timed_rounds
+    from bench.ep import _hf_step, _our_step, _row, _timed_rounds
     from moe_train.engine.distributed import destroy_distributed, hard_exit, init_distributed
 
     code = 0
@@ -232,16 +251,16 @@ def summary(mode: str, records: list[dict]) -> Result:
     notes = (
         f"P2 model: {m['layers']} layers (first dense), {m['experts']} experts top-{m['top_k']} in shards of "
         f"{m['shard']} (ours), hidden 64, {m['tokens']} tokens per rank per step, 2 ranks on gloo, ZeRO-3 "
-        f"(parameters released after use), fp32; LoRA rank {RANK}, alpha {ALPHA:g} on attention, dense, shared "
+        f"(the shipped config), fp32; LoRA rank {RANK}, alpha {ALPHA:g} on attention, dense, shared "
         f"and routed experts for both LoRA engines (PEFT loads our initial adapters); median of {m['rounds']} "
         "interleaved steps after one warm-up. Memory per rank, rank 0. CPU ms: rank 0's process time, steadier "
-        "than wall time on a loaded machine."
+        "than wall time on a loaded machine. Step-1 loss: ours adds the P2 model's balance loss, transformers "
+        "computes none."
     )
     targets = {
         "p8_lora_step_vs_full": ("<=", 0.7),
         "p8_peft_step_vs_lora": (">=", 2),
         "p8_lora_states_vs_full": ("<=", 0.05),
-        "p8_step1_loss_diff": ("<=", 1e-5),
     }
     return Result(
         "P8 LoRA vs full vs PEFT target_parameters, ZeRO-3, 2 ranks on gloo",

@@ -485,7 +485,8 @@ def report(p: Plan) -> str:
         f"speed (estimate; {p.peak_tflops:g} TFLOP/s peak, GEMMs at {cal.gemm_efficiency:.0%} and flash attention "
         f"at {cal.flash_efficiency:.0%} of it, {p.device.network_gbps if p.nodes > 1 else p.device.nvlink_gbps:g} "
         f"GB/s per GPU for collectives; {cal.source})",
-        f"  FLOPs/token = 6 * N_active + 6 * layers * heads * (qk_head_dim + v_head_dim) * keys "
+        f"  FLOPs/token = {'4 * N_active + 6 * adapters_active' if w.lora else '6 * N_active'} "
+        "+ 6 * layers * heads * (qk_head_dim + v_head_dim) * keys "
         f"= {s.model_flops_per_token / 1e9:.1f} GFLOP (hardware {s.hardware_flops_per_token / 1e9:.1f}; "
         f"keys {attention_keys(w):.0f} per token{' within each sample' if w.varlen else ''})",
         f"  per micro step: compute {s.compute_s:.2f} s, ZeRO-3 hooks {s.hooks_s:.2f} s, communication "
