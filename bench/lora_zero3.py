@@ -41,14 +41,19 @@ MODES = {
     "test": dict(layers=2, experts=8, top_k=2, tokens=64, shard=4, rounds=1),
     "quick": dict(layers=12, experts=64, top_k=6, tokens=256, shard=8, rounds=3),
     "full": dict(layers=27, experts=64, top_k=6, tokens=256, shard=8, rounds=5),
+    # P7's widths (hidden 512, expert intermediate 128, 6 layers, balance loss off), 1024 tokens per rank
+    "wide": dict(layers=6, experts=64, top_k=6, tokens=1024, shard=8, rounds=3),
 }
 RANK, ALPHA = 16, 32.0
 
 
 def _config(mode: str):
     """(config, expert layout): P2's model of this mode (``bench/zero3.py``) with shard-8 experts."""
+    from bench.ep import _p7_config
     from bench.zero3 import model_config
 
+    if mode == "wide":
+        return _p7_config("quick", MODES[mode]["shard"])
     return model_config(mode, "shard", MODES[mode]["shard"])
 
 
@@ -250,7 +255,8 @@ def summary(mode: str, records: list[dict]) -> Result:
     ]
     notes = (
         f"P2 model: {m['layers']} layers (first dense), {m['experts']} experts top-{m['top_k']} in shards of "
-        f"{m['shard']} (ours), hidden 64, {m['tokens']} tokens per rank per step, 2 ranks on gloo, ZeRO-3 "
+        f"{m['shard']} (ours), hidden {512 if mode == 'wide' else 64}, {m['tokens']} tokens per rank per step, "
+        "2 ranks on gloo, ZeRO-3 "
         f"(the shipped config), fp32; LoRA rank {RANK}, alpha {ALPHA:g} on attention, dense, shared "
         f"and routed experts for both LoRA engines (PEFT loads our initial adapters); median of {m['rounds']} "
         "interleaved steps after one warm-up. Memory per rank, rank 0. CPU ms: rank 0's process time, steadier "
