@@ -254,7 +254,8 @@ def summary(mode: str, records: list[dict]) -> Result:
         "step-1 loss",
     ]
     notes = (
-        f"P2 model: {m['layers']} layers (first dense), {m['experts']} experts top-{m['top_k']} in shards of "
+        f"{'P7' if mode == 'wide' else 'P2'} model: {m['layers']} layers (first dense), {m['experts']} experts "
+        f"top-{m['top_k']} in shards of "
         f"{m['shard']} (ours), hidden {512 if mode == 'wide' else 64}, {m['tokens']} tokens per rank per step, "
         "2 ranks on gloo, ZeRO-3 "
         f"(the shipped config), fp32; LoRA rank {RANK}, alpha {ALPHA:g} on attention, dense, shared "
