@@ -16,7 +16,10 @@ step time, rank 0's CPU time, peak RSS above the start of a step, and the bytes 
 gradients hold on a rank (DeepSpeed's fp32 master partitions, Adam's moments, the flat gradient
 partitions), read from DeepSpeed's optimizer after the steps.
 
-Run: ``python -m bench.lora_zero3 [--mode test|quick|full]``; workers run under torchrun.
+``--mode wide`` runs the same three engines on P7's model (hidden 512, expert intermediate 128, 6 layers,
+balance loss off, 1024 tokens per rank), where GEMMs rather than calls set the step time.
+
+Run: ``python -m bench.lora_zero3 [--mode test|quick|full|wide]``; workers run under torchrun.
 """
 
 from __future__ import annotations
