@@ -5,7 +5,7 @@ Run under torchrun (one process per rank)::
     python -m torch.distributed.run --nproc_per_node=2 tests/plan_measure_worker.py OUT_DIR SPEC_JSON
 
 SPEC_JSON: {"model": {overrides of the tiny config}, "max_length": S, "steps": n,
-"activation_checkpointing": bool}.
+"activation_checkpointing": bool, "lora": {"rank": R, "alpha": a} (optional: LoRA on a frozen base)}.
 The model, engine and optimizer are built exactly as ``moe_train.engine.setup`` builds them
 (``build_model`` under ``deepspeed.zero.Init``, ``torch.optim.AdamW``, the shipped
 ``deepspeed_zero3`` config filled by ``fill_auto``, fp32 on CPU), and each step computes the loss
@@ -127,6 +127,7 @@ def main(out_dir: str, spec: dict) -> None:
     from moe_train.engine.distributed import destroy_distributed, hard_exit, init_distributed
     from moe_train.engine.model import build_model
     from moe_train.models.common.experts import ExpertLayout
+    from moe_train.models.common.lora import LoraConfig
     from moe_train.models.common.loss import shift_labels
     from moe_train.models.deepseek_v2 import DeepseekV2Config
     from moe_train.parallel.dims import ParallelDims
@@ -165,9 +166,11 @@ def main(out_dir: str, spec: dict) -> None:
         None,
         seed=0,
         activation_checkpointing=spec.get("activation_checkpointing", False),
+        lora=LoraConfig(**spec["lora"]) if spec.get("lora") else None,
     )
     sampler.mark("optimizer")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]  # as build_engine: LoRA's adapters only
+    optimizer = torch.optim.AdamW(trained, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     sampler.mark("init")
     engine, optimizer, _, scheduler = deepspeed.initialize(

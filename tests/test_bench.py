@@ -194,3 +194,17 @@ def test_gpu_bundle_check_finds_what_an_air_gapped_node_lacks(tmp_path):
     assert bundle.check(tmp_path) == []
     _fake_wheel(tmp_path, "torch", "2.13.0")
     assert bundle.check(tmp_path) == ["torch must come from the node, not the bundle"]
+
+
+@pytest.mark.slow
+def test_p8_lora_benchmark_runs_at_the_test_size():
+    """P8's three engines at the smallest size: PEFT trains exactly our adapters (same count), LoRA's
+    optimizer and gradient bytes are the adapters' (below the full run's), and every step ran (no timing
+    is checked)."""
+    from bench import lora_zero3
+
+    result = lora_zero3.run("test")
+    assert "| peft lora |" in result.table and "| moe-train full |" in result.table
+    assert 0 < result.figures["p8_lora_states_vs_full"] < 1
+    rows = {line.split("|")[1].strip(): line.split("|") for line in result.table.splitlines()[2:]}
+    assert rows["moe-train lora"][6] == rows["peft lora"][6]  # trained params

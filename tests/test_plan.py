@@ -401,6 +401,8 @@ def test_cli_surface_is_pinned():
             "--headroom",
             "--tokens",
             "--ep",
+            "--lora-rank",
+            "--lora-targets",
         ]
     )
     assert all(p.help for p in plan.params if isinstance(p, click.Option))

@@ -16,6 +16,7 @@ from typing import Any
 from moe_train.engine.deepspeed_config import load_deepspeed_config
 from moe_train.models import families, spec_for
 from moe_train.models.common.experts import ExpertLayout
+from moe_train.models.common.lora import LoraConfig
 from moe_train.parallel.dims import ParallelDims
 from moe_train.plan.expert import predict_speed_ep
 from moe_train.plan.memory import GiB, MemoryEstimate, Workload, ZeroSettings, predict_memory
@@ -115,6 +116,11 @@ def workload(recipe: Recipe, attention: str = "flash") -> Workload:
         dtype=recipe.dtype,
         sp=recipe.sp,
         device="cuda",  # the trainer runs fp32 recipes (tiny) in fp32 on GPU too
+        lora=(
+            LoraConfig(recipe.lora_rank, recipe.lora_alpha, recipe.lora_dropout, tuple(recipe.lora_targets))
+            if recipe.lora_rank
+            else None
+        ),
     )
 
 
@@ -230,7 +236,7 @@ class Plan:
             "gpu_mem_gb": self.gpu_mem_gb,
             "deepspeed": self.deepspeed,
             "zero": self.zero.__dict__,
-            "workload": self.work.__dict__,
+            "workload": dataclasses.asdict(self.work),
             "ep": self.ep,
             "grad_accum": self.grad_accum,
             "moe_implementation": self.layout.moe_implementation,

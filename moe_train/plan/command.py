@@ -19,6 +19,7 @@ from moe_train.plan.booking import (
     planned_for,
     slurm_time,
 )
+from moe_train.plan.lora import adapters
 from moe_train.plan.memory import ATTENTIONS, count_params
 from moe_train.plan.search import Candidate, SearchResult, search
 from moe_train.plan.speed import DEVICES, attention_keys
@@ -30,7 +31,15 @@ GPUS_PER_NODE = 8
 # The shipped DeepSpeed config of each offload the search tries ("optimizer" alone has none shipped).
 OFFLOAD_CONFIGS = {"optimizer+params": "deepspeed_zero3_offload"}
 # The recipe fields the planner takes as options (type, range and help from the field).
-PLAN_FIELDS = ("max_length", "varlen", "moe_implementation", "expert_in_one_shard", "deepspeed")
+PLAN_FIELDS = (
+    "max_length",
+    "varlen",
+    "moe_implementation",
+    "expert_in_one_shard",
+    "deepspeed",
+    "lora_rank",
+    "lora_targets",
+)
 # XTuner's published figures for DeepSeek-V2 236B on 128 A100-80G (the seed), for --search to compare against.
 SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "tgs_16k_varlen": 180}
 
@@ -441,9 +450,14 @@ def report(p: Plan) -> str:
         f"workload: {w.tokens_per_rank} tokens per GPU per micro step (max_length {w.max_length}, sp {w.sp}), "
         f"{'varlen' if w.varlen else 'no varlen'}, {w.attention} attention, "
         f"activation checkpointing {'on' if w.activation_checkpointing else 'off'}",
-        "",
-        "memory per GPU (GB)",
     ]
+    if w.lora is not None:
+        lines.append(
+            f"lora: rank {w.lora.rank} on {', '.join(w.lora.targets)}: "
+            f"{adapters(cfg, p.layout, w.lora).numel / 1e6:.1f}M adapter params trained, the base frozen (its "
+            "weights only: no gradient, fp32 master or Adam state)"
+        )
+    lines += ["", "memory per GPU (GB)"]
     phases = list(mem.phases)
     overheads = ["fragmentation", "cuda_context_nccl"]
     terms = [
@@ -471,7 +485,8 @@ def report(p: Plan) -> str:
         f"speed (estimate; {p.peak_tflops:g} TFLOP/s peak, GEMMs at {cal.gemm_efficiency:.0%} and flash attention "
         f"at {cal.flash_efficiency:.0%} of it, {p.device.network_gbps if p.nodes > 1 else p.device.nvlink_gbps:g} "
         f"GB/s per GPU for collectives; {cal.source})",
-        f"  FLOPs/token = 6 * N_active + 6 * layers * heads * (qk_head_dim + v_head_dim) * keys "
+        f"  FLOPs/token = {'4 * N_active + 6 * adapters_active' if w.lora else '6 * N_active'} "
+        "+ 6 * layers * heads * (qk_head_dim + v_head_dim) * keys "
         f"= {s.model_flops_per_token / 1e9:.1f} GFLOP (hardware {s.hardware_flops_per_token / 1e9:.1f}; "
         f"keys {attention_keys(w):.0f} per token{' within each sample' if w.varlen else ''})",
         f"  per micro step: compute {s.compute_s:.2f} s, ZeRO-3 hooks {s.hooks_s:.2f} s, communication "

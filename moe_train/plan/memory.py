@@ -41,8 +41,10 @@ from moe_train.engine.deepspeed_config import auto_buckets, offloads
 from moe_train.models import spec_of
 from moe_train.models.common.costs import Unit, norm_bytes
 from moe_train.models.common.experts import ExpertLayout
+from moe_train.models.common.lora import LoraConfig
 from moe_train.models.common.loss import chunk_tokens
 from moe_train.parallel.dims import ParallelDims
+from moe_train.plan.lora import adapters, with_adapters
 
 GiB = 2**30
 ATTENTIONS = ("flash", "sdpa", "eager")
@@ -71,6 +73,8 @@ class Workload:
     # cuda | cpu.  cpu: no CUDA context, NCCL buffers or allocator margin, and torch's AdamW takes its
     # single-tensor path (foreach kernels are CUDA-only), which holds two temporaries per step.
     device: str = "cuda"
+    # LoRA adapters on a frozen base (``plan/lora.py``); None: full fine-tuning.
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -274,6 +278,9 @@ def step_trace(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSetting
     embedding last.  Units under the persistence threshold are not traced; with expert
     parallelism (``ep`` > 1) a rank traces only its own expert shards."""
     embed, layers, head = model_units(cfg, layout)
+    if work.lora is not None:
+        ad = adapters(cfg, layout, work.lora)
+        layers = [with_adapters(layer, ad.layers[i]) for i, layer in enumerate(layers)]
 
     def traced(units: list[Unit], tag: str) -> list[Unit]:
         return [  # Unit(...) rather than dataclasses.replace: a 671B trace has ~100k entries
@@ -309,7 +316,7 @@ def _gathered(
     (``step_trace``).  With a reuse distance larger than the model, every weight gathered in the
     forward stays gathered until its backward.  Cached: it depends on the model, the ZeRO settings
     and activation checkpointing only, and ``--search`` asks for it many times."""
-    key = (repr(cfg), layout, work.activation_checkpointing, gather_key(zero), ep)
+    key = (repr(cfg), layout, work.activation_checkpointing, gather_key(zero), ep, work.lora)
     if key not in _GATHERED:
         if len(_GATHERED) > 256:
             _GATHERED.clear()
@@ -325,9 +332,17 @@ def _replay_gathered(
 ) -> dict[str, dict[str, int]]:
     t = step_trace(cfg, layout, work, zero, ep)
     live = simulate_gathers(t.units, zero)
+    head_grads = max((u.numel for u in t.head), default=0)
+    top_grads = max((u.numel for u in t.top_layer), default=0)
+    if work.lora is not None:  # only the adapters get gradients; the head has none
+        top = adapters(cfg, layout, work.lora).layers[-1]
+        head_grads = 0
+        top_grads = max(
+            (top[u.name.split(".", 1)[1]].numel for u in t.top_layer if u.name.split(".", 1)[1] in top), default=0
+        )
     return {
-        "loss": {"params": max(live[t.loss], default=0), "grads": max((u.numel for u in t.head), default=0)},
-        "layer": {"params": max(live[t.top], default=0), "grads": max((u.numel for u in t.top_layer), default=0)},
+        "loss": {"params": max(live[t.loss], default=0), "grads": head_grads},
+        "layer": {"params": max(live[t.top], default=0), "grads": top_grads},
     }
 
 
@@ -372,7 +387,8 @@ def logits_bytes(cfg: Any, work: Workload) -> float:
     (V, D) weight gradient in fp32."""
     T, V, D, b = work.tokens_per_rank, cfg.vocab_size, cfg.hidden_size, work.bytes
     C = min(T, chunk_tokens(V, torch.float32 if b == 4 else torch.bfloat16))
-    return C * V * (4 + (b if b != 4 else 0)) + T * D * b + V * D * 4
+    weight_grad = V * D * 4 if work.lora is None else 0  # a frozen head computes no weight gradient
+    return C * V * (4 + (b if b != 4 else 0)) + T * D * b + weight_grad
 
 
 # ---------------------------------------------------------------------------- the estimate
@@ -434,16 +450,23 @@ def predict_memory(
     # parameter) and a flat gradient partition in the compute dtype; the optimizer's fp32 master
     # partition and Adam's m and v.  DeepSpeed keeps the master copy even when the weights are
     # fp32 (stage 1/2 clone it; stage 3 compares a torch.device with a device name, never equal).
+    # With LoRA the frozen base holds only its weights; the adapters (A numel) hold all four states.
     optim_per_param = 12 if zero.stage >= 1 or b < 4 else 8
-    params = P * b / N + persistent * b if zero.stage >= 3 else P * b
-    grads = P * b / N if zero.stage >= 2 else P * b
-    optim = P * optim_per_param / N if zero.stage >= 1 else P * optim_per_param
+    A = 0
+    if work.lora is not None:
+        ad = adapters(model, layout, work.lora)
+        A = ad.numel
+        persistent += ad.persistent_numel(zero.param_persistence_threshold) if zero.stage >= 3 else 0
+    trained = A if work.lora is not None else P
+    params = (P + A) * b / N + persistent * b if zero.stage >= 3 else (P + A) * b
+    grads = trained * b / N if zero.stage >= 2 else trained * b
+    optim = trained * optim_per_param / N if zero.stage >= 1 else trained * optim_per_param
     cpu = 0.0
     if zero.offload_param and zero.stage >= 3:
-        cpu += P * b / N
+        cpu += (P + A) * b / N
         params = persistent * b
     if zero.offload_optimizer:
-        cpu += optim + P * 4 / N  # fp32 grads live with the optimizer on the host
+        cpu += optim + trained * 4 / N  # fp32 grads live with the optimizer on the host
         optim, grads = 0.0, 0.0
     static = {"params": params, "grads": grads, "optimizer_states": optim}
     if zero.stage >= 3:  # the contiguous-gradients bucket, allocated once
@@ -455,15 +478,18 @@ def predict_memory(
     L = model.num_hidden_layers
     T = work.tokens_per_rank
     acts = all_layer_activations(model, work)
+    if work.lora is not None:  # each adapter's rank-R intermediate, kept for its B's gradient
+        ad = adapters(model, layout, work.lora)
+        acts = [{**a, "adapters": ad.saved_per_token(i) * T * b} for i, a in enumerate(acts)]
     top = acts[-1]
 
     def saved(a: dict[str, float]) -> float:
-        return a["attention"] + a["attention_scores"] + a["mlp"] + a["moe_dispatch"]
+        return a["attention"] + a["attention_scores"] + a["mlp"] + a["moe_dispatch"] + a.get("adapters", 0.0)
 
     if work.activation_checkpointing:
         kept = L * T * model.hidden_size * b  # each layer's input
         recompute = {
-            "layer_recompute": top["attention"] + top["mlp"],
+            "layer_recompute": top["attention"] + top["mlp"] + top.get("adapters", 0.0),
             "attention_scores": top["attention_scores"],
             "moe_dispatch": top["moe_dispatch"],
         }
@@ -506,7 +532,7 @@ def predict_memory(
     # denominator: one with the CUDA foreach kernels, two on CPU's single-tensor path
     # (exp_avg_sq.sqrt() and its quotient are live together).
     if not zero.offload_optimizer:
-        partition = P / N if zero.stage >= 1 else P
+        partition = trained / N if zero.stage >= 1 else trained
         group = min(zero.sub_group_size, partition) if zero.stage >= 3 else partition
         phases["step"]["fp32_grad_copy"] = group * 4
         phases["step"]["adam_temporaries"] = group * 4 * (2 if work.device == "cpu" else 1)
@@ -514,4 +540,4 @@ def predict_memory(
         for terms in phases.values():
             terms["fragmentation"] = FRAGMENTATION * sum(terms.values())
             terms["cuda_context_nccl"] = CUDA_RUNTIME_BYTES
-    return MemoryEstimate(phases=phases, cpu_bytes=cpu, params=P)
+    return MemoryEstimate(phases=phases, cpu_bytes=cpu, params=P + A)

@@ -124,9 +124,12 @@ def offload_config(ds_config: dict[str, Any], offload: str) -> dict[str, Any]:
     return {**ds_config, "zero_optimization": zero}
 
 
-def _layouts(cfg: Any) -> list[ExpertLayout]:
+def _layouts(cfg: Any, work: Workload) -> list[ExpertLayout]:
     E = cfg.num_experts
-    return [ExpertLayout("origin")] + [ExpertLayout("shard", d) for d in range(1, E + 1) if E % d == 0]
+    shards = [ExpertLayout("shard", d) for d in range(1, E + 1) if E % d == 0]
+    if work.lora is not None and "experts" in work.lora.targets:  # expert adapters need shards
+        return shards
+    return [ExpertLayout("origin"), *shards]
 
 
 def _ep_degrees(cfg: Any, gpus: int) -> list[int]:
@@ -170,15 +173,16 @@ def search(
     (varlen, attention, dtype, micro batch) and with ``grad_accum`` the global batch, ``ds_config`` the
     DeepSpeed config the offloads vary."""
     sps = [d for d in range(1, gpus + 1) if gpus % d == 0]
-    layouts = _layouts(cfg)
+    layouts = _layouts(cfg, work)
     lengths = sorted({work.max_length, *MAX_LENGTHS}) if work.varlen or free_batch else [work.max_length]
     space = list(itertools.product(layouts, _ep_degrees(cfg, gpus), sps, lengths, (False, True), OFFLOADS))
     pruned = {"invalid": 0, "model states exceed the GPU": 0, "dominated": 0, "does not fit": 0}
     global_batch = gpus * work.tokens_per_rank * grad_accum
     # Model states alone per offload setting (a bound that needs no trace): weights, grads, optimizer.
     P = count_params(cfg)
+    per_param = work.bytes if work.lora is not None else 2 * work.bytes + 12  # LoRA: the frozen base's weights
     states_gb = {
-        "none": P * (2 * work.bytes + 12) / gpus / 2**30,
+        "none": P * per_param / gpus / 2**30,
         "optimizer": P * work.bytes / gpus / 2**30,
         "optimizer+params": 0.0,
     }

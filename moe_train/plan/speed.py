@@ -38,6 +38,7 @@ from moe_train.models import spec_of
 from moe_train.models.common.experts import ExpertLayout
 from moe_train.plan import calibration
 from moe_train.plan.calibration import Calibration
+from moe_train.plan.lora import adapters, by_traced_name
 from moe_train.plan.memory import (
     Unit,
     Workload,
@@ -129,12 +130,18 @@ def _attention_flops(cfg: Any, work: Workload) -> float:
     return spec_of(cfg).attention(cfg).flops_per_key * keys
 
 
-def flops_per_token(cfg: Any, work: Workload) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs) per token; see the module docstring."""
+def flops_per_token(cfg: Any, work: Workload, layout: ExpertLayout | None = None) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) per token; see the module docstring.  With LoRA a frozen weight's
+    backward is its input gradient only (2 * N_active fewer), the adapters' GEMMs count in full."""
     n_active = active_matmul_params(cfg)
     model = 6 * n_active + 3 * spec_of(cfg).attention(cfg).flops_per_key * attention_keys(work)
     passes = 4 if work.activation_checkpointing else 3
-    return model, 2 * passes * n_active + passes * _attention_flops(cfg, work)
+    hardware = 2 * passes * n_active + passes * _attention_flops(cfg, work)
+    if work.lora is not None:
+        a_active = adapters(cfg, layout or ExpertLayout(), work.lora).active_numel(cfg)
+        model += 6 * a_active - 2 * n_active
+        hardware += 2 * passes * a_active - 2 * n_active
+    return model, hardware
 
 
 def _tokens_through(cfg: Any, unit: Unit, tokens: float) -> float:
@@ -165,7 +172,7 @@ _SCHEDULES: dict[tuple, tuple] = {}
 
 def _schedule(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings) -> tuple:
     """(step trace, gathers issued per entry), cached: the search and the fits time one trace many times."""
-    key = (repr(cfg), layout, work.activation_checkpointing, gather_key(zero))
+    key = (repr(cfg), layout, work.activation_checkpointing, gather_key(zero), work.lora)
     if key not in _SCHEDULES:
         if len(_SCHEDULES) > 64:
             _SCHEDULES.clear()
@@ -195,6 +202,7 @@ def _zero3_timeline(
     now = comm_free = 0.0
     ready: dict[str, float] = {}
     bucket, bucket_tensors = 0.0, 0
+    lora = by_traced_name(cfg, layout, work.lora) if work.lora is not None else None
 
     def communicate(numel: float) -> float:
         nonlocal comm_free
@@ -215,13 +223,18 @@ def _zero3_timeline(
         if unit.attention_kernel:
             work_s += attn_s
         work_s *= 2 if pass_ == "backward" else 1
+        if lora is not None and pass_ == "backward":  # a frozen weight gets no gradient: one GEMM fewer
+            frozen = unit.numel - (lora[unit.name].numel if unit.name in lora else 0)
+            work_s -= 2 * _tokens_through(cfg, unit, T) * frozen / gemm_rate
         hooks = cal.hook_s * unit.tensors
         now += work_s + hooks
         out.compute_s += work_s
         out.hooks_s += hooks
         if pass_ == "backward":  # each gradient goes to the reduce bucket; a full bucket is reduce-scattered
-            for _ in range(unit.tensors):
-                numel = unit.numel / unit.tensors
+            sizes = [unit.numel / unit.tensors] * unit.tensors
+            if lora is not None:  # only the adapters' gradients are reduced
+                sizes = list(lora[unit.name].sizes) if unit.name in lora else []
+            for numel in sizes:
                 if bucket_tensors and bucket + numel > zero.reduce_bucket_size:
                     communicate(bucket)
                     bucket, bucket_tensors = 0.0, 0
@@ -283,12 +296,14 @@ def predict_speed(
     peak = (peak_tflops or device.peak_tflops) * 1e12
     cal = device.calibration
     b = work.bytes
-    model_flops, hw_flops = flops_per_token(cfg, work)
+    model_flops, hw_flops = flops_per_token(cfg, work, layout)
     T = work.tokens_per_rank
     N = gpus
     bw = (device.network_gbps if nodes > 1 else device.nvlink_gbps) * 1e9
     embed, layers, head = model_units(cfg, layout)
     P = sum(u.numel for u in [embed, *(u for layer in layers for u in layer), *head])
+    if work.lora is not None:  # only the adapters are reduced and stepped
+        P = adapters(cfg, layout, work.lora).numel
 
     if zero.stage >= 3:
         t = _zero3_micro_step(cfg, layout, work, zero, N, bw, device, peak)
