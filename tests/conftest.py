@@ -58,3 +58,16 @@ def s3_server():
             "storage_options": options,
             "bucket": "moe-train-test",
         }
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist a module-scoped fixture runs once on every worker that gets one of its tests, so a
+    shared 2-rank training run would run on both workers.  A module's tests that share such a fixture go to one
+    worker (the suite runs with ``--dist loadgroup``); an explicit ``xdist_group`` (the Slurm cluster's) wins."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        fixtures = item._fixtureinfo.name2fixturedefs  # pytest has no public view of a test's fixture scopes
+        if any(defs[-1].scope == "module" for defs in fixtures.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
