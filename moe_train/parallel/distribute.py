@@ -47,7 +47,10 @@ def distributed_model(
         fill(model)
     if dims.seq is not None:
         dims.seq.apply(model, spec)
-    if zero3.is_zero3(ds_config):  # before the checkpoint wrappers: the units are a layer's own blocks
+    # Before the checkpoint wrappers: the units are a layer's own blocks.  Not with LoRA: with the
+    # base frozen, DeepSpeed 0.19.8's backward of a unit met a released (0-element) weight
+    # (tests/test_lora.py, ZeRO-3 on 2 ranks), so LoRA keeps one gather per module.
+    if zero3.is_zero3(ds_config) and lora is None:
         routed = {m.experts for m in model.modules() if isinstance(m, spec.moe_types)}
         zero3.coalesce_gathers(spec.layers(model), routed)
     if activation_checkpointing:
