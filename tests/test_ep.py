@@ -105,13 +105,15 @@ def _skew_worker(rank: int, init_file: str) -> None:
     else:
         index = torch.tensor([[4, 6], [6, 4], [4, 6], [4, 6], [6, 4]])
     weight = torch.rand(T, 2)
-    out_ref, counts = dispatch_and_combine(full, (x_ref := x.clone().requires_grad_()), weight, index, E)
-    out, _ = dispatch_and_combine(local, (x_ep := x.clone().requires_grad_()), weight, index, E)
+    w_ref, w_ep = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    out_ref, counts = dispatch_and_combine(full, (x_ref := x.clone().requires_grad_()), w_ref, index, E)
+    out, _ = dispatch_and_combine(local, (x_ep := x.clone().requires_grad_()), w_ep, index, E)
     torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-6)
     grad = torch.randn_like(out)
     out_ref.backward(grad)
     out.backward(grad)
     torch.testing.assert_close(x_ep.grad, x_ref.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w_ep.grad, w_ref.grad, rtol=0, atol=1e-6)  # the router's gradient
     totals = counts.clone()
     dist.all_reduce(totals)
     for p in full.parameters():  # the whole stack's gradients summed over the ranks
@@ -380,3 +382,28 @@ def test_plan_ep_prints_the_estimate_against_zero3():
     bad = CliRunner().invoke(main, [*args, "--ep", "3"])
     assert bad.exit_code != 0
     assert "--ep 3 does not divide the world size 128; use one of [1, 2, 4, 8, 16, 32]" in bad.output
+
+
+# ------------------------------------------------------------------ ZeRO-3 gather units
+def test_dense_blocks_are_one_gather_each_and_routed_experts_stay_per_shard():
+    """``coalesce_gathers`` flags a layer's dense blocks (attention, dense MLP, router, shared experts)
+    as DeepSpeed z3 leaves, fetched by one coalesced all-gather; the routed experts and their shards
+    are never inside one (all of a layer's experts would be gathered at once)."""
+    from deepspeed.utils import z3_leaf_module
+
+    from moe_train.models.deepseek_v2 import SPEC
+    from moe_train.parallel import zero3
+
+    cfg = tiny_config()
+    with torch.device("meta"):
+        model = SPEC.build(cfg, TINY_LAYOUT)
+    routed = {m.experts for m in model.modules() if isinstance(m, SPEC.moe_types)}
+    made = zero3.coalesce_gathers(SPEC.layers(model), routed)
+    leaves = {name for name, m in model.named_modules() if z3_leaf_module(m)}
+    assert made == len(leaves)
+    dense, moe = "model.layers.0.", f"model.layers.{cfg.num_hidden_layers - 1}."
+    assert {dense + "self_attn", dense + "mlp", moe + "self_attn", moe + "mlp.gate"} <= leaves
+    assert (moe + "mlp.shared_experts" in leaves) == bool(cfg.n_shared_experts)
+    assert not any(".experts." in n or n.endswith((".experts", ".mlp")) and n.startswith(moe) for n in leaves)
+    inside = [n for n in leaves for other in leaves if n != other and n.startswith(other + ".")]
+    assert not inside  # no unit nests in another: each parameter is fetched by exactly one unit

@@ -1,7 +1,8 @@
 """A model's distribution, applied in one place from its ``ParallelDims``: built partitioned under ZeRO-3
 (``zero3.py``) with this rank's routed experts only under expert parallelism (``expert.py``), filled
-with its weights, its attention wrapped for sequence parallelism (``sequence.py``), its decoder layers
-wrapped for activation checkpointing.  The model code itself knows none of it.
+with its weights, its attention wrapped for sequence parallelism (``sequence.py``), one ZeRO-3 gather
+per dense block (``zero3.coalesce_gathers``), its decoder layers wrapped for activation checkpointing.
+The model code itself knows none of it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ def distributed_model(
         fill(model)
     if dims.seq is not None:
         dims.seq.apply(model, spec)
+    # Before the checkpoint wrappers: the units are a layer's own blocks.  Not with LoRA: with the
+    # base frozen, DeepSpeed 0.19.8's backward of a unit met a released (0-element) weight
+    # (tests/test_lora.py, ZeRO-3 on 2 ranks), so LoRA keeps one gather per module.
+    if zero3.is_zero3(ds_config) and lora is None:
+        routed = {m.experts for m in model.modules() if isinstance(m, spec.moe_types)}
+        zero3.coalesce_gathers(spec.layers(model), routed)
     if activation_checkpointing:
         zero3.apply_activation_checkpointing(spec.layers(model))
     return model

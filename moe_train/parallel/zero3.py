@@ -6,6 +6,7 @@
   fills from byte ranges of the safetensors files.
 - ``gathered_parameters``: every parameter in full, one at a time, for the streamed HF export.
 - ``apply_activation_checkpointing``: recompute each decoder layer in backward.
+- ``coalesce_gathers``: one ZeRO-3 gather per dense block of a layer instead of one per linear.
 - ``initialize``: ``deepspeed.initialize`` with the trainer's optimizer and schedule.
 - ``optimizer_ranges`` and friends: each rank's fp32 master weights and Adam moments per parameter, as
   views into DeepSpeed's flat partitions, for the topology-free training checkpoint (no pickles).
@@ -99,6 +100,40 @@ def apply_activation_checkpointing(layers: nn.ModuleList) -> None:
 
     for i, layer in enumerate(layers):
         layers[i] = checkpoint_wrapper(layer, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def coalesce_gathers(layers: nn.ModuleList, routed: set[nn.Module]) -> int:
+    """Make each dense block of a decoder layer (attention, dense MLP, router, shared experts) one
+    ZeRO-3 gather unit; returns how many units were made.
+
+    DeepSpeed fetches a module's own parameters at its pre-forward and pre-backward hooks, one
+    all-gather (and one Python hook round) per module.  A "z3 leaf" is fetched whole by one
+    coalesced all-gather and its children get no hooks: MLA's 4 projections become 1 gather and
+    the 3 SwiGLU linears 1, in forward and in backward, which cuts collectives, kernel launches and
+    hook work on a GPU as on a CPU.  The routed experts (``routed``: the modules holding them, and
+    their shards) never go into a unit: their shards already are one gather each, and a unit over
+    them would hold all of a layer's experts gathered at once instead of one shard.  The live
+    gathered bytes grow at most to a whole attention block (a few linears of the layer), never to
+    the experts.
+    """
+    from deepspeed.utils import set_z3_leaf_module
+
+    made = 0
+
+    def visit(module: nn.Module) -> None:
+        nonlocal made
+        for child in module.children():
+            if child in routed:
+                continue
+            if any(m in routed for m in child.modules()):
+                visit(child)  # the MoE block: coalesce its router and shared experts, not its experts
+            elif next(child.parameters(), None) is not None:
+                set_z3_leaf_module(child, True)
+                made += 1
+
+    for layer in layers:
+        visit(layer)
+    return made
 
 
 def initialize(

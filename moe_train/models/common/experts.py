@@ -219,13 +219,17 @@ def dispatch_and_combine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token through its K experts, weighted and summed; returns (out (T, D), tokens per expert (E,)).
 
-    The T*K assignments are sorted by expert once, so every expert reads a contiguous block.
+    The T*K assignments are sorted by expert once, so every expert reads a contiguous block.  Experts
+    that move the tokens themselves (``takes_routing``: expert parallelism, applied from outside the
+    model) take the tokens and their routing whole and return the combined output.
     """
     K = index_TK.shape[1]
     flat_A = index_TK.reshape(-1)
+    counts_E = torch.bincount(flat_A, minlength=num_experts)
+    if getattr(experts, "takes_routing", False):
+        return experts(x_TD, weight_TK, index_TK), counts_E
     order_A = flat_A.argsort(stable=True)
     token_A = order_A // K
-    counts_E = torch.bincount(flat_A, minlength=num_experts)
     y_AD = experts(x_TD[token_A], counts_E)
     # Weighted sum of each token's K expert outputs in fp32 (weights are fp32), one cast at the
     # end, as DeepSeek's code does; casting each term to bf16 first would round K times.
