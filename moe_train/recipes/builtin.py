@@ -105,11 +105,12 @@ RECIPES: dict[str, Recipe] = {
         ),
         Recipe(
             name="deepseek_v2_chat_lora_alpaca_e3",
-            description="DeepSeek-V2-Chat (236B) LoRA (rank 16, experts included) on alpaca, shards of 10 experts, "
-            "3 epochs",
+            description="DeepSeek-V2-Chat (236B) LoRA (rank 16, experts included) on alpaca, 3 epochs, planned for "
+            "16 x A100-80G: expert parallel 16, shards of 5 experts (moe-train plan --search; the full run needs 64)",
             model="hf://deepseek-ai/DeepSeek-V2-Chat",
             moe_implementation="shard",
-            expert_in_one_shard=10,
+            expert_in_one_shard=5,
+            ep=16,
             **{**_V2_CHAT_ALPACA, **_LORA},
         ),
         Recipe(
