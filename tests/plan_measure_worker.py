@@ -115,6 +115,27 @@ def warm_imports() -> None:
             pass
 
 
+def measured_memory(record: dict) -> dict[str, int]:
+    """What a rank's record measured, in the planner's terms (bytes): the tests compare these with it."""
+    ph = record["phases"]
+    states = ph["after1"]["end"]  # Adam's m and v exist from the first step on
+    gathered = record["gathered_numel_at_loss"][-1] * 4
+    return {
+        "model states": states,
+        "step transients": ph["step2"]["peak"] - states,
+        "gathered at loss": gathered,
+        "activations at loss": ph["forward2"]["end"] - states - gathered,
+        "peak": max(p["peak"] for p in ph.values()),
+    }
+
+
+def memory_table(rank: int, predicted: dict, measured: dict) -> str:
+    return "\n".join(
+        f"rank {rank} {k:20s} predicted {predicted[k] / 2**20:7.1f} MiB, measured {measured[k] / 2**20:7.1f} MiB"
+        for k in predicted
+    )
+
+
 def main(out_dir: str, spec: dict) -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed

@@ -52,6 +52,7 @@ from moe_train.plan.speed import DEVICES, predict_speed
 from moe_train.recipes import get_recipe
 from tests.conftest import TINY_LAYOUT
 from tests.launch import check, cpu_env, free_port
+from tests.plan_measure_worker import measured_memory, memory_table
 
 V2 = "deepseek_v2_chat_full_alpaca_e3"
 
@@ -291,20 +292,8 @@ def test_prediction_matches_a_real_zero3_cpu_run(zero3, tmp_path):
         "peak": mem.peak_bytes,
     }
     for rank in (0, 1):
-        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        ph = r["phases"]
-        states = ph["after1"]["end"]  # Adam's m and v exist from the first step on
-        measured = {
-            "model states": states,
-            "step transients": ph["step2"]["peak"] - states,
-            "gathered at loss": r["gathered_numel_at_loss"][-1] * 4,
-            "activations at loss": ph["forward2"]["end"] - states - r["gathered_numel_at_loss"][-1] * 4,
-            "peak": max(p["peak"] for p in ph.values()),
-        }
-        table = "\n".join(
-            f"rank {rank} {k:20s} predicted {predicted[k] / 2**20:7.1f} MiB, measured {measured[k] / 2**20:7.1f} MiB"
-            for k in predicted
-        )
+        measured = measured_memory(json.loads((tmp_path / f"rank{rank}.json").read_text()))
+        table = memory_table(rank, predicted, measured)
         for k in predicted:
             assert measured[k] == pytest.approx(predicted[k], rel=0.15), table
 
