@@ -308,13 +308,15 @@ def summary(mode: str, records: list[dict]) -> Result:
     cfg, _ = _config(mode)
     model = {"wide": "P7", "lite": "DeepSeek-V2-Lite-width", "qwen3-test": "Qwen3-MoE", "qwen3-wide": "Qwen3-MoE"}
     first = "every layer MoE, balance loss off" if m.get("family") == "qwen3" else "first dense"
+    targets = "attention, dense, shared and routed experts"
     notes = (
         f"{model.get(mode, 'P2')} model: {m['layers']} layers ({first}), {m['experts']} experts "
         f"top-{m['top_k']} in shards of {m['shard']} (ours), hidden {cfg.hidden_size}, expert intermediate "
         f"{cfg.moe_intermediate_size}, vocabulary {cfg.vocab_size}, {m['tokens']} tokens per rank per step, "
         f"{lora['ranks']} ranks on gloo, ZeRO-3 "
-        f"(the shipped config), fp32; LoRA rank {RANK}, alpha {ALPHA:g} on attention, dense, shared "
-        f"and routed experts for {'both LoRA engines (PEFT loads our initial adapters)' if peft else 'our LoRA'}; "
+        f"(the shipped config), fp32; LoRA rank {RANK}, alpha {ALPHA:g} on "
+        f"{'attention and routed experts (no dense or shared MLP here)' if m.get('family') == 'qwen3' else targets} "
+        f"for {'both LoRA engines (PEFT loads our initial adapters)' if peft else 'our LoRA'}; "
         f"median of {m['rounds']} "
         "interleaved steps after one warm-up. Memory per rank, rank 0. CPU ms: rank 0's process time, steadier "
         "than wall time on a loaded machine."
