@@ -17,9 +17,11 @@ gradients hold on a rank (DeepSpeed's fp32 master partitions, Adam's moments, th
 partitions), read from DeepSpeed's optimizer after the steps.
 
 ``--mode wide`` runs the same three engines on P7's model (hidden 512, expert intermediate 128, 6 layers,
-balance loss off, 1024 tokens per rank), where GEMMs rather than calls set the step time.
+balance loss off, 1024 tokens per rank), where GEMMs rather than calls set the step time.  ``--mode lite``
+runs our two engines (no PEFT) at DeepSeek-V2-Lite's widths: 2 layers, 16 experts, vocabulary 512.
+``--mode qwen3-test|qwen3-wide``: the three engines on Qwen3-MoE (PEFT on ``Qwen3MoeForCausalLM``).
 
-Run: ``python -m bench.lora_zero3 [--mode test|quick|full|wide]``; workers run under torchrun.
+Run: ``python -m bench.lora_zero3 [--mode MODE]`` (a key of ``MODES``); workers run under torchrun.
 """
 
 from __future__ import annotations
@@ -46,6 +48,14 @@ MODES = {
     "full": dict(layers=27, experts=64, top_k=6, tokens=256, shard=8, rounds=5),
     # P7's widths (hidden 512, expert intermediate 128, 6 layers, balance loss off), 1024 tokens per rank
     "wide": dict(layers=6, experts=64, top_k=6, tokens=1024, shard=8, rounds=3),
+    # DeepSeek-V2-Lite's widths (hidden 2048, expert intermediate 1408, dense intermediate 10944, its MLA),
+    # its first dense layer and one MoE layer of 16 experts (top-6), the tiny vocabulary: the optimizer and
+    # gradient bytes at a real width, and a step time; no PEFT engine (a third copy of the base on each rank)
+    "lite": dict(layers=2, experts=16, top_k=6, tokens=128, shard=8, rounds=1, peft=False),
+    # Qwen3-MoE (every layer MoE, GQA, no shared expert) at the test and P7 widths, balance loss off; PEFT on
+    # transformers' Qwen3MoeForCausalLM
+    "qwen3-test": dict(layers=2, experts=8, top_k=2, tokens=64, shard=4, rounds=1, family="qwen3", hidden=64),
+    "qwen3-wide": dict(layers=6, experts=64, top_k=6, tokens=1024, shard=8, rounds=3, family="qwen3", hidden=512),
 }
 RANK, ALPHA = 16, 32.0
 
@@ -57,6 +67,42 @@ def _config(mode: str):
 
     if mode == "wide":
         return _p7_config("quick", MODES[mode]["shard"])
+    if MODES[mode].get("family") == "qwen3":
+        from moe_train.models.common.experts import ExpertLayout
+        from moe_train.models.qwen3_moe.config import Qwen3MoeConfig
+
+        m = MODES[mode]
+        cfg = Qwen3MoeConfig.from_name(
+            "tiny",
+            num_hidden_layers=m["layers"],
+            num_experts=m["experts"],
+            num_experts_per_tok=m["top_k"],
+            hidden_size=m["hidden"],
+            moe_intermediate_size=m["hidden"] // 4,
+            intermediate_size=4 * m["hidden"],
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=m["hidden"] // 8,
+            mlp_only_layers=[],
+            router_aux_loss_coef=0.0,
+        )
+        return cfg, ExpertLayout("shard", m["shard"])
+    if mode == "lite":
+        from moe_train.models.common.experts import ExpertLayout
+        from moe_train.models.deepseek_v2.config import DeepseekV2Config
+
+        m = MODES[mode]
+        # vocabulary 512: the head and embeddings LoRA leaves untouched would otherwise be most of a 2-layer
+        # model's parameters and flatter the ratio; the 27-layer model's are 3% of it
+        cfg = DeepseekV2Config.from_name(
+            "deepseek-v2-lite",
+            num_hidden_layers=m["layers"],
+            n_routed_experts=m["experts"],
+            vocab_size=512,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+        return cfg, ExpertLayout("shard", m["shard"])
     return model_config(mode, "shard", MODES[mode]["shard"])
 
 
@@ -176,8 +222,9 @@ def worker(mode: str, out_path: str, tmp: str) -> None:
         engines = {
             "moe-train lora": _ours(mode, ds, base, _lora()),
             "moe-train full": _ours(mode, ds, base, None),
-            "peft lora": _peft(ds, base, adapter),
         }
+        if MODES[mode].get("peft", True):
+            engines["peft lora"] = _peft(ds, base, adapter)
         ids = _row(MODES[mode]["tokens"], info.rank, cfg.vocab_size)
         steps = {
             name: (_hf_step if name.startswith("peft") else _our_step)(engine, ids) for name, engine in engines.items()
@@ -194,6 +241,7 @@ def worker(mode: str, out_path: str, tmp: str) -> None:
                     "peak_rss": max(r["rss"]),
                     "loss": r["first_loss"],
                     "trained": sum(p.ds_numel for p in engine.module.parameters() if p.requires_grad),
+                    "ranks": dist.get_world_size(),
                     **optimizer_and_grad_bytes(engine),
                 }
             )
@@ -213,7 +261,7 @@ def worker(mode: str, out_path: str, tmp: str) -> None:
 def summary(mode: str, records: list[dict]) -> Result:
     m = MODES[mode]
     by = {r["variant"]: r for r in records}
-    lora, full, peft = by["moe-train lora"], by["moe-train full"], by["peft lora"]
+    lora, full, peft = by["moe-train lora"], by["moe-train full"], by.get("peft lora")
     MiB = 2**20
 
     def states(r: dict) -> int:
@@ -237,12 +285,13 @@ def summary(mode: str, records: list[dict]) -> Result:
     ]
     figures = {
         "p8_lora_step_vs_full": lora["step_s"] / full["step_s"],
-        "p8_peft_step_vs_lora": peft["step_s"] / lora["step_s"],
         "p8_lora_cpu_vs_full": lora["cpu_s"] / full["cpu_s"],
-        "p8_peft_cpu_vs_lora": peft["cpu_s"] / lora["cpu_s"],
         "p8_lora_states_vs_full": states(lora) / states(full),
-        "p8_step1_loss_diff": abs(peft["loss"] - lora["loss"]),
     }
+    if peft is not None:
+        figures["p8_peft_step_vs_lora"] = peft["step_s"] / lora["step_s"]
+        figures["p8_peft_cpu_vs_lora"] = peft["cpu_s"] / lora["cpu_s"]
+        figures["p8_step1_loss_diff"] = abs(peft["loss"] - lora["loss"])
     headers = [
         "engine",
         "step ms",
@@ -256,24 +305,32 @@ def summary(mode: str, records: list[dict]) -> Result:
         "optimizer+grads / full",
         "step-1 loss",
     ]
+    cfg, _ = _config(mode)
+    model = {"wide": "P7", "lite": "DeepSeek-V2-Lite-width", "qwen3-test": "Qwen3-MoE", "qwen3-wide": "Qwen3-MoE"}
+    first = "every layer MoE, balance loss off" if m.get("family") == "qwen3" else "first dense"
+    targets = "attention, dense, shared and routed experts"
     notes = (
-        f"{'P7' if mode == 'wide' else 'P2'} model: {m['layers']} layers (first dense), {m['experts']} experts "
-        f"top-{m['top_k']} in shards of "
-        f"{m['shard']} (ours), hidden {512 if mode == 'wide' else 64}, {m['tokens']} tokens per rank per step, "
-        "2 ranks on gloo, ZeRO-3 "
-        f"(the shipped config), fp32; LoRA rank {RANK}, alpha {ALPHA:g} on attention, dense, shared "
-        f"and routed experts for both LoRA engines (PEFT loads our initial adapters); median of {m['rounds']} "
+        f"{model.get(mode, 'P2')} model: {m['layers']} layers ({first}), {m['experts']} experts "
+        f"top-{m['top_k']} in shards of {m['shard']} (ours), hidden {cfg.hidden_size}, expert intermediate "
+        f"{cfg.moe_intermediate_size}, vocabulary {cfg.vocab_size}, {m['tokens']} tokens per rank per step, "
+        f"{lora['ranks']} ranks on gloo, ZeRO-3 "
+        f"(the shipped config), fp32; LoRA rank {RANK}, alpha {ALPHA:g} on "
+        f"{'attention and routed experts (no dense or shared MLP here)' if m.get('family') == 'qwen3' else targets} "
+        f"for {'both LoRA engines (PEFT loads our initial adapters)' if peft else 'our LoRA'}; "
+        f"median of {m['rounds']} "
         "interleaved steps after one warm-up. Memory per rank, rank 0. CPU ms: rank 0's process time, steadier "
-        "than wall time on a loaded machine. Step-1 loss: ours adds the P2 model's balance loss, transformers "
-        "computes none."
+        "than wall time on a loaded machine."
     )
+    if peft is not None and mode != "wide" and m.get("family") != "qwen3":  # the others run without it
+        notes += " Step-1 loss: ours adds the model's balance loss, transformers computes none."
     targets = {
         "p8_lora_step_vs_full": ("<=", 0.7),
         "p8_peft_step_vs_lora": (">=", 2),
         "p8_lora_states_vs_full": ("<=", 0.05),
     }
+    targets = {k: v for k, v in targets.items() if k in figures}
     return Result(
-        "P8 LoRA vs full vs PEFT target_parameters, ZeRO-3, 2 ranks on gloo",
+        f"P8 LoRA vs full{' vs PEFT target_parameters' if peft else ''}, ZeRO-3, {lora['ranks']} ranks on gloo",
         figures,
         table(headers, rows),
         notes,
@@ -281,10 +338,11 @@ def summary(mode: str, records: list[dict]) -> Result:
     )
 
 
-def run(mode: str = "quick") -> Result:
+def run(mode: str = "quick", ranks: int = 2) -> Result:
+    """The benchmark on ``ranks`` CPU processes (2 for every recorded figure; the suite's smoke run takes 1)."""
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         out = os.path.join(tmp, "records.json")
-        cmd = [*torchrun_module("bench.lora_zero3", 2), "--worker", "--mode", mode, "--out", out, "--tmp", tmp]
+        cmd = [*torchrun_module("bench.lora_zero3", ranks), "--worker", "--mode", mode, "--out", out, "--tmp", tmp]
         proc = subprocess.run(cmd, env=cpu_ranks_env(tmp), capture_output=True, text=True, timeout=1800)
         if proc.returncode != 0 or not os.path.exists(out):
             raise RuntimeError(f"LoRA benchmark workers failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")

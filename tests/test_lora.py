@@ -179,29 +179,39 @@ def test_adapter_config_is_what_peft_reads(tmp_path):
 # ------------------------------------------------------------------------------------------ the trainer
 TINY_TOKENIZER = str(Path(__file__).parent.parent / "moe_train" / "assets" / "tiny_tokenizer")
 LORA_ARGS = ["--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "3", "--deepspeed", "deepspeed_zero3"]
+ALPACA = Path(__file__).parent.parent / "moe_train" / "assets" / "alpaca_sample.jsonl"
+
+
+def _common(tmp: Path) -> list[str]:
+    """The options every LoRA launch of this module shares: the base, the data and its one tokenized cache."""
+    data = ["--data", str(tmp / "data.jsonl"), "--data-cache", str(tmp / "data_cache")]
+    return ["--model", str(tmp / "base"), "--tokenizer", TINY_TOKENIZER, *data, *LORA_ARGS]
 
 
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory):
     """A tiny HF base; the tiny recipe with LoRA under ZeRO-3 on 2 gloo ranks (checkpoint at the last step, both
-    exports), and the same global batch in one process."""
+    exports), and the same global batch in one process (resumed in ``lora_ep_runs``, on another layout)."""
     from tests.launch import check, torchrun
 
     tmp = tmp_path_factory.mktemp("lora")
     hf_reference(tiny_config()).save_pretrained(tmp / "base")
-    common = ["tiny", "--model", str(tmp / "base"), "--tokenizer", TINY_TOKENIZER, *LORA_ARGS]
+    # Three steps take six packs: 48 samples (about ten packs) tokenized once for every launch of this module,
+    # not the 400 of the tiny recipe's file in each one (about 6 s a launch on 2 loaded cores).
+    lines = Path(ALPACA).read_text().splitlines(keepends=True)[:48]
+    (tmp / "data.jsonl").write_text("".join(lines))
+    common = ["tiny", *_common(tmp)]
     check(torchrun([*common, "--work-dir", str(tmp / "two"), "--save-steps", "3", "--merge"], tmp))
-    # one process, the same global batch: 2 steps and a checkpoint, then resumed for the third
-    one = [*common, "--work-dir", str(tmp / "one"), "--no-export", "--cfg-options", "grad_accum=2"]
-    check(torchrun([*one, "--max-steps", "2", "--save-steps", "2"], tmp, nproc=1))
-    check(torchrun([*one, "--max-steps", "3", "--save-steps", "0", "--resume", "auto"], tmp, nproc=1))
+    # one process, the same global batch, uninterrupted: the reference of every run of this module
+    one = [*common, "--work-dir", str(tmp / "one"), "--no-export", "--save-steps", "0"]
+    check(torchrun([*one, "--cfg-options", "grad_accum=2"], tmp, nproc=1))
     return tmp
 
 
 @pytest.mark.slow
-def test_zero3_on_two_ranks_gives_the_single_process_losses_and_resume_continues(lora_runs):
-    """...and the single-process run, resumed from its adapters-only checkpoint after step 2, continues with
-    the uninterrupted 2-rank run's third loss: the adapters, their Adam moments and the base all came back."""
+def test_zero3_on_two_ranks_gives_the_single_process_losses(lora_runs):
+    """The same global batch on 2 ranks and in one process, the same losses (a checkpoint resumed in one process
+    continues them: the resume test below)."""
     from tests.launch import metrics, summary
 
     two = summary(lora_runs / "two")["losses"]
@@ -319,7 +329,7 @@ def lora_ep_runs(lora_runs):
     from tests.launch import check, torchrun
 
     tmp = lora_runs
-    common = ["tiny", "--model", str(tmp / "base"), "--tokenizer", TINY_TOKENIZER, *LORA_ARGS]
+    common = ["tiny", *_common(tmp)]
     every_step = ["--save-steps", "1", "--cfg-options", "save_total_limit=3"]
     check(torchrun([*common, "--work-dir", str(tmp / "ep2"), *every_step, "--ep", "2"], tmp))
     later = shutil.ignore_patterns("step-00000002", "step-00000003", "hf_adapter")
@@ -376,7 +386,9 @@ def test_ep2_trains_the_ep1_adapters_and_exports_them_whole(lora_ep_runs):
 @pytest.mark.slow
 def test_lora_checkpoint_resumes_on_another_world_size_shard_size_and_ep(lora_ep_runs):
     """The EP 2 run's adapters-only checkpoint after step 1 (2 ranks, shards of 4) continues on 1 process, EP 1,
-    shards of 2, with the uninterrupted run's losses: the adapters and Adam moments are kept per expert."""
+    shards of 2, with the uninterrupted run's losses: the adapters, their Adam moments and the base all came
+    back, kept per expert.  One resume serves both checks: a resume on the same layout reads through the same
+    code (``TrainingCheckpoint.load``, any world size and expert layout)."""
     from tests.launch import metrics, summary
 
     runs, proc = lora_ep_runs
@@ -386,4 +398,6 @@ def test_lora_checkpoint_resumes_on_another_world_size_shard_size_and_ep(lora_ep
     one = [m["loss"] for m in metrics(runs / "one") if "loss" in m]
     assert len(resumed) == 2
     assert abs(resumed[0] - one[1]) <= 1e-6, (resumed, one)
-    assert abs(resumed[1] - one[2]) <= 2e-3, (resumed, one)
+    assert abs(resumed[1] - one[2]) <= 2e-3, (resumed, one)  # the elastic tests' bound
+    # measured: equal (the experts' GEMMs run per expert in either shard size); a lost Adam moment moves it more
+    assert abs(resumed[1] - one[2]) <= 1e-5, (resumed, one)
