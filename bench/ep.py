@@ -124,10 +124,8 @@ def _ds_config(world: int, hidden: int):
 
 def _ours(model_and_layout, ds, ep: int, source: str | None):
     """moe-train's model partitioned as the trainer builds it, in a DeepSpeed engine."""
-    import deepspeed
-
     from moe_train.engine.model import build_model
-    from moe_train.parallel import ParallelDims
+    from moe_train.parallel import ParallelDims, zero3
 
     cfg, layout = model_and_layout
     dims = ParallelDims(dist.get_world_size(), 1, ep, dist.get_rank())
@@ -137,7 +135,7 @@ def _ours(model_and_layout, ds, ep: int, source: str | None):
         cfg, layout, dims, ds, torch.float32, torch.device("cpu"), source, seed=0, activation_checkpointing=False
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, dist_init_required=False)
+    engine, _ = zero3.initialize(model, optimizer, None, ds)  # as the trainer: its post-initialize steps too
     return engine
 
 

@@ -182,6 +182,68 @@ def test_skewed_routing_and_local_loading_on_two_processes(tmp_path):
     mp.spawn(_skew_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
 
 
+# ------------------------------------------------------------------ local experts over one rank: no ZeRO-3 hooks
+def _whole_worker(rank: int, port: int) -> None:
+    """EP 2 on 2 ranks: each rank's experts are partitioned over a group of one rank, so ``zero3.keep_whole``
+    removes DeepSpeed's hooks from them and their ``param.data`` views the partition (no copy, never in
+    DeepSpeed's fetch trace); a step still updates them through the optimizer."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    from moe_train.engine.deepspeed_config import fill_auto
+    from moe_train.engine.distributed import hard_exit, init_distributed
+    from moe_train.engine.model import build_model
+    from moe_train.models.common.loss import causal_lm_loss
+    from moe_train.parallel import zero3
+
+    init_distributed("pytorch")
+    cfg = tiny_config()
+    ds = fill_auto(ZERO3, micro_batch_size=1, grad_accum=1, world_size=2, grad_clip=1.0, bf16=False, hidden_size=64)
+    dims = ParallelDims(2, 1, 2, rank)
+    dims.validate(cfg, TINY_LAYOUT, ds)
+    dims.create_groups()
+    model = build_model(cfg, TINY_LAYOUT, dims, ds, torch.float32, torch.device("cpu"), None, 0, False)
+    engine, _ = zero3.initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-2), None, ds)
+    local = [m for m in engine.module.modules() if isinstance(m, expert.ExpertParallelShards)]
+    shared = [m for m in engine.module.modules() if m.__class__.__name__ == "SwiGLUMLP"]
+    assert local and shared
+    for m in local:  # ours only: one pre-hook on the layer's experts, nothing on its shards
+        assert [h.__name__ for h in m._forward_pre_hooks.values()] == ["_point_at_partitions"]
+        assert not m._forward_hooks and all(not s._forward_pre_hooks and not s._forward_hooks for s in m.values())
+    assert all(m._forward_pre_hooks and m._forward_hooks for m in shared)  # dense blocks keep DeepSpeed's
+    params = [p for m in local for p in m.parameters()]
+    before = [p.ds_tensor.clone() for p in params]
+    ids = torch.randint(0, cfg.vocab_size, (1, 32), generator=torch.Generator().manual_seed(rank))
+
+    def loss() -> torch.Tensor:
+        return causal_lm_loss(engine(ids, cu_seqlens=torch.tensor([0, 32], dtype=torch.int32)).logits, ids)
+
+    first = loss()
+    engine.backward(first)
+    engine.step()
+    with torch.no_grad():
+        second = loss()
+    for p, b in zip(params, before, strict=True):
+        assert p.data.data_ptr() == p.ds_tensor.data_ptr() and p.shape == p.ds_shape  # a view, not a copy
+        assert p.ds_status.name == "AVAILABLE"  # marked so: ZeRO-3's getter does not gather a copy
+        assert not torch.equal(p.ds_tensor, b)  # the optimizer updated the experts
+    assert second.item() < first.item()
+    moes = [m for m in engine.module.modules() if getattr(m, "experts", None) in local]
+    assert moes and not any(getattr(m, "_external_params", None) for m in moes)  # not gathered as external
+    dist.barrier()
+    dist.destroy_process_group()
+    hard_exit(0)
+
+
+@pytest.mark.slow
+def test_local_experts_over_one_rank_have_no_zero3_hooks_and_still_train():
+    import torch.multiprocessing as mp
+
+    from tests.launch import free_port
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_whole_worker, args=(free_port(),), nprocs=2, join=True)
+
+
 # ------------------------------------------------------------------ the trainer, EP 2 against EP 1
 COMMON = ["tiny", "--deepspeed", "deepspeed_zero3", "--cfg-options", "activation_checkpointing=True"]
 
@@ -364,6 +426,33 @@ def test_planner_predicts_ep_on_the_seed_cluster():
     assert z3.comm_s > z3.compute_s  # ZeRO-3 moves more than it computes at the seed's scale
     buffers = dispatch_buffer_bytes(cfg, work, 8)  # 8192 tokens x 6 x 5120 bf16; worst case x 8
     assert buffers == {"balanced": 8192 * 6 * 5120 * 2, "worst_case": 8 * 8192 * 6 * 5120 * 2}
+
+
+def test_planner_counts_rows_per_rank_and_hides_the_dispatch_behind_the_shared_experts():
+    """The all-to-all moves one row per (token, other rank reached), not per assignment (checked against an
+    enumeration of every top-K choice); the dispatch is hidden up to the shared experts' time, so a model
+    without shared experts hides nothing."""
+    import itertools
+
+    from moe_train.models.common.experts import ExpertLayout
+    from moe_train.models.deepseek_v2.config import DeepseekV2Config
+    from moe_train.plan.expert import predict_speed_ep, ranks_reached
+    from moe_train.plan.memory import Workload, ZeroSettings
+    from moe_train.plan.speed import DEVICES
+
+    for E, K, N in [(8, 2, 2), (16, 6, 4), (12, 3, 3)]:
+        tiny = DeepseekV2Config.from_name("tiny")
+        cfg = tiny.replace(n_routed_experts=E, num_experts_per_tok=K, topk_method="greedy")
+        choices = list(itertools.combinations(range(E), K))
+        other = sum(len({e // (E // N) for e in c} - {src}) for c in choices for src in range(N))
+        assert ranks_reached(cfg, N) == pytest.approx(other / len(choices) / N)
+        assert ranks_reached(cfg, N) < K * (N - 1) / N  # fewer rows than one per assignment
+    cfg, layout = DeepseekV2Config.from_name("deepseek-v2-lite"), ExpertLayout("shard", 8)
+    zero, work, h100 = ZeroSettings.from_ds_config(ZERO3, cfg.hidden_size), Workload(max_length=8192), DEVICES["h100"]
+    est = predict_speed_ep(cfg, layout, work, zero, 16, 2, h100, 8)
+    assert 0 < est.comm_hidden_s < est.comm_s  # the dispatch behind the shared experts
+    alone = predict_speed_ep(cfg.replace(n_shared_experts=0), layout, work, zero, 16, 2, h100, 8)
+    assert alone.comm_hidden_s == 0  # nothing runs beside the dispatch
 
 
 def test_plan_ep_prints_the_estimate_against_zero3():

@@ -53,6 +53,7 @@ from torch import nn
 
 from moe_train.models.common.experts import ExpertShard
 from moe_train.models.common.spec import spec_of
+from moe_train.parallel import zero3
 
 PLACEMENT_FAMILY = "autoep_expert"  # DeepSpeed 0.19.8's ZeRO-3 placement family of expert parameters
 
@@ -120,6 +121,43 @@ class _AllToAll(torch.autograd.Function):
         return out, None, None, None
 
 
+class _StartAllToAll(torch.autograd.Function):
+    """Starts the all-to-all of ``x`` and returns its receive buffer, not yet filled: ``_WaitAllToAll``
+    completes it, so work that does not need the rows runs in between.  Backward mirrors the pair: the
+    wait's backward starts the gradients' all-to-all, this backward completes it (autograd runs the work
+    created between the two in forward, such as the shared experts' backward, in between)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup, pending: list):
+        ctx.pending = pending
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        pending.append(dist.all_to_all_single(out, x.contiguous(), recv, send, group=group, async_op=True))
+        return out
+
+    @staticmethod
+    def backward(ctx, _grad: torch.Tensor):
+        work, back, _ = ctx.pending.pop()  # the gradients' all-to-all the wait's backward started
+        work.wait()
+        return back, None, None, None, None
+
+
+class _WaitAllToAll(torch.autograd.Function):
+    """Completes the all-to-all ``_StartAllToAll`` started; see there."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, recv: list[int], send: list[int], group: dist.ProcessGroup, pending: list):
+        ctx.recv, ctx.send, ctx.group, ctx.pending = recv, send, group, pending
+        pending.pop().wait()
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back, grad = grad.new_empty(sum(ctx.send), *grad.shape[1:]), grad.contiguous()
+        work = dist.all_to_all_single(back, grad, ctx.send, ctx.recv, group=ctx.group, async_op=True)
+        ctx.pending.append((work, back, grad))  # grad kept alive until the all-to-all completes
+        return grad, None, None, None, None  # passed on to the start's backward, which returns ``back``
+
+
 class LocalExpertShard(ExpertShard):
     """An ExpertShard whose parameters ZeRO-3 partitions over the expert-data-parallel group.
 
@@ -166,15 +204,28 @@ class ExpertParallelShards(nn.ModuleDict):
             }
         )
         self.num_experts, self.shard_size, self.groups = num_experts, shard_size, groups
+        if dist.get_world_size(group=groups.edp) == 1:  # N = world: the "gathers" would be views plus hooks
+            zero3.mark_whole(self)
 
-    def forward(self, x_TD: torch.Tensor, weight_TK: torch.Tensor, index_TK: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        weight_TK: torch.Tensor,
+        index_TK: torch.Tensor,
+        alongside: nn.Module | None = None,
+    ) -> torch.Tensor:
         """A token goes once to each rank that holds any of its experts (not once per expert), with
         its K weights and expert ids; that rank runs the token through its experts, sums their
         weighted outputs and sends one row back.  With top-6 of 64 experts on 2 ranks a token
         reaches about 2 ranks: 3x fewer rows cross each of the four all-to-alls of a layer
         (dispatch and combine, forward and backward) than one row per assignment.  The combined
         rows travel in fp32 (the weights' dtype), so that each token's sum is cast once, as in
-        ``dispatch_and_combine``: with bf16 activations the combine moves 1.5x fewer bytes, not 3x."""
+        ``dispatch_and_combine``: with bf16 activations the combine moves 1.5x fewer bytes, not 3x.
+
+        ``alongside`` (the shared experts) runs while the dispatch travels: the routing and token rows
+        are sent asynchronously before it and waited for after it, and in backward the rows' gradient
+        all-to-all travels while its backward runs.  Its output is added last, as in
+        ``dispatch_and_combine``, so the sum is the same."""
         N, group, K = self.groups.size, self.groups.ep, index_TK.shape[1]
         L = self.num_experts // N
         T = x_TD.shape[0]
@@ -196,8 +247,12 @@ class ExpertParallelShards(nn.ModuleDict):
         index_PK = index_TK[token_P]
         mine_PK = index_PK // L == dest_P[:, None]
         route_PK2 = torch.cat([weight_TK[token_P] * mine_PK, torch.where(mine_PK, index_PK, -1).to(weight_TK.dtype)], 1)
-        route_RK2 = _AllToAll.apply(route_PK2, recv, send, group)
-        x_RD = _AllToAll.apply(x_TD[token_P], recv, send, group)  # ordered by (source rank, token)
+        # Each all-to-all in flight (forward) and its gradient's (backward) is held by its own list.
+        route_RK2 = _StartAllToAll.apply(route_PK2, recv, send, group, route_pending := [])
+        x_RD = _StartAllToAll.apply(x_TD[token_P], recv, send, group, x_pending := [])  # by (source rank, token)
+        shared_TD = alongside(x_TD) if alongside is not None else None
+        x_RD = _WaitAllToAll.apply(x_RD, recv, send, group, x_pending)
+        route_RK2 = _WaitAllToAll.apply(route_RK2, recv, send, group, route_pending)
         # This rank's assignments sorted by local expert (L: not here, sorted last), then by (row, k):
         # one gather of the received rows feeds the GEMMs.
         id_RK = route_RK2[:, K:].long()
@@ -210,7 +265,8 @@ class ExpertParallelShards(nn.ModuleDict):
         y_RD = torch.zeros(x_RD.shape[0], x_RD.shape[1], dtype=y_AD.dtype, device=x_TD.device)
         y_PD = _AllToAll.apply(y_RD.index_add(0, row_A, y_AD), send, recv, group)
         out_TD = torch.zeros(T, x_TD.shape[1], dtype=y_PD.dtype, device=x_TD.device).index_add(0, token_P, y_PD)
-        return out_TD.to(x_TD.dtype)
+        out_TD = out_TD.to(x_TD.dtype)
+        return out_TD if shared_TD is None else out_TD + shared_TD
 
     def _local(self, x_AD: torch.Tensor, counts_L: torch.Tensor) -> torch.Tensor:
         shards = list(self.values())

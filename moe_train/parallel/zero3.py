@@ -145,7 +145,76 @@ def initialize(
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
+    if is_zero3(ds_config):
+        keep_whole(engine)
     return engine, scheduler
+
+
+# ---------------------------------------------------------------- parameters partitioned over one rank
+WHOLE = "moe_train_zero3_whole"  # a module attribute: its parameters' partition group is one rank
+
+
+def mark_whole(module: nn.Module) -> None:
+    """Every parameter under ``module`` is partitioned over a group of one rank (the local experts when their
+    expert-data-parallel group is this rank alone): ``keep_whole`` takes it out of ZeRO-3's fetch/release."""
+    setattr(module, WHOLE, True)
+
+
+def keep_whole(engine: Any) -> int:
+    """Take the parameters of every ``mark_whole`` module out of ZeRO-3's per-module fetch and release;
+    returns how many modules lost DeepSpeed's hooks.
+
+    Over a group of one rank a ZeRO-3 partition is the whole parameter, so a "gather" only points
+    ``param.data`` at the partition, yet DeepSpeed 0.19.8 still runs four hooks per module every layer (fetch
+    and release, forward and backward, with an autograd Function around every output and input) and
+    frees ``param.data`` after each use.  Its own way to keep a parameter, ``ds_persist``, does not fit:
+    persistent parameters are re-gathered after every step by the sequential all-gather, which copies
+    them into a new buffer even over one rank (twice the experts' memory).  Here the module's hooks are
+    removed, and one forward pre-hook of ours points each released ``param.data`` at its partition (a view:
+    no copy, no second buffer) and marks it ``AVAILABLE`` (else ZeRO-3's parameter getter, active during the
+    engine's forward, would register it as an external parameter of the enclosing module and gather a copy).
+    Only the optimizer step's release-all (and an export's ``GatheredParameters`` exit) frees the view;
+    the next forward points it again.  The partition is what the optimizer updates in place, and its
+    gradient hooks (on the parameters, not the modules) still reduce and partition their gradients, so
+    the optimizer, clipping and the training checkpoints see them as before.  On a GPU the same cut
+    removes the hooks' host work, their autograd nodes and a stream synchronisation per module and pass
+    (DeepSpeed's one-rank "gather" handle synchronises the stream when it completes)."""
+    offload = getattr(engine.optimizer, "parameter_offload", None)
+    roots = [m for m in engine.module.modules() if getattr(m, WHOLE, False)]
+    if offload is None or not roots:
+        return 0
+    modules = {m for root in roots for m in root.modules()}
+    params = [p for root in roots for p in root.parameters()]
+    for p in params:
+        if dist.get_world_size(group=p.ds_process_group) != 1:
+            raise ValueError(f"mark_whole: a parameter of shape {tuple(p.ds_shape)} is partitioned over several ranks")
+    # DeepSpeed's own hook handles on these modules (pre/post forward and the backward wrappers).
+    dicts = {id(getattr(m, kind)) for m in modules for kind in ("_forward_pre_hooks", "_forward_hooks")}
+    for handles in (offload.forward_hooks, offload.backward_hooks):
+        mine = [h for h in handles if id(h.hooks_dict_ref()) in dicts]
+        for h in mine:
+            h.remove()
+            handles.remove(h)
+    # Small ones may have been made persistent (param_persistence_threshold): ours are kept another way.
+    persistent = engine.optimizer.persistent_parameters
+    for p in params:
+        if getattr(p, "ds_persist", False):
+            p.ds_persist = False
+            if any(q is p for q in persistent):
+                persistent.pop(next(i for i, q in enumerate(persistent) if q is p))
+        if p.ds_status.name != "NOT_AVAILABLE":
+            p.partition()
+    for root in roots:
+        root.register_forward_pre_hook(_point_at_partitions)
+    return len(modules)
+
+
+def _point_at_partitions(module: nn.Module, _args: Any) -> None:
+    """``param.data`` of each released parameter under ``module`` views its one-rank partition (``keep_whole``)."""
+    for p in module.parameters():
+        if p.ds_status.name != "AVAILABLE":
+            p.data = p.ds_tensor.data.narrow(0, 0, p.ds_numel).view(p.ds_shape)
+            p.ds_status = type(p.ds_status).AVAILABLE
 
 
 # ---------------------------------------------------------------- optimizer partitions (training checkpoints)

@@ -5,10 +5,19 @@
 - Routed-expert units: each rank gathers only its E/N local experts, over its expert-data-parallel
   group of M = gpus/N ranks (ring factor (M-1)/M).  Those groups take one rank per EP group, so with
   EP inside a node they cross the network whenever there is more than one node.
-- All-to-all: per MoE layer and pass, the T*K token rows (hidden size D) go out and come back; the
-  share (N-1)/N leaves the rank, over NVLink while N <= GPUs per node, else over the network.
-  Passes: forward and backward, plus the recompute with activation checkpointing.  Three calls per
-  layer and pass (counts, rows, outputs).  A simple term; the planner issue calibrates it.
+- All-to-all (``parallel/expert.py``: a token goes once to each rank holding any of its experts, and one
+  combined row comes back): per MoE layer and pass, T * r token rows (hidden size D) go out and come back,
+  r = the other ranks a token reaches, (N-1) * (1 - C(E - E/N, K) / C(E, K)) under balanced (uniform)
+  routing, against K * (N-1)/N for one row per assignment; with each row its routing (K weights and K
+  ids, fp32).  Over NVLink while N <= GPUs per node, else over the network.  Passes: forward and backward,
+  plus the recompute with activation checkpointing; calls per layer: 4 in a forward (sizes, routing,
+  rows, combine), 3 in backward.
+- Overlap: the step is bounded as ``max(compute, comm)``, every collective taken as overlappable (an
+  optimistic bound for the all-to-all, whose rows the experts wait for).  ``comm_hidden_s`` reports the
+  part the code hides for certain: the dispatch (routing and rows) travels while the shared experts run
+  (forward; their backward in backward), ``min(dispatch, shared experts)`` per layer and pass.  Taking
+  the rest of the all-to-all as exposed (a critical-path model) makes EP 2, 4 and 8 tie on the seed's
+  cluster instead of EP 8 winning; that change of the planner's answers is left to the planner's owner.
 - Memory (``memory.predict_memory(..., ep)``): the partitions are the same bytes per rank (E/N
   experts over M ranks = E/world experts' worth); the expert gather buffer shrinks to local shards;
   the dispatch buffers are the rows a rank receives per MoE layer: T*K*D balanced, N*T*min(K, E/N)*D
@@ -18,6 +27,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from moe_train.models.common.experts import ExpertLayout
@@ -81,8 +91,11 @@ def predict_speed_ep(
     expert_bytes = (gathers + 1) * sum(u.numel for u in experts) / ep * b * (M - 1) / M
     expert_bw = network if nodes > 1 else nvlink
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    a2a_bytes = gathers * moe_layers * 2 * T * cfg.experts_per_token * cfg.hidden_size * b * (ep - 1) / ep
     a2a_bw = nvlink if ep <= per_node else network
+    rows = T * ranks_reached(cfg, ep)  # rows leaving a rank per MoE layer and direction
+    dispatch_bytes = rows * (cfg.hidden_size * b + 2 * cfg.experts_per_token * 4)  # rows and their routing
+    dispatch_s = dispatch_bytes / a2a_bw + 2 * (ep - 1) * latency  # one pass: routing and rows
+    a2a_bytes = gathers * moe_layers * (dispatch_bytes + rows * cfg.hidden_size * b)  # plus the combine
 
     n_coll = gathers * _collectives(dense, max(zero.prefetch_bucket_size, 1)) + _collectives(
         dense, zero.reduce_bucket_size
@@ -90,7 +103,7 @@ def predict_speed_ep(
     n_expert = gathers * _collectives(local, max(zero.prefetch_bucket_size, 1)) + _collectives(
         local, zero.reduce_bucket_size
     )
-    n_a2a = gathers * moe_layers * 3
+    n_a2a = moe_layers * (4 * (gathers - 1) + 3)  # forward passes: sizes, routing, rows, combine; backward 3
     comm = (
         dense_bytes / dense_bw
         + expert_bytes / expert_bw
@@ -99,6 +112,12 @@ def predict_speed_ep(
         + n_expert * (M - 1) * latency
         + n_a2a * (ep - 1) * latency
     )
+    # The dispatch that travels while the shared experts run (forward passes against their forward,
+    # backward against their backward: twice the GEMMs).  The step keeps main's bound, max(compute,
+    # comm), which already treats every collective as overlappable; this term is what the code hides
+    # for certain, so a critical-path model can take it off the exposed all-to-all.
+    shared_fwd_s = shared_expert_seconds(cfg, T, device, peak_tflops)
+    hidden = moe_layers * ((gathers - 1) * min(dispatch_s, shared_fwd_s) + min(dispatch_s, 2 * shared_fwd_s))
     step = grad_accum * max(base.compute_s, comm) + base.optimizer_s
     tgs = grad_accum * T / step
     peak = (peak_tflops or device.peak_tflops) * 1e12
@@ -106,12 +125,29 @@ def predict_speed_ep(
         base,
         comm_s=comm,
         exposed_comm_s=max(0.0, comm - base.compute_s),  # behind compute, bounded as max(compute, comm)
+        comm_hidden_s=hidden,
         comm_bytes=dense_bytes + expert_bytes + a2a_bytes,
         collectives=n_coll + n_expert + n_a2a,
         step_s=step,
         tgs=tgs,
         mfu=tgs * base.model_flops_per_token / peak,
     )
+
+
+def ranks_reached(cfg: Any, ep: int) -> float:
+    """Other ranks of an EP group of ``ep`` that one token's K experts reach on average, with uniform
+    routing over E experts (E/ep per rank): the rows a token sends in the dispatch (and gets back)."""
+    E, K = cfg.num_experts, cfg.experts_per_token
+    return (ep - 1) * (1 - math.comb(E - E // ep, K) / math.comb(E, K))
+
+
+def shared_expert_seconds(cfg: Any, tokens: int, device: Device, peak_tflops: float | None = None) -> float:
+    """One forward of one layer's shared experts over ``tokens`` rows (their three GEMMs) at the device's
+    GEMM efficiency; 0 without shared experts."""
+    shared = getattr(cfg, "n_shared_experts", 0) or 0
+    flops = 2 * 3 * cfg.hidden_size * cfg.expert_intermediate_size * shared * tokens
+    peak = (peak_tflops or device.peak_tflops) * 1e12
+    return flops / (peak * device.calibration.gemm_efficiency)
 
 
 def _allowed(cfg: Any, layout: ExpertLayout, gpus: int, sp: int, ep: int, ds_config: dict[str, Any] | None) -> bool:

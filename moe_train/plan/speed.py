@@ -102,6 +102,7 @@ class SpeedEstimate:
     step_s: float  # per optimizer step (grad_accum micro steps + the update)
     tgs: float  # tokens per GPU per second
     mfu: float
+    comm_hidden_s: float = 0.0  # per micro step: communication on the critical path that overlapping hides
 
     @property
     def micro_step_s(self) -> float:

@@ -215,19 +215,26 @@ def routed_experts(
 
 
 def dispatch_and_combine(
-    experts: nn.Module, x_TD: torch.Tensor, weight_TK: torch.Tensor, index_TK: torch.Tensor, num_experts: int
+    experts: nn.Module,
+    x_TD: torch.Tensor,
+    weight_TK: torch.Tensor,
+    index_TK: torch.Tensor,
+    num_experts: int,
+    alongside: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token through its K experts, weighted and summed; returns (out (T, D), tokens per expert (E,)).
+    """Each token through its K experts, weighted and summed, plus ``alongside(x_TD)`` (the shared experts:
+    work on the same tokens that does not depend on the routing); returns (out (T, D), tokens per expert (E,)).
 
     The T*K assignments are sorted by expert once, so every expert reads a contiguous block.  Experts
     that move the tokens themselves (``takes_routing``: expert parallelism, applied from outside the
-    model) take the tokens and their routing whole and return the combined output.
+    model) take the tokens, their routing and ``alongside`` whole and return the combined output; they
+    may run ``alongside`` while the tokens travel.
     """
     K = index_TK.shape[1]
     flat_A = index_TK.reshape(-1)
     counts_E = torch.bincount(flat_A, minlength=num_experts)
     if getattr(experts, "takes_routing", False):
-        return experts(x_TD, weight_TK, index_TK), counts_E
+        return experts(x_TD, weight_TK, index_TK, alongside), counts_E
     order_A = flat_A.argsort(stable=True)
     token_A = order_A // K
     y_AD = experts(x_TD[token_A], counts_E)
@@ -235,6 +242,8 @@ def dispatch_and_combine(
     # end, as DeepSeek's code does; casting each term to bf16 first would round K times.
     y_AD = y_AD * weight_TK.reshape(-1)[order_A, None]
     out_TD = torch.zeros_like(x_TD, dtype=y_AD.dtype).index_add_(0, token_A, y_AD).to(x_TD.dtype)
+    if alongside is not None:
+        out_TD = out_TD + alongside(x_TD)
     return out_TD, counts_E
 
 

@@ -68,9 +68,8 @@ class MoE(nn.Module):
             segment_T = torch.arange(B, device=x_BTD.device).repeat_interleave(T)
         x_TD = x_BTD.reshape(-1, D)
         scores_TE, weight_TK, index_TK = self.gate(x_TD)
-        out_TD, _ = dispatch_and_combine(self.experts, x_TD, weight_TK, index_TK, E)
-        if cfg.n_shared_experts:
-            out_TD = out_TD + self.shared_experts(x_TD)
+        shared = self.shared_experts if cfg.n_shared_experts else None  # routed + shared, in that order
+        out_TD, _ = dispatch_and_combine(self.experts, x_TD, weight_TK, index_TK, E, shared)
         real = segment_T >= 0
         load_E = torch.bincount(index_TK[real].reshape(-1), minlength=E)
         aux = None
