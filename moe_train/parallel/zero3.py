@@ -183,6 +183,10 @@ def keep_whole(engine: Any) -> int:
     roots = [m for m in engine.module.modules() if getattr(m, WHOLE, False)]
     if offload is None or not roots:
         return 0
+    # Under parameter offload the partition lives in host memory (or on NVMe) and a quantized partition is
+    # not the weight: a view of either cannot feed the device's GEMM, so DeepSpeed's fetch (a copy) stays.
+    if offload.offload_device is not None or getattr(offload, "zero_quantized_weights", False):
+        return 0
     modules = {m for root in roots for m in root.modules()}
     params = [p for root in roots for p in root.parameters()]
     for p in params:
