@@ -19,11 +19,13 @@ import pytest
 from moe_train.engine import distributed
 from moe_train.engine.deepspeed_config import fill_auto, load_deepspeed_config, offloads_optimizer, shipped_configs
 from moe_train.engine.distributed import expand_nodelist, launch_env
+from moe_train.parallel.zero3 import initialize as zero3_initialize
 
 HIDDEN = 16
 GLOBAL_BATCH = 8
 STEPS = 5
 SAVE_AFTER = 2
+MUON_MODULES = ("deepspeed.runtime.zero.muon.original_muon", "torch._inductor.compile_fx")
 
 
 # ---------------------------------------------------------------------------- config loader
@@ -224,12 +226,16 @@ def test_zero3_partitions_and_trains(zero3):
     assert r["empty_after_init"] == [True, True]
     assert (r["full_numel"], r["half_numel"]) == (1313, 657)
     assert r["local_numel"] == [657, 657]
+    # zero3.initialize kept DeepSpeed's Muon (a torch.compile at import: ~1 s CPU a rank) out of ZeRO-3's start
+    assert r["compiled_muon"] == r["compiled_muon_after"] == [False, False]
 
 
 @pytest.mark.slow
 def test_zero2_matches_zero3(zero3, tmp_path):
     z2 = _run(tmp_path, "--config", "deepspeed_zero2")
     assert z2["losses"] == pytest.approx(zero3[0]["losses"], abs=1e-5, rel=1e-5)
+    # ZeRO-2's gradient reduction imports the real Muon module mid-run: no stand-in was left behind
+    assert z2["compiled_muon"] == [False, False] and z2["compiled_muon_after"] == [True, True]
 
 
 @pytest.mark.slow
@@ -340,9 +346,9 @@ def _worker(argv: list[str]) -> None:
 
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.1 * s)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=cfg, dist_init_required=False
-    )
+    engine, _ = zero3_initialize(model, optimizer, scheduler, cfg)  # the trainer's deepspeed.initialize
+    # DeepSpeed's Muon and the torch.compile of its kernels (torch._inductor) stay unloaded
+    result["compiled_muon"] = [m in sys.modules for m in MUON_MODULES]
     result["offload"] = [bool(engine.zero_offload_optimizer()), bool(engine.zero_offload_param())]
     first = 0
     if args.resume:
@@ -370,6 +376,7 @@ def _worker(argv: list[str]) -> None:
                 client_state={"step": step + 1, "data_position": (step + 1) * GLOBAL_BATCH},
             )
     result["losses"] = losses
+    result["compiled_muon_after"] = [m in sys.modules for m in MUON_MODULES]
     if rank == 0:
         Path(args.out).write_text(json.dumps(result))
     distributed.destroy_distributed()

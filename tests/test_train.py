@@ -24,25 +24,18 @@ def zero3_run(tmp_path_factory):
     return tmp / "run"
 
 
-def test_loss_decreases_and_metrics_are_recorded(zero3_run, tmp_path):
-    check(
-        torchrun(
-            [
-                "tiny",
-                "--deepspeed",
-                "deepspeed_zero3",
-                "--work-dir",
-                str(tmp_path / "long"),
-                "--max-steps",
-                "20",
-                "--save-steps",
-                "0",
-                "--no-export",
-            ],
-            tmp_path,
-        )
-    )
-    records = [m for m in metrics(tmp_path / "long") if "loss" in m]
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory):
+    """20 steps, no checkpoint, no export: the fp32 reference of the bf16 run too.  The LR schedule spans the
+    epoch, not --max-steps, so its first N losses are an N-step run's (test_resume_is_exact relies on it too)."""
+    tmp = tmp_path_factory.mktemp("long")
+    args = ["tiny", "--deepspeed", "deepspeed_zero3", "--work-dir", str(tmp / "long"), "--max-steps", "20"]
+    check(torchrun([*args, "--save-steps", "0", "--no-export"], tmp))
+    return tmp / "long"
+
+
+def test_loss_decreases_and_metrics_are_recorded(long_run):
+    records = [m for m in metrics(long_run) if "loss" in m]
     losses = [m["loss"] for m in records]
     assert len(losses) == 20
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
@@ -361,7 +354,7 @@ def test_resume_is_exact_with_grad_accum_across_an_epoch_boundary(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_on_cpu_keeps_fp32_master_router_and_loss(tmp_path):
+def test_bf16_on_cpu_keeps_fp32_master_router_and_loss(long_run, tmp_path):
     """The GPU's dtype path on gloo: bf16 weights, DeepSpeed's fp32 master copy, fp32 router and loss."""
     from transformers import AutoModelForCausalLM
 
@@ -387,24 +380,7 @@ def test_bf16_on_cpu_keeps_fp32_master_router_and_loss(tmp_path):
         )
     )
     assert "experts grouped_mm (torch.nn.functional.grouped_mm, torch.bfloat16 on cpu" in proc.stdout
-    check(
-        torchrun(
-            [
-                "tiny",
-                "--deepspeed",
-                "deepspeed_zero3",
-                "--work-dir",
-                str(tmp_path / "fp32"),
-                "--max-steps",
-                "10",
-                "--save-steps",
-                "0",
-                "--no-export",
-            ],
-            tmp_path,
-        )
-    )
-    ours, ref = summary(work)["losses"], summary(tmp_path / "fp32")["losses"]
+    ours, ref = summary(work)["losses"], summary(long_run)["losses"][:10]  # fp32's first 10 steps
     assert len(ours) == len(ref) == 10
     assert all(abs(a - b) / b < 2e-2 for a, b in zip(ours, ref)), (ours, ref)
     config = json.loads((work / "hf_model" / "config.json").read_text())

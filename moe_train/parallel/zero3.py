@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -142,12 +144,37 @@ def initialize(
     """The DeepSpeed engine and its scheduler (the process group already exists)."""
     import deepspeed
 
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
-    )
+    with _muon_unimported():
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
     if is_zero3(ds_config):
         keep_whole(engine)
     return engine, scheduler
+
+
+_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextlib.contextmanager
+def _muon_unimported() -> Iterator[None]:
+    """DeepSpeed 0.19's ``initialize`` imports its Muon optimizer only to ask whether ours is one
+    (``is_zero_supported_optimizer``, the ZeRO optimizers' ``isinstance`` checks); importing it runs
+    ``torch.compile`` on Muon's kernels, which loads torch._inductor: ~1 s of CPU in every rank of every
+    run.  Ours is torch's AdamW or DeepSpeed's CPU Adam, never Muon, so while ``initialize`` runs that
+    module is a class nothing is an instance of: every answer DeepSpeed gets is the one the real class
+    gives.  Afterwards the real module imports as usual (nothing here stays in ``sys.modules``)."""
+    if _MUON in sys.modules:  # already imported for real: nothing to save
+        yield
+        return
+    stand_in = types.ModuleType(_MUON, "moe_train's stand-in while deepspeed.initialize runs")
+    stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+    sys.modules[_MUON] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get(_MUON) is stand_in:
+            del sys.modules[_MUON]
 
 
 # ---------------------------------------------------------------- parameters partitioned over one rank
