@@ -66,7 +66,7 @@ def _config(mode: str):
     from bench.zero3 import model_config
 
     if mode == "wide":
-        return _p7_config("quick", MODES[mode]["shard"])
+        return _p7_config("quick", 2, expert_in_one_shard=MODES[mode]["shard"])  # P7's 2-rank shape
     if MODES[mode].get("family") == "qwen3":
         from moe_train.models.common.experts import ExpertLayout
         from moe_train.models.qwen3_moe.config import Qwen3MoeConfig

@@ -209,3 +209,15 @@ def test_p8_lora_benchmark_runs_at_the_test_size():
     assert 0 < result.figures["p8_lora_states_vs_full"] < 1
     rows = {line.split("|")[1].strip(): line.split("|") for line in result.table.splitlines()[2:]}
     assert rows["moe-train lora"][6] == rows["peft lora"][6]  # trained params
+
+
+def test_lora_benchmark_modes_build_the_model_their_mode_names():
+    """P8's model is the one its mode (and its printed description) names: layers, experts, top-k, shard size."""
+    from bench import lora_zero3
+
+    for mode in ("wide", "qwen3-wide"):
+        m = lora_zero3.MODES[mode]
+        cfg, layout = lora_zero3._config(mode)
+        assert cfg.num_hidden_layers == m["layers"], mode
+        assert (cfg.num_experts, cfg.experts_per_token) == (m["experts"], m["top_k"]), mode
+        assert layout.expert_in_one_shard == m["shard"], mode
