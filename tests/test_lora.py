@@ -398,6 +398,6 @@ def test_lora_checkpoint_resumes_on_another_world_size_shard_size_and_ep(lora_ep
     one = [m["loss"] for m in metrics(runs / "one") if "loss" in m]
     assert len(resumed) == 2
     assert abs(resumed[0] - one[1]) <= 1e-6, (resumed, one)
-    assert abs(resumed[1] - one[2]) <= 2e-3, (resumed, one)  # the elastic tests' bound
-    # measured: equal (the experts' GEMMs run per expert in either shard size); a lost Adam moment moves it more
+    # Tighter than the elastic tests' 2e-3: measured equal (the experts' GEMMs run per expert in either shard
+    # size); a lost Adam moment moves it more.
     assert abs(resumed[1] - one[2]) <= 1e-5, (resumed, one)
