@@ -113,7 +113,7 @@ def predict_speed_ep(
         + n_a2a * (ep - 1) * latency
     )
     # The dispatch that travels while the shared experts run (forward passes against their forward,
-    # backward against their backward: twice the GEMMs).  The step keeps main's bound, max(compute,
+    # backward against their backward: twice the GEMMs).  The step's bound stays max(compute,
     # comm), which already treats every collective as overlappable; this term is what the code hides
     # for certain, so a critical-path model can take it off the exposed all-to-all.
     shared_fwd_s = shared_expert_seconds(cfg, T, device, peak_tflops)
