@@ -122,13 +122,14 @@ def _ds_config(world: int, hidden: int):
     return ds
 
 
-def _ours(model_and_layout, ds, ep: int, source: str | None):
-    """moe-train's model partitioned as the trainer builds it, in a DeepSpeed engine."""
+def _ours(model_and_layout, ds, ep: int, source: str | None, hold: bool = False):
+    """moe-train's model partitioned as the trainer builds it, in a DeepSpeed engine (``hold``:
+    ``--hold-experts``)."""
     from moe_train.engine.model import build_model
     from moe_train.parallel import ParallelDims, zero3
 
     cfg, layout = model_and_layout
-    dims = ParallelDims(dist.get_world_size(), 1, ep, dist.get_rank())
+    dims = ParallelDims(dist.get_world_size(), 1, ep, dist.get_rank(), hold)
     dims.validate(cfg, layout, ds)
     dims.create_groups()
     model = build_model(
@@ -362,6 +363,9 @@ def _hf_step(engine, ids: torch.Tensor):
     return step
 
 
+HOLD = "moe-train --ep 2 --hold-experts"
+
+
 def p7_worker(mode: str, source: str, counter: WireCounter) -> list[dict]:
     world, rank = dist.get_world_size(), dist.get_rank()
     m = _p7_mode(mode, world)
@@ -375,6 +379,7 @@ def p7_worker(mode: str, source: str, counter: WireCounter) -> list[dict]:
     )
     hf_z3 = _hf_engine(source, world, m["hidden"], 1)
     hf_ep = _hf_engine(source, world, m["hidden"], 2)
+    engines = [ours_ep, ours_z3, hf_z3, hf_ep]
     ids = _row(m["tokens"], rank, 512)
     steps = {
         "moe-train --ep 2": _our_step(ours_ep, ids),
@@ -382,6 +387,10 @@ def p7_worker(mode: str, source: str, counter: WireCounter) -> list[dict]:
         "transformers zero3": _hf_step(hf_z3, ids),
         "transformers zero3+autoep2": _hf_step(hf_ep, ids),
     }
+    if world > 2:  # expert-data-parallel groups of world / 2 ranks: --hold-experts changes what is gathered
+        cfg = _p7_config(mode, world, expert_in_one_shard=shard_ep)
+        engines.append(_ours(cfg, _ds_config(world, m["hidden"]), 2, source, hold=True))
+        steps[HOLD] = _our_step(engines[-1], ids)
     rec = _timed_rounds(steps, m["steps"], counter)
     losses = torch.tensor([[rec[n]["first_loss"] for n in steps]])
     dist.all_reduce(losses)  # step-1 loss of the global batch: mean over the ranks' rows
@@ -400,7 +409,7 @@ def p7_worker(mode: str, source: str, counter: WireCounter) -> list[dict]:
                 "loss": losses[0, i].item() / world,
             }
         )
-    for engine in (ours_ep, ours_z3, hf_z3, hf_ep):
+    for engine in engines:
         engine.destroy()
     return out
 
@@ -432,6 +441,10 @@ def p7_summary(mode: str, records: list[dict], nproc: int) -> Result:
         "p7_cpu_vs_hf_zero3": by["transformers zero3"]["cpu_s"] / ours["cpu_s"],
         "p7_cpu_vs_hf_autoep": by["transformers zero3+autoep2"]["cpu_s"] / ours["cpu_s"],
     }
+    if HOLD in by:  # the same engine holding its experts between forward and step (DP x EP only)
+        figures["p7_hold_vs_hf_autoep"] = by["transformers zero3+autoep2"]["step_s"] / by[HOLD]["step_s"]
+        figures["p7_hold_vs_hf_zero3"] = by["transformers zero3"]["step_s"] / by[HOLD]["step_s"]
+        figures["p7_hold_vs_ep2"] = ours["step_s"] / by[HOLD]["step_s"]
     headers = [
         "engine",
         "step ms",

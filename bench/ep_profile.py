@@ -5,7 +5,8 @@ Builds P7's model (``bench/ep.py``; 3 layers and 512 tokens per rank on 4 ranks)
 steps per engine, then one profiled step per engine and round, interleaved, and writes each rank's
 top functions by own time and by cumulative time to ``OUT/{engine}_r{rank}.txt``.
 
-Run: ``python -m bench.ep_profile --nproc 2 --out /tmp/ep-profile`` (``--engines ours,autoep``).
+Run: ``python -m bench.ep_profile --nproc 2 --out /tmp/ep-profile`` (``--engines ours,hold,autoep``;
+``--timer cpu`` times each function by process time instead of wall time).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from bench.common import cpu_ranks_env, torchrun_module
 ROUNDS = 2  # profiled steps per engine; the last one is written out
 
 
-def worker(mode: str, engines: list[str], out: str) -> None:
+def worker(mode: str, engines: list[str], out: str, timer: str = "wall") -> None:
     counter = ep.WireCounter()
     counter.install()  # before DeepSpeed's backend looks the functions up
     from moe_train.engine.distributed import hard_exit, init_distributed
@@ -47,6 +48,9 @@ def worker(mode: str, engines: list[str], out: str) -> None:
     if "ours" in engines:
         cfg = ep._p7_config(mode, world, expert_in_one_shard=m["experts"] // 2)
         steps["ours"] = ep._our_step(ep._ours(cfg, ep._ds_config(world, m["hidden"]), 2, source), ids)
+    if "hold" in engines:  # --ep 2 --hold-experts
+        cfg = ep._p7_config(mode, world, expert_in_one_shard=m["experts"] // 2)
+        steps["hold"] = ep._our_step(ep._ours(cfg, ep._ds_config(world, m["hidden"]), 2, source, hold=True), ids)
     if "autoep" in engines:
         steps["autoep"] = ep._hf_step(ep._hf_engine(source, world, m["hidden"], 2), ids)
     for step in steps.values():
@@ -55,7 +59,9 @@ def worker(mode: str, engines: list[str], out: str) -> None:
         for name, step in steps.items():
             counter.reset()
             dist.barrier()
-            profile = cProfile.Profile()
+            # CPU time attributes a step to what this process computes, not to the waits while the
+            # other ranks run on the same cores (4 processes on 2 cores)
+            profile = cProfile.Profile(time.process_time) if timer == "cpu" else cProfile.Profile()
             t0, c0 = time.perf_counter(), time.process_time()
             profile.enable()
             step()
@@ -66,6 +72,7 @@ def worker(mode: str, engines: list[str], out: str) -> None:
             print(f"rank {rank} {name} round {r}: wall {wall:.2f} s, CPU {cpu:.2f} s, {calls}, a2a {a2a:.1f} MiB")
             if r == ROUNDS - 1:
                 text = io.StringIO()
+                profile.dump_stats(os.path.join(out, f"{name}_r{rank}.prof"))  # for pstats / snakeviz
                 stats = pstats.Stats(profile, stream=text)
                 stats.sort_stats("tottime").print_stats(30)
                 stats.sort_stats("cumtime").print_stats(40)
@@ -81,15 +88,16 @@ if __name__ == "__main__":
     parser.add_argument("--worker", action="store_true", help="run as one torchrun rank (internal)")
     parser.add_argument("--mode", choices=list(ep.P7_MODES), default="quick", help="problem size")
     parser.add_argument("--nproc", type=int, default=2, help="ranks: 2 (EP 2) or 4 (DP 2 x EP 2)")
-    parser.add_argument("--engines", default="ours,autoep", help="ours, autoep or both")
+    parser.add_argument("--engines", default="ours,autoep", help="any of ours, hold (ours with --hold-experts), autoep")
     parser.add_argument("--out", required=True, help="directory for the per-rank profiles")
+    parser.add_argument("--timer", choices=["wall", "cpu"], default="wall", help="what the profile times")
     args = parser.parse_args()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.worker:
-        worker(args.mode, engines, args.out)
+        worker(args.mode, engines, args.out, args.timer)
     else:
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="bench-ep-profile-") as tmp:
             cmd = [*torchrun_module("bench.ep_profile", args.nproc), "--worker", "--mode", args.mode]
-            cmd += ["--engines", ",".join(engines), "--out", args.out]
+            cmd += ["--engines", ",".join(engines), "--out", args.out, "--timer", args.timer]
             sys.exit(subprocess.run(cmd, env=cpu_ranks_env(tmp)).returncode)

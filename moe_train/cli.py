@@ -31,6 +31,7 @@ TRAIN_FIELDS = (
     "varlen",
     "sp",
     "ep",
+    "hold_experts",
     "moe_implementation",
     "expert_in_one_shard",
     "max_steps",

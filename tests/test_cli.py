@@ -74,6 +74,8 @@ def test_train_cli_surface_is_pinned():
             "--no-varlen",
             "--sp",
             "--ep",
+            "--hold-experts",
+            "--no-hold-experts",
             "--moe-implementation",
             "--expert-in-one-shard",
             "--max-steps",

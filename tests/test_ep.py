@@ -207,7 +207,7 @@ def _whole_worker(rank: int, port: int) -> None:
     shared = [m for m in engine.module.modules() if m.__class__.__name__ == "SwiGLUMLP"]
     assert local and shared
     for m in local:  # ours only: one pre-hook on the layer's experts, nothing on its shards
-        assert [h.__name__ for h in m._forward_pre_hooks.values()] == ["_point_at_partitions"]
+        assert [h.__name__ for h in m._forward_pre_hooks.values()] == ["_fetch_whole"]
         assert not m._forward_hooks and all(not s._forward_pre_hooks and not s._forward_hooks for s in m.values())
     assert all(m._forward_pre_hooks and m._forward_hooks for m in shared)  # dense blocks keep DeepSpeed's
     params = [p for m in local for p in m.parameters()]

@@ -91,7 +91,7 @@ def setup(tc: TrainConfig) -> Job:
         )
     check_report_to(r.report_to)  # a tracker's package missing: one line, before any process group
     info = init_distributed(tc.launcher)
-    dims = ParallelDims(info.world_size, r.sp, r.ep, info.rank)  # validated once the model is known
+    dims = ParallelDims(info.world_size, r.sp, r.ep, info.rank, r.hold_experts)  # validated once the model is known
     torch.manual_seed(r.seed)
 
     run = RunDir(tc.work_dir)

@@ -28,6 +28,10 @@ class ParallelDims:
     sp: int = 1
     ep: int = 1
     rank: int = 0  # this process's global rank (the planner leaves it 0)
+    # Keep each rank's routed experts gathered from their layer's forward to the optimizer step
+    # (``--hold-experts``; ``zero3.keep_whole``): one all-gather per step over the expert-data-parallel
+    # group instead of one per layer and pass, for the local experts' full weights in memory.
+    hold_experts: bool = False
     # The process groups, made by ``create_groups`` on every rank; None where the degree is 1.
     seq: Any = field(default=None, init=False, repr=False)  # parallel.sequence.SequenceParallel
     experts: Any = field(default=None, init=False, repr=False)  # parallel.expert.EPGroups
@@ -66,6 +70,11 @@ class ParallelDims:
             )
         if self.ep != 1:
             self._check_ep(cfg, layout, ds_config)
+        elif self.hold_experts:
+            raise ValueError(
+                "--hold-experts keeps each rank's expert-parallel share gathered and needs --ep N > 1; "
+                "add --ep or drop --hold-experts"
+            )
 
     def _check_ep(self, cfg: Any, layout: ExpertLayout, ds_config: dict[str, Any] | None) -> None:
         ep, world, E = self.ep, self.world, cfg.num_experts
@@ -122,7 +131,7 @@ class ParallelDims:
             self.seq = SequenceParallel(self)
         if self.ep != 1:
             expert.check_deepspeed()
-            self.experts = expert.create_groups(self.ep)
+            self.experts = expert.create_groups(self.ep, hold=self.hold_experts)
 
     def shard_batch(self, batch: dict, pad_id: int) -> dict:
         """This rank's part of a micro-batch: its sequence-parallel slice, or the whole batch."""

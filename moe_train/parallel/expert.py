@@ -85,6 +85,7 @@ class EPGroups:
     name: str
     ep: dist.ProcessGroup
     edp: dist.ProcessGroup
+    hold: bool = False  # keep the local experts gathered over ``edp`` until the optimizer step (--hold-experts)
 
     @property
     def rank(self) -> int:
@@ -94,13 +95,14 @@ class EPGroups:
         return dist.get_global_rank(self.ep, ep_rank)
 
 
-def create_groups(ep: int) -> EPGroups:
+def create_groups(ep: int, hold: bool = False) -> EPGroups:
     """DeepSpeed's ``ep_size_{ep}`` groups (created once; every rank must call this)."""
     from deepspeed.utils import groups
 
     groups._create_expert_and_data_parallel(ep)
     name = f"ep_size_{ep}"
-    return EPGroups(ep, name, groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_group(name))
+    edp = groups._get_expert_data_parallel_group(name)
+    return EPGroups(ep, name, groups._get_expert_parallel_group(name), edp, hold)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -204,7 +206,8 @@ class ExpertParallelShards(nn.ModuleDict):
             }
         )
         self.num_experts, self.shard_size, self.groups = num_experts, shard_size, groups
-        if dist.get_world_size(group=groups.edp) == 1:  # N = world: the "gathers" would be views plus hooks
+        # N = world: ZeRO-3's "gathers" would be views plus hooks; --hold-experts: one gather per step
+        if groups.hold or dist.get_world_size(group=groups.edp) == 1:
             zero3.mark_whole(self)
 
     def forward(

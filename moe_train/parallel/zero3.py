@@ -177,13 +177,14 @@ def _muon_unimported() -> Iterator[None]:
             del sys.modules[_MUON]
 
 
-# ---------------------------------------------------------------- parameters partitioned over one rank
-WHOLE = "moe_train_zero3_whole"  # a module attribute: its parameters' partition group is one rank
+# ---------------------------------------------------------------- local experts kept whole through a step
+WHOLE = "moe_train_zero3_whole"  # a module attribute: its parameters stay gathered from forward to the step
 
 
 def mark_whole(module: nn.Module) -> None:
-    """Every parameter under ``module`` is partitioned over a group of one rank (the local experts when their
-    expert-data-parallel group is this rank alone): ``keep_whole`` takes it out of ZeRO-3's fetch/release."""
+    """Every parameter under ``module`` is to stay whole from its first use in a step to the optimizer step
+    (the local experts: always when their expert-data-parallel group is this rank alone, with
+    ``--hold-experts`` over a larger group); ``keep_whole`` takes them out of ZeRO-3's fetch/release."""
     setattr(module, WHOLE, True)
 
 
@@ -191,34 +192,39 @@ def keep_whole(engine: Any) -> int:
     """Take the parameters of every ``mark_whole`` module out of ZeRO-3's per-module fetch and release;
     returns how many modules lost DeepSpeed's hooks.
 
-    Over a group of one rank a ZeRO-3 partition is the whole parameter, so a "gather" only points
-    ``param.data`` at the partition, yet DeepSpeed 0.19.8 still runs four hooks per module every layer (fetch
-    and release, forward and backward, with an autograd Function around every output and input) and
-    frees ``param.data`` after each use.  Its own way to keep a parameter, ``ds_persist``, does not fit:
-    persistent parameters are re-gathered after every step by the sequential all-gather, which copies
-    them into a new buffer even over one rank (twice the experts' memory).  Here the module's hooks are
-    removed, and one forward pre-hook of ours points each released ``param.data`` at its partition (a view:
-    no copy, no second buffer) and marks it ``AVAILABLE`` (else ZeRO-3's parameter getter, active during the
-    engine's forward, would register it as an external parameter of the enclosing module and gather a copy).
-    Only the optimizer step's release-all (and an export's ``GatheredParameters`` exit) frees the view;
-    the next forward points it again.  The partition is what the optimizer updates in place, and its
-    gradient hooks (on the parameters, not the modules) still reduce and partition their gradients, so
-    the optimizer, clipping and the training checkpoints see them as before.  On a GPU the same cut
-    removes the hooks' host work, their autograd nodes and a stream synchronisation per module and pass
-    (DeepSpeed's one-rank "gather" handle synchronises the stream when it completes)."""
+    DeepSpeed 0.19.8 fetches a module's parameters at its forward and again at its backward, and frees
+    them after each, with four hooks per module every layer (and an autograd Function around every
+    output and input).  For the local experts that costs:
+    - over a group of one rank (``--ep N`` on N ranks), where a partition is the whole parameter, the hooks
+      alone: the "gather" only points ``param.data`` at the partition (and on a GPU synchronises the stream);
+    - over a group of M > 1 ranks (``--hold-experts``), a second all-gather of every expert shard per layer,
+      in backward, of bytes the forward had already fetched.
+    Its own way to keep a parameter, ``ds_persist``, does not fit: persistent parameters are re-gathered
+    after every step by the sequential all-gather, which copies them into a new buffer even over one rank,
+    and are never freed (twice the experts' memory over one rank; their full weights at all times).
+
+    Here the module's hooks are removed, and one forward pre-hook of ours (``_fetch_whole``) makes each
+    released parameter whole: over one rank ``param.data`` views the partition (no copy); over M ranks one
+    coalesced all-gather of DeepSpeed's own fetches the module's parameters, once per step (forward), and
+    the backward uses them as they are.  Either way it marks them ``AVAILABLE`` (else ZeRO-3's parameter
+    getter, active during the engine's forward, would register them as external parameters of the enclosing
+    module and gather a copy).  Only the optimizer step's release-all (also before a checkpoint load, and an
+    export's ``GatheredParameters`` exit) frees them; the next forward fetches them again, so a step never
+    computes with weights older than the last update.  The partition is what the optimizer updates, and the
+    gradient hooks (on the parameters, not the modules) still reduce-scatter the gradients over the group,
+    so the optimizer, clipping and the training checkpoints see them as before.  The cost over M > 1 ranks:
+    the local experts of every layer are live at once, from their forward to the step (their full weights;
+    ``moe-train plan --hold-experts`` counts them)."""
     offload = getattr(engine.optimizer, "parameter_offload", None)
     roots = [m for m in engine.module.modules() if getattr(m, WHOLE, False)]
     if offload is None or not roots:
         return 0
     # Under parameter offload the partition lives in host memory (or on NVMe) and a quantized partition is
-    # not the weight: a view of either cannot feed the device's GEMM, so DeepSpeed's fetch (a copy) stays.
+    # not the weight: neither can feed the device's GEMM as it is, so DeepSpeed's fetch (a copy) stays.
     if offload.offload_device is not None or getattr(offload, "zero_quantized_weights", False):
         return 0
     modules = {m for root in roots for m in root.modules()}
     params = [p for root in roots for p in root.parameters()]
-    for p in params:
-        if dist.get_world_size(group=p.ds_process_group) != 1:
-            raise ValueError(f"mark_whole: a parameter of shape {tuple(p.ds_shape)} is partitioned over several ranks")
     # DeepSpeed's own hook handles on these modules (pre/post forward and the backward wrappers).
     dicts = {id(getattr(m, kind)) for m in modules for kind in ("_forward_pre_hooks", "_forward_hooks")}
     for handles in (offload.forward_hooks, offload.backward_hooks):
@@ -236,16 +242,22 @@ def keep_whole(engine: Any) -> int:
         if p.ds_status.name != "NOT_AVAILABLE":
             p.partition()
     for root in roots:
-        root.register_forward_pre_hook(_point_at_partitions)
+        root.register_forward_pre_hook(_fetch_whole)
     return len(modules)
 
 
-def _point_at_partitions(module: nn.Module, _args: Any) -> None:
-    """``param.data`` of each released parameter under ``module`` views its one-rank partition (``keep_whole``)."""
-    for p in module.parameters():
-        if p.ds_status.name != "AVAILABLE":
-            p.data = p.ds_tensor.data.narrow(0, 0, p.ds_numel).view(p.ds_shape)
-            p.ds_status = type(p.ds_status).AVAILABLE
+def _fetch_whole(module: nn.Module, _args: Any) -> None:
+    """Every released parameter under ``module`` made whole (``keep_whole``): a view of its partition over a
+    group of one rank, else one coalesced all-gather over its group (every rank of it runs this forward)."""
+    released = [p for p in module.parameters() if p.ds_status.name != "AVAILABLE"]
+    if not released:
+        return
+    if dist.get_world_size(group=released[0].ds_process_group) > 1:
+        released[0].all_gather_coalesced(released).wait()  # DeepSpeed's gather: sets data and AVAILABLE
+        return
+    for p in released:
+        p.data = p.ds_tensor.data.narrow(0, 0, p.ds_numel).view(p.ds_shape)
+        p.ds_status = type(p.ds_status).AVAILABLE
 
 
 # ---------------------------------------------------------------- optimizer partitions (training checkpoints)

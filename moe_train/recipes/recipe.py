@@ -137,6 +137,12 @@ class Recipe:
         help="Expert-parallel degree: each group of N consecutive ranks splits the routed experts and "
         "exchanges tokens (must divide the world size and the expert count; ZeRO-3).",
     )
+    hold_experts: bool = knob(
+        False,
+        help="With --ep: keep each rank's routed experts gathered from their layer's forward to the optimizer "
+        "step, one all-gather per step instead of two per layer; costs their full weights in memory (moe-train "
+        "plan says whether they fit).",
+    )
     # LoRA (rank 0: full fine-tuning)
     lora_rank: int = knob(
         0,
