@@ -183,11 +183,13 @@ def test_skewed_routing_and_local_loading_on_two_processes(tmp_path):
 
 
 # ------------------------------------------------------------------ local experts over one rank: no ZeRO-3 hooks
-def _whole_worker(rank: int, port: int) -> None:
+def _whole_worker(rank: int, port: int, world: int) -> None:
     """EP 2 on 2 ranks: each rank's experts are partitioned over a group of one rank, so ``zero3.keep_whole``
     removes DeepSpeed's hooks from them and their ``param.data`` views the partition (no copy, never in
-    DeepSpeed's fetch trace); a step still updates them through the optimizer."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    DeepSpeed's fetch trace); a step still updates them through the optimizer.  On 4 ranks with
+    --hold-experts (groups of 2): the same hooks, one gather in forward that backward reuses, released by
+    the step, and the next forward gathers the updated weights."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     from moe_train.engine.deepspeed_config import fill_auto
     from moe_train.engine.distributed import hard_exit, init_distributed
@@ -197,8 +199,8 @@ def _whole_worker(rank: int, port: int) -> None:
 
     init_distributed("pytorch")
     cfg = tiny_config()
-    ds = fill_auto(ZERO3, micro_batch_size=1, grad_accum=1, world_size=2, grad_clip=1.0, bf16=False, hidden_size=64)
-    dims = ParallelDims(2, 1, 2, rank)
+    ds = fill_auto(ZERO3, micro_batch_size=1, grad_accum=1, world_size=world, grad_clip=1.0, bf16=False, hidden_size=64)
+    dims = ParallelDims(world, 1, 2, rank, hold_experts=world > 2)
     dims.validate(cfg, TINY_LAYOUT, ds)
     dims.create_groups()
     model = build_model(cfg, TINY_LAYOUT, dims, ds, torch.float32, torch.device("cpu"), None, 0, False)
@@ -218,14 +220,24 @@ def _whole_worker(rank: int, port: int) -> None:
         return causal_lm_loss(engine(ids, cu_seqlens=torch.tensor([0, 32], dtype=torch.int32)).logits, ids)
 
     first = loss()
+    forward = [p.data.data_ptr() for p in params]
     engine.backward(first)
+    # backward used what the forward fetched: no second gather, no release
+    assert [p.data.data_ptr() for p in params] == forward and all(p.ds_status.name == "AVAILABLE" for p in params)
     engine.step()
+    assert all(p.ds_status.name == "NOT_AVAILABLE" for p in params)  # the step's release-all freed them
     with torch.no_grad():
         second = loss()
+    part = dist.get_rank(group=dims.experts.edp)
     for p, b in zip(params, before, strict=True):
-        assert p.data.data_ptr() == p.ds_tensor.data_ptr() and p.shape == p.ds_shape  # a view, not a copy
         assert p.ds_status.name == "AVAILABLE"  # marked so: ZeRO-3's getter does not gather a copy
         assert not torch.equal(p.ds_tensor, b)  # the optimizer updated the experts
+        if world == 2:
+            assert p.data.data_ptr() == p.ds_tensor.data_ptr() and p.shape == p.ds_shape  # a view, not a copy
+        else:  # gathered again after the step: this rank's part of the whole is its updated partition
+            n = p.ds_tensor.numel()
+            assert p.shape == p.ds_shape and p.data.data_ptr() != p.ds_tensor.data_ptr()
+            assert torch.equal(p.data.flatten()[part * n : (part + 1) * n], p.ds_tensor[: p.ds_numel - part * n])
     assert second.item() < first.item()
     moes = [m for m in engine.module.modules() if getattr(m, "experts", None) in local]
     assert moes and not any(getattr(m, "_external_params", None) for m in moes)  # not gathered as external
@@ -235,13 +247,23 @@ def _whole_worker(rank: int, port: int) -> None:
 
 
 @pytest.mark.slow
-def test_local_experts_over_one_rank_have_no_zero3_hooks_and_still_train():
+@pytest.mark.parametrize("world", [2, 4], ids=["one-rank-groups", "hold-experts-groups-of-2"])
+def test_local_experts_kept_whole_have_no_zero3_hooks_and_still_train(world):
     import torch.multiprocessing as mp
 
     from tests.launch import free_port
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_whole_worker, args=(free_port(),), nprocs=2, join=True)
+    mp.spawn(_whole_worker, args=(free_port(), world), nprocs=world, join=True)
+
+
+def test_hold_experts_needs_ep():
+    with pytest.raises(ValueError) as e:
+        ParallelDims(2, 1, 1, 0, hold_experts=True).validate(tiny_config(), TINY_LAYOUT, ZERO3)
+    assert str(e.value) == (
+        "--hold-experts keeps each rank's expert-parallel share gathered and needs --ep N > 1; "
+        "add --ep or drop --hold-experts"
+    )
 
 
 # ------------------------------------------------------------------ the trainer, EP 2 against EP 1
@@ -364,8 +386,12 @@ def test_resume_onto_another_ep_degree_continues_the_run(runs, tmp_path, source,
 
 @pytest.mark.slow
 def test_dp2_x_ep2_on_4_ranks_matches_ep1(tmp_path):
-    """Expert-data-parallel groups of 2: each rank's experts are partitioned over 2 ranks."""
-    steps = ["--max-steps", "3", "--save-steps", "0"]
+    """Expert-data-parallel groups of 2: each rank's experts are partitioned over 2 ranks.  The EP 2 run's
+    last step is then replayed from its step-2 checkpoint with --hold-experts (experts gathered once per
+    step, kept through backward): the same loss and the same exported weights, bit for bit."""
+    import shutil
+
+    steps = ["--max-steps", "3", "--save-steps", "2"]
     check(torchrun([*COMMON, "--work-dir", str(tmp_path / "ep1"), *steps], tmp_path, nproc=4, timeout=600))
     check(torchrun([*COMMON, "--work-dir", str(tmp_path / "ep2"), *steps, "--ep", "2"], tmp_path, nproc=4, timeout=600))
     _assert_same_training(tmp_path / "ep1", tmp_path / "ep2")
@@ -373,6 +399,19 @@ def test_dp2_x_ep2_on_4_ranks_matches_ep1(tmp_path):
     w1, w2 = _weights(tmp_path / "ep1" / "hf_model"), _weights(tmp_path / "ep2" / "hf_model")
     assert w1.keys() == w2.keys()
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 5e-6
+
+    held = tmp_path / "held"
+    shutil.copytree(tmp_path / "ep2", held)
+    shutil.rmtree(held / "checkpoints" / "step-00000003")
+    shutil.rmtree(held / "hf_model")
+    resume = ["--ep", "2", "--hold-experts", "--resume", "auto"]
+    proc = torchrun([*COMMON, "--work-dir", str(held), *steps, *resume], tmp_path, nproc=4, timeout=600)
+    check(proc)
+    assert "--hold-experts: each rank's routed experts stay gathered" in proc.stdout
+    assert "(one all-gather per step over 2 ranks)" in proc.stdout
+    assert summary(held)["segment_losses"] == summary(tmp_path / "ep2")["losses"][2:]
+    w3 = _weights(held / "hf_model")
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
 
 
 @pytest.mark.slow

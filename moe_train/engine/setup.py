@@ -25,6 +25,7 @@ from moe_train.engine.work_dir import check_outlives_pod, check_shared
 from moe_train.models import spec_for
 from moe_train.models.common.experts import ExpertLayout
 from moe_train.models.common.lora import LoraConfig
+from moe_train.parallel import zero3
 from moe_train.parallel.dims import ParallelDims
 from moe_train.recipes import Recipe
 from moe_train.run_dir import RunDir
@@ -162,6 +163,16 @@ def _setup_owned(
     engine, scheduler = build_engine(
         r, cfg, layout, dims, ds_config, dtype, device, schedule_steps, lora, load_weights=resume is None or bool(lora)
     )
+    if dims.hold_experts:  # what the operator pays for it, said once
+        group = world // dims.ep
+        held = zero3.whole_bytes(engine.module)
+        size = f"{held / 2**30:.2f} GiB" if held >= 2**30 else f"{held / 2**20:.1f} MiB"
+        log(
+            rank,
+            f"--hold-experts: each rank's routed experts stay gathered from their forward to the optimizer step, "
+            f"{size} per rank"
+            + (f" (one all-gather per step over {group} ranks)" if group > 1 else " (a view: their group is 1 rank)"),
+        )
     job = Job(
         tc=tc,
         run=run,

@@ -246,6 +246,12 @@ def keep_whole(engine: Any) -> int:
     return len(modules)
 
 
+def whole_bytes(model: nn.Module) -> int:
+    """Bytes of the ``mark_whole`` parameters at their full size (live from forward to step when held)."""
+    roots = [m for m in model.modules() if getattr(m, WHOLE, False)]
+    return sum(p.ds_numel * p.element_size() for root in roots for p in root.parameters())
+
+
 def _fetch_whole(module: nn.Module, _args: Any) -> None:
     """Every released parameter under ``module`` made whole (``keep_whole``): a view of its partition over a
     group of one rank, else one coalesced all-gather over its group (every rank of it runs this forward)."""
