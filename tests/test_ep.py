@@ -388,7 +388,7 @@ def test_resume_onto_another_ep_degree_continues_the_run(runs, tmp_path, source,
 def test_dp2_x_ep2_on_4_ranks_matches_ep1(tmp_path):
     """Expert-data-parallel groups of 2: each rank's experts are partitioned over 2 ranks.  The EP 2 run's
     last step is then replayed from its step-2 checkpoint with --hold-experts (experts gathered once per
-    step, kept through backward): the same loss and the same exported weights, bit for bit."""
+    step, kept through backward): the same loss and the same exported weights."""
     import shutil
 
     steps = ["--max-steps", "3", "--save-steps", "2"]
@@ -409,9 +409,12 @@ def test_dp2_x_ep2_on_4_ranks_matches_ep1(tmp_path):
     check(proc)
     assert "--hold-experts: each rank's routed experts stay gathered" in proc.stdout
     assert "(one all-gather per step over 2 ranks)" in proc.stdout
-    assert summary(held)["segment_losses"] == summary(tmp_path / "ep2")["losses"][2:]
+    # Same weights, same sums; the gathered buffer is another allocation, and a CPU GEMM may take another
+    # kernel for another alignment (measured: equal here, 1 ulp of the loss at P7's size).
+    (resumed,), (reference,) = summary(held)["segment_losses"], summary(tmp_path / "ep2")["losses"][2:]
+    assert abs(resumed - reference) < 1e-6, (resumed, reference)
     w3 = _weights(held / "hf_model")
-    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    assert max((w2[k] - w3[k]).abs().max().item() for k in w2) < 1e-6
 
 
 @pytest.mark.slow
