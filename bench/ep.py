@@ -465,7 +465,9 @@ def p7_summary(mode: str, records: list[dict], nproc: int) -> Result:
         f"(parameters released after use), fp32, balance loss off; median of {m['steps']} interleaved "
         "steps after one warm-up. transformers: experts_implementation grouped_mm, sdpa attention; "
         "AutoEP: autoep_size 2, preset deepseek_v2. moe-train --ep 2 keeps a rank's "
-        f"{m['experts'] // 2} experts in one shard; moe-train zero3 uses shard-8. CPU ms: rank 0's process "
+        f"{m['experts'] // 2} experts in one shard (and, at DP x EP, the same engine with --hold-experts: its "
+        "local experts gathered once per step, kept from forward to the optimizer step); moe-train zero3 uses "
+        "shard-8. CPU ms: rank 0's process "
         "time (all its threads), steadier than wall time on a loaded machine."
     )
     targets = {"p7_vs_hf_zero3": (">=", 2), "p7_vs_hf_autoep": (">=", 1.3), "p7_step1_loss_diff": ("<=", 1e-5)}
