@@ -255,15 +255,17 @@ def whole_bytes(model: nn.Module) -> int:
 def _fetch_whole(module: nn.Module, _args: Any) -> None:
     """Every released parameter under ``module`` made whole (``keep_whole``): a view of its partition over a
     group of one rank, else one coalesced all-gather over its group (every rank of it runs this forward)."""
-    released = [p for p in module.parameters() if p.ds_status.name != "AVAILABLE"]
-    if not released:
-        return
-    if dist.get_world_size(group=released[0].ds_process_group) > 1:
-        released[0].all_gather_coalesced(released).wait()  # DeepSpeed's gather: sets data and AVAILABLE
-        return
-    for p in released:
-        p.data = p.ds_tensor.data.narrow(0, 0, p.ds_numel).view(p.ds_shape)
-        p.ds_status = type(p.ds_status).AVAILABLE
+    batches: dict[tuple[int, torch.dtype], list[nn.Parameter]] = {}
+    for p in module.parameters():
+        if p.ds_status.name != "AVAILABLE":  # one coalesced gather per group and dtype (DeepSpeed's rule)
+            batches.setdefault((id(p.ds_process_group), p.dtype), []).append(p)
+    for released in batches.values():
+        if dist.get_world_size(group=released[0].ds_process_group) > 1:
+            released[0].all_gather_coalesced(released).wait()  # DeepSpeed's gather: sets data and AVAILABLE
+            continue
+        for p in released:
+            p.data = p.ds_tensor.data.narrow(0, 0, p.ds_numel).view(p.ds_shape)
+            p.ds_status = type(p.ds_status).AVAILABLE
 
 
 # ---------------------------------------------------------------- optimizer partitions (training checkpoints)
