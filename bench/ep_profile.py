@@ -30,6 +30,36 @@ from bench.common import cpu_ranks_env, torchrun_module
 ROUNDS = 2  # profiled steps per engine; the last one is written out
 
 
+# Where a step's time goes, in disjoint parts of the profile (own time of the kernels; cumulative time of
+# DeepSpeed's entry points, which contain no GEMM); "other" is the rest: Python, autograd Functions,
+# elementwise kernels, routing, the all-to-all.
+GEMM_KERNELS = ("_grouped_mm", "'matmul'", "scaled_dot_product_attention", "'mm'", "bmm", "addmm", "._nn.linear")
+ENTRY_POINTS = {
+    "optimizer step (Adam, DeepSpeed's flatten and norm)": ("stage3.py", "step"),
+    "gradient reduce-scatter": ("stage3.py", "reduce_ready_partitions_and_remove_grads"),
+    "ZeRO-3 fetch": ("partitioned_param_coordinator.py", "fetch_sub_module"),
+    "ZeRO-3 release": ("partitioned_param_coordinator.py", "release_sub_module"),
+    "held experts' gathers (ours)": ("zero3.py", "_fetch_whole"),
+}
+
+
+def breakdown(stats: pstats.Stats) -> dict[str, float]:
+    """Seconds of one profiled step by part (see ENTRY_POINTS); the parts add up to the total."""
+    own = {k: v[2] for k, v in stats.stats.items()}
+    cum = {k: v[3] for k, v in stats.stats.items()}
+    out = {"GEMMs and attention kernels (forward; ours' backward GEMMs too)": 0.0}
+    out["GEMMs and attention kernels (forward; ours' backward GEMMs too)"] = sum(
+        t for (f, _, name), t in own.items() if f == "~" and any(g in name for g in GEMM_KERNELS)
+    )
+    out["autograd engine (C++ backward kernels: AutoEP's expert GEMM backward, elementwise)"] = sum(
+        t for (f, _, name), t in own.items() if "run_backward" in name
+    )
+    for part, (file, name) in ENTRY_POINTS.items():
+        out[part] = sum(t for (f, _, n), t in cum.items() if f.endswith(file) and n == name)
+    out["other (Python, autograd Functions, elementwise, routing, all-to-all)"] = stats.total_tt - sum(out.values())
+    return out
+
+
 def worker(mode: str, engines: list[str], out: str, timer: str = "wall") -> None:
     counter = ep.WireCounter()
     counter.install()  # before DeepSpeed's backend looks the functions up
@@ -79,6 +109,9 @@ def worker(mode: str, engines: list[str], out: str, timer: str = "wall") -> None
                 with open(os.path.join(out, f"{name}_r{rank}.txt"), "w") as f:
                     f.write(f"wall {wall:.3f} s, CPU {cpu:.3f} s, collectives {calls}, a2a {a2a:.1f} MiB\n")
                     f.write(text.getvalue())
+                    f.write("\nwhere the step went (s):\n")
+                    for part, t in breakdown(pstats.Stats(profile)).items():
+                        f.write(f"  {t:7.3f}  {part}\n")
     dist.barrier()
     hard_exit(0)
 
