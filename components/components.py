@@ -198,8 +198,9 @@ def _trainer_cmd(p: Dict[str, object], trainer_args: List[str]) -> List[str]:
         cmd += ["--report-to", ",".join(p["report_to"])]
     if p["lora_targets"]:
         cmd += ["--lora-targets", ",".join(p["lora_targets"])]
-    if p["varlen"] is not None:
-        cmd.append("--varlen" if p["varlen"] else "--no-varlen")
+    for flag in ("varlen", "hold_experts"):  # booleans: None keeps the recipe's
+        if p[flag] is not None:
+            cmd.append(("--" if p[flag] else "--no-") + flag.replace("_", "-"))
     return cmd + trainer_args
 
 
@@ -343,6 +344,7 @@ def train(
     varlen: Optional[bool] = None,
     sp: Optional[int] = None,
     ep: Optional[int] = None,
+    hold_experts: Optional[bool] = None,
     moe_implementation: Optional[str] = None,
     expert_in_one_shard: Optional[int] = None,
     report_to: Optional[List[str]] = None,
@@ -382,6 +384,9 @@ def train(
         sp: sequence-parallel degree (must divide the world size), instead of the recipe's
         ep: expert-parallel degree: each group of N consecutive ranks splits the routed experts and exchanges
             tokens (must divide the world size and the expert count; ZeRO-3), instead of the recipe's
+        hold_experts: with --ep: keep each rank's routed experts gathered from their layer's forward to the
+            optimizer step, one all-gather per step instead of two per layer; costs their full weights in memory
+            (moe-train plan says whether they fit), instead of the recipe's
         moe_implementation: routed experts stacked in shards, or one module per expert (the HF layout, a
             baseline), instead of the recipe's
         expert_in_one_shard: experts per shard; must divide the routed expert count, instead of the recipe's
