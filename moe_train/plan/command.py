@@ -397,6 +397,11 @@ def search_report(p: Plan, found: SearchResult) -> str:
             f"  {'#':>2s}  {'configuration':94s} {'GB':>6s} {'TGS':>7s} {'MFU':>6s} {'comm s':>7s}  bottleneck"
         )
         lines += _rows(found.best)
+        if any(r.candidate.hold_experts for r in found.best):
+            lines.append(
+                "  ep N hold: --hold-experts, the local experts gathered once per optimizer step and kept to it "
+                "(in GB); tried wherever ep > 1 leaves more than one rank per expert-data-parallel group"
+            )
         if any(r.candidate.ep > 1 for r in found.best):
             lines += [
                 "  GB with ep > 1 includes the worst-case dispatch of a skewed batch (dropless all-to-all)",
@@ -454,7 +459,9 @@ def report(p: Plan) -> str:
         f"{p.deepspeed} (ZeRO-{z.stage}{', offload ' + '+'.join(offload) if offload else ''})",
         f"model: {count_params(cfg) / 1e9:.1f}B params, {active_matmul_params(cfg) / 1e9:.1f}B active per token; "
         f"{cfg.num_experts} routed experts, {layout}",
-        f"workload: {w.tokens_per_rank} tokens per GPU per micro step (max_length {w.max_length}, sp {w.sp}), "
+        f"workload: {w.tokens_per_rank} tokens per GPU per micro step (max_length {w.max_length}, sp {w.sp}"
+        + (f", ep {p.ep}" + (" holding its experts (--hold-experts)" if p.hold_experts else "") if p.ep > 1 else "")
+        + "), "
         f"{'varlen' if w.varlen else 'no varlen'}, {w.attention} attention, "
         f"activation checkpointing {'on' if w.activation_checkpointing else 'off'}",
     ]
