@@ -651,6 +651,7 @@ def test_search_on_the_seed_cluster_reports_xtuner(zero3):
     # Expert parallelism is in the space and wins: ZeRO-3 alone is communication-bound here.
     assert found.best[0].candidate.ep > 1 and found.best[0].tgs > 1.5 * p.speed.tgs
     assert all(r.per_gpu_gb <= 80 for r in found.best)
+    assert not any(r.candidate.hold_experts for r in found.best)  # compute-bound: holding gains nothing
     text = search_report(p, found)
     assert "XTuner (the seed) measured on 128 x A100-80G: 120 TGS at 8k (shard), 180 TGS at 16k varlen" in text
 

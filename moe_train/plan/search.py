@@ -235,12 +235,14 @@ def search(
         s = predict_speed_ep(cfg, layout, w, z, gpus, nodes, device, ep, accum, peak_tflops)
         hold = False
         tight = gpu_mem_gb - mem.per_gpu_gb < headroom * gpu_mem_gb
-        if 1 < ep < gpus:  # over one rank (ep == gpus) the experts are kept whole already
-            held = predict_memory(cfg, layout, w, z, gpus, ep, hold=True)
-            room = gpu_mem_gb - held.per_gpu_gb
-            if room >= 0 and (tight or room >= headroom * gpu_mem_gb):
-                s_held = predict_speed_ep(cfg, layout, w, z, gpus, nodes, device, ep, accum, peak_tflops, hold=True)
-                if s_held.tgs > s.tgs:
+        # No step is shorter than its micro steps' compute, which a compute-bound configuration already
+        # takes: holding cannot make it faster.  Over one rank (ep == gpus) the experts are kept whole already.
+        if 1 < ep < gpus and s.comm_s > s.compute_s:
+            s_held = predict_speed_ep(cfg, layout, w, z, gpus, nodes, device, ep, accum, peak_tflops, hold=True)
+            if s_held.tgs > s.tgs:
+                held = predict_memory(cfg, layout, w, z, gpus, ep, hold=True)
+                room = gpu_mem_gb - held.per_gpu_gb
+                if room >= 0 and (tight or room >= headroom * gpu_mem_gb):
                     hold, mem, s, tight = True, held, s_held, room < headroom * gpu_mem_gb
         r = Ranked(
             Candidate(impl, shard, ep, sp, S, ac, offload, accum, hold),
