@@ -87,10 +87,16 @@ def expert_gathers(
     M = gpus // ep
     whole = experts_whole(gpus, ep, hold, zero)
     _, layers, _ = model_units(cfg, layout)
-    local = [
-        [u for u in layer if u.expert is not None and u.numel >= zero.param_persistence_threshold] for layer in layers
+    local = [  # per layer, the rank's own shards ZeRO-3 partitions (the persistent ones never move)
+        [
+            u
+            for u in layer
+            if u.expert is not None
+            and u.numel >= zero.param_persistence_threshold
+            and local_unit(u, layout, cfg.num_experts, ep)
+        ]
+        for layer in layers
     ]
-    local = [[u for u in layer if local_unit(u, layout, cfg.num_experts, ep)] for layer in local]
     numel = sum(u.numel for layer in local for u in layer)
     once = numel * work.bytes * (M - 1) / M  # one gather of every local shard, per GPU
     if M == 1 and whole:
