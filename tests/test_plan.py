@@ -390,6 +390,8 @@ def test_cli_surface_is_pinned():
             "--headroom",
             "--tokens",
             "--ep",
+            "--hold-experts",
+            "--no-hold-experts",
             "--lora-rank",
             "--lora-targets",
         ]
@@ -649,6 +651,7 @@ def test_search_on_the_seed_cluster_reports_xtuner(zero3):
     # Expert parallelism is in the space and wins: ZeRO-3 alone is communication-bound here.
     assert found.best[0].candidate.ep > 1 and found.best[0].tgs > 1.5 * p.speed.tgs
     assert all(r.per_gpu_gb <= 80 for r in found.best)
+    assert not any(r.candidate.hold_experts for r in found.best)  # compute-bound: holding gains nothing
     text = search_report(p, found)
     assert "XTuner (the seed) measured on 128 x A100-80G: 120 TGS at 8k (shard), 180 TGS at 16k varlen" in text
 
@@ -682,3 +685,160 @@ def test_h100_h200_speed_is_flagged_uncalibrated(gpu):
     assert res.exit_code == 0, res.output
     assert "H100/H200 constants are not calibrated" in res.output
     assert "not calibrated" not in run(V2, "--gpus", "64", "--gpu-mem-gb", "80").output
+
+
+# ---------------------------------------------------------------------------- --hold-experts (with --ep)
+def _lite(zero3, shard: int = 8):
+    cfg = DeepseekV2Config.from_name("deepseek-v2-lite")
+    return cfg, ExpertLayout("shard", shard), ZeroSettings.from_ds_config(zero3, cfg.hidden_size)
+
+
+def _local_expert_numel(cfg, ep: int) -> int:
+    """A rank's routed experts over every MoE layer, from the config alone: E/ep experts of 3 D x F matrices."""
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    return cfg.n_routed_experts // ep * 3 * cfg.hidden_size * cfg.moe_intermediate_size * moe_layers
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("grad_accum", [1, 4])
+def test_hold_gathers_the_local_experts_once_per_optimizer_step(zero3, checkpointing, grad_accum):
+    """V2-Lite on 2 nodes of 8, --ep 2 (M = 8): without holding each expert shard is gathered at its forward,
+    backward and recompute in every micro step; held, once per optimizer step in one gather per MoE layer.
+    The per-micro-step figures are the step's means."""
+    from moe_train.plan.expert import expert_gathers, predict_speed_ep
+
+    cfg, layout, zero = _lite(zero3)
+    work = Workload(max_length=2048, activation_checkpointing=checkpointing)
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    once = _local_expert_numel(cfg, 2) * 2 * 7 / 8  # bf16, ring share of 8 ranks
+    gathers = 3 if checkpointing else 2
+    plain, held = (expert_gathers(cfg, layout, work, zero, 16, 2, grad_accum, h) for h in (False, True))
+    assert held.bytes == pytest.approx(once) and held.collectives == moe_layers
+    assert plain.bytes == pytest.approx(grad_accum * gathers * once)
+    # a shard of 8 experts is larger than the prefetch bucket: one gather per shard and pass
+    assert 8 * 3 * cfg.hidden_size * cfg.moe_intermediate_size > zero.prefetch_bucket_size
+    assert plain.collectives == grad_accum * gathers * (32 // 8) * moe_layers
+
+    a100 = DEVICES["a100"]
+    s_plain, s_held = (
+        predict_speed_ep(cfg, layout, work, zero, 16, 2, a100, 2, grad_accum, hold=h) for h in (False, True)
+    )
+    assert s_plain.comm_bytes - s_held.comm_bytes == pytest.approx((grad_accum * gathers - 1) * once / grad_accum)
+    assert s_plain.collectives - s_held.collectives == round((plain.collectives - held.collectives) / grad_accum)
+    assert s_held.compute_s == s_plain.compute_s and s_held.step_s < s_plain.step_s
+    # The held step is the sum of its micro steps: the first with every gather, the others without.
+    step = s_held.step_s - s_held.optimizer_s
+    assert step >= grad_accum * s_held.compute_s
+    assert s_held.exposed_comm_s >= max(0.0, s_held.comm_s - s_held.compute_s) - 1e-12
+
+
+def test_hold_changes_nothing_over_groups_of_one_rank(zero3):
+    """--ep 8 on 8 GPUs (M = 1): the local experts are kept whole anyway, as views of their partition: no
+    expert gathers, and holding costs no memory and no time."""
+    from moe_train.plan.expert import expert_gathers, hold_option, predict_speed_ep
+
+    cfg, layout, zero = _lite(zero3)
+    work = Workload(max_length=2048)
+    for hold in (False, True):
+        g = expert_gathers(cfg, layout, work, zero, 8, 8, 16, hold)
+        assert (g.bytes, g.collectives, g.whole) == (0.0, 0, True)
+    assert predict_memory(cfg, layout, work, zero, 8, 8, hold=True).phases == (
+        predict_memory(cfg, layout, work, zero, 8, 8).phases
+    )
+    assert "held_experts" not in predict_memory(cfg, layout, work, zero, 8, 8, hold=True).phases["loss"]
+    a100 = DEVICES["a100"]
+    assert predict_speed_ep(cfg, layout, work, zero, 8, 1, a100, 8, 16, hold=True) == predict_speed_ep(
+        cfg, layout, work, zero, 8, 1, a100, 8, 16
+    )
+    assert hold_option(cfg, layout, work, zero, 8, 1, a100, 8, 16, gpu_mem_gb=80) is None
+    with pytest.raises(ValueError, match="needs --ep N > 1"):  # the trainer's refusal at ep 1
+        predict_memory(cfg, layout, work, zero, 8, 1, hold=True)
+
+
+def test_hold_keeps_every_layers_local_experts_until_the_step(zero3):
+    """Over M > 1 ranks the held experts are their full weights in bf16 (every MoE layer's E/ep experts), live
+    at the loss and in the backward, released before the optimizer step's gradient copy and Adam."""
+    cfg, layout, zero = _lite(zero3)
+    work = Workload(max_length=2048)
+    for ep in (2, 4):
+        plain, held = (predict_memory(cfg, layout, work, zero, 16, ep, hold=h) for h in (False, True))
+        full = _local_expert_numel(cfg, ep) * 2
+        for phase in ("loss", "layer"):
+            assert held.phases[phase]["held_experts"] == full
+            assert "held_experts" not in plain.phases[phase]
+        assert held.phases["step"] == plain.phases["step"]
+        # ZeRO-3's schedule no longer holds the experts it had gathered at the loss: at most one layer's worth
+        dropped = plain.phases["loss"]["gathered_params"] - held.phases["loss"]["gathered_params"]
+        one_layer = full / sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+        assert 0 <= dropped <= one_layer
+        for phase in ("loss", "layer"):  # the phase grows by the held weights less what the schedule dropped
+            grown = sum(v for k, v in held.phases[phase].items() if k != "fragmentation") - sum(
+                v for k, v in plain.phases[phase].items() if k != "fragmentation"
+            )
+            dropped = plain.phases[phase]["gathered_params"] - held.phases[phase]["gathered_params"]
+            assert grown == pytest.approx(full - dropped)
+        assert held.per_gpu_gb > plain.per_gpu_gb  # the peak moves from the step to the loss at ep 2
+    assert predict_memory(cfg, layout, work, zero, 16, 2, hold=True).per_gpu_gb > (
+        predict_memory(cfg, layout, work, zero, 16, 4, hold=True).per_gpu_gb
+    )  # ep 2 holds 32 experts per layer, ep 4 holds 16
+
+
+def test_hold_does_not_fit_at_the_suggested_ep_on_the_seed_cluster(zero3):
+    """236B on 128 x A100-80GB at 8k: EP 8 is suggested (compute-bound); holding its 20 experts per layer
+    (52 GB) does not fit there, and at no degree the trainer accepts is holding both fitting and faster."""
+    from moe_train.plan.expert import hold_option, suggest_ep
+
+    cfg, layout = DeepseekV2Config.from_name("deepseek-v2"), ExpertLayout("shard", 10)
+    zero = ZeroSettings.from_ds_config(zero3, cfg.hidden_size)
+    work, a100 = Workload(max_length=8192), DEVICES["a100"]
+    best = suggest_ep(cfg, layout, work, zero, 128, 16, a100, 16, gpu_mem_gb=80, ds_config=zero3)
+    assert best["ep"] == 8
+    hold = best["hold"]
+    assert hold["fits"] is False and not hold["helps"] and hold["per_gpu_gb"] > 80
+    assert hold["held_gb"] == pytest.approx(_local_expert_numel(cfg, 8) * 2 / GiB)
+    for ep in (2, 4, 16):
+        other = hold_option(cfg, layout, work, zero, 128, 16, a100, ep, 16, gpu_mem_gb=80)
+        assert not other["helps"], ep
+
+
+def test_plan_ep_hold_experts_says_whether_it_fits_and_helps():
+    seed = ["plan", V2, "--gpus", "128", "--gpu-mem-gb", "80", "--max-length", "8192", "--ep", "8"]
+    out = CliRunner().invoke(main, [*seed, "--hold-experts"])
+    assert out.exit_code == 0, out.output
+    assert "expert parallel --ep 8 --hold-experts" in out.output
+    assert "with worst-case routing skew: DOES NOT FIT" in out.output
+    assert "--hold-experts at ep 8: " in out.output and "does not fit: leave it off" in out.output
+    lite = ["plan", "deepseek_v2_lite_chat_full_alpaca_e3", "--gpus", "16", "--gpu-mem-gb", "80", "--ep", "2"]
+    out = CliRunner().invoke(main, [*lite, "--hold-experts", "--json"])
+    assert out.exit_code == 0, out.output
+    ep = json.loads(out.output)["expert_parallel"]
+    assert ep["hold_experts"] and ep["fits"] and ep["expert_gathers_per_step"] == 26
+    assert ep["hold"]["helps"] and ep["hold"]["speedup"] > 1.5  # 2 nodes: the experts' gathers cross the network
+    assert ep["suggested_ep"] == 8 and not ep["suggested_hold"]["helps"]  # compute-bound already
+    for bad, words in ((["--ep", "1"], "Invalid value for --ep"), ([], "needs --ep N > 1")):
+        res = CliRunner().invoke(main, [*lite[:-2], *bad, "--hold-experts"])
+        assert res.exit_code != 0 and words in res.output and "needs --ep N > 1" in res.output, res.output
+
+
+def test_search_holds_where_it_fits_and_is_faster(zero3):
+    """V2-Lite on 3 nodes of 8 A100-80GB: EP degrees stop at 8 (gcd of 64 experts and 24 GPUs), so every
+    degree gathers its experts over M >= 3 ranks across the network; #1 holds them, and its commands say so."""
+    from moe_train.plan.expert import predict_speed_ep
+
+    out = CliRunner().invoke(
+        main,
+        ["plan", "deepseek_v2_lite_chat_full_alpaca_e3", "--gpus", "24", "--gpu-mem-gb", "80", "--search", "--json"],
+    )
+    assert out.exit_code == 0, out.output
+    d = json.loads(out.output)
+    first = d["best"][0]
+    assert first["hold_experts"] and first["ep"] > 1 and first["per_gpu_gb"] <= 80 and not first["tight"]
+    assert "--hold-experts" in d["commands"]["srun"] and "--hold-experts" in d["commands"]["torchx"]
+    # the same configuration without holding: fits too, and is slower
+    cfg, _, zero = _lite(zero3, first["expert_in_one_shard"])
+    layout = ExpertLayout("shard", first["expert_in_one_shard"])
+    work = Workload(max_length=first["max_length"], activation_checkpointing=first["activation_checkpointing"])
+    args = (cfg, layout, work, zero, 24)
+    plain = predict_speed_ep(*args, 3, DEVICES["a100"], first["ep"], first["grad_accum"])
+    assert plain.tgs < first["tgs"] - 0.05
+    assert predict_memory(*args, first["ep"]).per_gpu_gb < first["per_gpu_gb"]

@@ -205,6 +205,7 @@ class Plan:
     suggested_expert_in_one_shard: int | None
     suggested_sp: int | None
     headroom: float = HEADROOM_WARNING  # share of the GPU a configuration should leave free
+    hold_experts: bool = False  # --hold-experts: the local experts gathered once per step (with ep > 1)
 
     @property
     def fits(self) -> bool:
@@ -238,6 +239,7 @@ class Plan:
             "zero": self.zero.__dict__,
             "workload": dataclasses.asdict(self.work),
             "ep": self.ep,
+            "hold_experts": self.hold_experts,
             "grad_accum": self.grad_accum,
             "moe_implementation": self.layout.moe_implementation,
             "expert_in_one_shard": (
@@ -284,12 +286,13 @@ def build_plan(
     cfg = model_config(recipe)
     layout = model_layout(recipe, cfg)
     ds = ds_config if ds_config is not None else load_deepspeed_config(recipe.deepspeed)
-    ParallelDims(gpus, recipe.sp, recipe.ep).validate(cfg, layout, ds)  # the trainer's check
+    hold = recipe.hold_experts
+    ParallelDims(gpus, recipe.sp, recipe.ep, hold_experts=hold).validate(cfg, layout, ds)  # the trainer's check
     zero = ZeroSettings.from_ds_config(ds, cfg.hidden_size)
     work = workload(recipe, attention)
     dev = DEVICES[device]
-    mem = predict_memory(cfg, layout, work, zero, gpus, recipe.ep)
-    speed = predict_speed_ep(cfg, layout, work, zero, gpus, nodes, dev, recipe.ep, recipe.grad_accum, peak_tflops)
+    mem = predict_memory(cfg, layout, work, zero, gpus, recipe.ep, hold)
+    speed = predict_speed_ep(cfg, layout, work, zero, gpus, nodes, dev, recipe.ep, recipe.grad_accum, peak_tflops, hold)
     return Plan(
         recipe=recipe.name,
         gpus=gpus,
@@ -312,4 +315,5 @@ def build_plan(
         ),
         suggested_sp=suggest_sp(cfg, layout, work, zero, gpus, gpu_mem_gb),
         headroom=headroom,
+        hold_experts=hold,
     )

@@ -104,10 +104,13 @@ def commands(recipe: str, gpus: int, changes: dict[str, Any], run_s: float | Non
         torchx += [f"components.py:{preset[0]}"] + ([] if preset[1] == gpus else ["-j", f"{nodes}x{per_node}"])
     else:
         torchx += ["components.py:train", "--recipe", recipe, "-j", f"{nodes}x{per_node}"]
+    flags = {"hold_experts"}  # ``moe-train train`` flags the lines spell as such (the TorchX component has none)
     trainer = []
     for k, v in changes.items():
         if k in component:
             torchx += [f"--{k}", str(v)]
+        elif k in flags:
+            trainer.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
         else:
             trainer += ["--cfg-options", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
     if trainer:

@@ -39,6 +39,7 @@ PLAN_FIELDS = (
     "deepspeed",
     "lora_rank",
     "lora_targets",
+    "hold_experts",
 )
 # XTuner's published figures for DeepSeek-V2 236B on 128 A100-80G (the seed), for --search to compare against.
 SEED_REFERENCE = {"model_shape": (5120, 60, 160), "gpus": 128, "tgs_8k": 120, "tgs_16k_varlen": 180}
@@ -164,6 +165,11 @@ def plan(
         raise click.BadParameter(str(e), param_hint=hint) from None
     if attention == "eager" and r.varlen:
         raise click.UsageError("--attention eager takes a 4D mask, not cu_seqlens: add --no-varlen")
+    # ``--ep N --hold-experts`` holds in the EP section; the plan above it keeps the recipe's ep, where
+    # holding is refused at ep 1 (the trainer's own check says so when --hold-experts comes without --ep).
+    hold = r.hold_experts
+    if ep is not None and r.ep == 1:
+        r = r.replace(hold_experts=False)
     try:
         p = build_plan(
             r,
@@ -183,7 +189,7 @@ def plan(
         from moe_train.plan.expert import ep_report
 
         try:
-            text, data = ep_report(p, ep, r.grad_accum)
+            text, data = ep_report(p, ep, r.grad_accum, hold)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--ep") from None
         click.echo(json.dumps({**p.to_dict(), "expert_parallel": data}) if as_json else report(p) + "\n" + text)
@@ -223,6 +229,7 @@ def _candidate_changes(r: Recipe, c: Candidate) -> dict[str, Any]:
         "max_length": c.max_length,
         "grad_accum": c.grad_accum,
         "activation_checkpointing": c.activation_checkpointing,
+        "hold_experts": c.hold_experts,
     }
     out = {k: v for k, v in fields.items() if v is not None and getattr(r, k) != v}
     if c.offload != "none":
@@ -390,6 +397,11 @@ def search_report(p: Plan, found: SearchResult) -> str:
             f"  {'#':>2s}  {'configuration':94s} {'GB':>6s} {'TGS':>7s} {'MFU':>6s} {'comm s':>7s}  bottleneck"
         )
         lines += _rows(found.best)
+        if any(r.candidate.hold_experts for r in found.best):
+            lines.append(
+                "  ep N hold: --hold-experts, the local experts gathered once per optimizer step and kept to it "
+                "(in GB); tried wherever ep > 1 leaves more than one rank per expert-data-parallel group"
+            )
         if any(r.candidate.ep > 1 for r in found.best):
             lines += [
                 "  GB with ep > 1 includes the worst-case dispatch of a skewed batch (dropless all-to-all)",
@@ -447,7 +459,9 @@ def report(p: Plan) -> str:
         f"{p.deepspeed} (ZeRO-{z.stage}{', offload ' + '+'.join(offload) if offload else ''})",
         f"model: {count_params(cfg) / 1e9:.1f}B params, {active_matmul_params(cfg) / 1e9:.1f}B active per token; "
         f"{cfg.num_experts} routed experts, {layout}",
-        f"workload: {w.tokens_per_rank} tokens per GPU per micro step (max_length {w.max_length}, sp {w.sp}), "
+        f"workload: {w.tokens_per_rank} tokens per GPU per micro step (max_length {w.max_length}, sp {w.sp}"
+        + (f", ep {p.ep}" + (" holding its experts (--hold-experts)" if p.hold_experts else "") if p.ep > 1 else "")
+        + "), "
         f"{'varlen' if w.varlen else 'no varlen'}, {w.attention} attention, "
         f"activation checkpointing {'on' if w.activation_checkpointing else 'off'}",
     ]

@@ -262,9 +262,12 @@ class StepTrace:
     top: slice  # the backward (with its recompute) of the top layer
     head: list[Unit]  # the traced final norm / lm_head
     top_layer: list[Unit]  # the traced units of the top layer
+    # The rank's own expert shards ``zero3.keep_whole`` takes out of the trace (``experts_whole``), each
+    # once: gathered at their layer's forward (a view over one rank) and kept to the optimizer step.
+    whole: list[Unit] = dataclasses.field(default_factory=list)
 
 
-def _local(u: Unit, layout: ExpertLayout, num_experts: int | None, ep: int) -> bool:
+def local_unit(u: Unit, layout: ExpertLayout, num_experts: int | None, ep: int) -> bool:
     """Whether rank 0 of an EP group of ``ep`` holds unit ``u``: every unit but the routed-expert
     shards outside its E/ep experts (``--ep`` needs the shard layout)."""
     if ep == 1 or u.expert is None:
@@ -272,11 +275,24 @@ def _local(u: Unit, layout: ExpertLayout, num_experts: int | None, ep: int) -> b
     return u.expert < layout.num_shards(num_experts) // ep
 
 
-def step_trace(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int = 1) -> StepTrace:
+def experts_whole(world_size: int, ep: int, hold: bool, zero: ZeroSettings) -> bool:
+    """Whether ``zero3.keep_whole`` takes a rank's own expert shards out of ZeRO-3's per-module fetch and
+    release: under ``--ep`` always when their expert-data-parallel group is the rank alone (M = world/ep
+    = 1: the "gather" is a view of the partition), and over M > 1 ranks with ``--hold-experts`` (one
+    all-gather per step, kept to the optimizer step).  Never under parameter offload, where the trainer
+    keeps DeepSpeed's fetch (the partition is not on the device; ``--ep`` refuses offload anyway)."""
+    return ep > 1 and zero.stage >= 3 and not zero.offload_param and (hold or world_size == ep)
+
+
+def step_trace(
+    cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int = 1, whole: bool = False
+) -> StepTrace:
     """The module trace of a whole step: the forward, lm_head's backward, then each layer's
     backward from the top (a recompute of the layer first with activation checkpointing), the
     embedding last.  Units under the persistence threshold are not traced; with expert
-    parallelism (``ep`` > 1) a rank traces only its own expert shards."""
+    parallelism (``ep`` > 1) a rank traces only its own expert shards, and none of them when they are
+    kept whole (``whole``, see ``experts_whole``: DeepSpeed's hooks are off them), which the trace
+    returns apart."""
     embed, layers, head = model_units(cfg, layout)
     if work.lora is not None:
         ad = adapters(cfg, layout, work.lora)
@@ -286,11 +302,15 @@ def step_trace(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSetting
         return [  # Unit(...) rather than dataclasses.replace: a 671B trace has ~100k entries
             Unit(f"{tag}.{u.name}", u.numel, u.tensors, u.expert, u.attention_kernel)
             for u in units
-            if u.numel >= zero.param_persistence_threshold and _local(u, layout, cfg.num_experts, ep)
+            if u.numel >= zero.param_persistence_threshold and local_unit(u, layout, cfg.num_experts, ep)
         ]
 
     emb, lm = traced([embed], "embed"), traced(head, "head")
     per_layer = [traced(layer, str(i)) for i, layer in enumerate(layers)]
+    top_layer, kept = per_layer[-1], []  # the top layer's gradients include its experts' either way
+    if whole:
+        kept = [u for layer in per_layer for u in layer if u.expert is not None]
+        per_layer = [[u for u in layer if u.expert is None] for layer in per_layer]
     units = emb + [u for layer in per_layer for u in layer] + lm
     passes = ["forward"] * len(units)
     loss = slice(len(units) - len(lm), len(units) + len(lm))
@@ -305,22 +325,23 @@ def step_trace(cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSetting
         passes += ["backward"] * len(layer)
     units += emb
     passes += ["backward"] * len(emb)
-    return StepTrace(units, passes, loss, top, lm, per_layer[-1])
+    return StepTrace(units, passes, loss, top, lm, top_layer, kept)
 
 
 def _gathered(
-    cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int = 1
+    cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int = 1, whole: bool = False
 ) -> dict[str, dict[str, int]]:
     """Peak gathered parameter numel around the loss and in the backward of the top layer, and the
     largest full-size gradient in flight there, replaying the module trace of a whole step
     (``step_trace``).  With a reuse distance larger than the model, every weight gathered in the
-    forward stays gathered until its backward.  Cached: it depends on the model, the ZeRO settings
-    and activation checkpointing only, and ``--search`` asks for it many times."""
-    key = (repr(cfg), layout, work.activation_checkpointing, gather_key(zero), ep, work.lora)
+    forward stays gathered until its backward.  ``whole``: the rank's own expert shards are out of the
+    trace, and ``held`` is their numel (``experts_whole``).  Cached: it depends on the model, the ZeRO
+    settings and activation checkpointing only, and ``--search`` asks for it many times."""
+    key = (repr(cfg), layout, work.activation_checkpointing, gather_key(zero), ep, work.lora, whole)
     if key not in _GATHERED:
         if len(_GATHERED) > 256:
             _GATHERED.clear()
-        _GATHERED[key] = _replay_gathered(cfg, layout, work, zero, ep)
+        _GATHERED[key] = _replay_gathered(cfg, layout, work, zero, ep, whole)
     return _GATHERED[key]
 
 
@@ -328,9 +349,9 @@ _GATHERED: dict[tuple, dict[str, dict[str, int]]] = {}
 
 
 def _replay_gathered(
-    cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int
+    cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int, whole: bool
 ) -> dict[str, dict[str, int]]:
-    t = step_trace(cfg, layout, work, zero, ep)
+    t = step_trace(cfg, layout, work, zero, ep, whole)
     live = simulate_gathers(t.units, zero)
     head_grads = max((u.numel for u in t.head), default=0)
     top_grads = max((u.numel for u in t.top_layer), default=0)
@@ -343,6 +364,7 @@ def _replay_gathered(
     return {
         "loss": {"params": max(live[t.loss], default=0), "grads": head_grads},
         "layer": {"params": max(live[t.top], default=0), "grads": top_grads},
+        "held": {"params": sum(u.numel for u in t.whole)},
     }
 
 
@@ -429,7 +451,13 @@ def dispatch_rows(cfg: Any, work: Workload, ep: int) -> dict[str, int]:
 
 
 def predict_memory(
-    model: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, world_size: int, ep: int = 1
+    model: Any,
+    layout: ExpertLayout,
+    work: Workload,
+    zero: ZeroSettings,
+    world_size: int,
+    ep: int = 1,
+    hold: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes on one rank of a ``world_size`` ZeRO run; see the module docstring.
 
@@ -437,10 +465,15 @@ def predict_memory(
     over world/N ranks), ZeRO-3 gathers only the rank's own expert shards, and the backward of
     the top layer also holds the worst-case dispatch (``dispatch_rows``) beyond the balanced rows
     the activation terms count: the received rows, the expert outputs and the GEMM intermediates,
-    so that a skewed batch cannot run out of memory where a balanced one fits."""
+    so that a skewed batch cannot run out of memory where a balanced one fits.  The rank's own
+    shards are out of ZeRO-3's gather schedule when ``experts_whole``: over M = world/ep = 1 rank they
+    cost nothing beyond their partition (views of it); with ``hold`` (``--hold-experts``) over M > 1
+    ranks every layer's are live from their forward to the optimizer step, whose release-all comes
+    before its gradient copy and Adam (DeepSpeed's ``step`` partitions all parameters first): the
+    ``held_experts`` term of the loss and layer phases, their full weights in the compute dtype."""
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1")
-    ParallelDims(world_size, work.sp, ep).validate(model, layout, None)  # the trainer's rules
+    ParallelDims(world_size, work.sp, ep, hold_experts=hold).validate(model, layout, None)  # the trainer's rules
     b = work.bytes
     P = count_params(model)
     persistent = persistent_numel(model, layout, zero.param_persistence_threshold) if zero.stage >= 3 else 0
@@ -504,9 +537,12 @@ def predict_memory(
 
     # ZeRO-3: the gathered weights and the full-size gradient in flight.
     if zero.stage >= 3:
-        g = _gathered(model, layout, work, zero, ep)
+        whole = experts_whole(world_size, ep, hold, zero)
+        g = _gathered(model, layout, work, zero, ep, whole)
         gathered_loss = {"gathered_params": g["loss"]["params"] * b, "gathered_grads": g["loss"]["grads"] * b}
         gathered_layer = {"gathered_params": g["layer"]["params"] * b, "gathered_grads": g["layer"]["grads"] * b}
+        if whole and world_size > ep:  # over one rank the kept weights are the partition itself
+            gathered_loss["held_experts"] = gathered_layer["held_experts"] = g["held"]["params"] * b
     else:
         gathered_loss = gathered_layer = {}
 

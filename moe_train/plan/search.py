@@ -14,6 +14,10 @@ optimizer + params).  Pruned before any speed estimate, and counted:
   activation checkpointing off (it saves a recompute), less offload (the host is slower);
 * does not fit: the memory model's peak exceeds the GPU (with EP, under worst-case routing skew).
 
+With EP over expert-data-parallel groups of M > 1 ranks each fitting configuration is also timed with
+``--hold-experts`` (the local experts gathered once per optimizer step and kept to it), which replaces it
+only where it fits, is faster, and keeps the headroom the configuration had (``hold_experts`` of the row).
+
 The training run stays the one the recipe describes: the global batch (tokens per optimizer step,
 ``gpus * tokens_per_rank * grad_accum``) is held by choosing grad_accum for each max_length and SP
 degree, and a candidate that cannot hold it (a pack longer than a rank's share of the batch) changes
@@ -52,11 +56,13 @@ class Candidate:
     activation_checkpointing: bool
     offload: str
     grad_accum: int = 1
+    hold_experts: bool = False
 
     def label(self) -> str:
         layout = "origin" if self.moe_implementation == "origin" else f"shard {self.expert_in_one_shard}"
         return (
-            f"{layout}, ep {self.ep}, sp {self.sp}, max_length {self.max_length}, "
+            f"{layout}, ep {self.ep}{' hold' if self.hold_experts else ''}, sp {self.sp}, "
+            f"max_length {self.max_length}, "
             f"checkpointing {'on' if self.activation_checkpointing else 'off'}, offload {self.offload}, "
             f"grad_accum {self.grad_accum}"
         )
@@ -227,8 +233,19 @@ def search(
         if free_batch or not keeps:
             accum = grad_accum
         s = predict_speed_ep(cfg, layout, w, z, gpus, nodes, device, ep, accum, peak_tflops)
+        hold = False
+        tight = gpu_mem_gb - mem.per_gpu_gb < headroom * gpu_mem_gb
+        # No step is shorter than its micro steps' compute, which a compute-bound configuration already
+        # takes: holding cannot make it faster.  Over one rank (ep == gpus) the experts are kept whole already.
+        if 1 < ep < gpus and s.comm_s > s.compute_s:
+            s_held = predict_speed_ep(cfg, layout, w, z, gpus, nodes, device, ep, accum, peak_tflops, hold=True)
+            if s_held.tgs > s.tgs:
+                held = predict_memory(cfg, layout, w, z, gpus, ep, hold=True)
+                room = gpu_mem_gb - held.per_gpu_gb
+                if room >= 0 and (tight or room >= headroom * gpu_mem_gb):
+                    hold, mem, s, tight = True, held, s_held, room < headroom * gpu_mem_gb
         r = Ranked(
-            Candidate(impl, shard, ep, sp, S, ac, offload, accum),
+            Candidate(impl, shard, ep, sp, S, ac, offload, accum, hold),
             mem.per_gpu_gb,
             gpu_mem_gb - mem.per_gpu_gb,
             s.tgs,
@@ -236,7 +253,7 @@ def search(
             s.bound,
             s.comm_s,
             s.step_s,
-            gpu_mem_gb - mem.per_gpu_gb < headroom * gpu_mem_gb,
+            tight,
         )
         (ranked if keeps or free_batch else other).append(r)
 
