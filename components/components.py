@@ -385,7 +385,8 @@ def train(
         ep: expert-parallel degree: each group of N consecutive ranks splits the routed experts and exchanges
             tokens (must divide the world size and the expert count; ZeRO-3), instead of the recipe's
         hold_experts: with --ep: keep each rank's routed experts gathered from their layer's forward to the
-            optimizer step, one all-gather per step instead of two per layer; costs their full weights in memory
+            optimizer step, one all-gather per layer and step instead of two per layer and micro step; costs their
+            full weights in memory
             (moe-train plan says whether they fit), instead of the recipe's
         moe_implementation: routed experts stacked in shards, or one module per expert (the HF layout, a
             baseline), instead of the recipe's

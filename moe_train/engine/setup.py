@@ -167,11 +167,11 @@ def _setup_owned(
         group = world // dims.ep
         held = zero3.whole_bytes(engine.module)
         size = f"{held / 2**30:.2f} GiB" if held >= 2**30 else f"{held / 2**20:.1f} MiB"
+        how = f"one all-gather per layer and step over {group} ranks" if group > 1 else "a view: their group is 1 rank"
         log(
             rank,
             f"--hold-experts: each rank's routed experts stay gathered from their forward to the optimizer step, "
-            f"{size} per rank"
-            + (f" (one all-gather per step over {group} ranks)" if group > 1 else " (a view: their group is 1 rank)"),
+            f"{size} per rank ({how})",
         )
     job = Job(
         tc=tc,

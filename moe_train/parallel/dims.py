@@ -29,7 +29,7 @@ class ParallelDims:
     ep: int = 1
     rank: int = 0  # this process's global rank (the planner leaves it 0)
     # Keep each rank's routed experts gathered from their layer's forward to the optimizer step
-    # (``--hold-experts``; ``zero3.keep_whole``): one all-gather per step over the expert-data-parallel
+    # (``--hold-experts``; ``zero3.keep_whole``): one all-gather per layer and step over the expert-data-parallel
     # group instead of one per layer and pass, for the local experts' full weights in memory.
     hold_experts: bool = False
     # The process groups, made by ``create_groups`` on every rank; None where the degree is 1.
@@ -115,6 +115,11 @@ class ParallelDims:
                     f"--ep is not supported with ZeRO offload_{what}; use --deepspeed deepspeed_zero3 "
                     "(no offload) or --ep 1"
                 )
+        if self.hold_experts and zero.get("zero_quantized_weights", False):
+            raise ValueError(
+                "--hold-experts keeps the experts' gathered weights, which zero_quantized_weights does not "
+                "have (a quantized partition); drop --hold-experts or zero_quantized_weights"
+            )
         if zero.get("zero_hpz_partition_size", 1) > 1 or zero.get("zero_quantized_gradients", False):
             raise ValueError(
                 "--ep is not supported with zero_hpz_partition_size > 1 or zero_quantized_gradients; "

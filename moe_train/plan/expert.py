@@ -176,13 +176,16 @@ def predict_speed_ep(
         + n_a2a * (ep - 1) * latency
     )
     # The local experts' gathers are counted per optimizer step (``expert_gathers``).  Without holding they
-    # are the same in every micro step; held, the first micro step of a step gathers them all and the others
-    # none, so the step is the sum of its micro steps' bounds, and the per-micro-step figures (comm_s, bytes,
-    # collectives, exposed) are their means over the step's grad_accum micro steps.
+    # are the same in every micro step, overlappable like the rest (DeepSpeed prefetches them on its
+    # all-gather stream).  Held, the first micro step of a step gathers them all and the others none, and each
+    # layer's gather is waited for in its forward pre-hook before its experts compute, with no prefetch
+    # (``zero3._fetch_whole``): it adds to the first micro step instead of overlapping it.  The step is the
+    # sum of its micro steps; the per-micro-step figures (comm_s, bytes, collectives, exposed) are their means
+    # over the step's grad_accum micro steps.
     g = expert_gathers(cfg, layout, work, zero, gpus, ep, grad_accum, hold)
     gather_s = g.bytes / expert_bw + g.collectives * (M - 1) * latency  # per optimizer step
-    first = every_micro + (gather_s if g.whole else gather_s / grad_accum)
-    others = every_micro + (0.0 if g.whole else gather_s / grad_accum)
+    serial = gather_s if g.whole else 0.0  # the held gathers, exposed in full
+    micro = every_micro + (0.0 if g.whole else gather_s / grad_accum)
     comm = every_micro + gather_s / grad_accum
     # The dispatch that travels while the shared experts run (forward passes against their forward,
     # backward against their backward: twice the GEMMs).  The step's bound stays max(compute,
@@ -191,8 +194,8 @@ def predict_speed_ep(
     shared_fwd_s = shared_expert_seconds(cfg, T, device, peak_tflops)
     hidden = moe_layers * ((gathers - 1) * min(dispatch_s, shared_fwd_s) + min(dispatch_s, 2 * shared_fwd_s))
     compute = base.compute_s
-    step = max(compute, first) + (grad_accum - 1) * max(compute, others) + base.optimizer_s
-    exposed = (max(0.0, first - compute) + (grad_accum - 1) * max(0.0, others - compute)) / grad_accum
+    step = grad_accum * max(compute, micro) + serial + base.optimizer_s
+    exposed = max(0.0, micro - compute) + serial / grad_accum
     tgs = grad_accum * T / step
     peak = (peak_tflops or device.peak_tflops) * 1e12
     return dataclasses.replace(

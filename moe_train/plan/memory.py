@@ -348,6 +348,15 @@ def _gathered(
 _GATHERED: dict[tuple, dict[str, dict[str, int]]] = {}
 
 
+def _per_layer(units: list[Unit]) -> dict[str, int]:
+    """Numel of traced units by layer (their names start with the layer's index)."""
+    out: dict[str, int] = {}
+    for u in units:
+        layer = u.name.split(".", 1)[0]
+        out[layer] = out.get(layer, 0) + u.numel
+    return out
+
+
 def _replay_gathered(
     cfg: Any, layout: ExpertLayout, work: Workload, zero: ZeroSettings, ep: int, whole: bool
 ) -> dict[str, dict[str, int]]:
@@ -364,7 +373,7 @@ def _replay_gathered(
     return {
         "loss": {"params": max(live[t.loss], default=0), "grads": head_grads},
         "layer": {"params": max(live[t.top], default=0), "grads": top_grads},
-        "held": {"params": sum(u.numel for u in t.whole)},
+        "held": {"params": sum(u.numel for u in t.whole), "layer": max(_per_layer(t.whole).values(), default=0)},
     }
 
 
@@ -543,6 +552,9 @@ def predict_memory(
         gathered_layer = {"gathered_params": g["layer"]["params"] * b, "gathered_grads": g["layer"]["grads"] * b}
         if whole and world_size > ep:  # over one rank the kept weights are the partition itself
             gathered_loss["held_experts"] = gathered_layer["held_experts"] = g["held"]["params"] * b
+            # DeepSpeed's coalesced gather fills one flat buffer for a layer's experts, then copies each
+            # parameter out of it: twice one layer's worth for a moment, the last layer's just before the loss.
+            gathered_loss["held_gather_copy"] = g["held"]["layer"] * b
     else:
         gathered_loss = gathered_layer = {}
 

@@ -140,8 +140,8 @@ class Recipe:
     hold_experts: bool = knob(
         False,
         help="With --ep: keep each rank's routed experts gathered from their layer's forward to the optimizer "
-        "step, one all-gather per step instead of two per layer; costs their full weights in memory (moe-train "
-        "plan says whether they fit).",
+        "step, one all-gather per layer and step instead of two per layer and micro step; costs their full weights "
+        "in memory (moe-train plan says whether they fit).",
     )
     # LoRA (rank 0: full fine-tuning)
     lora_rank: int = knob(
