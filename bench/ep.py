@@ -370,7 +370,8 @@ def p7_worker(mode: str, source: str, counter: WireCounter) -> list[dict]:
     world, rank = dist.get_world_size(), dist.get_rank()
     m = _p7_mode(mode, world)
     shard_ep = m["experts"] // 2  # a rank's experts in one shard: the fastest EP layout in P6
-    ours_ep = _ours(_p7_config(mode, world, expert_in_one_shard=shard_ep), _ds_config(world, m["hidden"]), 2, source)
+    ep_config = _p7_config(mode, world, expert_in_one_shard=shard_ep)
+    ours_ep = _ours(ep_config, _ds_config(world, m["hidden"]), 2, source)
     ours_z3 = _ours(
         _p7_config(mode, world, expert_in_one_shard=8 if m["experts"] >= 8 else 1),
         _ds_config(world, m["hidden"]),
@@ -388,8 +389,7 @@ def p7_worker(mode: str, source: str, counter: WireCounter) -> list[dict]:
         "transformers zero3+autoep2": _hf_step(hf_ep, ids),
     }
     if world > 2:  # expert-data-parallel groups of world / 2 ranks: --hold-experts changes what is gathered
-        cfg = _p7_config(mode, world, expert_in_one_shard=shard_ep)
-        engines.append(_ours(cfg, _ds_config(world, m["hidden"]), 2, source, hold=True))
+        engines.append(_ours(ep_config, _ds_config(world, m["hidden"]), 2, source, hold=True))
         steps[HOLD] = _our_step(engines[-1], ids)
     rec = _timed_rounds(steps, m["steps"], counter)
     losses = torch.tensor([[rec[n]["first_loss"] for n in steps]])

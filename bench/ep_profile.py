@@ -47,10 +47,11 @@ def breakdown(stats: pstats.Stats) -> dict[str, float]:
     """Seconds of one profiled step by part (see ENTRY_POINTS); the parts add up to the total."""
     own = {k: v[2] for k, v in stats.stats.items()}
     cum = {k: v[3] for k, v in stats.stats.items()}
-    out = {"GEMMs and attention kernels (forward; ours' backward GEMMs too)": 0.0}
-    out["GEMMs and attention kernels (forward; ours' backward GEMMs too)"] = sum(
-        t for (f, _, name), t in own.items() if f == "~" and any(g in name for g in GEMM_KERNELS)
-    )
+    out = {
+        "GEMMs and attention kernels (forward; ours' backward GEMMs too)": sum(
+            t for (f, _, name), t in own.items() if f == "~" and any(g in name for g in GEMM_KERNELS)
+        )
+    }
     out["autograd engine (C++ backward kernels: AutoEP's expert GEMM backward, elementwise)"] = sum(
         t for (f, _, name), t in own.items() if "run_backward" in name
     )
@@ -75,12 +76,11 @@ def worker(mode: str, engines: list[str], out: str, timer: str = "wall") -> None
     dist.barrier()
     ids = ep._row(m["tokens"], rank, 512)
     steps = {}
-    if "ours" in engines:
-        cfg = ep._p7_config(mode, world, expert_in_one_shard=m["experts"] // 2)
-        steps["ours"] = ep._our_step(ep._ours(cfg, ep._ds_config(world, m["hidden"]), 2, source), ids)
-    if "hold" in engines:  # --ep 2 --hold-experts
-        cfg = ep._p7_config(mode, world, expert_in_one_shard=m["experts"] // 2)
-        steps["hold"] = ep._our_step(ep._ours(cfg, ep._ds_config(world, m["hidden"]), 2, source, hold=True), ids)
+    cfg = ep._p7_config(mode, world, expert_in_one_shard=m["experts"] // 2)
+    for name, hold in (("ours", False), ("hold", True)):  # hold: --ep 2 --hold-experts
+        if name in engines:
+            engine = ep._ours(cfg, ep._ds_config(world, m["hidden"]), 2, source, hold=hold)
+            steps[name] = ep._our_step(engine, ids)
     if "autoep" in engines:
         steps["autoep"] = ep._hf_step(ep._hf_engine(source, world, m["hidden"], 2), ids)
     for step in steps.values():
